@@ -1,0 +1,369 @@
+//! Token-bucket (GCRA) arithmetic for the four metrics of a scope, packed in one 128-bit word.
+//!
+//! Each metric's state is its *debt*: how far its theoretical arrival time lies past `now`, in
+//! quanta of [`QUANTUM_NS`]. A bucket of limit `L` per minute holds one minute's worth
+//! ([`WINDOW_Q`]); a token costs `WINDOW_Q / L` quanta of debt; debt drains one quantum per
+//! quantum of time. So `level = (WINDOW_Q - debt) / cost_of_one_token`, and refill is exact:
+//! no fraction of a token is ever lost to rounding, however often the word is updated.
+//!
+//! The packed word holds four 28-bit debts relative to the start of an epoch, a 12-bit epoch tag
+//! and a 4-bit version that names which buffer of per-metric intervals the debts are scaled by.
+//! Everything here is a pure function over plain integers.
+
+use crate::metric::Metric;
+
+/// Time resolution of the buckets: 1 µs. A 60 RPM limit costs exactly 1,000,000 quanta a request.
+pub const QUANTUM_NS: u64 = 1_000;
+/// One minute, the capacity of every bucket, in quanta.
+pub const WINDOW_Q: u64 = 60_000_000;
+/// Bits of each packed debt.
+const DEBT_BITS: u32 = 28;
+/// Largest representable debt offset, about 268 s. Debt beyond it is forgiven.
+pub const DEBT_MAX: u64 = (1 << DEBT_BITS) - 1;
+/// Epochs are 2^25 µs (about 33.5 s) long; debts are stored relative to the epoch's start.
+const EPOCH_SHIFT: u32 = 25;
+/// Length of an epoch in quanta.
+pub const EPOCH_Q: u64 = 1 << EPOCH_SHIFT;
+const EPOCH_BITS: u32 = 12;
+const EPOCH_MASK: u64 = (1 << EPOCH_BITS) - 1;
+const VERSION_MASK: u8 = 0xF;
+/// Longest debt the band checks may create: hard band plus smoothing wait must fit with an epoch
+/// of slack, or the packed offsets could overflow.
+pub const MAX_HORIZON_Q: u64 = DEBT_MAX - EPOCH_Q;
+/// The low 124 bits of a word that marks a scope being reclaimed (any version); no real
+/// bucket word has them all set.
+const RETIRED_MASK: u128 = u128::MAX >> 4;
+
+/// The marker of a reclaimed scope whose last word had `version`.
+pub fn retired(version: u8) -> u128 {
+    RETIRED_MASK | (u128::from(version & VERSION_MASK) << (4 * DEBT_BITS + EPOCH_BITS))
+}
+
+/// Whether `w` marks a scope being reclaimed.
+pub fn is_retired(w: u128) -> bool {
+    w & RETIRED_MASK == RETIRED_MASK
+}
+
+/// The unpacked bucket word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Word {
+    /// Debt offsets from the epoch start, in quanta, per metric.
+    pub offset: [u64; 4],
+    /// Low 12 bits of the epoch the offsets are relative to.
+    pub epoch: u64,
+    /// Which interval buffer (`version & 1`) scales the debts; bumped on every limit change.
+    pub version: u8,
+}
+
+impl Word {
+    /// A scope with four full buckets at time `now_q`.
+    pub fn fresh(now_q: u64, version: u8) -> Self {
+        seal(now_q, [0; 4], version)
+    }
+
+    /// Packs into the stored representation.
+    pub fn pack(self) -> u128 {
+        let [a, b, c, d] = self.offset.map(|o| u128::from(o.min(DEBT_MAX)));
+        let packed = a
+            | (b << DEBT_BITS)
+            | (c << (2 * DEBT_BITS))
+            | (d << (3 * DEBT_BITS))
+            | (u128::from(self.epoch & EPOCH_MASK) << (4 * DEBT_BITS))
+            | (u128::from(self.version & VERSION_MASK) << (4 * DEBT_BITS + EPOCH_BITS));
+        // Keep the marker unique: a real word one quantum short of it means the same thing.
+        if is_retired(packed) { packed - 1 } else { packed }
+    }
+
+    /// Unpacks a stored word.
+    pub fn unpack(w: u128) -> Self {
+        let field = |shift: u32| ((w >> shift) as u64) & DEBT_MAX;
+        Word {
+            offset: [
+                field(0),
+                field(DEBT_BITS),
+                field(2 * DEBT_BITS),
+                field(3 * DEBT_BITS),
+            ],
+            epoch: ((w >> (4 * DEBT_BITS)) as u64) & EPOCH_MASK,
+            version: ((w >> (4 * DEBT_BITS + EPOCH_BITS)) as u8) & VERSION_MASK,
+        }
+    }
+
+    /// The interval buffer this word's debts are scaled by.
+    pub fn buffer(self) -> usize {
+        usize::from(self.version & 1)
+    }
+}
+
+/// The four debts at a moment, decoded from a word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Debts {
+    /// The moment the debts are measured at: the caller's time, or the word's epoch start if
+    /// the caller's clock is behind it (a clock going backwards never refills a bucket).
+    pub now_q: u64,
+    /// Debt per metric in quanta; 0 means the bucket is full.
+    pub debt: [u64; 4],
+}
+
+/// Decodes `word` at time `now_q`.
+///
+/// The 12-bit epoch tag is read as the epoch nearest to `now_q` (within ±2^11 epochs, about
+/// 19 hours); the engine resets words idle longer than any debt can last before that matters.
+pub fn open(word: Word, now_q: u64) -> Debts {
+    let e_now = now_q >> EPOCH_SHIFT;
+    let diff = e_now.wrapping_sub(word.epoch) & EPOCH_MASK;
+    let e_word = if diff < (1 << (EPOCH_BITS - 1)) {
+        e_now.saturating_sub(diff)
+    } else {
+        e_now.saturating_add((1 << EPOCH_BITS) - diff)
+    };
+    let base = e_word << EPOCH_SHIFT;
+    let now = now_q.max(base);
+    Debts {
+        now_q: now,
+        debt: word.offset.map(|o| base.saturating_add(o).saturating_sub(now)),
+    }
+}
+
+/// Encodes debts measured at `now_q` into a word (saturating each at the representable horizon).
+pub fn seal(now_q: u64, debt: [u64; 4], version: u8) -> Word {
+    let epoch = now_q >> EPOCH_SHIFT;
+    let into_epoch = now_q - (epoch << EPOCH_SHIFT);
+    Word {
+        offset: debt.map(|d| into_epoch.saturating_add(d).min(DEBT_MAX)),
+        epoch: epoch & EPOCH_MASK,
+        version: version & VERSION_MASK,
+    }
+}
+
+/// Quanta per token in 32.32 fixed point for a limit of `per_minute`; 0 for an unlimited metric.
+pub fn interval(per_minute: f64) -> u64 {
+    if !per_minute.is_finite() || per_minute >= UNLIMITED_F64 {
+        return 0;
+    }
+    // Round the limit to 1/65536 so integer limits give exact intervals (60 RPM -> 10^6 quanta).
+    let fixed = libm::round(per_minute.max(1.0) * 65_536.0) as u128;
+    let numerator = u128::from(WINDOW_Q) << 48;
+    let t = numerator.div_ceil(fixed.max(1));
+    u64::try_from(t).unwrap_or(u64::MAX)
+}
+
+/// Limits at or above this are unlimited (no bucket).
+pub const UNLIMITED_F64: f64 = 1.0e15;
+
+/// The per-minute limit an interval stands for, rounded to the nearest whole unit.
+pub fn limit_of(interval: u64) -> u64 {
+    if interval == 0 {
+        return u64::MAX;
+    }
+    let numerator = u128::from(WINDOW_Q) << 32;
+    let l = (numerator + u128::from(interval) / 2) / u128::from(interval);
+    u64::try_from(l).unwrap_or(u64::MAX)
+}
+
+/// Debt in quanta that `tokens` add at `interval`, rounded up.
+pub fn cost(tokens: u64, interval: u64) -> u64 {
+    let q = (u128::from(tokens) * u128::from(interval) + 0xFFFF_FFFF) >> 32;
+    u64::try_from(q).unwrap_or(u64::MAX)
+}
+
+/// Whole tokens left in a bucket with `debt` (0 when it is in the over-limit band).
+pub fn remaining(debt: u64, interval: u64) -> u64 {
+    if interval == 0 {
+        return u64::MAX;
+    }
+    let level = WINDOW_Q.saturating_sub(debt);
+    u64::try_from((u128::from(level) << 32) / u128::from(interval)).unwrap_or(u64::MAX)
+}
+
+/// Debt after a limit change that keeps the bucket's level in tokens (clamped to the new
+/// capacity) and lets it refill at the new rate (SPEC §3).
+pub fn rescale(debt: u64, old_interval: u64, new_interval: u64) -> u64 {
+    if old_interval == 0 || new_interval == 0 {
+        return 0;
+    }
+    let window = i128::from(WINDOW_Q);
+    let level_q = window - i128::from(debt);
+    let new_level_q = level_q * i128::from(new_interval) / i128::from(old_interval);
+    let d = (window - new_level_q).max(0);
+    u64::try_from(d).unwrap_or(u64::MAX)
+}
+
+/// Debt after a settle correction of `delta` quanta (refunds stop at a full bucket).
+pub fn adjust(debt: u64, delta: i128) -> u64 {
+    let d = (i128::from(debt) + delta).max(0);
+    u64::try_from(d).unwrap_or(u64::MAX)
+}
+
+/// The band a request lands in (SPEC §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Band {
+    /// Within every metric's normal limit.
+    Normal,
+    /// Over some metric's normal limit but within the hard band: run at lower priority.
+    OverLimit,
+}
+
+/// Bucket capacities a policy derives, in quanta.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bands {
+    /// The normal capacity: one minute.
+    pub normal_q: u64,
+    /// The hard band: ρ minutes.
+    pub hard_q: u64,
+    /// Longest smoothing wait a request may be given.
+    pub max_wait_q: u64,
+}
+
+/// The outcome of checking a request's costs against the four debts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// Admissible, possibly after a smoothing wait.
+    Fits {
+        /// Band at the moment the request runs.
+        band: Band,
+        /// Smoothing delay before the gateway forwards it, in quanta.
+        wait_q: u64,
+        /// Debts once the request is charged.
+        debt: [u64; 4],
+    },
+    /// Beyond the hard band on `binding`.
+    Exceeds {
+        /// The metric that binds (largest excess; `requests` wins ties).
+        binding: Metric,
+        /// Quanta until the request would fit the hard band.
+        retry_after_q: u64,
+        /// The cost alone exceeds the hard band: it can never fit at the current limit.
+        too_large: bool,
+    },
+}
+
+/// Checks `cost` against `debt`. A metric with zero cost always passes (SPEC §4).
+pub fn fit(debt: [u64; 4], cost: [u64; 4], bands: Bands) -> Fit {
+    let mut after = [0u64; 4];
+    let mut over_normal = false;
+    let mut wait = 0u64;
+    let mut binding = Metric::Requests;
+    let mut too_large = None;
+    for (((m, d), c), a) in Metric::ALL.into_iter().zip(debt).zip(cost).zip(after.iter_mut()) {
+        *a = d.saturating_add(c);
+        if c == 0 {
+            continue;
+        }
+        if c > bands.hard_q && too_large.is_none() {
+            too_large = Some(m);
+        }
+        over_normal |= *a > bands.normal_q;
+        let excess = a.saturating_sub(bands.hard_q);
+        if excess > wait {
+            wait = excess;
+            binding = m;
+        }
+    }
+    if let Some(m) = too_large {
+        return Fit::Exceeds { binding: m, retry_after_q: 0, too_large: true };
+    }
+    if wait > bands.max_wait_q {
+        return Fit::Exceeds { binding, retry_after_q: wait, too_large: false };
+    }
+    if wait > 0 {
+        over_normal = after
+            .iter()
+            .zip(cost)
+            .any(|(a, c)| c > 0 && a.saturating_sub(wait) > bands.normal_q);
+    }
+    let band = if over_normal { Band::OverLimit } else { Band::Normal };
+    Fit::Fits { band, wait_q: wait, debt: after }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BANDS: Bands = Bands { normal_q: WINDOW_Q, hard_q: 2 * WINDOW_Q, max_wait_q: 0 };
+
+    #[test]
+    fn sixty_rpm_costs_exactly_one_second_a_request() {
+        let t = interval(60.0);
+        assert_eq!(cost(1, t), 1_000_000);
+        assert_eq!(limit_of(t), 60);
+        assert_eq!(cost(0, t), 0);
+    }
+
+    #[test]
+    fn pack_round_trips_and_never_forms_the_sentinel() {
+        let w = Word { offset: [1, DEBT_MAX, 12345, 0], epoch: 4095, version: 15 };
+        assert_eq!(Word::unpack(w.pack()), w);
+        let all = Word { offset: [DEBT_MAX; 4], epoch: 4095, version: 15 };
+        assert!(!is_retired(all.pack()));
+        assert!(is_retired(retired(7)));
+        assert_eq!(Word::unpack(retired(7)).version, 7);
+    }
+
+    #[test]
+    fn new_bucket_is_full_and_refills_exactly() {
+        let t = interval(60.0);
+        let w = Word::fresh(5, 0);
+        let d = open(w, 5);
+        assert_eq!(d.debt, [0; 4]);
+        assert_eq!(remaining(d.debt[0], t), 60);
+        // Spend 60 requests; 1.5 s later exactly 1.5 requests have refilled.
+        let spent = seal(5, [60 * 1_000_000, 0, 0, 0], 0);
+        let later = open(spent, 5 + 1_500_000);
+        assert_eq!(later.debt[0], 58_500_000);
+        assert_eq!(remaining(later.debt[0], t), 1);
+    }
+
+    #[test]
+    fn clock_going_backwards_never_refills() {
+        let spent = seal(10 * EPOCH_Q + 7, [30_000_000, 0, 0, 0], 0);
+        let earlier = open(spent, 3);
+        assert!(earlier.debt[0] >= 30_000_000);
+    }
+
+    #[test]
+    fn epoch_tag_decodes_across_wraps() {
+        let t0 = 5000 * EPOCH_Q + 123;
+        let w = seal(t0, [1000, 0, 0, 0], 3);
+        let d = open(w, t0 + 10);
+        assert_eq!(d.debt[0], 990);
+    }
+
+    #[test]
+    fn zero_cost_metrics_always_pass() {
+        let f = fit([3 * WINDOW_Q, 0, 0, 0], [0, 10, 0, 0], BANDS);
+        assert!(matches!(f, Fit::Fits { band: Band::Normal, .. }));
+    }
+
+    #[test]
+    fn bands_follow_the_hard_factor() {
+        let one = WINDOW_Q / 60;
+        assert!(matches!(fit([WINDOW_Q - one, 0, 0, 0], [one, 0, 0, 0], BANDS), Fit::Fits { band: Band::Normal, .. }));
+        assert!(matches!(fit([WINDOW_Q, 0, 0, 0], [one, 0, 0, 0], BANDS), Fit::Fits { band: Band::OverLimit, .. }));
+        match fit([2 * WINDOW_Q, 0, 0, 0], [one, 0, 0, 0], BANDS) {
+            Fit::Exceeds { binding, retry_after_q, too_large } => {
+                assert_eq!(binding, Metric::Requests);
+                assert_eq!(retry_after_q, one);
+                assert!(!too_large);
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cost_beyond_the_hard_band_is_too_large() {
+        let f = fit([0; 4], [0, 2 * WINDOW_Q + 1, 0, 0], BANDS);
+        assert!(matches!(f, Fit::Exceeds { binding: Metric::PromptTokens, too_large: true, .. }));
+    }
+
+    #[test]
+    fn rescale_keeps_the_absolute_level() {
+        let old = interval(60.0);
+        let new = interval(120.0);
+        // 30 of 60 left; with a limit of 120 still 30 left.
+        let d = rescale(30_000_000, old, new);
+        assert_eq!(remaining(d, new), 30);
+        // A full bucket of 120 shrinking to 60 is clamped to the new capacity.
+        assert_eq!(rescale(0, new, old), 0);
+    }
+}

@@ -1,0 +1,555 @@
+//! The engine: admit, settle, charge and cancel, gluing buckets, adaptation, shedding and tables.
+
+use crate::adapt::{self, MetricState, Period};
+use crate::bucket::{self, Bands, DEBT_MAX, EPOCH_Q, Fit, QUANTUM_NS, Word};
+use crate::decision::{Decision, Levels, Outcome, RateLimited, Shed};
+use crate::error::{Error, SettleError, Table};
+use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX, ScopeKey, Variant};
+use crate::metric::{Metric, PerMetric};
+use crate::model::ModelSlot;
+use crate::permit::{ChargeRefused, Permit, Reservation};
+use crate::policy::Policy;
+use crate::request::{Completion, Request, Usage};
+use crate::scope::{self, IN_FLIGHT_ONE, ScopeAdaptation, ScopeSlot};
+use crate::shed::{Class, LoadPermille};
+use crate::storage::{Capacity, Storage, Tables};
+use crate::sync::{Ordering, fence};
+use crate::table::{self, Claim, Probe};
+
+/// Seeds of the three hashes, so one key hashes differently in each table.
+const MODEL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+const SCOPE_SALT: u64 = 0xc2b2_ae3d_27d4_eb4f;
+/// Permit-ledger slots tried before the ledger counts as full.
+const LEDGER_PROBE: usize = 64;
+
+/// An admission engine: fixed-capacity tables of scopes, accounts, models and permits, shared by
+/// any number of threads without locks.
+///
+/// ```
+/// use sluicegate_core::{Completion, Engine, Outcome, Policy, Request, ScopeKey, Usage};
+/// let engine = Engine::new(Policy::fireworks_2024(), sluicegate_core::Capacity::scopes(1024))?;
+/// let key = ScopeKey::new(b"acct-1", b"llama-v3p1-70b");
+/// let decision = engine.admit(key, &Request::new(1200).max_tokens(256), 0)?;
+/// let Outcome::Admit(permit) = decision.outcome else { panic!("a new account starts with full buckets") };
+/// engine.settle(&permit, &Usage::new(1200, 180), Completion::Success, 2_000_000_000)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Engine<S: Storage> {
+    storage: S,
+    policy: Policy,
+    bands: Bands,
+    fresh: PerMetric<MetricState>,
+    fresh_interval: [u64; 4],
+    seed: u64,
+    incarnation: u32,
+}
+
+/// Where a scope lives, as resolved for one call.
+#[derive(Clone, Copy, Debug)]
+struct Located {
+    slot: usize,
+    id: u64,
+    model: usize,
+    variant: Variant,
+}
+
+/// How one attempt on the bucket word ended.
+enum Attempt {
+    Decided(Decision),
+    /// The slot was reclaimed under us: resolve the key again.
+    Moved,
+}
+
+#[cfg(feature = "std")]
+impl Engine<crate::storage::Heap> {
+    /// An engine with heap tables of `capacity` and a random hash seed.
+    pub fn new(policy: Policy, capacity: Capacity) -> Result<Self, Error> {
+        use std::hash::BuildHasher;
+        let seed = std::hash::RandomState::new().hash_one(0x5eed_u64);
+        Self::with_storage(policy, crate::storage::Heap::new(capacity)?, seed)
+    }
+}
+
+impl<S: Storage> Engine<S> {
+    /// An engine over `storage`, hashing keys with `seed` (pick it at random per process).
+    pub fn with_storage(policy: Policy, storage: S, seed: u64) -> Result<Self, Error> {
+        let bands = policy.bands()?;
+        storage.tables().capacity().check()?;
+        let fresh = policy.limits.map(|_, l| MetricState::fresh(&policy.adaptation, l));
+        let fresh_interval = scope::intervals_of(&fresh);
+        let incarnation = (seed ^ (seed >> 32)) as u32 | 1;
+        Ok(Engine { storage, policy, bands, fresh, fresh_interval, seed, incarnation })
+    }
+
+    /// The engine's policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The engine's table sizes.
+    pub fn capacity(&self) -> Capacity {
+        self.storage.tables().capacity()
+    }
+
+    fn tables(&self) -> Tables<'_> {
+        self.storage.tables()
+    }
+
+    /// Decides whether a request may run now (SPEC §4). `now_ns` is the caller's monotonic clock.
+    ///
+    /// On `Admit`/`AdmitOverLimit` the costs are reserved and must be settled with
+    /// [`Engine::settle`]; every other outcome charges nothing. `Err` is for conditions that are
+    /// not about the request: a bad key or a full table.
+    pub fn admit(&self, key: ScopeKey<'_>, request: &Request, now_ns: u64) -> Result<Decision, Error> {
+        let costs = match request.costs() {
+            Ok(c) => c,
+            Err(reason) => return Ok(Decision::invalid(reason)),
+        };
+        loop {
+            let at = self.locate(key, now_ns, true)?.ok_or(Error::TableFull(Table::Scopes))?;
+            if let Attempt::Decided(d) = self.admit_at(at, costs, request.priority, now_ns)? {
+                return Ok(d);
+            }
+        }
+    }
+
+    fn admit_at(&self, at: Located, costs: PerMetric<u64>, priority: bool, now_ns: u64) -> Result<Attempt, Error> {
+        let t = self.tables();
+        let (Some(slot), Some(model)) = (t.scopes.get(at.slot), t.models.get(at.model)) else {
+            return Ok(Attempt::Moved);
+        };
+        self.tick(at, now_ns);
+        let load = model.load(at.variant);
+        let (entry, ticket) = self.take_ledger_entry(at.slot, now_ns)?;
+        // Count the permit before touching the bucket, so a reclaim never takes a busy scope.
+        slot.tick.fetch_add(IN_FLIGHT_ONE, Ordering::AcqRel);
+        let attempt = self.charge_bucket(slot, at, costs, priority, load, now_ns);
+        match &attempt {
+            Attempt::Decided(Decision { outcome: Outcome::Admit(_) | Outcome::AdmitOverLimit(_), .. }) => {}
+            _ => {
+                slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
+                if let Some(e) = t.permits.get(entry) {
+                    e.give_back(ticket);
+                }
+                return Ok(attempt);
+            }
+        }
+        let Attempt::Decided(mut decision) = attempt else { return Ok(attempt) };
+        let tracked = model.enter(at.variant);
+        if let Outcome::Admit(p) | Outcome::AdmitOverLimit(p) = &mut decision.outcome {
+            p.entry = entry as u32;
+            p.ticket = ticket;
+            p.tracked = tracked;
+        }
+        Ok(Attempt::Decided(decision))
+    }
+
+    /// The compare-exchange loop that decides and, if admitted, charges the four buckets at once.
+    fn charge_bucket(
+        &self,
+        slot: &ScopeSlot,
+        at: Located,
+        costs: PerMetric<u64>,
+        priority: bool,
+        load: LoadPermille,
+        now_ns: u64,
+    ) -> Attempt {
+        let now_q = now_ns / QUANTUM_NS;
+        let mut w = slot.bucket.load(Ordering::Acquire);
+        loop {
+            if bucket::is_retired(w) || slot.id.load(Ordering::Acquire) != at.id {
+                return Attempt::Moved;
+            }
+            let word = Word::unpack(w);
+            let interval = slot.intervals(word.buffer());
+            let debts = bucket::open(word, now_q);
+            let mut cost_q = [0u64; 4];
+            cost_q.iter_mut().zip(costs.0.iter().zip(interval)).for_each(|(q, (c, t))| *q = bucket::cost(*c, t));
+            let levels = |debt_q| Levels { debt_q, interval };
+            let outcome = match bucket::fit(debts.debt, cost_q, self.bands) {
+                Fit::Fits { band, wait_q, debt } => {
+                    if self.policy.shed.sheds(Class::of(band, priority), load) {
+                        Outcome::Shed(Shed { band, load, retry_after_ns: self.policy.shed_retry_after_ns })
+                    } else {
+                        let new = bucket::seal(debts.now_q, debt, word.version).pack();
+                        match slot.bucket.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
+                            Ok(_) => {
+                                let permit = self.permit(at, costs, band, priority, wait_q);
+                                let outcome = match band {
+                                    bucket::Band::Normal => Outcome::Admit(permit),
+                                    bucket::Band::OverLimit => Outcome::AdmitOverLimit(permit),
+                                };
+                                return Attempt::Decided(Decision { outcome, levels: levels(debt) });
+                            }
+                            Err(cur) => {
+                                w = cur;
+                                continue;
+                            }
+                        }
+                    }
+                }
+                Fit::Exceeds { binding, retry_after_q, too_large } => Outcome::RejectRateLimited(RateLimited {
+                    metric: binding,
+                    retry_after_ns: retry_after_q.saturating_mul(QUANTUM_NS),
+                    too_large,
+                }),
+            };
+            // A refusal writes nothing; it stands if the word (and so the intervals read for it)
+            // did not change meanwhile.
+            fence(Ordering::Acquire);
+            let again = slot.bucket.load(Ordering::Relaxed);
+            if again == w {
+                return Attempt::Decided(Decision { outcome, levels: levels(debts.debt) });
+            }
+            w = again;
+        }
+    }
+
+    fn permit(&self, at: Located, costs: PerMetric<u64>, band: bucket::Band, priority: bool, wait_q: u64) -> Permit {
+        let [requests, prompt_tokens, uncached_prompt_tokens, generated_tokens] = costs.0;
+        Permit {
+            slot: at.slot as u32,
+            scope_id: at.id,
+            model: at.model as u32,
+            variant: at.variant,
+            entry: 0,
+            ticket: 0,
+            incarnation: self.incarnation,
+            tracked: false,
+            priority,
+            band,
+            wait_ns: wait_q.saturating_mul(QUANTUM_NS),
+            reserved: Reservation { requests, prompt_tokens, uncached_prompt_tokens, generated_tokens },
+        }
+    }
+
+    fn take_ledger_entry(&self, slot: usize, now_ns: u64) -> Result<(usize, u32), Error> {
+        let permits = self.tables().permits;
+        let salt = (slot as u64).wrapping_mul(MODEL_SALT) ^ now_ns.rotate_left(17);
+        let start = ((u128::from(salt.wrapping_mul(SCOPE_SALT)) * permits.len() as u128) >> 64) as usize;
+        (0..permits.len().min(LEDGER_PROBE))
+            .find_map(|i| {
+                let idx = (start + i).checked_rem(permits.len())?;
+                permits.get(idx)?.take().map(|ticket| (idx, ticket))
+            })
+            .ok_or(Error::TableFull(Table::Permits))
+    }
+
+    /// Settles a permit with what the request actually used (SPEC §7): each token metric is
+    /// corrected by actual − reserved (refunds stop at a full bucket; extra usage goes into debt).
+    ///
+    /// A second settle of the same permit, or of one from before a restore, is an error and
+    /// changes nothing.
+    pub fn settle(&self, permit: &Permit, usage: &Usage, completion: Completion, now_ns: u64) -> Result<(), SettleError> {
+        let actual = usage.tokens().ok_or(SettleError::InvalidUsage)?;
+        let slot = self.valid_slot(permit)?;
+        let charged = self
+            .tables()
+            .permits
+            .get(permit.entry as usize)
+            .and_then(|e| e.give_back(permit.ticket))
+            .ok_or(SettleError::AlreadySettled)?;
+        let at = self.located_of(permit);
+        self.tick(at, now_ns);
+        let r = permit.reserved;
+        let billed = [r.prompt_tokens, r.uncached_prompt_tokens, r.generated_tokens.max(charged)];
+        let mut delta = [0i128; 4];
+        for ((d, a), b) in delta.iter_mut().skip(1).zip(actual).zip(billed) {
+            *d = i128::from(a) - i128::from(b);
+        }
+        self.correct(slot, delta, now_ns);
+        if completion.counts_toward_growth() {
+            let used = [r.requests, actual[0], actual[1], actual[2]];
+            for (u, n) in slot.usage.iter().zip(used) {
+                if n != 0 {
+                    u.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        }
+        self.release(slot, permit);
+        Ok(())
+    }
+
+    /// Settles a request the client abandoned, with what it used.
+    pub fn cancel(&self, permit: &Permit, usage: &Usage, now_ns: u64) -> Result<(), SettleError> {
+        self.settle(permit, usage, Completion::Cancelled, now_ns)
+    }
+
+    /// Records `generated_tokens` more tokens of a streaming response. Tokens beyond the
+    /// reservation are charged at once, so a long stream pushes its bucket into debt as it goes.
+    pub fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), SettleError> {
+        let slot = self.valid_slot(permit)?;
+        let entry = self.tables().permits.get(permit.entry as usize).ok_or(SettleError::StalePermit)?;
+        let (before, after) = entry.add_charge(permit.ticket, generated_tokens).map_err(|e| match e {
+            ChargeRefused::NotLive => SettleError::AlreadySettled,
+            ChargeRefused::TooLarge => SettleError::InvalidUsage,
+        })?;
+        let reserved = permit.reserved.generated_tokens;
+        let extra = after.saturating_sub(reserved.max(before));
+        self.tick(self.located_of(permit), now_ns);
+        self.correct(slot, [0, 0, 0, i128::from(extra)], now_ns);
+        Ok(())
+    }
+
+    fn valid_slot(&self, permit: &Permit) -> Result<&ScopeSlot, SettleError> {
+        if permit.incarnation != self.incarnation {
+            return Err(SettleError::StalePermit);
+        }
+        let slot = self.tables().scopes.get(permit.slot as usize).ok_or(SettleError::StalePermit)?;
+        if slot.id.load(Ordering::Acquire) != permit.scope_id {
+            return Err(SettleError::StalePermit);
+        }
+        Ok(slot)
+    }
+
+    fn located_of(&self, permit: &Permit) -> Located {
+        Located { slot: permit.slot as usize, id: permit.scope_id, model: permit.model as usize, variant: permit.variant }
+    }
+
+    fn release(&self, slot: &ScopeSlot, permit: &Permit) {
+        slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
+        if permit.tracked {
+            if let Some(m) = self.tables().models.get(permit.model as usize) {
+                m.leave(permit.variant);
+            }
+        }
+    }
+
+    /// Applies token corrections to the buckets; writes nothing when there are none.
+    fn correct(&self, slot: &ScopeSlot, delta_tokens: [i128; 4], now_ns: u64) {
+        if delta_tokens.iter().all(|d| *d == 0) {
+            return;
+        }
+        let now_q = now_ns / QUANTUM_NS;
+        let mut w = slot.bucket.load(Ordering::Acquire);
+        while !bucket::is_retired(w) {
+            let word = Word::unpack(w);
+            let interval = slot.intervals(word.buffer());
+            let debts = bucket::open(word, now_q);
+            let mut debt = debts.debt;
+            for ((d, delta), t) in debt.iter_mut().zip(delta_tokens).zip(interval) {
+                let q = i128::from(bucket::cost(u64::try_from(delta.unsigned_abs()).unwrap_or(u64::MAX), t));
+                *d = bucket::adjust(*d, if delta < 0 { -q } else { q });
+            }
+            let new = bucket::seal(debts.now_q, debt, word.version).pack();
+            match slot.bucket.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(cur) => w = cur,
+            }
+        }
+    }
+
+    /// Applies every adaptation tick missed up to `now_ns` (SPEC §5): the first caller after a
+    /// tick boundary wins and applies them all in closed form; everyone else carries on.
+    fn tick(&self, at: Located, now_ns: u64) {
+        let t = self.tables();
+        let (Some(slot), Some(adaptation)) = (t.scopes.get(at.slot), t.adaptation.get(at.slot)) else { return };
+        let Some(ticks) = slot.begin_tick(now_ns / self.policy.tick_ns) else { return };
+        let loaded = t.models.get(at.model).is_some_and(|m| self.policy.shed.holds_growth(m.load(at.variant)));
+        let duration_ns = ticks.saturating_mul(self.policy.tick_ns);
+        self.adapt(slot, adaptation, duration_ns, loaded, now_ns);
+        slot.end_tick();
+    }
+
+    fn adapt(&self, slot: &ScopeSlot, adaptation: &ScopeAdaptation, duration_ns: u64, loaded: bool, now_ns: u64) {
+        let usage: [u64; 4] = slot.usage.each_ref().map(|u| u.swap(0, Ordering::AcqRel));
+        let mut usage = usage.into_iter();
+        let before = adaptation.load();
+        let after = before.map(|m, s| {
+            let period = Period { usage: usage.next().unwrap_or(0), duration_ns, loaded };
+            adapt::next(&self.policy.adaptation, s, *self.policy.limits.get(m), period)
+        });
+        adaptation.store(&after);
+        // Idle past any debt: every bucket is full, and the epoch tag may no longer decode.
+        let expired = duration_ns / QUANTUM_NS > DEBT_MAX + EPOCH_Q;
+        let now_q = now_ns / QUANTUM_NS;
+        let mut w = slot.bucket.load(Ordering::Acquire);
+        let old = slot.intervals(Word::unpack(w).buffer());
+        let new = scope::intervals_of(&after);
+        if old == new && !expired {
+            return;
+        }
+        slot.store_intervals(1 - Word::unpack(w).buffer(), new);
+        while !bucket::is_retired(w) {
+            let word = Word::unpack(w);
+            let debts = bucket::open(word, now_q);
+            let mut debt = [0u64; 4];
+            if !expired {
+                for (((d, o), n), was) in debt.iter_mut().zip(old).zip(new).zip(debts.debt) {
+                    *d = bucket::rescale(was, o, n);
+                }
+            }
+            let next = bucket::seal(debts.now_q, debt, word.version.wrapping_add(1)).pack();
+            match slot.bucket.compare_exchange(w, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(cur) => w = cur,
+            }
+        }
+    }
+
+    /// The current limits and levels of a scope, without creating it (an unknown scope reports
+    /// the policy's floors and full buckets).
+    pub fn limits(&self, key: ScopeKey<'_>, now_ns: u64) -> Result<Levels, Error> {
+        let Some(at) = self.locate(key, now_ns, false)? else {
+            return Ok(Levels { debt_q: [0; 4], interval: self.fresh_interval });
+        };
+        self.tick(at, now_ns);
+        let slot = self.tables().scopes.get(at.slot).ok_or(Error::TableFull(Table::Scopes))?;
+        let word = Word::unpack(slot.bucket.load(Ordering::Acquire));
+        let interval = slot.intervals(word.buffer());
+        Ok(Levels { debt_q: bucket::open(word, now_ns / QUANTUM_NS).debt, interval })
+    }
+
+    /// Sets a model variant's load signal, in ‰ of capacity (SPEC §6), e.g. from queue depth or
+    /// KV-cache use. Requests are shed by class as it crosses the policy's thresholds.
+    pub fn set_load(&self, model: &[u8], variant: Variant, load: LoadPermille) -> Result<(), Error> {
+        self.model(model)?.report(variant, load);
+        Ok(())
+    }
+
+    /// Lets the engine derive a variant's load from its outstanding permits: load = in-flight ×
+    /// 1000 / `in_flight_capacity` (0 turns it off). Costs a shared counter per admit and settle.
+    pub fn set_model_capacity(&self, model: &[u8], variant: Variant, in_flight_capacity: u32) -> Result<(), Error> {
+        self.model(model)?.set_capacity(variant, in_flight_capacity);
+        Ok(())
+    }
+
+    /// A model variant's current load, ‰.
+    pub fn load(&self, model: &[u8], variant: Variant) -> Result<LoadPermille, Error> {
+        Ok(self.model(model)?.load(variant))
+    }
+
+    fn model(&self, model: &[u8]) -> Result<&ModelSlot, Error> {
+        let m = self.model_index(model)?;
+        self.tables().models.get(m).ok_or(Error::TableFull(Table::Models))
+    }
+
+    fn check_key(key: &[u8], max: usize) -> Result<(), Error> {
+        match key.len() {
+            0 => Err(Error::EmptyKey),
+            n if n > max => Err(Error::KeyTooLong { max }),
+            _ => Ok(()),
+        }
+    }
+
+    fn account_index(&self, account: &[u8]) -> Result<usize, Error> {
+        Self::check_key(account, ACCOUNT_KEY_MAX)?;
+        let slots = self.tables().accounts;
+        let hash = key::hash(self.seed, account);
+        let matches = |i: usize| slots.get(i).is_some_and(|s| s.key.equals(account));
+        let probe = Probe { hash, tag: hash >> 2, mask: u64::MAX, matches: &matches };
+        let claim = KeyClaim { tag: hash >> 2, init: |i: usize| {
+            if let Some(s) = slots.get(i) {
+                s.key.store(account);
+            }
+        } };
+        table::find_or_insert(slots, &probe, &claim).map(|(i, _)| i).ok_or(Error::TableFull(Table::Accounts))
+    }
+
+    fn model_index(&self, model: &[u8]) -> Result<usize, Error> {
+        Self::check_key(model, MODEL_KEY_MAX)?;
+        let slots = self.tables().models;
+        let hash = key::hash(self.seed ^ MODEL_SALT, model);
+        let matches = |i: usize| slots.get(i).is_some_and(|s| s.key.equals(model));
+        let probe = Probe { hash, tag: hash >> 2, mask: u64::MAX, matches: &matches };
+        let claim = KeyClaim { tag: hash >> 2, init: |i: usize| {
+            if let Some(s) = slots.get(i) {
+                s.init(model);
+            }
+        } };
+        table::find_or_insert(slots, &probe, &claim).map(|(i, _)| i).ok_or(Error::TableFull(Table::Models))
+    }
+
+    /// Finds (or with `create`, creates) the scope of `key`.
+    fn locate(&self, key: ScopeKey<'_>, now_ns: u64, create: bool) -> Result<Option<Located>, Error> {
+        let account = self.account_index(key.account)?;
+        let model = self.model_index(key.model)?;
+        let identity = scope::identity(account, model, key.variant.index());
+        let slots = self.tables().scopes;
+        let hash = key::hash(self.seed ^ SCOPE_SALT, &identity.to_le_bytes());
+        let always = |_: usize| true;
+        let probe = Probe { hash, tag: identity, mask: scope::IDENTITY_MASK, matches: &always };
+        let found = if create {
+            table::find_or_insert(slots, &probe, &ScopeClaim { engine: self, identity, now_ns })
+        } else {
+            table::find(slots, &probe)
+        };
+        Ok(found.map(|(slot, id)| Located { slot, id, model, variant: key.variant }))
+    }
+}
+
+/// Inserting an account or model: a fixed tag, no reclaim.
+struct KeyClaim<F: Fn(usize)> {
+    tag: u64,
+    init: F,
+}
+
+impl<F: Fn(usize)> Claim for KeyClaim<F> {
+    fn tag(&self, _: u64) -> u64 {
+        self.tag
+    }
+
+    fn init(&self, index: usize) {
+        (self.init)(index);
+    }
+
+    fn reclaim(&self, _: usize, _: u64, _: u64) -> bool {
+        false
+    }
+}
+
+/// Inserting a scope: a new generation per incarnation of a slot, and reclaim of idle scopes
+/// whose state equals a fresh scope's (SPEC §1).
+struct ScopeClaim<'e, S: Storage> {
+    engine: &'e Engine<S>,
+    identity: u64,
+    now_ns: u64,
+}
+
+impl<S: Storage> Claim for ScopeClaim<'_, S> {
+    fn tag(&self, old: u64) -> u64 {
+        scope::next_generation(old, self.identity)
+    }
+
+    fn init(&self, index: usize) {
+        let e = self.engine;
+        let t = e.tables();
+        if let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) {
+            adaptation.store(&e.fresh);
+            slot.init(e.fresh_interval, self.now_ns / QUANTUM_NS, self.now_ns / e.policy.tick_ns);
+        }
+    }
+
+    fn reclaim(&self, index: usize, old: u64, new: u64) -> bool {
+        let e = self.engine;
+        let t = e.tables();
+        let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) else { return false };
+        if !slot.begin_reclaim() {
+            return false;
+        }
+        let w = slot.bucket.load(Ordering::Acquire);
+        let word = Word::unpack(w);
+        let idle = !bucket::is_retired(w)
+            && slot.usage_is_zero()
+            && slot.in_flight() == 0
+            && adaptation.load() == e.fresh
+            && slot.intervals(word.buffer()) == e.fresh_interval
+            && bucket::open(word, self.now_ns / QUANTUM_NS).debt == [0; 4];
+        if idle && slot.retire(w) {
+            if slot.id.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                return true;
+            }
+            slot.bucket.store(w, Ordering::Release);
+        }
+        slot.end_tick();
+        false
+    }
+}
+
+impl Metric {
+    /// Whether this metric binding a 429 makes it `dynamic_request_limited` (else token limited).
+    pub const fn is_request_limited(self) -> bool {
+        matches!(self, Metric::Requests)
+    }
+}

@@ -1,0 +1,123 @@
+//! Typed errors. Nothing in the engine panics; every failure is one of these.
+
+use core::fmt;
+
+use crate::metric::Metric;
+
+/// Why a policy was refused at construction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyError {
+    /// A floor is below 1 or a bound is NaN.
+    BadLimit(Metric),
+    /// A floor is above its ceiling.
+    FloorAboveCeiling(Metric),
+    /// The hard factor ρ is below 1 or not finite.
+    BadHardFactor,
+    /// ρ minutes plus the smoothing wait exceed what a bucket can hold (about 3.9 minutes).
+    HorizonTooLong,
+    /// The adaptation tick is shorter than 1 ms.
+    BadTick,
+    /// An adaptation parameter is out of range.
+    BadAdaptation,
+    /// Shedding thresholds are not ordered over-limit < in-limit and regular < priority.
+    BadShedThresholds,
+}
+
+/// Which fixed-capacity table an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// The scope table (account, model, variant).
+    Scopes,
+    /// The account table.
+    Accounts,
+    /// The model table.
+    Models,
+    /// The table of outstanding permits.
+    Permits,
+}
+
+/// Errors of engine construction and admission that are not a decision about the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The policy is unusable.
+    Policy(PolicyError),
+    /// A capacity is zero or beyond what slot indices can address.
+    BadCapacity(Table),
+    /// No free slot within the key's probe window; existing keys keep working.
+    TableFull(Table),
+    /// An account or model key is empty.
+    EmptyKey,
+    /// An account or model key is longer than the table stores.
+    KeyTooLong {
+        /// The longest key accepted.
+        max: usize,
+    },
+}
+
+/// Errors of settling or charging a permit. Each leaves the engine unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleError {
+    /// The permit was already settled or cancelled.
+    AlreadySettled,
+    /// The permit's scope was reclaimed, or the engine was restored since it was issued.
+    StalePermit,
+    /// The reported usage is impossible (cached tokens above prompt tokens, or too large).
+    InvalidUsage,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyError::BadLimit(m) => write!(f, "limit of {} must be a number of at least 1", m.name()),
+            PolicyError::FloorAboveCeiling(m) => write!(f, "floor of {} is above its ceiling", m.name()),
+            PolicyError::BadHardFactor => f.write_str("hard factor must be a finite number of at least 1"),
+            PolicyError::HorizonTooLong => f.write_str("hard factor minutes plus max wait exceed 234 seconds"),
+            PolicyError::BadTick => f.write_str("adaptation tick must be at least 1 ms"),
+            PolicyError::BadAdaptation => f.write_str("adaptation parameter out of range"),
+            PolicyError::BadShedThresholds => f.write_str("shed thresholds must be ordered"),
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Table::Scopes => "scope",
+            Table::Accounts => "account",
+            Table::Models => "model",
+            Table::Permits => "permit",
+        })
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Policy(e) => write!(f, "invalid policy: {e}"),
+            Error::BadCapacity(t) => write!(f, "{t} table capacity is zero or too large"),
+            Error::TableFull(t) => write!(f, "{t} table is full"),
+            Error::EmptyKey => f.write_str("account and model keys must not be empty"),
+            Error::KeyTooLong { max } => write!(f, "key longer than {max} bytes"),
+        }
+    }
+}
+
+impl fmt::Display for SettleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SettleError::AlreadySettled => "permit already settled",
+            SettleError::StalePermit => "permit is stale: its scope was reclaimed or the engine restored",
+            SettleError::InvalidUsage => "usage is invalid: cached tokens exceed prompt tokens or a count is too large",
+        })
+    }
+}
+
+impl From<PolicyError> for Error {
+    fn from(e: PolicyError) -> Self {
+        Error::Policy(e)
+    }
+}
+
+impl core::error::Error for PolicyError {}
+impl core::error::Error for Error {}
+impl core::error::Error for SettleError {}

@@ -1,0 +1,92 @@
+//! Keys: account and model ids as byte strings, the variant, and their seeded hash.
+
+use core::hash::BuildHasher;
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// Longest account id accepted, in bytes.
+pub const ACCOUNT_KEY_MAX: usize = 64;
+/// Longest model id accepted, in bytes.
+pub const MODEL_KEY_MAX: usize = 128;
+
+/// Fast and regular variants of a model have separate limits (SPEC §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Variant {
+    /// The regular serving path.
+    #[default]
+    Regular,
+    /// The fast serving path.
+    Fast,
+}
+
+impl Variant {
+    pub(crate) const fn index(self) -> usize {
+        match self {
+            Variant::Regular => 0,
+            Variant::Fast => 1,
+        }
+    }
+}
+
+/// Names a scope: (account, model, variant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ScopeKey<'a> {
+    /// The account id (an API key's owner, an organisation).
+    pub account: &'a [u8],
+    /// The model id as the client names it.
+    pub model: &'a [u8],
+    /// Fast or regular.
+    pub variant: Variant,
+}
+
+impl<'a> ScopeKey<'a> {
+    /// A regular-variant scope key.
+    pub const fn new(account: &'a [u8], model: &'a [u8]) -> Self {
+        ScopeKey { account, model, variant: Variant::Regular }
+    }
+
+    /// The same key for the fast variant.
+    pub const fn fast(self) -> Self {
+        ScopeKey { variant: Variant::Fast, ..self }
+    }
+}
+
+/// Hashes a key with the engine's seed (foldhash: fast on short keys, seeded against flooding).
+pub(crate) fn hash(seed: u64, bytes: &[u8]) -> u64 {
+    foldhash::fast::FixedState::with_seed(seed).hash_one(bytes)
+}
+
+/// Key bytes stored in a table slot, written while the slot is being claimed and read only once
+/// it is published; atomics keep that race-free without `unsafe`.
+#[derive(Debug)]
+pub(crate) struct KeyBytes<const WORDS: usize> {
+    len: AtomicU64,
+    words: [AtomicU64; WORDS],
+}
+
+impl<const WORDS: usize> KeyBytes<WORDS> {
+    pub(crate) fn new() -> Self {
+        KeyBytes { len: AtomicU64::new(0), words: core::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+
+    pub(crate) fn store(&self, key: &[u8]) {
+        self.len.store(key.len() as u64, Ordering::Relaxed);
+        let mut chunks = key.chunks(8);
+        for w in &self.words {
+            w.store(chunks.next().map_or(0, word_of), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn equals(&self, key: &[u8]) -> bool {
+        if self.len.load(Ordering::Relaxed) != key.len() as u64 {
+            return false;
+        }
+        key.chunks(8).zip(&self.words).all(|(c, w)| w.load(Ordering::Relaxed) == word_of(c))
+    }
+}
+
+fn word_of(chunk: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.iter_mut().zip(chunk).for_each(|(d, s)| *d = *s);
+    u64::from_le_bytes(b)
+}

@@ -1,0 +1,94 @@
+//! The model table: one slot per model id, holding the load signal of each variant (SPEC §6).
+
+use crate::key::{KeyBytes, MODEL_KEY_MAX, Variant};
+use crate::shed::LoadPermille;
+use crate::sync::{AtomicU64, Ordering};
+use crate::table::Slot;
+
+/// One model: its id bytes and, per variant, the load signal.
+#[derive(Debug)]
+pub struct ModelSlot {
+    id: AtomicU64,
+    pub(crate) key: KeyBytes<{ MODEL_KEY_MAX / 8 }>,
+    /// Load set by the gateway from backend metrics, ‰ of capacity.
+    reported: [AtomicU64; 2],
+    /// Permits outstanding, counted only while `capacity` is set.
+    in_flight: [AtomicU64; 2],
+    /// In-flight requests the variant serves at full load; 0 leaves load to the gateway.
+    capacity: [AtomicU64; 2],
+}
+
+impl Default for ModelSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ModelSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        ModelSlot {
+            id: AtomicU64::new(0),
+            key: KeyBytes::new(),
+            reported: core::array::from_fn(|_| AtomicU64::new(0)),
+            in_flight: core::array::from_fn(|_| AtomicU64::new(0)),
+            capacity: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    pub(crate) fn init(&self, key: &[u8]) {
+        self.key.store(key);
+        for a in self.reported.iter().chain(&self.in_flight).chain(&self.capacity) {
+            a.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The variant's load: the larger of the reported value and in-flight / capacity.
+    pub(crate) fn load(&self, variant: Variant) -> LoadPermille {
+        let v = variant.index();
+        let reported = self.reported.get(v).map_or(0, |a| a.load(Ordering::Relaxed));
+        let capacity = self.capacity.get(v).map_or(0, |a| a.load(Ordering::Relaxed));
+        let tracked = match capacity {
+            0 => 0,
+            c => self.in_flight.get(v).map_or(0, |a| a.load(Ordering::Relaxed)).saturating_mul(1000) / c,
+        };
+        u32::try_from(reported.max(tracked)).unwrap_or(u32::MAX)
+    }
+
+    pub(crate) fn report(&self, variant: Variant, load: LoadPermille) {
+        if let Some(a) = self.reported.get(variant.index()) {
+            a.store(u64::from(load), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn set_capacity(&self, variant: Variant, in_flight_capacity: u32) {
+        if let Some(a) = self.capacity.get(variant.index()) {
+            a.store(u64::from(in_flight_capacity), Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a new permit if the variant tracks in-flight load; says whether it did.
+    pub(crate) fn enter(&self, variant: Variant) -> bool {
+        let v = variant.index();
+        let tracked = self.capacity.get(v).is_some_and(|a| a.load(Ordering::Relaxed) != 0);
+        if tracked {
+            if let Some(a) = self.in_flight.get(v) {
+                a.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        tracked
+    }
+
+    pub(crate) fn leave(&self, variant: Variant) {
+        if let Some(a) = self.in_flight.get(variant.index()) {
+            // Never below zero, even if capacity was switched off and on again meanwhile.
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+}
+
+impl Slot for ModelSlot {
+    fn id(&self) -> &AtomicU64 {
+        &self.id
+    }
+}

@@ -1,0 +1,203 @@
+//! A scope's state: the hot slot every admit and settle touches, and the adaptive state a tick
+//! touches once a minute.
+
+use crate::adapt::MetricState;
+use crate::bucket::{self, Word};
+use crate::metric::PerMetric;
+use crate::sync::{AtomicU64, AtomicU128, Ordering};
+use crate::table::Slot;
+
+// Tick word: bit 0 busy (an adaptation is being applied), bits 1..24 permits outstanding,
+// bits 24..64 the last tick applied (wrapping; compared as a signed difference).
+const BUSY: u64 = 1;
+const IN_FLIGHT_SHIFT: u32 = 1;
+const IN_FLIGHT_BITS: u32 = 23;
+pub(crate) const IN_FLIGHT_ONE: u64 = 1 << IN_FLIGHT_SHIFT;
+const IN_FLIGHT_MASK: u64 = ((1 << IN_FLIGHT_BITS) - 1) << IN_FLIGHT_SHIFT;
+const TICK_SHIFT: u32 = IN_FLIGHT_SHIFT + IN_FLIGHT_BITS;
+const TICK_MASK: u64 = (1 << (64 - TICK_SHIFT)) - 1;
+/// Most permits one engine may have outstanding (the tick word's counter must not overflow).
+pub(crate) const MAX_PERMITS: usize = (1 << IN_FLIGHT_BITS) - 1;
+
+// Scope tag: bit 0 variant, 12 bits model, 24 bits account, 25 bits generation.
+const MODEL_BITS: u32 = 12;
+const ACCOUNT_BITS: u32 = 24;
+const IDENTITY_BITS: u32 = 1 + MODEL_BITS + ACCOUNT_BITS;
+/// Tag bits that identify a scope; the rest is its generation.
+pub(crate) const IDENTITY_MASK: u64 = (1 << IDENTITY_BITS) - 1;
+/// Most models and accounts the scope tag can name.
+pub(crate) const MAX_MODELS: usize = 1 << MODEL_BITS;
+pub(crate) const MAX_ACCOUNTS: usize = 1 << ACCOUNT_BITS;
+
+/// The identity bits of a scope's tag.
+pub(crate) fn identity(account: usize, model: usize, variant: usize) -> u64 {
+    ((account as u64) << (1 + MODEL_BITS)) | ((model as u64) << 1) | variant as u64
+}
+
+/// The tag of the next scope to live in a slot whose id was `old`: a new generation.
+pub(crate) fn next_generation(old: u64, identity: u64) -> u64 {
+    let generation = (crate::table::tag_of(old) >> IDENTITY_BITS).wrapping_add(1);
+    ((generation << IDENTITY_BITS) & (u64::MAX >> 2)) | identity
+}
+
+/// The hot state of one scope: 128 bytes, aligned so two scopes never share a cache line pair.
+#[derive(Debug)]
+#[repr(C, align(128))]
+pub struct ScopeSlot {
+    pub(crate) id: AtomicU64,
+    pub(crate) tick: AtomicU64,
+    /// The four bucket debts, their epoch and interval version, in one CAS-able word.
+    pub(crate) bucket: AtomicU128,
+    /// Usage settled since the last tick, per metric.
+    pub(crate) usage: [AtomicU64; 4],
+    /// Quanta per token (32.32) per metric, double-buffered by the bucket word's version.
+    pub(crate) interval: [[AtomicU64; 4]; 2],
+}
+
+#[cfg(not(loom))]
+const _: () = assert!(core::mem::size_of::<ScopeSlot>() == 128);
+
+impl Default for ScopeSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ScopeSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        ScopeSlot {
+            id: AtomicU64::new(0),
+            tick: AtomicU64::new(0),
+            bucket: AtomicU128::new(Word::fresh(0, 0).pack()),
+            usage: core::array::from_fn(|_| AtomicU64::new(0)),
+            interval: core::array::from_fn(|_| core::array::from_fn(|_| AtomicU64::new(0))),
+        }
+    }
+
+    pub(crate) fn intervals(&self, buffer: usize) -> [u64; 4] {
+        let set = self.interval.get(buffer).unwrap_or(&self.interval[0]);
+        set.each_ref().map(|a| a.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn store_intervals(&self, buffer: usize, values: [u64; 4]) {
+        if let Some(set) = self.interval.get(buffer) {
+            set.iter().zip(values).for_each(|(a, v)| a.store(v, Ordering::Relaxed));
+        }
+    }
+
+    /// Resets a slot this thread has just claimed to a fresh scope.
+    pub(crate) fn init(&self, fresh_interval: [u64; 4], now_q: u64, now_tick: u64) {
+        self.usage.iter().for_each(|u| u.store(0, Ordering::Relaxed));
+        self.store_intervals(0, fresh_interval);
+        self.store_intervals(1, fresh_interval);
+        // A version other than the last incarnation's makes any stale compare-exchange fail.
+        let old = self.bucket.load(Ordering::Acquire);
+        let version = Word::unpack(old).version.wrapping_add(1);
+        self.bucket.store(Word::fresh(now_q, version).pack(), Ordering::Release);
+        // Keep the outstanding count: a stale admitter may be between its +1 and -1.
+        let mut t = self.tick.load(Ordering::Acquire);
+        loop {
+            let fresh = (t & IN_FLIGHT_MASK) | ((now_tick & TICK_MASK) << TICK_SHIFT);
+            match self.tick.compare_exchange(t, fresh, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(cur) => t = cur,
+            }
+        }
+    }
+
+    /// Wins the right to apply ticks up to `now_tick`; returns the last tick applied before.
+    pub(crate) fn begin_tick(&self, now_tick: u64) -> Option<u64> {
+        let now_tick = now_tick & TICK_MASK;
+        let mut t = self.tick.load(Ordering::Acquire);
+        loop {
+            let last = (t >> TICK_SHIFT) & TICK_MASK;
+            let ahead = now_tick.wrapping_sub(last) & TICK_MASK;
+            if t & BUSY != 0 || ahead == 0 || ahead > TICK_MASK / 2 {
+                return None;
+            }
+            let claimed = (t & IN_FLIGHT_MASK) | (now_tick << TICK_SHIFT) | BUSY;
+            match self.tick.compare_exchange(t, claimed, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(ahead),
+                Err(cur) => t = cur,
+            }
+        }
+    }
+
+    pub(crate) fn end_tick(&self) {
+        self.tick.fetch_and(!BUSY, Ordering::Release);
+    }
+
+    /// Takes the adaptation lock of an idle slot with no permits outstanding (for reclaim).
+    pub(crate) fn begin_reclaim(&self) -> bool {
+        let t = self.tick.load(Ordering::Acquire);
+        t & (BUSY | IN_FLIGHT_MASK) == 0
+            && self.tick.compare_exchange(t, t | BUSY, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    pub(crate) fn in_flight(&self) -> u64 {
+        (self.tick.load(Ordering::Acquire) & IN_FLIGHT_MASK) >> IN_FLIGHT_SHIFT
+    }
+
+    pub(crate) fn usage_is_zero(&self) -> bool {
+        self.usage.iter().all(|u| u.load(Ordering::Acquire) == 0)
+    }
+
+    /// Swaps the bucket word from a fresh `w` to the retired marker.
+    pub(crate) fn retire(&self, w: u128) -> bool {
+        let retired = bucket::retired(Word::unpack(w).version);
+        self.bucket.compare_exchange(w, retired, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+}
+
+impl Slot for ScopeSlot {
+    fn id(&self) -> &AtomicU64 {
+        &self.id
+    }
+}
+
+/// A scope's adaptive state (limit and usage memory per metric, as `f64` bits), kept apart from
+/// the hot slot because only the once-a-tick adaptation reads it.
+#[derive(Debug)]
+pub struct ScopeAdaptation {
+    limit: [AtomicU64; 4],
+    memory: [AtomicU64; 4],
+}
+
+impl Default for ScopeAdaptation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ScopeAdaptation {
+    /// Adaptive state of an empty slot.
+    pub fn new() -> Self {
+        ScopeAdaptation {
+            limit: core::array::from_fn(|_| AtomicU64::new(0)),
+            memory: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    pub(crate) fn load(&self) -> PerMetric<MetricState> {
+        let mut i = self.limit.iter().zip(&self.memory);
+        PerMetric::from_fn(|_| {
+            i.next().map_or(MetricState { limit: 0.0, memory: 0.0 }, |(l, m)| MetricState {
+                limit: f64::from_bits(l.load(Ordering::Relaxed)),
+                memory: f64::from_bits(m.load(Ordering::Relaxed)),
+            })
+        })
+    }
+
+    pub(crate) fn store(&self, states: &PerMetric<MetricState>) {
+        for ((l, m), (_, s)) in self.limit.iter().zip(&self.memory).zip(states.iter()) {
+            l.store(s.limit.to_bits(), Ordering::Relaxed);
+            m.store(s.memory.to_bits(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Intervals for a set of adaptive states.
+pub(crate) fn intervals_of(states: &PerMetric<MetricState>) -> [u64; 4] {
+    states.map(|_, s| bucket::interval(s.limit)).0
+}

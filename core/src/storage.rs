@@ -1,0 +1,153 @@
+//! Where an engine's tables live: memory the caller hands in (no `std`), or the heap.
+
+use crate::account::AccountSlot;
+use crate::error::{Error, Table};
+use crate::model::ModelSlot;
+use crate::permit::PermitSlot;
+use crate::scope::{MAX_ACCOUNTS, MAX_MODELS, MAX_PERMITS, ScopeAdaptation, ScopeSlot};
+
+/// How many of each thing an engine can hold. Fixed at construction; nothing grows later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Capacity {
+    /// Scopes (account, model, variant). Keep about 25% spare: keys live near their home slot.
+    pub scopes: usize,
+    /// Accounts (at most 2^24).
+    pub accounts: usize,
+    /// Models (at most 4096).
+    pub models: usize,
+    /// Permits outstanding at once (at most 2^23 − 1).
+    pub permits: usize,
+}
+
+impl Capacity {
+    /// Room for `scopes` scopes, as many accounts, 256 models and as many outstanding permits
+    /// (at least 1024).
+    pub const fn scopes(scopes: usize) -> Self {
+        let accounts = if scopes < MAX_ACCOUNTS { scopes } else { MAX_ACCOUNTS };
+        let permits = if scopes < 1024 { 1024 } else if scopes > MAX_PERMITS { MAX_PERMITS } else { scopes };
+        Capacity { scopes, accounts, models: 256, permits }
+    }
+
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        let bad = |n: usize, max: usize, t: Table| if n == 0 || n > max { Err(Error::BadCapacity(t)) } else { Ok(()) };
+        bad(self.scopes, u32::MAX as usize, Table::Scopes)?;
+        bad(self.accounts, MAX_ACCOUNTS, Table::Accounts)?;
+        bad(self.models, MAX_MODELS, Table::Models)?;
+        bad(self.permits, MAX_PERMITS, Table::Permits)
+    }
+}
+
+/// The tables of an engine, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct Tables<'a> {
+    pub(crate) scopes: &'a [ScopeSlot],
+    pub(crate) adaptation: &'a [ScopeAdaptation],
+    pub(crate) accounts: &'a [AccountSlot],
+    pub(crate) models: &'a [ModelSlot],
+    pub(crate) permits: &'a [PermitSlot],
+}
+
+impl Tables<'_> {
+    /// The capacity these tables give.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            scopes: self.scopes.len(),
+            accounts: self.accounts.len(),
+            models: self.models.len(),
+            permits: self.permits.len(),
+        }
+    }
+}
+
+/// Anything that holds an engine's tables.
+pub trait Storage {
+    /// The tables.
+    fn tables(&self) -> Tables<'_>;
+}
+
+/// Memory the caller owns, e.g. `static` arrays on a target without a heap.
+///
+/// ```
+/// use sluicegate_core::{AccountSlot, Borrowed, Engine, ModelSlot, PermitSlot, Policy, ScopeAdaptation, ScopeSlot};
+/// let mut scopes: [ScopeSlot; 8] = core::array::from_fn(|_| ScopeSlot::new());
+/// let mut adaptation: [ScopeAdaptation; 8] = core::array::from_fn(|_| ScopeAdaptation::new());
+/// let mut accounts: [AccountSlot; 4] = core::array::from_fn(|_| AccountSlot::new());
+/// let mut models: [ModelSlot; 2] = core::array::from_fn(|_| ModelSlot::new());
+/// let mut permits: [PermitSlot; 16] = core::array::from_fn(|_| PermitSlot::new());
+/// let memory = Borrowed::new(&mut scopes, &mut adaptation, &mut accounts, &mut models, &mut permits).unwrap();
+/// let engine = Engine::with_storage(Policy::fixed(), memory, 0x5eed).unwrap();
+/// assert_eq!(engine.capacity().scopes, 8);
+/// ```
+#[derive(Debug)]
+pub struct Borrowed<'a>(Tables<'a>);
+
+impl<'a> Borrowed<'a> {
+    /// Takes the slots (resetting them) for one engine. `adaptation` must be as long as `scopes`.
+    pub fn new(
+        scopes: &'a mut [ScopeSlot],
+        adaptation: &'a mut [ScopeAdaptation],
+        accounts: &'a mut [AccountSlot],
+        models: &'a mut [ModelSlot],
+        permits: &'a mut [PermitSlot],
+    ) -> Result<Self, Error> {
+        if adaptation.len() != scopes.len() {
+            return Err(Error::BadCapacity(Table::Scopes));
+        }
+        scopes.iter_mut().for_each(|s| *s = ScopeSlot::new());
+        adaptation.iter_mut().for_each(|s| *s = ScopeAdaptation::new());
+        accounts.iter_mut().for_each(|s| *s = AccountSlot::new());
+        models.iter_mut().for_each(|s| *s = ModelSlot::new());
+        permits.iter_mut().for_each(|s| *s = PermitSlot::new());
+        let tables = Tables { scopes, adaptation, accounts, models, permits };
+        tables.capacity().check()?;
+        Ok(Borrowed(tables))
+    }
+}
+
+impl Storage for Borrowed<'_> {
+    fn tables(&self) -> Tables<'_> {
+        self.0
+    }
+}
+
+/// Tables allocated once, at construction, on the heap.
+#[cfg(feature = "std")]
+#[derive(Debug)]
+pub struct Heap {
+    scopes: alloc::boxed::Box<[ScopeSlot]>,
+    adaptation: alloc::boxed::Box<[ScopeAdaptation]>,
+    accounts: alloc::boxed::Box<[AccountSlot]>,
+    models: alloc::boxed::Box<[ModelSlot]>,
+    permits: alloc::boxed::Box<[PermitSlot]>,
+}
+
+#[cfg(feature = "std")]
+impl Heap {
+    /// Allocates tables of `capacity`.
+    pub fn new(capacity: Capacity) -> Result<Self, Error> {
+        capacity.check()?;
+        fn filled<T>(n: usize, f: fn() -> T) -> alloc::boxed::Box<[T]> {
+            (0..n).map(|_| f()).collect()
+        }
+        Ok(Heap {
+            scopes: filled(capacity.scopes, ScopeSlot::new),
+            adaptation: filled(capacity.scopes, ScopeAdaptation::new),
+            accounts: filled(capacity.accounts, AccountSlot::new),
+            models: filled(capacity.models, ModelSlot::new),
+            permits: filled(capacity.permits, PermitSlot::new),
+        })
+    }
+}
+
+#[cfg(feature = "std")]
+impl Storage for Heap {
+    fn tables(&self) -> Tables<'_> {
+        Tables {
+            scopes: &self.scopes,
+            adaptation: &self.adaptation,
+            accounts: &self.accounts,
+            models: &self.models,
+            permits: &self.permits,
+        }
+    }
+}

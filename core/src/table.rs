@@ -1,0 +1,163 @@
+//! Fixed-capacity open addressing with lock-free slot claiming.
+//!
+//! A slot's `id` word is `tag << 2 | state`. A key lives within [`PROBE_WINDOW`] slots of its
+//! home; lookups scan the whole window (an empty slot does not end a search), so slots can be
+//! emptied again. To insert, a thread claims a slot (`CLAIMING`), writes the key, then checks
+//! the window for a rival claim of the same key: a published one or a claim nearer home wins
+//! and the thread backs out; a claim farther from home is killed (`DEAD`, reset by its owner).
+//! Claims and checks are sequentially consistent, so of two rivals at least one sees the other,
+//! and at most one key copy is ever published.
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// Slots a key may live in, starting at its home.
+pub(crate) const PROBE_WINDOW: usize = 64;
+
+const STATE_MASK: u64 = 3;
+const EMPTY: u64 = 0;
+const CLAIMING: u64 = 1;
+const READY: u64 = 2;
+const DEAD: u64 = 3;
+
+/// A slot of a table: anything with an `id` word.
+pub(crate) trait Slot {
+    fn id(&self) -> &AtomicU64;
+}
+
+/// The published id of a key with `tag`.
+pub(crate) const fn ready(tag: u64) -> u64 {
+    (tag << 2) | READY
+}
+
+pub(crate) const fn claiming(tag: u64) -> u64 {
+    (tag << 2) | CLAIMING
+}
+
+pub(crate) const fn tag_of(id: u64) -> u64 {
+    id >> 2
+}
+
+pub(crate) const fn is_ready(id: u64) -> bool {
+    id & STATE_MASK == READY
+}
+
+/// How a table recognises its keys.
+pub(crate) struct Probe<'k, F: Fn(usize) -> bool> {
+    /// Seeded hash of the key: picks the home slot.
+    pub hash: u64,
+    /// Tag the id word carries for the key (bits outside `mask` may vary, e.g. a generation).
+    pub tag: u64,
+    /// Bits of the tag that identify the key.
+    pub mask: u64,
+    /// Full comparison of a published slot's stored key.
+    pub matches: &'k F,
+}
+
+impl<F: Fn(usize) -> bool> Probe<'_, F> {
+    fn same_tag(&self, id: u64) -> bool {
+        tag_of(id) & self.mask == self.tag & self.mask
+    }
+
+    fn window(&self, len: usize) -> impl Iterator<Item = usize> + use<F> {
+        let home = ((u128::from(self.hash) * len as u128) >> 64) as usize;
+        (0..len.min(PROBE_WINDOW)).map(move |i| (home + i).checked_rem(len).unwrap_or(0))
+    }
+}
+
+/// The published slot holding the key, with its id.
+pub(crate) fn find<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>) -> Option<(usize, u64)> {
+    probe.window(slots.len()).find_map(|i| {
+        let id = slots.get(i)?.id().load(Ordering::Acquire);
+        (is_ready(id) && probe.same_tag(id) && (probe.matches)(i)).then_some((i, id))
+    })
+}
+
+/// What an insert may do with a slot.
+pub(crate) trait Claim {
+    /// The tag to publish in a slot whose id was `old` (lets scopes bump a generation).
+    fn tag(&self, old: u64) -> u64;
+    /// Writes the key and a fresh state into slot `index`, claimed by this thread.
+    fn init(&self, index: usize);
+    /// Tries to take the published, idle slot `index` (id `old`) for the key by swapping its id
+    /// to `new`; true when the slot is now claimed.
+    fn reclaim(&self, index: usize, old: u64, new: u64) -> bool;
+}
+
+/// Finds the key's slot, inserting it if absent. `None` when the window has no room.
+pub(crate) fn find_or_insert<S: Slot, F: Fn(usize) -> bool>(
+    slots: &[S],
+    probe: &Probe<'_, F>,
+    claim: &impl Claim,
+) -> Option<(usize, u64)> {
+    loop {
+        if let Some(found) = find(slots, probe) {
+            return Some(found);
+        }
+        let (mine, pos, id) = take_slot(slots, probe, claim)?;
+        claim.init(mine);
+        let slot = slots.get(mine)?;
+        let published = ready(tag_of(id));
+        if !lost_to_rival(slots, probe, pos)
+            && slot.id().compare_exchange(id, published, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        {
+            return Some((mine, published));
+        }
+        // Backed out or killed: only this thread writes a claimed or dead slot, so a store is safe.
+        slot.id().store(id & !STATE_MASK, Ordering::SeqCst);
+    }
+}
+
+/// Claims the first empty slot of the window, else reclaims the first idle one.
+fn take_slot<S: Slot, F: Fn(usize) -> bool>(
+    slots: &[S],
+    probe: &Probe<'_, F>,
+    claim: &impl Claim,
+) -> Option<(usize, usize, u64)> {
+    for (pos, i) in probe.window(slots.len()).enumerate() {
+        let id_word = slots.get(i)?.id();
+        let old = id_word.load(Ordering::SeqCst);
+        if old & STATE_MASK == EMPTY {
+            let new = claiming(claim.tag(old));
+            if id_word.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                return Some((i, pos, new));
+            }
+        }
+    }
+    for (pos, i) in probe.window(slots.len()).enumerate() {
+        let old = slots.get(i)?.id().load(Ordering::SeqCst);
+        if is_ready(old) {
+            let new = claiming(claim.tag(old));
+            if claim.reclaim(i, old, new) {
+                return Some((i, pos, new));
+            }
+        }
+    }
+    None
+}
+
+/// Whether another copy of the key (published, or claimed nearer home) beats the claim at `pos`;
+/// claims farther from home are killed on the way.
+fn lost_to_rival<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>, pos: usize) -> bool {
+    for (p, i) in probe.window(slots.len()).enumerate() {
+        if p == pos {
+            continue;
+        }
+        let Some(slot) = slots.get(i) else { continue };
+        let mut id = slot.id().load(Ordering::SeqCst);
+        while probe.same_tag(id) {
+            match id & STATE_MASK {
+                READY if (probe.matches)(i) => return true,
+                CLAIMING if p < pos => return true,
+                CLAIMING => {
+                    let dead = (id & !STATE_MASK) | DEAD;
+                    match slot.id().compare_exchange(id, dead, Ordering::SeqCst, Ordering::SeqCst) {
+                        Ok(_) => break,
+                        Err(now) => id = now,
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+    false
+}
