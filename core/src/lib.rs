@@ -55,6 +55,9 @@ pub mod storage;
 mod sync;
 mod table;
 
+#[cfg(all(test, loom))]
+mod loom_models;
+
 pub use account::AccountSlot;
 pub use bucket::Band;
 pub use decision::{Decision, Levels, Outcome, RateLimited, Shed, SpendRejection};
