@@ -20,7 +20,10 @@ impl Default for AccountSlot {
 impl AccountSlot {
     /// An empty slot.
     pub fn new() -> Self {
-        AccountSlot { id: AtomicU64::new(0), key: KeyBytes::new() }
+        AccountSlot {
+            id: AtomicU64::new(0),
+            key: KeyBytes::new(),
+        }
     }
 }
 

@@ -76,10 +76,20 @@ impl<S: Storage> Engine<S> {
     pub fn with_storage(policy: Policy, storage: S, seed: u64) -> Result<Self, Error> {
         let bands = policy.bands()?;
         storage.tables().capacity().check()?;
-        let fresh = policy.limits.map(|_, l| MetricState::fresh(&policy.adaptation, l));
+        let fresh = policy
+            .limits
+            .map(|_, l| MetricState::fresh(&policy.adaptation, l));
         let fresh_interval = scope::intervals_of(&fresh);
         let incarnation = (seed ^ (seed >> 32)) as u32 | 1;
-        Ok(Engine { storage, policy, bands, fresh, fresh_interval, seed, incarnation })
+        Ok(Engine {
+            storage,
+            policy,
+            bands,
+            fresh,
+            fresh_interval,
+            seed,
+            incarnation,
+        })
     }
 
     /// The engine's policy.
@@ -101,20 +111,33 @@ impl<S: Storage> Engine<S> {
     /// On `Admit`/`AdmitOverLimit` the costs are reserved and must be settled with
     /// [`Engine::settle`]; every other outcome charges nothing. `Err` is for conditions that are
     /// not about the request: a bad key or a full table.
-    pub fn admit(&self, key: ScopeKey<'_>, request: &Request, now_ns: u64) -> Result<Decision, Error> {
+    pub fn admit(
+        &self,
+        key: ScopeKey<'_>,
+        request: &Request,
+        now_ns: u64,
+    ) -> Result<Decision, Error> {
         let costs = match request.costs() {
             Ok(c) => c,
             Err(reason) => return Ok(Decision::invalid(reason)),
         };
         loop {
-            let at = self.locate(key, now_ns, true)?.ok_or(Error::TableFull(Table::Scopes))?;
+            let at = self
+                .locate(key, now_ns, true)?
+                .ok_or(Error::TableFull(Table::Scopes))?;
             if let Attempt::Decided(d) = self.admit_at(at, costs, request.priority, now_ns)? {
                 return Ok(d);
             }
         }
     }
 
-    fn admit_at(&self, at: Located, costs: PerMetric<u64>, priority: bool, now_ns: u64) -> Result<Attempt, Error> {
+    fn admit_at(
+        &self,
+        at: Located,
+        costs: PerMetric<u64>,
+        priority: bool,
+        now_ns: u64,
+    ) -> Result<Attempt, Error> {
         let t = self.tables();
         let (Some(slot), Some(model)) = (t.scopes.get(at.slot), t.models.get(at.model)) else {
             return Ok(Attempt::Moved);
@@ -126,7 +149,10 @@ impl<S: Storage> Engine<S> {
         slot.tick.fetch_add(IN_FLIGHT_ONE, Ordering::AcqRel);
         let attempt = self.charge_bucket(slot, at, costs, priority, load, now_ns);
         match &attempt {
-            Attempt::Decided(Decision { outcome: Outcome::Admit(_) | Outcome::AdmitOverLimit(_), .. }) => {}
+            Attempt::Decided(Decision {
+                outcome: Outcome::Admit(_) | Outcome::AdmitOverLimit(_),
+                ..
+            }) => {}
             _ => {
                 slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
                 if let Some(e) = t.permits.get(entry) {
@@ -135,7 +161,9 @@ impl<S: Storage> Engine<S> {
                 return Ok(attempt);
             }
         }
-        let Attempt::Decided(mut decision) = attempt else { return Ok(attempt) };
+        let Attempt::Decided(mut decision) = attempt else {
+            return Ok(attempt);
+        };
         let tracked = model.enter(at.variant);
         if let Outcome::Admit(p) | Outcome::AdmitOverLimit(p) = &mut decision.outcome {
             p.entry = entry as u32;
@@ -165,22 +193,37 @@ impl<S: Storage> Engine<S> {
             let interval = slot.intervals(word.buffer());
             let debts = bucket::open(word, now_q);
             let mut cost_q = [0u64; 4];
-            cost_q.iter_mut().zip(costs.0.iter().zip(interval)).for_each(|(q, (c, t))| *q = bucket::cost(*c, t));
+            cost_q
+                .iter_mut()
+                .zip(costs.0.iter().zip(interval))
+                .for_each(|(q, (c, t))| *q = bucket::cost(*c, t));
             let levels = |debt_q| Levels { debt_q, interval };
             let outcome = match bucket::fit(debts.debt, cost_q, self.bands) {
                 Fit::Fits { band, wait_q, debt } => {
                     if self.policy.shed.sheds(Class::of(band, priority), load) {
-                        Outcome::Shed(Shed { band, load, retry_after_ns: self.policy.shed_retry_after_ns })
+                        Outcome::Shed(Shed {
+                            band,
+                            load,
+                            retry_after_ns: self.policy.shed_retry_after_ns,
+                        })
                     } else {
                         let new = bucket::seal(debts.now_q, debt, word.version).pack();
-                        match slot.bucket.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
+                        match slot.bucket.compare_exchange(
+                            w,
+                            new,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        ) {
                             Ok(_) => {
                                 let permit = self.permit(at, costs, band, priority, wait_q);
                                 let outcome = match band {
                                     bucket::Band::Normal => Outcome::Admit(permit),
                                     bucket::Band::OverLimit => Outcome::AdmitOverLimit(permit),
                                 };
-                                return Attempt::Decided(Decision { outcome, levels: levels(debt) });
+                                return Attempt::Decided(Decision {
+                                    outcome,
+                                    levels: levels(debt),
+                                });
                             }
                             Err(cur) => {
                                 w = cur;
@@ -189,7 +232,11 @@ impl<S: Storage> Engine<S> {
                         }
                     }
                 }
-                Fit::Exceeds { binding, retry_after_q, too_large } => Outcome::RejectRateLimited(RateLimited {
+                Fit::Exceeds {
+                    binding,
+                    retry_after_q,
+                    too_large,
+                } => Outcome::RejectRateLimited(RateLimited {
                     metric: binding,
                     retry_after_ns: retry_after_q.saturating_mul(QUANTUM_NS),
                     too_large,
@@ -200,14 +247,29 @@ impl<S: Storage> Engine<S> {
             fence(Ordering::Acquire);
             let again = slot.bucket.load(Ordering::Relaxed);
             if again == w {
-                return Attempt::Decided(Decision { outcome, levels: levels(debts.debt) });
+                return Attempt::Decided(Decision {
+                    outcome,
+                    levels: levels(debts.debt),
+                });
             }
             w = again;
         }
     }
 
-    fn permit(&self, at: Located, costs: PerMetric<u64>, band: bucket::Band, priority: bool, wait_q: u64) -> Permit {
-        let [requests, prompt_tokens, uncached_prompt_tokens, generated_tokens] = costs.0;
+    fn permit(
+        &self,
+        at: Located,
+        costs: PerMetric<u64>,
+        band: bucket::Band,
+        priority: bool,
+        wait_q: u64,
+    ) -> Permit {
+        let [
+            requests,
+            prompt_tokens,
+            uncached_prompt_tokens,
+            generated_tokens,
+        ] = costs.0;
         Permit {
             slot: at.slot as u32,
             scope_id: at.id,
@@ -220,14 +282,20 @@ impl<S: Storage> Engine<S> {
             priority,
             band,
             wait_ns: wait_q.saturating_mul(QUANTUM_NS),
-            reserved: Reservation { requests, prompt_tokens, uncached_prompt_tokens, generated_tokens },
+            reserved: Reservation {
+                requests,
+                prompt_tokens,
+                uncached_prompt_tokens,
+                generated_tokens,
+            },
         }
     }
 
     fn take_ledger_entry(&self, slot: usize, now_ns: u64) -> Result<(usize, u32), Error> {
         let permits = self.tables().permits;
         let salt = (slot as u64).wrapping_mul(MODEL_SALT) ^ now_ns.rotate_left(17);
-        let start = ((u128::from(salt.wrapping_mul(SCOPE_SALT)) * permits.len() as u128) >> 64) as usize;
+        let start =
+            ((u128::from(salt.wrapping_mul(SCOPE_SALT)) * permits.len() as u128) >> 64) as usize;
         (0..permits.len().min(LEDGER_PROBE))
             .find_map(|i| {
                 let idx = (start + i).checked_rem(permits.len())?;
@@ -241,7 +309,13 @@ impl<S: Storage> Engine<S> {
     ///
     /// A second settle of the same permit, or of one from before a restore, is an error and
     /// changes nothing.
-    pub fn settle(&self, permit: &Permit, usage: &Usage, completion: Completion, now_ns: u64) -> Result<(), SettleError> {
+    pub fn settle(
+        &self,
+        permit: &Permit,
+        usage: &Usage,
+        completion: Completion,
+        now_ns: u64,
+    ) -> Result<(), SettleError> {
         let actual = usage.tokens().ok_or(SettleError::InvalidUsage)?;
         let slot = self.valid_slot(permit)?;
         let charged = self
@@ -253,7 +327,11 @@ impl<S: Storage> Engine<S> {
         let at = self.located_of(permit);
         self.tick(at, now_ns);
         let r = permit.reserved;
-        let billed = [r.prompt_tokens, r.uncached_prompt_tokens, r.generated_tokens.max(charged)];
+        let billed = [
+            r.prompt_tokens,
+            r.uncached_prompt_tokens,
+            r.generated_tokens.max(charged),
+        ];
         let mut delta = [0i128; 4];
         for ((d, a), b) in delta.iter_mut().skip(1).zip(actual).zip(billed) {
             *d = i128::from(a) - i128::from(b);
@@ -278,13 +356,25 @@ impl<S: Storage> Engine<S> {
 
     /// Records `generated_tokens` more tokens of a streaming response. Tokens beyond the
     /// reservation are charged at once, so a long stream pushes its bucket into debt as it goes.
-    pub fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), SettleError> {
+    pub fn charge(
+        &self,
+        permit: &Permit,
+        generated_tokens: u64,
+        now_ns: u64,
+    ) -> Result<(), SettleError> {
         let slot = self.valid_slot(permit)?;
-        let entry = self.tables().permits.get(permit.entry as usize).ok_or(SettleError::StalePermit)?;
-        let (before, after) = entry.add_charge(permit.ticket, generated_tokens).map_err(|e| match e {
-            ChargeRefused::NotLive => SettleError::AlreadySettled,
-            ChargeRefused::TooLarge => SettleError::InvalidUsage,
-        })?;
+        let entry = self
+            .tables()
+            .permits
+            .get(permit.entry as usize)
+            .ok_or(SettleError::StalePermit)?;
+        let (before, after) =
+            entry
+                .add_charge(permit.ticket, generated_tokens)
+                .map_err(|e| match e {
+                    ChargeRefused::NotLive => SettleError::AlreadySettled,
+                    ChargeRefused::TooLarge => SettleError::InvalidUsage,
+                })?;
         let reserved = permit.reserved.generated_tokens;
         let extra = after.saturating_sub(reserved.max(before));
         self.tick(self.located_of(permit), now_ns);
@@ -296,7 +386,11 @@ impl<S: Storage> Engine<S> {
         if permit.incarnation != self.incarnation {
             return Err(SettleError::StalePermit);
         }
-        let slot = self.tables().scopes.get(permit.slot as usize).ok_or(SettleError::StalePermit)?;
+        let slot = self
+            .tables()
+            .scopes
+            .get(permit.slot as usize)
+            .ok_or(SettleError::StalePermit)?;
         if slot.id.load(Ordering::Acquire) != permit.scope_id {
             return Err(SettleError::StalePermit);
         }
@@ -304,7 +398,12 @@ impl<S: Storage> Engine<S> {
     }
 
     fn located_of(&self, permit: &Permit) -> Located {
-        Located { slot: permit.slot as usize, id: permit.scope_id, model: permit.model as usize, variant: permit.variant }
+        Located {
+            slot: permit.slot as usize,
+            id: permit.scope_id,
+            model: permit.model as usize,
+            variant: permit.variant,
+        }
     }
 
     fn release(&self, slot: &ScopeSlot, permit: &Permit) {
@@ -329,11 +428,17 @@ impl<S: Storage> Engine<S> {
             let debts = bucket::open(word, now_q);
             let mut debt = debts.debt;
             for ((d, delta), t) in debt.iter_mut().zip(delta_tokens).zip(interval) {
-                let q = i128::from(bucket::cost(u64::try_from(delta.unsigned_abs()).unwrap_or(u64::MAX), t));
+                let q = i128::from(bucket::cost(
+                    u64::try_from(delta.unsigned_abs()).unwrap_or(u64::MAX),
+                    t,
+                ));
                 *d = bucket::adjust(*d, if delta < 0 { -q } else { q });
             }
             let new = bucket::seal(debts.now_q, debt, word.version).pack();
-            match slot.bucket.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
+            match slot
+                .bucket
+                .compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return,
                 Err(cur) => w = cur,
             }
@@ -344,21 +449,45 @@ impl<S: Storage> Engine<S> {
     /// tick boundary wins and applies them all in closed form; everyone else carries on.
     fn tick(&self, at: Located, now_ns: u64) {
         let t = self.tables();
-        let (Some(slot), Some(adaptation)) = (t.scopes.get(at.slot), t.adaptation.get(at.slot)) else { return };
-        let Some(ticks) = slot.begin_tick(now_ns / self.policy.tick_ns) else { return };
-        let loaded = t.models.get(at.model).is_some_and(|m| self.policy.shed.holds_growth(m.load(at.variant)));
+        let (Some(slot), Some(adaptation)) = (t.scopes.get(at.slot), t.adaptation.get(at.slot))
+        else {
+            return;
+        };
+        let Some(ticks) = slot.begin_tick(now_ns / self.policy.tick_ns) else {
+            return;
+        };
+        let loaded = t
+            .models
+            .get(at.model)
+            .is_some_and(|m| self.policy.shed.holds_growth(m.load(at.variant)));
         let duration_ns = ticks.saturating_mul(self.policy.tick_ns);
         self.adapt(slot, adaptation, duration_ns, loaded, now_ns);
         slot.end_tick();
     }
 
-    fn adapt(&self, slot: &ScopeSlot, adaptation: &ScopeAdaptation, duration_ns: u64, loaded: bool, now_ns: u64) {
+    fn adapt(
+        &self,
+        slot: &ScopeSlot,
+        adaptation: &ScopeAdaptation,
+        duration_ns: u64,
+        loaded: bool,
+        now_ns: u64,
+    ) {
         let usage: [u64; 4] = slot.usage.each_ref().map(|u| u.swap(0, Ordering::AcqRel));
         let mut usage = usage.into_iter();
         let before = adaptation.load();
         let after = before.map(|m, s| {
-            let period = Period { usage: usage.next().unwrap_or(0), duration_ns, loaded };
-            adapt::next(&self.policy.adaptation, s, *self.policy.limits.get(m), period)
+            let period = Period {
+                usage: usage.next().unwrap_or(0),
+                duration_ns,
+                loaded,
+            };
+            adapt::next(
+                &self.policy.adaptation,
+                s,
+                *self.policy.limits.get(m),
+                period,
+            )
         });
         adaptation.store(&after);
         // Idle past any debt: every bucket is full, and the epoch tag may no longer decode.
@@ -381,7 +510,10 @@ impl<S: Storage> Engine<S> {
                 }
             }
             let next = bucket::seal(debts.now_q, debt, word.version.wrapping_add(1)).pack();
-            match slot.bucket.compare_exchange(w, next, Ordering::AcqRel, Ordering::Acquire) {
+            match slot
+                .bucket
+                .compare_exchange(w, next, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return,
                 Err(cur) => w = cur,
             }
@@ -392,25 +524,45 @@ impl<S: Storage> Engine<S> {
     /// the policy's floors and full buckets).
     pub fn limits(&self, key: ScopeKey<'_>, now_ns: u64) -> Result<Levels, Error> {
         let Some(at) = self.locate(key, now_ns, false)? else {
-            return Ok(Levels { debt_q: [0; 4], interval: self.fresh_interval });
+            return Ok(Levels {
+                debt_q: [0; 4],
+                interval: self.fresh_interval,
+            });
         };
         self.tick(at, now_ns);
-        let slot = self.tables().scopes.get(at.slot).ok_or(Error::TableFull(Table::Scopes))?;
+        let slot = self
+            .tables()
+            .scopes
+            .get(at.slot)
+            .ok_or(Error::TableFull(Table::Scopes))?;
         let word = Word::unpack(slot.bucket.load(Ordering::Acquire));
         let interval = slot.intervals(word.buffer());
-        Ok(Levels { debt_q: bucket::open(word, now_ns / QUANTUM_NS).debt, interval })
+        Ok(Levels {
+            debt_q: bucket::open(word, now_ns / QUANTUM_NS).debt,
+            interval,
+        })
     }
 
     /// Sets a model variant's load signal, in ‰ of capacity (SPEC §6), e.g. from queue depth or
     /// KV-cache use. Requests are shed by class as it crosses the policy's thresholds.
-    pub fn set_load(&self, model: &[u8], variant: Variant, load: LoadPermille) -> Result<(), Error> {
+    pub fn set_load(
+        &self,
+        model: &[u8],
+        variant: Variant,
+        load: LoadPermille,
+    ) -> Result<(), Error> {
         self.model(model)?.report(variant, load);
         Ok(())
     }
 
     /// Lets the engine derive a variant's load from its outstanding permits: load = in-flight ×
     /// 1000 / `in_flight_capacity` (0 turns it off). Costs a shared counter per admit and settle.
-    pub fn set_model_capacity(&self, model: &[u8], variant: Variant, in_flight_capacity: u32) -> Result<(), Error> {
+    pub fn set_model_capacity(
+        &self,
+        model: &[u8],
+        variant: Variant,
+        in_flight_capacity: u32,
+    ) -> Result<(), Error> {
         self.model(model)?.set_capacity(variant, in_flight_capacity);
         Ok(())
     }
@@ -422,7 +574,10 @@ impl<S: Storage> Engine<S> {
 
     fn model(&self, model: &[u8]) -> Result<&ModelSlot, Error> {
         let m = self.model_index(model)?;
-        self.tables().models.get(m).ok_or(Error::TableFull(Table::Models))
+        self.tables()
+            .models
+            .get(m)
+            .ok_or(Error::TableFull(Table::Models))
     }
 
     fn check_key(key: &[u8], max: usize) -> Result<(), Error> {
@@ -438,13 +593,23 @@ impl<S: Storage> Engine<S> {
         let slots = self.tables().accounts;
         let hash = key::hash(self.seed, account);
         let matches = |i: usize| slots.get(i).is_some_and(|s| s.key.equals(account));
-        let probe = Probe { hash, tag: hash >> 2, mask: u64::MAX, matches: &matches };
-        let claim = KeyClaim { tag: hash >> 2, init: |i: usize| {
-            if let Some(s) = slots.get(i) {
-                s.key.store(account);
-            }
-        } };
-        table::find_or_insert(slots, &probe, &claim).map(|(i, _)| i).ok_or(Error::TableFull(Table::Accounts))
+        let probe = Probe {
+            hash,
+            tag: hash >> 2,
+            mask: u64::MAX,
+            matches: &matches,
+        };
+        let claim = KeyClaim {
+            tag: hash >> 2,
+            init: |i: usize| {
+                if let Some(s) = slots.get(i) {
+                    s.key.store(account);
+                }
+            },
+        };
+        table::find_or_insert(slots, &probe, &claim)
+            .map(|(i, _)| i)
+            .ok_or(Error::TableFull(Table::Accounts))
     }
 
     fn model_index(&self, model: &[u8]) -> Result<usize, Error> {
@@ -452,30 +617,63 @@ impl<S: Storage> Engine<S> {
         let slots = self.tables().models;
         let hash = key::hash(self.seed ^ MODEL_SALT, model);
         let matches = |i: usize| slots.get(i).is_some_and(|s| s.key.equals(model));
-        let probe = Probe { hash, tag: hash >> 2, mask: u64::MAX, matches: &matches };
-        let claim = KeyClaim { tag: hash >> 2, init: |i: usize| {
-            if let Some(s) = slots.get(i) {
-                s.init(model);
-            }
-        } };
-        table::find_or_insert(slots, &probe, &claim).map(|(i, _)| i).ok_or(Error::TableFull(Table::Models))
+        let probe = Probe {
+            hash,
+            tag: hash >> 2,
+            mask: u64::MAX,
+            matches: &matches,
+        };
+        let claim = KeyClaim {
+            tag: hash >> 2,
+            init: |i: usize| {
+                if let Some(s) = slots.get(i) {
+                    s.init(model);
+                }
+            },
+        };
+        table::find_or_insert(slots, &probe, &claim)
+            .map(|(i, _)| i)
+            .ok_or(Error::TableFull(Table::Models))
     }
 
     /// Finds (or with `create`, creates) the scope of `key`.
-    fn locate(&self, key: ScopeKey<'_>, now_ns: u64, create: bool) -> Result<Option<Located>, Error> {
+    fn locate(
+        &self,
+        key: ScopeKey<'_>,
+        now_ns: u64,
+        create: bool,
+    ) -> Result<Option<Located>, Error> {
         let account = self.account_index(key.account)?;
         let model = self.model_index(key.model)?;
         let identity = scope::identity(account, model, key.variant.index());
         let slots = self.tables().scopes;
         let hash = key::hash(self.seed ^ SCOPE_SALT, &identity.to_le_bytes());
         let always = |_: usize| true;
-        let probe = Probe { hash, tag: identity, mask: scope::IDENTITY_MASK, matches: &always };
+        let probe = Probe {
+            hash,
+            tag: identity,
+            mask: scope::IDENTITY_MASK,
+            matches: &always,
+        };
         let found = if create {
-            table::find_or_insert(slots, &probe, &ScopeClaim { engine: self, identity, now_ns })
+            table::find_or_insert(
+                slots,
+                &probe,
+                &ScopeClaim {
+                    engine: self,
+                    identity,
+                    now_ns,
+                },
+            )
         } else {
             table::find(slots, &probe)
         };
-        Ok(found.map(|(slot, id)| Located { slot, id, model, variant: key.variant }))
+        Ok(found.map(|(slot, id)| Located {
+            slot,
+            id,
+            model,
+            variant: key.variant,
+        }))
     }
 }
 
@@ -517,14 +715,31 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
         let t = e.tables();
         if let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) {
             adaptation.store(&e.fresh);
-            slot.init(e.fresh_interval, self.now_ns / QUANTUM_NS, self.now_ns / e.policy.tick_ns);
+            slot.init(
+                e.fresh_interval,
+                self.now_ns / QUANTUM_NS,
+                self.now_ns / e.policy.tick_ns,
+            );
         }
     }
 
     fn reclaim(&self, index: usize, old: u64, new: u64) -> bool {
         let e = self.engine;
         let t = e.tables();
-        let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) else { return false };
+        let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) else {
+            return false;
+        };
+        // Bring the candidate up to date first: an idle scope's decay is applied lazily.
+        let (model, variant) = scope::model_and_variant(old);
+        e.tick(
+            Located {
+                slot: index,
+                id: old,
+                model,
+                variant,
+            },
+            self.now_ns,
+        );
         if !slot.begin_reclaim() {
             return false;
         }
@@ -537,7 +752,11 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
             && slot.intervals(word.buffer()) == e.fresh_interval
             && bucket::open(word, self.now_ns / QUANTUM_NS).debt == [0; 4];
         if idle && slot.retire(w) {
-            if slot.id.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            if slot
+                .id
+                .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
                 return true;
             }
             slot.bucket.store(w, Ordering::Release);

@@ -68,10 +68,18 @@ pub enum SettleError {
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PolicyError::BadLimit(m) => write!(f, "limit of {} must be a number of at least 1", m.name()),
-            PolicyError::FloorAboveCeiling(m) => write!(f, "floor of {} is above its ceiling", m.name()),
-            PolicyError::BadHardFactor => f.write_str("hard factor must be a finite number of at least 1"),
-            PolicyError::HorizonTooLong => f.write_str("hard factor minutes plus max wait exceed 234 seconds"),
+            PolicyError::BadLimit(m) => {
+                write!(f, "limit of {} must be a number of at least 1", m.name())
+            }
+            PolicyError::FloorAboveCeiling(m) => {
+                write!(f, "floor of {} is above its ceiling", m.name())
+            }
+            PolicyError::BadHardFactor => {
+                f.write_str("hard factor must be a finite number of at least 1")
+            }
+            PolicyError::HorizonTooLong => {
+                f.write_str("hard factor minutes plus max wait exceed 234 seconds")
+            }
             PolicyError::BadTick => f.write_str("adaptation tick must be at least 1 ms"),
             PolicyError::BadAdaptation => f.write_str("adaptation parameter out of range"),
             PolicyError::BadShedThresholds => f.write_str("shed thresholds must be ordered"),
@@ -106,8 +114,12 @@ impl fmt::Display for SettleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SettleError::AlreadySettled => "permit already settled",
-            SettleError::StalePermit => "permit is stale: its scope was reclaimed or the engine restored",
-            SettleError::InvalidUsage => "usage is invalid: cached tokens exceed prompt tokens or a count is too large",
+            SettleError::StalePermit => {
+                "permit is stale: its scope was reclaimed or the engine restored"
+            }
+            SettleError::InvalidUsage => {
+                "usage is invalid: cached tokens exceed prompt tokens or a count is too large"
+            }
         })
     }
 }

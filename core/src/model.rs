@@ -38,7 +38,12 @@ impl ModelSlot {
 
     pub(crate) fn init(&self, key: &[u8]) {
         self.key.store(key);
-        for a in self.reported.iter().chain(&self.in_flight).chain(&self.capacity) {
+        for a in self
+            .reported
+            .iter()
+            .chain(&self.in_flight)
+            .chain(&self.capacity)
+        {
             a.store(0, Ordering::Relaxed);
         }
     }
@@ -46,11 +51,23 @@ impl ModelSlot {
     /// The variant's load: the larger of the reported value and in-flight / capacity.
     pub(crate) fn load(&self, variant: Variant) -> LoadPermille {
         let v = variant.index();
-        let reported = self.reported.get(v).map_or(0, |a| a.load(Ordering::Relaxed));
-        let capacity = self.capacity.get(v).map_or(0, |a| a.load(Ordering::Relaxed));
+        let reported = self
+            .reported
+            .get(v)
+            .map_or(0, |a| a.load(Ordering::Relaxed));
+        let capacity = self
+            .capacity
+            .get(v)
+            .map_or(0, |a| a.load(Ordering::Relaxed));
         let tracked = match capacity {
             0 => 0,
-            c => self.in_flight.get(v).map_or(0, |a| a.load(Ordering::Relaxed)).saturating_mul(1000) / c,
+            c => {
+                self.in_flight
+                    .get(v)
+                    .map_or(0, |a| a.load(Ordering::Relaxed))
+                    .saturating_mul(1000)
+                    / c
+            }
         };
         u32::try_from(reported.max(tracked)).unwrap_or(u32::MAX)
     }
@@ -70,7 +87,10 @@ impl ModelSlot {
     /// Counts a new permit if the variant tracks in-flight load; says whether it did.
     pub(crate) fn enter(&self, variant: Variant) -> bool {
         let v = variant.index();
-        let tracked = self.capacity.get(v).is_some_and(|a| a.load(Ordering::Relaxed) != 0);
+        let tracked = self
+            .capacity
+            .get(v)
+            .is_some_and(|a| a.load(Ordering::Relaxed) != 0);
         if tracked {
             if let Some(a) = self.in_flight.get(v) {
                 a.fetch_add(1, Ordering::Relaxed);
