@@ -144,9 +144,16 @@ impl<S: Storage> Engine<S> {
         };
         self.tick(at, now_ns);
         let load = model.load(at.variant);
-        let (entry, ticket) = self.take_ledger_entry(at.slot, now_ns)?;
-        // Count the permit before touching the bucket, so a reclaim never takes a busy scope.
-        slot.tick.fetch_add(IN_FLIGHT_ONE, Ordering::AcqRel);
+        // Count the permit before touching the bucket, so a reclaim never takes a busy scope;
+        // the count also spreads concurrent permits of one scope over the ledger.
+        let outstanding = scope::in_flight_of(slot.tick.fetch_add(IN_FLIGHT_ONE, Ordering::AcqRel));
+        let (entry, ticket) = match self.take_ledger_entry(at.slot, outstanding) {
+            Ok(taken) => taken,
+            Err(e) => {
+                slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
+                return Err(e);
+            }
+        };
         let attempt = self.charge_bucket(slot, at, costs, priority, load, now_ns);
         match &attempt {
             Attempt::Decided(Decision {
@@ -291,9 +298,9 @@ impl<S: Storage> Engine<S> {
         }
     }
 
-    fn take_ledger_entry(&self, slot: usize, now_ns: u64) -> Result<(usize, u32), Error> {
+    fn take_ledger_entry(&self, slot: usize, outstanding: u64) -> Result<(usize, u32), Error> {
         let permits = self.tables().permits;
-        let salt = (slot as u64).wrapping_mul(MODEL_SALT) ^ now_ns.rotate_left(17);
+        let salt = (slot as u64).wrapping_mul(MODEL_SALT) ^ outstanding.rotate_left(32);
         let start =
             ((u128::from(salt.wrapping_mul(SCOPE_SALT)) * permits.len() as u128) >> 64) as usize;
         (0..permits.len().min(LEDGER_PROBE))

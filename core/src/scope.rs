@@ -34,6 +34,11 @@ pub(crate) fn identity(account: usize, model: usize, variant: usize) -> u64 {
     ((account as u64) << (1 + MODEL_BITS)) | ((model as u64) << 1) | variant as u64
 }
 
+/// Permits outstanding according to a tick word.
+pub(crate) fn in_flight_of(tick_word: u64) -> u64 {
+    (tick_word & IN_FLIGHT_MASK) >> IN_FLIGHT_SHIFT
+}
+
 /// The model index and variant a scope id names.
 pub(crate) fn model_and_variant(id: u64) -> (usize, crate::key::Variant) {
     let tag = crate::table::tag_of(id);
@@ -162,7 +167,7 @@ impl ScopeSlot {
     }
 
     pub(crate) fn in_flight(&self) -> u64 {
-        (self.tick.load(Ordering::Acquire) & IN_FLIGHT_MASK) >> IN_FLIGHT_SHIFT
+        in_flight_of(self.tick.load(Ordering::Acquire))
     }
 
     pub(crate) fn usage_is_zero(&self) -> bool {
