@@ -58,6 +58,11 @@ mod table;
 #[cfg(all(test, loom))]
 mod loom_models;
 
+/// The README's examples, compiled and run as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use account::AccountSlot;
 pub use bucket::Band;
 pub use decision::{Decision, Levels, Outcome, RateLimited, Shed, SpendRejection};
