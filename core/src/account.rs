@@ -2,7 +2,7 @@
 
 use crate::key::{ACCOUNT_KEY_MAX, KeyBytes};
 use crate::sync::AtomicU64;
-use crate::table::Slot;
+use crate::table::{Keyed, Slot};
 
 /// One account: its id bytes.
 #[derive(Debug)]
@@ -30,5 +30,11 @@ impl AccountSlot {
 impl Slot for AccountSlot {
     fn id(&self) -> &AtomicU64 {
         &self.id
+    }
+}
+
+impl Keyed for AccountSlot {
+    fn key_equals(&self, key: &[u8]) -> bool {
+        self.key.equals(key)
     }
 }

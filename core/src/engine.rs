@@ -1,5 +1,6 @@
 //! The engine: admit, settle, charge and cancel, gluing buckets, adaptation, shedding and tables.
 
+use crate::account::AccountSlot;
 use crate::adapt::{self, MetricState, Period};
 use crate::bucket::{self, Bands, DEBT_MAX, EPOCH_Q, Fit, QUANTUM_NS, Word};
 use crate::decision::{Decision, Levels, Outcome, RateLimited, Shed};
@@ -14,7 +15,7 @@ use crate::scope::{self, IN_FLIGHT_ONE, ScopeAdaptation, ScopeSlot};
 use crate::shed::{Class, LoadPermille};
 use crate::storage::{Capacity, Storage, Tables};
 use crate::sync::{Ordering, fence};
-use crate::table::{self, Claim, Probe};
+use crate::table::{self, Claim, Keyed, Probe, Slot};
 
 /// Seeds of the three hashes, so one key hashes differently in each table.
 const MODEL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -580,67 +581,58 @@ impl<S: Storage> Engine<S> {
     }
 
     fn model(&self, model: &[u8]) -> Result<&ModelSlot, Error> {
-        let m = self.model_index(model)?;
-        self.tables()
-            .models
-            .get(m)
-            .ok_or(Error::TableFull(Table::Models))
-    }
-
-    fn check_key(key: &[u8], max: usize) -> Result<(), Error> {
-        match key.len() {
-            0 => Err(Error::EmptyKey),
-            n if n > max => Err(Error::KeyTooLong { max }),
-            _ => Ok(()),
-        }
-    }
-
-    fn account_index(&self, account: &[u8]) -> Result<usize, Error> {
-        Self::check_key(account, ACCOUNT_KEY_MAX)?;
-        let slots = self.tables().accounts;
-        let hash = key::hash(self.seed, account);
-        let matches = |i: usize| slots.get(i).is_some_and(|s| s.key.equals(account));
-        let probe = Probe {
-            hash,
-            tag: hash >> 2,
-            mask: u64::MAX,
-            matches: &matches,
-        };
-        let claim = KeyClaim {
-            tag: hash >> 2,
-            init: |i: usize| {
-                if let Some(s) = slots.get(i) {
-                    s.key.store(account);
-                }
-            },
-        };
-        table::find_or_insert(slots, &probe, &claim)
-            .map(|(i, _)| i)
-            .ok_or(Error::TableFull(Table::Accounts))
-    }
-
-    fn model_index(&self, model: &[u8]) -> Result<usize, Error> {
-        Self::check_key(model, MODEL_KEY_MAX)?;
         let slots = self.tables().models;
-        let hash = key::hash(self.seed ^ MODEL_SALT, model);
-        let matches = |i: usize| slots.get(i).is_some_and(|s| s.key.equals(model));
+        let init = |s: &ModelSlot| s.init(model);
+        let m = self.key_index(
+            slots,
+            model,
+            MODEL_KEY_MAX,
+            MODEL_SALT,
+            Some(&init),
+            Table::Models,
+        )?;
+        m.and_then(|m| slots.get(m))
+            .ok_or(Error::TableFull(Table::Models))
+    }
+
+    /// Finds a key in the account or model table; with `init`, inserts it when absent.
+    fn key_index<T: Slot + Keyed>(
+        &self,
+        slots: &[T],
+        key: &[u8],
+        max: usize,
+        salt: u64,
+        init: Option<&dyn Fn(&T)>,
+        table: Table,
+    ) -> Result<Option<usize>, Error> {
+        match key.len() {
+            0 => return Err(Error::EmptyKey),
+            n if n > max => return Err(Error::KeyTooLong { max }),
+            _ => {}
+        }
+        let hash = key::hash(self.seed ^ salt, key);
+        let matches = |i: usize| slots.get(i).is_some_and(|s| s.key_equals(key));
         let probe = Probe {
             hash,
             tag: hash >> 2,
             mask: u64::MAX,
             matches: &matches,
         };
+        let Some(init) = init else {
+            return Ok(table::find(slots, &probe).map(|(i, _)| i));
+        };
         let claim = KeyClaim {
             tag: hash >> 2,
             init: |i: usize| {
                 if let Some(s) = slots.get(i) {
-                    s.init(model);
+                    init(s);
                 }
             },
         };
-        table::find_or_insert(slots, &probe, &claim)
-            .map(|(i, _)| i)
-            .ok_or(Error::TableFull(Table::Models))
+        match table::find_or_insert(slots, &probe, &claim) {
+            Some((i, _)) => Ok(Some(i)),
+            None => Err(Error::TableFull(table)),
+        }
     }
 
     /// Finds (or with `create`, creates) the scope of `key`.
@@ -650,8 +642,30 @@ impl<S: Storage> Engine<S> {
         now_ns: u64,
         create: bool,
     ) -> Result<Option<Located>, Error> {
-        let account = self.account_index(key.account)?;
-        let model = self.model_index(key.model)?;
+        let t = self.tables();
+        let init_account = |s: &AccountSlot| s.key.store(key.account);
+        let init_model = |s: &ModelSlot| s.init(key.model);
+        let init_account: Option<&dyn Fn(&AccountSlot)> = create.then_some(&init_account);
+        let init_model: Option<&dyn Fn(&ModelSlot)> = create.then_some(&init_model);
+        let account = self.key_index(
+            t.accounts,
+            key.account,
+            ACCOUNT_KEY_MAX,
+            0,
+            init_account,
+            Table::Accounts,
+        )?;
+        let model = self.key_index(
+            t.models,
+            key.model,
+            MODEL_KEY_MAX,
+            MODEL_SALT,
+            init_model,
+            Table::Models,
+        )?;
+        let (Some(account), Some(model)) = (account, model) else {
+            return Ok(None);
+        };
         let identity = scope::identity(account, model, key.variant.index());
         let slots = self.tables().scopes;
         let hash = key::hash(self.seed ^ SCOPE_SALT, &identity.to_le_bytes());

@@ -3,7 +3,7 @@
 use crate::key::{KeyBytes, MODEL_KEY_MAX, Variant};
 use crate::shed::LoadPermille;
 use crate::sync::{AtomicU64, Ordering};
-use crate::table::Slot;
+use crate::table::{Keyed, Slot};
 
 /// One model: its id bytes and, per variant, the load signal.
 #[derive(Debug)]
@@ -110,5 +110,11 @@ impl ModelSlot {
 impl Slot for ModelSlot {
     fn id(&self) -> &AtomicU64 {
         &self.id
+    }
+}
+
+impl Keyed for ModelSlot {
+    fn key_equals(&self, key: &[u8]) -> bool {
+        self.key.equals(key)
     }
 }

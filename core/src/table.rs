@@ -24,6 +24,11 @@ pub(crate) trait Slot {
     fn id(&self) -> &AtomicU64;
 }
 
+/// A slot that stores its key's bytes (accounts and models).
+pub(crate) trait Keyed {
+    fn key_equals(&self, key: &[u8]) -> bool;
+}
+
 /// The published id of a key with `tag`.
 pub(crate) const fn ready(tag: u64) -> u64 {
     (tag << 2) | READY

@@ -661,3 +661,24 @@ fn a_cancelled_request_settles_with_what_it_used() {
     e.cancel(&p, &Usage::new(0, 250), 0).unwrap();
     assert_eq!(remaining(&e, key("a"), Metric::GeneratedTokens, 0), 5_750);
 }
+
+#[test]
+fn querying_an_unknown_scope_reports_the_floors_and_creates_nothing() {
+    let e = Engine::new(
+        Policy::fixed(),
+        Capacity {
+            scopes: 1,
+            accounts: 1,
+            models: 1,
+            permits: 4,
+        },
+    )
+    .unwrap();
+    let l = e.limits(ScopeKey::new(b"nobody", b"no-model"), 0).unwrap();
+    assert_eq!(
+        (l.limit(Metric::Requests), l.remaining(Metric::Requests)),
+        (60, 60)
+    );
+    // The one account, model and scope slot are still free for real traffic.
+    assert!(admit(&e, key("a"), &one(), 0).admitted());
+}
