@@ -7,9 +7,7 @@
 //!
 //! Run: `cargo run --release --example ramp`
 
-use sluicegate_core::{
-    Capacity, Completion, Engine, Metric, Outcome, Policy, Request, ScopeKey, Usage,
-};
+use sluicegate_core::{Capacity, Completion, Engine, Metric, Outcome, Policy, Request, ScopeKey, Usage};
 
 const MINUTE_NS: u64 = 60_000_000_000;
 const PROMPT: u64 = 1_000;
@@ -47,10 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             checkpoints.push((minute, rpm, prompt_tpm, generated_tpm));
         }
         let demand = (rpm as f64 * DEMAND_FACTOR).ceil() as u64;
-        let mut m = Minute {
-            demanded: demand,
-            ..Minute::default()
-        };
+        let mut m = Minute { demanded: demand, ..Minute::default() };
         for i in 0..demand {
             let now = start + i * MINUTE_NS / demand;
             match engine.admit(key, &request, now)?.outcome {
@@ -72,12 +67,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("\nLimits against the ramp Fireworks publishes:");
     println!("time     RPM (published)    prompt TPM (published)    generated TPM (published)");
-    let published = [
-        (60, 60_000, 6_000),
-        (120, 120_000, 12_000),
-        (720, 720_000, 72_000),
-        (1_440, 1_440_000, 144_000),
-    ];
+    let published =
+        [(60, 60_000, 6_000), (120, 120_000, 12_000), (720, 720_000, 72_000), (1_440, 1_440_000, 144_000)];
     for ((minute, rpm, prompt, generated), (p_rpm, p_prompt, p_generated)) in
         checkpoints.iter().zip(published)
     {

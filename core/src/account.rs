@@ -1,14 +1,65 @@
-//! The account table: one slot per account id, which scopes refer to by index.
+//! Accounts (SPEC §8): spend limits, credits, tiers, per-account rate-limit overrides and quotas,
+//! in a fixed table that scopes refer to by index.
 
+use crate::decision::SpendRejection;
 use crate::key::{ACCOUNT_KEY_MAX, KeyBytes};
-use crate::sync::AtomicU64;
+use crate::policy::MetricLimits;
+use crate::price::{NANOS_PER_MICRO, Nanos};
+use crate::quota::{Quota, QuotaCell};
+use crate::sync::{AtomicU64, Ordering};
 use crate::table::{Keyed, Slot};
+use crate::tier::{Micros, Tier, Tiers};
 
-/// One account: its id bytes.
+// Suspension reasons: any set bit refuses every request with `account_suspended`.
+const SUSPENDED_BY_OPERATOR: u64 = 1;
+const PAYMENT_FAILED: u64 = 2;
+const NO_PAYMENT_METHOD: u64 = 4;
+
+// Settings word: tier in bits 0..8, pinned by an operator (bit 8), payment method on file (bit 9).
+const TIER_MASK: u64 = 0xFF;
+const PINNED: u64 = 1 << 8;
+const PAYMENT_METHOD: u64 = 1 << 9;
+
+/// Why an operator suspends an account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Suspension {
+    /// A manual suspension.
+    Operator,
+    /// An invoice payment failed; lifted when the invoices are paid.
+    PaymentFailed,
+}
+
+impl Suspension {
+    const fn bit(self) -> u64 {
+        match self {
+            Suspension::Operator => SUSPENDED_BY_OPERATOR,
+            Suspension::PaymentFailed => PAYMENT_FAILED,
+        }
+    }
+}
+
+/// One account. The first fields are what every admission reads.
 #[derive(Debug)]
 pub struct AccountSlot {
     id: AtomicU64,
+    /// Spend in the current billing period, nano-dollars.
+    pub(crate) period_spend: AtomicU64,
+    /// The effective monthly limit (the lower of the tier's and the user's), nano-dollars.
+    pub(crate) spend_limit: AtomicU64,
+    /// Suspension reasons; 0 in good standing.
+    pub(crate) suspension: AtomicU64,
     pub(crate) key: KeyBytes<{ ACCOUNT_KEY_MAX / 8 }>,
+    pub(crate) settings: AtomicU64,
+    /// The limit the user chose, micro-dollars; `u64::MAX` for the tier's.
+    pub(crate) chosen_limit: AtomicU64,
+    /// Payments and prepaid credits bought, ever, nano-dollars.
+    pub(crate) historical: AtomicU64,
+    /// Prepaid credits left, nano-dollars.
+    pub(crate) credits: AtomicU64,
+    /// Per-metric floor and ceiling overrides as `f64` bits; 0 when the policy applies.
+    pub(crate) floor_override: [AtomicU64; 4],
+    pub(crate) ceiling_override: [AtomicU64; 4],
+    pub(crate) quotas: [QuotaCell; 3],
 }
 
 impl Default for AccountSlot {
@@ -17,12 +68,243 @@ impl Default for AccountSlot {
     }
 }
 
+/// Everything about an account, read at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AccountState {
+    /// The current tier.
+    pub tier: Tier,
+    /// The tier was set by an operator rather than earned.
+    pub tier_pinned: bool,
+    /// A payment method is on file.
+    pub payment_method: bool,
+    /// The effective monthly spend limit; `u64::MAX` for none.
+    pub spend_limit: Micros,
+    /// Spend in the current billing period.
+    pub period_spend: Micros,
+    /// Payments and prepaid credits, ever.
+    pub historical_spend: Micros,
+    /// Prepaid credits left.
+    pub credits: Micros,
+    /// Why requests are refused, if they are.
+    pub refusal: Option<SpendRejection>,
+    /// Suspended by an operator.
+    pub suspended_by_operator: bool,
+    /// Suspended for a failed invoice payment.
+    pub payment_failed: bool,
+    /// Suspended for having no payment method once credits ran out.
+    pub no_payment_method: bool,
+    /// `(used, limit)` per quota, in [`Quota::ALL`] order.
+    pub quotas: [(u32, u32); 3],
+}
+
+fn nanos(micros: Micros) -> Nanos {
+    micros.saturating_mul(NANOS_PER_MICRO)
+}
+
 impl AccountSlot {
     /// An empty slot.
     pub fn new() -> Self {
         AccountSlot {
             id: AtomicU64::new(0),
+            period_spend: AtomicU64::new(0),
+            spend_limit: AtomicU64::new(u64::MAX),
+            suspension: AtomicU64::new(0),
             key: KeyBytes::new(),
+            settings: AtomicU64::new(PAYMENT_METHOD),
+            chosen_limit: AtomicU64::new(u64::MAX),
+            historical: AtomicU64::new(0),
+            credits: AtomicU64::new(0),
+            floor_override: core::array::from_fn(|_| AtomicU64::new(0)),
+            ceiling_override: core::array::from_fn(|_| AtomicU64::new(0)),
+            quotas: Quota::ALL.map(|q| QuotaCell::new(q.default_limit())),
+        }
+    }
+
+    /// Resets a slot this thread has just claimed to a new account: Tier 1, a payment method on
+    /// file (so rate limiting works before any billing is set up), nothing spent.
+    pub(crate) fn init(&self, key: &[u8], tiers: &Tiers) {
+        self.key.store(key);
+        for a in [&self.period_spend, &self.suspension, &self.historical, &self.credits] {
+            a.store(0, Ordering::Relaxed);
+        }
+        self.settings.store(PAYMENT_METHOD | Tier::One as u64, Ordering::Relaxed);
+        self.chosen_limit.store(u64::MAX, Ordering::Relaxed);
+        for o in self.floor_override.iter().chain(&self.ceiling_override) {
+            o.store(0, Ordering::Relaxed);
+        }
+        for q in Quota::ALL {
+            if let Some(cell) = self.quotas.get(q.index()) {
+                cell.reset(0, q.default_limit());
+            }
+        }
+        self.refresh_limit(tiers);
+    }
+
+    /// Why requests of this account are refused right now, if they are.
+    pub(crate) fn refusal(&self) -> Option<SpendRejection> {
+        if self.suspension.load(Ordering::Acquire) != 0 {
+            Some(SpendRejection::AccountSuspended)
+        } else if self.period_spend.load(Ordering::Acquire) >= self.spend_limit.load(Ordering::Acquire) {
+            Some(SpendRejection::SpendLimitExceeded)
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn tier(&self) -> Tier {
+        Tier::from_index((self.settings.load(Ordering::Acquire) & TIER_MASK) as u8).unwrap_or(Tier::One)
+    }
+
+    fn has_payment_method(&self) -> bool {
+        self.settings.load(Ordering::Acquire) & PAYMENT_METHOD != 0
+    }
+
+    /// Recomputes the effective spend limit from the tier and the user's choice.
+    fn refresh_limit(&self, tiers: &Tiers) {
+        let tier = tiers.spec(self.tier()).monthly_spend_limit;
+        let chosen = self.chosen_limit.load(Ordering::Acquire);
+        self.spend_limit.store(nanos(tier.min(chosen)), Ordering::Release);
+    }
+
+    /// Moves an unpinned account up to the tier its historical spend has earned.
+    fn promote(&self, tiers: &Tiers) {
+        let earned = tiers.earned(self.historical.load(Ordering::Acquire) / NANOS_PER_MICRO);
+        let raised = self.settings.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+            let current = Tier::from_index((s & TIER_MASK) as u8).unwrap_or(Tier::One);
+            (s & PINNED == 0 && earned > current).then_some((s & !TIER_MASK) | earned as u64)
+        });
+        if raised.is_ok() {
+            self.refresh_limit(tiers);
+        }
+    }
+
+    /// Records the cost of a settled request: it counts against the limit, is paid from
+    /// credits first, and what credits do not cover adds to historical spend.
+    pub(crate) fn record_spend(&self, cost: Nanos, tiers: &Tiers) {
+        if cost == 0 {
+            return;
+        }
+        self.period_spend.fetch_add(cost, Ordering::AcqRel);
+        let before = self
+            .credits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_sub(cost)))
+            .unwrap_or(0);
+        let covered = before.min(cost);
+        if before > 0 && before <= cost {
+            self.update_payment_standing();
+        }
+        if cost > covered {
+            self.historical.fetch_add(cost - covered, Ordering::AcqRel);
+            self.promote(tiers);
+        }
+    }
+
+    /// Prepaid credits: spendable, and they count toward historical spend (and so the tier).
+    pub(crate) fn add_credits(&self, amount: Micros, tiers: &Tiers) {
+        self.credits.fetch_add(nanos(amount), Ordering::AcqRel);
+        self.historical.fetch_add(nanos(amount), Ordering::AcqRel);
+        self.update_payment_standing();
+        self.promote(tiers);
+    }
+
+    pub(crate) fn set_payment_method(&self, on: bool) {
+        if on {
+            self.settings.fetch_or(PAYMENT_METHOD, Ordering::AcqRel);
+        } else {
+            self.settings.fetch_and(!PAYMENT_METHOD, Ordering::AcqRel);
+        }
+        self.update_payment_standing();
+    }
+
+    /// Suspended for want of payment exactly when there is no payment method and no credit.
+    fn update_payment_standing(&self) {
+        if self.has_payment_method() || self.credits.load(Ordering::Acquire) > 0 {
+            self.suspension.fetch_and(!NO_PAYMENT_METHOD, Ordering::AcqRel);
+        } else {
+            self.suspension.fetch_or(NO_PAYMENT_METHOD, Ordering::AcqRel);
+        }
+    }
+
+    pub(crate) fn suspend(&self, reason: Suspension, on: bool) {
+        if on {
+            self.suspension.fetch_or(reason.bit(), Ordering::AcqRel);
+        } else {
+            self.suspension.fetch_and(!reason.bit(), Ordering::AcqRel);
+        }
+    }
+
+    /// Sets the user's own limit; refused above the tier's.
+    pub(crate) fn choose_limit(&self, limit: Micros, tiers: &Tiers) -> Result<(), Micros> {
+        let max = tiers.spec(self.tier()).monthly_spend_limit;
+        if limit > max {
+            return Err(max);
+        }
+        self.chosen_limit.store(limit, Ordering::Release);
+        self.refresh_limit(tiers);
+        Ok(())
+    }
+
+    /// Pins the tier (an operator's grant), or with `None` returns to the earned tier.
+    pub(crate) fn pin_tier(&self, tier: Option<Tier>, tiers: &Tiers) {
+        let settings = match tier {
+            Some(t) => PINNED | t as u64,
+            None => Tier::One as u64,
+        };
+        // Sequentially consistent, like the override stores: a scope claimed after the re-clamp
+        // scan passed its slot must read the new bounds (see `Engine::reclamp_account`).
+        self.settings
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| Some((s & PAYMENT_METHOD) | settings))
+            .ok();
+        // A lower tier may not keep a user limit above its own.
+        let max = tiers.spec(self.tier()).monthly_spend_limit;
+        self.chosen_limit.fetch_min(max.max(1), Ordering::AcqRel);
+        self.promote(tiers);
+        self.refresh_limit(tiers);
+    }
+
+    pub(crate) fn start_billing_period(&self) {
+        self.period_spend.store(0, Ordering::Release);
+    }
+
+    /// The account's bounds on `index`'s metric: its override, else the policy's with the
+    /// ceiling scaled by the tier.
+    pub(crate) fn bounds(&self, index: usize, policy: MetricLimits, tiers: &Tiers) -> MetricLimits {
+        let read = |a: Option<&AtomicU64>| a.map_or(0, |a| a.load(Ordering::SeqCst));
+        let (floor, ceiling) = (read(self.floor_override.get(index)), read(self.ceiling_override.get(index)));
+        if floor != 0 {
+            return MetricLimits { floor: f64::from_bits(floor), ceiling: f64::from_bits(ceiling) };
+        }
+        let tier =
+            Tier::from_index((self.settings.load(Ordering::SeqCst) & TIER_MASK) as u8).unwrap_or(Tier::One);
+        let scale = tiers.spec(tier).ceiling_scale;
+        MetricLimits { floor: policy.floor, ceiling: (policy.ceiling * scale).max(policy.floor) }
+    }
+
+    pub(crate) fn set_override(&self, index: usize, limits: Option<MetricLimits>) {
+        let (floor, ceiling) = limits.map_or((0, 0), |l| (l.floor.to_bits(), l.ceiling.to_bits()));
+        if let (Some(f), Some(c)) = (self.floor_override.get(index), self.ceiling_override.get(index)) {
+            c.store(ceiling, Ordering::SeqCst);
+            f.store(floor, Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn state(&self) -> AccountState {
+        let settings = self.settings.load(Ordering::Acquire);
+        let suspension = self.suspension.load(Ordering::Acquire);
+        let limit = self.spend_limit.load(Ordering::Acquire);
+        AccountState {
+            tier: self.tier(),
+            tier_pinned: settings & PINNED != 0,
+            payment_method: settings & PAYMENT_METHOD != 0,
+            spend_limit: if limit == u64::MAX { u64::MAX } else { limit / NANOS_PER_MICRO },
+            period_spend: self.period_spend.load(Ordering::Acquire) / NANOS_PER_MICRO,
+            historical_spend: self.historical.load(Ordering::Acquire) / NANOS_PER_MICRO,
+            credits: self.credits.load(Ordering::Acquire) / NANOS_PER_MICRO,
+            refusal: self.refusal(),
+            suspended_by_operator: suspension & SUSPENDED_BY_OPERATOR != 0,
+            payment_failed: suspension & PAYMENT_FAILED != 0,
+            no_payment_method: suspension & NO_PAYMENT_METHOD != 0,
+            quotas: self.quotas.each_ref().map(QuotaCell::get),
         }
     }
 }
@@ -36,5 +318,154 @@ impl Slot for AccountSlot {
 impl Keyed for AccountSlot {
     fn key_equals(&self, key: &[u8]) -> bool {
         self.key.equals(key)
+    }
+}
+
+/// The account operations of an engine (SPEC §8). Each creates the account if it is new, so an
+/// operator can configure accounts before their first request.
+impl<S: crate::storage::Storage> crate::engine::Engine<S> {
+    fn account_slot(&self, account: &[u8], create: bool) -> Result<&AccountSlot, crate::error::Error> {
+        let index = self.account_index(account, create)?.ok_or(crate::error::Error::UnknownAccount)?;
+        self.tables().accounts.get(index).ok_or(crate::error::Error::UnknownAccount)
+    }
+
+    /// Everything about an account.
+    ///
+    /// ```
+    /// use sluicegate_core::{Capacity, Engine, Policy, Tier};
+    /// let e = Engine::new(Policy::fireworks_2024(), Capacity::scopes(64))?;
+    /// e.add_credits(b"acct", 100_000_000)?; // $100 of prepaid credits
+    /// let a = e.account(b"acct")?;
+    /// assert_eq!((a.tier, a.spend_limit, a.credits), (Tier::Two, 500_000_000, 100_000_000));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn account(&self, account: &[u8]) -> Result<AccountState, crate::error::Error> {
+        Ok(self.account_slot(account, false)?.state())
+    }
+
+    /// Adds prepaid credits (micro-dollars): they pay for spend first and count toward
+    /// historical spend, so buying them can raise the tier at once.
+    pub fn add_credits(&self, account: &[u8], amount: Micros) -> Result<(), crate::error::Error> {
+        self.account_slot(account, true)?.add_credits(amount, &self.policy.tiers);
+        Ok(())
+    }
+
+    /// Records whether a payment method is on file. Without one, an account is suspended once
+    /// its credits are depleted.
+    pub fn set_payment_method(&self, account: &[u8], on_file: bool) -> Result<(), crate::error::Error> {
+        self.account_slot(account, true)?.set_payment_method(on_file);
+        Ok(())
+    }
+
+    /// Sets the monthly spend limit the user chose (micro-dollars); refused above the tier's.
+    pub fn set_spend_limit(&self, account: &[u8], limit: Micros) -> Result<(), crate::error::Error> {
+        self.account_slot(account, true)?
+            .choose_limit(limit, &self.policy.tiers)
+            .map_err(|max| crate::error::Error::SpendLimitAboveTier { max })
+    }
+
+    /// Suspends an account (`suspended = true`) or lifts that suspension. Every admission of a
+    /// suspended account is `RejectSpend(AccountSuspended)`.
+    pub fn set_suspended(
+        &self,
+        account: &[u8],
+        reason: Suspension,
+        suspended: bool,
+    ) -> Result<(), crate::error::Error> {
+        self.account_slot(account, true)?.suspend(reason, suspended);
+        Ok(())
+    }
+
+    /// Grants a tier (e.g. `Unlimited` for "a custom solution"), or with `None` returns the
+    /// account to the tier its spend has earned. Its scopes' ceilings change at once.
+    pub fn set_tier(
+        &self,
+        account: &[u8],
+        tier: Option<Tier>,
+        now_ns: u64,
+    ) -> Result<(), crate::error::Error> {
+        let index = self.account_index(account, true)?.ok_or(crate::error::Error::UnknownAccount)?;
+        let slot = self.tables().accounts.get(index).ok_or(crate::error::Error::UnknownAccount)?;
+        slot.pin_tier(tier, &self.policy.tiers);
+        self.reclamp_account(index, now_ns);
+        Ok(())
+    }
+
+    /// Gives an account its own floor and ceiling on a metric (higher limits from day one, or
+    /// past the highest tier's bound), or with `None` returns it to the policy's. Existing scopes
+    /// are re-clamped at once, keeping their buckets' levels.
+    pub fn set_limits_override(
+        &self,
+        account: &[u8],
+        metric: crate::metric::Metric,
+        limits: Option<MetricLimits>,
+        now_ns: u64,
+    ) -> Result<(), crate::error::Error> {
+        if let Some(l) = limits {
+            if l.floor.is_nan() || l.floor < 1.0 || l.ceiling.is_nan() {
+                return Err(crate::error::PolicyError::BadLimit(metric).into());
+            }
+            if l.floor > l.ceiling {
+                return Err(crate::error::PolicyError::FloorAboveCeiling(metric).into());
+            }
+        }
+        let index = self.account_index(account, true)?.ok_or(crate::error::Error::UnknownAccount)?;
+        let slot = self.tables().accounts.get(index).ok_or(crate::error::Error::UnknownAccount)?;
+        slot.set_override(metric as usize, limits);
+        self.reclamp_account(index, now_ns);
+        Ok(())
+    }
+
+    /// Starts a new billing period for every account: period spend returns to zero, lifting
+    /// spend-limit suspensions.
+    pub fn start_billing_period(&self) {
+        self.tables().accounts.iter().for_each(AccountSlot::start_billing_period);
+    }
+
+    /// Sets a model variant's prices (micro-dollars per million tokens); spend is computed from
+    /// them at settle.
+    pub fn set_price(
+        &self,
+        model: &[u8],
+        variant: crate::key::Variant,
+        price: crate::price::Price,
+    ) -> Result<(), crate::error::Error> {
+        self.model(model)?.set_price(variant, price);
+        Ok(())
+    }
+
+    /// Acquires `n` units of a quota; refused (changing nothing) past its limit. Returns
+    /// `(used, limit)`.
+    pub fn acquire_quota(
+        &self,
+        account: &[u8],
+        quota: Quota,
+        n: u32,
+    ) -> Result<(u32, u32), crate::error::Error> {
+        self.quota(account, quota)?.acquire(n).map_err(crate::error::Error::Quota)
+    }
+
+    /// Releases `n` units of a quota; refused (changing nothing) beyond what is held.
+    pub fn release_quota(
+        &self,
+        account: &[u8],
+        quota: Quota,
+        n: u32,
+    ) -> Result<(u32, u32), crate::error::Error> {
+        self.quota(account, quota)?.release(n).map_err(crate::error::Error::Quota)
+    }
+
+    /// Raises (or lowers, not below use) an account's quota limit.
+    pub fn set_quota_limit(
+        &self,
+        account: &[u8],
+        quota: Quota,
+        limit: u32,
+    ) -> Result<(u32, u32), crate::error::Error> {
+        self.quota(account, quota)?.set_limit(limit).map_err(crate::error::Error::Quota)
+    }
+
+    fn quota(&self, account: &[u8], quota: Quota) -> Result<&QuotaCell, crate::error::Error> {
+        self.account_slot(account, true)?.quotas.get(quota.index()).ok_or(crate::error::Error::UnknownAccount)
     }
 }

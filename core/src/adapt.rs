@@ -20,10 +20,7 @@ impl MetricState {
             Adaptation::Ewma(r) => bounds.floor / r.usage_factor,
             _ => 0.0,
         };
-        MetricState {
-            limit: bounds.floor,
-            memory,
-        }
+        MetricState { limit: bounds.floor, memory }
     }
 }
 
@@ -51,53 +48,32 @@ pub fn next(
     let minutes = period.duration_ns as f64 / MINUTE_NS;
     let per_minute = period.usage as f64 / minutes;
     let next = match adaptation {
-        Adaptation::Fixed => MetricState {
-            limit: bounds.floor,
-            memory: 0.0,
-        },
+        Adaptation::Fixed => MetricState { limit: bounds.floor, memory: 0.0 },
         Adaptation::Threshold(r) => threshold(r, state, bounds, per_minute, period),
         Adaptation::Ewma(r) => ewma(r, state, bounds, per_minute, period),
     };
-    MetricState {
-        limit: next.limit.clamp(bounds.floor, bounds.ceiling),
-        memory: next.memory,
-    }
+    MetricState { limit: next.limit.clamp(bounds.floor, bounds.ceiling), memory: next.memory }
 }
 
 fn halve(value: f64, elapsed_ns: u64, half_life_ns: u64) -> f64 {
     value * libm::exp2(-(elapsed_ns as f64) / half_life_ns as f64)
 }
 
-fn threshold(
-    r: &ThresholdRule,
-    s: MetricState,
-    b: MetricLimits,
-    per_minute: f64,
-    p: Period,
-) -> MetricState {
+fn threshold(r: &ThresholdRule, s: MetricState, b: MetricLimits, per_minute: f64, p: Period) -> MetricState {
     let mut peak = halve(s.memory, p.duration_ns, r.peak_half_life_ns).max(per_minute);
     if peak < 1.0 {
         peak = 0.0;
     }
     let utilisation = per_minute / s.limit;
     let limit = if utilisation >= r.grow_at {
-        if p.loaded {
-            s.limit
-        } else {
-            grow(r, s.limit, b.floor, p.duration_ns)
-        }
+        if p.loaded { s.limit } else { grow(r, s.limit, b.floor, p.duration_ns) }
     } else if utilisation >= r.decay_below {
         s.limit
     } else {
         let toward_use = s.limit.min(r.peak_factor * peak);
-        halve(s.limit, p.duration_ns, r.decay_half_life_ns)
-            .max(toward_use)
-            .max(b.floor)
+        halve(s.limit, p.duration_ns, r.decay_half_life_ns).max(toward_use).max(b.floor)
     };
-    MetricState {
-        limit,
-        memory: peak,
-    }
+    MetricState { limit, memory: peak }
 }
 
 /// Slow start (doubling) while under twice the floor, then linear growth.
@@ -126,10 +102,7 @@ fn ewma(r: &EwmaRule, s: MetricState, b: MetricLimits, per_minute: f64, p: Perio
     if p.loaded {
         limit = limit.min(s.limit);
     }
-    MetricState {
-        limit,
-        memory: average,
-    }
+    MetricState { limit, memory: average }
 }
 
 #[cfg(test)]
@@ -144,16 +117,7 @@ mod tests {
         let mut s = MetricState::fresh(&policy.adaptation, bounds);
         for _ in 0..minutes {
             let usage = s.limit as u64;
-            s = next(
-                &policy.adaptation,
-                s,
-                bounds,
-                Period {
-                    usage,
-                    duration_ns: MINUTE,
-                    loaded: false,
-                },
-            );
+            s = next(&policy.adaptation, s, bounds, Period { usage, duration_ns: MINUTE, loaded: false });
         }
         s.limit
     }
@@ -170,70 +134,30 @@ mod tests {
     #[test]
     fn missed_ticks_catch_up_in_one_call() {
         let p = Policy::fireworks_2024();
-        let bounds = MetricLimits {
-            floor: 60.0,
-            ceiling: 1e9,
-        };
+        let bounds = MetricLimits { floor: 60.0, ceiling: 1e9 };
         let s = MetricState::fresh(&p.adaptation, bounds);
         // Sixty minutes at 60/min of usage per minute spread evenly: sustained, so it grows.
-        let one = next(
-            &p.adaptation,
-            s,
-            bounds,
-            Period {
-                usage: 3600,
-                duration_ns: 60 * MINUTE,
-                loaded: false,
-            },
-        );
+        let one =
+            next(&p.adaptation, s, bounds, Period { usage: 3600, duration_ns: 60 * MINUTE, loaded: false });
         assert!(one.limit > 60.0);
     }
 
     #[test]
     fn idle_limits_decay_to_the_floor() {
         let p = Policy::fireworks_2024();
-        let bounds = MetricLimits {
-            floor: 60.0,
-            ceiling: 2000.0,
-        };
-        let s = MetricState {
-            limit: 1440.0,
-            memory: 1440.0,
-        };
-        let after = next(
-            &p.adaptation,
-            s,
-            bounds,
-            Period {
-                usage: 0,
-                duration_ns: 8 * 60 * MINUTE,
-                loaded: false,
-            },
-        );
+        let bounds = MetricLimits { floor: 60.0, ceiling: 2000.0 };
+        let s = MetricState { limit: 1440.0, memory: 1440.0 };
+        let after =
+            next(&p.adaptation, s, bounds, Period { usage: 0, duration_ns: 8 * 60 * MINUTE, loaded: false });
         assert_eq!(after.limit, 60.0);
     }
 
     #[test]
     fn decay_never_raises_a_limit() {
         let p = Policy::fireworks_2024();
-        let bounds = MetricLimits {
-            floor: 60.0,
-            ceiling: 2000.0,
-        };
-        let s = MetricState {
-            limit: 200.0,
-            memory: 1000.0,
-        };
-        let after = next(
-            &p.adaptation,
-            s,
-            bounds,
-            Period {
-                usage: 10,
-                duration_ns: MINUTE,
-                loaded: false,
-            },
-        );
+        let bounds = MetricLimits { floor: 60.0, ceiling: 2000.0 };
+        let s = MetricState { limit: 200.0, memory: 1000.0 };
+        let after = next(&p.adaptation, s, bounds, Period { usage: 10, duration_ns: MINUTE, loaded: false });
         assert!(after.limit <= 200.0);
     }
 
@@ -242,16 +166,7 @@ mod tests {
         let p = Policy::fireworks_2024();
         let bounds = p.limits.0[0];
         let s = MetricState::fresh(&p.adaptation, bounds);
-        let after = next(
-            &p.adaptation,
-            s,
-            bounds,
-            Period {
-                usage: 60,
-                duration_ns: MINUTE,
-                loaded: true,
-            },
-        );
+        let after = next(&p.adaptation, s, bounds, Period { usage: 60, duration_ns: MINUTE, loaded: true });
         assert_eq!(after.limit, 60.0);
     }
 
@@ -263,16 +178,7 @@ mod tests {
         let mut s = MetricState::fresh(&p.adaptation, bounds);
         for _ in 0..60 {
             let usage = s.limit as u64;
-            s = next(
-                &p.adaptation,
-                s,
-                bounds,
-                Period {
-                    usage,
-                    duration_ns: MINUTE,
-                    loaded: false,
-                },
-            );
+            s = next(&p.adaptation, s, bounds, Period { usage, duration_ns: MINUTE, loaded: false });
         }
         assert!(s.limit <= 121.0 && s.limit >= 115.0, "{}", s.limit);
     }

@@ -71,23 +71,14 @@ impl Word {
             | (u128::from(self.epoch & EPOCH_MASK) << (4 * DEBT_BITS))
             | (u128::from(self.version & VERSION_MASK) << (4 * DEBT_BITS + EPOCH_BITS));
         // Keep the marker unique: a real word one quantum short of it means the same thing.
-        if is_retired(packed) {
-            packed - 1
-        } else {
-            packed
-        }
+        if is_retired(packed) { packed - 1 } else { packed }
     }
 
     /// Unpacks a stored word.
     pub fn unpack(w: u128) -> Self {
         let field = |shift: u32| ((w >> shift) as u64) & DEBT_MAX;
         Word {
-            offset: [
-                field(0),
-                field(DEBT_BITS),
-                field(2 * DEBT_BITS),
-                field(3 * DEBT_BITS),
-            ],
+            offset: [field(0), field(DEBT_BITS), field(2 * DEBT_BITS), field(3 * DEBT_BITS)],
             epoch: ((w >> (4 * DEBT_BITS)) as u64) & EPOCH_MASK,
             version: ((w >> (4 * DEBT_BITS + EPOCH_BITS)) as u8) & VERSION_MASK,
         }
@@ -123,12 +114,7 @@ pub fn open(word: Word, now_q: u64) -> Debts {
     };
     let base = e_word << EPOCH_SHIFT;
     let now = now_q.max(base);
-    Debts {
-        now_q: now,
-        debt: word
-            .offset
-            .map(|o| base.saturating_add(o).saturating_sub(now)),
-    }
+    Debts { now_q: now, debt: word.offset.map(|o| base.saturating_add(o).saturating_sub(now)) }
 }
 
 /// Encodes debts measured at `now_q` into a word (saturating each at the representable horizon).
@@ -251,12 +237,7 @@ pub fn fit(debt: [u64; 4], cost: [u64; 4], bands: Bands) -> Fit {
     let mut wait = 0u64;
     let mut binding = Metric::Requests;
     let mut too_large = None;
-    for (((m, d), c), a) in Metric::ALL
-        .into_iter()
-        .zip(debt)
-        .zip(cost)
-        .zip(after.iter_mut())
-    {
+    for (((m, d), c), a) in Metric::ALL.into_iter().zip(debt).zip(cost).zip(after.iter_mut()) {
         *a = d.saturating_add(c);
         if c == 0 {
             continue;
@@ -272,46 +253,23 @@ pub fn fit(debt: [u64; 4], cost: [u64; 4], bands: Bands) -> Fit {
         }
     }
     if let Some(m) = too_large {
-        return Fit::Exceeds {
-            binding: m,
-            retry_after_q: 0,
-            too_large: true,
-        };
+        return Fit::Exceeds { binding: m, retry_after_q: 0, too_large: true };
     }
     if wait > bands.max_wait_q {
-        return Fit::Exceeds {
-            binding,
-            retry_after_q: wait,
-            too_large: false,
-        };
+        return Fit::Exceeds { binding, retry_after_q: wait, too_large: false };
     }
     if wait > 0 {
-        over_normal = after
-            .iter()
-            .zip(cost)
-            .any(|(a, c)| c > 0 && a.saturating_sub(wait) > bands.normal_q);
+        over_normal = after.iter().zip(cost).any(|(a, c)| c > 0 && a.saturating_sub(wait) > bands.normal_q);
     }
-    let band = if over_normal {
-        Band::OverLimit
-    } else {
-        Band::Normal
-    };
-    Fit::Fits {
-        band,
-        wait_q: wait,
-        debt: after,
-    }
+    let band = if over_normal { Band::OverLimit } else { Band::Normal };
+    Fit::Fits { band, wait_q: wait, debt: after }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const BANDS: Bands = Bands {
-        normal_q: WINDOW_Q,
-        hard_q: 2 * WINDOW_Q,
-        max_wait_q: 0,
-    };
+    const BANDS: Bands = Bands { normal_q: WINDOW_Q, hard_q: 2 * WINDOW_Q, max_wait_q: 0 };
 
     #[test]
     fn sixty_rpm_costs_exactly_one_second_a_request() {
@@ -323,17 +281,9 @@ mod tests {
 
     #[test]
     fn pack_round_trips_and_never_forms_the_sentinel() {
-        let w = Word {
-            offset: [1, DEBT_MAX, 12345, 0],
-            epoch: 4095,
-            version: 15,
-        };
+        let w = Word { offset: [1, DEBT_MAX, 12345, 0], epoch: 4095, version: 15 };
         assert_eq!(Word::unpack(w.pack()), w);
-        let all = Word {
-            offset: [DEBT_MAX; 4],
-            epoch: 4095,
-            version: 15,
-        };
+        let all = Word { offset: [DEBT_MAX; 4], epoch: 4095, version: 15 };
         assert!(!is_retired(all.pack()));
         assert!(is_retired(retired(7)));
         assert_eq!(Word::unpack(retired(7)).version, 7);
@@ -371,13 +321,7 @@ mod tests {
     #[test]
     fn zero_cost_metrics_always_pass() {
         let f = fit([3 * WINDOW_Q, 0, 0, 0], [0, 10, 0, 0], BANDS);
-        assert!(matches!(
-            f,
-            Fit::Fits {
-                band: Band::Normal,
-                ..
-            }
-        ));
+        assert!(matches!(f, Fit::Fits { band: Band::Normal, .. }));
     }
 
     #[test]
@@ -385,24 +329,14 @@ mod tests {
         let one = WINDOW_Q / 60;
         assert!(matches!(
             fit([WINDOW_Q - one, 0, 0, 0], [one, 0, 0, 0], BANDS),
-            Fit::Fits {
-                band: Band::Normal,
-                ..
-            }
+            Fit::Fits { band: Band::Normal, .. }
         ));
         assert!(matches!(
             fit([WINDOW_Q, 0, 0, 0], [one, 0, 0, 0], BANDS),
-            Fit::Fits {
-                band: Band::OverLimit,
-                ..
-            }
+            Fit::Fits { band: Band::OverLimit, .. }
         ));
         match fit([2 * WINDOW_Q, 0, 0, 0], [one, 0, 0, 0], BANDS) {
-            Fit::Exceeds {
-                binding,
-                retry_after_q,
-                too_large,
-            } => {
+            Fit::Exceeds { binding, retry_after_q, too_large } => {
                 assert_eq!(binding, Metric::Requests);
                 assert_eq!(retry_after_q, one);
                 assert!(!too_large);
@@ -414,14 +348,7 @@ mod tests {
     #[test]
     fn cost_beyond_the_hard_band_is_too_large() {
         let f = fit([0; 4], [0, 2 * WINDOW_Q + 1, 0, 0], BANDS);
-        assert!(matches!(
-            f,
-            Fit::Exceeds {
-                binding: Metric::PromptTokens,
-                too_large: true,
-                ..
-            }
-        ));
+        assert!(matches!(f, Fit::Exceeds { binding: Metric::PromptTokens, too_large: true, .. }));
     }
 
     #[test]

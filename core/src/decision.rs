@@ -71,25 +71,17 @@ impl Levels {
 
     /// Whole units left before the metric's normal limit is exhausted.
     pub fn remaining(&self, metric: Metric) -> u64 {
-        bucket::remaining(
-            *PerMetric(self.debt_q).get(metric),
-            *PerMetric(self.interval).get(metric),
-        )
+        bucket::remaining(*PerMetric(self.debt_q).get(metric), *PerMetric(self.interval).get(metric))
     }
 
     /// Time until the metric's bucket is full again, ns.
     pub fn reset_ns(&self, metric: Metric) -> u64 {
-        PerMetric(self.debt_q)
-            .get(metric)
-            .saturating_mul(QUANTUM_NS)
+        PerMetric(self.debt_q).get(metric).saturating_mul(QUANTUM_NS)
     }
 
     /// Whether some metric is past its normal limit.
     pub fn over_limit(&self) -> bool {
-        self.debt_q
-            .iter()
-            .zip(self.interval)
-            .any(|(d, t)| t != 0 && *d > bucket::WINDOW_Q)
+        self.debt_q.iter().zip(self.interval).any(|(d, t)| t != 0 && *d > bucket::WINDOW_Q)
     }
 }
 
@@ -104,10 +96,7 @@ pub struct Decision {
 
 impl Decision {
     pub(crate) fn invalid(reason: InvalidRequest) -> Self {
-        Decision {
-            outcome: Outcome::RejectInvalid(reason),
-            levels: Levels::default(),
-        }
+        Decision { outcome: Outcome::RejectInvalid(reason), levels: Levels::default() }
     }
 
     /// The permit, if the request was admitted (in either band).

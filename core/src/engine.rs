@@ -9,7 +9,7 @@ use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX, ScopeKey, Variant};
 use crate::metric::{Metric, PerMetric};
 use crate::model::ModelSlot;
 use crate::permit::{ChargeRefused, Permit, Reservation};
-use crate::policy::Policy;
+use crate::policy::{MetricLimits, Policy};
 use crate::request::{Completion, Request, Usage};
 use crate::scope::{self, IN_FLIGHT_ONE, ScopeAdaptation, ScopeSlot};
 use crate::shed::{Class, LoadPermille};
@@ -18,7 +18,7 @@ use crate::sync::{Ordering, fence};
 use crate::table::{self, Claim, Keyed, Probe, Slot};
 
 /// Seeds of the three hashes, so one key hashes differently in each table.
-const MODEL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+pub(crate) const MODEL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
 const SCOPE_SALT: u64 = 0xc2b2_ae3d_27d4_eb4f;
 /// Permit-ledger slots tried before the ledger counts as full.
 const LEDGER_PROBE: usize = 64;
@@ -37,22 +37,28 @@ const LEDGER_PROBE: usize = 64;
 /// ```
 #[derive(Debug)]
 pub struct Engine<S: Storage> {
-    storage: S,
-    policy: Policy,
+    pub(crate) storage: S,
+    pub(crate) policy: Policy,
     bands: Bands,
-    fresh: PerMetric<MetricState>,
-    fresh_interval: [u64; 4],
-    seed: u64,
-    incarnation: u32,
+    pub(crate) seed: u64,
+    pub(crate) incarnation: u32,
 }
 
 /// Where a scope lives, as resolved for one call.
 #[derive(Clone, Copy, Debug)]
-struct Located {
-    slot: usize,
-    id: u64,
-    model: usize,
-    variant: Variant,
+pub(crate) struct Located {
+    pub(crate) slot: usize,
+    pub(crate) id: u64,
+    pub(crate) account: usize,
+    pub(crate) model: usize,
+    pub(crate) variant: Variant,
+}
+
+impl Located {
+    pub(crate) fn of_id(slot: usize, id: u64) -> Self {
+        let (model, variant) = scope::model_and_variant(id);
+        Located { slot, id, account: scope::account_of(id), model, variant }
+    }
 }
 
 /// How one attempt on the bucket word ended.
@@ -77,20 +83,8 @@ impl<S: Storage> Engine<S> {
     pub fn with_storage(policy: Policy, storage: S, seed: u64) -> Result<Self, Error> {
         let bands = policy.bands()?;
         storage.tables().capacity().check()?;
-        let fresh = policy
-            .limits
-            .map(|_, l| MetricState::fresh(&policy.adaptation, l));
-        let fresh_interval = scope::intervals_of(&fresh);
         let incarnation = (seed ^ (seed >> 32)) as u32 | 1;
-        Ok(Engine {
-            storage,
-            policy,
-            bands,
-            fresh,
-            fresh_interval,
-            seed,
-            incarnation,
-        })
+        Ok(Engine { storage, policy, bands, seed, incarnation })
     }
 
     /// The engine's policy.
@@ -103,7 +97,7 @@ impl<S: Storage> Engine<S> {
         self.storage.tables().capacity()
     }
 
-    fn tables(&self) -> Tables<'_> {
+    pub(crate) fn tables(&self) -> Tables<'_> {
         self.storage.tables()
     }
 
@@ -112,20 +106,13 @@ impl<S: Storage> Engine<S> {
     /// On `Admit`/`AdmitOverLimit` the costs are reserved and must be settled with
     /// [`Engine::settle`]; every other outcome charges nothing. `Err` is for conditions that are
     /// not about the request: a bad key or a full table.
-    pub fn admit(
-        &self,
-        key: ScopeKey<'_>,
-        request: &Request,
-        now_ns: u64,
-    ) -> Result<Decision, Error> {
+    pub fn admit(&self, key: ScopeKey<'_>, request: &Request, now_ns: u64) -> Result<Decision, Error> {
         let costs = match request.costs() {
             Ok(c) => c,
             Err(reason) => return Ok(Decision::invalid(reason)),
         };
         loop {
-            let at = self
-                .locate(key, now_ns, true)?
-                .ok_or(Error::TableFull(Table::Scopes))?;
+            let at = self.locate(key, now_ns, true)?.ok_or(Error::TableFull(Table::Scopes))?;
             if let Attempt::Decided(d) = self.admit_at(at, costs, request.priority, now_ns)? {
                 return Ok(d);
             }
@@ -140,9 +127,17 @@ impl<S: Storage> Engine<S> {
         now_ns: u64,
     ) -> Result<Attempt, Error> {
         let t = self.tables();
-        let (Some(slot), Some(model)) = (t.scopes.get(at.slot), t.models.get(at.model)) else {
+        let (Some(slot), Some(model), Some(account)) =
+            (t.scopes.get(at.slot), t.models.get(at.model), t.accounts.get(at.account))
+        else {
             return Ok(Attempt::Moved);
         };
+        if let Some(reason) = account.refusal() {
+            return Ok(Attempt::Decided(Decision {
+                outcome: Outcome::RejectSpend(reason),
+                levels: Levels::default(),
+            }));
+        }
         self.tick(at, now_ns);
         let load = model.load(at.variant);
         // Count the permit before touching the bucket, so a reclaim never takes a busy scope;
@@ -155,30 +150,25 @@ impl<S: Storage> Engine<S> {
                 return Err(e);
             }
         };
-        let attempt = self.charge_bucket(slot, at, costs, priority, load, now_ns);
-        match &attempt {
+        let mut attempt = self.charge_bucket(slot, at, costs, priority, load, now_ns);
+        let admitted = match &mut attempt {
             Attempt::Decided(Decision {
-                outcome: Outcome::Admit(_) | Outcome::AdmitOverLimit(_),
-                ..
-            }) => {}
-            _ => {
-                slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
-                if let Some(e) = t.permits.get(entry) {
-                    e.give_back(ticket);
-                }
-                return Ok(attempt);
+                outcome: Outcome::Admit(p) | Outcome::AdmitOverLimit(p), ..
+            }) => {
+                p.entry = entry as u32;
+                p.ticket = ticket;
+                p.tracked = model.enter(at.variant);
+                true
+            }
+            _ => false,
+        };
+        if !admitted {
+            slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
+            if let Some(e) = t.permits.get(entry) {
+                e.give_back(ticket);
             }
         }
-        let Attempt::Decided(mut decision) = attempt else {
-            return Ok(attempt);
-        };
-        let tracked = model.enter(at.variant);
-        if let Outcome::Admit(p) | Outcome::AdmitOverLimit(p) = &mut decision.outcome {
-            p.entry = entry as u32;
-            p.ticket = ticket;
-            p.tracked = tracked;
-        }
-        Ok(Attempt::Decided(decision))
+        Ok(attempt)
     }
 
     /// The compare-exchange loop that decides and, if admitted, charges the four buckets at once.
@@ -201,64 +191,45 @@ impl<S: Storage> Engine<S> {
             let interval = slot.intervals(word.buffer());
             let debts = bucket::open(word, now_q);
             let mut cost_q = [0u64; 4];
-            cost_q
-                .iter_mut()
-                .zip(costs.0.iter().zip(interval))
-                .for_each(|(q, (c, t))| *q = bucket::cost(*c, t));
+            for (q, (c, t)) in cost_q.iter_mut().zip(costs.0.iter().zip(interval)) {
+                *q = bucket::cost(*c, t);
+            }
             let levels = |debt_q| Levels { debt_q, interval };
             let outcome = match bucket::fit(debts.debt, cost_q, self.bands) {
+                Fit::Fits { band, .. } if self.policy.shed.sheds(Class::of(band, priority), load) => {
+                    Outcome::Shed(Shed { band, load, retry_after_ns: self.policy.shed_retry_after_ns })
+                }
                 Fit::Fits { band, wait_q, debt } => {
-                    if self.policy.shed.sheds(Class::of(band, priority), load) {
-                        Outcome::Shed(Shed {
-                            band,
-                            load,
-                            retry_after_ns: self.policy.shed_retry_after_ns,
-                        })
-                    } else {
-                        let new = bucket::seal(debts.now_q, debt, word.version).pack();
-                        match slot.bucket.compare_exchange(
-                            w,
-                            new,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        ) {
-                            Ok(_) => {
-                                let permit = self.permit(at, costs, band, priority, wait_q);
-                                let outcome = match band {
-                                    bucket::Band::Normal => Outcome::Admit(permit),
-                                    bucket::Band::OverLimit => Outcome::AdmitOverLimit(permit),
-                                };
-                                return Attempt::Decided(Decision {
-                                    outcome,
-                                    levels: levels(debt),
-                                });
-                            }
-                            Err(cur) => {
-                                w = cur;
-                                continue;
-                            }
+                    let new = bucket::seal(debts.now_q, debt, word.version).pack();
+                    match slot.bucket.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => {
+                            let permit = self.permit(at, costs, band, priority, wait_q);
+                            let outcome = match band {
+                                bucket::Band::Normal => Outcome::Admit(permit),
+                                bucket::Band::OverLimit => Outcome::AdmitOverLimit(permit),
+                            };
+                            return Attempt::Decided(Decision { outcome, levels: levels(debt) });
+                        }
+                        Err(cur) => {
+                            w = cur;
+                            continue;
                         }
                     }
                 }
-                Fit::Exceeds {
-                    binding,
-                    retry_after_q,
-                    too_large,
-                } => Outcome::RejectRateLimited(RateLimited {
-                    metric: binding,
-                    retry_after_ns: retry_after_q.saturating_mul(QUANTUM_NS),
-                    too_large,
-                }),
+                Fit::Exceeds { binding, retry_after_q, too_large } => {
+                    Outcome::RejectRateLimited(RateLimited {
+                        metric: binding,
+                        retry_after_ns: retry_after_q.saturating_mul(QUANTUM_NS),
+                        too_large,
+                    })
+                }
             };
             // A refusal writes nothing; it stands if the word (and so the intervals read for it)
             // did not change meanwhile.
             fence(Ordering::Acquire);
             let again = slot.bucket.load(Ordering::Relaxed);
             if again == w {
-                return Attempt::Decided(Decision {
-                    outcome,
-                    levels: levels(debts.debt),
-                });
+                return Attempt::Decided(Decision { outcome, levels: levels(debts.debt) });
             }
             w = again;
         }
@@ -272,12 +243,7 @@ impl<S: Storage> Engine<S> {
         priority: bool,
         wait_q: u64,
     ) -> Permit {
-        let [
-            requests,
-            prompt_tokens,
-            uncached_prompt_tokens,
-            generated_tokens,
-        ] = costs.0;
+        let [requests, prompt_tokens, uncached_prompt_tokens, generated_tokens] = costs.0;
         Permit {
             slot: at.slot as u32,
             scope_id: at.id,
@@ -290,20 +256,14 @@ impl<S: Storage> Engine<S> {
             priority,
             band,
             wait_ns: wait_q.saturating_mul(QUANTUM_NS),
-            reserved: Reservation {
-                requests,
-                prompt_tokens,
-                uncached_prompt_tokens,
-                generated_tokens,
-            },
+            reserved: Reservation { requests, prompt_tokens, uncached_prompt_tokens, generated_tokens },
         }
     }
 
     fn take_ledger_entry(&self, slot: usize, outstanding: u64) -> Result<(usize, u32), Error> {
         let permits = self.tables().permits;
         let salt = (slot as u64).wrapping_mul(MODEL_SALT) ^ outstanding.rotate_left(32);
-        let start =
-            ((u128::from(salt.wrapping_mul(SCOPE_SALT)) * permits.len() as u128) >> 64) as usize;
+        let start = ((u128::from(salt.wrapping_mul(SCOPE_SALT)) * permits.len() as u128) >> 64) as usize;
         (0..permits.len().min(LEDGER_PROBE))
             .find_map(|i| {
                 let idx = (start + i).checked_rem(permits.len())?;
@@ -313,7 +273,8 @@ impl<S: Storage> Engine<S> {
     }
 
     /// Settles a permit with what the request actually used (SPEC §7): each token metric is
-    /// corrected by actual − reserved (refunds stop at a full bucket; extra usage goes into debt).
+    /// corrected by actual − reserved (refunds stop at a full bucket; extra usage goes into debt),
+    /// and the account is billed at the model's prices (SPEC §8) unless the upstream failed.
     ///
     /// A second settle of the same permit, or of one from before a restore, is an error and
     /// changes nothing.
@@ -326,34 +287,39 @@ impl<S: Storage> Engine<S> {
     ) -> Result<(), SettleError> {
         let actual = usage.tokens().ok_or(SettleError::InvalidUsage)?;
         let slot = self.valid_slot(permit)?;
-        let charged = self
-            .tables()
+        let t = self.tables();
+        let charged = t
             .permits
             .get(permit.entry as usize)
             .and_then(|e| e.give_back(permit.ticket))
             .ok_or(SettleError::AlreadySettled)?;
-        let at = self.located_of(permit);
+        let at = Located::of_id(permit.slot as usize, permit.scope_id);
         self.tick(at, now_ns);
         let r = permit.reserved;
-        let billed = [
-            r.prompt_tokens,
-            r.uncached_prompt_tokens,
-            r.generated_tokens.max(charged),
-        ];
+        let billed = [r.prompt_tokens, r.uncached_prompt_tokens, r.generated_tokens.max(charged)];
         let mut delta = [0i128; 4];
         for ((d, a), b) in delta.iter_mut().skip(1).zip(actual).zip(billed) {
             *d = i128::from(a) - i128::from(b);
         }
         self.correct(slot, delta, now_ns);
-        if completion.counts_toward_growth() {
-            let used = [r.requests, actual[0], actual[1], actual[2]];
-            for (u, n) in slot.usage.iter().zip(used) {
+        if completion.counts() {
+            let [prompt, uncached, generated] = actual;
+            for (u, n) in slot.usage.iter().zip([r.requests, prompt, uncached, generated]) {
                 if n != 0 {
                     u.fetch_add(n, Ordering::Relaxed);
                 }
             }
+            if let (Some(model), Some(account)) = (t.models.get(at.model), t.accounts.get(at.account)) {
+                let cost = model.price(at.variant).cost(uncached, prompt - uncached, generated);
+                account.record_spend(cost, &self.policy.tiers);
+            }
         }
-        self.release(slot, permit);
+        slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
+        if permit.tracked {
+            if let Some(m) = t.models.get(at.model) {
+                m.leave(permit.variant);
+            }
+        }
         Ok(())
     }
 
@@ -364,28 +330,15 @@ impl<S: Storage> Engine<S> {
 
     /// Records `generated_tokens` more tokens of a streaming response. Tokens beyond the
     /// reservation are charged at once, so a long stream pushes its bucket into debt as it goes.
-    pub fn charge(
-        &self,
-        permit: &Permit,
-        generated_tokens: u64,
-        now_ns: u64,
-    ) -> Result<(), SettleError> {
+    pub fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), SettleError> {
         let slot = self.valid_slot(permit)?;
-        let entry = self
-            .tables()
-            .permits
-            .get(permit.entry as usize)
-            .ok_or(SettleError::StalePermit)?;
-        let (before, after) =
-            entry
-                .add_charge(permit.ticket, generated_tokens)
-                .map_err(|e| match e {
-                    ChargeRefused::NotLive => SettleError::AlreadySettled,
-                    ChargeRefused::TooLarge => SettleError::InvalidUsage,
-                })?;
-        let reserved = permit.reserved.generated_tokens;
-        let extra = after.saturating_sub(reserved.max(before));
-        self.tick(self.located_of(permit), now_ns);
+        let entry = self.tables().permits.get(permit.entry as usize).ok_or(SettleError::StalePermit)?;
+        let (before, after) = entry.add_charge(permit.ticket, generated_tokens).map_err(|e| match e {
+            ChargeRefused::NotLive => SettleError::AlreadySettled,
+            ChargeRefused::TooLarge => SettleError::InvalidUsage,
+        })?;
+        let extra = after.saturating_sub(permit.reserved.generated_tokens.max(before));
+        self.tick(Located::of_id(permit.slot as usize, permit.scope_id), now_ns);
         self.correct(slot, [0, 0, 0, i128::from(extra)], now_ns);
         Ok(())
     }
@@ -394,33 +347,11 @@ impl<S: Storage> Engine<S> {
         if permit.incarnation != self.incarnation {
             return Err(SettleError::StalePermit);
         }
-        let slot = self
-            .tables()
-            .scopes
-            .get(permit.slot as usize)
-            .ok_or(SettleError::StalePermit)?;
+        let slot = self.tables().scopes.get(permit.slot as usize).ok_or(SettleError::StalePermit)?;
         if slot.id.load(Ordering::Acquire) != permit.scope_id {
             return Err(SettleError::StalePermit);
         }
         Ok(slot)
-    }
-
-    fn located_of(&self, permit: &Permit) -> Located {
-        Located {
-            slot: permit.slot as usize,
-            id: permit.scope_id,
-            model: permit.model as usize,
-            variant: permit.variant,
-        }
-    }
-
-    fn release(&self, slot: &ScopeSlot, permit: &Permit) {
-        slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
-        if permit.tracked {
-            if let Some(m) = self.tables().models.get(permit.model as usize) {
-                m.leave(permit.variant);
-            }
-        }
     }
 
     /// Applies token corrections to the buckets; writes nothing when there are none.
@@ -436,129 +367,145 @@ impl<S: Storage> Engine<S> {
             let debts = bucket::open(word, now_q);
             let mut debt = debts.debt;
             for ((d, delta), t) in debt.iter_mut().zip(delta_tokens).zip(interval) {
-                let q = i128::from(bucket::cost(
-                    u64::try_from(delta.unsigned_abs()).unwrap_or(u64::MAX),
-                    t,
-                ));
+                let q = i128::from(bucket::cost(u64::try_from(delta.unsigned_abs()).unwrap_or(u64::MAX), t));
                 *d = bucket::adjust(*d, if delta < 0 { -q } else { q });
             }
             let new = bucket::seal(debts.now_q, debt, word.version).pack();
-            match slot
-                .bucket
-                .compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match slot.bucket.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(cur) => w = cur,
             }
         }
     }
 
+    /// A scope's bounds per metric: its account's overrides, or the policy's with the tier's
+    /// ceiling scale.
+    pub(crate) fn bounds(&self, account: Option<usize>) -> PerMetric<MetricLimits> {
+        let tiers = &self.policy.tiers;
+        match account.and_then(|a| self.tables().accounts.get(a)) {
+            Some(a) => self.policy.limits.map(|m, l| a.bounds(m as usize, l, tiers)),
+            None => self.policy.limits,
+        }
+    }
+
+    /// The adaptive state and intervals of a scope nobody has used.
+    pub(crate) fn fresh(&self, bounds: &PerMetric<MetricLimits>) -> (PerMetric<MetricState>, [u64; 4]) {
+        let states = bounds.map(|_, l| MetricState::fresh(&self.policy.adaptation, l));
+        let intervals = scope::intervals_of(&states);
+        (states, intervals)
+    }
+
     /// Applies every adaptation tick missed up to `now_ns` (SPEC §5): the first caller after a
     /// tick boundary wins and applies them all in closed form; everyone else carries on.
-    fn tick(&self, at: Located, now_ns: u64) {
+    pub(crate) fn tick(&self, at: Located, now_ns: u64) {
         let t = self.tables();
-        let (Some(slot), Some(adaptation)) = (t.scopes.get(at.slot), t.adaptation.get(at.slot))
-        else {
+        let (Some(slot), Some(adaptation)) = (t.scopes.get(at.slot), t.adaptation.get(at.slot)) else {
             return;
         };
-        let Some(ticks) = slot.begin_tick(now_ns / self.policy.tick_ns) else {
-            return;
-        };
-        let loaded = t
-            .models
-            .get(at.model)
-            .is_some_and(|m| self.policy.shed.holds_growth(m.load(at.variant)));
+        let Some(ticks) = slot.begin_tick(now_ns / self.policy.tick_ns) else { return };
+        let loaded =
+            t.models.get(at.model).is_some_and(|m| self.policy.shed.holds_growth(m.load(at.variant)));
         let duration_ns = ticks.saturating_mul(self.policy.tick_ns);
-        self.adapt(slot, adaptation, duration_ns, loaded, now_ns);
+        let usage: [u64; 4] = slot.usage.each_ref().map(|u| u.swap(0, Ordering::AcqRel));
+        let mut usage = usage.into_iter();
+        let bounds = self.bounds(Some(at.account));
+        let after = adaptation.load().map(|m, s| {
+            let period = Period { usage: usage.next().unwrap_or(0), duration_ns, loaded };
+            adapt::next(&self.policy.adaptation, s, *bounds.get(m), period)
+        });
+        // Idle past any debt: every bucket is full, and the epoch tag may no longer decode.
+        let expired = duration_ns / QUANTUM_NS > DEBT_MAX + EPOCH_Q;
+        self.install(slot, adaptation, &after, expired, now_ns);
         slot.end_tick();
     }
 
-    fn adapt(
+    /// Makes `states` a scope's limits: writes their intervals into the spare buffer and, in the
+    /// same compare-exchange, flips the word's version and rescales each bucket so its level in
+    /// tokens stays (SPEC §3). The caller holds the scope's adaptation lock.
+    fn install(
         &self,
         slot: &ScopeSlot,
         adaptation: &ScopeAdaptation,
-        duration_ns: u64,
-        loaded: bool,
+        states: &PerMetric<MetricState>,
+        empty_buckets: bool,
         now_ns: u64,
     ) {
-        let usage: [u64; 4] = slot.usage.each_ref().map(|u| u.swap(0, Ordering::AcqRel));
-        let mut usage = usage.into_iter();
-        let before = adaptation.load();
-        let after = before.map(|m, s| {
-            let period = Period {
-                usage: usage.next().unwrap_or(0),
-                duration_ns,
-                loaded,
-            };
-            adapt::next(
-                &self.policy.adaptation,
-                s,
-                *self.policy.limits.get(m),
-                period,
-            )
-        });
-        adaptation.store(&after);
-        // Idle past any debt: every bucket is full, and the epoch tag may no longer decode.
-        let expired = duration_ns / QUANTUM_NS > DEBT_MAX + EPOCH_Q;
-        let now_q = now_ns / QUANTUM_NS;
+        adaptation.store(states);
         let mut w = slot.bucket.load(Ordering::Acquire);
-        let old = slot.intervals(Word::unpack(w).buffer());
-        let new = scope::intervals_of(&after);
-        if old == new && !expired {
+        let buffer = Word::unpack(w).buffer();
+        let old = slot.intervals(buffer);
+        let new = scope::intervals_of(states);
+        if old == new && !empty_buckets {
             return;
         }
-        slot.store_intervals(1 - Word::unpack(w).buffer(), new);
+        slot.store_intervals(1 - buffer, new);
+        let now_q = now_ns / QUANTUM_NS;
         while !bucket::is_retired(w) {
             let word = Word::unpack(w);
             let debts = bucket::open(word, now_q);
             let mut debt = [0u64; 4];
-            if !expired {
+            if !empty_buckets {
                 for (((d, o), n), was) in debt.iter_mut().zip(old).zip(new).zip(debts.debt) {
                     *d = bucket::rescale(was, o, n);
                 }
             }
             let next = bucket::seal(debts.now_q, debt, word.version.wrapping_add(1)).pack();
-            match slot
-                .bucket
-                .compare_exchange(w, next, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match slot.bucket.compare_exchange(w, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(cur) => w = cur,
             }
         }
     }
 
+    /// Re-clamps every scope of an account to its current bounds, at once (after an operator
+    /// changes its tier or overrides). A scope being claimed is waited for; one claimed after the
+    /// scan passes its slot reads the new bounds, because the bounds were stored, the slot read
+    /// here and the claim made, all sequentially consistent, in that order.
+    pub(crate) fn reclamp_account(&self, account: usize, now_ns: u64) {
+        let t = self.tables();
+        let bounds = self.bounds(Some(account));
+        for (slot, adaptation) in t.scopes.iter().zip(t.adaptation) {
+            loop {
+                let id = slot.id.load(Ordering::SeqCst);
+                if scope::account_of(id) != account || !(table::is_ready(id) || table::is_claiming(id)) {
+                    break;
+                }
+                if table::is_claiming(id) {
+                    core::hint::spin_loop();
+                    continue;
+                }
+                slot.begin_exclusive();
+                if slot.id.load(Ordering::SeqCst) == id {
+                    let states = adaptation.load().map(|m, s| {
+                        let b = bounds.get(m);
+                        MetricState { limit: s.limit.clamp(b.floor, b.ceiling), ..s }
+                    });
+                    self.install(slot, adaptation, &states, false, now_ns);
+                }
+                slot.end_tick();
+                break;
+            }
+        }
+    }
+
     /// The current limits and levels of a scope, without creating it (an unknown scope reports
-    /// the policy's floors and full buckets).
+    /// its floors and full buckets).
     pub fn limits(&self, key: ScopeKey<'_>, now_ns: u64) -> Result<Levels, Error> {
         let Some(at) = self.locate(key, now_ns, false)? else {
-            return Ok(Levels {
-                debt_q: [0; 4],
-                interval: self.fresh_interval,
-            });
+            let account = self.account_index(key.account, false)?;
+            let (_, interval) = self.fresh(&self.bounds(account));
+            return Ok(Levels { debt_q: [0; 4], interval });
         };
         self.tick(at, now_ns);
-        let slot = self
-            .tables()
-            .scopes
-            .get(at.slot)
-            .ok_or(Error::TableFull(Table::Scopes))?;
+        let slot = self.tables().scopes.get(at.slot).ok_or(Error::TableFull(Table::Scopes))?;
         let word = Word::unpack(slot.bucket.load(Ordering::Acquire));
         let interval = slot.intervals(word.buffer());
-        Ok(Levels {
-            debt_q: bucket::open(word, now_ns / QUANTUM_NS).debt,
-            interval,
-        })
+        Ok(Levels { debt_q: bucket::open(word, now_ns / QUANTUM_NS).debt, interval })
     }
 
     /// Sets a model variant's load signal, in ‰ of capacity (SPEC §6), e.g. from queue depth or
     /// KV-cache use. Requests are shed by class as it crosses the policy's thresholds.
-    pub fn set_load(
-        &self,
-        model: &[u8],
-        variant: Variant,
-        load: LoadPermille,
-    ) -> Result<(), Error> {
+    pub fn set_load(&self, model: &[u8], variant: Variant, load: LoadPermille) -> Result<(), Error> {
         self.model(model)?.report(variant, load);
         Ok(())
     }
@@ -580,19 +527,19 @@ impl<S: Storage> Engine<S> {
         Ok(self.model(model)?.load(variant))
     }
 
-    fn model(&self, model: &[u8]) -> Result<&ModelSlot, Error> {
+    pub(crate) fn model(&self, model: &[u8]) -> Result<&ModelSlot, Error> {
         let slots = self.tables().models;
-        let init = |s: &ModelSlot| s.init(model);
-        let m = self.key_index(
-            slots,
-            model,
-            MODEL_KEY_MAX,
-            MODEL_SALT,
-            Some(&init),
-            Table::Models,
-        )?;
-        m.and_then(|m| slots.get(m))
-            .ok_or(Error::TableFull(Table::Models))
+        let m =
+            self.key_index(slots, model, MODEL_KEY_MAX, MODEL_SALT, Some(&|s: &ModelSlot| s.init(model)))?;
+        m.and_then(|m| slots.get(m)).ok_or(Error::TableFull(Table::Models))
+    }
+
+    /// The account table index of `account`; with `create`, inserting it when absent.
+    pub(crate) fn account_index(&self, account: &[u8], create: bool) -> Result<Option<usize>, Error> {
+        let tiers = &self.policy.tiers;
+        let init = |s: &AccountSlot| s.init(account, tiers);
+        let init: Option<&dyn Fn(&AccountSlot)> = create.then_some(&init);
+        self.key_index(self.tables().accounts, account, ACCOUNT_KEY_MAX, 0, init)
     }
 
     /// Finds a key in the account or model table; with `init`, inserts it when absent.
@@ -603,7 +550,6 @@ impl<S: Storage> Engine<S> {
         max: usize,
         salt: u64,
         init: Option<&dyn Fn(&T)>,
-        table: Table,
     ) -> Result<Option<usize>, Error> {
         match key.len() {
             0 => return Err(Error::EmptyKey),
@@ -612,12 +558,7 @@ impl<S: Storage> Engine<S> {
         }
         let hash = key::hash(self.seed ^ salt, key);
         let matches = |i: usize| slots.get(i).is_some_and(|s| s.key_equals(key));
-        let probe = Probe {
-            hash,
-            tag: hash >> 2,
-            mask: u64::MAX,
-            matches: &matches,
-        };
+        let probe = Probe { hash, tag: hash >> 2, mask: u64::MAX, matches: &matches };
         let Some(init) = init else {
             return Ok(table::find(slots, &probe).map(|(i, _)| i));
         };
@@ -629,72 +570,28 @@ impl<S: Storage> Engine<S> {
                 }
             },
         };
-        match table::find_or_insert(slots, &probe, &claim) {
-            Some((i, _)) => Ok(Some(i)),
-            None => Err(Error::TableFull(table)),
-        }
+        let table = if salt == MODEL_SALT { Table::Models } else { Table::Accounts };
+        table::find_or_insert(slots, &probe, &claim).map(|(i, _)| Some(i)).ok_or(Error::TableFull(table))
     }
 
     /// Finds (or with `create`, creates) the scope of `key`.
-    fn locate(
-        &self,
-        key: ScopeKey<'_>,
-        now_ns: u64,
-        create: bool,
-    ) -> Result<Option<Located>, Error> {
-        let t = self.tables();
-        let init_account = |s: &AccountSlot| s.key.store(key.account);
+    fn locate(&self, key: ScopeKey<'_>, now_ns: u64, create: bool) -> Result<Option<Located>, Error> {
+        let account = self.account_index(key.account, create)?;
         let init_model = |s: &ModelSlot| s.init(key.model);
-        let init_account: Option<&dyn Fn(&AccountSlot)> = create.then_some(&init_account);
         let init_model: Option<&dyn Fn(&ModelSlot)> = create.then_some(&init_model);
-        let account = self.key_index(
-            t.accounts,
-            key.account,
-            ACCOUNT_KEY_MAX,
-            0,
-            init_account,
-            Table::Accounts,
-        )?;
-        let model = self.key_index(
-            t.models,
-            key.model,
-            MODEL_KEY_MAX,
-            MODEL_SALT,
-            init_model,
-            Table::Models,
-        )?;
-        let (Some(account), Some(model)) = (account, model) else {
-            return Ok(None);
-        };
+        let model = self.key_index(self.tables().models, key.model, MODEL_KEY_MAX, MODEL_SALT, init_model)?;
+        let (Some(account), Some(model)) = (account, model) else { return Ok(None) };
         let identity = scope::identity(account, model, key.variant.index());
         let slots = self.tables().scopes;
         let hash = key::hash(self.seed ^ SCOPE_SALT, &identity.to_le_bytes());
         let always = |_: usize| true;
-        let probe = Probe {
-            hash,
-            tag: identity,
-            mask: scope::IDENTITY_MASK,
-            matches: &always,
-        };
+        let probe = Probe { hash, tag: identity, mask: scope::IDENTITY_MASK, matches: &always };
         let found = if create {
-            table::find_or_insert(
-                slots,
-                &probe,
-                &ScopeClaim {
-                    engine: self,
-                    identity,
-                    now_ns,
-                },
-            )
+            table::find_or_insert(slots, &probe, &ScopeClaim { engine: self, identity, account, now_ns })
         } else {
             table::find(slots, &probe)
         };
-        Ok(found.map(|(slot, id)| Located {
-            slot,
-            id,
-            model,
-            variant: key.variant,
-        }))
+        Ok(found.map(|(slot, id)| Located { slot, id, account, model, variant: key.variant }))
     }
 }
 
@@ -723,6 +620,7 @@ impl<F: Fn(usize)> Claim for KeyClaim<F> {
 struct ScopeClaim<'e, S: Storage> {
     engine: &'e Engine<S>,
     identity: u64,
+    account: usize,
     now_ns: u64,
 }
 
@@ -735,12 +633,9 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
         let e = self.engine;
         let t = e.tables();
         if let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) {
-            adaptation.store(&e.fresh);
-            slot.init(
-                e.fresh_interval,
-                self.now_ns / QUANTUM_NS,
-                self.now_ns / e.policy.tick_ns,
-            );
+            let (states, intervals) = e.fresh(&e.bounds(Some(self.account)));
+            adaptation.store(&states);
+            slot.init(intervals, self.now_ns / QUANTUM_NS, self.now_ns / e.policy.tick_ns);
         }
     }
 
@@ -751,33 +646,22 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
             return false;
         };
         // Bring the candidate up to date first: an idle scope's decay is applied lazily.
-        let (model, variant) = scope::model_and_variant(old);
-        e.tick(
-            Located {
-                slot: index,
-                id: old,
-                model,
-                variant,
-            },
-            self.now_ns,
-        );
+        let candidate = Located::of_id(index, old);
+        e.tick(candidate, self.now_ns);
         if !slot.begin_reclaim() {
             return false;
         }
+        let (states, intervals) = e.fresh(&e.bounds(Some(candidate.account)));
         let w = slot.bucket.load(Ordering::Acquire);
         let word = Word::unpack(w);
         let idle = !bucket::is_retired(w)
             && slot.usage_is_zero()
             && slot.in_flight() == 0
-            && adaptation.load() == e.fresh
-            && slot.intervals(word.buffer()) == e.fresh_interval
+            && adaptation.load() == states
+            && slot.intervals(word.buffer()) == intervals
             && bucket::open(word, self.now_ns / QUANTUM_NS).debt == [0; 4];
         if idle && slot.retire(w) {
-            if slot
-                .id
-                .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
+            if slot.id.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                 return true;
             }
             slot.bucket.store(w, Ordering::Release);

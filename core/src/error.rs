@@ -21,6 +21,8 @@ pub enum PolicyError {
     BadAdaptation,
     /// Shedding thresholds are not ordered over-limit < in-limit and regular < priority.
     BadShedThresholds,
+    /// Tier limits, qualifications or ceiling scales fall as the tier rises.
+    BadTiers,
 }
 
 /// Which fixed-capacity table an error is about.
@@ -52,6 +54,15 @@ pub enum Error {
         /// The longest key accepted.
         max: usize,
     },
+    /// No such account.
+    UnknownAccount,
+    /// A user may lower their spend limit within their tier, never raise it above the tier's.
+    SpendLimitAboveTier {
+        /// The tier's limit, micro-dollars.
+        max: u64,
+    },
+    /// A quota operation was refused.
+    Quota(crate::quota::QuotaError),
 }
 
 /// Errors of settling or charging a permit. Each leaves the engine unchanged.
@@ -74,15 +85,14 @@ impl fmt::Display for PolicyError {
             PolicyError::FloorAboveCeiling(m) => {
                 write!(f, "floor of {} is above its ceiling", m.name())
             }
-            PolicyError::BadHardFactor => {
-                f.write_str("hard factor must be a finite number of at least 1")
-            }
+            PolicyError::BadHardFactor => f.write_str("hard factor must be a finite number of at least 1"),
             PolicyError::HorizonTooLong => {
                 f.write_str("hard factor minutes plus max wait exceed 234 seconds")
             }
             PolicyError::BadTick => f.write_str("adaptation tick must be at least 1 ms"),
             PolicyError::BadAdaptation => f.write_str("adaptation parameter out of range"),
             PolicyError::BadShedThresholds => f.write_str("shed thresholds must be ordered"),
+            PolicyError::BadTiers => f.write_str("tiers must not lower limits as they rise"),
         }
     }
 }
@@ -106,6 +116,19 @@ impl fmt::Display for Error {
             Error::TableFull(t) => write!(f, "{t} table is full"),
             Error::EmptyKey => f.write_str("account and model keys must not be empty"),
             Error::KeyTooLong { max } => write!(f, "key longer than {max} bytes"),
+            Error::UnknownAccount => f.write_str("no such account"),
+            Error::SpendLimitAboveTier { max } => {
+                write!(f, "spend limit above the tier's ${}.{:06}", max / 1_000_000, max % 1_000_000)
+            }
+            Error::Quota(crate::quota::QuotaError::Exhausted { used, limit }) => {
+                write!(f, "quota exhausted: {used} of {limit} in use")
+            }
+            Error::Quota(crate::quota::QuotaError::NotHeld { used }) => {
+                write!(f, "cannot release more than the {used} in use")
+            }
+            Error::Quota(crate::quota::QuotaError::BelowUse { used }) => {
+                write!(f, "quota limit below the {used} in use")
+            }
         }
     }
 }
@@ -114,9 +137,7 @@ impl fmt::Display for SettleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SettleError::AlreadySettled => "permit already settled",
-            SettleError::StalePermit => {
-                "permit is stale: its scope was reclaimed or the engine restored"
-            }
+            SettleError::StalePermit => "permit is stale: its scope was reclaimed or the engine restored",
             SettleError::InvalidUsage => {
                 "usage is invalid: cached tokens exceed prompt tokens or a count is too large"
             }

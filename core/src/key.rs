@@ -42,19 +42,12 @@ pub struct ScopeKey<'a> {
 impl<'a> ScopeKey<'a> {
     /// A regular-variant scope key.
     pub const fn new(account: &'a [u8], model: &'a [u8]) -> Self {
-        ScopeKey {
-            account,
-            model,
-            variant: Variant::Regular,
-        }
+        ScopeKey { account, model, variant: Variant::Regular }
     }
 
     /// The same key for the fast variant.
     pub const fn fast(self) -> Self {
-        ScopeKey {
-            variant: Variant::Fast,
-            ..self
-        }
+        ScopeKey { variant: Variant::Fast, ..self }
     }
 }
 
@@ -73,10 +66,7 @@ pub(crate) struct KeyBytes<const WORDS: usize> {
 
 impl<const WORDS: usize> KeyBytes<WORDS> {
     pub(crate) fn new() -> Self {
-        KeyBytes {
-            len: AtomicU64::new(0),
-            words: core::array::from_fn(|_| AtomicU64::new(0)),
-        }
+        KeyBytes { len: AtomicU64::new(0), words: core::array::from_fn(|_| AtomicU64::new(0)) }
     }
 
     pub(crate) fn store(&self, key: &[u8]) {
@@ -91,9 +81,7 @@ impl<const WORDS: usize> KeyBytes<WORDS> {
         if self.len.load(Ordering::Relaxed) != key.len() as u64 {
             return false;
         }
-        key.chunks(8)
-            .zip(&self.words)
-            .all(|(c, w)| w.load(Ordering::Relaxed) == word_of(c))
+        key.chunks(8).zip(&self.words).all(|(c, w)| w.load(Ordering::Relaxed) == word_of(c))
     }
 }
 

@@ -48,10 +48,13 @@ pub mod metric;
 pub mod model;
 pub mod permit;
 pub mod policy;
+pub mod price;
+pub mod quota;
 pub mod request;
 pub mod scope;
 pub mod shed;
 pub mod storage;
+pub mod tier;
 mod sync;
 mod table;
 
@@ -63,7 +66,7 @@ mod loom_models;
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
-pub use account::AccountSlot;
+pub use account::{AccountSlot, AccountState, Suspension};
 pub use bucket::Band;
 pub use decision::{Decision, Levels, Outcome, RateLimited, Shed, SpendRejection};
 pub use engine::Engine;
@@ -73,9 +76,12 @@ pub use metric::{Metric, PerMetric};
 pub use model::ModelSlot;
 pub use permit::{Permit, PermitSlot, Reservation};
 pub use policy::{Adaptation, EwmaRule, MetricLimits, Policy, ThresholdRule};
+pub use price::Price;
+pub use quota::{Quota, QuotaError};
 pub use request::{Completion, InvalidRequest, Request, Usage};
 pub use scope::{ScopeAdaptation, ScopeSlot};
 pub use shed::{LoadPermille, ShedThresholds};
 #[cfg(feature = "std")]
 pub use storage::Heap;
 pub use storage::{Borrowed, Capacity, Storage, Tables};
+pub use tier::{Micros, Tier, TierSpec, Tiers};

@@ -16,12 +16,8 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, in the order [`PerMetric`] stores them.
-    pub const ALL: [Metric; 4] = [
-        Metric::Requests,
-        Metric::PromptTokens,
-        Metric::UncachedPromptTokens,
-        Metric::GeneratedTokens,
-    ];
+    pub const ALL: [Metric; 4] =
+        [Metric::Requests, Metric::PromptTokens, Metric::UncachedPromptTokens, Metric::GeneratedTokens];
 
     /// The metric's name as it appears in error bodies, CSV columns and Python dicts.
     ///

@@ -1,6 +1,7 @@
 //! The model table: one slot per model id, holding the load signal of each variant (SPEC §6).
 
 use crate::key::{KeyBytes, MODEL_KEY_MAX, Variant};
+use crate::price::Price;
 use crate::shed::LoadPermille;
 use crate::sync::{AtomicU64, Ordering};
 use crate::table::{Keyed, Slot};
@@ -16,6 +17,8 @@ pub struct ModelSlot {
     in_flight: [AtomicU64; 2],
     /// In-flight requests the variant serves at full load; 0 leaves load to the gateway.
     capacity: [AtomicU64; 2],
+    /// Prices per variant: uncached prompt, cached prompt, generated (µ$ per million tokens).
+    price: [[AtomicU64; 3]; 2],
 }
 
 impl Default for ModelSlot {
@@ -33,17 +36,13 @@ impl ModelSlot {
             reported: core::array::from_fn(|_| AtomicU64::new(0)),
             in_flight: core::array::from_fn(|_| AtomicU64::new(0)),
             capacity: core::array::from_fn(|_| AtomicU64::new(0)),
+            price: core::array::from_fn(|_| core::array::from_fn(|_| AtomicU64::new(0))),
         }
     }
 
     pub(crate) fn init(&self, key: &[u8]) {
         self.key.store(key);
-        for a in self
-            .reported
-            .iter()
-            .chain(&self.in_flight)
-            .chain(&self.capacity)
-        {
+        for a in self.reported.iter().chain(&self.in_flight).chain(&self.capacity) {
             a.store(0, Ordering::Relaxed);
         }
     }
@@ -51,23 +50,11 @@ impl ModelSlot {
     /// The variant's load: the larger of the reported value and in-flight / capacity.
     pub(crate) fn load(&self, variant: Variant) -> LoadPermille {
         let v = variant.index();
-        let reported = self
-            .reported
-            .get(v)
-            .map_or(0, |a| a.load(Ordering::Relaxed));
-        let capacity = self
-            .capacity
-            .get(v)
-            .map_or(0, |a| a.load(Ordering::Relaxed));
+        let reported = self.reported.get(v).map_or(0, |a| a.load(Ordering::Relaxed));
+        let capacity = self.capacity.get(v).map_or(0, |a| a.load(Ordering::Relaxed));
         let tracked = match capacity {
             0 => 0,
-            c => {
-                self.in_flight
-                    .get(v)
-                    .map_or(0, |a| a.load(Ordering::Relaxed))
-                    .saturating_mul(1000)
-                    / c
-            }
+            c => self.in_flight.get(v).map_or(0, |a| a.load(Ordering::Relaxed)).saturating_mul(1000) / c,
         };
         u32::try_from(reported.max(tracked)).unwrap_or(u32::MAX)
     }
@@ -75,6 +62,21 @@ impl ModelSlot {
     pub(crate) fn report(&self, variant: Variant, load: LoadPermille) {
         if let Some(a) = self.reported.get(variant.index()) {
             a.store(u64::from(load), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn price(&self, variant: Variant) -> Price {
+        let [u, c, g] = self
+            .price
+            .get(variant.index())
+            .map_or([0; 3], |p| p.each_ref().map(|a| a.load(Ordering::Relaxed)));
+        Price { uncached_prompt: u, cached_prompt: c, generated: g }
+    }
+
+    pub(crate) fn set_price(&self, variant: Variant, price: Price) {
+        if let Some(p) = self.price.get(variant.index()) {
+            let values = [price.uncached_prompt, price.cached_prompt, price.generated];
+            p.iter().zip(values).for_each(|(a, v)| a.store(v, Ordering::Relaxed));
         }
     }
 
@@ -87,10 +89,7 @@ impl ModelSlot {
     /// Counts a new permit if the variant tracks in-flight load; says whether it did.
     pub(crate) fn enter(&self, variant: Variant) -> bool {
         let v = variant.index();
-        let tracked = self
-            .capacity
-            .get(v)
-            .is_some_and(|a| a.load(Ordering::Relaxed) != 0);
+        let tracked = self.capacity.get(v).is_some_and(|a| a.load(Ordering::Relaxed) != 0);
         if tracked {
             if let Some(a) = self.in_flight.get(v) {
                 a.fetch_add(1, Ordering::Relaxed);

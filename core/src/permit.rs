@@ -102,10 +102,7 @@ impl PermitSlot {
         }
         let ticket = ((cur >> TICKET_SHIFT) as u32).wrapping_add(1);
         let live = LIVE | (u64::from(ticket) << TICKET_SHIFT);
-        self.0
-            .compare_exchange(cur, live, Ordering::AcqRel, Ordering::Relaxed)
-            .ok()
-            .map(|_| ticket)
+        self.0.compare_exchange(cur, live, Ordering::AcqRel, Ordering::Relaxed).ok().map(|_| ticket)
     }
 
     /// Frees the entry if it is live under `ticket`; returns the tokens it had charged.
@@ -116,10 +113,7 @@ impl PermitSlot {
                 return None;
             }
             let free = u64::from(ticket) << TICKET_SHIFT;
-            match self
-                .0
-                .compare_exchange(cur, free, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.0.compare_exchange(cur, free, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(cur >> CHARGED_SHIFT),
                 Err(now) => cur = now,
             }
@@ -134,15 +128,10 @@ impl PermitSlot {
                 return Err(ChargeRefused::NotLive);
             }
             let before = cur >> CHARGED_SHIFT;
-            let after = before
-                .checked_add(tokens)
-                .filter(|a| *a <= CHARGED_MAX)
-                .ok_or(ChargeRefused::TooLarge)?;
+            let after =
+                before.checked_add(tokens).filter(|a| *a <= CHARGED_MAX).ok_or(ChargeRefused::TooLarge)?;
             let new = (cur & ((1 << CHARGED_SHIFT) - 1)) | (after << CHARGED_SHIFT);
-            match self
-                .0
-                .compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.0.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok((before, after)),
                 Err(now) => cur = now,
             }

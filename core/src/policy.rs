@@ -4,6 +4,7 @@ use crate::bucket::{self, Bands, MAX_HORIZON_Q, QUANTUM_NS, WINDOW_Q};
 use crate::error::PolicyError;
 use crate::metric::{Metric, PerMetric};
 use crate::shed::ShedThresholds;
+use crate::tier::Tiers;
 
 const MINUTE_NS: u64 = 60_000_000_000;
 
@@ -18,17 +19,11 @@ pub struct MetricLimits {
 
 impl MetricLimits {
     /// A metric that is not enforced.
-    pub const UNLIMITED: MetricLimits = MetricLimits {
-        floor: f64::INFINITY,
-        ceiling: f64::INFINITY,
-    };
+    pub const UNLIMITED: MetricLimits = MetricLimits { floor: f64::INFINITY, ceiling: f64::INFINITY };
 
     /// A limit that never adapts.
     pub const fn fixed(per_minute: f64) -> Self {
-        MetricLimits {
-            floor: per_minute,
-            ceiling: per_minute,
-        }
+        MetricLimits { floor: per_minute, ceiling: per_minute }
     }
 
     /// Whether the metric is enforced at all.
@@ -91,10 +86,7 @@ pub struct EwmaRule {
 
 impl EwmaRule {
     /// Together's rule: twice the average successful usage, doubling at most once an hour.
-    pub const TOGETHER: EwmaRule = EwmaRule {
-        time_constant_ns: 5_193_876_648_700,
-        usage_factor: 2.0,
-    };
+    pub const TOGETHER: EwmaRule = EwmaRule { time_constant_ns: 5_193_876_648_700, usage_factor: 2.0 };
 }
 
 /// Everything that decides admission for every scope of an engine.
@@ -121,34 +113,23 @@ pub struct Policy {
     pub shed: ShedThresholds,
     /// `retry_after` given to shed requests, ns.
     pub shed_retry_after_ns: u64,
+    /// Spending tiers: spend limits, qualification and rate-limit ceiling scales.
+    pub tiers: Tiers,
 }
 
 impl Policy {
     /// Names accepted by [`Policy::preset`].
-    pub const PRESETS: [&'static str; 4] =
-        ["fireworks_2024", "fireworks_2026", "together", "fixed"];
+    pub const PRESETS: [&'static str; 4] = ["fireworks_2024", "fireworks_2026", "together", "fixed"];
 
     /// Fireworks' 2024 dynamic limits: 60 RPM, 60k prompt TPM, 6k generated TPM, over-limit to 2×.
     pub fn fireworks_2024() -> Self {
         Policy {
             limits: PerMetric([
-                MetricLimits {
-                    floor: 60.0,
-                    ceiling: 2_000.0,
-                },
-                MetricLimits {
-                    floor: 60_000.0,
-                    ceiling: 2_000_000.0,
-                },
+                MetricLimits { floor: 60.0, ceiling: 2_000.0 },
+                MetricLimits { floor: 60_000.0, ceiling: 2_000_000.0 },
                 // 2024 had no uncached metric; the prompt bound never lets it bind first.
-                MetricLimits {
-                    floor: 60_000.0,
-                    ceiling: 2_000_000.0,
-                },
-                MetricLimits {
-                    floor: 6_000.0,
-                    ceiling: 200_000.0,
-                },
+                MetricLimits { floor: 60_000.0, ceiling: 2_000_000.0 },
+                MetricLimits { floor: 6_000.0, ceiling: 200_000.0 },
             ]),
             hard_factor: 2.0,
             max_wait_ns: 0,
@@ -156,6 +137,7 @@ impl Policy {
             tick_ns: MINUTE_NS,
             shed: ShedThresholds::DEFAULT,
             shed_retry_after_ns: 1_000_000_000,
+            tiers: Tiers::FIREWORKS,
         }
     }
 
@@ -164,18 +146,9 @@ impl Policy {
         Policy {
             limits: PerMetric([
                 MetricLimits::UNLIMITED,
-                MetricLimits {
-                    floor: 3_600_000.0,
-                    ceiling: 36_000_000.0,
-                },
-                MetricLimits {
-                    floor: 900_000.0,
-                    ceiling: 9_000_000.0,
-                },
-                MetricLimits {
-                    floor: 36_000.0,
-                    ceiling: 360_000.0,
-                },
+                MetricLimits { floor: 3_600_000.0, ceiling: 36_000_000.0 },
+                MetricLimits { floor: 900_000.0, ceiling: 9_000_000.0 },
+                MetricLimits { floor: 36_000.0, ceiling: 360_000.0 },
             ]),
             ..Self::fireworks_2024()
         }
@@ -245,11 +218,10 @@ impl Policy {
         if !self.shed.is_ordered() {
             return Err(PolicyError::BadShedThresholds);
         }
-        Ok(Bands {
-            normal_q: WINDOW_Q,
-            hard_q,
-            max_wait_q,
-        })
+        if !self.tiers.is_ordered() {
+            return Err(PolicyError::BadTiers);
+        }
+        Ok(Bands { normal_q: WINDOW_Q, hard_q, max_wait_q })
     }
 
     fn adaptation_is_valid(&self) -> Result<(), PolicyError> {
@@ -270,10 +242,6 @@ impl Policy {
                 r.time_constant_ns > 0 && r.usage_factor > 0.0 && r.usage_factor.is_finite()
             }
         };
-        if ok {
-            Ok(())
-        } else {
-            Err(PolicyError::BadAdaptation)
-        }
+        if ok { Ok(()) } else { Err(PolicyError::BadAdaptation) }
     }
 }

@@ -70,10 +70,7 @@ impl Request {
 
     /// Sets the expected cached prompt tokens.
     pub const fn cached_tokens(self, cached_tokens: u64) -> Self {
-        Request {
-            cached_tokens,
-            ..self
-        }
+        Request { cached_tokens, ..self }
     }
 
     /// Sets `n`.
@@ -88,10 +85,7 @@ impl Request {
 
     /// Sets the expected generated tokens per choice.
     pub const fn expected_tokens(self, expected: u64) -> Self {
-        Request {
-            expected_tokens: Some(expected),
-            ..self
-        }
+        Request { expected_tokens: Some(expected), ..self }
     }
 
     /// The cost on each metric, or why the request is malformed.
@@ -102,9 +96,7 @@ impl Request {
         if self.cached_tokens > self.prompt_tokens {
             return Err(InvalidRequest::CachedExceedsPrompt);
         }
-        let per_choice = self
-            .expected_tokens
-            .map_or(self.max_tokens, |e| e.min(self.max_tokens));
+        let per_choice = self.expected_tokens.map_or(self.max_tokens, |e| e.min(self.max_tokens));
         let prompt = self.prompt_tokens.checked_mul(self.prompt_copies);
         let uncached = (self.prompt_tokens - self.cached_tokens).checked_mul(self.prompt_copies);
         let generated = self.n.checked_mul(per_choice);
@@ -129,11 +121,7 @@ pub struct Usage {
 impl Usage {
     /// Usage of `prompt_tokens` uncached and `generated_tokens` generated.
     pub const fn new(prompt_tokens: u64, generated_tokens: u64) -> Self {
-        Usage {
-            prompt_tokens,
-            cached_tokens: 0,
-            generated_tokens,
-        }
+        Usage { prompt_tokens, cached_tokens: 0, generated_tokens }
     }
 
     /// The actual amount on each token metric (requests are never corrected).
@@ -155,7 +143,8 @@ pub enum Completion {
 }
 
 impl Completion {
-    pub(crate) const fn counts_toward_growth(self) -> bool {
+    /// Usage that counts toward limit growth is also what is billed.
+    pub(crate) const fn counts(self) -> bool {
         !matches!(self, Completion::UpstreamFailure)
     }
 }

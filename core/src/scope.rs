@@ -39,15 +39,16 @@ pub(crate) fn in_flight_of(tick_word: u64) -> u64 {
     (tick_word & IN_FLIGHT_MASK) >> IN_FLIGHT_SHIFT
 }
 
+/// The account index a scope id names.
+pub(crate) fn account_of(id: u64) -> usize {
+    ((crate::table::tag_of(id) >> (1 + MODEL_BITS)) & ((1 << ACCOUNT_BITS) - 1)) as usize
+}
+
 /// The model index and variant a scope id names.
 pub(crate) fn model_and_variant(id: u64) -> (usize, crate::key::Variant) {
     let tag = crate::table::tag_of(id);
     let model = ((tag >> 1) & ((1 << MODEL_BITS) - 1)) as usize;
-    let variant = if tag & 1 == 0 {
-        crate::key::Variant::Regular
-    } else {
-        crate::key::Variant::Fast
-    };
+    let variant = if tag & 1 == 0 { crate::key::Variant::Regular } else { crate::key::Variant::Fast };
     (model, variant)
 }
 
@@ -99,32 +100,24 @@ impl ScopeSlot {
 
     pub(crate) fn store_intervals(&self, buffer: usize, values: [u64; 4]) {
         if let Some(set) = self.interval.get(buffer) {
-            set.iter()
-                .zip(values)
-                .for_each(|(a, v)| a.store(v, Ordering::Relaxed));
+            set.iter().zip(values).for_each(|(a, v)| a.store(v, Ordering::Relaxed));
         }
     }
 
     /// Resets a slot this thread has just claimed to a fresh scope.
     pub(crate) fn init(&self, fresh_interval: [u64; 4], now_q: u64, now_tick: u64) {
-        self.usage
-            .iter()
-            .for_each(|u| u.store(0, Ordering::Relaxed));
+        self.usage.iter().for_each(|u| u.store(0, Ordering::Relaxed));
         self.store_intervals(0, fresh_interval);
         self.store_intervals(1, fresh_interval);
         // A version other than the last incarnation's makes any stale compare-exchange fail.
         let old = self.bucket.load(Ordering::Acquire);
         let version = Word::unpack(old).version.wrapping_add(1);
-        self.bucket
-            .store(Word::fresh(now_q, version).pack(), Ordering::Release);
+        self.bucket.store(Word::fresh(now_q, version).pack(), Ordering::Release);
         // Keep the outstanding count: a stale admitter may be between its +1 and -1.
         let mut t = self.tick.load(Ordering::Acquire);
         loop {
             let fresh = (t & IN_FLIGHT_MASK) | ((now_tick & TICK_MASK) << TICK_SHIFT);
-            match self
-                .tick
-                .compare_exchange(t, fresh, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.tick.compare_exchange(t, fresh, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(cur) => t = cur,
             }
@@ -142,10 +135,7 @@ impl ScopeSlot {
                 return None;
             }
             let claimed = (t & IN_FLIGHT_MASK) | (now_tick << TICK_SHIFT) | BUSY;
-            match self
-                .tick
-                .compare_exchange(t, claimed, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.tick.compare_exchange(t, claimed, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(ahead),
                 Err(cur) => t = cur,
             }
@@ -156,14 +146,25 @@ impl ScopeSlot {
         self.tick.fetch_and(!BUSY, Ordering::Release);
     }
 
+    /// Takes the adaptation lock whatever the tick, waiting out a tick being applied (for an
+    /// operator's change of bounds).
+    pub(crate) fn begin_exclusive(&self) {
+        loop {
+            let t = self.tick.load(Ordering::Acquire);
+            if t & BUSY == 0
+                && self.tick.compare_exchange(t, t | BUSY, Ordering::AcqRel, Ordering::Acquire).is_ok()
+            {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
     /// Takes the adaptation lock of an idle slot with no permits outstanding (for reclaim).
     pub(crate) fn begin_reclaim(&self) -> bool {
         let t = self.tick.load(Ordering::Acquire);
         t & (BUSY | IN_FLIGHT_MASK) == 0
-            && self
-                .tick
-                .compare_exchange(t, t | BUSY, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+            && self.tick.compare_exchange(t, t | BUSY, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     pub(crate) fn in_flight(&self) -> u64 {
@@ -177,9 +178,7 @@ impl ScopeSlot {
     /// Swaps the bucket word from a fresh `w` to the retired marker.
     pub(crate) fn retire(&self, w: u128) -> bool {
         let retired = bucket::retired(Word::unpack(w).version);
-        self.bucket
-            .compare_exchange(w, retired, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.bucket.compare_exchange(w, retired, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 }
 
@@ -215,16 +214,10 @@ impl ScopeAdaptation {
     pub(crate) fn load(&self) -> PerMetric<MetricState> {
         let mut i = self.limit.iter().zip(&self.memory);
         PerMetric::from_fn(|_| {
-            i.next().map_or(
-                MetricState {
-                    limit: 0.0,
-                    memory: 0.0,
-                },
-                |(l, m)| MetricState {
-                    limit: f64::from_bits(l.load(Ordering::Relaxed)),
-                    memory: f64::from_bits(m.load(Ordering::Relaxed)),
-                },
-            )
+            i.next().map_or(MetricState { limit: 0.0, memory: 0.0 }, |(l, m)| MetricState {
+                limit: f64::from_bits(l.load(Ordering::Relaxed)),
+                memory: f64::from_bits(m.load(Ordering::Relaxed)),
+            })
         })
     }
 

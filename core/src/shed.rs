@@ -110,10 +110,7 @@ mod tests {
         for load in (0..1500).step_by(10) {
             let shed: [bool; 4] = order.map(|c| t.sheds(c, load));
             // Once a class is spared, every later class is spared too.
-            assert!(
-                shed.windows(2).all(|w| w[0] || !w[1]),
-                "load {load}: {shed:?}"
-            );
+            assert!(shed.windows(2).all(|w| w[0] || !w[1]), "load {load}: {shed:?}");
         }
         assert!(t.sheds(Class::OverLimitRegular, 800) && !t.sheds(Class::OverLimitPriority, 800));
         assert!(t.sheds(Class::InLimitRegular, 1000) && !t.sheds(Class::InLimitPriority, 1199));

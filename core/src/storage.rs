@@ -23,11 +23,7 @@ impl Capacity {
     /// Room for `scopes` scopes, as many accounts, 256 models and as many outstanding permits
     /// (at least 1024).
     pub const fn scopes(scopes: usize) -> Self {
-        let accounts = if scopes < MAX_ACCOUNTS {
-            scopes
-        } else {
-            MAX_ACCOUNTS
-        };
+        let accounts = if scopes < MAX_ACCOUNTS { scopes } else { MAX_ACCOUNTS };
         let permits = if scopes < 1024 {
             1024
         } else if scopes > MAX_PERMITS {
@@ -35,21 +31,12 @@ impl Capacity {
         } else {
             scopes
         };
-        Capacity {
-            scopes,
-            accounts,
-            models: 256,
-            permits,
-        }
+        Capacity { scopes, accounts, models: 256, permits }
     }
 
     pub(crate) fn check(&self) -> Result<(), Error> {
         let bad = |n: usize, max: usize, t: Table| {
-            if n == 0 || n > max {
-                Err(Error::BadCapacity(t))
-            } else {
-                Ok(())
-            }
+            if n == 0 || n > max { Err(Error::BadCapacity(t)) } else { Ok(()) }
         };
         bad(self.scopes, u32::MAX as usize, Table::Scopes)?;
         bad(self.accounts, MAX_ACCOUNTS, Table::Accounts)?;
@@ -115,19 +102,11 @@ impl<'a> Borrowed<'a> {
             return Err(Error::BadCapacity(Table::Scopes));
         }
         scopes.iter_mut().for_each(|s| *s = ScopeSlot::new());
-        adaptation
-            .iter_mut()
-            .for_each(|s| *s = ScopeAdaptation::new());
+        adaptation.iter_mut().for_each(|s| *s = ScopeAdaptation::new());
         accounts.iter_mut().for_each(|s| *s = AccountSlot::new());
         models.iter_mut().for_each(|s| *s = ModelSlot::new());
         permits.iter_mut().for_each(|s| *s = PermitSlot::new());
-        let tables = Tables {
-            scopes,
-            adaptation,
-            accounts,
-            models,
-            permits,
-        };
+        let tables = Tables { scopes, adaptation, accounts, models, permits };
         tables.capacity().check()?;
         Ok(Borrowed(tables))
     }

@@ -46,6 +46,10 @@ pub(crate) const fn is_ready(id: u64) -> bool {
     id & STATE_MASK == READY
 }
 
+pub(crate) const fn is_claiming(id: u64) -> bool {
+    id & STATE_MASK == CLAIMING
+}
+
 /// How a table recognises its keys.
 pub(crate) struct Probe<'k, F: Fn(usize) -> bool> {
     /// Seeded hash of the key: picks the home slot.
@@ -70,10 +74,7 @@ impl<F: Fn(usize) -> bool> Probe<'_, F> {
 }
 
 /// The published slot holding the key, with its id.
-pub(crate) fn find<S: Slot, F: Fn(usize) -> bool>(
-    slots: &[S],
-    probe: &Probe<'_, F>,
-) -> Option<(usize, u64)> {
+pub(crate) fn find<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>) -> Option<(usize, u64)> {
     probe.window(slots.len()).find_map(|i| {
         let id = slots.get(i)?.id().load(Ordering::Acquire);
         (is_ready(id) && probe.same_tag(id) && (probe.matches)(i)).then_some((i, id))
@@ -106,10 +107,7 @@ pub(crate) fn find_or_insert<S: Slot, F: Fn(usize) -> bool>(
         let slot = slots.get(mine)?;
         let published = ready(tag_of(id));
         if !lost_to_rival(slots, probe, pos)
-            && slot
-                .id()
-                .compare_exchange(id, published, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
+            && slot.id().compare_exchange(id, published, Ordering::SeqCst, Ordering::SeqCst).is_ok()
         {
             return Some((mine, published));
         }
@@ -129,10 +127,7 @@ fn take_slot<S: Slot, F: Fn(usize) -> bool>(
         let old = id_word.load(Ordering::SeqCst);
         if old & STATE_MASK == EMPTY {
             let new = claiming(claim.tag(old));
-            if id_word
-                .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
+            if id_word.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                 return Some((i, pos, new));
             }
         }
@@ -151,11 +146,7 @@ fn take_slot<S: Slot, F: Fn(usize) -> bool>(
 
 /// Whether another copy of the key (published, or claimed nearer home) beats the claim at `pos`;
 /// claims farther from home are killed on the way.
-fn lost_to_rival<S: Slot, F: Fn(usize) -> bool>(
-    slots: &[S],
-    probe: &Probe<'_, F>,
-    pos: usize,
-) -> bool {
+fn lost_to_rival<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>, pos: usize) -> bool {
     for (p, i) in probe.window(slots.len()).enumerate() {
         if p == pos {
             continue;
@@ -168,10 +159,7 @@ fn lost_to_rival<S: Slot, F: Fn(usize) -> bool>(
                 CLAIMING if p < pos => return true,
                 CLAIMING => {
                     let dead = (id & !STATE_MASK) | DEAD;
-                    match slot
-                        .id()
-                        .compare_exchange(id, dead, Ordering::SeqCst, Ordering::SeqCst)
-                    {
+                    match slot.id().compare_exchange(id, dead, Ordering::SeqCst, Ordering::SeqCst) {
                         Ok(_) => break,
                         Err(now) => id = now,
                     }

@@ -1,8 +1,8 @@
 //! One test per rule of SPEC.md §1–§7, named after the rule.
 
 use sluicegate_core::{
-    Band, Capacity, Completion, Decision, Engine, Heap, InvalidRequest, Metric, Outcome, Permit,
-    Policy, Request, ScopeKey, Usage, Variant,
+    Band, Capacity, Completion, Decision, Engine, Heap, InvalidRequest, Metric, Outcome, Permit, Policy,
+    Request, ScopeKey, Usage, Variant,
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -25,8 +25,7 @@ fn admit(e: &Engine<Heap>, k: ScopeKey<'_>, r: &Request, now: u64) -> Decision {
 }
 
 fn permit(d: &Decision) -> Permit {
-    *d.permit()
-        .unwrap_or_else(|| panic!("expected admission, got {:?}", d.outcome))
+    *d.permit().unwrap_or_else(|| panic!("expected admission, got {:?}", d.outcome))
 }
 
 /// Admits `count` copies of `r` at `now`, returning how many of each outcome.
@@ -59,10 +58,7 @@ fn limits_are_kept_per_account_and_per_model() {
     let e = engine(Policy::fixed());
     assert_eq!(burst(&e, key("a"), &one(), 61, 0), [60, 0, 1, 0]);
     assert_eq!(burst(&e, key("b"), &one(), 60, 0), [60, 0, 0, 0]);
-    assert_eq!(
-        burst(&e, ScopeKey::new(b"a", b"other-model"), &one(), 60, 0),
-        [60, 0, 0, 0]
-    );
+    assert_eq!(burst(&e, ScopeKey::new(b"a", b"other-model"), &one(), 60, 0), [60, 0, 0, 0]);
 }
 
 #[test]
@@ -76,35 +72,20 @@ fn fast_and_regular_variants_have_separate_limits() {
 #[test]
 fn priority_and_regular_requests_share_the_same_limits() {
     let e = engine(Policy::fixed());
-    assert_eq!(
-        burst(&e, key("a"), &one().priority(true), 30, 0),
-        [30, 0, 0, 0]
-    );
+    assert_eq!(burst(&e, key("a"), &one().priority(true), 30, 0), [30, 0, 0, 0]);
     assert_eq!(burst(&e, key("a"), &one(), 31, 0), [30, 0, 1, 0]);
 }
 
 #[test]
 fn idle_scopes_equal_to_fresh_ones_are_reclaimed_when_the_table_is_full() {
-    let e = Engine::new(
-        Policy::fireworks_2024(),
-        Capacity {
-            scopes: 2,
-            accounts: 8,
-            models: 2,
-            permits: 8,
-        },
-    )
-    .unwrap();
+    let e = Engine::new(Policy::fireworks_2024(), Capacity { scopes: 2, accounts: 8, models: 2, permits: 8 })
+        .unwrap();
     for a in ["a", "b"] {
         let p = permit(&admit(&e, key(a), &Request::new(100), 0));
-        e.settle(&p, &Usage::new(100, 0), Completion::Success, 0)
-            .unwrap();
+        e.settle(&p, &Usage::new(100, 0), Completion::Success, 0).unwrap();
     }
     // Both scopes have recent usage: a third has no room.
-    assert!(matches!(
-        e.admit(key("c"), &one(), MINUTE),
-        Err(sluicegate_core::Error::TableFull(_))
-    ));
+    assert!(matches!(e.admit(key("c"), &one(), MINUTE), Err(sluicegate_core::Error::TableFull(_))));
     // A day later both have decayed back to a fresh scope's state and can be reclaimed.
     let later = 24 * 60 * MINUTE;
     assert!(admit(&e, key("c"), &one(), later).admitted());
@@ -113,20 +94,10 @@ fn idle_scopes_equal_to_fresh_ones_are_reclaimed_when_the_table_is_full() {
 
 #[test]
 fn a_scope_with_a_permit_outstanding_is_never_reclaimed() {
-    let e = Engine::new(
-        Policy::fixed(),
-        Capacity {
-            scopes: 1,
-            accounts: 4,
-            models: 1,
-            permits: 4,
-        },
-    )
-    .unwrap();
+    let e = Engine::new(Policy::fixed(), Capacity { scopes: 1, accounts: 4, models: 1, permits: 4 }).unwrap();
     let p = permit(&admit(&e, key("a"), &one(), 0));
     assert!(e.admit(key("b"), &one(), 24 * 60 * MINUTE).is_err());
-    e.settle(&p, &Usage::default(), Completion::Success, 24 * 60 * MINUTE)
-        .unwrap();
+    e.settle(&p, &Usage::default(), Completion::Success, 24 * 60 * MINUTE).unwrap();
 }
 
 // §2 Metrics
@@ -153,12 +124,7 @@ fn generated_reservation_is_n_times_min_of_max_tokens_and_estimate() {
     let e = engine(Policy::fixed());
     admit(&e, key("a"), &one().max_tokens(500).n(2), 0);
     assert_eq!(remaining(&e, key("a"), Metric::GeneratedTokens, 0), 5_000);
-    admit(
-        &e,
-        key("b"),
-        &one().max_tokens(500).expected_tokens(100).n(3),
-        0,
-    );
+    admit(&e, key("b"), &one().max_tokens(500).expected_tokens(100).n(3), 0);
     assert_eq!(remaining(&e, key("b"), Metric::GeneratedTokens, 0), 5_700);
 }
 
@@ -167,10 +133,7 @@ fn fireworks_presets_have_the_published_floors() {
     let floors = |p: Policy| p.limits.map(|_, l| l.floor).0;
     assert_eq!(floors(Policy::fireworks_2024())[..2], [60.0, 60_000.0]);
     assert_eq!(floors(Policy::fireworks_2024())[3], 6_000.0);
-    assert_eq!(
-        floors(Policy::fireworks_2026())[1..],
-        [3_600_000.0, 900_000.0, 36_000.0]
-    );
+    assert_eq!(floors(Policy::fireworks_2026())[1..], [3_600_000.0, 900_000.0, 36_000.0]);
     let e = engine(Policy::fireworks_2026());
     // No request metric in 2026: many small requests pass, tokens are what binds.
     assert_eq!(burst(&e, key("a"), &one(), 1_000, 0), [1_000, 0, 0, 0]);
@@ -183,10 +146,7 @@ fn fireworks_presets_have_the_published_floors() {
 fn a_new_scope_starts_with_full_buckets() {
     let e = engine(Policy::fireworks_2024());
     let l = e.limits(key("new"), 0).unwrap();
-    assert_eq!(
-        Metric::ALL.map(|m| l.remaining(m)),
-        [60, 60_000, 60_000, 6_000]
-    );
+    assert_eq!(Metric::ALL.map(|m| l.remaining(m)), [60, 60_000, 60_000, 6_000]);
     assert_eq!(burst(&e, key("new"), &one(), 60, 0), [60, 0, 0, 0]);
 }
 
@@ -206,17 +166,13 @@ fn a_limit_change_keeps_the_level_and_refills_at_the_new_rate() {
     let e = engine(Policy::fireworks_2024());
     for i in 0..60 {
         let p = permit(&admit(&e, key("a"), &one(), i * SECOND));
-        e.settle(&p, &Usage::default(), Completion::Success, i * SECOND)
-            .unwrap();
+        e.settle(&p, &Usage::default(), Completion::Success, i * SECOND).unwrap();
     }
     // The tick at one minute grows the limit to 60·2^(1/10) ≈ 64; the level stays where it was.
     let at_tick = e.limits(key("a"), MINUTE).unwrap();
     assert_eq!(at_tick.limit(Metric::Requests), 64);
     let level = at_tick.remaining(Metric::Requests);
-    assert!(
-        level < 64,
-        "level {level} must not jump to the new capacity"
-    );
+    assert!(level < 64, "level {level} must not jump to the new capacity");
     // It refills at 64.3/min: from `level` to full takes (64.3 − level)/64.3 minutes.
     let to_full = (64.306 - level as f64) / 64.306 * 60.0;
     let later = MINUTE + ((to_full + 0.5) * SECOND as f64) as u64;
@@ -239,9 +195,7 @@ fn over_the_limit_requests_run_at_lower_priority_until_the_hard_band() {
     let e = engine(Policy::fireworks_2024());
     assert_eq!(burst(&e, key("a"), &one(), 121, 0), [60, 60, 1, 0]);
     let d = admit(&e, key("a"), &one(), 0);
-    let Outcome::RejectRateLimited(r) = d.outcome else {
-        panic!("{:?}", d.outcome)
-    };
+    let Outcome::RejectRateLimited(r) = d.outcome else { panic!("{:?}", d.outcome) };
     assert_eq!(r.metric, Metric::Requests);
     assert!(r.metric.is_request_limited());
 }
@@ -258,8 +212,7 @@ fn with_hard_factor_one_there_is_no_over_limit_band() {
 fn a_token_limit_binds_as_token_limited() {
     let e = engine(Policy::fireworks_2024());
     assert!(admit(&e, key("a"), &Request::new(100_000), 0).admitted());
-    let Outcome::RejectRateLimited(r) = admit(&e, key("a"), &Request::new(30_000), 0).outcome
-    else {
+    let Outcome::RejectRateLimited(r) = admit(&e, key("a"), &Request::new(30_000), 0).outcome else {
         panic!()
     };
     assert_eq!(r.metric, Metric::PromptTokens);
@@ -273,17 +226,14 @@ fn rejected_requests_are_charged_nothing_on_any_metric() {
     let before = e.limits(key("a"), 0).unwrap();
     // Fits requests and prompt tokens but not generated tokens: nothing is charged anywhere.
     let d = admit(&e, key("a"), &Request::new(1_000).max_tokens(200), 0);
-    assert!(
-        matches!(d.outcome, Outcome::RejectRateLimited(r) if r.metric == Metric::GeneratedTokens)
-    );
+    assert!(matches!(d.outcome, Outcome::RejectRateLimited(r) if r.metric == Metric::GeneratedTokens));
     assert_eq!(e.limits(key("a"), 0).unwrap(), before);
 }
 
 #[test]
 fn a_request_larger_than_the_hard_band_says_it_can_never_fit() {
     let e = engine(Policy::fireworks_2024());
-    let Outcome::RejectRateLimited(r) = admit(&e, key("a"), &one().max_tokens(12_001), 0).outcome
-    else {
+    let Outcome::RejectRateLimited(r) = admit(&e, key("a"), &one().max_tokens(12_001), 0).outcome else {
         panic!()
     };
     assert!(r.too_large);
@@ -302,18 +252,12 @@ fn zero_token_requests_pass_token_metrics_but_count_on_requests() {
 fn malformed_requests_are_rejected_as_invalid() {
     let e = engine(Policy::fixed());
     let invalid = |r: Request| admit(&e, key("a"), &r, 0).outcome;
-    assert_eq!(
-        invalid(one().n(0)),
-        Outcome::RejectInvalid(InvalidRequest::ZeroN)
-    );
+    assert_eq!(invalid(one().n(0)), Outcome::RejectInvalid(InvalidRequest::ZeroN));
     assert_eq!(
         invalid(Request::new(5).cached_tokens(6)),
         Outcome::RejectInvalid(InvalidRequest::CachedExceedsPrompt)
     );
-    assert_eq!(
-        invalid(one().n(u64::MAX).max_tokens(2)),
-        Outcome::RejectInvalid(InvalidRequest::Overflow)
-    );
+    assert_eq!(invalid(one().n(u64::MAX).max_tokens(2)), Outcome::RejectInvalid(InvalidRequest::Overflow));
 }
 
 #[test]
@@ -339,9 +283,7 @@ fn smoothing_admits_with_a_wait_what_would_otherwise_be_rejected() {
     let second = permit(&admit(&e, key("a"), &one(), 0));
     assert_eq!((first.wait_ns(), second.wait_ns()), (SECOND, 2 * SECOND));
     assert_eq!(first.band(), Band::Normal);
-    let Outcome::RejectRateLimited(r) = admit(&e, key("a"), &one(), 0).outcome else {
-        panic!()
-    };
+    let Outcome::RejectRateLimited(r) = admit(&e, key("a"), &one(), 0).outcome else { panic!() };
     assert_eq!(r.retry_after_ns, 3 * SECOND);
 }
 
@@ -358,13 +300,8 @@ fn sustained(e: &Engine<Heap>, k: ScopeKey<'_>, factor: f64, minutes: u64) -> Ve
         let demand = (l.limit(Metric::Requests) as f64 * factor).ceil() as u64;
         for i in 0..demand {
             let now = start + i * MINUTE / demand;
-            if let Some(p) = e
-                .admit(k, &Request::new(1_000).max_tokens(100), now)
-                .unwrap()
-                .permit()
-            {
-                e.settle(p, &Usage::new(1_000, 100), Completion::Success, now)
-                    .unwrap();
+            if let Some(p) = e.admit(k, &Request::new(1_000).max_tokens(100), now).unwrap().permit() {
+                e.settle(p, &Usage::new(1_000, 100), Completion::Success, now).unwrap();
             }
         }
     }
@@ -382,18 +319,9 @@ fn ramp_reaches_120_720_and_1440_rpm_at_10_minutes_1_hour_and_2_hours() {
     let published = [(0, 60), (10, 120), (60, 720), (120, 1_440)];
     for (minute, rpm) in published {
         let [r, p, _, g] = seen[minute];
-        assert!(
-            within_one_percent(r, rpm),
-            "minute {minute}: {r} RPM, published {rpm}"
-        );
-        assert!(
-            within_one_percent(p, rpm * 1_000),
-            "minute {minute}: {p} prompt TPM"
-        );
-        assert!(
-            within_one_percent(g, rpm * 100),
-            "minute {minute}: {g} generated TPM"
-        );
+        assert!(within_one_percent(r, rpm), "minute {minute}: {r} RPM, published {rpm}");
+        assert!(within_one_percent(p, rpm * 1_000), "minute {minute}: {p} prompt TPM");
+        assert!(within_one_percent(g, rpm * 100), "minute {minute}: {g} generated TPM");
     }
 }
 
@@ -421,12 +349,9 @@ fn ramping_faster_than_the_limit_grows_gives_over_limit_then_429() {
             match e.admit(key("a"), &one(), now).unwrap().outcome {
                 Outcome::AdmitOverLimit(p) => {
                     first_over_limit.get_or_insert(minute);
-                    e.settle(&p, &Usage::default(), Completion::Success, now)
-                        .unwrap();
+                    e.settle(&p, &Usage::default(), Completion::Success, now).unwrap();
                 }
-                Outcome::Admit(p) => e
-                    .settle(&p, &Usage::default(), Completion::Success, now)
-                    .unwrap(),
+                Outcome::Admit(p) => e.settle(&p, &Usage::default(), Completion::Success, now).unwrap(),
                 Outcome::RejectRateLimited(_) => {
                     first_429.get_or_insert(minute);
                 }
@@ -435,29 +360,23 @@ fn ramping_faster_than_the_limit_grows_gives_over_limit_then_429() {
         }
     }
     let (over, rejected) = (first_over_limit.unwrap(), first_429.unwrap());
-    assert!(
-        over <= rejected,
-        "over-limit at {over} must come no later than 429 at {rejected}"
-    );
+    assert!(over <= rejected, "over-limit at {over} must come no later than 429 at {rejected}");
 }
 
 #[test]
 fn limits_hold_instead_of_growing_while_the_model_is_loaded() {
     let e = engine(Policy::fireworks_2024());
-    e.set_load(b"llama-v3p1-70b", Variant::Regular, 1_000)
-        .unwrap();
+    e.set_load(b"llama-v3p1-70b", Variant::Regular, 1_000).unwrap();
     // In-limit regular traffic is shed at this load; priority traffic runs and would grow limits.
     for i in 0..60 {
         let p = permit(&admit(&e, key("a"), &one().priority(true), i * SECOND));
-        e.settle(&p, &Usage::default(), Completion::Success, i * SECOND)
-            .unwrap();
+        e.settle(&p, &Usage::default(), Completion::Success, i * SECOND).unwrap();
     }
     assert_eq!(limit(&e, key("a"), Metric::Requests, MINUTE), 60);
     e.set_load(b"llama-v3p1-70b", Variant::Regular, 0).unwrap();
     for i in 0..60 {
         let p = permit(&admit(&e, key("b"), &one(), i * SECOND));
-        e.settle(&p, &Usage::default(), Completion::Success, i * SECOND)
-            .unwrap();
+        e.settle(&p, &Usage::default(), Completion::Success, i * SECOND).unwrap();
     }
     assert_eq!(limit(&e, key("b"), Metric::Requests, MINUTE), 64);
 }
@@ -467,13 +386,7 @@ fn upstream_failures_do_not_count_toward_growth() {
     let e = engine(Policy::fireworks_2024());
     for i in 0..60 {
         let p = permit(&admit(&e, key("a"), &one(), i * SECOND));
-        e.settle(
-            &p,
-            &Usage::default(),
-            Completion::UpstreamFailure,
-            i * SECOND,
-        )
-        .unwrap();
+        e.settle(&p, &Usage::default(), Completion::UpstreamFailure, i * SECOND).unwrap();
     }
     assert_eq!(limit(&e, key("a"), Metric::Requests, MINUTE), 60);
 }
@@ -532,27 +445,18 @@ fn overload_sheds_over_limit_regular_first_and_in_limit_priority_last() {
 #[test]
 fn together_answers_503_at_or_below_the_dynamic_rate_and_429_above_it() {
     let e = engine(Policy::together());
-    e.set_load(b"llama-v3p1-70b", Variant::Regular, 1_000)
-        .unwrap();
-    assert!(matches!(
-        admit(&e, key("a"), &one(), 0).outcome,
-        Outcome::Shed(_)
-    ));
+    e.set_load(b"llama-v3p1-70b", Variant::Regular, 1_000).unwrap();
+    assert!(matches!(admit(&e, key("a"), &one(), 0).outcome, Outcome::Shed(_)));
     e.set_load(b"llama-v3p1-70b", Variant::Regular, 0).unwrap();
     assert_eq!(burst(&e, key("a"), &one(), 62, 0), [62, 0, 0, 0]);
-    e.set_load(b"llama-v3p1-70b", Variant::Regular, 1_000)
-        .unwrap();
-    assert!(matches!(
-        admit(&e, key("a"), &one(), 0).outcome,
-        Outcome::RejectRateLimited(_)
-    ));
+    e.set_load(b"llama-v3p1-70b", Variant::Regular, 1_000).unwrap();
+    assert!(matches!(admit(&e, key("a"), &one(), 0).outcome, Outcome::RejectRateLimited(_)));
 }
 
 #[test]
 fn shed_requests_are_charged_nothing_and_do_not_count_toward_growth() {
     let e = engine(Policy::fireworks_2024());
-    e.set_load(b"llama-v3p1-70b", Variant::Regular, 1_500)
-        .unwrap();
+    e.set_load(b"llama-v3p1-70b", Variant::Regular, 1_500).unwrap();
     let before = e.limits(key("a"), 0).unwrap();
     assert_eq!(burst(&e, key("a"), &one(), 100, 0), [0, 0, 0, 100]);
     assert_eq!(e.limits(key("a"), 0).unwrap(), before);
@@ -568,12 +472,8 @@ fn in_flight_load_is_tracked_when_the_model_declares_its_capacity() {
     let a = permit(&admit(&e, key("a"), &one(), 0));
     let _b = permit(&admit(&e, key("b"), &one(), 0));
     assert_eq!(e.load(model, Variant::Regular).unwrap(), 1_000);
-    assert!(matches!(
-        admit(&e, key("c"), &one(), 0).outcome,
-        Outcome::Shed(_)
-    ));
-    e.settle(&a, &Usage::default(), Completion::Success, 0)
-        .unwrap();
+    assert!(matches!(admit(&e, key("c"), &one(), 0).outcome, Outcome::Shed(_)));
+    e.settle(&a, &Usage::default(), Completion::Success, 0).unwrap();
     assert_eq!(e.load(model, Variant::Regular).unwrap(), 500);
     assert!(admit(&e, key("c"), &one(), 0).admitted());
 }
@@ -583,15 +483,9 @@ fn in_flight_load_is_tracked_when_the_model_declares_its_capacity() {
 #[test]
 fn settle_refunds_the_unused_reservation() {
     let e = engine(Policy::fixed());
-    let p = permit(&admit(
-        &e,
-        key("a"),
-        &Request::new(2_000).max_tokens(3_000),
-        0,
-    ));
+    let p = permit(&admit(&e, key("a"), &Request::new(2_000).max_tokens(3_000), 0));
     assert_eq!(remaining(&e, key("a"), Metric::GeneratedTokens, 0), 3_000);
-    e.settle(&p, &Usage::new(1_500, 500), Completion::Success, 0)
-        .unwrap();
+    e.settle(&p, &Usage::new(1_500, 500), Completion::Success, 0).unwrap();
     let l = e.limits(key("a"), 0).unwrap();
     assert_eq!(l.remaining(Metric::GeneratedTokens), 5_500);
     assert_eq!(l.remaining(Metric::PromptTokens), 58_500);
@@ -603,20 +497,15 @@ fn settle_refunds_the_unused_reservation() {
 fn refunds_are_capped_at_capacity() {
     let e = engine(Policy::fixed());
     let p = permit(&admit(&e, key("a"), &one().max_tokens(3_000), 0));
-    e.settle(&p, &Usage::new(0, 0), Completion::Success, 50 * SECOND)
-        .unwrap();
-    assert_eq!(
-        remaining(&e, key("a"), Metric::GeneratedTokens, 50 * SECOND),
-        6_000
-    );
+    e.settle(&p, &Usage::new(0, 0), Completion::Success, 50 * SECOND).unwrap();
+    assert_eq!(remaining(&e, key("a"), Metric::GeneratedTokens, 50 * SECOND), 6_000);
 }
 
 #[test]
 fn extra_usage_pushes_the_bucket_into_debt() {
     let e = engine(Policy::fixed());
     let p = permit(&admit(&e, key("a"), &one().max_tokens(100), 0));
-    e.settle(&p, &Usage::new(0, 9_000), Completion::Success, 0)
-        .unwrap();
+    e.settle(&p, &Usage::new(0, 9_000), Completion::Success, 0).unwrap();
     assert_eq!(remaining(&e, key("a"), Metric::GeneratedTokens, 0), 0);
     // 3,000 tokens of debt at 100/s: a one-token request waits 30 s and more.
     let d = admit(&e, key("a"), &one().max_tokens(1), 0);
@@ -627,8 +516,7 @@ fn extra_usage_pushes_the_bucket_into_debt() {
 fn settle_twice_is_an_error_that_changes_nothing() {
     let e = engine(Policy::fixed());
     let p = permit(&admit(&e, key("a"), &one().max_tokens(1_000), 0));
-    e.settle(&p, &Usage::new(0, 10), Completion::Success, 0)
-        .unwrap();
+    e.settle(&p, &Usage::new(0, 10), Completion::Success, 0).unwrap();
     let before = e.limits(key("a"), 0).unwrap();
     assert_eq!(
         e.settle(&p, &Usage::new(0, 0), Completion::Success, 0),
@@ -645,13 +533,9 @@ fn streams_charge_incrementally_and_settle_at_the_end() {
     assert_eq!(remaining(&e, key("a"), Metric::GeneratedTokens, 0), 5_000);
     e.charge(&p, 700, 0).unwrap(); // 1,300 so far: 300 beyond the reservation, charged now
     assert_eq!(remaining(&e, key("a"), Metric::GeneratedTokens, 0), 4_700);
-    e.settle(&p, &Usage::new(0, 1_300), Completion::Success, 0)
-        .unwrap();
+    e.settle(&p, &Usage::new(0, 1_300), Completion::Success, 0).unwrap();
     assert_eq!(remaining(&e, key("a"), Metric::GeneratedTokens, 0), 4_700);
-    assert_eq!(
-        e.charge(&p, 1, 0),
-        Err(sluicegate_core::SettleError::AlreadySettled)
-    );
+    assert_eq!(e.charge(&p, 1, 0), Err(sluicegate_core::SettleError::AlreadySettled));
 }
 
 #[test]
@@ -664,21 +548,9 @@ fn a_cancelled_request_settles_with_what_it_used() {
 
 #[test]
 fn querying_an_unknown_scope_reports_the_floors_and_creates_nothing() {
-    let e = Engine::new(
-        Policy::fixed(),
-        Capacity {
-            scopes: 1,
-            accounts: 1,
-            models: 1,
-            permits: 4,
-        },
-    )
-    .unwrap();
+    let e = Engine::new(Policy::fixed(), Capacity { scopes: 1, accounts: 1, models: 1, permits: 4 }).unwrap();
     let l = e.limits(ScopeKey::new(b"nobody", b"no-model"), 0).unwrap();
-    assert_eq!(
-        (l.limit(Metric::Requests), l.remaining(Metric::Requests)),
-        (60, 60)
-    );
+    assert_eq!((l.limit(Metric::Requests), l.remaining(Metric::Requests)), (60, 60));
     // The one account, model and scope slot are still free for real traffic.
     assert!(admit(&e, key("a"), &one(), 0).admitted());
 }
