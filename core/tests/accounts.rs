@@ -1,0 +1,281 @@
+//! One test per rule of SPEC.md §8: spend limits, tiers, credits, suspension, overrides, quotas.
+
+use sluicegate_core::tier::DOLLAR;
+use sluicegate_core::{
+    Capacity, Completion, Engine, Error, Heap, Metric, MetricLimits, Outcome, Permit, Policy, Price, Quota,
+    QuotaError, Request, ScopeKey, SpendRejection, Suspension, Tier, Usage, Variant,
+};
+
+const SECOND: u64 = 1_000_000_000;
+const MINUTE: u64 = 60 * SECOND;
+const MODEL: &[u8] = b"llama-v3p1-70b";
+/// $1 per million tokens of every kind: a token costs exactly one micro-dollar.
+const ONE_MICRO_A_TOKEN: Price = Price { uncached_prompt: DOLLAR, cached_prompt: DOLLAR, generated: DOLLAR };
+
+fn engine() -> Engine<Heap> {
+    let e = Engine::new(Policy::fireworks_2024(), Capacity::scopes(256)).unwrap();
+    e.set_price(MODEL, Variant::Regular, ONE_MICRO_A_TOKEN).unwrap();
+    e
+}
+
+fn key(account: &str) -> ScopeKey<'_> {
+    ScopeKey::new(account.as_bytes(), MODEL)
+}
+
+fn run(e: &Engine<Heap>, k: ScopeKey<'_>, prompt: u64, generated: u64, now: u64) -> Outcome {
+    let d = e.admit(k, &Request::new(prompt).max_tokens(generated), now).unwrap();
+    if let Some(p) = d.permit() {
+        e.settle(p, &Usage::new(prompt, generated), Completion::Success, now).unwrap();
+    }
+    d.outcome
+}
+
+fn spend(e: &Engine<Heap>, account: &str) -> u64 {
+    e.account(account.as_bytes()).unwrap().period_spend
+}
+
+#[test]
+fn a_new_account_is_tier_one_with_a_fifty_dollar_limit() {
+    let e = engine();
+    run(&e, key("a"), 10, 0, 0);
+    let a = e.account(b"a").unwrap();
+    assert_eq!((a.tier, a.spend_limit, a.payment_method, a.refusal), (Tier::One, 50 * DOLLAR, true, None));
+    assert_eq!(e.account(b"never-seen"), Err(Error::UnknownAccount));
+}
+
+#[test]
+fn spend_is_computed_at_settle_from_the_model_price_table() {
+    let e = engine();
+    let price = Price { uncached_prompt: 900_000, cached_prompt: 450_000, generated: 2 * DOLLAR };
+    e.set_price(MODEL, Variant::Regular, price).unwrap();
+    let d = e.admit(key("a"), &Request::new(10_000).max_tokens(1_000), 0).unwrap();
+    let usage = Usage { prompt_tokens: 10_000, cached_tokens: 4_000, generated_tokens: 500 };
+    e.settle(d.permit().unwrap(), &usage, Completion::Success, 0).unwrap();
+    // 6,000 × $0.90/M + 4,000 × $0.45/M + 500 × $2/M = $0.0054 + $0.0018 + $0.001
+    assert_eq!(spend(&e, "a"), 8_200);
+}
+
+#[test]
+fn fast_variants_are_priced_separately() {
+    let e = engine();
+    e.set_price(MODEL, Variant::Fast, Price { generated: 10 * DOLLAR, ..ONE_MICRO_A_TOKEN }).unwrap();
+    run(&e, key("a").fast(), 0, 1_000, 0);
+    run(&e, key("b"), 0, 1_000, 0);
+    assert_eq!((spend(&e, "a"), spend(&e, "b")), (10_000, 1_000));
+}
+
+#[test]
+fn upstream_failures_are_not_billed() {
+    let e = engine();
+    let d = e.admit(key("a"), &Request::new(1_000), 0).unwrap();
+    e.settle(d.permit().unwrap(), &Usage::new(1_000, 0), Completion::UpstreamFailure, 0).unwrap();
+    assert_eq!(spend(&e, "a"), 0);
+}
+
+#[test]
+fn at_or_over_the_spend_limit_every_request_is_rejected() {
+    let e = engine();
+    e.set_spend_limit(b"a", 2_000).unwrap();
+    assert!(matches!(run(&e, key("a"), 1_500, 0, 0), Outcome::Admit(_)));
+    // Under the limit: still admitted, and this one takes it over.
+    assert!(matches!(run(&e, key("a"), 1_500, 0, SECOND), Outcome::Admit(_)));
+    assert_eq!(run(&e, key("a"), 1, 0, 2 * SECOND), Outcome::RejectSpend(SpendRejection::SpendLimitExceeded));
+    // Other models of the account too: spend is per account.
+    let other = ScopeKey::new(b"a", b"another-model");
+    assert!(matches!(e.admit(other, &Request::new(1), 0).unwrap().outcome, Outcome::RejectSpend(_)));
+}
+
+#[test]
+fn a_new_billing_period_lifts_a_spend_limit_suspension() {
+    let e = engine();
+    e.set_spend_limit(b"a", 1_000).unwrap();
+    run(&e, key("a"), 1_000, 0, 0);
+    assert!(matches!(run(&e, key("a"), 1, 0, SECOND), Outcome::RejectSpend(_)));
+    e.start_billing_period();
+    assert!(matches!(run(&e, key("a"), 1, 0, 2 * SECOND), Outcome::Admit(_)));
+    assert_eq!(spend(&e, "a"), 1);
+}
+
+#[test]
+fn operator_and_failed_payment_suspensions_hold_until_lifted() {
+    let e = engine();
+    for reason in [Suspension::Operator, Suspension::PaymentFailed] {
+        e.set_suspended(b"a", reason, true).unwrap();
+        assert_eq!(run(&e, key("a"), 1, 0, 0), Outcome::RejectSpend(SpendRejection::AccountSuspended));
+        e.set_suspended(b"a", reason, false).unwrap();
+        assert!(matches!(run(&e, key("a"), 1, 0, 0), Outcome::Admit(_)));
+    }
+}
+
+#[test]
+fn without_a_payment_method_the_account_is_suspended_once_credits_are_depleted() {
+    let e = engine();
+    e.set_payment_method(b"a", false).unwrap();
+    assert_eq!(run(&e, key("a"), 1, 0, 0), Outcome::RejectSpend(SpendRejection::AccountSuspended));
+    e.add_credits(b"a", 3_000).unwrap();
+    assert!(matches!(run(&e, key("a"), 2_000, 0, 0), Outcome::Admit(_)));
+    assert!(matches!(run(&e, key("a"), 1_000, 0, SECOND), Outcome::Admit(_)));
+    let a = e.account(b"a").unwrap();
+    assert_eq!((a.credits, a.no_payment_method), (0, true));
+    assert_eq!(run(&e, key("a"), 1, 0, 2 * SECOND), Outcome::RejectSpend(SpendRejection::AccountSuspended));
+    e.set_payment_method(b"a", true).unwrap();
+    assert!(matches!(run(&e, key("a"), 1, 0, 3 * SECOND), Outcome::Admit(_)));
+}
+
+#[test]
+fn prepaid_credits_raise_historical_spend_and_so_the_tier() {
+    let e = engine();
+    e.add_credits(b"a", 100 * DOLLAR).unwrap();
+    let a = e.account(b"a").unwrap();
+    assert_eq!((a.tier, a.spend_limit, a.historical_spend), (Tier::Two, 500 * DOLLAR, 100 * DOLLAR));
+}
+
+#[test]
+fn credits_count_against_the_spend_limit() {
+    let e = engine();
+    e.add_credits(b"a", 20 * DOLLAR).unwrap();
+    e.set_spend_limit(b"a", 5_000).unwrap();
+    run(&e, key("a"), 5_000, 0, 0);
+    // The limit is hit while credits remain.
+    let a = e.account(b"a").unwrap();
+    assert_eq!((a.credits, a.refusal), (20 * DOLLAR - 5_000, Some(SpendRejection::SpendLimitExceeded)));
+    // Spend paid by credits is not counted twice in historical spend.
+    assert_eq!(a.historical_spend, 20 * DOLLAR);
+}
+
+#[test]
+fn paid_spend_promotes_the_account_when_it_reaches_a_tier() {
+    let e = engine();
+    e.set_price(MODEL, Variant::Regular, Price { generated: 100_000 * DOLLAR, ..Price::default() }).unwrap();
+    // 1,000 generated tokens at $100,000/M = $100.
+    run(&e, key("a"), 0, 1_000, 0);
+    assert_eq!(e.account(b"a").unwrap().tier, Tier::Two);
+}
+
+#[test]
+fn users_may_lower_their_limit_within_the_tier_but_never_raise_it_above() {
+    let e = engine();
+    e.set_spend_limit(b"a", 10 * DOLLAR).unwrap();
+    assert_eq!(e.account(b"a").unwrap().spend_limit, 10 * DOLLAR);
+    e.set_spend_limit(b"a", 50 * DOLLAR).unwrap();
+    assert_eq!(
+        e.set_spend_limit(b"a", 50 * DOLLAR + 1),
+        Err(Error::SpendLimitAboveTier { max: 50 * DOLLAR })
+    );
+    e.set_tier(b"a", Some(Tier::Unlimited), 0).unwrap();
+    e.set_spend_limit(b"a", 1_000_000 * DOLLAR).unwrap();
+}
+
+/// Sustained use at the limit for `minutes`, from minute `from`.
+fn sustain(e: &Engine<Heap>, k: ScopeKey<'_>, from: u64, minutes: u64) {
+    for minute in from..from + minutes {
+        let rpm = e.limits(k, minute * MINUTE).unwrap().limit(Metric::Requests);
+        for i in 0..rpm {
+            run(e, k, 1, 0, minute * MINUTE + i * MINUTE / rpm);
+        }
+    }
+}
+
+#[test]
+fn a_higher_tier_raises_ceilings_at_once_without_resetting_earned_limits() {
+    let mut policy = Policy::fireworks_2024();
+    policy.limits.0[0].ceiling = 100.0;
+    let e = Engine::new(policy, Capacity::scopes(64)).unwrap();
+    sustain(&e, key("a"), 0, 30);
+    assert_eq!(e.limits(key("a"), 30 * MINUTE).unwrap().limit(Metric::Requests), 100);
+    e.set_tier(b"a", Some(Tier::Two), 30 * MINUTE).unwrap();
+    // Earned limit kept; the ceiling (now 200) lets it grow again from there.
+    assert_eq!(e.limits(key("a"), 30 * MINUTE).unwrap().limit(Metric::Requests), 100);
+    sustain(&e, key("a"), 30, 5);
+    let grown = e.limits(key("a"), 35 * MINUTE).unwrap().limit(Metric::Requests);
+    assert!(grown > 100 && grown <= 200, "{grown}");
+    // Back to tier one: clamped to its ceiling at once.
+    e.set_tier(b"a", Some(Tier::One), 35 * MINUTE).unwrap();
+    assert_eq!(e.limits(key("a"), 35 * MINUTE).unwrap().limit(Metric::Requests), 100);
+}
+
+#[test]
+fn an_override_gives_an_account_higher_limits_from_day_one() {
+    let e = engine();
+    let custom = MetricLimits { floor: 1_000.0, ceiling: 50_000.0 };
+    e.set_limits_override(b"big", Metric::Requests, Some(custom), 0).unwrap();
+    let l = e.limits(key("big"), 0).unwrap();
+    assert_eq!((l.limit(Metric::Requests), l.remaining(Metric::Requests)), (1_000, 1_000));
+    let admitted = (0..1_000).filter(|_| matches!(run(&e, key("big"), 0, 0, 0), Outcome::Admit(_))).count();
+    assert_eq!(admitted, 1_000);
+    // Other accounts keep the policy's floor.
+    assert_eq!(e.limits(key("small"), 0).unwrap().limit(Metric::Requests), 60);
+}
+
+#[test]
+fn an_override_on_a_live_scope_applies_at_once_and_keeps_the_bucket_level() {
+    let e = engine();
+    for _ in 0..30 {
+        run(&e, key("a"), 0, 0, 0);
+    }
+    let custom = MetricLimits { floor: 600.0, ceiling: 600.0 };
+    e.set_limits_override(b"a", Metric::Requests, Some(custom), 0).unwrap();
+    let l = e.limits(key("a"), 0).unwrap();
+    assert_eq!((l.limit(Metric::Requests), l.remaining(Metric::Requests)), (600, 30));
+    assert_eq!(
+        e.set_limits_override(b"a", Metric::Requests, Some(MetricLimits { floor: 9.0, ceiling: 1.0 }), 0),
+        Err(Error::Policy(sluicegate_core::PolicyError::FloorAboveCeiling(Metric::Requests)))
+    );
+}
+
+#[test]
+fn spend_accounting_is_exact_to_the_micro_dollar_under_concurrency() {
+    // A limit that never binds: this test is about spend, not admission.
+    let policy = Policy::fixed().with_fixed_limit(Metric::Requests, 1e9);
+    let e = Engine::new(policy, Capacity::scopes(64)).unwrap();
+    let price = Price { uncached_prompt: 1_234_567, cached_prompt: 345_678, generated: 9_876_543 };
+    e.set_price(MODEL, Variant::Regular, price).unwrap();
+    let threads = 4u64;
+    let per_thread = 2_000u64;
+    let expected_nanos: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let e = &e;
+                s.spawn(move || {
+                    let mut nanos = 0;
+                    let k = ScopeKey::new(b"shared", MODEL);
+                    for i in 0..per_thread {
+                        let now = i * SECOND;
+                        let p: Permit = *e.admit(k, &Request::new(0), now).unwrap().permit().unwrap();
+                        let usage = Usage {
+                            prompt_tokens: 37 + i % 11,
+                            cached_tokens: i % 5,
+                            generated_tokens: 3 + i % 7,
+                        };
+                        e.settle(&p, &usage, Completion::Success, now).unwrap();
+                        let uncached = usage.prompt_tokens - usage.cached_tokens;
+                        nanos += price.cost(uncached, usage.cached_tokens, usage.generated_tokens);
+                    }
+                    nanos
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(spend(&e, "shared"), expected_nanos / 1_000);
+}
+
+#[test]
+fn quotas_have_the_published_defaults_and_are_acquired_and_released() {
+    let e = engine();
+    assert_eq!(e.acquire_quota(b"a", Quota::H100Gpus, 8), Ok((8, 8)));
+    assert_eq!(
+        e.acquire_quota(b"a", Quota::H100Gpus, 1),
+        Err(Error::Quota(QuotaError::Exhausted { used: 8, limit: 8 }))
+    );
+    assert_eq!(e.release_quota(b"a", Quota::H100Gpus, 9), Err(Error::Quota(QuotaError::NotHeld { used: 8 })));
+    assert_eq!(e.release_quota(b"a", Quota::H100Gpus, 3), Ok((5, 8)));
+    assert_eq!(
+        e.set_quota_limit(b"a", Quota::H100Gpus, 4),
+        Err(Error::Quota(QuotaError::BelowUse { used: 5 }))
+    );
+    assert_eq!(e.set_quota_limit(b"a", Quota::H100Gpus, 64), Ok((5, 64)));
+    assert_eq!(e.acquire_quota(b"a", Quota::H100Gpus, 59), Ok((64, 64)));
+    let q = e.account(b"a").unwrap().quotas;
+    assert_eq!(q, [(0, 100), (0, 8), (64, 64)]);
+}
