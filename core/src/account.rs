@@ -140,6 +140,13 @@ impl AccountSlot {
         self.refresh_limit(tiers);
     }
 
+    /// Empties the slot (restore, which has the engine to itself).
+    pub(crate) fn clear(&self) {
+        self.id.store(0, Ordering::Relaxed);
+        self.init(&[], &Tiers::FIREWORKS);
+        self.spend_limit.store(u64::MAX, Ordering::Relaxed);
+    }
+
     /// Why requests of this account are refused right now, if they are.
     pub(crate) fn refusal(&self) -> Option<SpendRejection> {
         if self.suspension.load(Ordering::Acquire) != 0 {
@@ -160,7 +167,7 @@ impl AccountSlot {
     }
 
     /// Recomputes the effective spend limit from the tier and the user's choice.
-    fn refresh_limit(&self, tiers: &Tiers) {
+    pub(crate) fn refresh_limit(&self, tiers: &Tiers) {
         let tier = tiers.spec(self.tier()).monthly_spend_limit;
         let chosen = self.chosen_limit.load(Ordering::Acquire);
         self.spend_limit.store(nanos(tier.min(chosen)), Ordering::Release);

@@ -19,7 +19,7 @@ use crate::table::{self, Claim, Keyed, Probe, Slot};
 
 /// Seeds of the three hashes, so one key hashes differently in each table.
 pub(crate) const MODEL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
-const SCOPE_SALT: u64 = 0xc2b2_ae3d_27d4_eb4f;
+pub(crate) const SCOPE_SALT: u64 = 0xc2b2_ae3d_27d4_eb4f;
 /// Permit-ledger slots tried before the ledger counts as full.
 const LEDGER_PROBE: usize = 64;
 

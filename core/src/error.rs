@@ -154,3 +154,45 @@ impl From<PolicyError> for Error {
 impl core::error::Error for PolicyError {}
 impl core::error::Error for Error {}
 impl core::error::Error for SettleError {}
+
+/// Why a snapshot could not be written or restored. A failed restore changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// The buffer is too small; this many bytes are needed.
+    BufferTooSmall {
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// The bytes end before the snapshot does.
+    Truncated,
+    /// More bytes than the snapshot declares.
+    TrailingBytes,
+    /// Not a sluicegate snapshot.
+    BadMagic,
+    /// A snapshot format this build does not read.
+    UnsupportedVersion(u16),
+    /// The checksum does not match: the bytes were damaged.
+    BadChecksum,
+    /// The snapshot was taken from an engine with other table capacities.
+    CapacityMismatch,
+    /// A record is inconsistent (an index out of range or repeated, a dangling reference, an
+    /// impossible value).
+    Corrupt,
+}
+
+impl fmt::Display for SnapshotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SnapshotError::BufferTooSmall { needed } => write!(f, "snapshot buffer too small: {needed} bytes needed"),
+            SnapshotError::Truncated => f.write_str("snapshot is truncated"),
+            SnapshotError::TrailingBytes => f.write_str("snapshot has trailing bytes"),
+            SnapshotError::BadMagic => f.write_str("not a sluicegate snapshot"),
+            SnapshotError::UnsupportedVersion(v) => write!(f, "unsupported snapshot version {v}"),
+            SnapshotError::BadChecksum => f.write_str("snapshot checksum mismatch"),
+            SnapshotError::CapacityMismatch => f.write_str("snapshot was taken with other table capacities"),
+            SnapshotError::Corrupt => f.write_str("snapshot record is inconsistent"),
+        }
+    }
+}
+
+impl core::error::Error for SnapshotError {}

@@ -83,6 +83,18 @@ impl<const WORDS: usize> KeyBytes<WORDS> {
         }
         key.chunks(8).zip(&self.words).all(|(c, w)| w.load(Ordering::Relaxed) == word_of(c))
     }
+
+    /// The stored key: its length and the words holding it (zero-padded).
+    pub(crate) fn read(&self) -> (usize, [u64; WORDS]) {
+        let len = usize::try_from(self.len.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        (len, self.words.each_ref().map(|w| w.load(Ordering::Relaxed)))
+    }
+
+    /// Stores a key given as zero-padded words.
+    pub(crate) fn write(&self, len: usize, words: &[u64; WORDS]) {
+        self.len.store(len as u64, Ordering::Relaxed);
+        self.words.iter().zip(words).for_each(|(w, v)| w.store(*v, Ordering::Relaxed));
+    }
 }
 
 fn word_of(chunk: &[u8]) -> u64 {

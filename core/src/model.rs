@@ -12,13 +12,13 @@ pub struct ModelSlot {
     id: AtomicU64,
     pub(crate) key: KeyBytes<{ MODEL_KEY_MAX / 8 }>,
     /// Load set by the gateway from backend metrics, ‰ of capacity.
-    reported: [AtomicU64; 2],
+    pub(crate) reported: [AtomicU64; 2],
     /// Permits outstanding, counted only while `capacity` is set.
-    in_flight: [AtomicU64; 2],
+    pub(crate) in_flight: [AtomicU64; 2],
     /// In-flight requests the variant serves at full load; 0 leaves load to the gateway.
-    capacity: [AtomicU64; 2],
+    pub(crate) capacity: [AtomicU64; 2],
     /// Prices per variant: uncached prompt, cached prompt, generated (µ$ per million tokens).
-    price: [[AtomicU64; 3]; 2],
+    pub(crate) price: [[AtomicU64; 3]; 2],
 }
 
 impl Default for ModelSlot {
@@ -38,6 +38,12 @@ impl ModelSlot {
             capacity: core::array::from_fn(|_| AtomicU64::new(0)),
             price: core::array::from_fn(|_| core::array::from_fn(|_| AtomicU64::new(0))),
         }
+    }
+
+    /// Empties the slot (restore, which has the engine to itself).
+    pub(crate) fn clear(&self) {
+        self.id.store(0, Ordering::Relaxed);
+        self.init(&[]);
     }
 
     pub(crate) fn init(&self, key: &[u8]) {

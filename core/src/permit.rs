@@ -94,6 +94,11 @@ impl PermitSlot {
         PermitSlot(AtomicU64::new(0))
     }
 
+    /// Frees the entry (restore, which has the engine to itself).
+    pub(crate) fn clear(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
     /// Takes the entry if free; returns the ticket a permit must present.
     pub(crate) fn take(&self) -> Option<u32> {
         let cur = self.0.load(Ordering::Relaxed);

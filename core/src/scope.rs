@@ -104,6 +104,15 @@ impl ScopeSlot {
         }
     }
 
+    /// Empties the slot (restore, which has the engine to itself).
+    pub(crate) fn clear(&self) {
+        self.id.store(0, Ordering::Relaxed);
+        self.tick.store(0, Ordering::Relaxed);
+        self.bucket.store(Word::fresh(0, 0).pack(), Ordering::Relaxed);
+        self.usage.iter().for_each(|u| u.store(0, Ordering::Relaxed));
+        self.interval.iter().flatten().for_each(|i| i.store(0, Ordering::Relaxed));
+    }
+
     /// Resets a slot this thread has just claimed to a fresh scope.
     pub(crate) fn init(&self, fresh_interval: [u64; 4], now_q: u64, now_tick: u64) {
         self.usage.iter().for_each(|u| u.store(0, Ordering::Relaxed));

@@ -73,6 +73,13 @@ impl<F: Fn(usize) -> bool> Probe<'_, F> {
     }
 }
 
+/// Whether a key hashing to `hash` may live at `index` of a table of `len` slots.
+pub(crate) fn in_window(hash: u64, len: usize, index: usize) -> bool {
+    let home = ((u128::from(hash) * len as u128) >> 64) as usize;
+    let distance = (index + len - home.min(len)).checked_rem(len).unwrap_or(usize::MAX);
+    index < len && distance < len.min(PROBE_WINDOW)
+}
+
 /// The published slot holding the key, with its id.
 pub(crate) fn find<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>) -> Option<(usize, u64)> {
     probe.window(slots.len()).find_map(|i| {

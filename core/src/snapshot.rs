@@ -1,0 +1,498 @@
+//! Durable state (SPEC §10): the whole engine in a versioned, checksummed byte buffer.
+//!
+//! The format is documented in `docs/snapshot.md`. A snapshot carries the engine's hash seed,
+//! its capacities and, per record, the slot it came from; restoring requires the same
+//! capacities, adopts the seed and puts every record back in its slot. Placement therefore can
+//! never fail half-way, and a restore either applies completely or — on any error — changes
+//! nothing. Debts are stored relative to the snapshot's clock and re-based on the restoring
+//! engine's clock, so earned limits and bucket levels survive a restart.
+
+use crate::account::AccountSlot;
+use crate::adapt::MetricState;
+use crate::bucket::{self, DEBT_MAX, QUANTUM_NS, Word};
+use crate::engine::{Engine, MODEL_SALT, SCOPE_SALT};
+use crate::error::SnapshotError;
+use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX};
+use crate::metric::PerMetric;
+use crate::model::ModelSlot;
+use crate::scope::{self, ScopeSlot};
+use crate::storage::{Capacity, Storage};
+use crate::sync::{AtomicU64, Ordering};
+use crate::table::{self, Slot};
+use crate::tier::Tier;
+
+const MAGIC: &[u8; 4] = b"SLGT";
+/// The format version this build writes and reads.
+pub const VERSION: u16 = 1;
+const HEADER: usize = 56;
+const CHECKSUM: usize = 4;
+const ACCOUNT_WORDS: usize = ACCOUNT_KEY_MAX / 8;
+const MODEL_WORDS: usize = MODEL_KEY_MAX / 8;
+/// Bytes per account record.
+pub const ACCOUNT_RECORD: usize = 8 + ACCOUNT_KEY_MAX + 8 * 17;
+/// Bytes per model record.
+pub const MODEL_RECORD: usize = 8 + MODEL_KEY_MAX + 8 * 10;
+/// Bytes per scope record.
+pub const SCOPE_RECORD: usize = 16 + 4 * 4 + 8 * 12;
+
+/// Bounds-checked little-endian writer over a caller's buffer.
+struct Out<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl Out<'_> {
+    fn put(&mut self, bytes: &[u8]) -> Result<(), SnapshotError> {
+        let end = self.pos + bytes.len();
+        let dst = self.buf.get_mut(self.pos..end).ok_or(SnapshotError::BufferTooSmall { needed: end })?;
+        dst.copy_from_slice(bytes);
+        self.pos = end;
+        Ok(())
+    }
+
+    fn u32(&mut self, v: u32) -> Result<(), SnapshotError> {
+        self.put(&v.to_le_bytes())
+    }
+
+    fn u64(&mut self, v: u64) -> Result<(), SnapshotError> {
+        self.put(&v.to_le_bytes())
+    }
+
+    fn atomics(&mut self, values: &[AtomicU64]) -> Result<(), SnapshotError> {
+        values.iter().try_for_each(|a| self.u64(a.load(Ordering::Acquire)))
+    }
+}
+
+/// Bounds-checked little-endian reader.
+#[derive(Clone)]
+struct In<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> In<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
+        let bytes = self.buf.get(self.pos..self.pos + n).ok_or(SnapshotError::Truncated)?;
+        self.pos += n;
+        Ok(bytes)
+    }
+
+    fn u16(&mut self) -> Result<u16, SnapshotError> {
+        let mut b = [0; 2];
+        b.copy_from_slice(self.take(2)?);
+        Ok(u16::from_le_bytes(b))
+    }
+
+    fn u32(&mut self) -> Result<u32, SnapshotError> {
+        let mut b = [0; 4];
+        b.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> Result<u64, SnapshotError> {
+        let mut b = [0; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn words<const N: usize>(&mut self) -> Result<[u64; N], SnapshotError> {
+        let mut out = [0; N];
+        for w in &mut out {
+            *w = self.u64()?;
+        }
+        Ok(out)
+    }
+}
+
+/// The fixed header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    total_len: usize,
+    seed: u64,
+    capacity: Capacity,
+    accounts: usize,
+    models: usize,
+    scopes: usize,
+}
+
+fn to_usize(v: u64) -> Result<usize, SnapshotError> {
+    usize::try_from(v).map_err(|_| SnapshotError::Corrupt)
+}
+
+fn read_header(bytes: &[u8]) -> Result<Header, SnapshotError> {
+    let mut r = In { buf: bytes, pos: 0 };
+    if r.take(4)? != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    match r.u16()? {
+        VERSION => {}
+        v => return Err(SnapshotError::UnsupportedVersion(v)),
+    }
+    r.u16()?;
+    let total_len = to_usize(r.u64()?)?;
+    let seed = r.u64()?;
+    let [scopes, accounts, models, permits] = [r.u32()?, r.u32()?, r.u32()?, r.u32()?].map(|v| v as usize);
+    let capacity = Capacity { scopes, accounts, models, permits };
+    let [a, m, s] = [r.u32()?, r.u32()?, r.u32()?].map(|v| v as usize);
+    Ok(Header { total_len, seed, capacity, accounts: a, models: m, scopes: s })
+}
+
+fn body_len(accounts: usize, models: usize, scopes: usize) -> Option<usize> {
+    let a = accounts.checked_mul(ACCOUNT_RECORD)?;
+    let m = models.checked_mul(MODEL_RECORD)?;
+    let s = scopes.checked_mul(SCOPE_RECORD)?;
+    HEADER.checked_add(a)?.checked_add(m)?.checked_add(s)?.checked_add(CHECKSUM)
+}
+
+impl<S: Storage> Engine<S> {
+    /// Bytes a snapshot of the engine's current contents takes (it may grow if keys are added
+    /// before [`Engine::snapshot`] runs).
+    pub fn snapshot_size(&self) -> usize {
+        let t = self.tables();
+        let ready = |ids: &mut dyn Iterator<Item = &AtomicU64>| {
+            ids.filter(|id| table::is_ready(id.load(Ordering::Acquire))).count()
+        };
+        let accounts = ready(&mut t.accounts.iter().map(Slot::id));
+        let models = ready(&mut t.models.iter().map(Slot::id));
+        let scopes = ready(&mut t.scopes.iter().map(Slot::id));
+        body_len(accounts, models, scopes).unwrap_or(usize::MAX)
+    }
+
+    /// Writes the whole state into `buf` as of `now_ns`; returns the bytes written.
+    ///
+    /// Each scope is read atomically; the snapshot is not one cut across scopes while other
+    /// threads keep admitting. Outstanding permits are not saved: after a restore they settle
+    /// with [`SettleError::StalePermit`](crate::SettleError::StalePermit).
+    ///
+    /// ```
+    /// use sluicegate_core::{Capacity, Engine, Metric, Policy, Request, ScopeKey};
+    /// let a = Engine::new(Policy::fixed(), Capacity::scopes(64))?;
+    /// let key = ScopeKey::new(b"acct", b"model");
+    /// a.admit(key, &Request::new(0).n(10), 0)?;
+    /// let mut buf = vec![0; a.snapshot_size()];
+    /// let n = a.snapshot(&mut buf, 0)?;
+    /// let mut b = Engine::new(Policy::fixed(), Capacity::scopes(64))?;
+    /// b.restore(&buf[..n], 5_000_000_000_000)?; // another clock origin
+    /// assert_eq!(b.limits(key, 5_000_000_000_000)?.remaining(Metric::Requests), 50);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn snapshot(&self, buf: &mut [u8], now_ns: u64) -> Result<usize, SnapshotError> {
+        let needed = self.snapshot_size();
+        if buf.len() < needed {
+            return Err(SnapshotError::BufferTooSmall { needed });
+        }
+        let t = self.tables();
+        let capacity = t.capacity();
+        let mut out = Out { buf, pos: HEADER };
+        let mut counts = [0u32; 3];
+        for (i, a) in t.accounts.iter().enumerate() {
+            if table::is_ready(a.id().load(Ordering::Acquire)) {
+                write_account(&mut out, i, a)?;
+                counts[0] += 1;
+            }
+        }
+        for (i, m) in t.models.iter().enumerate() {
+            if table::is_ready(m.id().load(Ordering::Acquire)) {
+                write_model(&mut out, i, m)?;
+                counts[1] += 1;
+            }
+        }
+        for (i, (s, adaptation)) in t.scopes.iter().zip(t.adaptation).enumerate() {
+            let id = s.id.load(Ordering::Acquire);
+            let w = s.bucket.load(Ordering::Acquire);
+            if table::is_ready(id) && !bucket::is_retired(w) {
+                let debts = bucket::open(Word::unpack(w), now_ns / QUANTUM_NS).debt;
+                write_scope(&mut out, i, id, debts, &adaptation.load(), s)?;
+                counts[2] += 1;
+            }
+        }
+        let total = out.pos + CHECKSUM;
+        let mut head = Out { buf: out.buf, pos: 0 };
+        head.put(MAGIC)?;
+        head.put(&VERSION.to_le_bytes())?;
+        head.put(&0u16.to_le_bytes())?;
+        head.u64(total as u64)?;
+        head.u64(self.seed)?;
+        for c in [capacity.scopes, capacity.accounts, capacity.models, capacity.permits] {
+            head.u32(c as u32)?;
+        }
+        counts.iter().try_for_each(|c| head.u32(*c))?;
+        head.u32(0)?;
+        let body = head.buf.get(..total - CHECKSUM).ok_or(SnapshotError::BufferTooSmall { needed: total })?;
+        let crc = crc32fast::hash(body);
+        let mut tail = Out { buf: head.buf, pos: total - CHECKSUM };
+        tail.u32(crc)?;
+        Ok(total)
+    }
+
+    /// Replaces the engine's whole state with a snapshot's, re-basing its clock on `now_ns`.
+    ///
+    /// The engine must have the capacities the snapshot was taken with. A truncated, damaged,
+    /// foreign or inconsistent buffer is an error and leaves the engine unchanged. Permits issued
+    /// before the restore become stale.
+    pub fn restore(&mut self, bytes: &[u8], now_ns: u64) -> Result<(), SnapshotError> {
+        let header = self.validate(bytes)?;
+        self.seed = header.seed;
+        self.incarnation =
+            (self.incarnation.wrapping_mul(0x9E37_79B9) ^ (header.seed as u32)).wrapping_add(2) | 1;
+        let t = self.tables();
+        t.scopes.iter().for_each(ScopeSlot::clear);
+        t.adaptation.iter().for_each(|a| a.store(&PerMetric([MetricState { limit: 0.0, memory: 0.0 }; 4])));
+        t.accounts.iter().for_each(AccountSlot::clear);
+        t.models.iter().for_each(ModelSlot::clear);
+        t.permits.iter().for_each(crate::permit::PermitSlot::clear);
+        let mut r = In { buf: bytes, pos: HEADER };
+        for _ in 0..header.accounts {
+            self.restore_account(&mut r)?;
+        }
+        for _ in 0..header.models {
+            self.restore_model(&mut r)?;
+        }
+        for _ in 0..header.scopes {
+            self.restore_scope(&mut r, now_ns)?;
+        }
+        Ok(())
+    }
+
+    /// Checks every byte of a snapshot before anything is changed.
+    fn validate(&self, bytes: &[u8]) -> Result<Header, SnapshotError> {
+        let h = read_header(bytes)?;
+        if h.total_len > bytes.len() {
+            return Err(SnapshotError::Truncated);
+        }
+        if h.total_len < bytes.len() {
+            return Err(SnapshotError::TrailingBytes);
+        }
+        let body = bytes.get(..h.total_len.saturating_sub(CHECKSUM)).ok_or(SnapshotError::Truncated)?;
+        let mut tail = In { buf: bytes, pos: body.len() };
+        if h.total_len < HEADER + CHECKSUM || crc32fast::hash(body) != tail.u32()? {
+            return Err(SnapshotError::BadChecksum);
+        }
+        if h.capacity != self.capacity() {
+            return Err(SnapshotError::CapacityMismatch);
+        }
+        let cap = h.capacity;
+        if h.accounts > cap.accounts || h.models > cap.models || h.scopes > cap.scopes {
+            return Err(SnapshotError::Corrupt);
+        }
+        if body_len(h.accounts, h.models, h.scopes) != Some(h.total_len) {
+            return Err(SnapshotError::Corrupt);
+        }
+        let mut r = In { buf: bytes, pos: HEADER };
+        let accounts_at = r.clone();
+        let mut last = None;
+        for _ in 0..h.accounts {
+            let index = r.u32()? as usize;
+            let len = r.u32()? as usize;
+            let key = key_bytes::<ACCOUNT_WORDS>(r.words()?, len, ACCOUNT_KEY_MAX)?;
+            let [settings, _chosen, _period, _historical, _credits, _suspension] = r.words::<6>()?;
+            let limits: [u64; 8] = r.words()?;
+            let quotas: [u64; 3] = r.words()?;
+            ascending(&mut last, index, cap.accounts)?;
+            placed(key::hash(h.seed, key.as_slice()), cap.accounts, index)?;
+            let tier_ok = Tier::from_index((settings & 0xFF) as u8).is_some();
+            let quotas_ok = quotas.iter().all(|q| (q >> 32) <= (q & 0xFFFF_FFFF));
+            if !tier_ok || !quotas_ok || !overrides_ok(&limits) {
+                return Err(SnapshotError::Corrupt);
+            }
+        }
+        let models_at = r.clone();
+        last = None;
+        for _ in 0..h.models {
+            let index = r.u32()? as usize;
+            let len = r.u32()? as usize;
+            let key = key_bytes::<MODEL_WORDS>(r.words()?, len, MODEL_KEY_MAX)?;
+            r.words::<10>()?;
+            ascending(&mut last, index, cap.models)?;
+            placed(key::hash(h.seed ^ MODEL_SALT, key.as_slice()), cap.models, index)?;
+        }
+        last = None;
+        for _ in 0..h.scopes {
+            let index = r.u32()? as usize;
+            r.u32()?;
+            let id = r.u64()?;
+            let debts = [r.u32()?, r.u32()?, r.u32()?, r.u32()?];
+            let states: [u64; 8] = r.words()?;
+            r.words::<4>()?;
+            ascending(&mut last, index, cap.scopes)?;
+            let (model, _) = scope::model_and_variant(id);
+            let identity = table::tag_of(id) & scope::IDENTITY_MASK;
+            placed(key::hash(h.seed ^ SCOPE_SALT, &identity.to_le_bytes()), cap.scopes, index)?;
+            let refers = has_record(&accounts_at, h.accounts, ACCOUNT_RECORD, scope::account_of(id))?
+                && has_record(&models_at, h.models, MODEL_RECORD, model)?;
+            let debts_ok = debts.iter().all(|d| u64::from(*d) <= DEBT_MAX);
+            let states_ok = states.iter().all(|b| {
+                let v = f64::from_bits(*b);
+                !v.is_nan() && v >= 0.0
+            });
+            if !table::is_ready(id) || !refers || !debts_ok || !states_ok {
+                return Err(SnapshotError::Corrupt);
+            }
+        }
+        Ok(h)
+    }
+
+    fn restore_account(&self, r: &mut In<'_>) -> Result<(), SnapshotError> {
+        let index = r.u32()? as usize;
+        let len = r.u32()? as usize;
+        let words: [u64; ACCOUNT_WORDS] = r.words()?;
+        let key = key_bytes::<ACCOUNT_WORDS>(words, len, ACCOUNT_KEY_MAX)?;
+        let a = self.tables().accounts.get(index).ok_or(SnapshotError::Corrupt)?;
+        a.key.write(len, &words);
+        let fields: [u64; 6] = r.words()?;
+        let cells = [&a.settings, &a.chosen_limit, &a.period_spend, &a.historical, &a.credits, &a.suspension];
+        cells.iter().zip(fields).for_each(|(c, v)| c.store(v, Ordering::Relaxed));
+        let limits: [u64; 8] = r.words()?;
+        let overrides = a.floor_override.iter().chain(&a.ceiling_override);
+        overrides.zip(limits).for_each(|(c, v)| c.store(v, Ordering::SeqCst));
+        for (q, v) in a.quotas.iter().zip(r.words::<3>()?) {
+            q.reset((v >> 32) as u32, v as u32);
+        }
+        a.refresh_limit(&self.policy.tiers);
+        let tag = key::hash(self.seed, key.as_slice()) >> 2;
+        a.id().store(table::ready(tag), Ordering::Release);
+        Ok(())
+    }
+
+    fn restore_model(&self, r: &mut In<'_>) -> Result<(), SnapshotError> {
+        let index = r.u32()? as usize;
+        let len = r.u32()? as usize;
+        let words: [u64; MODEL_WORDS] = r.words()?;
+        let key = key_bytes::<MODEL_WORDS>(words, len, MODEL_KEY_MAX)?;
+        let m = self.tables().models.get(index).ok_or(SnapshotError::Corrupt)?;
+        m.key.write(len, &words);
+        let cells = m.reported.iter().chain(&m.capacity).chain(m.price.iter().flatten());
+        cells.zip(r.words::<10>()?).for_each(|(c, v)| c.store(v, Ordering::Relaxed));
+        let tag = key::hash(self.seed ^ MODEL_SALT, key.as_slice()) >> 2;
+        m.id().store(table::ready(tag), Ordering::Release);
+        Ok(())
+    }
+
+    fn restore_scope(&self, r: &mut In<'_>, now_ns: u64) -> Result<(), SnapshotError> {
+        let index = r.u32()? as usize;
+        r.u32()?;
+        let id = r.u64()?;
+        let debts = [r.u32()?, r.u32()?, r.u32()?, r.u32()?].map(u64::from);
+        let [l0, l1, l2, l3, m0, m1, m2, m3] = r.words::<8>()?.map(f64::from_bits);
+        let states = PerMetric(
+            [(l0, m0), (l1, m1), (l2, m2), (l3, m3)].map(|(limit, memory)| MetricState { limit, memory }),
+        );
+        let usage: [u64; 4] = r.words()?;
+        let t = self.tables();
+        let (Some(s), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) else {
+            return Err(SnapshotError::Corrupt);
+        };
+        adaptation.store(&states);
+        s.init(scope::intervals_of(&states), now_ns / QUANTUM_NS, now_ns / self.policy.tick_ns);
+        s.bucket.store(bucket::seal(now_ns / QUANTUM_NS, debts, 0).pack(), Ordering::Release);
+        s.usage.iter().zip(usage).for_each(|(u, v)| u.store(v, Ordering::Relaxed));
+        s.id.store(id, Ordering::Release);
+        Ok(())
+    }
+}
+
+fn write_account(out: &mut Out<'_>, index: usize, a: &AccountSlot) -> Result<(), SnapshotError> {
+    let (len, words) = a.key.read();
+    out.u32(index as u32)?;
+    out.u32(len as u32)?;
+    words.iter().try_for_each(|w| out.u64(*w))?;
+    for c in [&a.settings, &a.chosen_limit, &a.period_spend, &a.historical, &a.credits, &a.suspension] {
+        out.u64(c.load(Ordering::Acquire))?;
+    }
+    out.atomics(&a.floor_override)?;
+    out.atomics(&a.ceiling_override)?;
+    a.quotas.iter().try_for_each(|q| {
+        let (used, limit) = q.get();
+        out.u64((u64::from(used) << 32) | u64::from(limit))
+    })
+}
+
+fn write_model(out: &mut Out<'_>, index: usize, m: &ModelSlot) -> Result<(), SnapshotError> {
+    let (len, words) = m.key.read();
+    out.u32(index as u32)?;
+    out.u32(len as u32)?;
+    words.iter().try_for_each(|w| out.u64(*w))?;
+    out.atomics(&m.reported)?;
+    out.atomics(&m.capacity)?;
+    m.price.iter().try_for_each(|p| out.atomics(p))
+}
+
+fn write_scope(
+    out: &mut Out<'_>,
+    index: usize,
+    id: u64,
+    debts: [u64; 4],
+    states: &PerMetric<MetricState>,
+    s: &ScopeSlot,
+) -> Result<(), SnapshotError> {
+    out.u32(index as u32)?;
+    out.u32(0)?;
+    out.u64(id)?;
+    debts.iter().try_for_each(|d| out.u32((*d).min(DEBT_MAX) as u32))?;
+    states.0.iter().try_for_each(|m| out.u64(m.limit.to_bits()))?;
+    states.0.iter().try_for_each(|m| out.u64(m.memory.to_bits()))?;
+    out.atomics(&s.usage)
+}
+
+/// A stored key's bytes, checked: 1..=max long and zero past its length.
+fn key_bytes<const N: usize>(words: [u64; N], len: usize, max: usize) -> Result<KeyBuf<N>, SnapshotError> {
+    if len == 0 || len > max {
+        return Err(SnapshotError::Corrupt);
+    }
+    let mut bytes = [0u8; 128];
+    for (chunk, w) in bytes.chunks_mut(8).zip(words) {
+        chunk.copy_from_slice(&w.to_le_bytes());
+    }
+    if bytes.get(len..).is_some_and(|rest| rest.iter().any(|b| *b != 0)) {
+        return Err(SnapshotError::Corrupt);
+    }
+    Ok(KeyBuf { bytes, len })
+}
+
+struct KeyBuf<const N: usize> {
+    bytes: [u8; 128],
+    len: usize,
+}
+
+impl<const N: usize> KeyBuf<N> {
+    fn as_slice(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or(&[])
+    }
+}
+
+fn ascending(last: &mut Option<usize>, index: usize, capacity: usize) -> Result<(), SnapshotError> {
+    if index >= capacity || last.is_some_and(|l| index <= l) {
+        return Err(SnapshotError::Corrupt);
+    }
+    *last = Some(index);
+    Ok(())
+}
+
+fn placed(hash: u64, capacity: usize, index: usize) -> Result<(), SnapshotError> {
+    if table::in_window(hash, capacity, index) { Ok(()) } else { Err(SnapshotError::Corrupt) }
+}
+
+/// Overrides are either absent (both zero) or a floor of at least 1 below a ceiling.
+fn overrides_ok(limits: &[u64; 8]) -> bool {
+    let (floors, ceilings) = limits.split_at(4);
+    floors.iter().zip(ceilings).all(|(f, c)| {
+        let (f, c) = (f64::from_bits(*f), f64::from_bits(*c));
+        (f == 0.0 && c == 0.0) || (f >= 1.0 && c >= f)
+    })
+}
+
+/// Whether the sorted, fixed-size records at `at` include slot `index` (binary search).
+fn has_record(at: &In<'_>, count: usize, size: usize, index: usize) -> Result<bool, SnapshotError> {
+    let (mut lo, mut hi) = (0, count);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let mut r = In { buf: at.buf, pos: at.pos + mid * size };
+        let found = r.u32()? as usize;
+        match found.cmp(&index) {
+            core::cmp::Ordering::Equal => return Ok(true),
+            core::cmp::Ordering::Less => lo = mid + 1,
+            core::cmp::Ordering::Greater => hi = mid,
+        }
+    }
+    Ok(false)
+}
