@@ -159,6 +159,14 @@ pub fn cost(tokens: u64, interval: u64) -> u64 {
     u64::try_from(q).unwrap_or(u64::MAX)
 }
 
+/// Tokens a debt stands for, rounded down (0 for an unlimited metric).
+pub fn tokens_of(debt: u64, interval: u64) -> u64 {
+    if interval == 0 {
+        return 0;
+    }
+    u64::try_from((u128::from(debt) << 32) / u128::from(interval)).unwrap_or(u64::MAX)
+}
+
 /// Whole tokens left in a bucket with `debt` (0 when it is in the over-limit band).
 pub fn remaining(debt: u64, interval: u64) -> u64 {
     if interval == 0 {

@@ -69,6 +69,12 @@ impl Levels {
         bucket::limit_of(*PerMetric(self.interval).get(metric))
     }
 
+    /// Units of the metric in use: one minute's worth of limit minus what is left, more than
+    /// the limit while over it.
+    pub fn used(&self, metric: Metric) -> u64 {
+        bucket::tokens_of(*PerMetric(self.debt_q).get(metric), *PerMetric(self.interval).get(metric))
+    }
+
     /// Whole units left before the metric's normal limit is exhausted.
     pub fn remaining(&self, metric: Metric) -> u64 {
         bucket::remaining(*PerMetric(self.debt_q).get(metric), *PerMetric(self.interval).get(metric))
@@ -92,11 +98,17 @@ pub struct Decision {
     pub outcome: Outcome,
     /// The scope's levels at the decision.
     pub levels: Levels,
+    /// What the request costs on each metric (requests and tokens).
+    pub cost: PerMetric<u64>,
 }
 
 impl Decision {
     pub(crate) fn invalid(reason: InvalidRequest) -> Self {
-        Decision { outcome: Outcome::RejectInvalid(reason), levels: Levels::default() }
+        Decision {
+            outcome: Outcome::RejectInvalid(reason),
+            levels: Levels::default(),
+            cost: PerMetric::default(),
+        }
     }
 
     /// The permit, if the request was admitted (in either band).

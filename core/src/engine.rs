@@ -136,6 +136,7 @@ impl<S: Storage> Engine<S> {
             return Ok(Attempt::Decided(Decision {
                 outcome: Outcome::RejectSpend(reason),
                 levels: Levels::default(),
+                cost: costs,
             }));
         }
         self.tick(at, now_ns);
@@ -208,7 +209,7 @@ impl<S: Storage> Engine<S> {
                                 bucket::Band::Normal => Outcome::Admit(permit),
                                 bucket::Band::OverLimit => Outcome::AdmitOverLimit(permit),
                             };
-                            return Attempt::Decided(Decision { outcome, levels: levels(debt) });
+                            return Attempt::Decided(Decision { outcome, levels: levels(debt), cost: costs });
                         }
                         Err(cur) => {
                             w = cur;
@@ -229,7 +230,7 @@ impl<S: Storage> Engine<S> {
             fence(Ordering::Acquire);
             let again = slot.bucket.load(Ordering::Relaxed);
             if again == w {
-                return Attempt::Decided(Decision { outcome, levels: levels(debts.debt) });
+                return Attempt::Decided(Decision { outcome, levels: levels(debts.debt), cost: costs });
             }
             w = again;
         }

@@ -183,7 +183,9 @@ pub enum SnapshotError {
 impl fmt::Display for SnapshotError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SnapshotError::BufferTooSmall { needed } => write!(f, "snapshot buffer too small: {needed} bytes needed"),
+            SnapshotError::BufferTooSmall { needed } => {
+                write!(f, "snapshot buffer too small: {needed} bytes needed")
+            }
             SnapshotError::Truncated => f.write_str("snapshot is truncated"),
             SnapshotError::TrailingBytes => f.write_str("snapshot has trailing bytes"),
             SnapshotError::BadMagic => f.write_str("not a sluicegate snapshot"),

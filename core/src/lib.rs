@@ -43,6 +43,8 @@ pub mod clock;
 pub mod decision;
 pub mod engine;
 pub mod error;
+pub mod error_body;
+pub mod headers;
 pub mod key;
 pub mod metric;
 pub mod model;
@@ -51,6 +53,7 @@ pub mod policy;
 pub mod price;
 pub mod quota;
 pub mod request;
+pub mod response;
 pub mod scope;
 pub mod shed;
 pub mod snapshot;
@@ -58,6 +61,7 @@ pub mod storage;
 pub mod tier;
 mod sync;
 mod table;
+pub mod text;
 
 #[cfg(all(test, loom))]
 mod loom_models;
