@@ -92,6 +92,12 @@ impl<S: Storage> Engine<S> {
         &self.policy
     }
 
+    /// How to render this engine's decisions in `dialect` (per-second token limits if the policy
+    /// asks for them).
+    pub fn render(&self, dialect: crate::response::Dialect) -> crate::response::Render {
+        crate::response::Render::new(dialect).per_second(self.policy.per_second_headers)
+    }
+
     /// The engine's table sizes.
     pub fn capacity(&self) -> Capacity {
         self.storage.tables().capacity()

@@ -115,6 +115,8 @@ pub struct Policy {
     pub shed_retry_after_ns: u64,
     /// Spending tiers: spend limits, qualification and rate-limit ceiling scales.
     pub tiers: Tiers,
+    /// Fireworks-dialect headers give token limits per second (their 2026 form).
+    pub per_second_headers: bool,
 }
 
 impl Policy {
@@ -138,6 +140,7 @@ impl Policy {
             shed: ShedThresholds::DEFAULT,
             shed_retry_after_ns: 1_000_000_000,
             tiers: Tiers::FIREWORKS,
+            per_second_headers: false,
         }
     }
 
@@ -150,6 +153,7 @@ impl Policy {
                 MetricLimits { floor: 900_000.0, ceiling: 9_000_000.0 },
                 MetricLimits { floor: 36_000.0, ceiling: 360_000.0 },
             ]),
+            per_second_headers: true,
             ..Self::fireworks_2024()
         }
     }
