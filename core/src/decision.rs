@@ -64,6 +64,16 @@ pub struct Levels {
 }
 
 impl Levels {
+    /// Levels from their plain-integer form ([`Levels::to_raw`]); any values are safe.
+    pub const fn from_raw(debt_q: [u64; 4], interval: [u64; 4]) -> Self {
+        Levels { debt_q, interval }
+    }
+
+    /// The debts (µs) and intervals (µs per unit, 32.32 fixed point) behind the levels.
+    pub const fn to_raw(&self) -> ([u64; 4], [u64; 4]) {
+        (self.debt_q, self.interval)
+    }
+
     /// The limit per minute (`u64::MAX` if the metric is not enforced).
     pub fn limit(&self, metric: Metric) -> u64 {
         bucket::limit_of(*PerMetric(self.interval).get(metric))

@@ -79,7 +79,7 @@ pub use error::{Error, PolicyError, SettleError, SnapshotError, Table};
 pub use key::{ScopeKey, Variant};
 pub use metric::{Metric, PerMetric};
 pub use model::ModelSlot;
-pub use permit::{Permit, PermitSlot, Reservation};
+pub use permit::{Permit, PermitSlot, RawPermit, Reservation};
 pub use policy::{Adaptation, EwmaRule, MetricLimits, Policy, ThresholdRule};
 pub use price::Price;
 pub use quota::{Quota, QuotaError};

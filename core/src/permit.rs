@@ -70,6 +70,69 @@ impl Permit {
     }
 }
 
+/// A permit as plain integers, for bindings that must hand it through C or Python. Any value
+/// converts back safely: a forged or damaged one is refused at settle as stale or settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[repr(C)]
+pub struct RawPermit {
+    /// The permit's fields, in an order private to this crate.
+    pub words: [u64; 9],
+}
+
+const FAST: u64 = 1;
+const TRACKED: u64 = 2;
+const PRIORITY: u64 = 4;
+const OVER_LIMIT: u64 = 8;
+
+impl Permit {
+    /// The permit as plain integers.
+    pub fn to_raw(&self) -> RawPermit {
+        let flag = |on: bool, bit: u64| if on { bit } else { 0 };
+        let flags = flag(self.variant == Variant::Fast, FAST)
+            | flag(self.tracked, TRACKED)
+            | flag(self.priority, PRIORITY)
+            | flag(self.band == Band::OverLimit, OVER_LIMIT);
+        let r = self.reserved;
+        RawPermit {
+            words: [
+                u64::from(self.slot) | (u64::from(self.entry) << 32),
+                self.scope_id,
+                u64::from(self.model) | (u64::from(self.ticket) << 32),
+                u64::from(self.incarnation) | (flags << 32),
+                self.wait_ns,
+                r.requests,
+                r.prompt_tokens,
+                r.uncached_prompt_tokens,
+                r.generated_tokens,
+            ],
+        }
+    }
+
+    /// A permit from plain integers; `None` if the flags are not ones [`Permit::to_raw`] writes.
+    pub fn from_raw(raw: &RawPermit) -> Option<Permit> {
+        let [a, scope_id, b, c, wait_ns, requests, prompt_tokens, uncached_prompt_tokens, generated_tokens] =
+            raw.words;
+        let flags = c >> 32;
+        if flags & !(FAST | TRACKED | PRIORITY | OVER_LIMIT) != 0 {
+            return None;
+        }
+        Some(Permit {
+            slot: a as u32,
+            scope_id,
+            model: b as u32,
+            variant: if flags & FAST != 0 { Variant::Fast } else { Variant::Regular },
+            entry: (a >> 32) as u32,
+            ticket: (b >> 32) as u32,
+            incarnation: c as u32,
+            tracked: flags & TRACKED != 0,
+            priority: flags & PRIORITY != 0,
+            band: if flags & OVER_LIMIT != 0 { Band::OverLimit } else { Band::Normal },
+            wait_ns,
+            reserved: Reservation { requests, prompt_tokens, uncached_prompt_tokens, generated_tokens },
+        })
+    }
+}
+
 // Ledger entry: bit 0 live, bits 1..33 ticket (bumped per use), bits 33..64 tokens charged so
 // far by a stream beyond nothing (31 bits).
 const LIVE: u64 = 1;

@@ -1,0 +1,520 @@
+//! The engine handle: creation from a preset plus overrides, admit, settle, charge, cancel,
+//! limits and load.
+
+use core::ffi::{CStr, c_char};
+
+use sluicegate_core::{
+    Capacity, Completion, Decision, Engine, Heap, Levels, Metric, MetricLimits, Outcome, Permit, Policy,
+    RawPermit, Request, ScopeKey, Usage, Variant,
+};
+
+use crate::boundary::{arg, boundary, bytes, out, sg_result, sg_result::*};
+
+/// An engine: opaque, created by `sg_engine_new`, freed by `sg_engine_free`.
+pub struct sg_engine {
+    pub(crate) inner: Engine<Heap>,
+}
+
+/// How to build an engine: a preset and overrides. Zero (or NULL) fields keep the preset's
+/// value; start from `sg_config_default`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct sg_config {
+    /// "fireworks_2024" (NULL), "fireworks_2026", "together" or "fixed".
+    pub preset: *const c_char,
+    /// Scope capacity (0: 100000).
+    pub scopes: u64,
+    /// Account capacity (0: as many as scopes, at most 2^24).
+    pub accounts: u64,
+    /// Model capacity (0: 256).
+    pub models: u64,
+    /// Outstanding permits (0: as many as scopes, at least 1024).
+    pub permits: u64,
+    /// Per-minute floors (the fixed limit under "fixed"), by `sg_metric`; 0 keeps the preset's.
+    pub floor: [f64; 4],
+    /// Per-minute ceilings, by `sg_metric`; 0 keeps the preset's.
+    pub ceiling: [f64; 4],
+    /// Hard factor ρ (≥ 1); 0 keeps the preset's.
+    pub hard_factor: f64,
+    /// Longest smoothing wait, ns; `UINT64_MAX` keeps the preset's.
+    pub max_wait_ns: u64,
+    /// Hash seed; 0 picks one at random.
+    pub seed: u64,
+}
+
+/// The four metrics, indexes of every per-metric array.
+#[repr(u32)]
+pub enum sg_metric {
+    /// Requests per minute.
+    SgMetricRequests = 0,
+    /// Prompt tokens per minute.
+    SgMetricPromptTokens = 1,
+    /// Uncached prompt tokens per minute.
+    SgMetricUncachedPromptTokens = 2,
+    /// Generated tokens per minute.
+    SgMetricGeneratedTokens = 3,
+}
+
+/// The outcome of an admission (`sg_decision.outcome`).
+#[repr(u32)]
+pub enum sg_outcome {
+    /// Run now.
+    SgAdmit = 0,
+    /// Run at lower priority: over a limit, within the hard band.
+    SgAdmitOverLimit = 1,
+    /// 429: beyond the hard band on `sg_decision.metric`.
+    SgRejectRateLimited = 2,
+    /// 503: the model is overloaded for this request's class.
+    SgShed = 3,
+    /// 402/429: the account is suspended or over its spend limit.
+    SgRejectSpend = 4,
+    /// 400: malformed request.
+    SgRejectInvalid = 5,
+}
+
+/// How a request ended, for `sg_settle`.
+#[repr(u32)]
+pub enum sg_completion {
+    /// It ran; its usage counts toward growth and is billed.
+    SgCompletionSuccess = 0,
+    /// The backend failed it: not counted, not billed.
+    SgCompletionUpstreamFailure = 1,
+    /// The client went away; it is settled with what it used.
+    SgCompletionCancelled = 2,
+}
+
+/// A request to admit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct sg_request {
+    /// Account id bytes (1 to 64).
+    pub account: *const u8,
+    /// Length of `account`.
+    pub account_len: usize,
+    /// Model id bytes (1 to 128).
+    pub model: *const u8,
+    /// Length of `model`.
+    pub model_len: usize,
+    /// Prompt tokens, cached and uncached.
+    pub prompt_tokens: u64,
+    /// Prompt tokens expected to hit the cache.
+    pub cached_tokens: u64,
+    /// The request's max_tokens.
+    pub max_tokens: u64,
+    /// Expected generated tokens per choice; 0 reserves max_tokens.
+    pub expected_tokens: u64,
+    /// Choices (n); 0 is invalid.
+    pub n: u64,
+    /// Non-zero for the priority tier.
+    pub priority: u32,
+    /// Non-zero for the model's fast variant.
+    pub fast: u32,
+}
+
+/// A permit: plain data, copied freely; settle it exactly once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct sg_permit {
+    /// Opaque.
+    pub words: [u64; 9],
+}
+
+/// Everything about one admission.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct sg_decision {
+    /// An `sg_outcome`.
+    pub outcome: u32,
+    /// For `SG_REJECT_RATE_LIMITED`: the binding `sg_metric`.
+    pub metric: u32,
+    /// Non-zero when the request can never fit at the current limit.
+    pub too_large: u32,
+    /// Non-zero when the request runs (or would run) over its limit.
+    pub over_limit: u32,
+    /// For `SG_REJECT_SPEND`: 0 spend limit exceeded, 1 account suspended. For
+    /// `SG_REJECT_INVALID`: 0 n is zero, 1 cached above prompt, 2 overflow.
+    pub reason: u32,
+    /// For `SG_SHED`: the model's load, ‰.
+    pub load: u32,
+    /// For 429 and 503: ns until the request would fit (503: before jitter).
+    pub retry_after_ns: u64,
+    /// For admitted requests: the smoothing delay before forwarding, ns.
+    pub wait_ns: u64,
+    /// Limit per minute by `sg_metric` (`UINT64_MAX`: not enforced).
+    pub limit: [u64; 4],
+    /// Units left before each limit, by `sg_metric`.
+    pub remaining: [u64; 4],
+    /// ns until each bucket is full again.
+    pub reset_ns: [u64; 4],
+    /// The request's cost on each metric.
+    pub cost: [u64; 4],
+    /// For admitted requests: the permit to settle.
+    pub permit: sg_permit,
+    /// Raw bucket state (used to render headers).
+    pub debt: [u64; 4],
+    /// Raw bucket state (used to render headers).
+    pub interval: [u64; 4],
+}
+
+/// What a request used, for `sg_settle` and `sg_cancel`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct sg_usage {
+    /// Prompt tokens, cached and uncached.
+    pub prompt_tokens: u64,
+    /// Prompt tokens served from the cache.
+    pub cached_tokens: u64,
+    /// Generated tokens, all choices.
+    pub generated_tokens: u64,
+}
+
+/// A scope's limits, levels and reset times, by `sg_metric`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct sg_levels {
+    /// Limit per minute (`UINT64_MAX`: not enforced).
+    pub limit: [u64; 4],
+    /// Units left.
+    pub remaining: [u64; 4],
+    /// ns until full again.
+    pub reset_ns: [u64; 4],
+}
+
+/// Fills `config` with the defaults: preset fireworks_2024, every override off.
+///
+/// # Safety
+/// `config` must be NULL or point to a writable `sg_config`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_config_default(config: *mut sg_config) -> sg_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let config = unsafe { out(config) }?;
+        *config = sg_config {
+            preset: core::ptr::null(),
+            scopes: 0,
+            accounts: 0,
+            models: 0,
+            permits: 0,
+            floor: [0.0; 4],
+            ceiling: [0.0; 4],
+            hard_factor: 0.0,
+            max_wait_ns: u64::MAX,
+            seed: 0,
+        };
+        Ok(())
+    })
+}
+
+fn policy_of(config: &sg_config) -> Result<Policy, sg_result> {
+    let mut policy = if config.preset.is_null() {
+        Policy::fireworks_2024()
+    } else {
+        // SAFETY: a non-null preset must be a NUL-terminated string (documented on the field).
+        let name = unsafe { CStr::from_ptr(config.preset) }.to_str().map_err(|_| SgErrInvalidArgument)?;
+        Policy::preset(name).ok_or(SgErrInvalidArgument)?
+    };
+    for (i, l) in policy.limits.0.iter_mut().enumerate() {
+        let (floor, ceiling) =
+            (config.floor.get(i).copied().unwrap_or(0.0), config.ceiling.get(i).copied().unwrap_or(0.0));
+        if floor != 0.0 {
+            // Under a fixed policy the floor is the limit.
+            let fixed = l.floor == l.ceiling;
+            *l = MetricLimits { floor, ceiling: if fixed { floor } else { l.ceiling.max(floor) } };
+        }
+        if ceiling != 0.0 {
+            l.ceiling = ceiling;
+        }
+    }
+    if config.hard_factor != 0.0 {
+        policy.hard_factor = config.hard_factor;
+    }
+    if config.max_wait_ns != u64::MAX {
+        policy.max_wait_ns = config.max_wait_ns;
+    }
+    policy.bands()?;
+    Ok(policy)
+}
+
+fn capacity_of(config: &sg_config) -> Result<Capacity, sg_result> {
+    let n = |v: u64| usize::try_from(v).map_err(|_| SgErrBadCapacity);
+    let scopes = if config.scopes == 0 { 100_000 } else { n(config.scopes)? };
+    let mut capacity = Capacity::scopes(scopes);
+    for (field, value) in [
+        (&mut capacity.accounts, config.accounts),
+        (&mut capacity.models, config.models),
+        (&mut capacity.permits, config.permits),
+    ] {
+        if value != 0 {
+            *field = n(value)?;
+        }
+    }
+    Ok(capacity)
+}
+
+/// Creates an engine; on success `*engine` owns it until `sg_engine_free`. Tables are allocated
+/// here, once.
+///
+/// # Safety
+/// `config` must be NULL or point to a valid `sg_config` (its `preset` NULL or NUL-terminated);
+/// `engine` must be NULL or point to a writable `sg_engine *`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_engine_new(config: *const sg_config, engine: *mut *mut sg_engine) -> sg_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (config, engine) = unsafe { (arg(config)?, out(engine)?) };
+        let policy = policy_of(config)?;
+        let capacity = capacity_of(config)?;
+        let inner = if config.seed == 0 {
+            Engine::new(policy, capacity)?
+        } else {
+            Engine::with_storage(policy, Heap::new(capacity)?, config.seed)?
+        };
+        *engine = Box::into_raw(Box::new(sg_engine { inner }));
+        Ok(())
+    })
+}
+
+/// Frees an engine. NULL is ignored. Freeing twice, or using the engine afterwards, is
+/// undefined behaviour, as is freeing while another thread uses it.
+///
+/// # Safety
+/// `engine` must be NULL or a pointer returned by `sg_engine_new` and not yet freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_engine_free(engine: *mut sg_engine) {
+    let _ = boundary(|| {
+        if !engine.is_null() {
+            // SAFETY: engine came from Box::into_raw in sg_engine_new and is freed only once.
+            drop(unsafe { Box::from_raw(engine) });
+        }
+        Ok(())
+    });
+}
+
+/// Nanoseconds from the OS monotonic clock (the same origin for the whole process): a `now_ns`
+/// for callers without their own clock.
+#[unsafe(no_mangle)]
+pub extern "C" fn sg_now_ns() -> u64 {
+    sluicegate_core::clock::now_ns()
+}
+
+fn variant(fast: u32) -> Variant {
+    if fast != 0 { Variant::Fast } else { Variant::Regular }
+}
+
+pub(crate) fn decision_of(d: &Decision) -> sg_decision {
+    let l = &d.levels;
+    let (debt, interval) = l.to_raw();
+    let mut c = sg_decision {
+        limit: Metric::ALL.map(|m| l.limit(m)),
+        remaining: Metric::ALL.map(|m| l.remaining(m)),
+        reset_ns: Metric::ALL.map(|m| l.reset_ns(m)),
+        cost: d.cost.0,
+        debt,
+        interval,
+        over_limit: u32::from(l.over_limit()),
+        ..sg_decision::default()
+    };
+    match d.outcome {
+        Outcome::Admit(p) | Outcome::AdmitOverLimit(p) => {
+            c.outcome = if p.over_limit() { 1 } else { 0 };
+            c.over_limit = u32::from(p.over_limit());
+            c.wait_ns = p.wait_ns();
+            c.permit = sg_permit { words: p.to_raw().words };
+        }
+        Outcome::RejectRateLimited(r) => {
+            c.outcome = 2;
+            c.metric = r.metric as u32;
+            c.too_large = u32::from(r.too_large);
+            c.retry_after_ns = r.retry_after_ns;
+        }
+        Outcome::Shed(s) => {
+            c.outcome = 3;
+            c.load = s.load;
+            c.retry_after_ns = s.retry_after_ns;
+        }
+        Outcome::RejectSpend(s) => {
+            c.outcome = 4;
+            c.reason = s as u32;
+        }
+        Outcome::RejectInvalid(i) => {
+            c.outcome = 5;
+            c.reason = i as u32;
+        }
+    }
+    c
+}
+
+/// Decides whether a request may run (see the README's outcome table). On `SG_ADMIT` and
+/// `SG_ADMIT_OVER_LIMIT`, `out->permit` must be settled; nothing else charges anything.
+///
+/// # Safety
+/// `engine` must be a live engine; `request` and `out` must be NULL or valid, and the request's
+/// byte pointers valid for their lengths.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_admit(
+    engine: *const sg_engine,
+    request: *const sg_request,
+    now_ns: u64,
+    decision: *mut sg_decision,
+) -> sg_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (engine, r, decision) = unsafe { (arg(engine)?, arg(request)?, out(decision)?) };
+        // SAFETY: the request's pointers are valid for their lengths (contract).
+        let (account, model) = unsafe { (bytes(r.account, r.account_len)?, bytes(r.model, r.model_len)?) };
+        let key = ScopeKey { account, model, variant: variant(r.fast) };
+        let mut request =
+            Request::new(r.prompt_tokens).cached_tokens(r.cached_tokens).max_tokens(r.max_tokens);
+        request = request.n(r.n).priority(r.priority != 0);
+        if r.expected_tokens != 0 {
+            request = request.expected_tokens(r.expected_tokens);
+        }
+        *decision = decision_of(&engine.inner.admit(key, &request, now_ns)?);
+        Ok(())
+    })
+}
+
+fn permit_of(p: &sg_permit) -> Result<Permit, sg_result> {
+    Permit::from_raw(&RawPermit { words: p.words }).ok_or(SgErrStalePermit)
+}
+
+fn usage_of(u: &sg_usage) -> Usage {
+    Usage {
+        prompt_tokens: u.prompt_tokens,
+        cached_tokens: u.cached_tokens,
+        generated_tokens: u.generated_tokens,
+    }
+}
+
+/// Settles a permit with what the request used; a second settle is `SG_ERR_ALREADY_SETTLED`
+/// and changes nothing. Any thread may settle a permit another thread admitted.
+///
+/// # Safety
+/// `engine` must be a live engine; `permit` and `usage` NULL or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_settle(
+    engine: *const sg_engine,
+    permit: *const sg_permit,
+    usage: *const sg_usage,
+    completion: u32,
+    now_ns: u64,
+) -> sg_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (engine, permit, usage) = unsafe { (arg(engine)?, arg(permit)?, arg(usage)?) };
+        let completion = match completion {
+            0 => Completion::Success,
+            1 => Completion::UpstreamFailure,
+            2 => Completion::Cancelled,
+            _ => return Err(SgErrInvalidArgument),
+        };
+        Ok(engine.inner.settle(&permit_of(permit)?, &usage_of(usage), completion, now_ns)?)
+    })
+}
+
+/// Settles a request the client abandoned, with what it used.
+///
+/// # Safety
+/// As `sg_settle`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_cancel(
+    engine: *const sg_engine,
+    permit: *const sg_permit,
+    usage: *const sg_usage,
+    now_ns: u64,
+) -> sg_result {
+    // SAFETY: same contract.
+    unsafe { sg_settle(engine, permit, usage, 2, now_ns) }
+}
+
+/// Records generated tokens of a stream as they arrive; tokens beyond the reservation are
+/// charged at once.
+///
+/// # Safety
+/// `engine` must be a live engine; `permit` NULL or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_charge(
+    engine: *const sg_engine,
+    permit: *const sg_permit,
+    generated_tokens: u64,
+    now_ns: u64,
+) -> sg_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (engine, permit) = unsafe { (arg(engine)?, arg(permit)?) };
+        Ok(engine.inner.charge(&permit_of(permit)?, generated_tokens, now_ns)?)
+    })
+}
+
+pub(crate) fn levels_of(l: &Levels) -> sg_levels {
+    sg_levels {
+        limit: Metric::ALL.map(|m| l.limit(m)),
+        remaining: Metric::ALL.map(|m| l.remaining(m)),
+        reset_ns: Metric::ALL.map(|m| l.reset_ns(m)),
+    }
+}
+
+/// A scope's current limits and levels, without creating it.
+///
+/// # Safety
+/// `engine` must be a live engine; key pointers valid for their lengths; `levels` NULL or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_limits(
+    engine: *const sg_engine,
+    account: *const u8,
+    account_len: usize,
+    model: *const u8,
+    model_len: usize,
+    fast: u32,
+    now_ns: u64,
+    levels: *mut sg_levels,
+) -> sg_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (engine, levels) = unsafe { (arg(engine)?, out(levels)?) };
+        // SAFETY: forwarded from this function's contract.
+        let (account, model) = unsafe { (bytes(account, account_len)?, bytes(model, model_len)?) };
+        let key = ScopeKey { account, model, variant: variant(fast) };
+        *levels = levels_of(&engine.inner.limits(key, now_ns)?);
+        Ok(())
+    })
+}
+
+/// Sets a model variant's load signal in ‰ of capacity; requests are shed by class as it rises.
+///
+/// # Safety
+/// `engine` must be a live engine; `model` valid for `model_len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_set_load(
+    engine: *const sg_engine,
+    model: *const u8,
+    model_len: usize,
+    fast: u32,
+    load_permille: u32,
+) -> sg_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (engine, model) = unsafe { (arg(engine)?, bytes(model, model_len)?) };
+        Ok(engine.inner.set_load(model, variant(fast), load_permille)?)
+    })
+}
+
+/// Lets the engine derive a variant's load from outstanding permits (0 turns it off).
+///
+/// # Safety
+/// `engine` must be a live engine; `model` valid for `model_len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_set_model_capacity(
+    engine: *const sg_engine,
+    model: *const u8,
+    model_len: usize,
+    fast: u32,
+    in_flight_capacity: u32,
+) -> sg_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (engine, model) = unsafe { (arg(engine)?, bytes(model, model_len)?) };
+        Ok(engine.inner.set_model_capacity(model, variant(fast), in_flight_capacity)?)
+    })
+}

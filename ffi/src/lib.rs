@@ -1,0 +1,20 @@
+//! The C ABI of sluicegate, modelled on rustls-ffi: one `sg_` prefix, an opaque engine handle,
+//! plain structs of integers, a result code from every function and one panic boundary.
+//!
+//! `include/sluicegate.h` is generated from this crate by cbindgen; its comments are these doc
+//! comments.
+#![allow(non_camel_case_types)]
+// C functions take their arguments flat, as plain integers and pointers.
+#![allow(clippy::too_many_arguments)]
+
+mod account;
+mod boundary;
+mod engine;
+mod render;
+mod snapshot;
+
+pub use account::*;
+pub use boundary::*;
+pub use engine::*;
+pub use render::*;
+pub use snapshot::*;
