@@ -1,0 +1,222 @@
+"""Type stubs and documentation of the native module ``sluicegate._sluicegate``."""
+
+import enum
+from typing import Literal, Optional, Union
+
+Key = Union[str, bytes]
+Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
+MetricName = Literal["requests", "prompt_tokens", "uncached_prompt_tokens", "generated_tokens"]
+QuotaName = Literal["deployed_models", "a100_gpus", "h100_gpus"]
+
+class Error(Exception):
+    """Base of every sluicegate error."""
+
+class PolicyError(Error):
+    """The policy, a capacity or an override is unusable."""
+
+class TableFullError(Error):
+    """A fixed-capacity table has no room for this key; existing keys keep working."""
+
+class InvalidKeyError(Error):
+    """An account or model key is empty, or longer than 64 (account) / 128 (model) bytes."""
+
+class UnknownAccountError(Error):
+    """No such account."""
+
+class SpendLimitAboveTierError(Error):
+    """Users may lower their spend limit within their tier, never raise it above the tier's."""
+
+class QuotaExceededError(Error):
+    """A quota acquisition past its limit, a release beyond what is held, or a limit below use."""
+
+    used: int
+    limit: Optional[int]
+
+class AlreadySettledError(Error):
+    """The permit was already settled or cancelled; nothing changed."""
+
+class StalePermitError(Error):
+    """The permit's scope was reclaimed, or the engine restored, since it was issued."""
+
+class InvalidUsageError(Error):
+    """Usage reported at settle is impossible (cached above prompt tokens, or too large)."""
+
+class CorruptSnapshotError(Error):
+    """A snapshot is truncated, damaged, foreign, or from an engine of other capacities."""
+
+class Outcome(enum.Enum):
+    """The outcome of an admission; exactly one per request."""
+
+    ADMIT = ...
+    """Within every limit: run now (HTTP 200, ``x-ratelimit-over-limit: no``)."""
+    ADMIT_OVER_LIMIT = ...
+    """Over a limit but within the hard band: run at lower priority (200, ``over-limit: yes``)."""
+    REJECT_RATE_LIMITED = ...
+    """Beyond the hard band: 429 with ``retry-after``."""
+    SHED = ...
+    """The model is overloaded for this request's class: 503."""
+    REJECT_SPEND = ...
+    """The account is suspended or over its spend limit: 402/429."""
+    REJECT_INVALID = ...
+    """Malformed request: 400."""
+    def __int__(self) -> int: ...
+
+class Decision:
+    """An admission decision; settle it with :meth:`Engine.settle` if it was admitted."""
+
+    @property
+    def outcome(self) -> Outcome:
+        """What to do with the request."""
+    @property
+    def admitted(self) -> bool:
+        """Whether the request may run (normally or over its limit)."""
+    @property
+    def over_limit(self) -> bool:
+        """Whether it runs (or would run) over its limit, at lower priority."""
+    @property
+    def status_code(self) -> int:
+        """The HTTP status in the engine's dialect: 200, 400, 402, 429 or 503."""
+    @property
+    def retry_after(self) -> Optional[float]:
+        """Seconds until the request would fit (429) or the shed delay (503); else None."""
+    @property
+    def retry_after_ns(self) -> Optional[int]:
+        """:attr:`retry_after` in nanoseconds."""
+    @property
+    def wait(self) -> float:
+        """Seconds to delay forwarding an admitted request (smoothing); usually 0."""
+    @property
+    def binding_metric(self) -> Optional[MetricName]:
+        """For a 429, the metric that binds."""
+    @property
+    def too_large(self) -> bool:
+        """For a 429, whether the request can never fit at the current limit."""
+    @property
+    def reason(self) -> Optional[str]:
+        """For spend and invalid refusals, why."""
+    @property
+    def limits(self) -> dict[str, Optional[int]]:
+        """Each metric's limit per minute (None when not enforced)."""
+    @property
+    def remaining(self) -> dict[str, Optional[int]]:
+        """Each metric's units left before its limit."""
+    @property
+    def cost(self) -> dict[str, Optional[int]]:
+        """What the request costs on each metric."""
+    def headers(
+        self, dialect: Optional[Dialect] = None, *, unix_ns: Optional[int] = None, jitter_seed: Optional[int] = None
+    ) -> list[tuple[str, str]]:
+        """The rate-limit headers to send, in ``dialect`` (the engine's by default).
+
+        ``unix_ns`` anchors the engine's clock to wall time for Anthropic's RFC 3339 resets
+        (default: now); ``jitter_seed`` seeds a 503's retry-after jitter.
+        """
+    def error_body(self, dialect: Optional[Dialect] = None, *, jitter_seed: Optional[int] = None) -> Optional[dict[str, object]]:
+        """The OpenAI-compatible JSON error body of a refusal, parsed; None if admitted."""
+
+class Engine:
+    """The admission engine: fixed-capacity tables, safe to share between threads.
+
+    ``policy`` is a preset (``fireworks_2024``, ``fireworks_2026``, ``together``, ``fixed``);
+    keyword overrides set a metric's floor (its limit under ``fixed``) and ceiling per minute:
+    ``requests_per_minute``, ``prompt_tokens_per_minute``, ``uncached_prompt_tokens_per_minute``,
+    ``generated_tokens_per_minute``, their ``*_ceiling`` twins (e.g. ``requests_ceiling``),
+    ``hard_factor`` (ρ ≥ 1) and ``max_wait`` (smoothing, seconds). Every ``now_ns`` defaults to
+    ``time.monotonic_ns()``; pass explicit values to simulate hours in milliseconds.
+    """
+
+    def __init__(
+        self,
+        policy: str = "fireworks_2024",
+        capacity: Optional[int] = None,
+        *,
+        accounts: Optional[int] = None,
+        models: Optional[int] = None,
+        permits: Optional[int] = None,
+        seed: Optional[int] = None,
+        dialect: Dialect = "fireworks",
+        **overrides: Optional[float],
+    ) -> None: ...
+    @property
+    def policy(self) -> str:
+        """The preset the engine was built from."""
+    def admit(
+        self,
+        account: Key,
+        model: Key,
+        prompt_tokens: Optional[int] = None,
+        cached_tokens: Optional[int] = None,
+        max_tokens: Optional[int] = None,
+        n: Optional[int] = None,
+        priority: bool = False,
+        fast: bool = False,
+        expected_tokens: Optional[int] = None,
+        now_ns: Optional[int] = None,
+    ) -> Decision:
+        """Decides whether a request may run; charges its costs only if admitted."""
+    def settle(
+        self,
+        decision: Decision,
+        prompt_tokens: Optional[int] = None,
+        cached_tokens: Optional[int] = None,
+        generated_tokens: Optional[int] = None,
+        *,
+        completion: Literal["success", "upstream_failure", "cancelled"] = "success",
+        now_ns: Optional[int] = None,
+    ) -> None:
+        """Settles an admitted decision with actual usage (defaults: what was reserved).
+
+        Raises :class:`AlreadySettledError` on a second settle.
+        """
+    def cancel(
+        self,
+        decision: Decision,
+        prompt_tokens: Optional[int] = None,
+        cached_tokens: Optional[int] = None,
+        generated_tokens: Optional[int] = None,
+        *,
+        now_ns: Optional[int] = None,
+    ) -> None:
+        """Settles a request the client abandoned, with what it used."""
+    def charge(self, decision: Decision, generated_tokens: int, *, now_ns: Optional[int] = None) -> None:
+        """Records generated tokens of a stream as they arrive."""
+    def limits(self, account: Key, model: Key, *, fast: bool = False, now_ns: Optional[int] = None) -> dict[str, Optional[int]]:
+        """Each metric's current limit per minute for a scope (without creating it)."""
+    def remaining(self, account: Key, model: Key, *, fast: bool = False, now_ns: Optional[int] = None) -> dict[str, Optional[int]]:
+        """Each metric's units left for a scope."""
+    def set_load(self, model: Key, load: float, *, fast: bool = False) -> None:
+        """Sets a model's load signal (1.0 = at capacity); classes of request are shed as it rises."""
+    def load(self, model: Key, *, fast: bool = False) -> float:
+        """A model's current load."""
+    def set_model_capacity(self, model: Key, in_flight: int, *, fast: bool = False) -> None:
+        """Derives a model's load from outstanding permits: in-flight / ``in_flight`` (0: off)."""
+    def set_price(self, model: Key, *, uncached_prompt: int, cached_prompt: int, generated: int, fast: bool = False) -> None:
+        """Sets a model's prices in micro-dollars per million tokens."""
+    def account(self, account: Key) -> dict[str, object]:
+        """Everything about an account (money in micro-dollars); UnknownAccountError if unseen."""
+    def add_credits(self, account: Key, micros: int) -> None:
+        """Adds prepaid credits; they count toward historical spend and so the tier."""
+    def set_payment_method(self, account: Key, on_file: bool) -> None:
+        """Records whether a payment method is on file."""
+    def set_spend_limit(self, account: Key, micros: int) -> None:
+        """Sets the user's own monthly spend limit, within the tier's."""
+    def set_suspended(self, account: Key, reason: Literal["operator", "payment_failed"] = "operator", suspended: bool = True) -> None:
+        """Suspends an account (or lifts the suspension)."""
+    def set_tier(self, account: Key, tier: Optional[Literal["tier_1", "tier_2", "tier_3", "tier_4", "unlimited"]], *, now_ns: Optional[int] = None) -> None:
+        """Grants a tier, or with None returns to the earned one; ceilings change at once."""
+    def set_limits_override(
+        self, account: Key, metric: MetricName, floor: Optional[float] = None, ceiling: Optional[float] = None, *, now_ns: Optional[int] = None
+    ) -> None:
+        """Gives an account its own floor and ceiling on a metric (None: the policy's)."""
+    def start_billing_period(self) -> None:
+        """Starts a new billing period for every account."""
+    def acquire_quota(self, account: Key, quota: QuotaName, n: Optional[int] = None) -> tuple[int, int]:
+        """Acquires units of a quota; returns (used, limit)."""
+    def release_quota(self, account: Key, quota: QuotaName, n: Optional[int] = None) -> tuple[int, int]:
+        """Releases units of a quota; returns (used, limit)."""
+    def set_quota_limit(self, account: Key, quota: QuotaName, limit: int) -> tuple[int, int]:
+        """Sets a quota's limit (not below use); returns (used, limit)."""
+    def snapshot(self, *, now_ns: Optional[int] = None) -> bytes:
+        """The whole state as a versioned, checksummed byte string."""
+    def restore(self, data: bytes, *, now_ns: Optional[int] = None) -> None:
+        """Replaces the state with a snapshot's, re-based on this clock; needs the same capacities."""
