@@ -1,12 +1,30 @@
 """Type stubs and documentation of the native module ``sluicegate._sluicegate``."""
 
-import enum
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
-Key = Union[str, bytes]
-Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
-MetricName = Literal["requests", "prompt_tokens", "uncached_prompt_tokens", "generated_tokens"]
-QuotaName = Literal["deployed_models", "a100_gpus", "h100_gpus"]
+from typing_extensions import final
+
+_Key = Union[str, bytes]
+_Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
+_MetricName = Literal["requests", "prompt_tokens", "uncached_prompt_tokens", "generated_tokens"]
+_QuotaName = Literal["deployed_models", "a100_gpus", "h100_gpus"]
+
+__all__ = [
+    "AlreadySettledError",
+    "CorruptSnapshotError",
+    "Decision",
+    "Engine",
+    "Error",
+    "InvalidKeyError",
+    "InvalidUsageError",
+    "Outcome",
+    "PolicyError",
+    "QuotaExceededError",
+    "SpendLimitAboveTierError",
+    "StalePermitError",
+    "TableFullError",
+    "UnknownAccountError",
+]
 
 class Error(Exception):
     """Base of every sluicegate error."""
@@ -44,23 +62,27 @@ class InvalidUsageError(Error):
 class CorruptSnapshotError(Error):
     """A snapshot is truncated, damaged, foreign, or from an engine of other capacities."""
 
-class Outcome(enum.Enum):
-    """The outcome of an admission; exactly one per request."""
+@final
+class Outcome:
+    """The outcome of an admission; exactly one per request.
 
-    ADMIT = ...
-    """Within every limit: run now (HTTP 200, ``x-ratelimit-over-limit: no``)."""
-    ADMIT_OVER_LIMIT = ...
-    """Over a limit but within the hard band: run at lower priority (200, ``over-limit: yes``)."""
-    REJECT_RATE_LIMITED = ...
-    """Beyond the hard band: 429 with ``retry-after``."""
-    SHED = ...
-    """The model is overloaded for this request's class: 503."""
-    REJECT_SPEND = ...
-    """The account is suspended or over its spend limit: 402/429."""
-    REJECT_INVALID = ...
-    """Malformed request: 400."""
+    ``ADMIT``: within every limit, run now (HTTP 200, ``x-ratelimit-over-limit: no``).
+    ``ADMIT_OVER_LIMIT``: over a limit but within the hard band, run at lower priority.
+    ``REJECT_RATE_LIMITED``: beyond the hard band, 429 with ``retry-after``.
+    ``SHED``: the model is overloaded for this request's class, 503.
+    ``REJECT_SPEND``: the account is suspended or over its spend limit, 402/429.
+    ``REJECT_INVALID``: malformed request, 400.
+    """
+
+    ADMIT: ClassVar[Outcome]
+    ADMIT_OVER_LIMIT: ClassVar[Outcome]
+    REJECT_RATE_LIMITED: ClassVar[Outcome]
+    SHED: ClassVar[Outcome]
+    REJECT_SPEND: ClassVar[Outcome]
+    REJECT_INVALID: ClassVar[Outcome]
     def __int__(self) -> int: ...
 
+@final
 class Decision:
     """An admission decision; settle it with :meth:`Engine.settle` if it was admitted."""
 
@@ -86,7 +108,7 @@ class Decision:
     def wait(self) -> float:
         """Seconds to delay forwarding an admitted request (smoothing); usually 0."""
     @property
-    def binding_metric(self) -> Optional[MetricName]:
+    def binding_metric(self) -> Optional[_MetricName]:
         """For a 429, the metric that binds."""
     @property
     def too_large(self) -> bool:
@@ -104,16 +126,17 @@ class Decision:
     def cost(self) -> dict[str, Optional[int]]:
         """What the request costs on each metric."""
     def headers(
-        self, dialect: Optional[Dialect] = None, *, unix_ns: Optional[int] = None, jitter_seed: Optional[int] = None
+        self, dialect: Optional[_Dialect] = None, *, unix_ns: Optional[int] = None, jitter_seed: Optional[int] = None
     ) -> list[tuple[str, str]]:
         """The rate-limit headers to send, in ``dialect`` (the engine's by default).
 
         ``unix_ns`` anchors the engine's clock to wall time for Anthropic's RFC 3339 resets
         (default: now); ``jitter_seed`` seeds a 503's retry-after jitter.
         """
-    def error_body(self, dialect: Optional[Dialect] = None, *, jitter_seed: Optional[int] = None) -> Optional[dict[str, object]]:
+    def error_body(self, dialect: Optional[_Dialect] = None, *, jitter_seed: Optional[int] = None) -> Optional[dict[str, object]]:
         """The OpenAI-compatible JSON error body of a refusal, parsed; None if admitted."""
 
+@final
 class Engine:
     """The admission engine: fixed-capacity tables, safe to share between threads.
 
@@ -125,8 +148,8 @@ class Engine:
     ``time.monotonic_ns()``; pass explicit values to simulate hours in milliseconds.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         policy: str = "fireworks_2024",
         capacity: Optional[int] = None,
         *,
@@ -134,16 +157,16 @@ class Engine:
         models: Optional[int] = None,
         permits: Optional[int] = None,
         seed: Optional[int] = None,
-        dialect: Dialect = "fireworks",
+        dialect: _Dialect = "fireworks",
         **overrides: Optional[float],
-    ) -> None: ...
+    ) -> Engine: ...
     @property
     def policy(self) -> str:
         """The preset the engine was built from."""
     def admit(
         self,
-        account: Key,
-        model: Key,
+        account: _Key,
+        model: _Key,
         prompt_tokens: Optional[int] = None,
         cached_tokens: Optional[int] = None,
         max_tokens: Optional[int] = None,
@@ -180,41 +203,41 @@ class Engine:
         """Settles a request the client abandoned, with what it used."""
     def charge(self, decision: Decision, generated_tokens: int, *, now_ns: Optional[int] = None) -> None:
         """Records generated tokens of a stream as they arrive."""
-    def limits(self, account: Key, model: Key, *, fast: bool = False, now_ns: Optional[int] = None) -> dict[str, Optional[int]]:
+    def limits(self, account: _Key, model: _Key, *, fast: bool = False, now_ns: Optional[int] = None) -> dict[str, Optional[int]]:
         """Each metric's current limit per minute for a scope (without creating it)."""
-    def remaining(self, account: Key, model: Key, *, fast: bool = False, now_ns: Optional[int] = None) -> dict[str, Optional[int]]:
+    def remaining(self, account: _Key, model: _Key, *, fast: bool = False, now_ns: Optional[int] = None) -> dict[str, Optional[int]]:
         """Each metric's units left for a scope."""
-    def set_load(self, model: Key, load: float, *, fast: bool = False) -> None:
+    def set_load(self, model: _Key, load: float, *, fast: bool = False) -> None:
         """Sets a model's load signal (1.0 = at capacity); classes of request are shed as it rises."""
-    def load(self, model: Key, *, fast: bool = False) -> float:
+    def load(self, model: _Key, *, fast: bool = False) -> float:
         """A model's current load."""
-    def set_model_capacity(self, model: Key, in_flight: int, *, fast: bool = False) -> None:
+    def set_model_capacity(self, model: _Key, in_flight: int, *, fast: bool = False) -> None:
         """Derives a model's load from outstanding permits: in-flight / ``in_flight`` (0: off)."""
-    def set_price(self, model: Key, *, uncached_prompt: int, cached_prompt: int, generated: int, fast: bool = False) -> None:
+    def set_price(self, model: _Key, *, uncached_prompt: int, cached_prompt: int, generated: int, fast: bool = False) -> None:
         """Sets a model's prices in micro-dollars per million tokens."""
-    def account(self, account: Key) -> dict[str, object]:
+    def account(self, account: _Key) -> dict[str, object]:
         """Everything about an account (money in micro-dollars); UnknownAccountError if unseen."""
-    def add_credits(self, account: Key, micros: int) -> None:
+    def add_credits(self, account: _Key, micros: int) -> None:
         """Adds prepaid credits; they count toward historical spend and so the tier."""
-    def set_payment_method(self, account: Key, on_file: bool) -> None:
+    def set_payment_method(self, account: _Key, on_file: bool) -> None:
         """Records whether a payment method is on file."""
-    def set_spend_limit(self, account: Key, micros: int) -> None:
+    def set_spend_limit(self, account: _Key, micros: int) -> None:
         """Sets the user's own monthly spend limit, within the tier's."""
-    def set_suspended(self, account: Key, reason: Literal["operator", "payment_failed"] = "operator", suspended: bool = True) -> None:
+    def set_suspended(self, account: _Key, reason: Literal["operator", "payment_failed"] = "operator", suspended: bool = True) -> None:
         """Suspends an account (or lifts the suspension)."""
-    def set_tier(self, account: Key, tier: Optional[Literal["tier_1", "tier_2", "tier_3", "tier_4", "unlimited"]], *, now_ns: Optional[int] = None) -> None:
+    def set_tier(self, account: _Key, tier: Optional[Literal["tier_1", "tier_2", "tier_3", "tier_4", "unlimited"]], *, now_ns: Optional[int] = None) -> None:
         """Grants a tier, or with None returns to the earned one; ceilings change at once."""
     def set_limits_override(
-        self, account: Key, metric: MetricName, floor: Optional[float] = None, ceiling: Optional[float] = None, *, now_ns: Optional[int] = None
+        self, account: _Key, metric: _MetricName, floor: Optional[float] = None, ceiling: Optional[float] = None, *, now_ns: Optional[int] = None
     ) -> None:
         """Gives an account its own floor and ceiling on a metric (None: the policy's)."""
     def start_billing_period(self) -> None:
         """Starts a new billing period for every account."""
-    def acquire_quota(self, account: Key, quota: QuotaName, n: Optional[int] = None) -> tuple[int, int]:
+    def acquire_quota(self, account: _Key, quota: _QuotaName, n: Optional[int] = None) -> tuple[int, int]:
         """Acquires units of a quota; returns (used, limit)."""
-    def release_quota(self, account: Key, quota: QuotaName, n: Optional[int] = None) -> tuple[int, int]:
+    def release_quota(self, account: _Key, quota: _QuotaName, n: Optional[int] = None) -> tuple[int, int]:
         """Releases units of a quota; returns (used, limit)."""
-    def set_quota_limit(self, account: Key, quota: QuotaName, limit: int) -> tuple[int, int]:
+    def set_quota_limit(self, account: _Key, quota: _QuotaName, limit: int) -> tuple[int, int]:
         """Sets a quota's limit (not below use); returns (used, limit)."""
     def snapshot(self, *, now_ns: Optional[int] = None) -> bytes:
         """The whole state as a versioned, checksummed byte string."""

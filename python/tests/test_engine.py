@@ -1,0 +1,155 @@
+"""The Python API behaves like the Rust engine (SPEC §1–§10 through the binding)."""
+
+import pytest
+
+import sluicegate
+from sluicegate import Outcome
+
+SECOND = 1_000_000_000
+MINUTE = 60 * SECOND
+
+
+def test_a_new_scope_admits_its_floor_then_rejects_with_retry_after():
+    e = sluicegate.Engine(policy="fixed", capacity=1_000)
+    outcomes = [e.admit("a", "m", now_ns=0).outcome for _ in range(61)]
+    assert outcomes[:60] == [Outcome.ADMIT] * 60
+    d = e.admit("a", "m", now_ns=0)
+    assert d.outcome is Outcome.REJECT_RATE_LIMITED
+    assert (d.status_code, d.binding_metric, d.retry_after, d.too_large) == (429, "requests", 1.0, False)
+    assert e.admit("a", "m", now_ns=SECOND).admitted
+
+
+def test_over_limit_band_and_headers():
+    e = sluicegate.Engine(capacity=1_000)
+    for _ in range(60):
+        e.admit("a", "m", now_ns=0)
+    d = e.admit("a", "m", now_ns=0)
+    assert d.outcome is Outcome.ADMIT_OVER_LIMIT and d.over_limit and d.status_code == 200
+    assert ("x-ratelimit-over-limit", "yes") in d.headers("fireworks")
+    assert dict(d.headers("openai"))["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_overrides_set_floors_ceilings_and_the_hard_factor():
+    e = sluicegate.Engine(policy="fixed", capacity=100, requests_per_minute=600, generated_tokens_per_minute=1_000)
+    assert e.limits("a", "m", now_ns=0) == {
+        "requests": 600,
+        "prompt_tokens": 60_000,
+        "uncached_prompt_tokens": 60_000,
+        "generated_tokens": 1_000,
+    }
+    strict = sluicegate.Engine(capacity=100, hard_factor=1.0)
+    for _ in range(60):
+        strict.admit("a", "m", now_ns=0)
+    assert strict.admit("a", "m", now_ns=0).outcome is Outcome.REJECT_RATE_LIMITED
+    with pytest.raises(sluicegate.PolicyError):
+        sluicegate.Engine(capacity=100, requests_per_minute=100, requests_ceiling=50)
+
+
+def test_settle_refunds_and_rejects_a_second_settle():
+    e = sluicegate.Engine(policy="fixed", capacity=100)
+    d = e.admit("a", "m", prompt_tokens=1_000, max_tokens=3_000, now_ns=0)
+    assert e.remaining("a", "m", now_ns=0)["generated_tokens"] == 3_000
+    e.settle(d, prompt_tokens=1_000, generated_tokens=500, now_ns=0)
+    assert e.remaining("a", "m", now_ns=0)["generated_tokens"] == 5_500
+    with pytest.raises(sluicegate.AlreadySettledError):
+        e.settle(d, generated_tokens=0, now_ns=0)
+    rejected = e.admit("a", "m", max_tokens=100_000, now_ns=0)
+    with pytest.raises(ValueError, match="not admitted"):
+        e.settle(rejected)
+
+
+def test_streams_charge_as_they_go():
+    e = sluicegate.Engine(policy="fixed", capacity=100)
+    d = e.admit("a", "m", max_tokens=1_000, now_ns=0)
+    e.charge(d, 700, now_ns=0)
+    e.charge(d, 700, now_ns=0)
+    assert e.remaining("a", "m", now_ns=0)["generated_tokens"] == 4_600
+    e.settle(d, generated_tokens=1_400, now_ns=0)
+    assert e.remaining("a", "m", now_ns=0)["generated_tokens"] == 4_600
+
+
+def test_ramp_grows_limits_with_sustained_use():
+    e = sluicegate.Engine(policy="fireworks_2024", capacity=100)
+    for minute in range(10):
+        rpm = e.limits("a", "m", now_ns=minute * MINUTE)["requests"]
+        for i in range(rpm):
+            now = minute * MINUTE + i * MINUTE // rpm
+            d = e.admit("a", "m", now_ns=now)
+            if d.admitted:
+                e.settle(d, now_ns=now)
+    assert e.limits("a", "m", now_ns=10 * MINUTE)["requests"] == 120
+
+
+def test_shed_and_priority():
+    e = sluicegate.Engine(capacity=100)
+    e.set_load("m", 1.0)
+    assert e.load("m") == 1.0
+    shed = e.admit("a", "m", now_ns=0)
+    assert shed.outcome is Outcome.SHED and shed.status_code == 503
+    assert "retry-after" in dict(shed.headers())
+    assert e.admit("a", "m", priority=True, now_ns=0).admitted
+
+
+def test_accounts_spend_and_quotas():
+    e = sluicegate.Engine(capacity=100)
+    e.set_price("m", uncached_prompt=1_000_000, cached_prompt=1_000_000, generated=1_000_000)
+    e.add_credits("a", 100_000_000)
+    assert e.account("a")["tier"] == "tier_2"
+    e.set_spend_limit("a", 1_000)
+    d = e.admit("a", "m", prompt_tokens=1_000, now_ns=0)
+    e.settle(d, prompt_tokens=1_000, generated_tokens=0, now_ns=0)
+    refused = e.admit("a", "m", prompt_tokens=1, now_ns=0)
+    assert (refused.outcome, refused.reason, refused.status_code) == (
+        Outcome.REJECT_SPEND,
+        "spend_limit_exceeded",
+        402,
+    )
+    assert refused.error_body("openai")["error"]["type"] == "spend_limit_exceeded"
+    with pytest.raises(sluicegate.SpendLimitAboveTierError):
+        e.set_spend_limit("a", 10**12)
+    assert e.acquire_quota("a", "h100_gpus", 8) == (8, 8)
+    with pytest.raises(sluicegate.QuotaExceededError) as err:
+        e.acquire_quota("a", "h100_gpus")
+    assert (err.value.used, err.value.limit) == (8, 8)
+    with pytest.raises(sluicegate.UnknownAccountError):
+        e.account("nobody")
+
+
+def test_snapshot_restores_earned_limits_on_another_clock():
+    old = sluicegate.Engine(capacity=100)
+    for minute in range(12):
+        rpm = old.limits("a", "m", now_ns=minute * MINUTE)["requests"]
+        for i in range(rpm):
+            now = minute * MINUTE + i * MINUTE // rpm
+            d = old.admit("a", "m", now_ns=now)
+            if d.admitted:
+                old.settle(d, now_ns=now)
+    earned = old.limits("a", "m", now_ns=12 * MINUTE)["requests"]
+    assert earned > 120
+    data = old.snapshot(now_ns=12 * MINUTE)
+    new = sluicegate.Engine(capacity=100)
+    new.restore(data, now_ns=5 * SECOND)
+    assert new.limits("a", "m", now_ns=5 * SECOND)["requests"] == earned
+    with pytest.raises(sluicegate.CorruptSnapshotError):
+        new.restore(data[:-1], now_ns=5 * SECOND)
+    with pytest.raises(sluicegate.CorruptSnapshotError):
+        sluicegate.Engine(capacity=50).restore(data)
+
+
+def test_permits_issued_before_a_restore_are_stale():
+    e = sluicegate.Engine(capacity=100)
+    d = e.admit("a", "m", now_ns=0)
+    e.restore(e.snapshot(now_ns=0), now_ns=0)
+    with pytest.raises(sluicegate.StalePermitError):
+        e.settle(d, now_ns=0)
+
+
+def test_explicit_and_implicit_clocks_agree():
+    import time
+
+    e = sluicegate.Engine(policy="fixed", capacity=100)
+    for _ in range(60):
+        e.admit("a", "m")
+    # The implicit clock is time.monotonic_ns(): an explicit reading is "now" for the engine too.
+    assert not e.admit("a", "m", now_ns=time.monotonic_ns()).admitted
+    assert e.admit("a", "m", now_ns=time.monotonic_ns() + 2 * SECOND).admitted
