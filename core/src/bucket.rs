@@ -62,6 +62,7 @@ impl Word {
     }
 
     /// Packs into the stored representation.
+    #[inline]
     pub fn pack(self) -> u128 {
         let [a, b, c, d] = self.offset.map(|o| u128::from(o.min(DEBT_MAX)));
         let packed = a
@@ -75,6 +76,7 @@ impl Word {
     }
 
     /// Unpacks a stored word.
+    #[inline]
     pub fn unpack(w: u128) -> Self {
         let field = |shift: u32| ((w >> shift) as u64) & DEBT_MAX;
         Word {
@@ -104,6 +106,7 @@ pub struct Debts {
 ///
 /// The 12-bit epoch tag is read as the epoch nearest to `now_q` (within ±2^11 epochs, about
 /// 19 hours); the engine resets words idle longer than any debt can last before that matters.
+#[inline]
 pub fn open(word: Word, now_q: u64) -> Debts {
     let e_now = now_q >> EPOCH_SHIFT;
     let diff = e_now.wrapping_sub(word.epoch) & EPOCH_MASK;
@@ -118,6 +121,7 @@ pub fn open(word: Word, now_q: u64) -> Debts {
 }
 
 /// Encodes debts measured at `now_q` into a word (saturating each at the representable horizon).
+#[inline]
 pub fn seal(now_q: u64, debt: [u64; 4], version: u8) -> Word {
     let epoch = now_q >> EPOCH_SHIFT;
     let into_epoch = now_q - (epoch << EPOCH_SHIFT);
@@ -154,6 +158,7 @@ pub fn limit_of(interval: u64) -> u64 {
 }
 
 /// Debt in quanta that `tokens` add at `interval`, rounded up.
+#[inline]
 pub fn cost(tokens: u64, interval: u64) -> u64 {
     let q = (u128::from(tokens) * u128::from(interval) + 0xFFFF_FFFF) >> 32;
     u64::try_from(q).unwrap_or(u64::MAX)
@@ -190,6 +195,7 @@ pub fn rescale(debt: u64, old_interval: u64, new_interval: u64) -> u64 {
 }
 
 /// Debt after a settle correction of `delta` quanta (refunds stop at a full bucket).
+#[inline]
 pub fn adjust(debt: u64, delta: i128) -> u64 {
     let d = (i128::from(debt) + delta).max(0);
     u64::try_from(d).unwrap_or(u64::MAX)
@@ -239,37 +245,39 @@ pub enum Fit {
 }
 
 /// Checks `cost` against `debt`. A metric with zero cost always passes (SPEC §4).
+#[inline]
 pub fn fit(debt: [u64; 4], cost: [u64; 4], bands: Bands) -> Fit {
     let mut after = [0u64; 4];
-    let mut over_normal = false;
-    let mut wait = 0u64;
-    let mut binding = Metric::Requests;
-    let mut too_large = None;
-    for (((m, d), c), a) in Metric::ALL.into_iter().zip(debt).zip(cost).zip(after.iter_mut()) {
+    let mut worst = 0u64;
+    let mut binding = 0usize;
+    let mut largest_cost = 0u64;
+    let mut largest = 0usize;
+    // Straight-line over the four metrics; only metrics with a cost take part.
+    for (i, ((a, d), c)) in after.iter_mut().zip(debt).zip(cost).enumerate() {
         *a = d.saturating_add(c);
-        if c == 0 {
-            continue;
+        let excess = if c == 0 { 0 } else { a.saturating_sub(bands.normal_q) };
+        if excess > worst {
+            worst = excess;
+            binding = i;
         }
-        if c > bands.hard_q && too_large.is_none() {
-            too_large = Some(m);
-        }
-        over_normal |= *a > bands.normal_q;
-        let excess = a.saturating_sub(bands.hard_q);
-        if excess > wait {
-            wait = excess;
-            binding = m;
+        if c > largest_cost {
+            largest_cost = c;
+            largest = i;
         }
     }
-    if let Some(m) = too_large {
-        return Fit::Exceeds { binding: m, retry_after_q: 0, too_large: true };
+    let metric = |i: usize| Metric::ALL.get(i).copied().unwrap_or(Metric::Requests);
+    if largest_cost > bands.hard_q {
+        return Fit::Exceeds { binding: metric(largest), retry_after_q: 0, too_large: true };
     }
+    if worst == 0 {
+        return Fit::Fits { band: Band::Normal, wait_q: 0, debt: after };
+    }
+    let hard_slack = bands.hard_q - bands.normal_q;
+    let wait = worst.saturating_sub(hard_slack);
     if wait > bands.max_wait_q {
-        return Fit::Exceeds { binding, retry_after_q: wait, too_large: false };
+        return Fit::Exceeds { binding: metric(binding), retry_after_q: wait, too_large: false };
     }
-    if wait > 0 {
-        over_normal = after.iter().zip(cost).any(|(a, c)| c > 0 && a.saturating_sub(wait) > bands.normal_q);
-    }
-    let band = if over_normal { Band::OverLimit } else { Band::Normal };
+    let band = if worst > wait { Band::OverLimit } else { Band::Normal };
     Fit::Fits { band, wait_q: wait, debt: after }
 }
 

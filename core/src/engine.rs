@@ -19,7 +19,7 @@ use crate::table::{self, Claim, Keyed, Probe, Slot};
 
 /// Seeds of the three hashes, so one key hashes differently in each table.
 pub(crate) const MODEL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
-pub(crate) const SCOPE_SALT: u64 = 0xc2b2_ae3d_27d4_eb4f;
+const SCOPE_SALT: u64 = 0xc2b2_ae3d_27d4_eb4f;
 /// Permit-ledger slots tried before the ledger counts as full.
 const LEDGER_PROBE: usize = 64;
 
@@ -42,6 +42,8 @@ pub struct Engine<S: Storage> {
     bands: Bands,
     pub(crate) seed: u64,
     pub(crate) incarnation: u32,
+    /// The last tick index computed: saves a division on almost every call.
+    tick_cache: crate::sync::AtomicU64,
 }
 
 /// Where a scope lives, as resolved for one call.
@@ -84,7 +86,7 @@ impl<S: Storage> Engine<S> {
         let bands = policy.bands()?;
         storage.tables().capacity().check()?;
         let incarnation = (seed ^ (seed >> 32)) as u32 | 1;
-        Ok(Engine { storage, policy, bands, seed, incarnation })
+        Ok(Engine { storage, policy, bands, seed, incarnation, tick_cache: crate::sync::AtomicU64::new(0) })
     }
 
     /// The engine's policy.
@@ -311,11 +313,7 @@ impl<S: Storage> Engine<S> {
         self.correct(slot, delta, now_ns);
         if completion.counts() {
             let [prompt, uncached, generated] = actual;
-            for (u, n) in slot.usage.iter().zip([r.requests, prompt, uncached, generated]) {
-                if n != 0 {
-                    u.fetch_add(n, Ordering::Relaxed);
-                }
-            }
+            slot.add_usage([r.requests, prompt, uncached, generated]);
             if let (Some(model), Some(account)) = (t.models.get(at.model), t.accounts.get(at.account)) {
                 let cost = model.price(at.variant).cost(uncached, prompt - uncached, generated);
                 account.record_spend(cost, &self.policy.tiers);
@@ -404,17 +402,26 @@ impl<S: Storage> Engine<S> {
 
     /// Applies every adaptation tick missed up to `now_ns` (SPEC §5): the first caller after a
     /// tick boundary wins and applies them all in closed form; everyone else carries on.
+    #[inline]
     pub(crate) fn tick(&self, at: Located, now_ns: u64) {
+        let index = self.tick_index(now_ns);
+        let current = self.tables().scopes.get(at.slot).is_none_or(|s| !s.tick_due(index));
+        if !current {
+            self.apply_ticks(at, now_ns);
+        }
+    }
+
+    #[cold]
+    fn apply_ticks(&self, at: Located, now_ns: u64) {
         let t = self.tables();
         let (Some(slot), Some(adaptation)) = (t.scopes.get(at.slot), t.adaptation.get(at.slot)) else {
             return;
         };
-        let Some(ticks) = slot.begin_tick(now_ns / self.policy.tick_ns) else { return };
+        let Some(ticks) = slot.begin_tick(self.tick_index(now_ns)) else { return };
         let loaded =
             t.models.get(at.model).is_some_and(|m| self.policy.shed.holds_growth(m.load(at.variant)));
         let duration_ns = ticks.saturating_mul(self.policy.tick_ns);
-        let usage: [u64; 4] = slot.usage.each_ref().map(|u| u.swap(0, Ordering::AcqRel));
-        let mut usage = usage.into_iter();
+        let mut usage = slot.take_usage().into_iter();
         let bounds = self.bounds(Some(at.account));
         let after = adaptation.load().map(|m, s| {
             let period = Period { usage: usage.next().unwrap_or(0), duration_ns, loaded };
@@ -424,6 +431,21 @@ impl<S: Storage> Engine<S> {
         let expired = duration_ns / QUANTUM_NS > DEBT_MAX + EPOCH_Q;
         self.install(slot, adaptation, &after, expired, now_ns);
         slot.end_tick();
+    }
+
+    /// `now_ns / tick_ns`, usually without dividing: most calls fall in the tick computed last.
+    #[inline]
+    pub(crate) fn tick_index(&self, now_ns: u64) -> u64 {
+        let tick = self.policy.tick_ns;
+        let cached = self.tick_cache.load(Ordering::Relaxed);
+        if let Some(start) = cached.checked_mul(tick) {
+            if now_ns >= start && now_ns - start < tick {
+                return cached;
+            }
+        }
+        let index = now_ns / tick;
+        self.tick_cache.store(index, Ordering::Relaxed);
+        index
     }
 
     /// Makes `states` a scope's limits: writes their intervals into the spare buffer and, in the
@@ -590,7 +612,7 @@ impl<S: Storage> Engine<S> {
         let (Some(account), Some(model)) = (account, model) else { return Ok(None) };
         let identity = scope::identity(account, model, key.variant.index());
         let slots = self.tables().scopes;
-        let hash = key::hash(self.seed ^ SCOPE_SALT, &identity.to_le_bytes());
+        let hash = scope_hash(self.seed, identity);
         let always = |_: usize| true;
         let probe = Probe { hash, tag: identity, mask: scope::IDENTITY_MASK, matches: &always };
         let found = if create {
@@ -600,6 +622,13 @@ impl<S: Storage> Engine<S> {
         };
         Ok(found.map(|(slot, id)| Located { slot, id, account, model, variant: key.variant }))
     }
+}
+
+/// The home of a scope identity: a seeded multiply-xorshift, as the identity is already a
+/// dense integer.
+pub(crate) fn scope_hash(seed: u64, identity: u64) -> u64 {
+    let x = (identity ^ seed ^ SCOPE_SALT).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (x ^ (x >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53)
 }
 
 /// Inserting an account or model: a fixed tag, no reclaim.
@@ -642,7 +671,7 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
         if let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) {
             let (states, intervals) = e.fresh(&e.bounds(Some(self.account)));
             adaptation.store(&states);
-            slot.init(intervals, self.now_ns / QUANTUM_NS, self.now_ns / e.policy.tick_ns);
+            slot.init(intervals, self.now_ns / QUANTUM_NS, e.tick_index(self.now_ns));
         }
     }
 

@@ -66,14 +66,14 @@ pub struct ScopeSlot {
     pub(crate) tick: AtomicU64,
     /// The four bucket debts, their epoch and interval version, in one CAS-able word.
     pub(crate) bucket: AtomicU128,
-    /// Usage settled since the last tick, per metric.
-    pub(crate) usage: [AtomicU64; 4],
+    /// Usage settled since the last tick: four saturating 32-bit counters, added in one CAS.
+    pub(crate) usage: AtomicU128,
     /// Quanta per token (32.32) per metric, double-buffered by the bucket word's version.
     pub(crate) interval: [[AtomicU64; 4]; 2],
 }
 
 #[cfg(not(loom))]
-const _: () = assert!(core::mem::size_of::<ScopeSlot>() == 128);
+const _: () = assert!(core::mem::size_of::<ScopeSlot>() <= 128);
 
 impl Default for ScopeSlot {
     fn default() -> Self {
@@ -88,11 +88,12 @@ impl ScopeSlot {
             id: AtomicU64::new(0),
             tick: AtomicU64::new(0),
             bucket: AtomicU128::new(Word::fresh(0, 0).pack()),
-            usage: core::array::from_fn(|_| AtomicU64::new(0)),
+            usage: AtomicU128::new(0),
             interval: core::array::from_fn(|_| core::array::from_fn(|_| AtomicU64::new(0))),
         }
     }
 
+    #[inline]
     pub(crate) fn intervals(&self, buffer: usize) -> [u64; 4] {
         let set = self.interval.get(buffer).unwrap_or(&self.interval[0]);
         set.each_ref().map(|a| a.load(Ordering::Relaxed))
@@ -109,13 +110,13 @@ impl ScopeSlot {
         self.id.store(0, Ordering::Relaxed);
         self.tick.store(0, Ordering::Relaxed);
         self.bucket.store(Word::fresh(0, 0).pack(), Ordering::Relaxed);
-        self.usage.iter().for_each(|u| u.store(0, Ordering::Relaxed));
+        self.usage.store(0, Ordering::Relaxed);
         self.interval.iter().flatten().for_each(|i| i.store(0, Ordering::Relaxed));
     }
 
     /// Resets a slot this thread has just claimed to a fresh scope.
     pub(crate) fn init(&self, fresh_interval: [u64; 4], now_q: u64, now_tick: u64) {
-        self.usage.iter().for_each(|u| u.store(0, Ordering::Relaxed));
+        self.usage.store(0, Ordering::Relaxed);
         self.store_intervals(0, fresh_interval);
         self.store_intervals(1, fresh_interval);
         // A version other than the last incarnation's makes any stale compare-exchange fail.
@@ -131,6 +132,15 @@ impl ScopeSlot {
                 Err(cur) => t = cur,
             }
         }
+    }
+
+    /// Whether ticks up to `now_tick` remain to be applied (a cheap check before `begin_tick`).
+    #[inline]
+    pub(crate) fn tick_due(&self, now_tick: u64) -> bool {
+        let t = self.tick.load(Ordering::Acquire);
+        let last = (t >> TICK_SHIFT) & TICK_MASK;
+        let ahead = (now_tick & TICK_MASK).wrapping_sub(last) & TICK_MASK;
+        ahead != 0 && ahead <= TICK_MASK / 2
     }
 
     /// Wins the right to apply ticks up to `now_tick`; returns the last tick applied before.
@@ -181,7 +191,34 @@ impl ScopeSlot {
     }
 
     pub(crate) fn usage_is_zero(&self) -> bool {
-        self.usage.iter().all(|u| u.load(Ordering::Acquire) == 0)
+        self.usage.load(Ordering::Acquire) == 0
+    }
+
+    /// Adds settled usage (each counter saturates at 2^32 − 1 per tick).
+    pub(crate) fn add_usage(&self, amounts: [u64; 4]) {
+        let mut cur = self.usage.load(Ordering::Acquire);
+        loop {
+            let next = pack_usage(unpack_usage(cur).into_iter().zip(amounts).map(|(u, a)| u.saturating_add(a)));
+            match self.usage.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Takes the usage counted since the last tick, leaving zero.
+    pub(crate) fn take_usage(&self) -> [u64; 4] {
+        unpack_usage(self.usage.swap(0, Ordering::AcqRel))
+    }
+
+    /// The usage counted since the last tick.
+    pub(crate) fn usage(&self) -> [u64; 4] {
+        unpack_usage(self.usage.load(Ordering::Acquire))
+    }
+
+    /// Sets the usage counters (restore).
+    pub(crate) fn set_usage(&self, amounts: [u64; 4]) {
+        self.usage.store(pack_usage(amounts.into_iter()), Ordering::Relaxed);
     }
 
     /// Swaps the bucket word from a fresh `w` to the retired marker.
@@ -189,6 +226,14 @@ impl ScopeSlot {
         let retired = bucket::retired(Word::unpack(w).version);
         self.bucket.compare_exchange(w, retired, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
+}
+
+fn unpack_usage(w: u128) -> [u64; 4] {
+    [0u32, 32, 64, 96].map(|shift| ((w >> shift) as u64) & 0xFFFF_FFFF)
+}
+
+fn pack_usage(amounts: impl Iterator<Item = u64>) -> u128 {
+    amounts.zip([0u32, 32, 64, 96]).fold(0, |w, (a, shift)| w | (u128::from(a.min(0xFFFF_FFFF)) << shift))
 }
 
 impl Slot for ScopeSlot {

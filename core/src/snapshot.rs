@@ -10,7 +10,7 @@
 use crate::account::AccountSlot;
 use crate::adapt::MetricState;
 use crate::bucket::{self, DEBT_MAX, QUANTUM_NS, Word};
-use crate::engine::{Engine, MODEL_SALT, SCOPE_SALT};
+use crate::engine::{Engine, MODEL_SALT};
 use crate::error::SnapshotError;
 use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX};
 use crate::metric::PerMetric;
@@ -317,7 +317,7 @@ impl<S: Storage> Engine<S> {
             ascending(&mut last, index, cap.scopes)?;
             let (model, _) = scope::model_and_variant(id);
             let identity = table::tag_of(id) & scope::IDENTITY_MASK;
-            placed(key::hash(h.seed ^ SCOPE_SALT, &identity.to_le_bytes()), cap.scopes, index)?;
+            placed(crate::engine::scope_hash(h.seed, identity), cap.scopes, index)?;
             let refers = has_record(&accounts_at, h.accounts, ACCOUNT_RECORD, scope::account_of(id))?
                 && has_record(&models_at, h.models, MODEL_RECORD, model)?;
             let debts_ok = debts.iter().all(|d| u64::from(*d) <= DEBT_MAX);
@@ -383,9 +383,9 @@ impl<S: Storage> Engine<S> {
             return Err(SnapshotError::Corrupt);
         };
         adaptation.store(&states);
-        s.init(scope::intervals_of(&states), now_ns / QUANTUM_NS, now_ns / self.policy.tick_ns);
+        s.init(scope::intervals_of(&states), now_ns / QUANTUM_NS, self.tick_index(now_ns));
         s.bucket.store(bucket::seal(now_ns / QUANTUM_NS, debts, 0).pack(), Ordering::Release);
-        s.usage.iter().zip(usage).for_each(|(u, v)| u.store(v, Ordering::Relaxed));
+        s.set_usage(usage);
         s.id.store(id, Ordering::Release);
         Ok(())
     }
@@ -431,7 +431,7 @@ fn write_scope(
     debts.iter().try_for_each(|d| out.u32((*d).min(DEBT_MAX) as u32))?;
     states.0.iter().try_for_each(|m| out.u64(m.limit.to_bits()))?;
     states.0.iter().try_for_each(|m| out.u64(m.memory.to_bits()))?;
-    out.atomics(&s.usage)
+    s.usage().iter().try_for_each(|u| out.u64(*u))
 }
 
 /// A stored key's bytes, checked: 1..=max long and zero past its length.

@@ -41,6 +41,10 @@ impl AtomicU128 {
         *self.cell() = v;
     }
 
+    pub(crate) fn swap(&self, v: u128, _: Ordering) -> u128 {
+        core::mem::replace(&mut *self.cell(), v)
+    }
+
     pub(crate) fn compare_exchange(
         &self,
         current: u128,

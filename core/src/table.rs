@@ -69,7 +69,8 @@ impl<F: Fn(usize) -> bool> Probe<'_, F> {
 
     fn window(&self, len: usize) -> impl Iterator<Item = usize> + use<F> {
         let home = ((u128::from(self.hash) * len as u128) >> 64) as usize;
-        (0..len.min(PROBE_WINDOW)).map(move |i| (home + i).checked_rem(len).unwrap_or(0))
+        // home < len and the window is at most len long: one subtraction wraps, no division.
+        (home..home + len.min(PROBE_WINDOW)).map(move |i| if i >= len { i - len } else { i })
     }
 }
 

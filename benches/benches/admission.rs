@@ -1,0 +1,226 @@
+//! sluicegate against governor, side by side in each group so one report shows the ratio.
+//! Run: `cargo bench -p sluicegate-benches` (CI runs it with `-- --test`: once, untimed).
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sluicegate_benches::{KEYS, MODEL, accounts, admit_settle, engine, governor_direct, governor_keyed, governor_keys};
+use sluicegate_core::ScopeKey;
+
+/// A caller-supplied clock that moves 1 µs per call, so buckets refill as they would in life.
+fn ticker() -> impl FnMut() -> u64 {
+    let mut now = 0u64;
+    move || {
+        now += 1_000;
+        now
+    }
+}
+
+fn admit_settle_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("admit_settle");
+    g.throughput(Throughput::Elements(1));
+    let names = accounts(KEYS);
+    let e = engine(KEYS);
+    let mut i = 0usize;
+    let mut now = ticker();
+    g.bench_function("sluicegate keyed 4-metric admit+settle, caller time", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            admit_settle(&e, black_box(&names[i]), now());
+        })
+    });
+    g.bench_function("sluicegate keyed 4-metric admit+settle, std clock read", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            admit_settle(&e, black_box(&names[i]), sluicegate_core::clock::now_ns());
+        })
+    });
+    let direct = governor_direct();
+    g.bench_function("governor direct check()", |b| b.iter(|| black_box(direct.check())));
+    let keyed = governor_keyed();
+    let keys = governor_keys(&names);
+    g.bench_function("governor keyed check_key, 1000 keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            black_box(keyed.check_key(&keys[i]))
+        })
+    });
+    let four = [governor_keyed(), governor_keyed(), governor_keyed(), governor_keyed()];
+    g.bench_function("governor 4 keyed limiters composed, 1000 keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            // What a user composes for four metrics: four checks, not all-or-nothing.
+            four.iter().all(|l| l.check_key(&keys[i]).is_ok())
+        })
+    });
+    g.finish();
+}
+
+fn scopes_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scopes");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20);
+    for n in [1_000usize, 100_000, 1_000_000] {
+        let names = accounts(n);
+        let e = engine(n);
+        let mut now = ticker();
+        for a in &names {
+            admit_settle(&e, a, now());
+        }
+        // A fixed pseudo-random walk over the keys: mostly cache misses at the larger sizes.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        g.bench_with_input(BenchmarkId::new("sluicegate admit+settle", n), &n, |b, _| {
+            b.iter(|| admit_settle(&e, &names[next()], now()))
+        });
+        drop(e);
+        let keyed = governor_keyed();
+        let keys = governor_keys(&names);
+        for k in &keys {
+            let _ = keyed.check_key(k);
+        }
+        g.bench_with_input(BenchmarkId::new("governor keyed check_key", n), &n, |b, _| {
+            b.iter(|| black_box(keyed.check_key(&keys[next()])))
+        });
+    }
+    g.finish();
+}
+
+/// Runs `iters` operations split over `threads` scoped threads; returns the wall time.
+fn spread(threads: usize, iters: u64, op: impl Fn(usize, u64) + Sync) -> Duration {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let op = &op;
+            s.spawn(move || {
+                for k in 0..iters / threads as u64 {
+                    op(t, k);
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn threads_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("threads");
+    g.throughput(Throughput::Elements(1));
+    let names = accounts(KEYS);
+    let e = engine(KEYS);
+    let keyed = governor_keyed();
+    let keys = governor_keys(&names);
+    let clock = AtomicU64::new(0);
+    let now = || clock.fetch_add(1, Ordering::Relaxed) * 1_000;
+    for threads in [1usize, 2] {
+        g.bench_function(BenchmarkId::new("sluicegate disjoint scopes", threads), |b| {
+            b.iter_custom(|iters| spread(threads, iters, |t, k| admit_settle(&e, &names[(t * 500 + k as usize % 500) % KEYS], k * 1_000)))
+        });
+        g.bench_function(BenchmarkId::new("sluicegate one hot scope", threads), |b| {
+            b.iter_custom(|iters| spread(threads, iters, |_, _| admit_settle(&e, &names[0], now())))
+        });
+        g.bench_function(BenchmarkId::new("governor keyed disjoint keys", threads), |b| {
+            b.iter_custom(|iters| {
+                spread(threads, iters, |t, k| {
+                    black_box(keyed.check_key(&keys[(t * 500 + k as usize % 500) % KEYS]).is_ok());
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new("governor keyed one hot key", threads), |b| {
+            b.iter_custom(|iters| {
+                spread(threads, iters, |_, _| {
+                    black_box(keyed.check_key(&keys[0]).is_ok());
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn adapt_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("adapt");
+    let e = sluicegate_benches::engine(KEYS);
+    let adaptive = sluicegate_core::Engine::new(sluicegate_core::Policy::fireworks_2024(), sluicegate_core::Capacity::scopes(1024))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let key = ScopeKey::new(b"acct", MODEL);
+    let mut minute = 0u64;
+    g.bench_function("first call after a tick boundary (catch-up)", |b| {
+        b.iter(|| {
+            minute += 1;
+            // Each call lands in a new minute: the caller wins the tick and adapts all four limits.
+            black_box(adaptive.limits(key, minute * 60_000_000_000))
+        })
+    });
+    let mut now = ticker();
+    g.bench_function("normal call within a tick", |b| b.iter(|| black_box(adaptive.limits(key, 1 + now() % 1_000))));
+    let mut t = ticker();
+    g.bench_function("admit+settle (reference)", |b| b.iter(|| admit_settle(&e, "acct", t())));
+    g.finish();
+}
+
+fn ffi_group(c: &mut Criterion) {
+    use sluicegate::{sg_admit, sg_config, sg_config_default, sg_decision, sg_engine, sg_engine_free, sg_engine_new, sg_request, sg_settle, sg_usage};
+    let mut g = c.benchmark_group("ffi");
+    g.throughput(Throughput::Elements(1));
+    let names = accounts(KEYS);
+    let mut config = std::mem::MaybeUninit::<sg_config>::uninit();
+    // SAFETY: sg_config_default fills every field.
+    let mut config = unsafe {
+        sg_config_default(config.as_mut_ptr());
+        config.assume_init()
+    };
+    config.preset = c"fixed".as_ptr();
+    config.floor = [1e12; 4];
+    config.scopes = 2 * KEYS as u64;
+    let mut handle: *mut sg_engine = std::ptr::null_mut();
+    // SAFETY: valid config and out-pointer.
+    unsafe { sg_engine_new(&config, &mut handle) };
+    let mut i = 0;
+    let mut now = ticker();
+    let usage = sg_usage { prompt_tokens: 1_200, cached_tokens: 0, generated_tokens: 180 };
+    g.bench_function("sluicegate admit+settle through the C ABI", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            let request = sg_request {
+                account: names[i].as_ptr(),
+                account_len: names[i].len(),
+                model: MODEL.as_ptr(),
+                model_len: MODEL.len(),
+                prompt_tokens: 1_200,
+                cached_tokens: 0,
+                max_tokens: 256,
+                expected_tokens: 0,
+                n: 1,
+                priority: 0,
+                fast: 0,
+            };
+            let mut d = sg_decision::default();
+            let t = now();
+            // SAFETY: live engine, valid request and out-pointers.
+            unsafe {
+                sg_admit(handle, &request, t, &mut d);
+                sg_settle(handle, &d.permit, &usage, 0, t);
+            }
+        })
+    });
+    let e = engine(KEYS);
+    let mut now = ticker();
+    g.bench_function("sluicegate admit+settle in Rust", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            admit_settle(&e, &names[i], now());
+        })
+    });
+    // SAFETY: handle came from sg_engine_new and is freed once.
+    unsafe { sg_engine_free(handle) };
+    g.finish();
+}
+
+criterion_group!(benches, admit_settle_group, scopes_group, threads_group, adapt_group, ffi_group);
+criterion_main!(benches);

@@ -1,0 +1,40 @@
+//! A fixed number of admit + settle calls (or of governor `check_key` calls), for
+//! `valgrind --tool=callgrind`: instruction counts are repeatable where wall time is not.
+//!
+//! Usage: `count_instructions sluicegate|governor CALLS`
+
+use std::hint::black_box;
+
+use sluicegate_benches::{KEYS, accounts, admit_settle, engine, governor_keyed, governor_keys};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let which = args.next().unwrap_or_default();
+    let calls: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let names = accounts(KEYS);
+    match which.as_str() {
+        "sluicegate" => {
+            let e = engine(KEYS);
+            for (i, name) in names.iter().enumerate() {
+                admit_settle(&e, name, i as u64 * 1_000);
+            }
+            for i in 0..calls {
+                admit_settle(&e, black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
+            }
+        }
+        "governor" => {
+            let keyed = governor_keyed();
+            let keys = governor_keys(&names);
+            for k in &keys {
+                let _ = keyed.check_key(k);
+            }
+            for i in 0..calls {
+                black_box(keyed.check_key(black_box(&keys[i % KEYS])).is_ok());
+            }
+        }
+        _ => {
+            eprintln!("usage: count_instructions sluicegate|governor CALLS");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Shared set-up of the benchmarks and the instruction-count harness: engines and governor
+//! limiters configured so that every call is admitted (steady state, no rejections).
+
+use std::num::NonZeroU32;
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sluicegate_core::{Capacity, Engine, Heap, Metric, Policy, Request, ScopeKey};
+
+/// Accounts the keyed benchmarks spread over.
+pub const KEYS: usize = 1_000;
+/// The model every benchmark request names.
+pub const MODEL: &[u8] = b"llama-v3p1-70b-instruct";
+
+/// An engine whose limits never bind, with tables at half load for `scopes` scopes (each key a
+/// probe or two from its home slot).
+pub fn engine(scopes: usize) -> Engine<Heap> {
+    let mut policy = Policy::fixed();
+    for m in Metric::ALL {
+        policy = policy.with_fixed_limit(m, 1e12);
+    }
+    let capacity = Capacity { scopes: 2 * scopes + 64, accounts: 2 * scopes + 64, models: 16, permits: 4096 };
+    Engine::new(policy, capacity).unwrap_or_else(|e| panic!("engine: {e}"))
+}
+
+/// Account ids `acct-000000` … for `n` accounts.
+pub fn accounts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("acct-{i:06}")).collect()
+}
+
+/// The request every benchmark admits: a chat completion of 1,200 prompt and 256 max tokens.
+pub fn request() -> Request {
+    Request::new(1_200).max_tokens(256)
+}
+
+/// One admit and its settle, at `now`.
+pub fn admit_settle(engine: &Engine<Heap>, account: &str, now: u64) {
+    let key = ScopeKey::new(account.as_bytes(), MODEL);
+    if let Ok(d) = engine.admit(key, &request(), now) {
+        if let Some(p) = d.permit() {
+            let _ = engine.settle(p, &sluicegate_core::Usage::new(1_200, 180), sluicegate_core::Completion::Success, now);
+        }
+    }
+}
+
+fn huge() -> Quota {
+    Quota::per_second(NonZeroU32::MAX)
+}
+
+/// governor's direct (unkeyed) limiter.
+pub fn governor_direct() -> DefaultDirectRateLimiter {
+    RateLimiter::direct(huge())
+}
+
+/// governor's keyed limiter (DashMap store), as a gateway would key it by account and model.
+pub fn governor_keyed() -> DefaultKeyedRateLimiter<String> {
+    RateLimiter::keyed(huge())
+}
+
+/// Keys `account/model` for governor.
+pub fn governor_keys(accounts: &[String]) -> Vec<String> {
+    accounts.iter().map(|a| format!("{a}/{}", String::from_utf8_lossy(MODEL))).collect()
+}
