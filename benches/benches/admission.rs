@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use sluicegate_benches::{KEYS, MODEL, accounts, admit_settle, engine, governor_direct, governor_keyed, governor_keys};
+use sluicegate_benches::{
+    KEYS, MODEL, accounts, admit_settle, engine, governor_direct, governor_keyed, governor_keys,
+};
 use sluicegate_core::ScopeKey;
 
 /// A caller-supplied clock that moves 1 µs per call, so buckets refill as they would in life.
@@ -120,7 +122,11 @@ fn threads_group(c: &mut Criterion) {
     let now = || clock.fetch_add(1, Ordering::Relaxed) * 1_000;
     for threads in [1usize, 2] {
         g.bench_function(BenchmarkId::new("sluicegate disjoint scopes", threads), |b| {
-            b.iter_custom(|iters| spread(threads, iters, |t, k| admit_settle(&e, &names[(t * 500 + k as usize % 500) % KEYS], k * 1_000)))
+            b.iter_custom(|iters| {
+                spread(threads, iters, |t, k| {
+                    admit_settle(&e, &names[(t * 500 + k as usize % 500) % KEYS], k * 1_000)
+                })
+            })
         });
         g.bench_function(BenchmarkId::new("sluicegate one hot scope", threads), |b| {
             b.iter_custom(|iters| spread(threads, iters, |_, _| admit_settle(&e, &names[0], now())))
@@ -146,8 +152,11 @@ fn threads_group(c: &mut Criterion) {
 fn adapt_group(c: &mut Criterion) {
     let mut g = c.benchmark_group("adapt");
     let e = sluicegate_benches::engine(KEYS);
-    let adaptive = sluicegate_core::Engine::new(sluicegate_core::Policy::fireworks_2024(), sluicegate_core::Capacity::scopes(1024))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let adaptive = sluicegate_core::Engine::new(
+        sluicegate_core::Policy::fireworks_2024(),
+        sluicegate_core::Capacity::scopes(1024),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let key = ScopeKey::new(b"acct", MODEL);
     let mut minute = 0u64;
     g.bench_function("first call after a tick boundary (catch-up)", |b| {
@@ -158,14 +167,19 @@ fn adapt_group(c: &mut Criterion) {
         })
     });
     let mut now = ticker();
-    g.bench_function("normal call within a tick", |b| b.iter(|| black_box(adaptive.limits(key, 1 + now() % 1_000))));
+    g.bench_function("normal call within a tick", |b| {
+        b.iter(|| black_box(adaptive.limits(key, 1 + now() % 1_000)))
+    });
     let mut t = ticker();
     g.bench_function("admit+settle (reference)", |b| b.iter(|| admit_settle(&e, "acct", t())));
     g.finish();
 }
 
 fn ffi_group(c: &mut Criterion) {
-    use sluicegate::{sg_admit, sg_config, sg_config_default, sg_decision, sg_engine, sg_engine_free, sg_engine_new, sg_request, sg_settle, sg_usage};
+    use sluicegate::{
+        sg_admit, sg_config, sg_config_default, sg_decision, sg_engine, sg_engine_free, sg_engine_new,
+        sg_request, sg_settle, sg_usage,
+    };
     let mut g = c.benchmark_group("ffi");
     g.throughput(Throughput::Elements(1));
     let names = accounts(KEYS);

@@ -14,12 +14,19 @@ pub const MODEL: &[u8] = b"llama-v3p1-70b-instruct";
 /// An engine whose limits never bind, with tables at half load for `scopes` scopes (each key a
 /// probe or two from its home slot).
 pub fn engine(scopes: usize) -> Engine<Heap> {
+    engine_with_permits(scopes, 4096)
+}
+
+/// As [`engine`], with room for `permits` outstanding permits.
+pub fn engine_with_permits(scopes: usize, permits: usize) -> Engine<Heap> {
     let mut policy = Policy::fixed();
     for m in Metric::ALL {
         policy = policy.with_fixed_limit(m, 1e12);
     }
-    let capacity = Capacity { scopes: 2 * scopes + 64, accounts: 2 * scopes + 64, models: 16, permits: 4096 };
-    Engine::new(policy, capacity).unwrap_or_else(|e| panic!("engine: {e}"))
+    let capacity = Capacity { scopes: 2 * scopes + 64, accounts: 2 * scopes + 64, models: 16, permits };
+    // A fixed seed: the same key placement, and so the same instruction counts, on every run.
+    let heap = Heap::new(capacity).unwrap_or_else(|e| panic!("tables: {e}"));
+    Engine::with_storage(policy, heap, 0x5eed_5eed).unwrap_or_else(|e| panic!("engine: {e}"))
 }
 
 /// Account ids `acct-000000` … for `n` accounts.
@@ -37,7 +44,12 @@ pub fn admit_settle(engine: &Engine<Heap>, account: &str, now: u64) {
     let key = ScopeKey::new(account.as_bytes(), MODEL);
     if let Ok(d) = engine.admit(key, &request(), now) {
         if let Some(p) = d.permit() {
-            let _ = engine.settle(p, &sluicegate_core::Usage::new(1_200, 180), sluicegate_core::Completion::Success, now);
+            let _ = engine.settle(
+                p,
+                &sluicegate_core::Usage::new(1_200, 180),
+                sluicegate_core::Completion::Success,
+                now,
+            );
         }
     }
 }

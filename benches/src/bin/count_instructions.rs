@@ -1,11 +1,14 @@
 //! A fixed number of admit + settle calls (or of governor `check_key` calls), for
 //! `valgrind --tool=callgrind`: instruction counts are repeatable where wall time is not.
 //!
-//! Usage: `count_instructions sluicegate|governor CALLS`
+//! Usage: `count_instructions sluicegate|sluicegate-admit|governor CALLS`
 
 use std::hint::black_box;
 
-use sluicegate_benches::{KEYS, accounts, admit_settle, engine, governor_keyed, governor_keys};
+use sluicegate_benches::{
+    KEYS, MODEL, accounts, admit_settle, engine, engine_with_permits, governor_keyed, governor_keys, request,
+};
+use sluicegate_core::ScopeKey;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -22,6 +25,17 @@ fn main() {
                 admit_settle(&e, black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
             }
         }
+        "sluicegate-admit" => {
+            // Admits only: permits stay outstanding, so the ledger is sized for all of them.
+            let e = engine_with_permits(KEYS, calls + 2 * KEYS);
+            for (i, name) in names.iter().enumerate() {
+                let _ = e.admit(ScopeKey::new(name.as_bytes(), MODEL), &request(), i as u64 * 1_000);
+            }
+            for i in 0..calls {
+                let key = ScopeKey::new(black_box(&names[i % KEYS]).as_bytes(), MODEL);
+                let _ = black_box(e.admit(key, &request(), (KEYS + i) as u64 * 1_000));
+            }
+        }
         "governor" => {
             let keyed = governor_keyed();
             let keys = governor_keys(&names);
@@ -33,7 +47,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: count_instructions sluicegate|governor CALLS");
+            eprintln!("usage: count_instructions sluicegate|sluicegate-admit|governor CALLS");
             std::process::exit(2);
         }
     }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Instructions per call under valgrind's callgrind: repeatable where wall time is not.
+# Runs each harness twice (N and 2N calls) and divides the difference by N, so set-up cost drops
+# out. Needs valgrind (Debian: apt-get install valgrind).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+calls=${CALLS:-20000}
+cargo build --release -q -p sluicegate-benches --bin count_instructions
+bin=${CARGO_TARGET_DIR:-target}/release/count_instructions
+
+refs() {
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$2" 2>&1 |
+        sed -n 's/.*I[[:space:]]*refs:[[:space:]]*//p' | tr -d ,
+}
+
+printf '%-44s %s\n' "measure" "instructions per call"
+for which in sluicegate sluicegate-admit governor; do
+    small=$(refs "$which" "$calls")
+    large=$(refs "$which" $((2 * calls)))
+    case $which in
+        sluicegate) label="sluicegate keyed 4-metric admit + settle" ;;
+        sluicegate-admit) label="sluicegate keyed 4-metric admit" ;;
+        governor) label="governor keyed check_key (1000 keys)" ;;
+    esac
+    printf '%-44s %d\n' "$label" $(((large - small) / calls))
+done
