@@ -58,10 +58,10 @@ pub mod scope;
 pub mod shed;
 pub mod snapshot;
 pub mod storage;
-pub mod tier;
 mod sync;
 mod table;
 pub mod text;
+pub mod tier;
 
 #[cfg(all(test, loom))]
 mod loom_models;

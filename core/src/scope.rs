@@ -198,7 +198,8 @@ impl ScopeSlot {
     pub(crate) fn add_usage(&self, amounts: [u64; 4]) {
         let mut cur = self.usage.load(Ordering::Acquire);
         loop {
-            let next = pack_usage(unpack_usage(cur).into_iter().zip(amounts).map(|(u, a)| u.saturating_add(a)));
+            let next =
+                pack_usage(unpack_usage(cur).into_iter().zip(amounts).map(|(u, a)| u.saturating_add(a)));
             match self.usage.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(now) => cur = now,

@@ -13,6 +13,15 @@ pub(crate) use portable_atomic::{AtomicU64, AtomicU128};
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU64, Ordering, fence};
 
+/// Lets another thread run while this one waits on it (loom must be told, to explore it).
+#[inline]
+pub(crate) fn spin_hint() {
+    #[cfg(not(loom))]
+    core::hint::spin_loop();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}
+
 /// loom has no 128-bit atomic; a mutex-backed stand-in gives the same sequential semantics
 /// (one indivisible load, store or compare-exchange) and lets loom explore every interleaving.
 #[cfg(loom)]

@@ -8,7 +8,7 @@
 //! Claims and checks are sequentially consistent, so of two rivals at least one sees the other,
 //! and at most one key copy is ever published.
 
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering, spin_hint};
 
 /// Slots a key may live in, starting at its home.
 pub(crate) const PROBE_WINDOW: usize = 64;
@@ -110,7 +110,20 @@ pub(crate) fn find_or_insert<S: Slot, F: Fn(usize) -> bool>(
         if let Some(found) = find(slots, probe) {
             return Some(found);
         }
-        let (mine, pos, id) = take_slot(slots, probe, claim)?;
+        let (mine, pos, id) = match take_slot(slots, probe, claim) {
+            Taken::Slot(mine, pos, id) => (mine, pos, id),
+            // Another thread is inserting this very key into the last room: wait for it. The
+            // read-modify-write reads the slot's latest state, so the next lookup cannot keep
+            // seeing a stale claim.
+            Taken::RivalClaiming(rival) => {
+                spin_hint();
+                if let Some(slot) = slots.get(rival) {
+                    slot.id().fetch_or(0, Ordering::SeqCst);
+                }
+                continue;
+            }
+            Taken::Full => return None,
+        };
         claim.init(mine);
         let slot = slots.get(mine)?;
         let published = ready(tag_of(id));
@@ -120,36 +133,55 @@ pub(crate) fn find_or_insert<S: Slot, F: Fn(usize) -> bool>(
             return Some((mine, published));
         }
         // Backed out or killed: only this thread writes a claimed or dead slot, so a store is safe.
+        // The rival that won will publish the key; let it run.
         slot.id().store(id & !STATE_MASK, Ordering::SeqCst);
+        spin_hint();
     }
 }
 
-/// Claims the first empty slot of the window, else reclaims the first idle one.
-fn take_slot<S: Slot, F: Fn(usize) -> bool>(
-    slots: &[S],
-    probe: &Probe<'_, F>,
-    claim: &impl Claim,
-) -> Option<(usize, usize, u64)> {
+/// What looking for room in a key's window found.
+enum Taken {
+    /// This thread claimed slot `.0` at window position `.1`; its id is now `.2`.
+    Slot(usize, usize, u64),
+    /// No room, but slot `.0` holds the same key, claimed by a rival: its claim will resolve.
+    RivalClaiming(usize),
+    /// No room.
+    Full,
+}
+
+/// Claims the first empty slot of the window, else reclaims the first idle one. Any slot seen
+/// holding the same key (being claimed, dying, or published since the lookup) means "look again"
+/// rather than "full": another thread is inserting this very key.
+fn take_slot<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>, claim: &impl Claim) -> Taken {
+    let mut rival = None;
     for (pos, i) in probe.window(slots.len()).enumerate() {
-        let id_word = slots.get(i)?.id();
-        let old = id_word.load(Ordering::SeqCst);
+        let Some(slot) = slots.get(i) else { continue };
+        let mut old = slot.id().load(Ordering::SeqCst);
         if old & STATE_MASK == EMPTY {
             let new = claiming(claim.tag(old));
-            if id_word.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-                return Some((i, pos, new));
+            match slot.id().compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Taken::Slot(i, pos, new),
+                Err(now) => old = now,
             }
+        }
+        if old & STATE_MASK != EMPTY && probe.same_tag(old) {
+            rival = Some(i);
         }
     }
     for (pos, i) in probe.window(slots.len()).enumerate() {
-        let old = slots.get(i)?.id().load(Ordering::SeqCst);
-        if is_ready(old) {
+        let Some(slot) = slots.get(i) else { continue };
+        let old = slot.id().load(Ordering::SeqCst);
+        if is_ready(old) && !probe.same_tag(old) {
             let new = claiming(claim.tag(old));
             if claim.reclaim(i, old, new) {
-                return Some((i, pos, new));
+                return Taken::Slot(i, pos, new);
             }
         }
+        if old & STATE_MASK != EMPTY && probe.same_tag(old) {
+            rival = Some(i);
+        }
     }
-    None
+    rival.map_or(Taken::Full, Taken::RivalClaiming)
 }
 
 /// Whether another copy of the key (published, or claimed nearer home) beats the claim at `pos`;
