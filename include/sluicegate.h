@@ -587,19 +587,7 @@ typedef struct sg_decision {
    */
   uint64_t wait_ns;
   /**
-   * Limit per minute by `sg_metric` (`UINT64_MAX`: not enforced).
-   */
-  uint64_t limit[4];
-  /**
-   * Units left before each limit, by `sg_metric`.
-   */
-  uint64_t remaining[4];
-  /**
-   * ns until each bucket is full again.
-   */
-  uint64_t reset_ns[4];
-  /**
-   * The request's cost on each metric.
+   * The request's cost on each metric, by `sg_metric`.
    */
   uint64_t cost[4];
   /**
@@ -607,11 +595,11 @@ typedef struct sg_decision {
    */
   struct sg_permit permit;
   /**
-   * Raw bucket state (used to render headers).
+   * The scope's bucket state at the decision; read it with `sg_decision_levels`.
    */
   uint64_t debt[4];
   /**
-   * Raw bucket state (used to render headers).
+   * The scope's bucket state at the decision; read it with `sg_decision_levels`.
    */
   uint64_t interval[4];
 } sg_decision;
@@ -854,6 +842,15 @@ sg_result sg_cancel(const struct sg_engine *engine, const struct sg_permit *perm
  * `engine` must be a live engine; `permit` NULL or valid.
  */
 sg_result sg_charge(const struct sg_engine *engine, const struct sg_permit *permit, uint64_t generated_tokens, uint64_t now_ns);
+
+/**
+ * The limits, units left and reset times behind a decision (computed here, not in `sg_admit`,
+ * which stays cheap for callers that do not need them).
+ *
+ * # Safety
+ * `decision` NULL or valid; `levels` NULL or writable.
+ */
+sg_result sg_decision_levels(const struct sg_decision *decision, struct sg_levels *levels);
 
 /**
  * A scope's current limits and levels, without creating it.

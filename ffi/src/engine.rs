@@ -140,19 +140,13 @@ pub struct sg_decision {
     pub retry_after_ns: u64,
     /// For admitted requests: the smoothing delay before forwarding, ns.
     pub wait_ns: u64,
-    /// Limit per minute by `sg_metric` (`UINT64_MAX`: not enforced).
-    pub limit: [u64; 4],
-    /// Units left before each limit, by `sg_metric`.
-    pub remaining: [u64; 4],
-    /// ns until each bucket is full again.
-    pub reset_ns: [u64; 4],
-    /// The request's cost on each metric.
+    /// The request's cost on each metric, by `sg_metric`.
     pub cost: [u64; 4],
     /// For admitted requests: the permit to settle.
     pub permit: sg_permit,
-    /// Raw bucket state (used to render headers).
+    /// The scope's bucket state at the decision; read it with `sg_decision_levels`.
     pub debt: [u64; 4],
-    /// Raw bucket state (used to render headers).
+    /// The scope's bucket state at the decision; read it with `sg_decision_levels`.
     pub interval: [u64; 4],
 }
 
@@ -305,9 +299,6 @@ pub(crate) fn decision_of(d: &Decision) -> sg_decision {
     let l = &d.levels;
     let (debt, interval) = l.to_raw();
     let mut c = sg_decision {
-        limit: Metric::ALL.map(|m| l.limit(m)),
-        remaining: Metric::ALL.map(|m| l.remaining(m)),
-        reset_ns: Metric::ALL.map(|m| l.reset_ns(m)),
         cost: d.cost.0,
         debt,
         interval,
@@ -452,6 +443,24 @@ pub(crate) fn levels_of(l: &Levels) -> sg_levels {
         remaining: Metric::ALL.map(|m| l.remaining(m)),
         reset_ns: Metric::ALL.map(|m| l.reset_ns(m)),
     }
+}
+
+/// The limits, units left and reset times behind a decision (computed here, not in `sg_admit`,
+/// which stays cheap for callers that do not need them).
+///
+/// # Safety
+/// `decision` NULL or valid; `levels` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_decision_levels(
+    decision: *const sg_decision,
+    levels: *mut sg_levels,
+) -> sg_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let (d, levels) = unsafe { (arg(decision)?, out(levels)?) };
+        *levels = levels_of(&Levels::from_raw(d.debt, d.interval));
+        Ok(())
+    })
 }
 
 /// A scope's current limits and levels, without creating it.
