@@ -108,13 +108,30 @@ fn count_u32(name: &str, v: &Bound<'_, PyAny>) -> PyResult<u32> {
     u32::try_from(n).map_err(|_| PyOverflowError::new_err(format!("{name} must be below 2**32, got {n}")))
 }
 
+/// Key bytes held by the Python objects they came from: no copy on the Rust side.
+enum KeyBuf {
+    Str(pyo3::pybacked::PyBackedStr),
+    Bytes(pyo3::pybacked::PyBackedBytes),
+}
+
+impl std::ops::Deref for KeyBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            KeyBuf::Str(s) => s.as_bytes(),
+            KeyBuf::Bytes(b) => b,
+        }
+    }
+}
+
 /// Key bytes from `str` (UTF-8) or `bytes`.
-fn key_bytes(name: &str, v: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+fn key_bytes(name: &str, v: &Bound<'_, PyAny>) -> PyResult<KeyBuf> {
     if let Ok(s) = v.cast::<PyString>() {
-        return Ok(s.to_cow()?.as_bytes().to_vec());
+        return Ok(KeyBuf::Str(s.clone().try_into()?));
     }
     if let Ok(b) = v.cast::<PyBytes>() {
-        return Ok(b.as_bytes().to_vec());
+        return Ok(KeyBuf::Bytes(b.clone().into()));
     }
     let kind = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
     Err(PyTypeError::new_err(format!("{name} must be str or bytes, not {kind}")))

@@ -1,0 +1,80 @@
+"""Engine.admit + settle against the `limits` package, in the same process.
+
+`limits` is configured as a gateway would compose it for four metrics: a moving window in memory
+storage per metric, `hit` on each (with the token counts as cost). Run:
+
+    python python/bench/bench_admit.py [--calls N]
+"""
+
+import argparse
+import time
+
+import limits
+import limits.storage
+import limits.strategies
+
+import sluicegate
+
+ACCOUNTS = [f"acct-{i:04d}" for i in range(1_000)]
+MODEL = "llama-v3p1-70b-instruct"
+
+
+def per_call(fn, calls):
+    """Best of five runs, seconds per call."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        fn(calls)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def sluicegate_loop(calls):
+    engine = sluicegate.Engine(
+        policy="fixed",
+        capacity=4_000,
+        requests_per_minute=1e12,
+        prompt_tokens_per_minute=1e12,
+        uncached_prompt_tokens_per_minute=1e12,
+        generated_tokens_per_minute=1e12,
+    )
+    admit, settle = engine.admit, engine.settle
+
+    def run(n):
+        for i in range(n):
+            d = admit(ACCOUNTS[i % 1_000], MODEL, prompt_tokens=1_200, max_tokens=256)
+            settle(d, prompt_tokens=1_200, generated_tokens=180)
+
+    return run
+
+
+def limits_loop(calls):
+    storage = limits.storage.MemoryStorage()
+    window = limits.strategies.MovingWindowRateLimiter(storage)
+    per_metric = [limits.parse(f"{10**9}/minute") for _ in range(4)]
+    costs = (1, 1_200, 1_200, 256)
+    hit = window.hit
+
+    def run(n):
+        for i in range(n):
+            account = ACCOUNTS[i % 1_000]
+            for limit, cost in zip(per_metric, costs):
+                hit(limit, account, MODEL, cost=cost)
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=100_000)
+    args = parser.parse_args()
+    ours = per_call(sluicegate_loop(args.calls), args.calls)
+    # Each hit with cost k stores k timestamps in the moving window: far fewer calls suffice.
+    theirs = per_call(limits_loop(args.calls // 100), args.calls // 100)
+    print(f"sluicegate Engine.admit + settle: {ours * 1e6:.3f} us per call")
+    print(f"limits moving window, 4 x hit:    {theirs * 1e6:.3f} us per call")
+    print(f"ratio: sluicegate is {theirs / ours:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()
