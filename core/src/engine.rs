@@ -147,7 +147,7 @@ impl<S: Storage> Engine<S> {
                 cost: costs,
             }));
         }
-        self.tick(at, now_ns);
+        let now_ns = self.tick(at, now_ns);
         let load = model.load(at.variant);
         // Count the permit before touching the bucket, so a reclaim never takes a busy scope;
         // the count also spreads concurrent permits of one scope over the ledger.
@@ -303,7 +303,7 @@ impl<S: Storage> Engine<S> {
             .and_then(|e| e.give_back(permit.ticket))
             .ok_or(SettleError::AlreadySettled)?;
         let at = Located::of_id(permit.slot as usize, permit.scope_id);
-        self.tick(at, now_ns);
+        let now_ns = self.tick(at, now_ns);
         let r = permit.reserved;
         let billed = [r.prompt_tokens, r.uncached_prompt_tokens, r.generated_tokens.max(charged)];
         let mut delta = [0i128; 4];
@@ -343,7 +343,7 @@ impl<S: Storage> Engine<S> {
             ChargeRefused::TooLarge => SettleError::InvalidUsage,
         })?;
         let extra = after.saturating_sub(permit.reserved.generated_tokens.max(before));
-        self.tick(Located::of_id(permit.slot as usize, permit.scope_id), now_ns);
+        let now_ns = self.tick(Located::of_id(permit.slot as usize, permit.scope_id), now_ns);
         self.correct(slot, [0, 0, 0, i128::from(extra)], now_ns);
         Ok(())
     }
@@ -402,12 +402,21 @@ impl<S: Storage> Engine<S> {
 
     /// Applies every adaptation tick missed up to `now_ns` (SPEC §5): the first caller after a
     /// tick boundary wins and applies them all in closed form; everyone else carries on.
+    ///
+    /// Returns the time the scope should be read at: `now_ns`, or — if the caller's clock has
+    /// gone back past ticks already applied — the start of the last tick, so that no clock, however
+    /// far back, can refill a bucket.
     #[inline]
-    pub(crate) fn tick(&self, at: Located, now_ns: u64) {
+    pub(crate) fn tick(&self, at: Located, now_ns: u64) -> u64 {
         let index = self.tick_index(now_ns);
-        let current = self.tables().scopes.get(at.slot).is_none_or(|s| !s.tick_due(index));
-        if !current {
+        let Some(slot) = self.tables().scopes.get(at.slot) else { return now_ns };
+        if slot.tick_due(index) {
             self.apply_ticks(at, now_ns);
+            return now_ns;
+        }
+        match slot.ticks_behind(index) {
+            0 => now_ns,
+            behind => (index + behind).saturating_mul(self.policy.tick_ns).max(now_ns),
         }
     }
 
@@ -525,7 +534,7 @@ impl<S: Storage> Engine<S> {
             let (_, interval) = self.fresh(&self.bounds(account));
             return Ok(Levels { debt_q: [0; 4], interval });
         };
-        self.tick(at, now_ns);
+        let now_ns = self.tick(at, now_ns);
         let slot = self.tables().scopes.get(at.slot).ok_or(Error::TableFull(Table::Scopes))?;
         let word = Word::unpack(slot.bucket.load(Ordering::Acquire));
         let interval = slot.intervals(word.buffer());
@@ -683,7 +692,7 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
         };
         // Bring the candidate up to date first: an idle scope's decay is applied lazily.
         let candidate = Located::of_id(index, old);
-        e.tick(candidate, self.now_ns);
+        let now_ns = e.tick(candidate, self.now_ns);
         if !slot.begin_reclaim() {
             return false;
         }
@@ -695,7 +704,7 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
             && slot.in_flight() == 0
             && adaptation.load() == states
             && slot.intervals(word.buffer()) == intervals
-            && bucket::open(word, self.now_ns / QUANTUM_NS).debt == [0; 4];
+            && bucket::open(word, now_ns / QUANTUM_NS).debt == [0; 4];
         if idle && slot.retire(w) {
             if slot.id.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                 return true;

@@ -143,6 +143,19 @@ impl ScopeSlot {
         ahead != 0 && ahead <= TICK_MASK / 2
     }
 
+    /// The last tick applied (wrapping 40-bit index).
+    #[inline]
+    pub(crate) fn last_tick(&self) -> u64 {
+        (self.tick.load(Ordering::Acquire) >> TICK_SHIFT) & TICK_MASK
+    }
+
+    /// How far `now_tick` is behind the last tick applied (0 if it is not behind).
+    #[inline]
+    pub(crate) fn ticks_behind(&self, now_tick: u64) -> u64 {
+        let behind = self.last_tick().wrapping_sub(now_tick & TICK_MASK) & TICK_MASK;
+        if behind <= TICK_MASK / 2 { behind } else { 0 }
+    }
+
     /// Wins the right to apply ticks up to `now_tick`; returns the last tick applied before.
     pub(crate) fn begin_tick(&self, now_tick: u64) -> Option<u64> {
         let now_tick = now_tick & TICK_MASK;

@@ -554,3 +554,14 @@ fn querying_an_unknown_scope_reports_the_floors_and_creates_nothing() {
     // The one account, model and scope slot are still free for real traffic.
     assert!(admit(&e, key("a"), &one(), 0).admitted());
 }
+
+#[test]
+fn a_clock_going_back_days_never_refills_a_bucket() {
+    let e = engine(Policy::fixed());
+    let later = 3 * 24 * 60 * MINUTE;
+    assert_eq!(burst(&e, key("a"), &one(), 61, later), [60, 0, 1, 0]);
+    // Two days back: far beyond what the bucket word's epoch tag can tell apart.
+    for back in [MINUTE, 24 * 60 * MINUTE, 2 * 24 * 60 * MINUTE, later] {
+        assert_eq!(burst(&e, key("a"), &one(), 1, later - back), [0, 0, 1, 0], "{back} ns back");
+    }
+}
