@@ -1,0 +1,151 @@
+//! Bad input gets a typed error or a `RejectInvalid` decision, never a panic or changed state.
+
+use sluicegate_core::{
+    Capacity, Completion, Engine, Error, Heap, InvalidRequest, Metric, MetricLimits, Outcome, Policy,
+    PolicyError, Request, ScopeKey, SettleError, Table, Usage,
+};
+
+fn engine() -> Engine<Heap> {
+    Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap()
+}
+
+const KEY: ScopeKey<'static> = ScopeKey::new(b"acct", b"model");
+
+#[test]
+fn empty_and_over_long_keys_are_typed_errors() {
+    let e = engine();
+    assert_eq!(e.admit(ScopeKey::new(b"", b"m"), &Request::new(1), 0), Err(Error::EmptyKey));
+    assert_eq!(e.admit(ScopeKey::new(b"a", b""), &Request::new(1), 0), Err(Error::EmptyKey));
+    assert_eq!(
+        e.admit(ScopeKey::new(&[b'a'; 65], b"m"), &Request::new(1), 0),
+        Err(Error::KeyTooLong { max: 64 })
+    );
+    assert_eq!(
+        e.admit(ScopeKey::new(b"a", &[b'm'; 129]), &Request::new(1), 0),
+        Err(Error::KeyTooLong { max: 128 })
+    );
+    assert!(e.admit(ScopeKey::new(&[b'a'; 64], &[b'm'; 128]), &Request::new(1), 0).unwrap().admitted());
+}
+
+#[test]
+fn zero_and_huge_capacities_are_refused() {
+    for (capacity, table) in [
+        (Capacity { scopes: 0, ..Capacity::scopes(8) }, Table::Scopes),
+        (Capacity { accounts: 0, ..Capacity::scopes(8) }, Table::Accounts),
+        (Capacity { models: 5_000, ..Capacity::scopes(8) }, Table::Models),
+        (Capacity { permits: 1 << 23, ..Capacity::scopes(8) }, Table::Permits),
+    ] {
+        assert_eq!(Engine::new(Policy::fixed(), capacity).err(), Some(Error::BadCapacity(table)));
+    }
+}
+
+#[test]
+fn unusable_policies_are_refused() {
+    let with = |f: fn(&mut Policy)| {
+        let mut p = Policy::fireworks_2024();
+        f(&mut p);
+        Engine::new(p, Capacity::scopes(8)).err()
+    };
+    assert_eq!(
+        with(|p| p.limits.0[1] = MetricLimits { floor: 10.0, ceiling: 5.0 }),
+        Some(Error::Policy(PolicyError::FloorAboveCeiling(Metric::PromptTokens)))
+    );
+    assert_eq!(
+        with(|p| p.limits.0[0].floor = 0.0),
+        Some(Error::Policy(PolicyError::BadLimit(Metric::Requests)))
+    );
+    assert_eq!(
+        with(|p| p.limits.0[0].floor = f64::NAN),
+        Some(Error::Policy(PolicyError::BadLimit(Metric::Requests)))
+    );
+    assert_eq!(with(|p| p.hard_factor = 0.9), Some(Error::Policy(PolicyError::BadHardFactor)));
+    assert_eq!(with(|p| p.hard_factor = f64::NAN), Some(Error::Policy(PolicyError::BadHardFactor)));
+    assert_eq!(with(|p| p.hard_factor = 4.0), Some(Error::Policy(PolicyError::HorizonTooLong)));
+    assert_eq!(with(|p| p.tick_ns = 10), Some(Error::Policy(PolicyError::BadTick)));
+    assert_eq!(with(|p| p.shed.in_limit_priority = 100), Some(Error::Policy(PolicyError::BadShedThresholds)));
+}
+
+#[test]
+fn overflowing_requests_are_invalid_and_change_nothing() {
+    let e = engine();
+    let before = e.limits(KEY, 0).unwrap();
+    let cases = [
+        (Request::new(1).n(0), InvalidRequest::ZeroN),
+        (Request::new(10).cached_tokens(11), InvalidRequest::CachedExceedsPrompt),
+        (Request::new(0).max_tokens(u64::MAX).n(2), InvalidRequest::Overflow),
+        (Request { prompt_copies: u64::MAX, ..Request::new(2) }, InvalidRequest::Overflow),
+    ];
+    for (request, reason) in cases {
+        assert_eq!(e.admit(KEY, &request, 0).unwrap().outcome, Outcome::RejectInvalid(reason));
+    }
+    assert_eq!(e.limits(KEY, 0).unwrap(), before);
+}
+
+#[test]
+fn huge_token_counts_are_too_large_not_a_crash() {
+    let e = engine();
+    for tokens in [u64::MAX, u64::MAX / 2, 1 << 40] {
+        let d = e.admit(KEY, &Request::new(tokens), 0).unwrap();
+        assert!(matches!(d.outcome, Outcome::RejectRateLimited(r) if r.too_large), "{tokens}");
+    }
+}
+
+#[test]
+fn extreme_clock_values_never_panic() {
+    let e = engine();
+    for now in [u64::MAX, u64::MAX / 2, u64::MAX - 1, 0, 1] {
+        let d = e.admit(KEY, &Request::new(1), now).unwrap();
+        if let Some(p) = d.permit() {
+            e.settle(p, &Usage::new(1, 0), Completion::Success, now).unwrap();
+        }
+        e.limits(KEY, now).unwrap();
+    }
+}
+
+#[test]
+fn impossible_usage_is_refused_and_the_permit_stays_settleable() {
+    let e = engine();
+    let p = *e.admit(KEY, &Request::new(100).max_tokens(100), 0).unwrap().permit().unwrap();
+    let bad = Usage { prompt_tokens: 5, cached_tokens: 6, generated_tokens: 0 };
+    assert_eq!(e.settle(&p, &bad, Completion::Success, 0), Err(SettleError::InvalidUsage));
+    assert_eq!(e.charge(&p, u64::MAX, 0), Err(SettleError::InvalidUsage));
+    e.settle(&p, &Usage::new(100, 50), Completion::Success, 0).unwrap();
+    assert_eq!(e.limits(KEY, 0).unwrap().remaining(Metric::GeneratedTokens), 5_950);
+}
+
+#[test]
+fn a_permit_from_another_engine_is_stale() {
+    let (a, b) = (engine(), engine());
+    let p = *a.admit(KEY, &Request::new(1), 0).unwrap().permit().unwrap();
+    b.admit(KEY, &Request::new(1), 0).unwrap();
+    assert_eq!(b.settle(&p, &Usage::new(1, 0), Completion::Success, 0), Err(SettleError::StalePermit));
+    assert_eq!(b.charge(&p, 1, 0), Err(SettleError::StalePermit));
+}
+
+#[test]
+fn a_full_scope_table_is_a_typed_error_and_existing_keys_keep_working() {
+    let e =
+        Engine::new(Policy::fixed(), Capacity { scopes: 4, accounts: 64, models: 2, permits: 64 }).unwrap();
+    let mut full = None;
+    for i in 0..64u32 {
+        if let Err(err) = e.admit(ScopeKey::new(&i.to_le_bytes(), b"m"), &Request::new(1), 0) {
+            full = Some((i, err));
+            break;
+        }
+    }
+    let (i, err) = full.expect("a four-slot table fills up");
+    assert_eq!((i, err), (4, Error::TableFull(Table::Scopes)));
+    assert!(e.admit(ScopeKey::new(&0u32.to_le_bytes(), b"m"), &Request::new(1), 0).unwrap().admitted());
+}
+
+#[test]
+fn a_full_permit_ledger_refuses_admission_and_charges_nothing() {
+    let e = Engine::new(Policy::fixed(), Capacity { scopes: 8, accounts: 8, models: 2, permits: 2 }).unwrap();
+    let first = *e.admit(KEY, &Request::new(1), 0).unwrap().permit().unwrap();
+    e.admit(KEY, &Request::new(1), 0).unwrap();
+    let before = e.limits(KEY, 0).unwrap();
+    assert_eq!(e.admit(KEY, &Request::new(1), 0), Err(Error::TableFull(Table::Permits)));
+    assert_eq!(e.limits(KEY, 0).unwrap(), before);
+    e.settle(&first, &Usage::new(1, 0), Completion::Success, 0).unwrap();
+    assert!(e.admit(KEY, &Request::new(1), 0).unwrap().admitted());
+}
