@@ -80,7 +80,7 @@ pub use key::{ScopeKey, Variant};
 pub use metric::{Metric, PerMetric};
 pub use model::ModelSlot;
 pub use permit::{Permit, PermitSlot, RawPermit, Reservation};
-pub use policy::{Adaptation, EwmaRule, MetricLimits, Policy, ThresholdRule};
+pub use policy::{Adaptation, EwmaRule, MetricLimits, Policy, ThresholdRule, UnknownParameter};
 pub use price::Price;
 pub use quota::{Quota, QuotaError};
 pub use request::{Completion, InvalidRequest, Request, Usage};

@@ -378,14 +378,6 @@ struct PyEngine {
     policy_name: String,
 }
 
-/// Keyword overrides: the floor (a fixed policy's limit) and the ceiling of each metric.
-const OVERRIDES: [(&str, &str, Metric); 4] = [
-    ("requests_per_minute", "requests_ceiling", Metric::Requests),
-    ("prompt_tokens_per_minute", "prompt_tokens_ceiling", Metric::PromptTokens),
-    ("uncached_prompt_tokens_per_minute", "uncached_prompt_tokens_ceiling", Metric::UncachedPromptTokens),
-    ("generated_tokens_per_minute", "generated_tokens_ceiling", Metric::GeneratedTokens),
-];
-
 fn positive_float(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
     if v.is_instance_of::<PyBool>() {
         return Err(PyTypeError::new_err(format!("{name} must be a number, not bool")));
@@ -407,11 +399,7 @@ fn policy_from(name: &str, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Po
         if value.is_none() {
             continue;
         }
-        if key == "hard_factor" {
-            policy.hard_factor = positive_float(&key, &value)?;
-            continue;
-        }
-        if key == "max_wait" {
+        let number = if key == "max_wait" {
             let secs: f64 =
                 value.extract().map_err(|_| PyTypeError::new_err("max_wait must be a number of seconds"))?;
             if !(secs.is_finite() && secs >= 0.0) {
@@ -419,21 +407,13 @@ fn policy_from(name: &str, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Po
                     "max_wait must be a non-negative number, got {secs}"
                 )));
             }
-            policy.max_wait_ns = (secs * 1e9) as u64;
-            continue;
-        }
-        let floor = OVERRIDES.iter().find(|(f, _, _)| *f == key);
-        let ceiling = OVERRIDES.iter().find(|(_, c, _)| *c == key);
-        match (floor, ceiling) {
-            (Some((_, _, m)), _) => {
-                let v = positive_float(&key, &value)?;
-                let l = policy.limits.get_mut(*m);
-                let fixed = l.floor == l.ceiling;
-                *l = MetricLimits { floor: v, ceiling: if fixed { v } else { l.ceiling.max(v) } };
-            }
-            (None, Some((_, _, m))) => policy.limits.get_mut(*m).ceiling = positive_float(&key, &value)?,
-            (None, None) => return Err(PyTypeError::new_err(format!("unexpected keyword argument {key:?}"))),
-        }
+            secs
+        } else {
+            positive_float(&key, &value)?
+        };
+        policy
+            .set(&key, number)
+            .map_err(|_| PyTypeError::new_err(format!("unexpected keyword argument {key:?}")))?;
     }
     policy.bands().map_err(|e| PolicyError::new_err(e.to_string()))?;
     Ok(policy)
