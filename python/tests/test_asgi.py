@@ -1,0 +1,194 @@
+"""The ASGI middleware with real parts: uvicorn on 127.0.0.1, the official openai client."""
+
+import socket
+import threading
+import time
+
+import http_sf
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import sluicegate
+from sluicegate.asgi import SluicegateMiddleware
+
+from fake_upstream import COMPLETION_TOKENS, app as upstream
+
+MODEL = "llama-v3p1-70b"
+MESSAGES = [{"role": "user", "content": "ping " * 40}]
+
+
+class Server:
+    """uvicorn serving `app` on a free loopback port, in a thread, for one test."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, key="acct-1", retries=0):
+        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=retries, timeout=10)
+
+
+def serve(engine, dialect="fireworks"):
+    return Server(SluicegateMiddleware(upstream, engine, dialect=dialect))
+
+
+def create(client, **kw):
+    return client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=100, **kw)
+
+
+def test_the_client_receives_the_rate_limit_headers():
+    engine = sluicegate.Engine(capacity=1_000)
+    with serve(engine) as s:
+        raw = create(s.client())
+        assert raw.http_response.status_code == 200
+        h = raw.headers
+        assert h["x-ratelimit-limit-requests"] == "60"
+        assert h["x-ratelimit-remaining-requests"] == "59"
+        assert h["x-ratelimit-limit-tokens-generated"] == "6000"
+        assert h["x-ratelimit-over-limit"] == "no"
+        assert raw.parse().choices[0].message.content.startswith("alpha")
+    # Settled with the upstream's usage: 40 generated tokens, not the 100 reserved.
+    assert engine.remaining("acct-1", MODEL)["generated_tokens"] >= 6_000 - COMPLETION_TOKENS - 1
+
+
+def test_a_429_carries_retry_after_which_the_client_obeys():
+    engine = sluicegate.Engine(policy="fixed", capacity=1_000, requests_per_minute=60)
+    with serve(engine) as s:
+        # Real time passes while we send, so the bucket refills a little: send until refused.
+        refused = None
+        for _ in range(200):
+            try:
+                create(s.client())
+            except openai.RateLimitError as exc:
+                refused = exc
+                break
+        assert refused is not None, "60 RPM must refuse within 200 quick requests"
+        response = refused.response
+        assert response.headers["retry-after"] == "1"
+        assert 0 < int(response.headers["retry-after-ms"]) <= 1_000
+        assert response.json()["error"]["type"] == "dynamic_request_limited"
+        # The client retries after retry-after-ms and succeeds once a request has refilled.
+        start = time.monotonic()
+        raw = create(s.client(retries=3))
+        assert raw.http_response.status_code == 200
+        assert time.monotonic() - start >= 0.5
+
+
+def test_a_stream_is_charged_its_real_generated_tokens():
+    # 60 generated tokens a minute refill one a second: the counts below are exact to a token.
+    engine = sluicegate.Engine(policy="fixed", capacity=1_000, generated_tokens_per_minute=60, requests_per_minute=1_000)
+    with serve(engine) as s:
+        stream = s.client().chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=55, stream=True, stream_options={"include_usage": True}
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text.startswith("alpha bravo")
+        # The server settles just after the last byte reaches the client.
+        deadline = time.monotonic() + 2
+        while engine.remaining("acct-1", MODEL)["generated_tokens"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = engine.remaining("acct-1", MODEL)["generated_tokens"]
+    # Reserved 55; the final usage chunk reports 40: that is what stays charged.
+    assert 60 - COMPLETION_TOKENS <= left <= 60 - COMPLETION_TOKENS + 2, left
+
+
+def test_a_stream_without_usage_is_charged_from_its_text():
+    engine = sluicegate.Engine(capacity=1_000)
+    with serve(engine) as s:
+        stream = s.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    used = 6_000 - engine.remaining("acct-1", MODEL)["generated_tokens"]
+    assert 0 < used <= len(text)
+    assert used != 16, "charged from the text, not the reservation"
+
+
+def test_an_over_limit_request_passes_at_lower_priority():
+    engine = sluicegate.Engine(capacity=1_000)
+    with serve(engine) as s:
+        client = s.client()
+        for _ in range(60):
+            create(client)
+        raw = create(client)
+        assert raw.http_response.status_code == 200
+        assert raw.headers["x-ratelimit-over-limit"] == "yes"
+
+
+def test_ietf_fields_parse_as_structured_fields():
+    engine = sluicegate.Engine(capacity=1_000)
+    with serve(engine, dialect="ietf") as s:
+        raw = create(s.client())
+        policy = http_sf.parse(raw.headers["ratelimit-policy"].encode(), tltype="list")
+        state = http_sf.parse(raw.headers["ratelimit"].encode(), tltype="list")
+    by_name = {name: params for name, params in policy}
+    assert by_name["requests"] == {"q": 60, "w": 60, "qu": "requests"}
+    assert by_name["generated-tokens"]["q"] == 6_000
+    remaining = {name: params for name, params in state}
+    assert remaining["requests"]["r"] == 59
+
+
+def test_a_client_that_disconnects_mid_stream_is_settled_with_what_it_used():
+    engine = sluicegate.Engine(capacity=1_000)
+    with serve(engine) as s:
+        with httpx.Client(timeout=10) as http:
+            body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2_000, "stream": True, "seconds_per_word": 0.01}
+            with http.stream("POST", f"{s.url}/chat/completions", json=body, headers={"authorization": "Bearer acct-1"}) as r:
+                for i, _ in enumerate(r.iter_lines()):
+                    if i > 10:
+                        break
+        deadline = time.monotonic() + 5
+        # Cancelled, once, with what was streamed: the 2,000-token reservation comes back.
+        while engine.remaining("acct-1", MODEL)["generated_tokens"] < 5_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    # The few streamed tokens refill within milliseconds at 100 a second; the point is that the
+    # 2,000 reserved came back and the settle raised nothing.
+    assert engine.remaining("acct-1", MODEL)["generated_tokens"] >= 5_000
+
+
+def test_malformed_json_and_missing_keys_get_json_errors():
+    engine = sluicegate.Engine(capacity=1_000)
+    with serve(engine) as s, httpx.Client(timeout=10) as http:
+        bad = http.post(f"{s.url}/chat/completions", content=b"{not json", headers={"authorization": "Bearer a"})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request"
+        anonymous = http.post(f"{s.url}/chat/completions", json={"model": MODEL, "messages": MESSAGES})
+        assert anonymous.status_code == 401
+
+
+def test_an_overloaded_model_sheds_with_503_and_retry_after():
+    engine = sluicegate.Engine(capacity=1_000)
+    engine.set_load(MODEL, 2.0)
+    with serve(engine) as s:
+        with pytest.raises(openai.InternalServerError) as shed:
+            create(s.client())
+        assert shed.value.response.status_code == 503
+        assert int(shed.value.response.headers["retry-after"]) >= 1
+        assert shed.value.response.json()["error"]["type"] == "service_overloaded"
+
+
+def test_upstream_failures_are_settled_but_not_counted():
+    engine = sluicegate.Engine(capacity=1_000)
+    with serve(engine) as s:
+        with pytest.raises(openai.APIStatusError):
+            s.client().chat.completions.create(model="broken", messages=MESSAGES, max_tokens=100)
+    # Settled (the reservation is back), so a second settle would be refused; nothing leaked.
+    assert engine.remaining("acct-1", "broken")["generated_tokens"] == 6_000
