@@ -154,6 +154,16 @@ pub(crate) unsafe fn buffer<'a>(p: *mut u8, len: usize) -> Result<&'a mut [u8], 
     Ok(unsafe { core::slice::from_raw_parts_mut(p, len) })
 }
 
+/// Reports the bytes written, or on a too-small buffer the size needed, through `written`.
+pub(crate) fn sized(result: Result<usize, BufferTooSmall>, written: &mut usize) -> Result<(), sg_result> {
+    let (n, outcome) = match result {
+        Ok(n) => (n, Ok(())),
+        Err(e) => (e.needed, Err(SgErrBufferTooSmall)),
+    };
+    *written = n;
+    outcome
+}
+
 impl From<Error> for sg_result {
     fn from(e: Error) -> Self {
         match e {
@@ -207,11 +217,5 @@ impl From<SnapshotError> for sg_result {
             SnapshotError::CapacityMismatch => SgErrSnapshotCapacityMismatch,
             SnapshotError::Corrupt => SgErrSnapshotCorrupt,
         }
-    }
-}
-
-impl From<BufferTooSmall> for sg_result {
-    fn from(_: BufferTooSmall) -> Self {
-        SgErrBufferTooSmall
     }
 }

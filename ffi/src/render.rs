@@ -8,7 +8,7 @@ use sluicegate_core::{
     SpendRejection,
 };
 
-use crate::boundary::{arg, boundary, buffer, out, sg_result, sg_result::*};
+use crate::boundary::{arg, boundary, buffer, out, sg_result, sg_result::*, sized};
 use crate::engine::{sg_decision, sg_engine};
 
 /// Header dialects.
@@ -147,16 +147,7 @@ pub unsafe extern "C" fn sg_render_headers(
         // SAFETY: forwarded from this function's contract.
         let (d, r, buf, written) =
             unsafe { (arg(decision)?, arg(render)?, buffer(buf, len)?, out(written)?) };
-        match write_headers(&decision_from(d)?, &render_of(r)?, now_ns, buf) {
-            Ok(n) => {
-                *written = n;
-                Ok(())
-            }
-            Err(e) => {
-                *written = e.needed;
-                Err(e.into())
-            }
-        }
+        sized(write_headers(&decision_from(d)?, &render_of(r)?, now_ns, buf), written)
     })
 }
 
@@ -177,15 +168,6 @@ pub unsafe extern "C" fn sg_render_error_body(
         // SAFETY: forwarded from this function's contract.
         let (d, r, buf, written) =
             unsafe { (arg(decision)?, arg(render)?, buffer(buf, len)?, out(written)?) };
-        match write_error_body(&decision_from(d)?, &render_of(r)?, buf) {
-            Ok(n) => {
-                *written = n;
-                Ok(())
-            }
-            Err(e) => {
-                *written = e.needed;
-                Err(e.into())
-            }
-        }
+        sized(write_error_body(&decision_from(d)?, &render_of(r)?, buf), written)
     })
 }
