@@ -3,15 +3,31 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// target/<profile>: where cargo put libsluicegate.a and libsluicegate.so for this test.
+/// target/<profile>, holding libsluicegate.a and libsluicegate.so. `cargo test` builds the
+/// library only as an rlib for the tests, so it is built here once, into the same target dir.
 fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test binary path");
+            let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+            let target_dir = profile_dir.parent().expect("target");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+            let mut build = Command::new(cargo);
+            build.args(["build", "-p", "sluicegate-ffi", "--target-dir"]).arg(target_dir).current_dir(root());
+            if profile_dir.ends_with("release") {
+                build.arg("--release");
+            }
+            assert!(build.status().expect("run cargo").success(), "cargo build -p sluicegate-ffi failed");
+            profile_dir.to_path_buf()
+        })
+        .clone()
 }
 
 fn out(name: &str) -> String {
