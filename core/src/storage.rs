@@ -15,7 +15,8 @@ pub struct Capacity {
     pub accounts: usize,
     /// Models (at most 4096).
     pub models: usize,
-    /// Permits outstanding at once (at most 2^23 − 1).
+    /// Permits outstanding at once (at most 2^23 − 1). A permit takes the first free entry of a
+    /// 64-entry window, so keep a third spare: a ledger more than ~90% full can refuse.
     pub permits: usize,
 }
 

@@ -9,7 +9,8 @@ const SECOND: u64 = 1_000_000_000;
 const MINUTE: u64 = 60 * SECOND;
 
 fn engine(policy: Policy) -> Engine<Heap> {
-    Engine::new(policy, Capacity::scopes(256)).unwrap()
+    // Some tests hold a thousand permits at once: room for them with headroom.
+    Engine::new(policy, Capacity { permits: 4_096, ..Capacity::scopes(256) }).unwrap()
 }
 
 fn key(account: &str) -> ScopeKey<'_> {

@@ -39,7 +39,7 @@ fn hammer(e: &Engine<Heap>, now: u64, attempts: usize, request: Request) -> Vec<
 #[test]
 fn a_hot_scope_admits_exactly_what_the_bucket_allows_over_simulated_time() {
     // 6,000 requests a minute: 100 a second.
-    let e = engine(6_000.0, 1e12, 8_192);
+    let e = engine(6_000.0, 1e12, 16_384);
     let phases = [(0, 6_000), (SECOND, 100), (10 * SECOND, 900), (10 * SECOND + SECOND / 2, 50)];
     for (now, allowed) in phases {
         let admitted = hammer(&e, now, 3_000, Request::new(0)).len();
