@@ -84,15 +84,17 @@ def test_a_429_carries_retry_after_which_the_client_obeys():
                 refused = exc
                 break
         assert refused is not None, "60 RPM must refuse within 200 quick requests"
+        refused_at = time.monotonic()
         response = refused.response
         assert response.headers["retry-after"] == "1"
-        assert 0 < int(response.headers["retry-after-ms"]) <= 1_000
+        wait_ms = int(response.headers["retry-after-ms"])
+        assert 0 < wait_ms <= 1_000
         assert response.json()["error"]["type"] == "dynamic_request_limited"
-        # The client retries after retry-after-ms and succeeds once a request has refilled.
-        start = time.monotonic()
+        # The client retries after retry-after-ms and succeeds once a request has refilled,
+        # which cannot happen sooner than retry-after-ms after the refusal.
         raw = create(s.client(retries=3))
         assert raw.http_response.status_code == 200
-        assert time.monotonic() - start >= 0.5
+        assert time.monotonic() - refused_at >= wait_ms / 1_000 - 0.01
 
 
 def test_a_stream_is_charged_its_real_generated_tokens():
@@ -114,13 +116,14 @@ def test_a_stream_is_charged_its_real_generated_tokens():
 
 
 def test_a_stream_without_usage_is_charged_from_its_text():
-    engine = sluicegate.Engine(capacity=1_000)
+    # 60 generated tokens a minute refill one a second, so the charge is still visible after.
+    engine = sluicegate.Engine(policy="fixed", capacity=1_000, generated_tokens_per_minute=60, requests_per_minute=1_000)
     with serve(engine) as s:
         stream = s.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    used = 6_000 - engine.remaining("acct-1", MODEL)["generated_tokens"]
-    assert 0 < used <= len(text)
-    assert used != 16, "charged from the text, not the reservation"
+    used = 60 - engine.remaining("acct-1", MODEL)["generated_tokens"]
+    # 16 words of ~6 characters: about 24 tokens counted from the text, more than the 16 reserved.
+    assert 16 < used <= len(text) // 4 + 1, (used, len(text))
 
 
 def test_an_over_limit_request_passes_at_lower_priority():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Awaitable, Callable, Dict, List, Literal, Mapping, MutableMapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, MutableMapping, Optional, Tuple
 
 from sluicegate._sluicegate import Decision, Engine
 
@@ -32,8 +32,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
-Completion = Literal["success", "upstream_failure", "cancelled"]
+if TYPE_CHECKING:
+    from typing import Literal
+
+    _Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
+    _Completion = Literal["success", "upstream_failure", "cancelled"]
 
 DEFAULT_PATHS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_MAX_TOKENS = 256
@@ -105,14 +108,14 @@ class SluicegateMiddleware:
         app: ASGIApp,
         engine: Engine,
         *,
-        dialect: Dialect = "fireworks",
+        dialect: _Dialect = "fireworks",
         account: Callable[[Scope, Mapping[str, str]], Optional[str]] = bearer_account,
         estimate_prompt_tokens: Callable[[Mapping[str, Any]], int] = chars_over_four,
         paths: Tuple[str, ...] = DEFAULT_PATHS,
     ) -> None:
         self.app = app
         self.engine = engine
-        self.dialect: Dialect = dialect
+        self.dialect: _Dialect = dialect
         self.account = account
         self.estimate_prompt_tokens = estimate_prompt_tokens
         self.paths = paths
@@ -241,7 +244,7 @@ class SluicegateMiddleware:
                 if not usage.reported:
                     text = "".join(_text_of((c.get("message") or {}).get("content")) or _text_of(c.get("text")) for c in parsed.get("choices") or [])
                     usage.generated_tokens = len(text) // 4
-        completion: Completion
+        completion: _Completion
         if state["status"] >= 500:
             completion = "upstream_failure"
         elif state["gone"] or not state["complete"]:
