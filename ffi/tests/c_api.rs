@@ -1,143 +1,232 @@
-//! Builds and runs the C tests and the C example against the library cargo just built: C11,
-//! C++17, AddressSanitizer + UndefinedBehaviorSanitizer, pthreads.
+//! Builds and runs the C tests and the C example against the library of this very build: the C
+//! API test as C11, as C++17 and under AddressSanitizer + UndefinedBehaviorSanitizer (against
+//! the shared library), the pthreads test, and the example gateway.
+//!
+//! Where the libraries are: building the ffi lib for the tests runs rustc once with all its
+//! crate types, so `libsluicegate.a` and `libsluicegate.so` are written next to this test
+//! binary, in `target/<profile>/deps`. `cargo test` does not copy them up to
+//! `target/<profile>` (only `cargo build` does), so copies there may be stale; they are used
+//! only when `deps` lacks the libraries, after running `cargo build -p sluicegate-ffi`.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A C test that takes longer than this is hung (they take seconds).
+const TIMEOUT: Duration = Duration::from_secs(300);
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// target/<profile>, holding libsluicegate.a and libsluicegate.so. `cargo test` builds the
-/// library only as an rlib for the tests, so it is built here once, into the same target dir.
-fn lib_dir() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("test binary path");
-            let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-            let target_dir = profile_dir.parent().expect("target");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-            let mut build = Command::new(cargo);
-            build.args(["build", "-p", "sluicegate-ffi", "--target-dir"]).arg(target_dir).current_dir(root());
-            if profile_dir.ends_with("release") {
+/// The directory holding `libsluicegate.a` and `libsluicegate.so` of this build.
+fn lib_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        let deps = exe.parent().expect("target/<profile>/deps").to_path_buf();
+        let has_libs =
+            |dir: &Path| dir.join("libsluicegate.a").is_file() && dir.join("libsluicegate.so").is_file();
+        if has_libs(&deps) {
+            return deps;
+        }
+        // Not built alongside the tests (another cargo version or layout): build them.
+        let profile_dir = deps.parent().expect("target/<profile>").to_path_buf();
+        let target_dir = profile_dir.parent().expect("target");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "sluicegate-ffi", "--target-dir"]).arg(target_dir).current_dir(root());
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => {}
+            Some("release") => {
                 build.arg("--release");
             }
-            assert!(build.status().expect("run cargo").success(), "cargo build -p sluicegate-ffi failed");
-            profile_dir.to_path_buf()
-        })
-        .clone()
-}
-
-fn out(name: &str) -> String {
-    format!("{}/{name}", env!("CARGO_TARGET_TMPDIR"))
-}
-
-fn compile(compiler: &str, args: &[&str]) {
-    let status = Command::new(compiler)
-        .args(args)
-        .current_dir(root())
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {compiler} (CI installs gcc and g++): {e}"));
-    assert!(status.success(), "{compiler} {args:?} failed");
-}
-
-fn run(binary: &str, stdin: Option<&str>) -> String {
-    let mut cmd = Command::new(binary);
-    cmd.current_dir(root()).env("ASAN_OPTIONS", "detect_leaks=1");
-    if let Some(file) = stdin {
-        cmd.stdin(std::fs::File::open(root().join(file)).expect("input"));
-    }
-    let output = cmd.output().expect("run");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "{binary} failed:\n{text}\n{}", String::from_utf8_lossy(&output.stderr));
-    text
+            Some(other) => {
+                build.args(["--profile", other]);
+            }
+            None => panic!("unexpected test binary location {}", exe.display()),
+        }
+        assert!(build.status().expect("run cargo").success(), "cargo build -p sluicegate-ffi failed");
+        assert!(has_libs(&profile_dir), "no libsluicegate.a/.so in {}", profile_dir.display());
+        profile_dir
+    })
 }
 
 fn static_lib() -> String {
     lib_dir().join("libsluicegate.a").display().to_string()
 }
 
+/// Where a compiled test goes.
+fn binary(name: &str) -> String {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(name).display().to_string()
+}
+
 const STRICT: [&str; 5] = ["-Wall", "-Wextra", "-Werror", "-pedantic", "-Iinclude"];
 
-fn assert_all_passed(output: &str) {
+/// Links a static-library build: the system libraries Rust's std needs.
+const STATIC_LIBS: [&str; 3] = ["-lpthread", "-ldl", "-lm"];
+
+fn compile(compiler: &str, args: &[&str]) {
+    let output = match Command::new(compiler).args(args).current_dir(root()).output() {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "`{compiler}` not found: these tests need a C and C++ compiler with sanitizers \
+             (e.g. apt-get install gcc g++; .ci/run installs them)"
+        ),
+        Err(e) => panic!("cannot run {compiler}: {e}"),
+    };
+    assert!(
+        output.status.success(),
+        "{compiler} {} failed:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs a compiled test, optionally with a file as stdin, and returns its stdout once it
+/// exited successfully within `TIMEOUT` (killed and failed otherwise).
+fn run(binary: &str, stdin: Option<&str>, env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(binary);
+    cmd.current_dir(root()).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    match stdin {
+        Some(file) => cmd.stdin(std::fs::File::open(root().join(file)).expect("stdin file")),
+        None => cmd.stdin(Stdio::null()),
+    };
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {binary}: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            pipe.read_to_end(&mut text).expect("read output");
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{binary} did not finish within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (stdout.join().expect("stdout"), stderr.join().expect("stderr"));
+    assert!(status.success(), "{binary} failed ({status}):\n{stdout}\n{stderr}");
+    stdout
+}
+
+/// The last line must be "N passed, 0 failed" with N > 0; returns N.
+fn assert_all_passed(output: &str) -> usize {
     let last = output.lines().last().unwrap_or_default();
-    assert!(last.ends_with(" passed, 0 failed"), "{output}");
+    let passed = last
+        .strip_suffix(" passed, 0 failed")
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no \"N passed, 0 failed\" line at the end of:\n{output}"));
+    assert!(passed > 0, "{output}");
+    passed
 }
 
 #[test]
-fn c11_tests_cover_every_function_and_error_code() {
-    let bin = out("test_c11");
-    let mut args = vec!["-std=c11", "-D_GNU_SOURCE"];
-    args.extend(STRICT);
+fn c11_test_calls_every_function_and_gets_every_reachable_result_code() {
+    let bin = binary("test_sluicegate_c11");
     let lib = static_lib();
-    args.extend(["ffi/tests/c/test_sluicegate.c", &lib, "-lpthread", "-ldl", "-lm", "-o", &bin]);
+    let mut args = vec!["-std=c11"];
+    args.extend(STRICT);
+    args.extend(["ffi/tests/c/test_sluicegate.c", &lib]);
+    args.extend(STATIC_LIBS);
+    args.extend(["-o", &bin]);
     compile("cc", &args);
-    assert_all_passed(&run(&bin, None));
+    assert_all_passed(&run(&bin, None, &[]));
 }
 
 #[test]
-fn the_same_tests_compile_and_pass_as_cpp17() {
-    let bin = out("test_cpp17");
-    let mut args = vec!["-x", "c++", "-std=c++17", "-D_GNU_SOURCE"];
-    args.extend(STRICT);
+fn the_same_c_test_compiles_as_cpp17_and_passes() {
+    let bin = binary("test_sluicegate_cpp17");
     let lib = static_lib();
-    args.extend([
-        "ffi/tests/c/test_sluicegate.c",
-        "-x",
-        "none",
-        &lib,
-        "-lpthread",
-        "-ldl",
-        "-lm",
-        "-o",
-        &bin,
-    ]);
+    let mut args = vec!["-x", "c++", "-std=c++17"];
+    args.extend(STRICT);
+    args.extend(["ffi/tests/c/test_sluicegate.c", "-x", "none", &lib]);
+    args.extend(STATIC_LIBS);
+    args.extend(["-o", &bin]);
     compile("c++", &args);
-    assert_all_passed(&run(&bin, None));
+    assert_all_passed(&run(&bin, None, &[]));
 }
 
 #[test]
-fn the_tests_run_clean_under_address_and_undefined_behaviour_sanitizers() {
-    let bin = out("test_asan");
+fn asan_and_ubsan_find_no_error_and_no_leak_through_the_shared_library() {
+    let bin = binary("test_sluicegate_asan");
     let dir = lib_dir().display().to_string();
-    let rpath = format!("-Wl,-rpath,{dir}");
-    let libpath = format!("-L{dir}");
+    let (search, rpath) = (format!("-L{dir}"), format!("-Wl,-rpath,{dir}"));
     let mut args = vec![
         "-std=c11",
-        "-D_GNU_SOURCE",
+        "-g",
         "-fsanitize=address,undefined",
         "-fno-omit-frame-pointer",
         "-fno-sanitize-recover=all",
     ];
     args.extend(STRICT);
-    args.extend(["ffi/tests/c/test_sluicegate.c", &libpath, "-lsluicegate", &rpath, "-o", &bin]);
+    args.extend(["ffi/tests/c/test_sluicegate.c", &search, "-lsluicegate", &rpath, "-o", &bin]);
     compile("cc", &args);
-    assert_all_passed(&run(&bin, None));
+    // Every engine the test creates is freed, so no suppression is needed: any leak is ours.
+    let env = [("ASAN_OPTIONS", "detect_leaks=1"), ("UBSAN_OPTIONS", "print_stacktrace=1")];
+    assert_all_passed(&run(&bin, None, &env));
 }
 
 #[test]
-fn four_threads_admit_exactly_the_limit_and_settle_across_threads() {
-    let bin = out("threads");
+fn four_threads_admit_exactly_the_limit_and_settle_on_other_threads() {
+    let bin = binary("threads");
+    let lib = static_lib();
     let mut args = vec!["-std=c11", "-pthread"];
     args.extend(STRICT);
-    let lib = static_lib();
-    args.extend(["ffi/tests/c/threads.c", &lib, "-lpthread", "-ldl", "-lm", "-o", &bin]);
+    args.extend(["ffi/tests/c/threads.c", &lib]);
+    args.extend(STATIC_LIBS);
+    args.extend(["-o", &bin]);
     compile("cc", &args);
-    assert_all_passed(&run(&bin, None));
+    let output = run(&bin, None, &[]);
+    assert_eq!(assert_all_passed(&output), 8, "{output}");
 }
 
 #[test]
-fn the_c_example_prints_what_the_gateway_would_answer() {
-    let bin = out("gateway");
+fn the_c_gateway_example_answers_200_over_limit_and_429() {
+    let bin = binary("gateway");
+    let lib = static_lib();
     let mut args = vec!["-std=c11"];
     args.extend(STRICT);
-    let lib = static_lib();
-    args.extend(["examples/c/gateway.c", &lib, "-lpthread", "-ldl", "-lm", "-o", &bin]);
+    args.extend(["examples/c/gateway.c", &lib]);
+    args.extend(STATIC_LIBS);
+    args.extend(["-o", &bin]);
     compile("cc", &args);
-    let output = run(&bin, Some("examples/c/requests.txt"));
-    assert!(output.contains("HTTP/1.1 200\nx-ratelimit-limit-requests: 60"), "{output}");
-    assert!(output.contains("x-ratelimit-over-limit: yes"));
-    assert!(output.contains("HTTP/1.1 429") && output.contains("\"type\":\"dynamic_token_limited\""));
+    let output = run(&bin, Some("examples/c/requests.txt"), &[]);
+    assert!(output.contains("HTTP/1.1 200"), "{output}");
+    assert!(output.contains("x-ratelimit-over-limit: yes"), "{output}");
+    assert!(output.contains("HTTP/1.1 429"), "{output}");
+    // The story requests.txt tells in its comments: 72 requests; bob's burst runs 3 over the
+    // limit, carol's long prompts 2 over the limit and then one 429 on prompt tokens.
+    let count = |s: &str| output.matches(s).count();
+    assert_eq!(count("HTTP/1.1 200 OK\r\n"), 71, "{output}");
+    assert_eq!(count("HTTP/1.1 429 Too Many Requests\r\n"), 1, "{output}");
+    assert_eq!(count("x-ratelimit-over-limit: yes\r\n"), 3 + 2 + 1, "{output}");
+    assert_eq!(count("\"type\":\"dynamic_token_limited\""), 1, "{output}");
+}
+
+/// Guards the claim of the C test: every function the header declares is called in it.
+#[test]
+fn the_c_test_calls_every_function_the_header_declares() {
+    let header = std::fs::read_to_string(root().join("include/sluicegate.h")).expect("header");
+    let test = std::fs::read_to_string(root().join("ffi/tests/c/test_sluicegate.c")).expect("C test");
+    let declared: Vec<&str> = header
+        .lines()
+        .filter(|l| !l.starts_with([' ', '*', '/', '#']) && l.ends_with(");"))
+        .filter_map(|l| l.split('(').next()?.rsplit([' ', '*']).next())
+        .filter(|name| name.starts_with("sg_"))
+        .collect();
+    assert!(declared.len() >= 30, "found only {declared:?} in the header");
+    let missing: Vec<&&str> = declared.iter().filter(|name| !test.contains(&format!("{name}("))).collect();
+    assert!(missing.is_empty(), "not called by test_sluicegate.c: {missing:?}");
 }
