@@ -85,7 +85,10 @@ impl<S: Storage> Engine<S> {
     pub fn with_storage(policy: Policy, storage: S, seed: u64) -> Result<Self, Error> {
         let bands = policy.bands()?;
         storage.tables().capacity().check()?;
-        let incarnation = (seed ^ (seed >> 32)) as u32 | 1;
+        // Seed and table address: engines sharing a seed still refuse each other's permits.
+        let place = storage.tables().scopes.as_ptr() as usize as u64;
+        let mixed = scope_hash(seed, place);
+        let incarnation = (mixed ^ (mixed >> 32)) as u32 | 1;
         Ok(Engine { storage, policy, bands, seed, incarnation, tick_cache: crate::sync::AtomicU64::new(0) })
     }
 

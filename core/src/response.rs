@@ -108,7 +108,7 @@ impl Render {
             Outcome::RejectRateLimited(r) if !r.too_large => Some(r.retry_after_ns),
             Outcome::Shed(s) => {
                 let spread = s.retry_after_ns / 2 + 1;
-                Some(s.retry_after_ns + splitmix(self.jitter_seed) % spread)
+                Some(s.retry_after_ns.saturating_add(splitmix(self.jitter_seed) % spread))
             }
             _ => None,
         }

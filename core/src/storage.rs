@@ -135,15 +135,19 @@ impl Heap {
     /// Allocates tables of `capacity`.
     pub fn new(capacity: Capacity) -> Result<Self, Error> {
         capacity.check()?;
-        fn filled<T>(n: usize, f: fn() -> T) -> alloc::boxed::Box<[T]> {
-            (0..n).map(|_| f()).collect()
+        // Fallible allocation: a capacity the machine cannot hold is an error, not an abort.
+        fn filled<T>(n: usize, f: fn() -> T, table: Table) -> Result<alloc::boxed::Box<[T]>, Error> {
+            let mut v = alloc::vec::Vec::new();
+            v.try_reserve_exact(n).map_err(|_| Error::BadCapacity(table))?;
+            v.extend((0..n).map(|_| f()));
+            Ok(v.into_boxed_slice())
         }
         Ok(Heap {
-            scopes: filled(capacity.scopes, ScopeSlot::new),
-            adaptation: filled(capacity.scopes, ScopeAdaptation::new),
-            accounts: filled(capacity.accounts, AccountSlot::new),
-            models: filled(capacity.models, ModelSlot::new),
-            permits: filled(capacity.permits, PermitSlot::new),
+            scopes: filled(capacity.scopes, ScopeSlot::new, Table::Scopes)?,
+            adaptation: filled(capacity.scopes, ScopeAdaptation::new, Table::Scopes)?,
+            accounts: filled(capacity.accounts, AccountSlot::new, Table::Accounts)?,
+            models: filled(capacity.models, ModelSlot::new, Table::Models)?,
+            permits: filled(capacity.permits, PermitSlot::new, Table::Permits)?,
         })
     }
 }

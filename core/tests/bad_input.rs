@@ -149,3 +149,21 @@ fn a_full_permit_ledger_refuses_admission_and_charges_nothing() {
     e.settle(&first, &Usage::new(1, 0), Completion::Success, 0).unwrap();
     assert!(e.admit(KEY, &Request::new(1), 0).unwrap().admitted());
 }
+
+#[test]
+fn a_capacity_the_machine_cannot_hold_is_an_error_not_an_abort() {
+    let huge = Capacity { scopes: u32::MAX as usize, ..Capacity::scopes(8) };
+    assert_eq!(Engine::new(Policy::fixed(), huge).err(), Some(Error::BadCapacity(Table::Scopes)));
+}
+
+#[test]
+fn engines_sharing_a_seed_still_refuse_each_others_permits() {
+    let make = || {
+        Engine::with_storage(Policy::fixed(), sluicegate_core::Heap::new(Capacity::scopes(64)).unwrap(), 42)
+            .unwrap()
+    };
+    let (a, b) = (make(), make());
+    let p = *a.admit(KEY, &Request::new(1), 0).unwrap().permit().unwrap();
+    b.admit(KEY, &Request::new(1), 0).unwrap();
+    assert_eq!(b.settle(&p, &Usage::new(1, 0), Completion::Success, 0), Err(SettleError::StalePermit));
+}

@@ -287,3 +287,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_huge_shed_retry_saturates_instead_of_overflowing() {
+    let d = Decision {
+        outcome: Outcome::Shed(sluicegate_core::Shed {
+            band: sluicegate_core::Band::Normal,
+            load: 1_500,
+            retry_after_ns: u64::MAX - 1_000,
+        }),
+        levels: sluicegate_core::Levels::default(),
+        cost: sluicegate_core::PerMetric::default(),
+    };
+    assert_eq!(Render::new(Dialect::Fireworks).jitter_seed(1).retry_after_ns(&d), Some(u64::MAX));
+}
