@@ -101,6 +101,14 @@ fn nanos(micros: Micros) -> Nanos {
     micros.saturating_mul(NANOS_PER_MICRO)
 }
 
+/// Adds `amount` to a money counter, stopping at `u64::MAX`: a huge (saturated) cost must never
+/// wrap spend back to a small number and so forgive it.
+fn saturating_add(counter: &AtomicU64, amount: Nanos) {
+    if amount != 0 {
+        counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some(v.saturating_add(amount))).ok();
+    }
+}
+
 impl AccountSlot {
     /// An empty slot.
     pub fn new() -> Self {
@@ -191,7 +199,7 @@ impl AccountSlot {
         if cost == 0 {
             return;
         }
-        self.period_spend.fetch_add(cost, Ordering::AcqRel);
+        saturating_add(&self.period_spend, cost);
         let before = self
             .credits
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_sub(cost)))
@@ -201,15 +209,15 @@ impl AccountSlot {
             self.update_payment_standing();
         }
         if cost > covered {
-            self.historical.fetch_add(cost - covered, Ordering::AcqRel);
+            saturating_add(&self.historical, cost - covered);
             self.promote(tiers);
         }
     }
 
     /// Prepaid credits: spendable, and they count toward historical spend (and so the tier).
     pub(crate) fn add_credits(&self, amount: Micros, tiers: &Tiers) {
-        self.credits.fetch_add(nanos(amount), Ordering::AcqRel);
-        self.historical.fetch_add(nanos(amount), Ordering::AcqRel);
+        saturating_add(&self.credits, nanos(amount));
+        saturating_add(&self.historical, nanos(amount));
         self.update_payment_standing();
         self.promote(tiers);
     }
@@ -251,20 +259,25 @@ impl AccountSlot {
         Ok(())
     }
 
-    /// Pins the tier (an operator's grant), or with `None` returns to the earned tier.
+    /// Pins the tier (an operator's grant), or with `None` returns to the tier historical spend
+    /// has earned.
+    ///
+    /// The user's chosen limit is never rewritten: the effective limit is the lower of the
+    /// tier's and the user's, so a lower pinned tier caps spend only while it lasts, and un-pinning
+    /// or a later promotion brings back the tier's limit (or the user's own, if lower).
     pub(crate) fn pin_tier(&self, tier: Option<Tier>, tiers: &Tiers) {
-        let settings = match tier {
-            Some(t) => PINNED | t as u64,
-            None => Tier::One as u64,
-        };
         // Sequentially consistent, like the override stores: a scope claimed after the re-clamp
         // scan passed its slot must read the new bounds (see `Engine::reclamp_account`).
         self.settings
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| Some((s & PAYMENT_METHOD) | settings))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                let settings = match tier {
+                    Some(t) => PINNED | t as u64,
+                    None => tiers.earned(self.historical.load(Ordering::Acquire) / NANOS_PER_MICRO) as u64,
+                };
+                Some((s & PAYMENT_METHOD) | settings)
+            })
             .ok();
-        // A lower tier may not keep a user limit above its own.
-        let max = tiers.spec(self.tier()).monthly_spend_limit;
-        self.chosen_limit.fetch_min(max.max(1), Ordering::AcqRel);
+        // Spend recorded while the tier was being set may have earned more.
         self.promote(tiers);
         self.refresh_limit(tiers);
     }

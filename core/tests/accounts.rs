@@ -166,6 +166,98 @@ fn users_may_lower_their_limit_within_the_tier_but_never_raise_it_above() {
     e.set_spend_limit(b"a", 1_000_000 * DOLLAR).unwrap();
 }
 
+/// $1 per uncached prompt token: a request of `n` prompt tokens costs $`n`.
+const A_DOLLAR_A_TOKEN: Price = Price { uncached_prompt: DOLLAR * 1_000_000, ..ONE_MICRO_A_TOKEN };
+
+fn limit(e: &Engine<Heap>, account: &str) -> u64 {
+    e.account(account.as_bytes()).unwrap().spend_limit
+}
+
+#[test]
+fn unpinning_a_tier_returns_to_the_earned_tiers_spend_limit() {
+    let e = engine();
+    e.set_price(MODEL, Variant::Regular, A_DOLLAR_A_TOKEN).unwrap();
+    e.add_credits(b"a", 1_000 * DOLLAR).unwrap();
+    assert_eq!((e.account(b"a").unwrap().tier, limit(&e, "a")), (Tier::Three, 5_000 * DOLLAR));
+    e.set_tier(b"a", Some(Tier::Unlimited), 0).unwrap();
+    e.set_tier(b"a", None, 0).unwrap();
+    let a = e.account(b"a").unwrap();
+    assert_eq!((a.tier, a.tier_pinned, a.spend_limit), (Tier::Three, false, 5_000 * DOLLAR));
+    // Un-pinning with no pin in place changes nothing either.
+    e.set_tier(b"a", None, 0).unwrap();
+    assert_eq!(limit(&e, "a"), 5_000 * DOLLAR);
+    // Past $50 of spend, Tier 3's $5,000 still admits.
+    assert!(matches!(run(&e, key("a"), 60, 0, 0), Outcome::Admit(_)));
+    assert_eq!(spend(&e, "a"), 60 * DOLLAR);
+    assert!(matches!(run(&e, key("a"), 1, 0, SECOND), Outcome::Admit(_)));
+}
+
+#[test]
+fn a_lower_pinned_tier_limits_spend_only_while_it_is_pinned() {
+    let e = engine();
+    e.add_credits(b"a", 100 * DOLLAR).unwrap();
+    assert_eq!(limit(&e, "a"), 500 * DOLLAR);
+    e.set_tier(b"a", Some(Tier::One), 0).unwrap();
+    assert_eq!(limit(&e, "a"), 50 * DOLLAR);
+    // Un-pinned: back to the earned Tier 2.
+    e.set_tier(b"a", None, 0).unwrap();
+    assert_eq!((e.account(b"a").unwrap().tier, limit(&e, "a")), (Tier::Two, 500 * DOLLAR));
+    // Pinned low again, un-pinned, then promoted: the promotion brings Tier 3's limit.
+    e.set_tier(b"a", Some(Tier::One), 0).unwrap();
+    e.set_tier(b"a", None, 0).unwrap();
+    e.add_credits(b"a", 900 * DOLLAR).unwrap();
+    assert_eq!((e.account(b"a").unwrap().tier, limit(&e, "a")), (Tier::Three, 5_000 * DOLLAR));
+}
+
+#[test]
+fn a_users_own_lower_limit_survives_pinning_and_unpinning() {
+    let e = engine();
+    e.add_credits(b"a", 1_000 * DOLLAR).unwrap();
+    e.set_spend_limit(b"a", 200 * DOLLAR).unwrap();
+    assert_eq!(limit(&e, "a"), 200 * DOLLAR);
+    // The effective limit is the lower of the tier's and the user's.
+    e.set_tier(b"a", Some(Tier::One), 0).unwrap();
+    assert_eq!(limit(&e, "a"), 50 * DOLLAR);
+    e.set_tier(b"a", Some(Tier::Unlimited), 0).unwrap();
+    assert_eq!(limit(&e, "a"), 200 * DOLLAR);
+    e.set_tier(b"a", Some(Tier::One), 0).unwrap();
+    e.set_tier(b"a", None, 0).unwrap();
+    assert_eq!((e.account(b"a").unwrap().tier, limit(&e, "a")), (Tier::Three, 200 * DOLLAR));
+    // A promotion keeps it too.
+    e.add_credits(b"a", 9_000 * DOLLAR).unwrap();
+    assert_eq!((e.account(b"a").unwrap().tier, limit(&e, "a")), (Tier::Four, 200 * DOLLAR));
+}
+
+#[test]
+fn a_saturated_cost_keeps_spend_at_the_maximum_and_the_account_refused() {
+    let e = engine();
+    let pricey = ScopeKey::new(b"a", b"pricey");
+    e.set_price(b"pricey", Variant::Regular, Price { generated: u64::MAX, ..Price::default() }).unwrap();
+    // Some spend first, so that wrapping would land on a small number.
+    run(&e, key("a"), 10, 0, 0);
+    assert_eq!(spend(&e, "a"), 10);
+    let late = *e.admit(key("a"), &Request::new(5), 0).unwrap().permit().unwrap();
+    // Nothing reserved, then 10,000 generated tokens at u64::MAX µ$/M: the cost saturates.
+    let d = e.admit(pricey, &Request::new(0), SECOND).unwrap();
+    e.settle(d.permit().unwrap(), &Usage::new(0, 10_000), Completion::Success, SECOND).unwrap();
+    let a = e.account(b"a").unwrap();
+    assert_eq!((a.period_spend, a.historical_spend), (u64::MAX / 1_000, u64::MAX / 1_000));
+    assert_eq!(a.refusal, Some(SpendRejection::SpendLimitExceeded));
+    assert_eq!(run(&e, key("a"), 1, 0, 2 * SECOND), Outcome::RejectSpend(SpendRejection::SpendLimitExceeded));
+    // Spend settled on top stays at the maximum.
+    e.settle(&late, &Usage::new(5, 0), Completion::Success, 2 * SECOND).unwrap();
+    assert_eq!(spend(&e, "a"), u64::MAX / 1_000);
+}
+
+#[test]
+fn credits_near_the_maximum_saturate_instead_of_wrapping() {
+    let e = engine();
+    e.add_credits(b"a", u64::MAX / 1_000).unwrap();
+    e.add_credits(b"a", u64::MAX / 1_000).unwrap();
+    let a = e.account(b"a").unwrap();
+    assert_eq!((a.credits, a.historical_spend, a.tier), (u64::MAX / 1_000, u64::MAX / 1_000, Tier::Four));
+}
+
 /// Sustained use at the limit for `minutes`, from minute `from`.
 fn sustain(e: &Engine<Heap>, k: ScopeKey<'_>, from: u64, minutes: u64) {
     for minute in from..from + minutes {
