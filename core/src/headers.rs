@@ -144,6 +144,11 @@ fn tighter_tokens(l: &Levels) -> Option<Metric> {
         .min_by_key(|m| (u128::from(l.remaining(*m)) << 32) / u128::from(l.limit(*m).max(1)))
 }
 
+/// Fireworks' headers. Per minute by default; in the 2026 form (`per_second`) every limit and
+/// remaining is per second (SPEC §9: a limit and its remaining share a unit): limits rounded up
+/// (a small limit never reads 0), remaining rounded down (never more than is there). Only the
+/// 2026 token limits carry a cache-adjusted prompt limit, and only a policy that limits
+/// requests (`fireworks_2026` does not) sends a request limit in it.
 fn fireworks(l: &Levels, render: &Render, over: bool, emit: &mut impl FnMut(&str, core::fmt::Arguments<'_>)) {
     let metrics = [
         (Metric::Requests, "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"),
@@ -155,8 +160,9 @@ fn fireworks(l: &Levels, render: &Render, over: bool, emit: &mut impl FnMut(&str
         ),
     ];
     if render.per_second {
-        // Fireworks' 2026 headers: effective token limits per second.
+        // Fireworks' 2026 headers: effective limits per second.
         let per_second = [
+            (Metric::Requests, "x-ratelimit-limit-requests"),
             (Metric::PromptTokens, "x-ratelimit-limit-tokens-prompt"),
             (Metric::UncachedPromptTokens, "x-ratelimit-limit-tokens-cache-adjusted-prompt"),
             (Metric::GeneratedTokens, "x-ratelimit-limit-tokens-generated"),
@@ -169,8 +175,9 @@ fn fireworks(l: &Levels, render: &Render, over: bool, emit: &mut impl FnMut(&str
             emit(name, format_args!("{}", l.limit(m)));
         }
     }
+    let unit = if render.per_second { 60 } else { 1 };
     for (m, _, name) in metrics.into_iter().filter(|(m, ..)| limited(l, *m)) {
-        emit(name, format_args!("{}", l.remaining(m)));
+        emit(name, format_args!("{}", l.remaining(m) / unit));
     }
     emit("x-ratelimit-over-limit", format_args!("{}", if over { "yes" } else { "no" }));
 }

@@ -13,7 +13,7 @@ use crate::decision::{Decision, Outcome, SpendRejection};
 pub struct Render {
     /// Which provider's headers to send.
     pub dialect: Dialect,
-    /// Fireworks 2026: report token limits per second instead of per minute.
+    /// Fireworks 2026: report limits, and their remaining alike, per second instead of per minute.
     pub per_second: bool,
     /// Unix time (ns) at which the engine's clock read `monotonic_at`; needed for RFC 3339 resets.
     pub unix_ns: u64,
@@ -74,7 +74,7 @@ impl Render {
         Render { dialect, per_second: false, unix_ns: 0, monotonic_at: 0, jitter_seed: 0 }
     }
 
-    /// Reports token limits per second (Fireworks' 2026 headers).
+    /// Reports limits and remaining per second (Fireworks' 2026 headers).
     pub const fn per_second(self, per_second: bool) -> Self {
         Render { per_second, ..self }
     }
@@ -100,19 +100,49 @@ impl Render {
         }
     }
 
-    /// How long the client should wait, ns: the real time until the request fits for a 429,
-    /// the shed delay plus up to half again of seeded jitter for a 503 (so shed clients do not
-    /// return in lockstep). `None` when there is nothing to wait for.
+    /// How long the client should wait, ns: the real time until the request fits for a 429; for
+    /// a 503, whole seconds with seeded jitter, so that shed clients do not return in lockstep
+    /// even after `retry-after` rounds to seconds (SPEC §9).
+    ///
+    /// The 503 wait is the shed delay rounded up to whole seconds (at least 1), plus a whole
+    /// number of seconds chosen from the seed in `0..=max(1, ⌈that / 2⌉)`: with the default 1 s
+    /// delay, 1 or 2 s; with 10 s, 10 to 15 s. It is never below the shed delay and at most
+    /// [`shed_retry_max_ns`] of it. Being whole seconds, `retry-after` and `retry-after-ms`
+    /// agree exactly. `None` when there is nothing to wait for.
     pub fn retry_after_ns(&self, decision: &Decision) -> Option<u64> {
         match decision.outcome {
             Outcome::RejectRateLimited(r) if !r.too_large => Some(r.retry_after_ns),
             Outcome::Shed(s) => {
-                let spread = s.retry_after_ns / 2 + 1;
-                Some(s.retry_after_ns.saturating_add(splitmix(self.jitter_seed) % spread))
+                let (base, spread) = shed_seconds(s.retry_after_ns);
+                let jitter = splitmix(self.jitter_seed) % (spread + 1);
+                Some(base.saturating_add(jitter).saturating_mul(NANOS_PER_SECOND))
             }
             _ => None,
         }
     }
+}
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
+/// A shed delay in whole seconds (rounded up, at least 1) and the most whole seconds of jitter
+/// added to it (half of it rounded up, at least 1).
+const fn shed_seconds(delay_ns: u64) -> (u64, u64) {
+    let base = whole_seconds(delay_ns);
+    let base = if base == 0 { 1 } else { base };
+    (base, base.div_ceil(2))
+}
+
+/// The longest a 503 with shed delay `delay_ns` asks the client to wait, ns (saturating): the
+/// delay in whole seconds plus the most jitter, see [`Render::retry_after_ns`].
+///
+/// ```
+/// use sluicegate_core::response::shed_retry_max_ns;
+/// assert_eq!(shed_retry_max_ns(1_000_000_000), 2_000_000_000);
+/// assert_eq!(shed_retry_max_ns(10_000_000_000), 15_000_000_000);
+/// ```
+pub const fn shed_retry_max_ns(delay_ns: u64) -> u64 {
+    let (base, spread) = shed_seconds(delay_ns);
+    base.saturating_add(spread).saturating_mul(NANOS_PER_SECOND)
 }
 
 /// The `type` an error body carries for a refused decision.

@@ -4,7 +4,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 use sluicegate_core::error_body::write_error_body;
 use sluicegate_core::headers::{for_each_header, write_headers};
-use sluicegate_core::response::{Dialect, Render};
+use sluicegate_core::response::{Dialect, Render, shed_retry_max_ns};
 use sluicegate_core::text::BufferTooSmall;
 use sluicegate_core::{
     Capacity, Decision, Engine, Heap, Metric, Outcome, Policy, Request, ScopeKey, Suspension, Variant,
@@ -66,12 +66,66 @@ fn fireworks_headers_for_an_admitted_request() {
 fn fireworks_2026_headers_give_token_limits_per_second() {
     let e = engine(Policy::fireworks_2026());
     let d = e.admit(key("a"), &Request::new(1_000).max_tokens(100), 0).unwrap();
+    assert_eq!(
+        text(&d, &e.render(Dialect::Fireworks)),
+        "x-ratelimit-limit-tokens-prompt: 60000\r\nx-ratelimit-limit-tokens-cache-adjusted-prompt: 15000\r\n\
+         x-ratelimit-limit-tokens-generated: 600\r\nx-ratelimit-remaining-tokens-prompt: 59983\r\n\
+         x-ratelimit-remaining-tokens-generated: 598\r\nx-ratelimit-over-limit: no\r\n"
+    );
     let h = headers(&d, &e.render(Dialect::Fireworks));
     let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
-    assert_eq!(get("x-ratelimit-limit-tokens-prompt"), Some("60000"));
-    assert_eq!(get("x-ratelimit-limit-tokens-cache-adjusted-prompt"), Some("15000"));
-    assert_eq!(get("x-ratelimit-limit-tokens-generated"), Some("600"));
     assert_eq!(get("x-ratelimit-limit-requests"), None, "2026 has no request limit");
+}
+
+#[test]
+fn in_the_2026_form_a_limit_and_its_remaining_are_both_per_second() {
+    let e = engine(Policy::fireworks_2026());
+    let render = e.render(Dialect::Fireworks);
+    let pairs = [
+        (Metric::PromptTokens, "tokens-prompt"),
+        (Metric::GeneratedTokens, "tokens-generated"),
+        (Metric::Requests, "requests"),
+    ];
+    // A fresh scope: nothing used, so remaining equals the limit, both per minute / 60.
+    let fresh = e.limits(key("fresh"), 0).unwrap();
+    let d = e.admit(key("a"), &Request::new(0), 0).unwrap();
+    let h = headers(&d, &render);
+    let num = |n: String| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.parse::<u64>().unwrap());
+    for (m, s) in pairs {
+        let (limit, remaining) =
+            (num(format!("x-ratelimit-limit-{s}")), num(format!("x-ratelimit-remaining-{s}")));
+        if m == Metric::Requests {
+            assert_eq!((limit, remaining), (None, None), "2026 has no request limit");
+            continue;
+        }
+        let (limit, remaining) = (limit.unwrap(), remaining.unwrap());
+        assert_eq!(limit, fresh.limit(m) / 60, "{m:?}");
+        assert_eq!(remaining, fresh.remaining(m) / 60, "{m:?}");
+        assert!(remaining <= limit, "{m:?}: {remaining} > {limit}");
+    }
+    // After use, remaining per second is what is left per minute / 60, rounded down.
+    let mut d = d;
+    for _ in 0..5 {
+        d = e.admit(key("a"), &Request::new(100_000).max_tokens(1_000), 0).unwrap();
+    }
+    let h = headers(&d, &render);
+    let num = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.parse::<u64>().unwrap()).unwrap();
+    assert_eq!(num("x-ratelimit-remaining-tokens-prompt"), d.levels.remaining(Metric::PromptTokens) / 60);
+    assert_eq!(
+        num("x-ratelimit-remaining-tokens-generated"),
+        d.levels.remaining(Metric::GeneratedTokens) / 60
+    );
+    // A policy that limits requests pairs them per second too.
+    let mut policy = Policy::fireworks_2026();
+    policy.limits = Policy::fireworks_2024().limits;
+    let e = engine(policy);
+    let d = e.admit(key("a"), &Request::new(0), 0).unwrap();
+    let h = headers(&d, &e.render(Dialect::Fireworks));
+    let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    assert_eq!(
+        (get("x-ratelimit-limit-requests"), get("x-ratelimit-remaining-requests")),
+        (Some("1"), Some("0"))
+    );
 }
 
 #[test]
@@ -168,20 +222,52 @@ fn every_outcome_has_its_status_and_error_type() {
     assert!(tl["error"].get("retry_after").is_none(), "a request that can never fit gets no retry time");
 }
 
+/// A 503 from `e`, whose model is overloaded.
+fn shed(e: &Engine<Heap>) -> Decision {
+    e.set_load(b"m", Variant::Regular, 5_000).unwrap();
+    let d = e.admit(key("a"), &Request::new(1), 0).unwrap();
+    assert!(matches!(d.outcome, Outcome::Shed(_)));
+    d
+}
+
 #[test]
 fn shed_retry_after_has_bounded_seeded_jitter() {
     let e = engine(Policy::fireworks_2024());
-    e.set_load(b"m", Variant::Regular, 5_000).unwrap();
-    let d = e.admit(key("a"), &Request::new(1), 0).unwrap();
+    let d = shed(&e);
     let base = e.policy().shed_retry_after_ns;
+    let max = shed_retry_max_ns(base);
+    assert_eq!(max, 2 * SECOND, "1 s shed delay: 1 or 2 s");
     let retries: Vec<u64> = (0..200)
         .map(|seed| Render::new(Dialect::OpenAi).jitter_seed(seed).retry_after_ns(&d).unwrap())
         .collect();
-    assert!(retries.iter().all(|r| (base..=base + base / 2).contains(r)));
-    let distinct: std::collections::HashSet<_> = retries.iter().collect();
-    assert!(distinct.len() > 150, "clients must not come back in lockstep");
+    assert!(retries.iter().all(|r| (base..=max).contains(r) && r % SECOND == 0), "{retries:?}");
     let again = Render::new(Dialect::OpenAi).jitter_seed(17);
     assert_eq!(again.retry_after_ns(&d), again.retry_after_ns(&d));
+}
+
+#[test]
+fn a_503s_retry_after_jitter_survives_rounding_to_whole_seconds() {
+    for delay in [SECOND, 1_500_000_000, 10 * SECOND] {
+        let mut policy = Policy::fireworks_2024();
+        policy.shed_retry_after_ns = delay;
+        let e = engine(policy);
+        let d = shed(&e);
+        let max = shed_retry_max_ns(delay);
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..1_000 {
+            let h = headers(&d, &Render::new(Dialect::Fireworks).jitter_seed(seed));
+            let num =
+                |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.parse::<u64>().unwrap()).unwrap();
+            let (secs, ms) = (num("retry-after"), num("retry-after-ms"));
+            assert_eq!(secs, ms.div_ceil(1_000), "retry-after and retry-after-ms agree");
+            assert!(ms * 1_000_000 >= delay, "{ms} ms is shorter than the shed delay {delay} ns");
+            assert!(secs * SECOND <= max, "{secs} s is past the stated maximum {max} ns");
+            seen.insert(secs);
+        }
+        // Every whole second from the delay rounded up to the maximum is used.
+        let expected: Vec<u64> = (delay.div_ceil(SECOND)..=max / SECOND).collect();
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), expected, "shed delay {delay} ns");
+    }
 }
 
 #[test]
