@@ -6,8 +6,12 @@
 //! quantum of time. So `level = (WINDOW_Q - debt) / cost_of_one_token`, and refill is exact:
 //! no fraction of a token is ever lost to rounding, however often the word is updated.
 //!
-//! The packed word holds four 28-bit debts relative to the start of an epoch, a 12-bit epoch tag
-//! and a 4-bit version that names which buffer of per-metric intervals the debts are scaled by.
+//! The packed word holds four 28-bit debt fields relative to the start of an epoch, a 12-bit
+//! epoch tag and a 4-bit version that names which buffer of per-metric intervals the debts are
+//! scaled by. A field below [`LINEAR_END`] is an exact offset in quanta, which covers every debt
+//! admission can create. Above it, a field is a float (5-bit exponent, 13-bit mantissa) rounded
+//! *up*: debt pushed there by settles and stream charges — up to ~36,000 years of it — is carried,
+//! never forgiven (SPEC §3), at the cost of overcharging it by at most 1/8192 per rewrite.
 //! Everything here is a pure function over plain integers.
 
 use crate::metric::Metric;
@@ -16,27 +20,38 @@ use crate::metric::Metric;
 pub const QUANTUM_NS: u64 = 1_000;
 /// One minute, the capacity of every bucket, in quanta.
 pub const WINDOW_Q: u64 = 60_000_000;
-/// Bits of each packed debt.
-const DEBT_BITS: u32 = 28;
-/// Largest representable debt offset, about 268 s. Debt beyond it is forgiven.
-pub const DEBT_MAX: u64 = (1 << DEBT_BITS) - 1;
+/// Bits of each packed debt field.
+const FIELD_BITS: u32 = 28;
+const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;
+/// Field values at or above this are coarse codes; below it, exact offsets (about 268 s).
+pub const LINEAR_END: u64 = (1 << FIELD_BITS) - (1 << COARSE_BITS);
+/// Bits of a coarse code: a 5-bit exponent over a 13-bit mantissa.
+const COARSE_BITS: u32 = 18;
+const MANTISSA_BITS: u32 = 13;
+/// The smallest coarse value is `2^13 << 15` = 2^28 quanta, just past the linear range.
+const COARSE_SHIFT: u32 = FIELD_BITS - MANTISSA_BITS;
+/// Largest offset a field can hold, about 2^60 quanta (36,000 years); beyond it debt saturates.
+pub const OFFSET_MAX: u64 =
+    ((1 << (MANTISSA_BITS + 1)) - 1) << (COARSE_SHIFT + (1 << (COARSE_BITS - MANTISSA_BITS)) - 1);
 /// Epochs are 2^25 µs (about 33.5 s) long; debts are stored relative to the epoch's start.
 const EPOCH_SHIFT: u32 = 25;
 /// Length of an epoch in quanta.
 pub const EPOCH_Q: u64 = 1 << EPOCH_SHIFT;
 const EPOCH_BITS: u32 = 12;
 const EPOCH_MASK: u64 = (1 << EPOCH_BITS) - 1;
+/// How far from the reference time an epoch tag decodes: ±2^11 epochs, about 19 hours.
+pub const EPOCH_RANGE_Q: u64 = EPOCH_Q << (EPOCH_BITS - 1);
 const VERSION_MASK: u8 = 0xF;
-/// Longest debt the band checks may create: hard band plus smoothing wait must fit with an epoch
-/// of slack, or the packed offsets could overflow.
-pub const MAX_HORIZON_Q: u64 = DEBT_MAX - EPOCH_Q;
+/// Longest debt the band checks may create: hard band plus smoothing wait must stay exact (in
+/// the linear range) with an epoch of slack.
+pub const MAX_HORIZON_Q: u64 = LINEAR_END - EPOCH_Q;
 /// The low 124 bits of a word that marks a scope being reclaimed (any version); no real
 /// bucket word has them all set.
 const RETIRED_MASK: u128 = u128::MAX >> 4;
 
 /// The marker of a reclaimed scope whose last word had `version`.
 pub fn retired(version: u8) -> u128 {
-    RETIRED_MASK | (u128::from(version & VERSION_MASK) << (4 * DEBT_BITS + EPOCH_BITS))
+    RETIRED_MASK | (u128::from(version & VERSION_MASK) << (4 * FIELD_BITS + EPOCH_BITS))
 }
 
 /// Whether `w` marks a scope being reclaimed.
@@ -44,10 +59,42 @@ pub fn is_retired(w: u128) -> bool {
     w & RETIRED_MASK == RETIRED_MASK
 }
 
+/// A debt offset as a field: exact below [`LINEAR_END`], else the smallest coarse value ≥ it.
+#[inline]
+fn encode(offset: u64) -> u64 {
+    if offset < LINEAR_END {
+        return offset;
+    }
+    let offset = offset.min(OFFSET_MAX);
+    // Bits below the 14-bit significand, at least the coarse shift.
+    let bits = u64::BITS - (offset - 1).leading_zeros();
+    let mut shift = bits.saturating_sub(MANTISSA_BITS + 1).max(COARSE_SHIFT);
+    let mut significand = offset.div_ceil(1 << shift);
+    if significand >> (MANTISSA_BITS + 1) != 0 {
+        shift += 1;
+        significand = offset.div_ceil(1 << shift);
+    }
+    let exponent = u64::from(shift - COARSE_SHIFT);
+    let mantissa = significand.max(1 << MANTISSA_BITS) - (1 << MANTISSA_BITS);
+    LINEAR_END + ((exponent << MANTISSA_BITS) | mantissa)
+}
+
+/// The offset a field stands for.
+#[inline]
+fn decode(field: u64) -> u64 {
+    if field < LINEAR_END {
+        return field;
+    }
+    let code = field - LINEAR_END;
+    let exponent = (code >> MANTISSA_BITS) as u32;
+    let significand = (1 << MANTISSA_BITS) | (code & ((1 << MANTISSA_BITS) - 1));
+    significand << (COARSE_SHIFT + exponent)
+}
+
 /// The unpacked bucket word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Word {
-    /// Debt offsets from the epoch start, in quanta, per metric.
+    /// Debt offsets from the epoch start, in quanta, per metric (as the fields decode them).
     pub offset: [u64; 4],
     /// Low 12 bits of the epoch the offsets are relative to.
     pub epoch: u64,
@@ -64,25 +111,25 @@ impl Word {
     /// Packs into the stored representation.
     #[inline]
     pub fn pack(self) -> u128 {
-        let [a, b, c, d] = self.offset.map(|o| u128::from(o.min(DEBT_MAX)));
+        let [a, b, c, d] = self.offset.map(|o| u128::from(encode(o)));
         let packed = a
-            | (b << DEBT_BITS)
-            | (c << (2 * DEBT_BITS))
-            | (d << (3 * DEBT_BITS))
-            | (u128::from(self.epoch & EPOCH_MASK) << (4 * DEBT_BITS))
-            | (u128::from(self.version & VERSION_MASK) << (4 * DEBT_BITS + EPOCH_BITS));
-        // Keep the marker unique: a real word one quantum short of it means the same thing.
+            | (b << FIELD_BITS)
+            | (c << (2 * FIELD_BITS))
+            | (d << (3 * FIELD_BITS))
+            | (u128::from(self.epoch & EPOCH_MASK) << (4 * FIELD_BITS))
+            | (u128::from(self.version & VERSION_MASK) << (4 * FIELD_BITS + EPOCH_BITS));
+        // Keep the marker unique: only a ~36,000-year debt comes near it.
         if is_retired(packed) { packed - 1 } else { packed }
     }
 
     /// Unpacks a stored word.
     #[inline]
     pub fn unpack(w: u128) -> Self {
-        let field = |shift: u32| ((w >> shift) as u64) & DEBT_MAX;
+        let field = |shift: u32| decode(((w >> shift) as u64) & FIELD_MASK);
         Word {
-            offset: [field(0), field(DEBT_BITS), field(2 * DEBT_BITS), field(3 * DEBT_BITS)],
-            epoch: ((w >> (4 * DEBT_BITS)) as u64) & EPOCH_MASK,
-            version: ((w >> (4 * DEBT_BITS + EPOCH_BITS)) as u8) & VERSION_MASK,
+            offset: [field(0), field(FIELD_BITS), field(2 * FIELD_BITS), field(3 * FIELD_BITS)],
+            epoch: ((w >> (4 * FIELD_BITS)) as u64) & EPOCH_MASK,
+            version: ((w >> (4 * FIELD_BITS + EPOCH_BITS)) as u8) & VERSION_MASK,
         }
     }
 
@@ -104,29 +151,38 @@ pub struct Debts {
 
 /// Decodes `word` at time `now_q`.
 ///
-/// The 12-bit epoch tag is read as the epoch nearest to `now_q` (within ±2^11 epochs, about
-/// 19 hours); the engine resets words idle longer than any debt can last before that matters.
+/// The 12-bit epoch tag is read as the epoch nearest to `now_q` (within [`EPOCH_RANGE_Q`],
+/// about 19 hours). The engine rewrites every word it ticks, and bounds the tick, so a word read
+/// on the hot path is never that old; a word idle for longer is read with [`open_near`].
 #[inline]
 pub fn open(word: Word, now_q: u64) -> Debts {
-    let e_now = now_q >> EPOCH_SHIFT;
-    let diff = e_now.wrapping_sub(word.epoch) & EPOCH_MASK;
+    open_near(word, now_q, now_q)
+}
+
+/// Decodes `word` at time `now_q`, reading its epoch tag as the epoch nearest to `reference_q`
+/// (a moment known to lie within [`EPOCH_RANGE_Q`] of the word's last write).
+#[inline]
+pub fn open_near(word: Word, reference_q: u64, now_q: u64) -> Debts {
+    let e_ref = reference_q >> EPOCH_SHIFT;
+    let diff = e_ref.wrapping_sub(word.epoch) & EPOCH_MASK;
     let e_word = if diff < (1 << (EPOCH_BITS - 1)) {
-        e_now.saturating_sub(diff)
+        e_ref.saturating_sub(diff)
     } else {
-        e_now.saturating_add((1 << EPOCH_BITS) - diff)
+        e_ref.saturating_add((1 << EPOCH_BITS) - diff)
     };
     let base = e_word << EPOCH_SHIFT;
     let now = now_q.max(base);
     Debts { now_q: now, debt: word.offset.map(|o| base.saturating_add(o).saturating_sub(now)) }
 }
 
-/// Encodes debts measured at `now_q` into a word (saturating each at the representable horizon).
+/// Encodes debts measured at `now_q` into a word (exact up to [`MAX_HORIZON_Q`], rounded up
+/// beyond it).
 #[inline]
 pub fn seal(now_q: u64, debt: [u64; 4], version: u8) -> Word {
     let epoch = now_q >> EPOCH_SHIFT;
     let into_epoch = now_q - (epoch << EPOCH_SHIFT);
     Word {
-        offset: debt.map(|d| into_epoch.saturating_add(d).min(DEBT_MAX)),
+        offset: debt.map(|d| into_epoch.saturating_add(d)),
         epoch: epoch & EPOCH_MASK,
         version: version & VERSION_MASK,
     }
@@ -244,7 +300,8 @@ pub enum Fit {
     },
 }
 
-/// Checks `cost` against `debt`. A metric with zero cost always passes (SPEC §4).
+/// Checks `cost` against `debt`. A metric with zero cost passes unless it is past the hard band:
+/// debt carried there must be repaid before the scope admits anything (SPEC §3, §4).
 #[inline]
 pub fn fit(debt: [u64; 4], cost: [u64; 4], bands: Bands) -> Fit {
     let mut after = [0u64; 4];
@@ -255,7 +312,10 @@ pub fn fit(debt: [u64; 4], cost: [u64; 4], bands: Bands) -> Fit {
     // Straight-line over the four metrics; only metrics with a cost take part.
     for (i, ((a, d), c)) in after.iter_mut().zip(debt).zip(cost).enumerate() {
         *a = d.saturating_add(c);
-        let excess = if c == 0 { 0 } else { a.saturating_sub(bands.normal_q) };
+        let excess = match c {
+            0 if d <= bands.hard_q => 0,
+            _ => a.saturating_sub(bands.normal_q),
+        };
         if excess > worst {
             worst = excess;
             binding = i;
@@ -297,12 +357,55 @@ mod tests {
 
     #[test]
     fn pack_round_trips_and_never_forms_the_sentinel() {
-        let w = Word { offset: [1, DEBT_MAX, 12345, 0], epoch: 4095, version: 15 };
+        let w = Word { offset: [1, LINEAR_END - 1, 12345, 0], epoch: 4095, version: 15 };
         assert_eq!(Word::unpack(w.pack()), w);
-        let all = Word { offset: [DEBT_MAX; 4], epoch: 4095, version: 15 };
+        let all = Word { offset: [OFFSET_MAX; 4], epoch: 4095, version: 15 };
         assert!(!is_retired(all.pack()));
         assert!(is_retired(retired(7)));
         assert_eq!(Word::unpack(retired(7)).version, 7);
+    }
+
+    #[test]
+    fn debt_past_the_linear_range_is_rounded_up_never_forgiven() {
+        for offset in [LINEAR_END, 1 << 28, (1 << 28) + 1, 3_600_000_000, 1 << 40, OFFSET_MAX - 1, OFFSET_MAX]
+        {
+            let stored = decode(encode(offset));
+            assert!(stored >= offset, "{offset} stored as {stored}");
+            // At most one part in 2^13 over, plus the first code's step.
+            assert!(stored - offset <= (offset >> MANTISSA_BITS).max(1 << COARSE_BITS), "{offset}: {stored}");
+        }
+        assert_eq!(decode(encode(u64::MAX)), OFFSET_MAX);
+        for exact in [0, 1, 12_345, LINEAR_END - 1] {
+            assert_eq!(decode(encode(exact)), exact);
+        }
+        // Codes are monotonic: a larger debt never stores smaller.
+        let mut last = 0;
+        for field in LINEAR_END..LINEAR_END + (1 << COARSE_BITS) {
+            let v = decode(field);
+            assert!(v > last || field == LINEAR_END);
+            last = v;
+        }
+    }
+
+    #[test]
+    fn an_hour_of_debt_drains_at_the_refill_rate() {
+        let hour = 3_600_000_000;
+        let w = seal(7, [hour, 0, 0, 0], 1).pack();
+        let d = open(Word::unpack(w), 7);
+        assert!(d.debt[0] >= hour && d.debt[0] - hour <= hour >> MANTISSA_BITS);
+        let later = open(Word::unpack(w), 7 + 1_000_000);
+        assert_eq!(d.debt[0] - later.debt[0], 1_000_000);
+    }
+
+    #[test]
+    fn an_old_word_decodes_near_its_reference() {
+        let t0 = 100 * EPOCH_Q;
+        let w = seal(t0, [5_000_000, 0, 0, 0], 0);
+        let day = 86_400_000_000;
+        // Read a day later relative to `now`, the tag aliases; relative to t0 it does not.
+        let near = open_near(w, t0, t0 + day);
+        assert_eq!(near.debt[0], 0);
+        assert_eq!(open_near(w, t0, t0 + 1_000_000).debt[0], 4_000_000);
     }
 
     #[test]
@@ -335,9 +438,15 @@ mod tests {
     }
 
     #[test]
-    fn zero_cost_metrics_always_pass() {
-        let f = fit([3 * WINDOW_Q, 0, 0, 0], [0, 10, 0, 0], BANDS);
+    fn zero_cost_metrics_pass_within_the_hard_band() {
+        let f = fit([2 * WINDOW_Q, 0, 0, 0], [0, 10, 0, 0], BANDS);
         assert!(matches!(f, Fit::Fits { band: Band::Normal, .. }));
+    }
+
+    #[test]
+    fn zero_cost_is_refused_past_the_hard_band() {
+        let f = fit([3 * WINDOW_Q, 0, 0, 0], [0, 10, 0, 0], BANDS);
+        assert_eq!(f, Fit::Exceeds { binding: Metric::Requests, retry_after_q: WINDOW_Q, too_large: false });
     }
 
     #[test]

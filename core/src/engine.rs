@@ -2,7 +2,7 @@
 
 use crate::account::AccountSlot;
 use crate::adapt::{self, MetricState, Period};
-use crate::bucket::{self, Bands, DEBT_MAX, EPOCH_Q, Fit, QUANTUM_NS, Word};
+use crate::bucket::{self, Bands, EPOCH_RANGE_Q, Fit, QUANTUM_NS, Word};
 use crate::decision::{Decision, Levels, Outcome, RateLimited, Shed};
 use crate::error::{Error, SettleError, Table};
 use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX, ScopeKey, Variant};
@@ -404,7 +404,10 @@ impl<S: Storage> Engine<S> {
     }
 
     /// Applies every adaptation tick missed up to `now_ns` (SPEC §5): the first caller after a
-    /// tick boundary wins and applies them all in closed form; everyone else carries on.
+    /// tick boundary wins and applies them all in closed form; everyone else carries on — unless
+    /// the scope is so far behind that its word's epoch tag cannot be read against `now` until
+    /// the winner has re-sealed it (a scope idle for hours; the wait is the winner's few hundred
+    /// nanoseconds).
     ///
     /// Returns the time the scope should be read at: `now_ns`, or — if the caller's clock has
     /// gone back past ticks already applied — the start of the last tick, so that no clock, however
@@ -415,6 +418,10 @@ impl<S: Storage> Engine<S> {
         let Some(slot) = self.tables().scopes.get(at.slot) else { return now_ns };
         if slot.tick_due(index) {
             self.apply_ticks(at, now_ns);
+            while slot.ticks_ahead(index) > self.stale_ticks() && slot.id.load(Ordering::Acquire) == at.id {
+                crate::sync::spin_hint();
+                self.apply_ticks(at, now_ns);
+            }
             return now_ns;
         }
         match slot.ticks_behind(index) {
@@ -423,13 +430,38 @@ impl<S: Storage> Engine<S> {
         }
     }
 
+    /// Ticks a scope may fall behind before its word must not be read against `now`: half the
+    /// epoch tag's range, less the tick in which the word was last written.
+    fn stale_ticks(&self) -> u64 {
+        (EPOCH_RANGE_Q / 2).saturating_mul(QUANTUM_NS) / self.policy.tick_ns
+    }
+
+    /// The start of the last tick applied to `slot`, in quanta: its word was last written within a
+    /// tick of it, so the word's epoch tag reads correctly against it however long ago it was.
+    fn last_tick_q(&self, slot: &ScopeSlot, now_ns: u64) -> u64 {
+        let index = self.tick_index(now_ns);
+        let last = index.saturating_sub(slot.ticks_ahead(index)).saturating_add(slot.ticks_behind(index));
+        last.saturating_mul(self.policy.tick_ns) / QUANTUM_NS
+    }
+
     #[cold]
     fn apply_ticks(&self, at: Located, now_ns: u64) {
         let t = self.tables();
         let (Some(slot), Some(adaptation)) = (t.scopes.get(at.slot), t.adaptation.get(at.slot)) else {
             return;
         };
-        let Some(ticks) = slot.begin_tick(self.tick_index(now_ns)) else { return };
+        let index = self.tick_index(now_ns);
+        if slot.id.load(Ordering::SeqCst) != at.id {
+            return;
+        }
+        let Some(ticks) = slot.begin_tick(index) else { return };
+        // Reclaimed and reused since the caller looked it up: not ours to tick. A claim waits for
+        // the tick lock, so under it the id cannot change.
+        if slot.id.load(Ordering::SeqCst) != at.id {
+            slot.end_tick(None);
+            return;
+        }
+        let since_q = self.last_tick_q(slot, now_ns);
         let loaded =
             t.models.get(at.model).is_some_and(|m| self.policy.shed.holds_growth(m.load(at.variant)));
         let duration_ns = ticks.saturating_mul(self.policy.tick_ns);
@@ -439,10 +471,8 @@ impl<S: Storage> Engine<S> {
             let period = Period { usage: usage.next().unwrap_or(0), duration_ns, loaded };
             adapt::next(&self.policy.adaptation, s, *bounds.get(m), period)
         });
-        // Idle past any debt: every bucket is full, and the epoch tag may no longer decode.
-        let expired = duration_ns / QUANTUM_NS > DEBT_MAX + EPOCH_Q;
-        self.install(slot, adaptation, &after, expired, now_ns);
-        slot.end_tick();
+        self.install(slot, adaptation, &after, since_q, now_ns);
+        slot.end_tick(Some(index));
     }
 
     /// `now_ns / tick_ns`, usually without dividing: most calls fall in the tick computed last.
@@ -462,13 +492,15 @@ impl<S: Storage> Engine<S> {
 
     /// Makes `states` a scope's limits: writes their intervals into the spare buffer and, in the
     /// same compare-exchange, flips the word's version and rescales each bucket so its level in
-    /// tokens stays (SPEC §3). The caller holds the scope's adaptation lock.
+    /// tokens stays (SPEC §3). The word is re-sealed at `now_ns` even when nothing changed, so
+    /// its epoch tag stays readable; it is read against `since_q`, a moment within a tick of its
+    /// last write. The caller holds the scope's adaptation lock.
     fn install(
         &self,
         slot: &ScopeSlot,
         adaptation: &ScopeAdaptation,
         states: &PerMetric<MetricState>,
-        empty_buckets: bool,
+        since_q: u64,
         now_ns: u64,
     ) {
         adaptation.store(states);
@@ -476,21 +508,26 @@ impl<S: Storage> Engine<S> {
         let buffer = Word::unpack(w).buffer();
         let old = slot.intervals(buffer);
         let new = scope::intervals_of(states);
-        if old == new && !empty_buckets {
-            return;
+        let changed = old != new;
+        if changed {
+            slot.store_intervals(1 - buffer, new);
         }
-        slot.store_intervals(1 - buffer, new);
         let now_q = now_ns / QUANTUM_NS;
         while !bucket::is_retired(w) {
             let word = Word::unpack(w);
-            let debts = bucket::open(word, now_q);
-            let mut debt = [0u64; 4];
-            if !empty_buckets {
-                for (((d, o), n), was) in debt.iter_mut().zip(old).zip(new).zip(debts.debt) {
-                    *d = bucket::rescale(was, o, n);
+            let debts = bucket::open_near(word, since_q, now_q);
+            let mut debt = debts.debt;
+            let mut version = word.version;
+            if changed {
+                for ((d, o), n) in debt.iter_mut().zip(old).zip(new) {
+                    *d = bucket::rescale(*d, o, n);
                 }
+                version = version.wrapping_add(1);
             }
-            let next = bucket::seal(debts.now_q, debt, word.version.wrapping_add(1)).pack();
+            let next = bucket::seal(debts.now_q, debt, version).pack();
+            if next == w {
+                return;
+            }
             match slot.bucket.compare_exchange(w, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(cur) => w = cur,
@@ -505,7 +542,7 @@ impl<S: Storage> Engine<S> {
     pub(crate) fn reclamp_account(&self, account: usize, now_ns: u64) {
         let t = self.tables();
         let bounds = self.bounds(Some(account));
-        for (slot, adaptation) in t.scopes.iter().zip(t.adaptation) {
+        for (i, (slot, adaptation)) in t.scopes.iter().zip(t.adaptation).enumerate() {
             loop {
                 let id = slot.id.load(Ordering::SeqCst);
                 if scope::account_of(id) != account || !(table::is_ready(id) || table::is_claiming(id)) {
@@ -515,15 +552,17 @@ impl<S: Storage> Engine<S> {
                     core::hint::spin_loop();
                     continue;
                 }
+                // Bring it up to date first, so its word was written within a tick of the last.
+                let now_ns = self.tick(Located::of_id(i, id), now_ns);
                 slot.begin_exclusive();
                 if slot.id.load(Ordering::SeqCst) == id {
                     let states = adaptation.load().map(|m, s| {
                         let b = bounds.get(m);
                         MetricState { limit: s.limit.clamp(b.floor, b.ceiling), ..s }
                     });
-                    self.install(slot, adaptation, &states, false, now_ns);
+                    self.install(slot, adaptation, &states, self.last_tick_q(slot, now_ns), now_ns);
                 }
-                slot.end_tick();
+                slot.end_tick(None);
                 break;
             }
         }
@@ -682,6 +721,8 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
         let t = e.tables();
         if let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) {
             let (states, intervals) = e.fresh(&e.bounds(Some(self.account)));
+            // A stale tick of the slot's last scope may hold the lock: it backs out on our id.
+            slot.begin_exclusive();
             adaptation.store(&states);
             slot.init(intervals, self.now_ns / QUANTUM_NS, e.tick_index(self.now_ns));
         }
@@ -709,12 +750,14 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
             && slot.intervals(word.buffer()) == intervals
             && bucket::open(word, now_ns / QUANTUM_NS).debt == [0; 4];
         if idle && slot.retire(w) {
-            if slot.id.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-                return true;
+            let taken = slot.id.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+            if !taken {
+                slot.bucket.store(w, Ordering::Release);
             }
-            slot.bucket.store(w, Ordering::Release);
+            slot.end_tick(None);
+            return taken;
         }
-        slot.end_tick();
+        slot.end_tick(None);
         false
     }
 }

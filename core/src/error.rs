@@ -15,7 +15,7 @@ pub enum PolicyError {
     BadHardFactor,
     /// ρ minutes plus the smoothing wait exceed what a bucket can hold (about 3.9 minutes).
     HorizonTooLong,
-    /// The adaptation tick is shorter than 1 ms.
+    /// The adaptation tick is shorter than 1 ms or longer than an hour.
     BadTick,
     /// An adaptation parameter is out of range.
     BadAdaptation,
@@ -89,7 +89,7 @@ impl fmt::Display for PolicyError {
             PolicyError::HorizonTooLong => {
                 f.write_str("hard factor minutes plus max wait exceed 234 seconds")
             }
-            PolicyError::BadTick => f.write_str("adaptation tick must be at least 1 ms"),
+            PolicyError::BadTick => f.write_str("adaptation tick must be between 1 ms and 1 hour"),
             PolicyError::BadAdaptation => f.write_str("adaptation parameter out of range"),
             PolicyError::BadShedThresholds => f.write_str("shed thresholds must be ordered"),
             PolicyError::BadTiers => f.write_str("tiers must not lower limits as they rise"),

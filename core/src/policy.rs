@@ -7,6 +7,8 @@ use crate::shed::ShedThresholds;
 use crate::tier::Tiers;
 
 const MINUTE_NS: u64 = 60_000_000_000;
+/// Longest adaptation tick a policy may have: one hour.
+pub const MAX_TICK_NS: u64 = 60 * MINUTE_NS;
 
 /// [`Policy::set`] was given a name it does not know (see [`Policy::OVERRIDES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -276,7 +278,8 @@ impl Policy {
         if hard_q.saturating_add(max_wait_q) > MAX_HORIZON_Q {
             return Err(PolicyError::HorizonTooLong);
         }
-        if self.tick_ns < 1_000_000 {
+        // At most an hour: a word is re-sealed every tick, and its epoch tag reads ±19 hours.
+        if !(1_000_000..=MAX_TICK_NS).contains(&self.tick_ns) {
             return Err(PolicyError::BadTick);
         }
         self.adaptation_is_valid()?;

@@ -114,7 +114,8 @@ impl ScopeSlot {
         self.interval.iter().flatten().for_each(|i| i.store(0, Ordering::Relaxed));
     }
 
-    /// Resets a slot this thread has just claimed to a fresh scope.
+    /// Resets a slot this thread has just claimed to a fresh scope, and releases the tick lock
+    /// (which the caller holds, unless it has the engine to itself).
     pub(crate) fn init(&self, fresh_interval: [u64; 4], now_q: u64, now_tick: u64) {
         self.usage.store(0, Ordering::Relaxed);
         self.store_intervals(0, fresh_interval);
@@ -123,7 +124,8 @@ impl ScopeSlot {
         let old = self.bucket.load(Ordering::Acquire);
         let version = Word::unpack(old).version.wrapping_add(1);
         self.bucket.store(Word::fresh(now_q, version).pack(), Ordering::Release);
-        // Keep the outstanding count: a stale admitter may be between its +1 and -1.
+        // Keep the outstanding count: a stale admitter may be between its +1 and -1. The lock
+        // bit is cleared.
         let mut t = self.tick.load(Ordering::Acquire);
         loop {
             let fresh = (t & IN_FLIGHT_MASK) | ((now_tick & TICK_MASK) << TICK_SHIFT);
@@ -137,10 +139,14 @@ impl ScopeSlot {
     /// Whether ticks up to `now_tick` remain to be applied (a cheap check before `begin_tick`).
     #[inline]
     pub(crate) fn tick_due(&self, now_tick: u64) -> bool {
-        let t = self.tick.load(Ordering::Acquire);
-        let last = (t >> TICK_SHIFT) & TICK_MASK;
-        let ahead = (now_tick & TICK_MASK).wrapping_sub(last) & TICK_MASK;
-        ahead != 0 && ahead <= TICK_MASK / 2
+        self.ticks_ahead(now_tick) != 0
+    }
+
+    /// How many ticks `now_tick` is past the last tick applied (0 if it is not past it).
+    #[inline]
+    pub(crate) fn ticks_ahead(&self, now_tick: u64) -> u64 {
+        let ahead = (now_tick & TICK_MASK).wrapping_sub(self.last_tick()) & TICK_MASK;
+        if ahead <= TICK_MASK / 2 { ahead } else { 0 }
     }
 
     /// The last tick applied (wrapping 40-bit index).
@@ -156,7 +162,8 @@ impl ScopeSlot {
         if behind <= TICK_MASK / 2 { behind } else { 0 }
     }
 
-    /// Wins the right to apply ticks up to `now_tick`; returns the last tick applied before.
+    /// Wins the right to apply ticks up to `now_tick` (the tick lock); returns how many are due.
+    /// The last tick applied moves only at [`ScopeSlot::end_tick`], once the word is re-sealed.
     pub(crate) fn begin_tick(&self, now_tick: u64) -> Option<u64> {
         let now_tick = now_tick & TICK_MASK;
         let mut t = self.tick.load(Ordering::Acquire);
@@ -166,16 +173,24 @@ impl ScopeSlot {
             if t & BUSY != 0 || ahead == 0 || ahead > TICK_MASK / 2 {
                 return None;
             }
-            let claimed = (t & IN_FLIGHT_MASK) | (now_tick << TICK_SHIFT) | BUSY;
-            match self.tick.compare_exchange(t, claimed, Ordering::AcqRel, Ordering::Acquire) {
+            match self.tick.compare_exchange(t, t | BUSY, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(ahead),
                 Err(cur) => t = cur,
             }
         }
     }
 
-    pub(crate) fn end_tick(&self) {
-        self.tick.fetch_and(!BUSY, Ordering::Release);
+    /// Releases the tick lock, recording `applied` as the last tick applied if given.
+    pub(crate) fn end_tick(&self, applied: Option<u64>) {
+        let mut t = self.tick.load(Ordering::Acquire);
+        loop {
+            let last = applied.map_or(t & (TICK_MASK << TICK_SHIFT), |a| (a & TICK_MASK) << TICK_SHIFT);
+            let next = (t & IN_FLIGHT_MASK) | last;
+            match self.tick.compare_exchange(t, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(cur) => t = cur,
+            }
+        }
     }
 
     /// Takes the adaptation lock whatever the tick, waiting out a tick being applied (for an

@@ -9,7 +9,7 @@
 
 use crate::account::AccountSlot;
 use crate::adapt::MetricState;
-use crate::bucket::{self, DEBT_MAX, QUANTUM_NS, Word};
+use crate::bucket::{self, OFFSET_MAX, QUANTUM_NS, Word};
 use crate::engine::{Engine, MODEL_SALT};
 use crate::error::SnapshotError;
 use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX};
@@ -23,7 +23,7 @@ use crate::tier::Tier;
 
 const MAGIC: &[u8; 4] = b"SLGT";
 /// The format version this build writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const HEADER: usize = 56;
 const CHECKSUM: usize = 4;
 const ACCOUNT_WORDS: usize = ACCOUNT_KEY_MAX / 8;
@@ -33,7 +33,7 @@ pub const ACCOUNT_RECORD: usize = 8 + ACCOUNT_KEY_MAX + 8 * 17;
 /// Bytes per model record.
 pub const MODEL_RECORD: usize = 8 + MODEL_KEY_MAX + 8 * 10;
 /// Bytes per scope record.
-pub const SCOPE_RECORD: usize = 16 + 4 * 4 + 8 * 12;
+pub const SCOPE_RECORD: usize = 16 + 8 * 4 + 8 * 12;
 
 /// Bounds-checked little-endian writer over a caller's buffer.
 struct Out<'a> {
@@ -199,9 +199,14 @@ impl<S: Storage> Engine<S> {
         }
         for (i, (s, adaptation)) in t.scopes.iter().zip(t.adaptation).enumerate() {
             let id = s.id.load(Ordering::Acquire);
+            if !table::is_ready(id) {
+                continue;
+            }
+            // Apply due ticks first: a word idle for hours reads right only once re-sealed.
+            let now = self.tick(crate::engine::Located::of_id(i, id), now_ns);
             let w = s.bucket.load(Ordering::Acquire);
-            if table::is_ready(id) && !bucket::is_retired(w) {
-                let debts = bucket::open(Word::unpack(w), now_ns / QUANTUM_NS).debt;
+            if !bucket::is_retired(w) {
+                let debts = bucket::open(Word::unpack(w), now / QUANTUM_NS).debt;
                 write_scope(&mut out, i, id, debts, &adaptation.load(), s)?;
                 counts[2] += 1;
             }
@@ -311,7 +316,7 @@ impl<S: Storage> Engine<S> {
             let index = r.u32()? as usize;
             r.u32()?;
             let id = r.u64()?;
-            let debts = [r.u32()?, r.u32()?, r.u32()?, r.u32()?];
+            let debts: [u64; 4] = r.words()?;
             let states: [u64; 8] = r.words()?;
             r.words::<4>()?;
             ascending(&mut last, index, cap.scopes)?;
@@ -320,7 +325,7 @@ impl<S: Storage> Engine<S> {
             placed(crate::engine::scope_hash(h.seed, identity), cap.scopes, index)?;
             let refers = has_record(&accounts_at, h.accounts, ACCOUNT_RECORD, scope::account_of(id))?
                 && has_record(&models_at, h.models, MODEL_RECORD, model)?;
-            let debts_ok = debts.iter().all(|d| u64::from(*d) <= DEBT_MAX);
+            let debts_ok = debts.iter().all(|d| *d <= OFFSET_MAX);
             let states_ok = states.iter().all(|b| {
                 let v = f64::from_bits(*b);
                 !v.is_nan() && v >= 0.0
@@ -372,7 +377,7 @@ impl<S: Storage> Engine<S> {
         let index = r.u32()? as usize;
         r.u32()?;
         let id = r.u64()?;
-        let debts = [r.u32()?, r.u32()?, r.u32()?, r.u32()?].map(u64::from);
+        let debts: [u64; 4] = r.words()?;
         let [l0, l1, l2, l3, m0, m1, m2, m3] = r.words::<8>()?.map(f64::from_bits);
         let states = PerMetric(
             [(l0, m0), (l1, m1), (l2, m2), (l3, m3)].map(|(limit, memory)| MetricState { limit, memory }),
@@ -428,7 +433,7 @@ fn write_scope(
     out.u32(index as u32)?;
     out.u32(0)?;
     out.u64(id)?;
-    debts.iter().try_for_each(|d| out.u32((*d).min(DEBT_MAX) as u32))?;
+    debts.iter().try_for_each(|d| out.u64(*d))?;
     states.0.iter().try_for_each(|m| out.u64(m.limit.to_bits()))?;
     states.0.iter().try_for_each(|m| out.u64(m.memory.to_bits()))?;
     s.usage().iter().try_for_each(|u| out.u64(*u))

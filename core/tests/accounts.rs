@@ -317,8 +317,10 @@ fn an_override_on_a_live_scope_applies_at_once_and_keeps_the_bucket_level() {
 
 #[test]
 fn spend_accounting_is_exact_to_the_micro_dollar_under_concurrency() {
-    // A limit that never binds: this test is about spend, not admission.
-    let policy = Policy::fixed().with_fixed_limit(Metric::Requests, 1e9);
+    // Limits that never bind: this test is about spend, not admission (the threads' clocks
+    // drift apart, so settled overruns would otherwise build real debt).
+    let mut policy = Policy::fixed();
+    policy.limits = sluicegate_core::PerMetric([MetricLimits::UNLIMITED; 4]);
     let e = Engine::new(policy, Capacity::scopes(64)).unwrap();
     let price = Price { uncached_prompt: 1_234_567, cached_prompt: 345_678, generated: 9_876_543 };
     e.set_price(MODEL, Variant::Regular, price).unwrap();

@@ -62,6 +62,7 @@ fn unusable_policies_are_refused() {
     assert_eq!(with(|p| p.hard_factor = f64::NAN), Some(Error::Policy(PolicyError::BadHardFactor)));
     assert_eq!(with(|p| p.hard_factor = 4.0), Some(Error::Policy(PolicyError::HorizonTooLong)));
     assert_eq!(with(|p| p.tick_ns = 10), Some(Error::Policy(PolicyError::BadTick)));
+    assert_eq!(with(|p| p.tick_ns = 19 * 3_600_000_000_000), Some(Error::Policy(PolicyError::BadTick)));
     assert_eq!(with(|p| p.shed.in_limit_priority = 100), Some(Error::Policy(PolicyError::BadShedThresholds)));
 }
 

@@ -173,9 +173,12 @@ fn foreign_and_damaged_headers_are_typed_errors() {
         refused_and_unchanged(b"PNG\x00 not a snapshot at all, definitely not"),
         SnapshotError::BadMagic
     );
-    let mut v2 = good.clone();
-    v2[4] = 2;
-    assert_eq!(refused_and_unchanged(&with_checksum(v2)), SnapshotError::UnsupportedVersion(2));
+    let mut v1 = good.clone();
+    v1[4] = 1;
+    assert_eq!(refused_and_unchanged(&with_checksum(v1)), SnapshotError::UnsupportedVersion(1));
+    let mut v3 = good.clone();
+    v3[4] = 3;
+    assert_eq!(refused_and_unchanged(&with_checksum(v3)), SnapshotError::UnsupportedVersion(3));
     assert_eq!(refused_and_unchanged(&good[..good.len() - 1]), SnapshotError::Truncated);
     let mut longer = good.clone();
     longer.push(0);
@@ -195,7 +198,7 @@ fn inconsistent_records_are_refused_even_with_a_valid_checksum() {
     assert_eq!(refused_and_unchanged(&with_checksum(dangling)), SnapshotError::Corrupt);
     // A bucket debt beyond what a word can hold.
     let mut deep = good.clone();
-    deep[scopes_at + 16..scopes_at + 20].copy_from_slice(&u32::MAX.to_le_bytes());
+    deep[scopes_at + 16..scopes_at + 24].copy_from_slice(&u64::MAX.to_le_bytes());
     assert_eq!(refused_and_unchanged(&with_checksum(deep)), SnapshotError::Corrupt);
     // An account key of length zero.
     let mut empty_key = good.clone();
