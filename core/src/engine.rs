@@ -8,7 +8,7 @@ use crate::error::{Error, SettleError, Table};
 use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX, ScopeKey, Variant};
 use crate::metric::{Metric, PerMetric};
 use crate::model::ModelSlot;
-use crate::permit::{ChargeRefused, Permit, Reservation};
+use crate::permit::{self, Owner, Permit, Refusal, Reservation};
 use crate::policy::{MetricLimits, Policy};
 use crate::request::{Completion, Request, Usage};
 use crate::scope::{self, IN_FLIGHT_ONE, ScopeAdaptation, ScopeSlot};
@@ -44,7 +44,15 @@ pub struct Engine<S: Storage> {
     pub(crate) incarnation: u32,
     /// The last tick index computed: saves a division on almost every call.
     tick_cache: crate::sync::AtomicU64,
+    /// Where the next sweep for expired permits starts in the ledger.
+    sweep_cursor: crate::sync::AtomicU64,
 }
+
+/// Ledger entries swept for expired permits each time the engine's tick advances; a ledger up
+/// to this size is swept whole every tick.
+pub(crate) const SWEEP_PER_TICK: usize = 4096;
+/// Ledger entries swept each time a scope applies its ticks.
+const SWEEP_PER_SCOPE_TICK: usize = 64;
 
 /// Where a scope lives, as resolved for one call.
 #[derive(Clone, Copy, Debug)]
@@ -89,7 +97,15 @@ impl<S: Storage> Engine<S> {
         let place = storage.tables().scopes.as_ptr() as usize as u64;
         let mixed = scope_hash(seed, place);
         let incarnation = (mixed ^ (mixed >> 32)) as u32 | 1;
-        Ok(Engine { storage, policy, bands, seed, incarnation, tick_cache: crate::sync::AtomicU64::new(0) })
+        Ok(Engine {
+            storage,
+            policy,
+            bands,
+            seed,
+            incarnation,
+            tick_cache: crate::sync::AtomicU64::new(0),
+            sweep_cursor: crate::sync::AtomicU64::new(0),
+        })
     }
 
     /// The engine's policy.
@@ -155,7 +171,7 @@ impl<S: Storage> Engine<S> {
         // Count the permit before touching the bucket, so a reclaim never takes a busy scope;
         // the count also spreads concurrent permits of one scope over the ledger.
         let outstanding = scope::in_flight_of(slot.tick.fetch_add(IN_FLIGHT_ONE, Ordering::AcqRel));
-        let (entry, ticket) = match self.take_ledger_entry(at.slot, outstanding) {
+        let (entry, ticket) = match self.take_ledger_entry(at.slot, outstanding, now_ns) {
             Ok(taken) => taken,
             Err(e) => {
                 slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
@@ -163,21 +179,23 @@ impl<S: Storage> Engine<S> {
             }
         };
         let mut attempt = self.charge_bucket(slot, at, costs, priority, load, now_ns);
-        let admitted = match &mut attempt {
+        let ledger = t.permits.get(entry);
+        match &mut attempt {
             Attempt::Decided(Decision {
                 outcome: Outcome::Admit(p) | Outcome::AdmitOverLimit(p), ..
             }) => {
                 p.entry = entry as u32;
                 p.ticket = ticket;
                 p.tracked = model.enter(at.variant);
-                true
+                if let Some(e) = ledger {
+                    e.publish(p, p.checksum(self.seed));
+                }
             }
-            _ => false,
-        };
-        if !admitted {
-            slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
-            if let Some(e) = t.permits.get(entry) {
-                e.give_back(ticket);
+            _ => {
+                slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
+                if let Some(e) = ledger {
+                    e.give_back_unused(ticket);
+                }
             }
         }
         Ok(attempt)
@@ -215,7 +233,7 @@ impl<S: Storage> Engine<S> {
                     let new = bucket::seal(debts.now_q, debt, word.version).pack();
                     match slot.bucket.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
-                            let permit = self.permit(at, costs, band, priority, wait_q);
+                            let permit = self.permit(at, costs, band, priority, wait_q, now_ns);
                             let outcome = match band {
                                 bucket::Band::Normal => Outcome::Admit(permit),
                                 bucket::Band::OverLimit => Outcome::AdmitOverLimit(permit),
@@ -254,6 +272,7 @@ impl<S: Storage> Engine<S> {
         band: bucket::Band,
         priority: bool,
         wait_q: u64,
+        now_ns: u64,
     ) -> Permit {
         let [requests, prompt_tokens, uncached_prompt_tokens, generated_tokens] = costs.0;
         Permit {
@@ -268,20 +287,83 @@ impl<S: Storage> Engine<S> {
             priority,
             band,
             wait_ns: wait_q.saturating_mul(QUANTUM_NS),
+            deadline_s: permit::deadline_s(now_ns, self.policy.permit_ttl_ns),
             reserved: Reservation { requests, prompt_tokens, uncached_prompt_tokens, generated_tokens },
         }
     }
 
-    fn take_ledger_entry(&self, slot: usize, outstanding: u64) -> Result<(usize, u32), Error> {
+    /// Takes a free ledger entry near a spread start, expiring any abandoned permit on the way.
+    fn take_ledger_entry(&self, slot: usize, outstanding: u64, now_ns: u64) -> Result<(usize, u32), Error> {
         let permits = self.tables().permits;
         let salt = (slot as u64).wrapping_mul(MODEL_SALT) ^ outstanding.rotate_left(32);
         let start = ((u128::from(salt.wrapping_mul(SCOPE_SALT)) * permits.len() as u128) >> 64) as usize;
         (0..permits.len().min(LEDGER_PROBE))
             .find_map(|i| {
                 let idx = (start + i).checked_rem(permits.len())?;
-                permits.get(idx)?.take().map(|ticket| (idx, ticket))
+                let entry = permits.get(idx)?;
+                entry
+                    .take()
+                    .or_else(|| {
+                        self.release(entry.expire(now_ns)?);
+                        entry.take()
+                    })
+                    .map(|ticket| (idx, ticket))
             })
             .ok_or(Error::TableFull(Table::Permits))
+    }
+
+    /// Releases what an expired permit held: its scope's in-flight count and its model's load.
+    /// (Its reservation stays charged, as if fully used.)
+    fn release(&self, owner: Owner) {
+        let t = self.tables();
+        if let Some(slot) = t.scopes.get(owner.slot) {
+            slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
+        }
+        if owner.tracked {
+            if let Some(m) = t.models.get(owner.model) {
+                m.leave(owner.variant);
+            }
+        }
+    }
+
+    /// Expires the abandoned permits among `budget` ledger entries from the sweep cursor.
+    pub(crate) fn sweep(&self, now_ns: u64, budget: usize) {
+        let permits = self.tables().permits;
+        let budget = budget.min(permits.len());
+        let start = self.sweep_cursor.fetch_add(budget as u64, Ordering::Relaxed);
+        let len = permits.len() as u64;
+        for i in 0..budget as u64 {
+            let Some(index) = start.wrapping_add(i).checked_rem(len) else { return };
+            if let Some(owner) = permits.get(index as usize).and_then(|e| e.expire(now_ns)) {
+                self.release(owner);
+            }
+        }
+    }
+
+    /// Maps a ledger refusal to the settle error, releasing what an expiry found.
+    fn refused(&self, refusal: Refusal) -> SettleError {
+        match refusal {
+            Refusal::Settled => SettleError::AlreadySettled,
+            Refusal::Damaged => SettleError::StalePermit,
+            Refusal::TooLarge => SettleError::InvalidUsage,
+            Refusal::Expired(owner) => {
+                if let Some(owner) = owner {
+                    self.release(owner);
+                }
+                SettleError::Expired
+            }
+        }
+    }
+
+    /// Refuses a permit past its deadline, expiring its entry if nobody has yet.
+    fn check_expiry(&self, permit: &Permit, now_ns: u64) -> Result<(), SettleError> {
+        if !permit.expired(now_ns) {
+            return Ok(());
+        }
+        if let Some(owner) = self.tables().permits.get(permit.entry as usize).and_then(|e| e.expire(now_ns)) {
+            self.release(owner);
+        }
+        Err(SettleError::Expired)
     }
 
     /// Settles a permit with what the request actually used (SPEC §7): each token metric is
@@ -298,13 +380,11 @@ impl<S: Storage> Engine<S> {
         now_ns: u64,
     ) -> Result<(), SettleError> {
         let actual = usage.tokens().ok_or(SettleError::InvalidUsage)?;
-        let slot = self.valid_slot(permit)?;
+        let slot = self.valid_slot(permit, now_ns)?;
         let t = self.tables();
-        let charged = t
-            .permits
-            .get(permit.entry as usize)
-            .and_then(|e| e.give_back(permit.ticket))
-            .ok_or(SettleError::AlreadySettled)?;
+        let entry = t.permits.get(permit.entry as usize).ok_or(SettleError::StalePermit)?;
+        let charged =
+            entry.settle(permit.ticket, permit.checksum(self.seed), now_ns).map_err(|r| self.refused(r))?;
         let at = Located::of_id(permit.slot as usize, permit.scope_id);
         let now_ns = self.tick(at, now_ns);
         let r = permit.reserved;
@@ -339,22 +419,23 @@ impl<S: Storage> Engine<S> {
     /// Records `generated_tokens` more tokens of a streaming response. Tokens beyond the
     /// reservation are charged at once, so a long stream pushes its bucket into debt as it goes.
     pub fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), SettleError> {
-        let slot = self.valid_slot(permit)?;
+        let slot = self.valid_slot(permit, now_ns)?;
         let entry = self.tables().permits.get(permit.entry as usize).ok_or(SettleError::StalePermit)?;
-        let (before, after) = entry.add_charge(permit.ticket, generated_tokens).map_err(|e| match e {
-            ChargeRefused::NotLive => SettleError::AlreadySettled,
-            ChargeRefused::TooLarge => SettleError::InvalidUsage,
-        })?;
+        let (before, after) = entry
+            .add_charge(permit.ticket, permit.checksum(self.seed), generated_tokens, now_ns)
+            .map_err(|r| self.refused(r))?;
         let extra = after.saturating_sub(permit.reserved.generated_tokens.max(before));
         let now_ns = self.tick(Located::of_id(permit.slot as usize, permit.scope_id), now_ns);
         self.correct(slot, [0, 0, 0, i128::from(extra)], now_ns);
         Ok(())
     }
 
-    fn valid_slot(&self, permit: &Permit) -> Result<&ScopeSlot, SettleError> {
+    fn valid_slot(&self, permit: &Permit, now_ns: u64) -> Result<&ScopeSlot, SettleError> {
         if permit.incarnation != self.incarnation {
             return Err(SettleError::StalePermit);
         }
+        // Before the scope check: an expired permit's scope may well have been reclaimed since.
+        self.check_expiry(permit, now_ns)?;
         let slot = self.tables().scopes.get(permit.slot as usize).ok_or(SettleError::StalePermit)?;
         if slot.id.load(Ordering::Acquire) != permit.scope_id {
             return Err(SettleError::StalePermit);
@@ -473,9 +554,11 @@ impl<S: Storage> Engine<S> {
         });
         self.install(slot, adaptation, &after, since_q, now_ns);
         slot.end_tick(Some(index));
+        self.sweep(now_ns, SWEEP_PER_SCOPE_TICK);
     }
 
     /// `now_ns / tick_ns`, usually without dividing: most calls fall in the tick computed last.
+    /// The caller that moves the engine into a new tick sweeps the ledger for expired permits.
     #[inline]
     pub(crate) fn tick_index(&self, now_ns: u64) -> u64 {
         let tick = self.policy.tick_ns;
@@ -486,7 +569,11 @@ impl<S: Storage> Engine<S> {
             }
         }
         let index = now_ns / tick;
-        self.tick_cache.store(index, Ordering::Relaxed);
+        if self.tick_cache.compare_exchange(cached, index, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && index > cached
+        {
+            self.sweep(now_ns, SWEEP_PER_TICK);
+        }
         index
     }
 

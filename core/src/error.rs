@@ -17,6 +17,8 @@ pub enum PolicyError {
     HorizonTooLong,
     /// The adaptation tick is shorter than 1 ms or longer than an hour.
     BadTick,
+    /// The permit time-to-live is shorter than 1 s.
+    BadPermitTtl,
     /// An adaptation parameter is out of range.
     BadAdaptation,
     /// Shedding thresholds are not ordered over-limit < in-limit and regular < priority.
@@ -74,6 +76,9 @@ pub enum SettleError {
     StalePermit,
     /// The reported usage is impossible (cached tokens above prompt tokens, or too large).
     InvalidUsage,
+    /// The permit was not settled within the policy's `permit_ttl`: its reservation stays
+    /// charged as if fully used, and what it held has been released (SPEC §7).
+    Expired,
 }
 
 impl fmt::Display for PolicyError {
@@ -90,6 +95,7 @@ impl fmt::Display for PolicyError {
                 f.write_str("hard factor minutes plus max wait exceed 234 seconds")
             }
             PolicyError::BadTick => f.write_str("adaptation tick must be between 1 ms and 1 hour"),
+            PolicyError::BadPermitTtl => f.write_str("permit_ttl must be at least 1 second"),
             PolicyError::BadAdaptation => f.write_str("adaptation parameter out of range"),
             PolicyError::BadShedThresholds => f.write_str("shed thresholds must be ordered"),
             PolicyError::BadTiers => f.write_str("tiers must not lower limits as they rise"),
@@ -141,6 +147,7 @@ impl fmt::Display for SettleError {
             SettleError::InvalidUsage => {
                 "usage is invalid: cached tokens exceed prompt tokens or a count is too large"
             }
+            SettleError::Expired => "permit expired: it was not settled within the policy's permit_ttl",
         })
     }
 }

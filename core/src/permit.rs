@@ -3,7 +3,7 @@
 
 use crate::bucket::Band;
 use crate::key::Variant;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, AtomicU128, Ordering};
 
 /// Amounts charged at admission, in requests and tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -35,6 +35,8 @@ pub struct Permit {
     pub(crate) priority: bool,
     pub(crate) band: Band,
     pub(crate) wait_ns: u64,
+    /// The caller's clock second after which the permit has expired (SPEC §7).
+    pub(crate) deadline_s: u32,
     pub(crate) reserved: Reservation,
 }
 
@@ -68,6 +70,76 @@ impl Permit {
     pub fn variant(&self) -> Variant {
         self.variant
     }
+
+    /// The caller's clock (ns) after which the permit has expired: settling it then is
+    /// [`crate::SettleError::Expired`], and whatever it held is released (SPEC §7).
+    pub fn expires_at_ns(&self) -> u64 {
+        u64::from(self.deadline_s).saturating_mul(NS_PER_S)
+    }
+
+    pub(crate) fn expired(&self, now_ns: u64) -> bool {
+        past(self.deadline_s, now_ns)
+    }
+
+    /// A checksum of every field, kept in the ledger entry: a permit damaged on its way through
+    /// C or Python settles as stale instead of refunding the wrong amounts.
+    pub(crate) fn checksum(&self, seed: u64) -> u32 {
+        let mixed = self.to_raw().words.iter().fold(seed ^ 0x243f_6a88_85a3_08d3, |h, w| {
+            let x = (h ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd);
+            x ^ (x >> 29)
+        });
+        (mixed ^ (mixed >> 32)) as u32
+    }
+
+    /// Who to release if this permit expires unsettled: its scope slot, model and variant, and
+    /// whether it counts toward the model's tracked load.
+    pub(crate) fn owner(&self) -> Owner {
+        Owner {
+            slot: self.slot as usize,
+            model: self.model as usize,
+            variant: self.variant,
+            tracked: self.tracked,
+        }
+    }
+}
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// Whether `now_ns` is past the deadline second. A clock beyond 2^32 s (136 years) saturates the
+/// deadline, and a saturated deadline never passes.
+fn past(deadline_s: u32, now_ns: u64) -> bool {
+    deadline_s != u32::MAX && now_ns > u64::from(deadline_s) * NS_PER_S
+}
+
+/// The caller's clock second after which a permit issued at `now_ns` with `ttl_ns` expires.
+pub(crate) fn deadline_s(now_ns: u64, ttl_ns: u64) -> u32 {
+    u32::try_from(now_ns.saturating_add(ttl_ns).div_ceil(NS_PER_S)).unwrap_or(u32::MAX)
+}
+
+/// What an outstanding permit holds besides its reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Owner {
+    pub(crate) slot: usize,
+    pub(crate) model: usize,
+    pub(crate) variant: Variant,
+    pub(crate) tracked: bool,
+}
+
+impl Owner {
+    fn pack(self) -> u64 {
+        let flags = u64::from(self.variant == Variant::Fast) | (u64::from(self.tracked) << 1);
+        (self.slot as u64 & 0xFFFF_FFFF) | ((self.model as u64 & 0xFFFF) << 32) | (flags << 48)
+    }
+
+    fn unpack(w: u64) -> Self {
+        let flags = w >> 48;
+        Owner {
+            slot: (w & 0xFFFF_FFFF) as usize,
+            model: ((w >> 32) & 0xFFFF) as usize,
+            variant: if flags & 1 != 0 { Variant::Fast } else { Variant::Regular },
+            tracked: flags & 2 != 0,
+        }
+    }
 }
 
 /// A permit as plain integers, for bindings that must hand it through C or Python. Any value
@@ -97,8 +169,8 @@ impl Permit {
             words: [
                 u64::from(self.slot) | (u64::from(self.entry) << 32),
                 self.scope_id,
-                u64::from(self.model) | (u64::from(self.ticket) << 32),
-                u64::from(self.incarnation) | (flags << 32),
+                u64::from(self.ticket) | (u64::from(self.deadline_s) << 32),
+                u64::from(self.incarnation) | ((u64::from(self.model) & 0xFFFF) << 32) | (flags << 48),
                 self.wait_ns,
                 r.requests,
                 r.prompt_tokens,
@@ -112,38 +184,48 @@ impl Permit {
     pub fn from_raw(raw: &RawPermit) -> Option<Permit> {
         let [a, scope_id, b, c, wait_ns, requests, prompt_tokens, uncached_prompt_tokens, generated_tokens] =
             raw.words;
-        let flags = c >> 32;
+        let flags = c >> 48;
         if flags & !(FAST | TRACKED | PRIORITY | OVER_LIMIT) != 0 {
             return None;
         }
         Some(Permit {
             slot: a as u32,
             scope_id,
-            model: b as u32,
+            model: ((c >> 32) & 0xFFFF) as u32,
             variant: if flags & FAST != 0 { Variant::Fast } else { Variant::Regular },
             entry: (a >> 32) as u32,
-            ticket: (b >> 32) as u32,
+            ticket: b as u32,
             incarnation: c as u32,
             tracked: flags & TRACKED != 0,
             priority: flags & PRIORITY != 0,
             band: if flags & OVER_LIMIT != 0 { Band::OverLimit } else { Band::Normal },
             wait_ns,
+            deadline_s: (b >> 32) as u32,
             reserved: Reservation { requests, prompt_tokens, uncached_prompt_tokens, generated_tokens },
         })
     }
 }
 
-// Ledger entry: bit 0 live, bits 1..33 ticket (bumped per use), bits 33..64 tokens charged so
-// far by a stream beyond nothing (31 bits).
-const LIVE: u64 = 1;
+// Ledger entry, low 64 bits: bit 0 live, bits 1..33 ticket (bumped per use), bits 33..64 the
+// generated tokens a stream has charged (31 bits) while live, or bit 33 "expired" once free.
+// High 64 bits: the deadline (caller's clock second; 0 while the admitter is still filling the
+// entry in) and a checksum of the permit.
+const LIVE: u128 = 1;
 const TICKET_SHIFT: u32 = 1;
 const CHARGED_SHIFT: u32 = 33;
+const EXPIRED: u128 = 1 << CHARGED_SHIFT;
+const DEADLINE_SHIFT: u32 = 64;
+const CHECKSUM_SHIFT: u32 = 96;
 /// Most generated tokens a stream may charge before it settles.
 pub(crate) const CHARGED_MAX: u64 = (1 << 31) - 1;
 
 /// One entry of the permit ledger.
 #[derive(Debug)]
-pub struct PermitSlot(AtomicU64);
+pub struct PermitSlot {
+    state: AtomicU128,
+    /// The holder's scope slot, model and variant, written before the entry is published.
+    owner: AtomicU64,
+}
 
 impl Default for PermitSlot {
     fn default() -> Self {
@@ -151,64 +233,161 @@ impl Default for PermitSlot {
     }
 }
 
+/// A ledger entry's state, unpacked.
+#[derive(Clone, Copy)]
+struct Entry(u128);
+
+impl Entry {
+    fn live(self) -> bool {
+        self.0 & LIVE != 0
+    }
+
+    fn ticket(self) -> u32 {
+        (self.0 >> TICKET_SHIFT) as u32
+    }
+
+    fn charged(self) -> u64 {
+        (self.0 >> CHARGED_SHIFT) as u64 & CHARGED_MAX
+    }
+
+    fn deadline_s(self) -> u32 {
+        (self.0 >> DEADLINE_SHIFT) as u32
+    }
+
+    fn checksum(self) -> u32 {
+        (self.0 >> CHECKSUM_SHIFT) as u32
+    }
+
+    /// Published, and past its deadline at `now_ns`.
+    fn expired(self, now_ns: u64) -> bool {
+        let deadline = self.deadline_s();
+        deadline != 0 && past(deadline, now_ns)
+    }
+
+    /// The free state this entry leaves behind (the ticket stays, so copies are still refused).
+    fn freed(self, expired: bool) -> u128 {
+        (u128::from(self.ticket()) << TICKET_SHIFT) | if expired { EXPIRED } else { 0 }
+    }
+}
+
+/// Why a ledger entry refused a settle or a stream charge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Settled already (or the entry was reused since).
+    Settled,
+    /// Expired; `Some` when this call expired it, and so must release what it held.
+    Expired(Option<Owner>),
+    /// The permit does not match its entry: damaged or forged.
+    Damaged,
+    /// A stream charged more than an entry counts.
+    TooLarge,
+}
+
 impl PermitSlot {
     /// A free entry.
     pub fn new() -> Self {
-        PermitSlot(AtomicU64::new(0))
+        PermitSlot { state: AtomicU128::new(0), owner: AtomicU64::new(0) }
     }
 
     /// Frees the entry (restore, which has the engine to itself).
     pub(crate) fn clear(&self) {
-        self.0.store(0, Ordering::Relaxed);
+        self.state.store(0, Ordering::Relaxed);
+        self.owner.store(0, Ordering::Relaxed);
     }
 
-    /// Takes the entry if free; returns the ticket a permit must present.
+    /// Takes the entry if free; returns the ticket a permit must present. The entry stays
+    /// unpublished (it never expires) until [`PermitSlot::publish`].
     pub(crate) fn take(&self) -> Option<u32> {
-        let cur = self.0.load(Ordering::Relaxed);
-        if cur & LIVE != 0 {
+        let cur = Entry(self.state.load(Ordering::Relaxed));
+        if cur.live() {
             return None;
         }
-        let ticket = ((cur >> TICKET_SHIFT) as u32).wrapping_add(1);
-        let live = LIVE | (u64::from(ticket) << TICKET_SHIFT);
-        self.0.compare_exchange(cur, live, Ordering::AcqRel, Ordering::Relaxed).ok().map(|_| ticket)
+        let ticket = cur.ticket().wrapping_add(1);
+        let live = LIVE | (u128::from(ticket) << TICKET_SHIFT);
+        self.state.compare_exchange(cur.0, live, Ordering::AcqRel, Ordering::Relaxed).ok().map(|_| ticket)
     }
 
-    /// Frees the entry if it is live under `ticket`; returns the tokens it had charged.
-    pub(crate) fn give_back(&self, ticket: u32) -> Option<u64> {
-        let mut cur = self.0.load(Ordering::Acquire);
+    /// Completes a taken entry for `permit`: who holds it, its deadline and its checksum.
+    pub(crate) fn publish(&self, permit: &Permit, checksum: u32) {
+        self.owner.store(permit.owner().pack(), Ordering::Relaxed);
+        let state = LIVE
+            | (u128::from(permit.ticket) << TICKET_SHIFT)
+            | (u128::from(permit.deadline_s.max(1)) << DEADLINE_SHIFT)
+            | (u128::from(checksum) << CHECKSUM_SHIFT);
+        // Nobody else writes a live, unpublished entry: no settle has the permit yet, and
+        // expiry skips it.
+        self.state.store(state, Ordering::Release);
+    }
+
+    /// Hands a taken, unpublished entry back (the admission it was taken for was refused).
+    pub(crate) fn give_back_unused(&self, ticket: u32) {
+        let cur = Entry(self.state.load(Ordering::Acquire));
+        if cur.live() && cur.ticket() == ticket && cur.deadline_s() == 0 {
+            let _ = self.state.compare_exchange(cur.0, cur.freed(false), Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
+    /// Checks a live entry against a permit's ticket and checksum, at `now_ns`.
+    fn check(&self, cur: Entry, ticket: u32, checksum: u32, now_ns: u64) -> Result<(), Refusal> {
+        if !cur.live() || cur.ticket() != ticket {
+            let expired = !cur.live() && cur.ticket() == ticket && cur.0 & EXPIRED != 0;
+            return Err(if expired { Refusal::Expired(None) } else { Refusal::Settled });
+        }
+        if cur.checksum() != checksum {
+            return Err(Refusal::Damaged);
+        }
+        if cur.expired(now_ns) {
+            return Err(Refusal::Expired(self.expire(now_ns)));
+        }
+        Ok(())
+    }
+
+    /// Frees the entry for its permit's settle; returns the tokens a stream had charged.
+    pub(crate) fn settle(&self, ticket: u32, checksum: u32, now_ns: u64) -> Result<u64, Refusal> {
+        let mut cur = Entry(self.state.load(Ordering::Acquire));
         loop {
-            if cur & LIVE == 0 || (cur >> TICKET_SHIFT) as u32 != ticket {
-                return None;
-            }
-            let free = u64::from(ticket) << TICKET_SHIFT;
-            match self.0.compare_exchange(cur, free, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(cur >> CHARGED_SHIFT),
-                Err(now) => cur = now,
+            self.check(cur, ticket, checksum, now_ns)?;
+            match self.state.compare_exchange(cur.0, cur.freed(false), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(cur.charged()),
+                Err(now) => cur = Entry(now),
             }
         }
     }
 
     /// Adds `tokens` to the live entry's stream charge; returns (before, after).
-    pub(crate) fn add_charge(&self, ticket: u32, tokens: u64) -> Result<(u64, u64), ChargeRefused> {
-        let mut cur = self.0.load(Ordering::Acquire);
+    pub(crate) fn add_charge(
+        &self,
+        ticket: u32,
+        checksum: u32,
+        tokens: u64,
+        now_ns: u64,
+    ) -> Result<(u64, u64), Refusal> {
+        let mut cur = Entry(self.state.load(Ordering::Acquire));
         loop {
-            if cur & LIVE == 0 || (cur >> TICKET_SHIFT) as u32 != ticket {
-                return Err(ChargeRefused::NotLive);
-            }
-            let before = cur >> CHARGED_SHIFT;
-            let after =
-                before.checked_add(tokens).filter(|a| *a <= CHARGED_MAX).ok_or(ChargeRefused::TooLarge)?;
-            let new = (cur & ((1 << CHARGED_SHIFT) - 1)) | (after << CHARGED_SHIFT);
-            match self.0.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+            self.check(cur, ticket, checksum, now_ns)?;
+            let before = cur.charged();
+            let after = before.checked_add(tokens).filter(|a| *a <= CHARGED_MAX).ok_or(Refusal::TooLarge)?;
+            let keep = !(u128::from(CHARGED_MAX) << CHARGED_SHIFT);
+            let new = (cur.0 & keep) | (u128::from(after) << CHARGED_SHIFT);
+            match self.state.compare_exchange(cur.0, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok((before, after)),
-                Err(now) => cur = now,
+                Err(now) => cur = Entry(now),
             }
         }
     }
-}
 
-/// Why a stream charge was refused.
-pub(crate) enum ChargeRefused {
-    NotLive,
-    TooLarge,
+    /// Expires the entry if it is live and past its deadline at `now_ns`; returns what its
+    /// permit held, which the caller must release. Exactly one of this and a settle wins.
+    pub(crate) fn expire(&self, now_ns: u64) -> Option<Owner> {
+        let mut cur = Entry(self.state.load(Ordering::Acquire));
+        while cur.live() && cur.expired(now_ns) {
+            // Read before the entry is freed: a taker may overwrite it right after.
+            let owner = Owner::unpack(self.owner.load(Ordering::Acquire));
+            match self.state.compare_exchange(cur.0, cur.freed(true), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(owner),
+                Err(now) => cur = Entry(now),
+            }
+        }
+        None
+    }
 }

@@ -133,6 +133,9 @@ pub struct Policy {
     pub tiers: Tiers,
     /// Fireworks-dialect headers give token limits per second (their 2026 form).
     pub per_second_headers: bool,
+    /// A permit not settled within this many ns expires (SPEC §7): its reservation stays
+    /// charged, and what it held is released by whoever next meets it. Default 15 minutes.
+    pub permit_ttl_ns: u64,
 }
 
 impl Policy {
@@ -157,6 +160,7 @@ impl Policy {
             shed_retry_after_ns: 1_000_000_000,
             tiers: Tiers::FIREWORKS,
             per_second_headers: false,
+            permit_ttl_ns: 15 * MINUTE_NS,
         }
     }
 
@@ -207,7 +211,7 @@ impl Policy {
     }
 
     /// Names accepted by [`Policy::set`].
-    pub const OVERRIDES: [&'static str; 11] = [
+    pub const OVERRIDES: [&'static str; 12] = [
         "requests_per_minute",
         "prompt_tokens_per_minute",
         "uncached_prompt_tokens_per_minute",
@@ -219,11 +223,12 @@ impl Policy {
         "hard_factor",
         "max_wait",
         "tick",
+        "permit_ttl",
     ];
 
     /// Overrides one parameter by the name the CLI's `--set` and Python's keywords use:
     /// `<metric>_per_minute` sets the floor (the limit of a fixed policy), `<metric>_ceiling` the
-    /// ceiling, `hard_factor` ρ, `max_wait` and `tick` in seconds. Checked by [`Policy::bands`].
+    /// ceiling, `hard_factor` ρ, `max_wait`, `tick` and `permit_ttl` in seconds. Checked by [`Policy::bands`].
     ///
     /// ```
     /// use sluicegate_core::{Metric, Policy};
@@ -247,6 +252,7 @@ impl Policy {
                 "hard_factor" => self.hard_factor = value,
                 "max_wait" => self.max_wait_ns = seconds_to_ns(value),
                 "tick" => self.tick_ns = seconds_to_ns(value),
+                "permit_ttl" => self.permit_ttl_ns = seconds_to_ns(value),
                 _ => return Err(UnknownParameter),
             },
         }
@@ -281,6 +287,9 @@ impl Policy {
         // At most an hour: a word is re-sealed every tick, and its epoch tag reads ±19 hours.
         if !(1_000_000..=MAX_TICK_NS).contains(&self.tick_ns) {
             return Err(PolicyError::BadTick);
+        }
+        if self.permit_ttl_ns < 1_000_000_000 {
+            return Err(PolicyError::BadPermitTtl);
         }
         self.adaptation_is_valid()?;
         if !self.shed.is_ordered() {

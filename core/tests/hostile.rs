@@ -267,3 +267,68 @@ proptest! {
         charged_is_bounded_by_refill_plus_owed(ops)?;
     }
 }
+
+/// Issue 12 §2: a burst of 10× the ledger's capacity, admitted and never settled (a crashed
+/// gateway). Before, the ledger, the scopes' in-flight counts and the model's tracked load were
+/// held forever; within `permit_ttl` after the burst everything they held is released.
+#[test]
+fn abandoned_permits_expire_and_release_everything_they_held() {
+    let mut policy = Policy::fixed();
+    policy.limits = PerMetric([MetricLimits::fixed(1e9); 4]);
+    let ttl = policy.permit_ttl_ns;
+    let capacity = Capacity { scopes: 640, accounts: 640, models: 4, permits: 1024 };
+    let e = Engine::new(policy, capacity).unwrap();
+    e.set_model_capacity(b"model", Variant::Regular, 2_000).unwrap();
+    let steady = ScopeKey::new(b"steady", b"model");
+    let first = *e.admit(steady, &Request::new(1), 0).unwrap().permit().unwrap();
+    e.settle(&first, &Usage::new(1, 0), Completion::Success, 0).unwrap();
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for i in 0..10 * capacity.permits {
+        let account = format!("burst-{}", i % 512);
+        let now = i as u64 * 50_000;
+        match e.admit(ScopeKey::new(account.as_bytes(), b"model"), &Request::new(1), now) {
+            Ok(d) => held.push(*d.permit().unwrap()),
+            Err(sluicegate_core::Error::TableFull(_)) => refused += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert!(held.len() > 900 && refused > 9_000, "{} held, {refused} refused", held.len());
+    // While they are live the ledger is full: even the steady account is refused (503).
+    assert!(e.admit(steady, &Request::new(1), 5 * MINUTE).is_err());
+    assert!(e.load(b"model", Variant::Regular).unwrap() > 400);
+    // Within the ttl (plus the tick that sweeps) after the burst, all of it is released.
+    let after = ttl + 2 * MINUTE;
+    let d = e.admit(steady, &Request::new(1), after).unwrap();
+    assert!(d.admitted(), "{d:?}");
+    // One permit of 2,000 capacity is 0 ‰: the ~1,000 abandoned ones no longer count.
+    assert_eq!(e.load(b"model", Variant::Regular).unwrap(), 0);
+    e.settle(d.permit().unwrap(), &Usage::new(1, 0), Completion::Success, after).unwrap();
+    // The abandoned scopes are reclaimable: 512 new scopes fit in the 640-scope table.
+    for i in 0..512 {
+        let account = format!("burst-{i}");
+        let d = e.admit(ScopeKey::new(account.as_bytes(), b"other-model"), &Request::new(1), after + SECOND);
+        let d = d.unwrap_or_else(|err| panic!("new scope {i}: {err}"));
+        e.settle(d.permit().unwrap(), &Usage::new(1, 0), Completion::Success, after + SECOND).unwrap();
+    }
+    // A late settle of an abandoned permit is a typed error and changes nothing.
+    let late = e.settle(&held[0], &Usage::new(1, 0), Completion::Success, after + 2 * SECOND);
+    assert_eq!(late, Err(sluicegate_core::SettleError::Expired));
+    assert_eq!(e.load(b"model", Variant::Regular).unwrap(), 0);
+}
+
+/// Issue 12 §7: a permit damaged on its way through C or Python (here: its reservation) is
+/// refused as stale, and the real one still settles.
+#[test]
+fn a_damaged_permit_settles_as_stale() {
+    let e = engine(Policy::fireworks_2024());
+    let p = *e.admit(KEY, &Request::new(100).max_tokens(100), 0).unwrap().permit().unwrap();
+    for word in 0..9 {
+        let mut raw = p.to_raw();
+        raw.words[word] ^= 1 << 7;
+        if let Some(damaged) = Permit::from_raw(&raw) {
+            let r = e.settle(&damaged, &Usage::new(100, 0), Completion::Success, SECOND);
+            assert!(r.is_err(), "word {word} damaged, settle accepted");
+        }
+    }
+    e.settle(&p, &Usage::new(100, 50), Completion::Success, SECOND).unwrap();
+}

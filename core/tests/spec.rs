@@ -94,11 +94,21 @@ fn idle_scopes_equal_to_fresh_ones_are_reclaimed_when_the_table_is_full() {
 }
 
 #[test]
-fn a_scope_with_a_permit_outstanding_is_never_reclaimed() {
+fn a_scope_with_a_live_permit_outstanding_is_never_reclaimed() {
     let e = Engine::new(Policy::fixed(), Capacity { scopes: 1, accounts: 4, models: 1, permits: 4 }).unwrap();
     let p = permit(&admit(&e, key("a"), &one(), 0));
-    assert!(e.admit(key("b"), &one(), 24 * 60 * MINUTE).is_err());
-    e.settle(&p, &Usage::default(), Completion::Success, 24 * 60 * MINUTE).unwrap();
+    assert!(e.admit(key("b"), &one(), 14 * MINUTE).is_err());
+    e.settle(&p, &Usage::default(), Completion::Success, 14 * MINUTE).unwrap();
+}
+
+#[test]
+fn an_expired_permit_no_longer_holds_its_scope() {
+    let e = Engine::new(Policy::fixed(), Capacity { scopes: 1, accounts: 4, models: 1, permits: 4 }).unwrap();
+    let p = permit(&admit(&e, key("a"), &one(), 0));
+    // Past the 15-minute permit_ttl, "b" may take the slot: "a"'s permit expired.
+    assert!(admit(&e, key("b"), &one(), 16 * MINUTE).admitted());
+    let late = e.settle(&p, &Usage::default(), Completion::Success, 16 * MINUTE);
+    assert_eq!(late, Err(sluicegate_core::SettleError::Expired));
 }
 
 // §2 Metrics
