@@ -6,6 +6,7 @@ use crate::key::{ACCOUNT_KEY_MAX, KeyBytes};
 use crate::policy::MetricLimits;
 use crate::price::{NANOS_PER_MICRO, Nanos};
 use crate::quota::{Quota, QuotaCell};
+use crate::refs::Refs;
 use crate::sync::{AtomicU64, Ordering};
 use crate::table::{Keyed, Slot};
 use crate::tier::{Micros, Tier, Tiers};
@@ -60,6 +61,8 @@ pub struct AccountSlot {
     pub(crate) floor_override: [AtomicU64; 4],
     pub(crate) ceiling_override: [AtomicU64; 4],
     pub(crate) quotas: [QuotaCell; 3],
+    /// Scopes and operator calls using the account: while any is held it is never reclaimed.
+    pub(crate) refs: Refs,
 }
 
 impl Default for AccountSlot {
@@ -125,6 +128,7 @@ impl AccountSlot {
             floor_override: core::array::from_fn(|_| AtomicU64::new(0)),
             ceiling_override: core::array::from_fn(|_| AtomicU64::new(0)),
             quotas: Quota::ALL.map(|q| QuotaCell::new(q.default_limit())),
+            refs: Refs::new(),
         }
     }
 
@@ -148,8 +152,20 @@ impl AccountSlot {
         self.refresh_limit(tiers);
     }
 
+    /// Whether the account holds nothing worth keeping: the state of a key never seen (SPEC §1).
+    /// Historical spend counts as worth keeping: it is a customer's tier.
+    pub(crate) fn holds_nothing(&self) -> bool {
+        let zero = |a: &AtomicU64| a.load(Ordering::Acquire) == 0;
+        self.settings.load(Ordering::Acquire) == PAYMENT_METHOD | Tier::One as u64
+            && self.chosen_limit.load(Ordering::Acquire) == u64::MAX
+            && [&self.period_spend, &self.historical, &self.credits, &self.suspension].into_iter().all(zero)
+            && self.floor_override.iter().chain(&self.ceiling_override).all(zero)
+            && Quota::ALL.iter().zip(&self.quotas).all(|(q, c)| c.get() == (0, q.default_limit()))
+    }
+
     /// Empties the slot (restore, which has the engine to itself).
     pub(crate) fn clear(&self) {
+        self.refs.clear();
         self.id.store(0, Ordering::Relaxed);
         self.init(&[], &Tiers::FIREWORKS);
         self.spend_limit.store(u64::MAX, Ordering::Relaxed);
@@ -339,16 +355,19 @@ impl Keyed for AccountSlot {
     fn key_equals(&self, key: &[u8]) -> bool {
         self.key.equals(key)
     }
+
+    fn refs(&self) -> &Refs {
+        &self.refs
+    }
+
+    fn holds_nothing(&self) -> bool {
+        AccountSlot::holds_nothing(self)
+    }
 }
 
 /// The account operations of an engine (SPEC §8). Each creates the account if it is new, so an
 /// operator can configure accounts before their first request.
 impl<S: crate::storage::Storage> crate::engine::Engine<S> {
-    fn account_slot(&self, account: &[u8], create: bool) -> Result<&AccountSlot, crate::error::Error> {
-        let index = self.account_index(account, create)?.ok_or(crate::error::Error::UnknownAccount)?;
-        self.tables().accounts.get(index).ok_or(crate::error::Error::UnknownAccount)
-    }
-
     /// Everything about an account.
     ///
     /// ```
@@ -360,27 +379,24 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn account(&self, account: &[u8]) -> Result<AccountState, crate::error::Error> {
-        Ok(self.account_slot(account, false)?.state())
+        self.with_account(account, false, |_, a| a.state())
     }
 
     /// Adds prepaid credits (micro-dollars): they pay for spend first and count toward
     /// historical spend, so buying them can raise the tier at once.
     pub fn add_credits(&self, account: &[u8], amount: Micros) -> Result<(), crate::error::Error> {
-        self.account_slot(account, true)?.add_credits(amount, &self.policy.tiers);
-        Ok(())
+        self.with_account(account, true, |_, a| a.add_credits(amount, &self.policy.tiers))
     }
 
     /// Records whether a payment method is on file. Without one, an account is suspended once
     /// its credits are depleted.
     pub fn set_payment_method(&self, account: &[u8], on_file: bool) -> Result<(), crate::error::Error> {
-        self.account_slot(account, true)?.set_payment_method(on_file);
-        Ok(())
+        self.with_account(account, true, |_, a| a.set_payment_method(on_file))
     }
 
     /// Sets the monthly spend limit the user chose (micro-dollars); refused above the tier's.
     pub fn set_spend_limit(&self, account: &[u8], limit: Micros) -> Result<(), crate::error::Error> {
-        self.account_slot(account, true)?
-            .choose_limit(limit, &self.policy.tiers)
+        self.with_account(account, true, |_, a| a.choose_limit(limit, &self.policy.tiers))?
             .map_err(|max| crate::error::Error::SpendLimitAboveTier { max })
     }
 
@@ -392,8 +408,7 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
         reason: Suspension,
         suspended: bool,
     ) -> Result<(), crate::error::Error> {
-        self.account_slot(account, true)?.suspend(reason, suspended);
-        Ok(())
+        self.with_account(account, true, |_, a| a.suspend(reason, suspended))
     }
 
     /// Grants a tier (e.g. `Unlimited` for "a custom solution"), or with `None` returns the
@@ -404,11 +419,10 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
         tier: Option<Tier>,
         now_ns: u64,
     ) -> Result<(), crate::error::Error> {
-        let index = self.account_index(account, true)?.ok_or(crate::error::Error::UnknownAccount)?;
-        let slot = self.tables().accounts.get(index).ok_or(crate::error::Error::UnknownAccount)?;
-        slot.pin_tier(tier, &self.policy.tiers);
-        self.reclamp_account(index, now_ns);
-        Ok(())
+        self.with_account(account, true, |index, a| {
+            a.pin_tier(tier, &self.policy.tiers);
+            self.reclamp_account(index, now_ns);
+        })
     }
 
     /// Gives an account its own floor and ceiling on a metric (higher limits from day one, or
@@ -429,11 +443,10 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
                 return Err(crate::error::PolicyError::FloorAboveCeiling(metric).into());
             }
         }
-        let index = self.account_index(account, true)?.ok_or(crate::error::Error::UnknownAccount)?;
-        let slot = self.tables().accounts.get(index).ok_or(crate::error::Error::UnknownAccount)?;
-        slot.set_override(metric as usize, limits);
-        self.reclamp_account(index, now_ns);
-        Ok(())
+        self.with_account(account, true, |index, a| {
+            a.set_override(metric as usize, limits);
+            self.reclamp_account(index, now_ns);
+        })
     }
 
     /// Starts a new billing period for every account: period spend returns to zero, lifting
@@ -450,8 +463,7 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
         variant: crate::key::Variant,
         price: crate::price::Price,
     ) -> Result<(), crate::error::Error> {
-        self.model(model)?.set_price(variant, price);
-        Ok(())
+        self.with_model(model, |m| m.set_price(variant, price))
     }
 
     /// Acquires `n` units of a quota; refused (changing nothing) past its limit. Returns
@@ -462,7 +474,7 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
         quota: Quota,
         n: u32,
     ) -> Result<(u32, u32), crate::error::Error> {
-        self.quota(account, quota)?.acquire(n).map_err(crate::error::Error::Quota)
+        self.with_quota(account, quota, |q| q.acquire(n))
     }
 
     /// Releases `n` units of a quota; refused (changing nothing) beyond what is held.
@@ -472,7 +484,7 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
         quota: Quota,
         n: u32,
     ) -> Result<(u32, u32), crate::error::Error> {
-        self.quota(account, quota)?.release(n).map_err(crate::error::Error::Quota)
+        self.with_quota(account, quota, |q| q.release(n))
     }
 
     /// Raises (or lowers, not below use) an account's quota limit.
@@ -482,10 +494,17 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
         quota: Quota,
         limit: u32,
     ) -> Result<(u32, u32), crate::error::Error> {
-        self.quota(account, quota)?.set_limit(limit).map_err(crate::error::Error::Quota)
+        self.with_quota(account, quota, |q| q.set_limit(limit))
     }
 
-    fn quota(&self, account: &[u8], quota: Quota) -> Result<&QuotaCell, crate::error::Error> {
-        self.account_slot(account, true)?.quotas.get(quota.index()).ok_or(crate::error::Error::UnknownAccount)
+    fn with_quota(
+        &self,
+        account: &[u8],
+        quota: Quota,
+        f: impl FnOnce(&QuotaCell) -> Result<(u32, u32), crate::quota::QuotaError>,
+    ) -> Result<(u32, u32), crate::error::Error> {
+        let cell = |_, a: &AccountSlot| a.quotas.get(quota.index()).map(f);
+        let done = self.with_account(account, true, cell)?.ok_or(crate::error::Error::UnknownAccount)?;
+        done.map_err(crate::error::Error::Quota)
     }
 }

@@ -24,6 +24,18 @@ impl MetricState {
     }
 }
 
+/// Whether `state` behaves exactly like a fresh scope's from now on, so the scope may be
+/// forgotten (SPEC §1): its limit is the floor, and its memory either is a fresh scope's or —
+/// for the threshold rule — a peak too small ever to hold a limit above the floor (κ·peak ≤ F).
+pub fn is_forgettable(adaptation: &Adaptation, state: MetricState, bounds: MetricLimits) -> bool {
+    let fresh = MetricState::fresh(adaptation, bounds);
+    let memory_inert = match adaptation {
+        Adaptation::Threshold(r) => r.peak_factor * state.memory <= bounds.floor,
+        _ => state.memory == fresh.memory,
+    };
+    state.limit == fresh.limit && memory_inert
+}
+
 /// What happened since the last tick.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Period {

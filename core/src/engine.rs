@@ -1,13 +1,11 @@
 //! The engine: admit, settle, charge and cancel, gluing buckets, adaptation, shedding and tables.
 
-use crate::account::AccountSlot;
 use crate::adapt::{self, MetricState, Period};
 use crate::bucket::{self, Bands, EPOCH_RANGE_Q, Fit, QUANTUM_NS, Word};
 use crate::decision::{Decision, Levels, Outcome, RateLimited, Shed};
 use crate::error::{Error, SettleError, Table};
-use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX, ScopeKey, Variant};
+use crate::key::{ScopeKey, Variant};
 use crate::metric::{Metric, PerMetric};
-use crate::model::ModelSlot;
 use crate::permit::{self, Owner, Permit, Refusal, Reservation};
 use crate::policy::{MetricLimits, Policy};
 use crate::request::{Completion, Request, Usage};
@@ -15,11 +13,11 @@ use crate::scope::{self, IN_FLIGHT_ONE, ScopeAdaptation, ScopeSlot};
 use crate::shed::{Class, LoadPermille};
 use crate::storage::{Capacity, Storage, Tables};
 use crate::sync::{Ordering, fence};
-use crate::table::{self, Claim, Keyed, Probe, Slot};
+use crate::table;
 
 /// Seeds of the three hashes, so one key hashes differently in each table.
 pub(crate) const MODEL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
-const SCOPE_SALT: u64 = 0xc2b2_ae3d_27d4_eb4f;
+pub(crate) const SCOPE_SALT: u64 = 0xc2b2_ae3d_27d4_eb4f;
 /// Permit-ledger slots tried before the ledger counts as full.
 const LEDGER_PROBE: usize = 64;
 
@@ -95,7 +93,7 @@ impl<S: Storage> Engine<S> {
         storage.tables().capacity().check()?;
         // Seed and table address: engines sharing a seed still refuse each other's permits.
         let place = storage.tables().scopes.as_ptr() as usize as u64;
-        let mixed = scope_hash(seed, place);
+        let mixed = crate::locate::scope_hash(seed, place);
         let incarnation = (mixed ^ (mixed >> 32)) as u32 | 1;
         Ok(Engine {
             storage,
@@ -659,7 +657,7 @@ impl<S: Storage> Engine<S> {
     /// its floors and full buckets).
     pub fn limits(&self, key: ScopeKey<'_>, now_ns: u64) -> Result<Levels, Error> {
         let Some(at) = self.locate(key, now_ns, false)? else {
-            let account = self.account_index(key.account, false)?;
+            let account = self.account_index(key.account)?;
             let (_, interval) = self.fresh(&self.bounds(account));
             return Ok(Levels { debt_q: [0; 4], interval });
         };
@@ -673,8 +671,7 @@ impl<S: Storage> Engine<S> {
     /// Sets a model variant's load signal, in ‰ of capacity (SPEC §6), e.g. from queue depth or
     /// KV-cache use. Requests are shed by class as it crosses the policy's thresholds.
     pub fn set_load(&self, model: &[u8], variant: Variant, load: LoadPermille) -> Result<(), Error> {
-        self.model(model)?.report(variant, load);
-        Ok(())
+        self.with_model(model, |m| m.report(variant, load))
     }
 
     /// Lets the engine derive a variant's load from its outstanding permits: load = in-flight ×
@@ -685,167 +682,12 @@ impl<S: Storage> Engine<S> {
         variant: Variant,
         in_flight_capacity: u32,
     ) -> Result<(), Error> {
-        self.model(model)?.set_capacity(variant, in_flight_capacity);
-        Ok(())
+        self.with_model(model, |m| m.set_capacity(variant, in_flight_capacity))
     }
 
     /// A model variant's current load, ‰.
     pub fn load(&self, model: &[u8], variant: Variant) -> Result<LoadPermille, Error> {
-        Ok(self.model(model)?.load(variant))
-    }
-
-    pub(crate) fn model(&self, model: &[u8]) -> Result<&ModelSlot, Error> {
-        let slots = self.tables().models;
-        let m =
-            self.key_index(slots, model, MODEL_KEY_MAX, MODEL_SALT, Some(&|s: &ModelSlot| s.init(model)))?;
-        m.and_then(|m| slots.get(m)).ok_or(Error::TableFull(Table::Models))
-    }
-
-    /// The account table index of `account`; with `create`, inserting it when absent.
-    pub(crate) fn account_index(&self, account: &[u8], create: bool) -> Result<Option<usize>, Error> {
-        let tiers = &self.policy.tiers;
-        let init = |s: &AccountSlot| s.init(account, tiers);
-        let init: Option<&dyn Fn(&AccountSlot)> = create.then_some(&init);
-        self.key_index(self.tables().accounts, account, ACCOUNT_KEY_MAX, 0, init)
-    }
-
-    /// Finds a key in the account or model table; with `init`, inserts it when absent.
-    fn key_index<T: Slot + Keyed>(
-        &self,
-        slots: &[T],
-        key: &[u8],
-        max: usize,
-        salt: u64,
-        init: Option<&dyn Fn(&T)>,
-    ) -> Result<Option<usize>, Error> {
-        match key.len() {
-            0 => return Err(Error::EmptyKey),
-            n if n > max => return Err(Error::KeyTooLong { max }),
-            _ => {}
-        }
-        let hash = key::hash(self.seed ^ salt, key);
-        let matches = |i: usize| slots.get(i).is_some_and(|s| s.key_equals(key));
-        let probe = Probe { hash, tag: hash >> 2, mask: u64::MAX, matches: &matches };
-        let Some(init) = init else {
-            return Ok(table::find(slots, &probe).map(|(i, _)| i));
-        };
-        let claim = KeyClaim {
-            tag: hash >> 2,
-            init: |i: usize| {
-                if let Some(s) = slots.get(i) {
-                    init(s);
-                }
-            },
-        };
-        let table = if salt == MODEL_SALT { Table::Models } else { Table::Accounts };
-        table::find_or_insert(slots, &probe, &claim).map(|(i, _)| Some(i)).ok_or(Error::TableFull(table))
-    }
-
-    /// Finds (or with `create`, creates) the scope of `key`.
-    fn locate(&self, key: ScopeKey<'_>, now_ns: u64, create: bool) -> Result<Option<Located>, Error> {
-        let account = self.account_index(key.account, create)?;
-        let init_model = |s: &ModelSlot| s.init(key.model);
-        let init_model: Option<&dyn Fn(&ModelSlot)> = create.then_some(&init_model);
-        let model = self.key_index(self.tables().models, key.model, MODEL_KEY_MAX, MODEL_SALT, init_model)?;
-        let (Some(account), Some(model)) = (account, model) else { return Ok(None) };
-        let identity = scope::identity(account, model, key.variant.index());
-        let slots = self.tables().scopes;
-        let hash = scope_hash(self.seed, identity);
-        let always = |_: usize| true;
-        let probe = Probe { hash, tag: identity, mask: scope::IDENTITY_MASK, matches: &always };
-        let found = if create {
-            table::find_or_insert(slots, &probe, &ScopeClaim { engine: self, identity, account, now_ns })
-        } else {
-            table::find(slots, &probe)
-        };
-        Ok(found.map(|(slot, id)| Located { slot, id, account, model, variant: key.variant }))
-    }
-}
-
-/// The home of a scope identity: a seeded multiply-xorshift, as the identity is already a
-/// dense integer.
-pub(crate) fn scope_hash(seed: u64, identity: u64) -> u64 {
-    let x = (identity ^ seed ^ SCOPE_SALT).wrapping_mul(0xff51_afd7_ed55_8ccd);
-    (x ^ (x >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53)
-}
-
-/// Inserting an account or model: a fixed tag, no reclaim.
-struct KeyClaim<F: Fn(usize)> {
-    tag: u64,
-    init: F,
-}
-
-impl<F: Fn(usize)> Claim for KeyClaim<F> {
-    fn tag(&self, _: u64) -> u64 {
-        self.tag
-    }
-
-    fn init(&self, index: usize) {
-        (self.init)(index);
-    }
-
-    fn reclaim(&self, _: usize, _: u64, _: u64) -> bool {
-        false
-    }
-}
-
-/// Inserting a scope: a new generation per incarnation of a slot, and reclaim of idle scopes
-/// whose state equals a fresh scope's (SPEC §1).
-struct ScopeClaim<'e, S: Storage> {
-    engine: &'e Engine<S>,
-    identity: u64,
-    account: usize,
-    now_ns: u64,
-}
-
-impl<S: Storage> Claim for ScopeClaim<'_, S> {
-    fn tag(&self, old: u64) -> u64 {
-        scope::next_generation(old, self.identity)
-    }
-
-    fn init(&self, index: usize) {
-        let e = self.engine;
-        let t = e.tables();
-        if let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) {
-            let (states, intervals) = e.fresh(&e.bounds(Some(self.account)));
-            // A stale tick of the slot's last scope may hold the lock: it backs out on our id.
-            slot.begin_exclusive();
-            adaptation.store(&states);
-            slot.init(intervals, self.now_ns / QUANTUM_NS, e.tick_index(self.now_ns));
-        }
-    }
-
-    fn reclaim(&self, index: usize, old: u64, new: u64) -> bool {
-        let e = self.engine;
-        let t = e.tables();
-        let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) else {
-            return false;
-        };
-        // Bring the candidate up to date first: an idle scope's decay is applied lazily.
-        let candidate = Located::of_id(index, old);
-        let now_ns = e.tick(candidate, self.now_ns);
-        if !slot.begin_reclaim() {
-            return false;
-        }
-        let (states, intervals) = e.fresh(&e.bounds(Some(candidate.account)));
-        let w = slot.bucket.load(Ordering::Acquire);
-        let word = Word::unpack(w);
-        let idle = !bucket::is_retired(w)
-            && slot.usage_is_zero()
-            && slot.in_flight() == 0
-            && adaptation.load() == states
-            && slot.intervals(word.buffer()) == intervals
-            && bucket::open(word, now_ns / QUANTUM_NS).debt == [0; 4];
-        if idle && slot.retire(w) {
-            let taken = slot.id.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok();
-            if !taken {
-                slot.bucket.store(w, Ordering::Release);
-            }
-            slot.end_tick(None);
-            return taken;
-        }
-        slot.end_tick(None);
-        false
+        self.with_model(model, |m| m.load(variant))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use crate::key::{KeyBytes, MODEL_KEY_MAX, Variant};
 use crate::price::Price;
+use crate::refs::Refs;
 use crate::shed::LoadPermille;
 use crate::sync::{AtomicU64, Ordering};
 use crate::table::{Keyed, Slot};
@@ -19,6 +20,8 @@ pub struct ModelSlot {
     pub(crate) capacity: [AtomicU64; 2],
     /// Prices per variant: uncached prompt, cached prompt, generated (µ$ per million tokens).
     pub(crate) price: [[AtomicU64; 3]; 2],
+    /// Scopes and operator calls using the model: while any is held it is never reclaimed.
+    pub(crate) refs: Refs,
 }
 
 impl Default for ModelSlot {
@@ -37,20 +40,34 @@ impl ModelSlot {
             in_flight: core::array::from_fn(|_| AtomicU64::new(0)),
             capacity: core::array::from_fn(|_| AtomicU64::new(0)),
             price: core::array::from_fn(|_| core::array::from_fn(|_| AtomicU64::new(0))),
+            refs: Refs::new(),
         }
     }
 
     /// Empties the slot (restore, which has the engine to itself).
     pub(crate) fn clear(&self) {
+        self.refs.clear();
         self.id.store(0, Ordering::Relaxed);
         self.init(&[]);
     }
 
     pub(crate) fn init(&self, key: &[u8]) {
         self.key.store(key);
-        for a in self.reported.iter().chain(&self.in_flight).chain(&self.capacity) {
+        for a in self
+            .reported
+            .iter()
+            .chain(&self.in_flight)
+            .chain(&self.capacity)
+            .chain(self.price.iter().flatten())
+        {
             a.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the model holds nothing worth keeping: no load, capacity or prices (SPEC §1).
+    pub(crate) fn holds_nothing(&self) -> bool {
+        let cells = self.reported.iter().chain(&self.in_flight).chain(&self.capacity);
+        cells.chain(self.price.iter().flatten()).all(|a| a.load(Ordering::Acquire) == 0)
     }
 
     /// The variant's load: the larger of the reported value and in-flight / capacity.
@@ -121,5 +138,13 @@ impl Slot for ModelSlot {
 impl Keyed for ModelSlot {
     fn key_equals(&self, key: &[u8]) -> bool {
         self.key.equals(key)
+    }
+
+    fn refs(&self) -> &Refs {
+        &self.refs
+    }
+
+    fn holds_nothing(&self) -> bool {
+        ModelSlot::holds_nothing(self)
     }
 }

@@ -322,7 +322,7 @@ impl<S: Storage> Engine<S> {
             ascending(&mut last, index, cap.scopes)?;
             let (model, _) = scope::model_and_variant(id);
             let identity = table::tag_of(id) & scope::IDENTITY_MASK;
-            placed(crate::engine::scope_hash(h.seed, identity), cap.scopes, index)?;
+            placed(crate::locate::scope_hash(h.seed, identity), cap.scopes, index)?;
             let refers = has_record(&accounts_at, h.accounts, ACCOUNT_RECORD, scope::account_of(id))?
                 && has_record(&models_at, h.models, MODEL_RECORD, model)?;
             let debts_ok = debts.iter().all(|d| *d <= OFFSET_MAX);
@@ -392,6 +392,14 @@ impl<S: Storage> Engine<S> {
         s.bucket.store(bucket::seal(now_ns / QUANTUM_NS, debts, 0).pack(), Ordering::Release);
         s.set_usage(usage);
         s.id.store(id, Ordering::Release);
+        // The scope holds its account and model, as a created one does (validated to exist).
+        let (model, _) = scope::model_and_variant(id);
+        if let (Some(a), Some(m)) = (t.accounts.get(scope::account_of(id)), t.models.get(model)) {
+            for refs in [&a.refs, &m.refs] {
+                refs.pin();
+                refs.set_scope_hint(index);
+            }
+        }
         Ok(())
     }
 }

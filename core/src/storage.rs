@@ -21,8 +21,12 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    /// Room for `scopes` scopes, as many accounts, 256 models and as many outstanding permits
-    /// (at least 1024).
+    /// Room for `scopes` scopes, as many accounts, a quarter as many models (at least 256, at
+    /// most 4096) and as many outstanding permits (at least 1024).
+    ///
+    /// Made-up model names are reclaimed a tick or two after their last use, and models an
+    /// operator configured (prices, capacity, load) or that have scopes are never reclaimed; so
+    /// a flood of names can delay only models new to the engine, and only while it lasts.
     pub const fn scopes(scopes: usize) -> Self {
         let accounts = if scopes < MAX_ACCOUNTS { scopes } else { MAX_ACCOUNTS };
         let permits = if scopes < 1024 {
@@ -32,7 +36,14 @@ impl Capacity {
         } else {
             scopes
         };
-        Capacity { scopes, accounts, models: 256, permits }
+        let models = if scopes / 4 < 256 {
+            256
+        } else if scopes / 4 > MAX_MODELS {
+            MAX_MODELS
+        } else {
+            scopes / 4
+        };
+        Capacity { scopes, accounts, models, permits }
     }
 
     pub(crate) fn check(&self) -> Result<(), Error> {

@@ -24,9 +24,12 @@ pub(crate) trait Slot {
     fn id(&self) -> &AtomicU64;
 }
 
-/// A slot that stores its key's bytes (accounts and models).
+/// A slot that stores its key's bytes (accounts and models), and may be reclaimed for another
+/// key once nothing references it and it holds nothing worth keeping.
 pub(crate) trait Keyed {
     fn key_equals(&self, key: &[u8]) -> bool;
+    fn refs(&self) -> &crate::refs::Refs;
+    fn holds_nothing(&self) -> bool;
 }
 
 /// The published id of a key with `tag`.
@@ -36,6 +39,11 @@ pub(crate) const fn ready(tag: u64) -> u64 {
 
 pub(crate) const fn claiming(tag: u64) -> u64 {
     (tag << 2) | CLAIMING
+}
+
+/// The id of an emptied slot that held `id`: the tag stays, so the next claim's generation moves on.
+pub(crate) const fn emptied(id: u64) -> u64 {
+    id & !STATE_MASK
 }
 
 pub(crate) const fn tag_of(id: u64) -> u64 {

@@ -303,8 +303,8 @@ fn abandoned_permits_expire_and_release_everything_they_held() {
     // One permit of 2,000 capacity is 0 ‰: the ~1,000 abandoned ones no longer count.
     assert_eq!(e.load(b"model", Variant::Regular).unwrap(), 0);
     e.settle(d.permit().unwrap(), &Usage::new(1, 0), Completion::Success, after).unwrap();
-    // The abandoned scopes are reclaimable: 512 new scopes fit in the 640-scope table.
-    for i in 0..512 {
+    // The abandoned scopes are reclaimable: 320 new scopes fit beside them in the 640-scope table.
+    for i in 0..320 {
         let account = format!("burst-{i}");
         let d = e.admit(ScopeKey::new(account.as_bytes(), b"other-model"), &Request::new(1), after + SECOND);
         let d = d.unwrap_or_else(|err| panic!("new scope {i}: {err}"));
@@ -331,4 +331,72 @@ fn a_damaged_permit_settles_as_stale() {
         }
     }
     e.settle(&p, &Usage::new(100, 50), Completion::Success, SECOND).unwrap();
+}
+
+/// A small deterministic stream of made-up keys (xorshift), as a hostile client sends them.
+fn junk(seed: &mut u64) -> String {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    format!("junk-{:016x}", *seed)
+}
+
+/// Issue 12 §3: 10× each table's capacity of made-up account ids and model names. Before, the
+/// account and model tables filled for good and every new key got `TableFull` forever. Now
+/// existing accounts are admitted throughout, and a new legitimate key once the flood is idle.
+#[test]
+fn a_key_flood_never_locks_out_existing_or_later_keys() {
+    let capacity = Capacity { scopes: 1024, accounts: 256, models: 64, permits: 1024 };
+    let e = Engine::new(Policy::fireworks_2024(), capacity).unwrap();
+    let real: Vec<String> = (0..8).map(|i| format!("real-{i}")).collect();
+    let mut seed = 0x5eed_u64;
+    let mut refused = 0;
+    let mut now = 0;
+    let serve = |account: &str, model: &str, now: u64| {
+        let d = e.admit(ScopeKey::new(account.as_bytes(), model.as_bytes()), &Request::new(10), now)?;
+        if let Some(p) = d.permit() {
+            e.settle(p, &Usage::new(10, 0), Completion::Success, now).unwrap();
+        }
+        Ok::<bool, sluicegate_core::Error>(d.admitted())
+    };
+    for account in &real {
+        assert!(serve(account, "llama", now).unwrap());
+    }
+    for i in 0..10 * capacity.accounts + 10 * capacity.models {
+        now += 100_000_000;
+        // Made-up accounts on a real model, then a real account on made-up model names.
+        let attempt = if i % 2 == 0 {
+            serve(&junk(&mut seed), "llama", now)
+        } else {
+            serve("real-0", &junk(&mut seed), now)
+        };
+        match attempt {
+            Ok(_) => {}
+            Err(sluicegate_core::Error::TableFull(_)) => refused += 1,
+            Err(other) => panic!("flood request {i}: {other}"),
+        }
+        let account = &real[i % real.len()];
+        assert_eq!(serve(account, "llama", now), Ok(true), "existing account {account} at flood request {i}");
+    }
+    assert!(refused > 0, "the flood never filled a table: the test proves nothing");
+    // Idle for ten minutes: the flood's keys hold nothing worth keeping any more.
+    now += 10 * MINUTE;
+    assert_eq!(serve("newcomer", "new-model", now), Ok(true));
+    assert_eq!(serve("real-1", "llama", now), Ok(true));
+}
+
+/// An account that holds something (credits, a pinned tier, an override) is never reclaimed,
+/// however full its table.
+#[test]
+fn accounts_worth_keeping_survive_a_flood() {
+    let capacity = Capacity { scopes: 512, accounts: 64, models: 8, permits: 1024 };
+    let e = Engine::new(Policy::fireworks_2024(), capacity).unwrap();
+    e.add_credits(b"prepaid", 5_000_000).unwrap();
+    e.set_tier(b"enterprise", Some(sluicegate_core::Tier::Four), 0).unwrap();
+    let mut seed = 7;
+    for i in 0..640u64 {
+        let _ = e.admit(ScopeKey::new(junk(&mut seed).as_bytes(), b"llama"), &Request::new(1), i * MINUTE);
+    }
+    assert_eq!(e.account(b"prepaid").unwrap().credits, 5_000_000);
+    assert_eq!(e.account(b"enterprise").unwrap().tier, sluicegate_core::Tier::Four);
 }

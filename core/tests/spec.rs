@@ -85,8 +85,8 @@ fn idle_scopes_equal_to_fresh_ones_are_reclaimed_when_the_table_is_full() {
         let p = permit(&admit(&e, key(a), &Request::new(100), 0));
         e.settle(&p, &Usage::new(100, 0), Completion::Success, 0).unwrap();
     }
-    // Both scopes have recent usage: a third has no room.
-    assert!(matches!(e.admit(key("c"), &one(), MINUTE), Err(sluicegate_core::Error::TableFull(_))));
+    // Both scopes have usage this tick: a third has no room.
+    assert!(matches!(e.admit(key("c"), &one(), MINUTE / 2), Err(sluicegate_core::Error::TableFull(_))));
     // A day later both have decayed back to a fresh scope's state and can be reclaimed.
     let later = 24 * 60 * MINUTE;
     assert!(admit(&e, key("c"), &one(), later).admitted());

@@ -1,0 +1,336 @@
+//! From a key to its slots: finding a scope's account, model and scope, creating what is missing,
+//! and reclaiming slots that hold nothing worth keeping (SPEC §1, hostile keys).
+//!
+//! Every scope holds a reference on its account and its model, and every operator call holds
+//! one while it works. A key nothing references, whose state is a new key's, may be taken for
+//! another key; when its table is full, a key held only by one idle scope is freed with it. So
+//! a flood of made-up keys is reclaimed once idle, and never evicts a key in use.
+
+use core::cell::Cell;
+
+use crate::account::AccountSlot;
+use crate::adapt;
+use crate::bucket::{self, QUANTUM_NS, Word};
+use crate::engine::{Engine, Located, MODEL_SALT, SCOPE_SALT};
+use crate::error::{Error, Table};
+use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX, ScopeKey};
+use crate::model::ModelSlot;
+use crate::scope;
+use crate::storage::Storage;
+use crate::sync::{Ordering, spin_hint};
+use crate::table::{self, Claim, Keyed, Probe, Slot};
+
+/// A key's slot as found: its index and the id it was published under.
+type Found = (usize, u64);
+
+/// Whether slot `found.0` still holds the key it was found under.
+fn still<T: Slot>(slots: &[T], found: Found) -> bool {
+    slots.get(found.0).is_some_and(|s| s.id().load(Ordering::SeqCst) == found.1)
+}
+
+impl<S: Storage> Engine<S> {
+    /// Runs `f` on the model's slot (created if new) while holding a reference to it.
+    pub(crate) fn with_model<R>(&self, model: &[u8], f: impl FnOnce(&ModelSlot) -> R) -> Result<R, Error> {
+        let slots = self.tables().models;
+        let init = |s: &ModelSlot| s.init(model);
+        let find = || self.key_entry(slots, model, MODEL_KEY_MAX, MODEL_SALT, Some(&init), 0);
+        self.with_key(slots, &find, Error::TableFull(Table::Models), |_, s| f(s))
+    }
+
+    /// Runs `f` on the account's slot (created if new and `create`) while holding a reference.
+    pub(crate) fn with_account<R>(
+        &self,
+        account: &[u8],
+        create: bool,
+        f: impl FnOnce(usize, &AccountSlot) -> R,
+    ) -> Result<R, Error> {
+        let slots = self.tables().accounts;
+        let init = |s: &AccountSlot| s.init(account, &self.policy.tiers);
+        let init: Option<&dyn Fn(&AccountSlot)> = create.then_some(&init);
+        let find = || self.key_entry(slots, account, ACCOUNT_KEY_MAX, 0, init, 0);
+        self.with_key(slots, &find, Error::UnknownAccount, f)
+    }
+
+    fn with_key<T: Slot + Keyed, R>(
+        &self,
+        slots: &[T],
+        find: &dyn Fn() -> Result<Option<Found>, Error>,
+        missing: Error,
+        f: impl FnOnce(usize, &T) -> R,
+    ) -> Result<R, Error> {
+        loop {
+            let found = find()?.ok_or(missing)?;
+            let slot = slots.get(found.0).ok_or(missing)?;
+            if slot.refs().pin() {
+                if still(slots, found) {
+                    let r = f(found.0, slot);
+                    slot.refs().unpin();
+                    return Ok(r);
+                }
+                slot.refs().unpin();
+            }
+            // Reclaimed under us: look the key up again.
+            spin_hint();
+        }
+    }
+
+    /// The account's table index, if it exists.
+    pub(crate) fn account_index(&self, account: &[u8]) -> Result<Option<usize>, Error> {
+        let found = self.key_entry(self.tables().accounts, account, ACCOUNT_KEY_MAX, 0, None, 0)?;
+        Ok(found.map(|(i, _)| i))
+    }
+
+    /// Finds a key in the account or model table; with `init`, inserts it when absent,
+    /// reclaiming an unused key's slot if its window is full.
+    fn key_entry<T: Slot + Keyed>(
+        &self,
+        slots: &[T],
+        key: &[u8],
+        max: usize,
+        salt: u64,
+        init: Option<&dyn Fn(&T)>,
+        now_ns: u64,
+    ) -> Result<Option<Found>, Error> {
+        match key.len() {
+            0 => return Err(Error::EmptyKey),
+            n if n > max => return Err(Error::KeyTooLong { max }),
+            _ => {}
+        }
+        let hash = key::hash(self.seed ^ salt, key);
+        let matches = |i: usize| slots.get(i).is_some_and(|s| s.key_equals(key));
+        let probe = Probe { hash, tag: hash >> 2, mask: u64::MAX, matches: &matches };
+        let Some(init) = init else {
+            return Ok(table::find(slots, &probe));
+        };
+        let (table, holder) = if salt == MODEL_SALT {
+            (Table::Models, (|id| scope::model_and_variant(id).0) as fn(u64) -> usize)
+        } else {
+            (Table::Accounts, scope::account_of as fn(u64) -> usize)
+        };
+        let claim = KeyClaim { engine: self, slots, tag: hash >> 2, init, holder, now_ns };
+        table::find_or_insert(slots, &probe, &claim).map(Some).ok_or(Error::TableFull(table))
+    }
+
+    /// Finds (or with `create`, creates) the scope of `key`.
+    pub(crate) fn locate(
+        &self,
+        key: ScopeKey<'_>,
+        now_ns: u64,
+        create: bool,
+    ) -> Result<Option<Located>, Error> {
+        let t = self.tables();
+        let tiers = &self.policy.tiers;
+        let init_account = |s: &AccountSlot| s.init(key.account, tiers);
+        let init_model = |s: &ModelSlot| s.init(key.model);
+        let init_account: Option<&dyn Fn(&AccountSlot)> = create.then_some(&init_account);
+        let init_model: Option<&dyn Fn(&ModelSlot)> = create.then_some(&init_model);
+        loop {
+            let account =
+                self.key_entry(t.accounts, key.account, ACCOUNT_KEY_MAX, 0, init_account, now_ns)?;
+            let model = self.key_entry(t.models, key.model, MODEL_KEY_MAX, MODEL_SALT, init_model, now_ns)?;
+            let (Some(account), Some(model)) = (account, model) else { return Ok(None) };
+            let identity = scope::identity(account.0, model.0, key.variant.index());
+            let always = |_: usize| true;
+            let hash = scope_hash(self.seed, identity);
+            let probe = Probe { hash, tag: identity, mask: scope::IDENTITY_MASK, matches: &always };
+            let found = match table::find(t.scopes, &probe) {
+                None if create => match self.insert_scope(&probe, identity, account, model, now_ns)? {
+                    Some(found) => Some(found),
+                    None => continue,
+                },
+                found => found,
+            };
+            // A scope holds its account and model: while both keep the ids found, it is theirs.
+            if still(t.accounts, account) && still(t.models, model) {
+                let (account, model, variant) = (account.0, model.0, key.variant);
+                return Ok(found.map(|(slot, id)| Located { slot, id, account, model, variant }));
+            }
+        }
+    }
+
+    /// Inserts a scope, its account and model pinned for it; `None` if one of them was reclaimed
+    /// meanwhile (look again).
+    fn insert_scope<F: Fn(usize) -> bool>(
+        &self,
+        probe: &Probe<'_, F>,
+        identity: u64,
+        account: Found,
+        model: Found,
+        now_ns: u64,
+    ) -> Result<Option<Found>, Error> {
+        let t = self.tables();
+        let (Some(a), Some(m)) = (t.accounts.get(account.0), t.models.get(model.0)) else { return Ok(None) };
+        if !a.refs.pin() {
+            return Ok(None);
+        }
+        if !m.refs.pin() {
+            a.refs.unpin();
+            return Ok(None);
+        }
+        let release = || {
+            a.refs.unpin();
+            m.refs.unpin();
+        };
+        if !still(t.accounts, account) || !still(t.models, model) {
+            release();
+            return Ok(None);
+        }
+        let claim = ScopeClaim {
+            engine: self,
+            identity,
+            account: account.0,
+            model: model.0,
+            now_ns,
+            claimed: Cell::new(None),
+        };
+        let found = table::find_or_insert(t.scopes, probe, &claim);
+        // The references stay only with a scope this call published.
+        let published = matches!(found, Some((i, id)) if claim.claimed.get() == Some((i, table::tag_of(id))));
+        if !published {
+            release();
+        }
+        found.map(Some).ok_or(Error::TableFull(Table::Scopes))
+    }
+
+    /// Takes the idle scope in slot `index` (id `old`) by swapping its id to `new`: a claim of
+    /// the slot, or an empty slot. Its account and model are released.
+    fn take_idle_scope(&self, index: usize, old: u64, new: u64, now_ns: u64) -> bool {
+        let t = self.tables();
+        let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) else {
+            return false;
+        };
+        // Bring the candidate up to date first: an idle scope's decay is applied lazily.
+        let candidate = Located::of_id(index, old);
+        let now_ns = self.tick(candidate, now_ns);
+        if !slot.begin_reclaim() {
+            return false;
+        }
+        let bounds = self.bounds(Some(candidate.account));
+        let (_, intervals) = self.fresh(&bounds);
+        let forgettable = adaptation
+            .load()
+            .iter()
+            .all(|(m, state)| adapt::is_forgettable(&self.policy.adaptation, *state, *bounds.get(m)));
+        let w = slot.bucket.load(Ordering::Acquire);
+        let word = Word::unpack(w);
+        let idle = !bucket::is_retired(w)
+            && slot.usage_is_zero()
+            && slot.in_flight() == 0
+            && forgettable
+            && slot.intervals(word.buffer()) == intervals
+            && bucket::open(word, now_ns / QUANTUM_NS).debt == [0; 4];
+        let mut taken = false;
+        if idle && slot.retire(w) {
+            taken = slot.id.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+            if !taken {
+                slot.bucket.store(w, Ordering::Release);
+            }
+        }
+        slot.end_tick(None);
+        if taken {
+            if let Some(a) = t.accounts.get(candidate.account) {
+                a.refs.unpin();
+            }
+            if let Some(m) = t.models.get(candidate.model) {
+                m.refs.unpin();
+            }
+        }
+        taken
+    }
+
+    /// Frees scope slot `index` if it is an idle scope of key `key_index` (as `holder` reads a
+    /// scope id), to let that key go.
+    fn free_idle_scope_of(&self, index: usize, key_index: usize, holder: fn(u64) -> usize, now_ns: u64) {
+        let Some(slot) = self.tables().scopes.get(index) else { return };
+        let id = slot.id.load(Ordering::SeqCst);
+        if table::is_ready(id) && holder(id) == key_index {
+            self.take_idle_scope(index, id, table::emptied(id), now_ns);
+        }
+    }
+}
+
+/// The home of a scope identity: a seeded multiply-xorshift, as the identity is already a
+/// dense integer.
+pub(crate) fn scope_hash(seed: u64, identity: u64) -> u64 {
+    let x = (identity ^ seed ^ SCOPE_SALT).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (x ^ (x >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53)
+}
+
+/// Inserting an account or model: a fixed tag; an unused key's slot may be reclaimed.
+struct KeyClaim<'e, S: Storage, T> {
+    engine: &'e Engine<S>,
+    slots: &'e [T],
+    tag: u64,
+    init: &'e dyn Fn(&T),
+    /// Which account or model a scope id names.
+    holder: fn(u64) -> usize,
+    now_ns: u64,
+}
+
+impl<S: Storage, T: Slot + Keyed> Claim for KeyClaim<'_, S, T> {
+    fn tag(&self, _: u64) -> u64 {
+        self.tag
+    }
+
+    fn init(&self, index: usize) {
+        if let Some(s) = self.slots.get(index) {
+            (self.init)(s);
+        }
+    }
+
+    fn reclaim(&self, index: usize, old: u64, new: u64) -> bool {
+        let Some(slot) = self.slots.get(index) else { return false };
+        // A flood key usually has one scope, idle by now: free it, and the key with it.
+        if slot.refs().count() == 1 {
+            if let Some(scope) = slot.refs().scope_hint() {
+                self.engine.free_idle_scope_of(scope, index, self.holder, self.now_ns);
+            }
+        }
+        if !slot.refs().begin_retire() {
+            return false;
+        }
+        let taken = slot.holds_nothing()
+            && slot.id().compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        slot.refs().end_retire();
+        taken
+    }
+}
+
+/// Inserting a scope: a new generation per incarnation of a slot, and reclaim of idle scopes
+/// whose state equals a fresh scope's (SPEC §1).
+struct ScopeClaim<'e, S: Storage> {
+    engine: &'e Engine<S>,
+    identity: u64,
+    account: usize,
+    model: usize,
+    now_ns: u64,
+    /// The slot and tag this call last initialised: its scope, if that claim is published.
+    claimed: Cell<Option<(usize, u64)>>,
+}
+
+impl<S: Storage> Claim for ScopeClaim<'_, S> {
+    fn tag(&self, old: u64) -> u64 {
+        scope::next_generation(old, self.identity)
+    }
+
+    fn init(&self, index: usize) {
+        let e = self.engine;
+        let t = e.tables();
+        if let (Some(slot), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) {
+            self.claimed.set(Some((index, table::tag_of(slot.id.load(Ordering::SeqCst)))));
+            let (states, intervals) = e.fresh(&e.bounds(Some(self.account)));
+            // A stale tick of the slot's last scope may hold the lock: it backs out on our id.
+            slot.begin_exclusive();
+            adaptation.store(&states);
+            slot.init(intervals, self.now_ns / QUANTUM_NS, e.tick_index(self.now_ns));
+        }
+        if let (Some(a), Some(m)) = (t.accounts.get(self.account), t.models.get(self.model)) {
+            a.refs.set_scope_hint(index);
+            m.refs.set_scope_hint(index);
+        }
+    }
+
+    fn reclaim(&self, index: usize, old: u64, new: u64) -> bool {
+        self.engine.take_idle_scope(index, old, new, self.now_ns)
+    }
+}
