@@ -302,7 +302,10 @@ impl<S: Storage> Engine<S> {
                 entry
                     .take()
                     .or_else(|| {
-                        self.release(entry.expire(now_ns)?);
+                        // Expired, or settled meanwhile: either way it may be free now.
+                        if let Some(owner) = entry.expire(now_ns) {
+                            self.release(owner);
+                        }
                         entry.take()
                     })
                     .map(|ticket| (idx, ticket))
@@ -634,7 +637,7 @@ impl<S: Storage> Engine<S> {
                     break;
                 }
                 if table::is_claiming(id) {
-                    core::hint::spin_loop();
+                    crate::sync::spin_hint();
                     continue;
                 }
                 // Bring it up to date first, so its word was written within a tick of the last.

@@ -84,3 +84,71 @@ fn a_permit_settles_once_whatever_the_interleaving() {
         assert_eq!(l.remaining(Metric::GeneratedTokens), 5_000);
     });
 }
+
+const SECOND: u64 = 1_000_000_000;
+const MINUTE: u64 = 60 * SECOND;
+
+/// A permit expires (its deadline is 1 s) while its gateway settles it late: a second admission
+/// needs its ledger entry and expires it, racing the settle. Exactly one of them wins, and the
+/// scope's in-flight count is released exactly once.
+#[test]
+fn expiry_races_a_late_settle() {
+    model(|| {
+        let mut policy = Policy::fixed();
+        policy.permit_ttl_ns = SECOND;
+        let capacity = Capacity { scopes: 2, accounts: 1, models: 1, permits: 1 };
+        let e = Arc::new(
+            Engine::with_storage(policy, Heap::new(capacity).unwrap_or_else(|e| panic!("{e}")), 7)
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let d = e.admit(KEY, &Request::new(0), 0).unwrap_or_else(|e| panic!("{e}"));
+        let Outcome::Admit(p) = d.outcome else { panic!("not admitted") };
+        let other = Arc::clone(&e);
+        let t = thread::spawn(move || other.admit(KEY, &Request::new(0), 3 * SECOND).map(|d| d.admitted()));
+        let late = e.settle(&p, &Usage::new(0, 0), Completion::Success, SECOND / 2);
+        let second = t.join().unwrap_or_else(|_| panic!("thread panicked"));
+        let at = e.locate(KEY, 0, false).ok().flatten().unwrap_or_else(|| panic!("no scope"));
+        let in_flight = e.tables().scopes[at.slot].in_flight();
+        match (late, second) {
+            // Settled first: the entry was free for the second admission.
+            (Ok(()), Ok(true)) => assert_eq!(in_flight, 1),
+            // Expired first: the settle is refused and changed nothing.
+            (Err(SettleError::Expired), Ok(true)) => assert_eq!(in_flight, 1),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    });
+}
+
+/// A caller looked a scope up, then a reclaim gave its slot to another account (with its own,
+/// higher limits) before the caller applied the minute's tick. The stale tick must not touch
+/// the new scope: it keeps its own limits, and the tick lock is free afterwards.
+#[test]
+fn a_stale_tick_never_touches_a_reclaimed_slot() {
+    model(|| {
+        let capacity = Capacity { scopes: 1, accounts: 2, models: 1, permits: 2 };
+        let e = Arc::new(
+            Engine::with_storage(Policy::fixed(), Heap::new(capacity).unwrap_or_else(|e| panic!("{e}")), 7)
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let b = ScopeKey::new(b"b", b"model");
+        e.set_limits_override(b"b", Metric::Requests, Some(crate::MetricLimits::fixed(600.0)), 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let d = e.admit(KEY, &Request::new(0), 0).unwrap_or_else(|e| panic!("{e}"));
+        let Outcome::Admit(p) = d.outcome else { panic!("not admitted") };
+        e.settle(&p, &Usage::new(0, 0), Completion::Success, 0).unwrap_or_else(|e| panic!("{e}"));
+        let stale = e.locate(KEY, 0, false).ok().flatten().unwrap_or_else(|| panic!("no scope"));
+        let other = Arc::clone(&e);
+        let t = thread::spawn(move || other.admit(b, &Request::new(0), 5 * MINUTE).map(|d| d.admitted()));
+        // The stale caller's clock is two ticks ahead of the new scope's.
+        e.tick(stale, 7 * MINUTE);
+        let b_admitted = t.join().unwrap_or_else(|_| panic!("thread panicked"));
+        if b_admitted == Ok(true) {
+            let at = e.locate(b, 0, false).ok().flatten().unwrap_or_else(|| panic!("no scope"));
+            let limits = e.tables().adaptation[at.slot].load();
+            assert_eq!(limits.get(Metric::Requests).limit, 600.0);
+        }
+        let slot = &e.tables().scopes[0];
+        slot.begin_exclusive();
+        slot.end_tick(None);
+    });
+}

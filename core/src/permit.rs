@@ -207,13 +207,12 @@ impl Permit {
 }
 
 // Ledger entry, low 64 bits: bit 0 live, bits 1..33 ticket (bumped per use), bits 33..64 the
-// generated tokens a stream has charged (31 bits) while live, or bit 33 "expired" once free.
+// generated tokens a stream has charged (31 bits).
 // High 64 bits: the deadline (caller's clock second; 0 while the admitter is still filling the
 // entry in) and a checksum of the permit.
 const LIVE: u128 = 1;
 const TICKET_SHIFT: u32 = 1;
 const CHARGED_SHIFT: u32 = 33;
-const EXPIRED: u128 = 1 << CHARGED_SHIFT;
 const DEADLINE_SHIFT: u32 = 64;
 const CHECKSUM_SHIFT: u32 = 96;
 /// Most generated tokens a stream may charge before it settles.
@@ -225,6 +224,9 @@ pub struct PermitSlot {
     state: AtomicU128,
     /// The holder's scope slot, model and variant, written before the entry is published.
     owner: AtomicU64,
+    /// The ticket of the last permit this entry expired (+ 2^32 so that 0 means none): a late
+    /// settle learns "expired", not "settled", even after the entry is reused.
+    last_expired: AtomicU64,
 }
 
 impl Default for PermitSlot {
@@ -265,9 +267,13 @@ impl Entry {
     }
 
     /// The free state this entry leaves behind (the ticket stays, so copies are still refused).
-    fn freed(self, expired: bool) -> u128 {
-        (u128::from(self.ticket()) << TICKET_SHIFT) | if expired { EXPIRED } else { 0 }
+    fn freed(self) -> u128 {
+        u128::from(self.ticket()) << TICKET_SHIFT
     }
+}
+
+fn expired_mark(ticket: u32) -> u64 {
+    u64::from(ticket) | (1 << 32)
 }
 
 /// Why a ledger entry refused a settle or a stream charge.
@@ -286,13 +292,14 @@ pub(crate) enum Refusal {
 impl PermitSlot {
     /// A free entry.
     pub fn new() -> Self {
-        PermitSlot { state: AtomicU128::new(0), owner: AtomicU64::new(0) }
+        PermitSlot { state: AtomicU128::new(0), owner: AtomicU64::new(0), last_expired: AtomicU64::new(0) }
     }
 
     /// Frees the entry (restore, which has the engine to itself).
     pub(crate) fn clear(&self) {
         self.state.store(0, Ordering::Relaxed);
         self.owner.store(0, Ordering::Relaxed);
+        self.last_expired.store(0, Ordering::Relaxed);
     }
 
     /// Takes the entry if free; returns the ticket a permit must present. The entry stays
@@ -323,14 +330,14 @@ impl PermitSlot {
     pub(crate) fn give_back_unused(&self, ticket: u32) {
         let cur = Entry(self.state.load(Ordering::Acquire));
         if cur.live() && cur.ticket() == ticket && cur.deadline_s() == 0 {
-            let _ = self.state.compare_exchange(cur.0, cur.freed(false), Ordering::AcqRel, Ordering::Relaxed);
+            let _ = self.state.compare_exchange(cur.0, cur.freed(), Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 
     /// Checks a live entry against a permit's ticket and checksum, at `now_ns`.
     fn check(&self, cur: Entry, ticket: u32, checksum: u32, now_ns: u64) -> Result<(), Refusal> {
         if !cur.live() || cur.ticket() != ticket {
-            let expired = !cur.live() && cur.ticket() == ticket && cur.0 & EXPIRED != 0;
+            let expired = self.last_expired.load(Ordering::Acquire) == expired_mark(ticket);
             return Err(if expired { Refusal::Expired(None) } else { Refusal::Settled });
         }
         if cur.checksum() != checksum {
@@ -347,7 +354,7 @@ impl PermitSlot {
         let mut cur = Entry(self.state.load(Ordering::Acquire));
         loop {
             self.check(cur, ticket, checksum, now_ns)?;
-            match self.state.compare_exchange(cur.0, cur.freed(false), Ordering::AcqRel, Ordering::Acquire) {
+            match self.state.compare_exchange(cur.0, cur.freed(), Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(cur.charged()),
                 Err(now) => cur = Entry(now),
             }
@@ -381,11 +388,16 @@ impl PermitSlot {
     pub(crate) fn expire(&self, now_ns: u64) -> Option<Owner> {
         let mut cur = Entry(self.state.load(Ordering::Acquire));
         while cur.live() && cur.expired(now_ns) {
-            // Read before the entry is freed: a taker may overwrite it right after.
+            // Read before the entry is freed: a taker may overwrite it right after. The mark is
+            // set first, so whoever sees the entry freed or reused sees it too.
             let owner = Owner::unpack(self.owner.load(Ordering::Acquire));
-            match self.state.compare_exchange(cur.0, cur.freed(true), Ordering::AcqRel, Ordering::Acquire) {
+            let before = self.last_expired.swap(expired_mark(cur.ticket()), Ordering::AcqRel);
+            match self.state.compare_exchange(cur.0, cur.freed(), Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(owner),
-                Err(now) => cur = Entry(now),
+                Err(now) => {
+                    self.last_expired.store(before, Ordering::Release);
+                    cur = Entry(now);
+                }
             }
         }
         None

@@ -203,7 +203,7 @@ impl ScopeSlot {
             {
                 return;
             }
-            core::hint::spin_loop();
+            crate::sync::spin_hint();
         }
     }
 
