@@ -42,7 +42,8 @@ enum sg_result
    */
   SG_ERR_INVALID_ARGUMENT = 3,
   /**
-   * The policy is unusable (a floor above its ceiling, a hard factor below 1, ...).
+   * The policy is unusable (a floor above its ceiling, a hard factor below 1, a permit TTL
+   * below 1 s, ...).
    */
   SG_ERR_POLICY = 4,
   /**
@@ -125,6 +126,11 @@ enum sg_result
    * A snapshot record is inconsistent.
    */
   SG_ERR_SNAPSHOT_CORRUPT = 24,
+  /**
+   * The permit was not settled within the policy's permit TTL: its reservation stays charged
+   * as if fully used, and nothing changed.
+   */
+  SG_ERR_PERMIT_EXPIRED = 25,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -484,6 +490,13 @@ typedef struct sg_config {
    */
   uint64_t max_wait_ns;
   /**
+   * How long a permit may stay unsettled before it expires, ns (at least 1 s); 0 keeps the
+   * preset's (15 minutes). Settling or charging an expired permit is
+   * `SG_ERR_PERMIT_EXPIRED`: its reservation stays charged, and what it held (its ledger
+   * entry, the scope's in-flight count, the model's tracked load) is released.
+   */
+  uint64_t permit_ttl_ns;
+  /**
    * Hash seed; 0 picks one at random.
    */
   uint64_t seed;
@@ -819,7 +832,9 @@ sg_result sg_admit(const struct sg_engine *engine, const struct sg_request *requ
 
 /**
  * Settles a permit with what the request used; a second settle is `SG_ERR_ALREADY_SETTLED`
- * and changes nothing. Any thread may settle a permit another thread admitted.
+ * and changes nothing. Any thread may settle a permit another thread admitted. A permit not
+ * settled within the policy's permit TTL (`sg_config.permit_ttl_ns`, by `now_ns`) has expired:
+ * settling it is `SG_ERR_PERMIT_EXPIRED` and changes nothing (its reservation stays charged).
  *
  * # Safety
  * `engine` must be a live engine; `permit` and `usage` NULL or valid.
@@ -836,7 +851,7 @@ sg_result sg_cancel(const struct sg_engine *engine, const struct sg_permit *perm
 
 /**
  * Records generated tokens of a stream as they arrive; tokens beyond the reservation are
- * charged at once.
+ * charged at once. Past the permit TTL it is `SG_ERR_PERMIT_EXPIRED`, as for `sg_settle`.
  *
  * # Safety
  * `engine` must be a live engine; `permit` NULL or valid.

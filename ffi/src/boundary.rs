@@ -17,7 +17,8 @@ pub enum sg_result {
     SgErrPanic = 2,
     /// An argument is out of range (an unknown enum value, a bad preset name, not UTF-8).
     SgErrInvalidArgument = 3,
-    /// The policy is unusable (a floor above its ceiling, a hard factor below 1, ...).
+    /// The policy is unusable (a floor above its ceiling, a hard factor below 1, a permit TTL
+    /// below 1 s, ...).
     SgErrPolicy = 4,
     /// A capacity is zero or too large.
     SgErrBadCapacity = 5,
@@ -59,6 +60,9 @@ pub enum sg_result {
     SgErrSnapshotCapacityMismatch = 23,
     /// A snapshot record is inconsistent.
     SgErrSnapshotCorrupt = 24,
+    /// The permit was not settled within the policy's permit TTL: its reservation stays charged
+    /// as if fully used, and nothing changed.
+    SgErrPermitExpired = 25,
 }
 
 use sg_result::*;
@@ -92,6 +96,7 @@ pub extern "C" fn sg_result_str(code: u32) -> *const c_char {
         22 => c"snapshot checksum mismatch",
         23 => c"snapshot taken with other capacities",
         24 => c"snapshot record inconsistent",
+        25 => c"permit expired (not settled within the permit TTL)",
         _ => c"unknown result code",
     };
     text.as_ptr()
@@ -201,6 +206,7 @@ impl From<SettleError> for sg_result {
             SettleError::AlreadySettled => SgErrAlreadySettled,
             SettleError::StalePermit => SgErrStalePermit,
             SettleError::InvalidUsage => SgErrInvalidUsage,
+            SettleError::Expired => SgErrPermitExpired,
         }
     }
 }

@@ -38,6 +38,11 @@ pub struct sg_config {
     pub hard_factor: f64,
     /// Longest smoothing wait, ns; `UINT64_MAX` keeps the preset's.
     pub max_wait_ns: u64,
+    /// How long a permit may stay unsettled before it expires, ns (at least 1 s); 0 keeps the
+    /// preset's (15 minutes). Settling or charging an expired permit is
+    /// `SG_ERR_PERMIT_EXPIRED`: its reservation stays charged, and what it held (its ledger
+    /// entry, the scope's in-flight count, the model's tracked load) is released.
+    pub permit_ttl_ns: u64,
     /// Hash seed; 0 picks one at random.
     pub seed: u64,
 }
@@ -193,6 +198,7 @@ pub unsafe extern "C" fn sg_config_default(config: *mut sg_config) -> sg_result 
             ceiling: [0.0; 4],
             hard_factor: 0.0,
             max_wait_ns: u64::MAX,
+            permit_ttl_ns: 0,
             seed: 0,
         };
         Ok(())
@@ -224,6 +230,9 @@ fn policy_of(config: &sg_config) -> Result<Policy, sg_result> {
     }
     if config.max_wait_ns != u64::MAX {
         policy.max_wait_ns = config.max_wait_ns;
+    }
+    if config.permit_ttl_ns != 0 {
+        policy.permit_ttl_ns = config.permit_ttl_ns;
     }
     policy.bands()?;
     Ok(policy)
@@ -378,7 +387,9 @@ fn usage_of(u: &sg_usage) -> Usage {
 }
 
 /// Settles a permit with what the request used; a second settle is `SG_ERR_ALREADY_SETTLED`
-/// and changes nothing. Any thread may settle a permit another thread admitted.
+/// and changes nothing. Any thread may settle a permit another thread admitted. A permit not
+/// settled within the policy's permit TTL (`sg_config.permit_ttl_ns`, by `now_ns`) has expired:
+/// settling it is `SG_ERR_PERMIT_EXPIRED` and changes nothing (its reservation stays charged).
 ///
 /// # Safety
 /// `engine` must be a live engine; `permit` and `usage` NULL or valid.
@@ -419,7 +430,7 @@ pub unsafe extern "C" fn sg_cancel(
 }
 
 /// Records generated tokens of a stream as they arrive; tokens beyond the reservation are
-/// charged at once.
+/// charged at once. Past the permit TTL it is `SG_ERR_PERMIT_EXPIRED`, as for `sg_settle`.
 ///
 /// # Safety
 /// `engine` must be a live engine; `permit` NULL or valid.

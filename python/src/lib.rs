@@ -40,6 +40,12 @@ pyo3::create_exception!(
 pyo3::create_exception!(_sluicegate, InvalidUsageError, Error, "Impossible usage reported at settle.");
 pyo3::create_exception!(
     _sluicegate,
+    PermitExpiredError,
+    Error,
+    "The permit was not settled within the policy's permit_ttl."
+);
+pyo3::create_exception!(
+    _sluicegate,
     CorruptSnapshotError,
     Error,
     "The snapshot is damaged, foreign or does not fit."
@@ -77,6 +83,7 @@ fn settle_error(e: SettleError) -> PyErr {
         SettleError::AlreadySettled => AlreadySettledError::new_err(text),
         SettleError::StalePermit => StalePermitError::new_err(text),
         SettleError::InvalidUsage => InvalidUsageError::new_err(text),
+        SettleError::Expired => PermitExpiredError::new_err(text),
     }
 }
 
@@ -389,6 +396,19 @@ fn positive_float(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
     Ok(x)
 }
 
+/// A duration in seconds: a finite, non-negative number (not a bool).
+fn seconds(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
+    let not_a_number = || PyTypeError::new_err(format!("{name} must be a number of seconds"));
+    if v.is_instance_of::<PyBool>() {
+        return Err(not_a_number());
+    }
+    let secs: f64 = v.extract().map_err(|_| not_a_number())?;
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(PyValueError::new_err(format!("{name} must be a non-negative number, got {secs}")));
+    }
+    Ok(secs)
+}
+
 fn policy_from(name: &str, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Policy> {
     let mut policy = Policy::preset(name).ok_or_else(|| {
         PyValueError::new_err(format!("unknown policy {name:?}; expected one of {:?}", Policy::PRESETS))
@@ -399,15 +419,9 @@ fn policy_from(name: &str, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Po
         if value.is_none() {
             continue;
         }
-        let number = if key == "max_wait" {
-            let secs: f64 =
-                value.extract().map_err(|_| PyTypeError::new_err("max_wait must be a number of seconds"))?;
-            if !(secs.is_finite() && secs >= 0.0) {
-                return Err(PyValueError::new_err(format!(
-                    "max_wait must be a non-negative number, got {secs}"
-                )));
-            }
-            secs
+        // Durations in seconds: their lower bounds are the policy's to check (a PolicyError).
+        let number = if key == "max_wait" || key == "permit_ttl" {
+            seconds(&key, &value)?
         } else {
             positive_float(&key, &value)?
         };
@@ -823,6 +837,7 @@ fn _sluicegate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AlreadySettledError", py.get_type::<AlreadySettledError>())?;
     m.add("StalePermitError", py.get_type::<StalePermitError>())?;
     m.add("InvalidUsageError", py.get_type::<InvalidUsageError>())?;
+    m.add("PermitExpiredError", py.get_type::<PermitExpiredError>())?;
     m.add("CorruptSnapshotError", py.get_type::<CorruptSnapshotError>())?;
     Ok(())
 }

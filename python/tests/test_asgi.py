@@ -195,3 +195,17 @@ def test_upstream_failures_are_settled_but_not_counted():
             s.client().chat.completions.create(model="broken", messages=MESSAGES, max_tokens=100)
     # Settled (the reservation is back), so a second settle would be refused; nothing leaked.
     assert engine.remaining("acct-1", "broken")["generated_tokens"] == 6_000
+
+
+def test_a_stream_that_outlives_its_permit_still_reaches_the_client():
+    # permit_ttl=1: the permit expires mid-stream (SPEC 7). Its reservation stays charged; the
+    # stream goes on to the end, and neither the charges nor the settle break the response.
+    engine = sluicegate.Engine(policy="fixed", capacity=1_000, permit_ttl=1.0)
+    with serve(engine) as s, httpx.Client(timeout=10) as http:
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "stream": True, "seconds_per_word": 0.25}
+        with http.stream("POST", f"{s.url}/chat/completions", json=body, headers={"authorization": "Bearer acct-1"}) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data:")]
+        assert len(lines) == 12 + 1 and lines[-1] == "data: [DONE]"
+        # The server is still healthy: the next request is admitted and answered.
+        assert create(s.client()).http_response.status_code == 200

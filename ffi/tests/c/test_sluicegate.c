@@ -16,7 +16,7 @@
  * buffers, snapshot bytes), and pointers to memory that is not a live object of the right type.
  *
  * SG_ERR_PANIC is never expected: it means Rust code panicked, which is a bug to report, so no
- * check here accepts it. Every other code (0..24 except 2) must be returned by at least one
+ * check here accepts it. Every other code (0..25 except 2) must be returned by at least one
  * check below; main() verifies that.
  */
 #include <math.h>
@@ -26,8 +26,11 @@
 
 #include "sluicegate.h"
 
+/* One past the highest result code (SG_ERR_PERMIT_EXPIRED). */
+#define CODES 26
+
 static int passed = 0;
-static int seen[25]; /* result codes some check expected and got */
+static int seen[CODES]; /* result codes some check expected and got */
 
 static void fail(const char *file, int line, const char *what) {
     fprintf(stderr, "%s:%d: check failed: %s\n", file, line, what);
@@ -50,7 +53,7 @@ static void fail(const char *file, int line, const char *what) {
                     (unsigned)rc_, sg_result_str((uint32_t)rc_), #expected);                      \
             fail(__FILE__, __LINE__, #call);                                                      \
         }                                                                                         \
-        if ((uint32_t)rc_ < 25) seen[(uint32_t)rc_] = 1;                                          \
+        if ((uint32_t)rc_ < CODES) seen[(uint32_t)rc_] = 1;                                       \
         passed++;                                                                                 \
     } while (0)
 
@@ -114,7 +117,7 @@ static void settle_if_admitted(sg_engine *e, const sg_decision *d, uint64_t now)
 }
 
 static void test_result_strings(void) {
-    for (uint32_t code = 0; code <= 24; code++) {
+    for (uint32_t code = 0; code < CODES; code++) {
         const char *s = sg_result_str(code);
         CHECK(s != NULL && s[0] != '\0' && strcmp(s, "unknown result code") != 0);
         for (uint32_t other = 0; other < code; other++) {
@@ -122,7 +125,7 @@ static void test_result_strings(void) {
         }
     }
     CHECK(strcmp(sg_result_str(SG_OK), "ok") == 0);
-    CHECK(strcmp(sg_result_str(25), "unknown result code") == 0);
+    CHECK(strcmp(sg_result_str(CODES), "unknown result code") == 0);
     CHECK(strcmp(sg_result_str(9999), "unknown result code") == 0);
     CHECK(strcmp(sg_result_str(UINT32_MAX), "unknown result code") == 0);
 }
@@ -135,7 +138,7 @@ static void test_config_and_lifecycle(void) {
     for (int m = 0; m < 4; m++) {
         CHECK(cfg.floor[m] == 0.0 && cfg.ceiling[m] == 0.0);
     }
-    CHECK(cfg.hard_factor == 0.0 && cfg.max_wait_ns == UINT64_MAX && cfg.seed == 0);
+    CHECK(cfg.hard_factor == 0.0 && cfg.max_wait_ns == UINT64_MAX && cfg.permit_ttl_ns == 0 && cfg.seed == 0);
 
     /* Every preset, and NULL for the default. */
     const char *presets[] = {NULL, "fireworks_2024", "fireworks_2026", "together", "fixed"};
@@ -174,6 +177,17 @@ static void test_config_and_lifecycle(void) {
     cfg.preset = NULL; /* fireworks_2024 floors at 60 RPM: a ceiling of 10 is below it */
     cfg.ceiling[SG_METRIC_REQUESTS] = 10.0;
     EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    cfg.ceiling[SG_METRIC_REQUESTS] = 0.0;
+    cfg.permit_ttl_ns = SEC / 2; /* a permit TTL must be at least a second */
+    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    cfg.permit_ttl_ns = SEC - 1;
+    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    cfg.permit_ttl_ns = SEC;
+    cfg.scopes = 64;
+    e = NULL;
+    EXPECT(sg_engine_new(&cfg, &e), SG_OK);
+    CHECK(e != NULL);
+    sg_engine_free(e);
 
     /* Capacities beyond the tables' limits (nothing is allocated for these). */
     EXPECT(sg_config_default(&cfg), SG_OK);
@@ -465,7 +479,9 @@ static void test_keys_and_tables(void) {
     cfg.models = 1;
     sg_engine *one_model = NULL;
     EXPECT(sg_engine_new(&cfg, &one_model), SG_OK);
-    EXPECT(sg_set_load(one_model, KEY("model-a"), 0, 0), SG_OK);
+    /* model-a holds a load signal, something worth keeping (SPEC 1: a model that holds nothing
+     * may be reclaimed for a new key; a full table refuses only new keys). */
+    EXPECT(sg_set_load(one_model, KEY("model-a"), 0, 10), SG_OK);
     EXPECT(sg_set_load(one_model, KEY("model-b"), 0, 0), SG_ERR_TABLE_FULL);
     EXPECT(sg_set_price(one_model, KEY("model-b"), 0, &p), SG_ERR_TABLE_FULL);
     sg_engine_free(one_model);
@@ -803,6 +819,73 @@ static void test_snapshot_restore(void) {
     sg_engine_free(c);
 }
 
+/* SPEC 7: a permit not settled within the permit TTL (default 15 minutes of the caller's clock)
+ * expires. Settling, cancelling or charging it is SG_ERR_PERMIT_EXPIRED, every time, and
+ * changes nothing; what it held (the scope's in-flight count, the model's tracked load) is
+ * released by whoever meets it next, with no call from the gateway. */
+static void test_permit_expiry(void) {
+    const uint64_t MIN = 60 * SEC;
+    sg_engine *e = engine_with("fixed", 1000); /* the preset's TTL: 15 minutes */
+    sg_request r = request("expiry", 100, 10);
+    sg_usage u = usage(100, 0, 10);
+    sg_decision in_time, late;
+    EXPECT(sg_admit(e, &r, 0, &in_time), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &late), SG_OK);
+    CHECK(admitted(&in_time) && admitted(&late));
+    EXPECT(sg_settle(e, &in_time.permit, &u, SG_COMPLETION_SUCCESS, 14 * MIN), SG_OK);
+    EXPECT(sg_settle(e, &late.permit, &u, SG_COMPLETION_SUCCESS, 16 * MIN), SG_ERR_PERMIT_EXPIRED);
+    /* Still refused, by any call and at any time, and never a panic. */
+    EXPECT(sg_settle(e, &late.permit, &u, SG_COMPLETION_SUCCESS, 16 * MIN), SG_ERR_PERMIT_EXPIRED);
+    EXPECT(sg_settle(e, &late.permit, &u, SG_COMPLETION_UPSTREAM_FAILURE, 17 * MIN), SG_ERR_PERMIT_EXPIRED);
+    EXPECT(sg_cancel(e, &late.permit, &u, 16 * MIN), SG_ERR_PERMIT_EXPIRED);
+    EXPECT(sg_charge(e, &late.permit, 5, 16 * MIN), SG_ERR_PERMIT_EXPIRED);
+    CHECK(sg_settle(e, &late.permit, &u, SG_COMPLETION_SUCCESS, 0) != SG_OK); /* a clock gone back */
+    CHECK(sg_settle(e, &late.permit, &u, SG_COMPLETION_SUCCESS, UINT64_MAX) != SG_OK);
+    /* A settled permit stays settled past its TTL: no second settle is ever accepted. */
+    CHECK(sg_settle(e, &in_time.permit, &u, SG_COMPLETION_SUCCESS, 16 * MIN) != SG_OK);
+
+    /* A stream is charged until its deadline, and not after. */
+    sg_decision stream;
+    EXPECT(sg_admit(e, &r, 20 * MIN, &stream), SG_OK);
+    CHECK(admitted(&stream));
+    EXPECT(sg_charge(e, &stream.permit, 5, 34 * MIN), SG_OK);
+    EXPECT(sg_charge(e, &stream.permit, 10, 36 * MIN), SG_ERR_PERMIT_EXPIRED);
+    EXPECT(sg_settle(e, &stream.permit, &u, SG_COMPLETION_SUCCESS, 36 * MIN), SG_ERR_PERMIT_EXPIRED);
+
+    /* An abandoned permit releases the model's tracked load: with an in-flight capacity of one,
+     * the model sheds until the permit expires, then admits again. */
+    EXPECT(sg_set_model_capacity(e, KEY(MODEL), 0, 1), SG_OK);
+    const uint64_t t0 = 60 * MIN;
+    sg_decision abandoned, shed, after;
+    EXPECT(sg_admit(e, &r, t0, &abandoned), SG_OK);
+    CHECK(abandoned.outcome == SG_ADMIT);
+    sg_request other = request("other-account", 100, 10);
+    EXPECT(sg_admit(e, &other, t0 + 14 * MIN, &shed), SG_OK);
+    CHECK(shed.outcome == SG_SHED);
+    EXPECT(sg_admit(e, &other, t0 + 16 * MIN, &after), SG_OK);
+    CHECK(after.outcome == SG_ADMIT);
+    settle_if_admitted(e, &after, t0 + 16 * MIN);
+    EXPECT(sg_settle(e, &abandoned.permit, &u, SG_COMPLETION_SUCCESS, t0 + 16 * MIN), SG_ERR_PERMIT_EXPIRED);
+    EXPECT(sg_set_model_capacity(e, KEY(MODEL), 0, 0), SG_OK);
+    sg_engine_free(e);
+
+    /* sg_config.permit_ttl_ns sets the TTL: 60 s here. */
+    sg_config cfg;
+    EXPECT(sg_config_default(&cfg), SG_OK);
+    cfg.preset = "fixed";
+    cfg.scopes = 64;
+    cfg.permit_ttl_ns = 60 * SEC;
+    e = NULL;
+    EXPECT(sg_engine_new(&cfg, &e), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &in_time), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &late), SG_OK);
+    CHECK(admitted(&in_time) && admitted(&late));
+    EXPECT(sg_settle(e, &in_time.permit, &u, SG_COMPLETION_SUCCESS, 59 * SEC), SG_OK);
+    EXPECT(sg_settle(e, &late.permit, &u, SG_COMPLETION_SUCCESS, 61 * SEC), SG_ERR_PERMIT_EXPIRED);
+    EXPECT(sg_settle(e, &late.permit, &u, SG_COMPLETION_SUCCESS, 61 * SEC), SG_ERR_PERMIT_EXPIRED);
+    sg_engine_free(e);
+}
+
 /* NULL for every pointer argument of every function (a byte pointer with a non-zero length). */
 static void test_null_pointers(void) {
     sg_engine *e = engine_with("fixed", 64);
@@ -924,9 +1007,10 @@ int main(void) {
     test_accounts_prices_quotas();
     test_rendering();
     test_snapshot_restore();
+    test_permit_expiry();
     test_null_pointers();
     /* Every code reachable from C was returned somewhere above (SG_ERR_PANIC never should be). */
-    for (uint32_t code = 0; code <= 24; code++) {
+    for (uint32_t code = 0; code < CODES; code++) {
         if (code != SG_ERR_PANIC && !seen[code]) {
             fprintf(stderr, "no check returned %u (%s)\n", code, sg_result_str(code));
             fail(__FILE__, __LINE__, "every result code is checked");

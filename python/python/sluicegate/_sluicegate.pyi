@@ -18,6 +18,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidUsageError",
     "Outcome",
+    "PermitExpiredError",
     "PolicyError",
     "QuotaExceededError",
     "SpendLimitAboveTierError",
@@ -58,6 +59,14 @@ class StalePermitError(Error):
 
 class InvalidUsageError(Error):
     """Usage reported at settle is impossible (cached above prompt tokens, or too large)."""
+
+class PermitExpiredError(Error):
+    """The permit was not settled within the policy's ``permit_ttl`` (default 15 minutes).
+
+    Its reservation stays charged as if fully used, and what it held (its scope's in-flight
+    count, its model's tracked load) has been released; settling, cancelling or charging it
+    again raises this error again and changes nothing.
+    """
 
 class CorruptSnapshotError(Error):
     """A snapshot is truncated, damaged, foreign, or from an engine of other capacities."""
@@ -144,8 +153,10 @@ class Engine:
     keyword overrides set a metric's floor (its limit under ``fixed``) and ceiling per minute:
     ``requests_per_minute``, ``prompt_tokens_per_minute``, ``uncached_prompt_tokens_per_minute``,
     ``generated_tokens_per_minute``, their ``*_ceiling`` twins (e.g. ``requests_ceiling``),
-    ``hard_factor`` (ρ ≥ 1) and ``max_wait`` (smoothing, seconds). Every ``now_ns`` defaults to
-    ``time.monotonic_ns()``; pass explicit values to simulate hours in milliseconds.
+    ``hard_factor`` (ρ ≥ 1), ``max_wait`` (smoothing, seconds) and ``permit_ttl`` (seconds, at
+    least 1; default 900, 15 minutes): a decision not settled within ``permit_ttl`` of its
+    ``now_ns`` expires, and settling it raises :class:`PermitExpiredError`. Every ``now_ns``
+    defaults to ``time.monotonic_ns()``; pass explicit values to simulate hours in milliseconds.
     """
 
     def __new__(
@@ -189,7 +200,8 @@ class Engine:
     ) -> None:
         """Settles an admitted decision with actual usage (defaults: what was reserved).
 
-        Raises :class:`AlreadySettledError` on a second settle.
+        Raises :class:`AlreadySettledError` on a second settle, and :class:`PermitExpiredError`
+        past the policy's ``permit_ttl``.
         """
     def cancel(
         self,

@@ -15,7 +15,9 @@ status, headers and JSON error body. An admitted request is passed on (after its
 with the rate-limit headers added to the response, and settled when the response ends: from the
 response's ``usage``, or for a stream from the final usage chunk, else from the streamed text.
 Streams are charged as they go; a client that disconnects is settled with what it used; an
-upstream 5xx is settled as an upstream failure. Every admitted request is settled exactly once.
+upstream 5xx is settled as an upstream failure. Every admitted request is settled exactly once,
+unless it outlives the engine's ``permit_ttl``: its permit has then expired, its reservation stays
+charged, and the response goes on to the end uncharged (SPEC §7).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, MutableMapping, Optional, Tuple
 
-from sluicegate._sluicegate import Decision, Engine
+from sluicegate._sluicegate import Decision, Engine, PermitExpiredError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -166,7 +168,7 @@ class SluicegateMiddleware:
 
     async def _forward(self, scope: Scope, body: bytes, receive: Receive, send: Send, decision: Decision, prompt: int) -> None:
         usage = _Usage(prompt)
-        state: Dict[str, Any] = {"status": 200, "stream": False, "buffer": b"", "body": b"", "complete": False, "gone": False}
+        state: Dict[str, Any] = {"status": 200, "stream": False, "buffer": b"", "body": b"", "complete": False, "gone": False, "expired": False}
         replayed = False
 
         async def replay_receive() -> Message:
@@ -230,7 +232,14 @@ class SluicegateMiddleware:
         if streamed and not usage.reported:
             tokens = max(1, streamed // 4)
             usage.generated_tokens += tokens
-            self.engine.charge(decision, tokens)
+            if state["expired"]:
+                return
+            try:
+                self.engine.charge(decision, tokens)
+            except PermitExpiredError:
+                # Past permit_ttl: the reservation stays charged; the stream goes on.
+                state["expired"] = True
+                return
             usage.charged += tokens
 
     def _settle(self, decision: Decision, state: Dict[str, Any], usage: _Usage) -> None:
@@ -244,6 +253,8 @@ class SluicegateMiddleware:
                 if not usage.reported:
                     text = "".join(_text_of((c.get("message") or {}).get("content")) or _text_of(c.get("text")) for c in parsed.get("choices") or [])
                     usage.generated_tokens = len(text) // 4
+        if state["expired"]:
+            return
         completion: _Completion
         if state["status"] >= 500:
             completion = "upstream_failure"
@@ -251,13 +262,16 @@ class SluicegateMiddleware:
             completion = "cancelled"
         else:
             completion = "success"
-        self.engine.settle(
-            decision,
-            prompt_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_tokens,
-            generated_tokens=usage.generated_tokens,
-            completion=completion,
-        )
+        try:
+            self.engine.settle(
+                decision,
+                prompt_tokens=usage.prompt_tokens,
+                cached_tokens=usage.cached_tokens,
+                generated_tokens=usage.generated_tokens,
+                completion=completion,
+            )
+        except PermitExpiredError:
+            pass  # outlived permit_ttl: nothing to settle, the reservation stays charged
 
 
 async def _read_body(receive: Receive) -> Tuple[bytes, bool]:
