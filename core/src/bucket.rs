@@ -60,7 +60,7 @@ pub fn is_retired(w: u128) -> bool {
 }
 
 /// A debt offset as a field: exact below [`LINEAR_END`], else the smallest coarse value ≥ it.
-#[inline]
+#[cold]
 fn encode(offset: u64) -> u64 {
     if offset < LINEAR_END {
         return offset;
@@ -80,7 +80,7 @@ fn encode(offset: u64) -> u64 {
 }
 
 /// The offset a field stands for.
-#[inline]
+#[cold]
 fn decode(field: u64) -> u64 {
     if field < LINEAR_END {
         return field;
@@ -111,7 +111,10 @@ impl Word {
     /// Packs into the stored representation.
     #[inline]
     pub fn pack(self) -> u128 {
-        let [a, b, c, d] = self.offset.map(|o| u128::from(encode(o)));
+        // Admission never leaves the exact range; only settles past the hard band do.
+        let exact = self.offset.iter().all(|o| *o < LINEAR_END);
+        let fields = if exact { self.offset } else { self.offset.map(encode) };
+        let [a, b, c, d] = fields.map(u128::from);
         let packed = a
             | (b << FIELD_BITS)
             | (c << (2 * FIELD_BITS))
@@ -125,9 +128,11 @@ impl Word {
     /// Unpacks a stored word.
     #[inline]
     pub fn unpack(w: u128) -> Self {
-        let field = |shift: u32| decode(((w >> shift) as u64) & FIELD_MASK);
+        let field = |shift: u32| ((w >> shift) as u64) & FIELD_MASK;
+        let fields = [field(0), field(FIELD_BITS), field(2 * FIELD_BITS), field(3 * FIELD_BITS)];
+        let exact = fields.iter().all(|f| *f < LINEAR_END);
         Word {
-            offset: [field(0), field(FIELD_BITS), field(2 * FIELD_BITS), field(3 * FIELD_BITS)],
+            offset: if exact { fields } else { fields.map(decode) },
             epoch: ((w >> (4 * FIELD_BITS)) as u64) & EPOCH_MASK,
             version: ((w >> (4 * FIELD_BITS + EPOCH_BITS)) as u8) & VERSION_MASK,
         }

@@ -499,16 +499,23 @@ impl<S: Storage> Engine<S> {
         let index = self.tick_index(now_ns);
         let Some(slot) = self.tables().scopes.get(at.slot) else { return now_ns };
         if slot.tick_due(index) {
-            self.apply_ticks(at, now_ns);
-            while slot.ticks_ahead(index) > self.stale_ticks() && slot.id.load(Ordering::Acquire) == at.id {
-                crate::sync::spin_hint();
-                self.apply_ticks(at, now_ns);
-            }
+            self.catch_up(at, slot, now_ns, index);
             return now_ns;
         }
         match slot.ticks_behind(index) {
             0 => now_ns,
             behind => (index + behind).saturating_mul(self.policy.tick_ns).max(now_ns),
+        }
+    }
+
+    /// Applies the ticks due, or waits for whoever applies them if the scope is so far behind
+    /// that its word cannot be read against `now` before it is re-sealed.
+    #[cold]
+    fn catch_up(&self, at: Located, slot: &ScopeSlot, now_ns: u64, index: u64) {
+        self.apply_ticks(at, now_ns);
+        while slot.ticks_ahead(index) > self.stale_ticks() && slot.id.load(Ordering::Acquire) == at.id {
+            crate::sync::spin_hint();
+            self.apply_ticks(at, now_ns);
         }
     }
 
@@ -569,7 +576,13 @@ impl<S: Storage> Engine<S> {
                 return cached;
             }
         }
-        let index = now_ns / tick;
+        self.next_tick_index(cached, now_ns)
+    }
+
+    /// The tick index outside the cached tick; whoever moves the cache forward sweeps.
+    #[cold]
+    fn next_tick_index(&self, cached: u64, now_ns: u64) -> u64 {
+        let index = now_ns / self.policy.tick_ns;
         if self.tick_cache.compare_exchange(cached, index, Ordering::Relaxed, Ordering::Relaxed).is_ok()
             && index > cached
         {

@@ -81,14 +81,27 @@ impl Permit {
         past(self.deadline_s, now_ns)
     }
 
-    /// A checksum of every field, kept in the ledger entry: a permit damaged on its way through
-    /// C or Python settles as stale instead of refunding the wrong amounts.
+    /// A checksum of the fields nothing else verifies (the reservation, flags, wait, deadline
+    /// and model; slot, scope, entry, ticket and incarnation are checked against the tables),
+    /// kept in the ledger entry: a permit damaged on its way through C or Python settles as
+    /// stale instead of refunding the wrong amounts. Distinct rotations make any one damaged bit
+    /// change the fold; the multiply spreads it over the 32 bits kept.
     pub(crate) fn checksum(&self, seed: u64) -> u32 {
-        let mixed = self.to_raw().words.iter().fold(seed ^ 0x243f_6a88_85a3_08d3, |h, w| {
-            let x = (h ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd);
-            x ^ (x >> 29)
-        });
-        (mixed ^ (mixed >> 32)) as u32
+        let r = self.reserved;
+        let raw = self.to_raw().words;
+        let fields = [
+            r.requests,
+            r.prompt_tokens,
+            r.uncached_prompt_tokens,
+            r.generated_tokens,
+            raw[2] >> 32,
+            raw[3] >> 32,
+            self.wait_ns,
+        ];
+        let folded =
+            fields.iter().zip([0u32, 9, 19, 29, 37, 47, 57]).fold(seed, |h, (f, k)| h ^ f.rotate_left(k));
+        let mixed = folded.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (mixed >> 32) as u32 ^ mixed as u32
     }
 
     /// Who to release if this permit expires unsettled: its scope slot, model and variant, and
