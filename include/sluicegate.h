@@ -466,7 +466,7 @@ typedef struct sg_config {
    */
   uint64_t accounts;
   /**
-   * Model capacity (0: 256).
+   * Model capacity (0: a quarter of the scope capacity, at least 256, at most 4096).
    */
   uint64_t models;
   /**

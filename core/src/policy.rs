@@ -20,8 +20,10 @@ impl core::fmt::Display for UnknownParameter {
     }
 }
 
+/// Seconds as ns: NaN and negatives are 0 (refused where 0 is not allowed), +∞ the longest
+/// (e.g. a `permit_ttl` that never expires).
 fn seconds_to_ns(seconds: f64) -> u64 {
-    if seconds.is_finite() && seconds > 0.0 { (seconds * 1e9) as u64 } else { 0 }
+    if seconds > 0.0 { (seconds * 1e9) as u64 } else { 0 }
 }
 
 /// A metric's bounds, per minute: the limit starts at `floor` and adapts up to `ceiling`.

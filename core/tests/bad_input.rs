@@ -168,3 +168,16 @@ fn engines_sharing_a_seed_still_refuse_each_others_permits() {
     b.admit(KEY, &Request::new(1), 0).unwrap();
     assert_eq!(b.settle(&p, &Usage::new(1, 0), Completion::Success, 0), Err(SettleError::StalePermit));
 }
+
+#[test]
+fn an_infinite_permit_ttl_means_permits_never_expire() {
+    let mut policy = Policy::fixed();
+    policy.set("permit_ttl", f64::INFINITY).unwrap();
+    let e = Engine::new(policy, Capacity::scopes(64)).unwrap();
+    let p = *e.admit(KEY, &Request::new(1), 0).unwrap().permit().unwrap();
+    let hundred_days = 100 * 86_400 * 1_000_000_000;
+    e.settle(&p, &Usage::new(1, 0), Completion::Success, hundred_days).unwrap();
+    let mut nan = Policy::fixed();
+    nan.set("permit_ttl", f64::NAN).unwrap();
+    assert_eq!(nan.bands().unwrap_err(), PolicyError::BadPermitTtl);
+}

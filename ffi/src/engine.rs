@@ -26,7 +26,7 @@ pub struct sg_config {
     pub scopes: u64,
     /// Account capacity (0: as many as scopes, at most 2^24).
     pub accounts: u64,
-    /// Model capacity (0: 256).
+    /// Model capacity (0: a quarter of the scope capacity, at least 256, at most 4096).
     pub models: u64,
     /// Outstanding permits (0: as many as scopes, at least 1024).
     pub permits: u64,
