@@ -245,6 +245,7 @@ impl<S: Storage> Engine<S> {
                     }
                 }
                 Fit::Exceeds { binding, retry_after_q, too_large } => {
+                    let binding = if too_large { largest_cost(costs, interval) } else { binding };
                     Outcome::RejectRateLimited(RateLimited {
                         metric: binding,
                         retry_after_ns: retry_after_q.saturating_mul(QUANTUM_NS),
@@ -705,6 +706,18 @@ impl<S: Storage> Engine<S> {
     pub fn load(&self, model: &[u8], variant: Variant) -> Result<LoadPermille, Error> {
         self.with_model(model, |m| m.load(variant))
     }
+}
+
+/// The metric whose cost is largest, exactly: quanta saturate at `u64::MAX` for absurd token
+/// counts, which would make every huge metric tie. Earliest in [`Metric::ALL`] on a real tie.
+#[cold]
+fn largest_cost(costs: PerMetric<u64>, interval: [u64; 4]) -> Metric {
+    let exact = costs.0.iter().zip(interval).map(|(c, t)| u128::from(*c) * u128::from(t));
+    let (largest, _) = Metric::ALL
+        .into_iter()
+        .zip(exact)
+        .fold((Metric::Requests, 0), |best, (m, q)| if q > best.1 { (m, q) } else { best });
+    largest
 }
 
 impl Metric {

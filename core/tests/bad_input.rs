@@ -181,3 +181,19 @@ fn an_infinite_permit_ttl_means_permits_never_expire() {
     nan.set("permit_ttl", f64::NAN).unwrap();
     assert_eq!(nan.bands().unwrap_err(), PolicyError::BadPermitTtl);
 }
+
+/// Found by the reference model: with absurd token counts every cost saturates at u64::MAX µs,
+/// and the 429 named the first metric instead of the one really largest.
+#[test]
+fn too_large_names_the_metric_with_the_largest_cost_even_when_costs_saturate() {
+    let e = engine();
+    let d = e.admit(KEY, &Request::new(u64::MAX).max_tokens(u64::MAX), 0).unwrap();
+    match d.outcome {
+        Outcome::RejectRateLimited(r) => {
+            assert!(r.too_large);
+            // 6,000 generated TPM against 60,000 prompt TPM: a generated token costs 10× more.
+            assert_eq!(r.metric, Metric::GeneratedTokens);
+        }
+        other => panic!("{other:?}"),
+    }
+}

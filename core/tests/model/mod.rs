@@ -1,0 +1,472 @@
+//! A reference model of `shared/SPEC.md` §2–§7, written from the SPEC and not from the engine:
+//! plain maps, no atomics, no packing, no horizons. Each bucket is its theoretical arrival time
+//! (when it would be full again) as an `i128` of µs, so debt is carried without limit.
+//!
+//! Covered: the four metrics and their costs (§2); continuously refilled buckets, debt never
+//! forgiven, levels kept across limit changes (§3); the bands, `too_large`, zero-cost requests
+//! (§4); the `fixed` and Fireworks threshold adaptation with lazy ticks in closed form (§5);
+//! shedding classes on a reported load (§6); permits with their time-to-live, settle, stream
+//! charges and cancels (§7). Not yet: the EWMA rule and smoothing waits, spend, tiers, quotas,
+//! snapshots.
+//!
+//! Readings of the SPEC this model makes, where it is silent (each also a documented engine
+//! behaviour):
+//! - Time is quantised to 1 µs and a cost is rounded up to whole µs (§3's "quanta").
+//! - Ticks missed while a scope was idle are applied at its next use as one period, the usage
+//!   counted since the last tick spread evenly over it (§5: "every tick missed, in O(1)").
+//! - Decay never raises a limit: S ← max(F, min(S, κ·peak), S·2^(−Δ/1 h)) (§5 writes
+//!   max(F, κ·peak, …), which would raise S while "decaying" after a high peak).
+//! - The metric that binds a 429 is the one with the largest excess, the earliest in
+//!   [`METRICS`] order on ties; for `too_large`, the one with the largest cost.
+//! - A permit's deadline is admission time + ttl rounded up to the caller's whole second.
+//! - An operation on a clock that has gone back takes effect at that earlier time: decisions read
+//!   at least as much debt as at the latest time seen (never a refill), and the test re-syncs the
+//!   scope afterwards (see [`Model::sync`]).
+
+// Loops over metric indices read like the SPEC's per-metric rules, over several arrays at once.
+#![allow(clippy::needless_range_loop)]
+
+use std::collections::BTreeMap;
+
+pub const SECOND: u64 = 1_000_000_000;
+pub const MINUTE: u64 = 60 * SECOND;
+const WINDOW_US: i128 = 60_000_000;
+
+/// Metric order: requests, prompt, uncached prompt, generated.
+pub const METRICS: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Adapt {
+    Fixed,
+    /// SPEC §5's default rule with the Fireworks parameters.
+    Threshold,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Per-minute floors and ceilings; infinite for an unenforced metric.
+    pub floor: [f64; METRICS],
+    pub ceiling: [f64; METRICS],
+    /// ρ.
+    pub hard: f64,
+    pub adapt: Adapt,
+    pub tick_ns: u64,
+    pub ttl_ns: u64,
+    /// Shed thresholds, ‰: over-limit regular, over-limit priority, in-limit regular, in-limit priority.
+    pub shed: [u64; 4],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    pub account: Vec<u8>,
+    pub model: Vec<u8>,
+    pub fast: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Request {
+    pub prompt: u64,
+    pub cached: u64,
+    pub max_tokens: u64,
+    pub n: u64,
+    pub priority: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Admit { over_limit: bool },
+    RateLimited { metric: usize, too_large: bool },
+    Shed { over_limit: bool },
+    Invalid,
+}
+
+/// How close a decision came to going the other way, µs: near 0, rounding may flip it.
+#[derive(Clone, Copy, Debug)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub margin_us: i128,
+}
+
+#[derive(Clone, Debug)]
+struct Scope {
+    /// When each bucket is full again, µs of the caller's clock.
+    full_at: [i128; METRICS],
+    limit: [f64; METRICS],
+    /// The threshold rule's decaying peak use per minute.
+    peak: [f64; METRICS],
+    /// Settled since the last tick.
+    usage: [u64; METRICS],
+    last_tick: u64,
+    /// The latest time this scope has seen: a clock that goes back never refills.
+    high_water: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Permit {
+    key_index: usize,
+    reserved: [u64; METRICS],
+    streamed: u64,
+    pub deadline_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleResult {
+    Ok,
+    AlreadySettled,
+    Expired,
+}
+
+/// A permit's life: live until settled or past its deadline.
+#[derive(Clone, Copy, Debug)]
+enum PermitState {
+    Live(Permit),
+    Settled(u64),
+}
+
+/// Everything a decision can change, to undo it.
+#[derive(Clone)]
+pub struct State {
+    scopes: BTreeMap<Key, Scope>,
+    permits: Vec<PermitState>,
+}
+
+#[derive(Default)]
+pub struct Model {
+    pub config: Option<Config>,
+    keys: Vec<Key>,
+    scopes: BTreeMap<Key, Scope>,
+    /// Reported load per (model, fast), ‰.
+    load: BTreeMap<(Vec<u8>, bool), u64>,
+    permits: Vec<PermitState>,
+}
+
+fn cost_us(tokens: u64, limit: f64) -> i128 {
+    if !limit.is_finite() || tokens == 0 {
+        return 0;
+    }
+    // Exact for limits that divide a minute's µs; otherwise rounded up to the quantum.
+    let exact = tokens as f64 * 60.0e6 / limit;
+    exact.ceil() as i128
+}
+
+impl Model {
+    pub fn new(config: Config) -> Self {
+        Model { config: Some(config), ..Model::default() }
+    }
+
+    fn config(&self) -> Config {
+        self.config.expect("a model has a config")
+    }
+
+    fn key_index(&mut self, key: &Key) -> usize {
+        if let Some(i) = self.keys.iter().position(|k| k == key) {
+            return i;
+        }
+        self.keys.push(key.clone());
+        self.keys.len() - 1
+    }
+
+    fn scope(&mut self, key: &Key, now: u64) -> &mut Scope {
+        let c = self.config();
+        self.scopes.entry(key.clone()).or_insert_with(|| Scope {
+            full_at: [(now / 1_000) as i128; METRICS],
+            limit: c.floor,
+            peak: [0.0; METRICS],
+            usage: [0; METRICS],
+            last_tick: now / c.tick_ns,
+            high_water: now,
+        })
+    }
+
+    /// Brings a scope to `now`: the clock never goes back for it, and due ticks are applied.
+    /// Returns the time it reads its buckets at.
+    fn touch(&mut self, key: &Key, now: u64) -> u64 {
+        let c = self.config();
+        let loaded = self.load_of(key) >= c.shed[2];
+        let s = self.scope(key, now);
+        s.high_water = s.high_water.max(now);
+        let at = s.high_water;
+        let tick = at / c.tick_ns;
+        if tick > s.last_tick {
+            let period = (tick - s.last_tick) * c.tick_ns;
+            let usage = std::mem::take(&mut s.usage);
+            let now_us = (at / 1_000) as i128;
+            for m in 0..METRICS {
+                let before = s.limit[m];
+                let (limit, peak) = adapt(&c, m, before, s.peak[m], usage[m], period, loaded);
+                s.peak[m] = peak;
+                if limit != before && before.is_finite() {
+                    // The level in units is kept (clamped to the new capacity) and refills at
+                    // the new rate (§3).
+                    let debt = (s.full_at[m] - now_us).max(0) as f64;
+                    let level = (WINDOW_US as f64 - debt) * before / 60.0e6;
+                    let new_debt = (WINDOW_US as f64 - level * 60.0e6 / limit).max(0.0);
+                    s.full_at[m] = now_us + new_debt.round() as i128;
+                }
+                s.limit[m] = limit;
+            }
+            s.last_tick = tick;
+        }
+        at
+    }
+
+    fn load_of(&self, key: &Key) -> u64 {
+        self.load.get(&(key.model.clone(), key.fast)).copied().unwrap_or(0)
+    }
+
+    pub fn set_load(&mut self, model: &[u8], fast: bool, permille: u64) {
+        self.load.insert((model.to_vec(), fast), permille);
+    }
+
+    /// The debt of each metric in units (requests or tokens), rounded down, and each limit.
+    pub fn levels(&mut self, key: &Key, now: u64) -> Option<([u64; METRICS], [f64; METRICS])> {
+        self.scopes.get(key)?;
+        let at = self.touch(key, now);
+        let s = &self.scopes[key];
+        let now_us = (at / 1_000) as i128;
+        let used = std::array::from_fn(|m| {
+            let debt = (s.full_at[m] - now_us).max(0);
+            if s.limit[m].is_finite() { (debt as f64 * s.limit[m] / 60.0e6).floor() as u64 } else { 0 }
+        });
+        Some((used, s.limit))
+    }
+
+    /// Decides a request (§4) and, if admitted, reserves it; returns the decision and the
+    /// model's permit index.
+    pub fn admit(&mut self, key: &Key, r: &Request, now: u64) -> (Decision, Option<usize>) {
+        let c = self.config();
+        let invalid = Decision { outcome: Outcome::Invalid, margin_us: i128::MAX };
+        if r.n == 0 || r.cached > r.prompt {
+            return (invalid, None);
+        }
+        let Some(generated) = r.n.checked_mul(r.max_tokens) else { return (invalid, None) };
+        let cost = [r.n, r.prompt, r.prompt - r.cached, generated];
+        let load = self.load_of(key);
+        let at = self.touch(key, now);
+        let s = self.scopes.get_mut(key).expect("touched");
+        let now_us = (at / 1_000) as i128;
+        let hard = (c.hard * WINDOW_US as f64).ceil() as i128;
+        let cost_q: [i128; METRICS] = std::array::from_fn(|m| cost_us(cost[m], s.limit[m]));
+        let debt: [i128; METRICS] = std::array::from_fn(|m| (s.full_at[m] - now_us).max(0));
+        // The largest cost decides `too_large`.
+        let (big, big_cost) =
+            (0..METRICS).fold((0, 0), |(bm, bc), m| if cost_q[m] > bc { (m, cost_q[m]) } else { (bm, bc) });
+        if big_cost > hard {
+            let d = Decision {
+                outcome: Outcome::RateLimited { metric: big, too_large: true },
+                margin_us: big_cost - hard,
+            };
+            return (d, None);
+        }
+        let mut worst = (0usize, 0i128);
+        let mut margin = i128::MAX;
+        for m in 0..METRICS {
+            let excess = if cost_q[m] == 0 {
+                // A zero-cost metric passes unless it is past the hard band (§3).
+                if debt[m] > hard { debt[m] - WINDOW_US } else { 0 }
+            } else {
+                (debt[m] + cost_q[m] - WINDOW_US).max(0)
+            };
+            if cost_q[m] > 0 {
+                margin = margin
+                    .min((debt[m] + cost_q[m] - WINDOW_US).abs())
+                    .min((debt[m] + cost_q[m] - hard).abs());
+            } else if s.limit[m].is_finite() {
+                margin = margin.min((debt[m] - hard).abs());
+            }
+            if excess > worst.1 {
+                worst = (m, excess);
+            }
+        }
+        let over_limit = worst.1 > 0;
+        if worst.1 > hard - WINDOW_US {
+            let outcome = Outcome::RateLimited { metric: worst.0, too_large: false };
+            return (Decision { outcome, margin_us: margin }, None);
+        }
+        let threshold = match (over_limit, r.priority) {
+            (true, false) => c.shed[0],
+            (true, true) => c.shed[1],
+            (false, false) => c.shed[2],
+            (false, true) => c.shed[3],
+        };
+        if load >= threshold {
+            return (Decision { outcome: Outcome::Shed { over_limit }, margin_us: margin }, None);
+        }
+        let permit = self.reserve(key, cost, at);
+        (Decision { outcome: Outcome::Admit { over_limit }, margin_us: margin }, Some(permit))
+    }
+
+    /// Charges an admitted request's costs and issues its permit.
+    fn reserve(&mut self, key: &Key, cost: [u64; METRICS], at: u64) -> usize {
+        let c = self.config();
+        let s = self.scopes.get_mut(key).expect("touched");
+        let now_us = (at / 1_000) as i128;
+        for m in 0..METRICS {
+            s.full_at[m] = now_us.max(s.full_at[m]) + cost_us(cost[m], s.limit[m]);
+        }
+        let deadline_ns = at.saturating_add(c.ttl_ns).div_ceil(SECOND).saturating_mul(SECOND);
+        let key_index = self.key_index(key);
+        self.permits.push(PermitState::Live(Permit { key_index, reserved: cost, streamed: 0, deadline_ns }));
+        self.permits.len() - 1
+    }
+
+    /// Takes `outcome` (the engine's, on a decision within rounding of an edge) instead of
+    /// the model's own: reserves if it admitted.
+    pub fn follow(&mut self, key: &Key, r: &Request, now: u64, outcome: Outcome) -> Option<usize> {
+        let at = self.touch(key, now);
+        let Outcome::Admit { .. } = outcome else { return None };
+        let cost = [r.n, r.prompt, r.prompt - r.cached, r.n.saturating_mul(r.max_tokens)];
+        Some(self.reserve(key, cost, at))
+    }
+
+    /// Sets a scope's buckets to the debts (µs) the engine reports at `at`: after an operation on
+    /// a clock that had gone back, which takes effect at that earlier time (a charge there may
+    /// use refill the bucket had by the later time; bounded by the skew, and no time is added).
+    pub fn sync(&mut self, key: &Key, at: u64, debt_us: [u64; METRICS]) {
+        if let Some(s) = self.scopes.get_mut(key) {
+            for m in 0..METRICS {
+                if s.limit[m].is_finite() {
+                    s.full_at[m] = (at / 1_000) as i128 + debt_us[m] as i128;
+                }
+            }
+        }
+    }
+
+    /// The deadline the engine gave a permit (the model checks its range).
+    pub fn set_deadline(&mut self, p: usize, deadline_ns: u64) {
+        if let Some(PermitState::Live(permit)) = self.permits.get_mut(p) {
+            permit.deadline_ns = deadline_ns;
+        }
+    }
+
+    pub fn clone_state(&self) -> State {
+        State { scopes: self.scopes.clone(), permits: self.permits.clone() }
+    }
+
+    pub fn restore_state(&mut self, state: State) {
+        self.scopes = state.scopes;
+        self.permits = state.permits;
+    }
+
+    /// A live permit, or why it is not: past its deadline is `Expired` whatever happened
+    /// before; a settled one within it is `AlreadySettled`.
+    fn live(&mut self, p: usize, now: u64) -> Result<Permit, SettleResult> {
+        let (deadline, live) = match self.permits.get(p) {
+            Some(PermitState::Live(permit)) => (permit.deadline_ns, Some(*permit)),
+            Some(PermitState::Settled(deadline)) => (*deadline, None),
+            None => return Err(SettleResult::AlreadySettled),
+        };
+        if now > deadline {
+            self.permits[p] = PermitState::Settled(deadline);
+            return Err(SettleResult::Expired);
+        }
+        live.ok_or(SettleResult::AlreadySettled)
+    }
+
+    /// Settles (or with `counts = false`, an upstream failure) permit `p` with what it used (§7).
+    pub fn settle(
+        &mut self,
+        p: usize,
+        prompt: u64,
+        cached: u64,
+        generated: u64,
+        counts: bool,
+        now: u64,
+    ) -> SettleResult {
+        let permit = match self.live(p, now) {
+            Ok(permit) => permit,
+            Err(refused) => return refused,
+        };
+        self.permits[p] = PermitState::Settled(permit.deadline_ns);
+        let key = self.keys[permit.key_index].clone();
+        let at = self.touch(&key, now);
+        let s = self.scopes.get_mut(&key).expect("a permit's scope exists");
+        let now_us = (at / 1_000) as i128;
+        let actual = [permit.reserved[0], prompt, prompt - cached, generated];
+        let billed = [
+            permit.reserved[0],
+            permit.reserved[1],
+            permit.reserved[2],
+            permit.reserved[3].max(permit.streamed),
+        ];
+        for m in 1..METRICS {
+            let delta = actual[m] as i128 - billed[m] as i128;
+            let q = cost_us(delta.unsigned_abs() as u64, s.limit[m]);
+            let debt = (s.full_at[m] - now_us).max(0);
+            // Refunds stop at a full bucket; charges go into debt without limit.
+            s.full_at[m] = now_us + (debt + if delta < 0 { -q } else { q }).max(0);
+        }
+        if counts {
+            for m in 0..METRICS {
+                s.usage[m] = s.usage[m].saturating_add(actual[m]);
+            }
+        }
+        SettleResult::Ok
+    }
+
+    /// A stream's `tokens` more generated tokens; those past the reservation are charged now.
+    pub fn charge(&mut self, p: usize, tokens: u64, now: u64) -> SettleResult {
+        let permit = match self.live(p, now) {
+            Ok(permit) => permit,
+            Err(refused) => return refused,
+        };
+        let after = permit.streamed + tokens;
+        let extra = after.saturating_sub(permit.reserved[3].max(permit.streamed));
+        if let Some(PermitState::Live(live)) = self.permits.get_mut(p) {
+            live.streamed = after;
+        }
+        let key = self.keys[permit.key_index].clone();
+        let at = self.touch(&key, now);
+        let s = self.scopes.get_mut(&key).expect("a permit's scope exists");
+        let now_us = (at / 1_000) as i128;
+        let q = cost_us(extra, s.limit[3]);
+        s.full_at[3] = now_us.max(s.full_at[3]) + q;
+        SettleResult::Ok
+    }
+}
+
+/// One adaptation period of `period_ns` for metric `m` (§5): the new limit and peak.
+fn adapt(
+    c: &Config,
+    m: usize,
+    limit: f64,
+    peak: f64,
+    usage: u64,
+    period_ns: u64,
+    loaded: bool,
+) -> (f64, f64) {
+    let (floor, ceiling) = (c.floor[m], c.ceiling[m]);
+    if !floor.is_finite() || c.adapt == Adapt::Fixed {
+        return (floor, 0.0);
+    }
+    let minutes = period_ns as f64 / MINUTE as f64;
+    let per_minute = usage as f64 / minutes;
+    let hours = period_ns as f64 / (60 * MINUTE) as f64;
+    let mut peak = (peak * 0.5f64.powf(hours)).max(per_minute);
+    if peak < 1.0 {
+        peak = 0.0;
+    }
+    let u = per_minute / limit;
+    let next = if u >= 0.8 {
+        if loaded { limit } else { grow(limit, floor, period_ns) }
+    } else if u >= 0.5 {
+        limit
+    } else {
+        (limit * 0.5f64.powf(hours)).max(limit.min(2.0 * peak)).max(floor)
+    };
+    (next.clamp(floor, ceiling), peak)
+}
+
+/// Slow start (×2 per 10 minutes) while under twice the floor, then +floor/5 per minute.
+fn grow(limit: f64, floor: f64, period_ns: u64) -> f64 {
+    let minutes = period_ns as f64 / MINUTE as f64;
+    if limit >= 2.0 * floor {
+        return limit + floor / 5.0 * minutes;
+    }
+    let to_double = 10.0 * (2.0 * floor / limit).log2();
+    if minutes <= to_double {
+        limit * 2f64.powf(minutes / 10.0)
+    } else {
+        2.0 * floor + floor / 5.0 * (minutes - to_double)
+    }
+}
