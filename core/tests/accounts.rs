@@ -373,3 +373,27 @@ fn quotas_have_the_published_defaults_and_are_acquired_and_released() {
     let q = e.account(b"a").unwrap().quotas;
     assert_eq!(q, [(0, 100), (0, 8), (64, 64)]);
 }
+
+#[test]
+fn spend_beyond_the_credits_adds_only_the_uncovered_part_to_history() {
+    let e = engine();
+    e.add_credits(b"a", 10_000).unwrap();
+    run(&e, key("a"), 15_000, 0, 0);
+    let a = e.account(b"a").unwrap();
+    // $0.01 of credits bought, $0.015 spent: the credits pay $0.01, the other $0.005 is new history.
+    assert_eq!((a.credits, a.period_spend, a.historical_spend), (0, 15_000, 15_000));
+}
+
+#[test]
+fn a_restore_replaces_every_account() {
+    let capacity = Capacity::scopes(64);
+    let mut target = Engine::new(Policy::fireworks_2024(), capacity).unwrap();
+    target.add_credits(b"stale", 5 * DOLLAR).unwrap();
+    let source = Engine::new(Policy::fireworks_2024(), capacity).unwrap();
+    source.add_credits(b"fresh", 7 * DOLLAR).unwrap();
+    let mut buf = vec![0; source.snapshot_size()];
+    let n = source.snapshot(&mut buf, 0).unwrap();
+    target.restore(&buf[..n], 0).unwrap();
+    assert_eq!(target.account(b"stale"), Err(Error::UnknownAccount));
+    assert_eq!(target.account(b"fresh").unwrap().credits, 7 * DOLLAR);
+}

@@ -94,6 +94,29 @@ fn idle_scopes_equal_to_fresh_ones_are_reclaimed_when_the_table_is_full() {
 }
 
 #[test]
+fn a_scope_that_remembers_recent_use_is_not_reclaimed() {
+    let e =
+        Engine::new(Policy::fireworks_2024(), Capacity { scopes: 2, accounts: 8, models: 2, permits: 128 })
+            .unwrap();
+    for a in ["a", "b"] {
+        for _ in 0..40 {
+            let p = permit(&admit(&e, key(a), &one(), 0));
+            e.settle(&p, &Usage::new(0, 0), Completion::Success, 0).unwrap();
+        }
+    }
+    // The minute's tick records each peak of 40 a minute.
+    for a in ["a", "b"] {
+        assert_eq!(limit(&e, key(a), Metric::Requests, MINUTE), 60);
+    }
+    // Minutes later both buckets are full and both limits at their floor (40 of 60 RPM holds),
+    // but each remembers a peak of 40 a minute: 2 x 40 > 60 could hold a later limit above the
+    // floor as it decays, so neither equals a fresh scope.
+    let later = 3 * MINUTE;
+    assert_eq!(limit(&e, key("a"), Metric::Requests, later), 60);
+    assert!(matches!(e.admit(key("c"), &one(), later), Err(sluicegate_core::Error::TableFull(_))));
+}
+
+#[test]
 fn a_scope_with_a_live_permit_outstanding_is_never_reclaimed() {
     let e = Engine::new(Policy::fixed(), Capacity { scopes: 1, accounts: 4, models: 1, permits: 4 }).unwrap();
     let p = permit(&admit(&e, key("a"), &one(), 0));
