@@ -660,7 +660,12 @@ impl<S: Storage> Engine<S> {
                 if slot.id.load(Ordering::SeqCst) == id {
                     let states = adaptation.load().map(|m, s| {
                         let b = bounds.get(m);
-                        MetricState { limit: s.limit.clamp(b.floor, b.ceiling), ..s }
+                        // A plain limiter's limit is its floor, from the moment it changes.
+                        let limit = match self.policy.adaptation {
+                            crate::policy::Adaptation::Fixed => b.floor,
+                            _ => s.limit.clamp(b.floor, b.ceiling),
+                        };
+                        MetricState { limit, ..s }
                     });
                     self.install(slot, adaptation, &states, self.last_tick_q(slot, now_ns), now_ns);
                 }

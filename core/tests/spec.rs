@@ -1,8 +1,8 @@
 //! One test per rule of SPEC.md §1–§7, named after the rule.
 
 use sluicegate_core::{
-    Band, Capacity, Completion, Decision, Engine, Heap, InvalidRequest, Metric, Outcome, Permit, Policy,
-    Request, ScopeKey, Usage, Variant,
+    Band, Capacity, Completion, Decision, Engine, Heap, InvalidRequest, Metric, MetricLimits, Outcome,
+    Permit, Policy, Request, ScopeKey, Usage, Variant,
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -598,4 +598,15 @@ fn a_clock_going_back_days_never_refills_a_bucket() {
     for back in [MINUTE, 24 * 60 * MINUTE, 2 * 24 * 60 * MINUTE, later] {
         assert_eq!(burst(&e, key("a"), &one(), 1, later - back), [0, 0, 1, 0], "{back} ns back");
     }
+}
+
+#[test]
+fn under_fixed_an_override_takes_its_floor_at_once() {
+    let e = engine(Policy::fixed());
+    assert!(admit(&e, key("a"), &one(), 0).admitted());
+    let bounds = MetricLimits { floor: 30.0, ceiling: 600.0 };
+    e.set_limits_override(b"a", Metric::Requests, Some(bounds), 0).unwrap();
+    // Not the old 60 clamped into 30..=600 until the next tick: a plain limiter's limit is its floor.
+    assert_eq!(limit(&e, key("a"), Metric::Requests, 0), 30);
+    assert_eq!(limit(&e, key("a"), Metric::Requests, 5 * MINUTE), 30);
 }

@@ -3,11 +3,12 @@
 //! (when it would be full again) as an `i128` of µs, so debt is carried without limit.
 //!
 //! Covered: the four metrics and their costs (§2); continuously refilled buckets, debt never
-//! forgiven, levels kept across limit changes (§3); the bands, `too_large`, zero-cost requests
-//! (§4); the `fixed` and Fireworks threshold adaptation with lazy ticks in closed form (§5);
-//! shedding classes on a reported load (§6); permits with their time-to-live, settle, stream
-//! charges and cancels (§7). Not yet: the EWMA rule and smoothing waits, spend, tiers, quotas,
-//! snapshots.
+//! forgiven, levels kept across limit changes (§3); the bands, `too_large`, zero-cost requests,
+//! smoothing waits (§4); the `fixed`, threshold and EWMA adaptation with lazy ticks in closed
+//! form, capacity holding growth (§5); shedding classes on a reported load (§6); permits with
+//! their time-to-live, settle, stream charges and cancels (§7); tiers' ceilings, un-pins and
+//! per-account overrides, re-clamped at once (§8); a restore, after which permits are stale
+//! (§10). Not yet: spend and its reservation (until money is reserved like tokens), quotas.
 //!
 //! Readings of the SPEC this model makes, where it is silent (each also a documented engine
 //! behaviour):
@@ -19,6 +20,10 @@
 //! - The metric that binds a 429 is the one with the largest excess, the earliest in
 //!   [`METRICS`] order on ties; for `too_large`, the one with the largest cost.
 //! - A permit's deadline is admission time + ttl rounded up to the caller's whole second.
+//! - A metric that starts or stops being enforced (an override on a metric the policy leaves
+//!   unlimited) has a full bucket: an unenforced metric keeps no debt.
+//! - The EWMA average never falls below F / factor: below it the average could not move the
+//!   limit, and an idle scope returns exactly to a fresh one.
 //! - An operation on a clock that has gone back takes effect at that earlier time: decisions read
 //!   at least as much debt as at the latest time seen (never a refill), and the test re-syncs the
 //!   scope afterwards (see [`Model::sync`]).
@@ -40,6 +45,12 @@ pub enum Adapt {
     Fixed,
     /// SPEC §5's default rule with the Fireworks parameters.
     Threshold,
+    /// Together's: the limit is `factor` × an exponential average of usage with time constant
+    /// `tau_ns`.
+    Ewma {
+        factor: f64,
+        tau_ns: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +60,10 @@ pub struct Config {
     pub ceiling: [f64; METRICS],
     /// ρ.
     pub hard: f64,
+    /// Longest smoothing wait.
+    pub max_wait_ns: u64,
+    /// Each tier's ceiling scale, Tier 1 first.
+    pub tier_scale: [f64; 5],
     pub adapt: Adapt,
     pub tick_ns: u64,
     pub ttl_ns: u64,
@@ -74,9 +89,18 @@ pub struct Request {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Admit { over_limit: bool },
-    RateLimited { metric: usize, too_large: bool },
-    Shed { over_limit: bool },
+    /// Admitted, to be forwarded after `wait_us` of smoothing.
+    Admit {
+        over_limit: bool,
+        wait_us: u64,
+    },
+    RateLimited {
+        metric: usize,
+        too_large: bool,
+    },
+    Shed {
+        over_limit: bool,
+    },
     Invalid,
 }
 
@@ -85,6 +109,15 @@ pub enum Outcome {
 pub struct Decision {
     pub outcome: Outcome,
     pub margin_us: i128,
+    /// For a 429, the metrics that bind within rounding (the engine's intervals are 32.32
+    /// fixed point, so two costs a few parts in 10^10 apart cannot be ordered).
+    pub ties: [bool; METRICS],
+}
+
+/// Metrics whose `value` is within rounding of the largest.
+fn ties_of(values: [i128; METRICS]) -> [bool; METRICS] {
+    let top = values.iter().copied().max().unwrap_or(0);
+    values.map(|v| top - v <= 2 + top / 1_000_000_000)
 }
 
 #[derive(Clone, Debug)]
@@ -101,6 +134,24 @@ struct Scope {
     high_water: u64,
 }
 
+impl Scope {
+    /// A new limit for metric `m`: the level in units is kept (clamped to the new capacity) and
+    /// refills at the new rate (§3).
+    fn set_limit(&mut self, m: usize, limit: f64, now_us: i128) {
+        let before = self.limit[m];
+        if !(before.is_finite() && limit.is_finite()) {
+            // An unenforced metric has no bucket: one that starts being enforced starts full.
+            self.full_at[m] = self.full_at[m].min(now_us);
+        } else if limit != before {
+            let debt = (self.full_at[m] - now_us).max(0) as f64;
+            let level = (WINDOW_US as f64 - debt) * before / 60.0e6;
+            let new_debt = (WINDOW_US as f64 - level * 60.0e6 / limit).max(0.0);
+            self.full_at[m] = now_us + new_debt.round() as i128;
+        }
+        self.limit[m] = limit;
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Permit {
     key_index: usize,
@@ -114,13 +165,16 @@ pub enum SettleResult {
     Ok,
     AlreadySettled,
     Expired,
+    /// Issued before a restore.
+    Stale,
 }
 
-/// A permit's life: live until settled or past its deadline.
+/// A permit's life: live until settled or past its deadline; stale after a restore.
 #[derive(Clone, Copy, Debug)]
 enum PermitState {
     Live(Permit),
     Settled(u64),
+    Stale,
 }
 
 /// Everything a decision can change, to undo it.
@@ -130,23 +184,38 @@ pub struct State {
     permits: Vec<PermitState>,
 }
 
+/// An account's say in its scopes' bounds (§8).
+#[derive(Clone, Copy, Debug, Default)]
+struct Account {
+    /// The pinned tier (0 = Tier 1), if any; unpinned accounts here have earned Tier 1.
+    tier: usize,
+    /// Per-metric floor and ceiling overrides.
+    overrides: [Option<(f64, f64)>; METRICS],
+}
+
 #[derive(Default)]
 pub struct Model {
     pub config: Option<Config>,
     keys: Vec<Key>,
     scopes: BTreeMap<Key, Scope>,
+    accounts: BTreeMap<Vec<u8>, Account>,
     /// Reported load per (model, fast), ‰.
     load: BTreeMap<(Vec<u8>, bool), u64>,
     permits: Vec<PermitState>,
 }
 
+/// What `tokens` cost at `limit` per minute, µs (rounded up to the quantum): exact integer
+/// arithmetic for whole-number limits, as every policy and override has; adapted limits are
+/// fractional and go through `f64`.
 fn cost_us(tokens: u64, limit: f64) -> i128 {
     if !limit.is_finite() || tokens == 0 {
         return 0;
     }
-    // Exact for limits that divide a minute's µs; otherwise rounded up to the quantum.
-    let exact = tokens as f64 * 60.0e6 / limit;
-    exact.ceil() as i128
+    if limit.fract() == 0.0 && limit < 9.0e15 {
+        let (numerator, l) = (i128::from(tokens) * WINDOW_US, limit as i128);
+        return (numerator + l - 1) / l;
+    }
+    (tokens as f64 * 60.0e6 / limit).ceil() as i128
 }
 
 impl Model {
@@ -166,12 +235,31 @@ impl Model {
         self.keys.len() - 1
     }
 
+    /// An account's floors and ceilings: its overrides, else the policy's with the ceiling
+    /// scaled by its tier.
+    fn bounds(&self, account: &[u8]) -> ([f64; METRICS], [f64; METRICS]) {
+        let c = self.config();
+        let a = self.accounts.get(account).copied().unwrap_or_default();
+        let scale = c.tier_scale[a.tier];
+        let pair = |m: usize| a.overrides[m].unwrap_or((c.floor[m], (c.ceiling[m] * scale).max(c.floor[m])));
+        (std::array::from_fn(|m| pair(m).0), std::array::from_fn(|m| pair(m).1))
+    }
+
+    fn fresh_memory(&self, floor: f64) -> f64 {
+        match self.config().adapt {
+            Adapt::Ewma { factor, .. } => floor / factor,
+            _ => 0.0,
+        }
+    }
+
     fn scope(&mut self, key: &Key, now: u64) -> &mut Scope {
         let c = self.config();
+        let (floor, _) = self.bounds(&key.account);
+        let peak = floor.map(|f| self.fresh_memory(f));
         self.scopes.entry(key.clone()).or_insert_with(|| Scope {
             full_at: [(now / 1_000) as i128; METRICS],
-            limit: c.floor,
-            peak: [0.0; METRICS],
+            limit: floor,
+            peak,
             usage: [0; METRICS],
             last_tick: now / c.tick_ns,
             high_water: now,
@@ -183,6 +271,7 @@ impl Model {
     fn touch(&mut self, key: &Key, now: u64) -> u64 {
         let c = self.config();
         let loaded = self.load_of(key) >= c.shed[2];
+        let bounds = self.bounds(&key.account);
         let s = self.scope(key, now);
         s.high_water = s.high_water.max(now);
         let at = s.high_water;
@@ -193,21 +282,53 @@ impl Model {
             let now_us = (at / 1_000) as i128;
             for m in 0..METRICS {
                 let before = s.limit[m];
-                let (limit, peak) = adapt(&c, m, before, s.peak[m], usage[m], period, loaded);
+                let (floor, ceiling) = (bounds.0[m], bounds.1[m]);
+                let (limit, peak) = adapt(&c, floor, ceiling, before, s.peak[m], usage[m], period, loaded);
                 s.peak[m] = peak;
-                if limit != before && before.is_finite() {
-                    // The level in units is kept (clamped to the new capacity) and refills at
-                    // the new rate (§3).
-                    let debt = (s.full_at[m] - now_us).max(0) as f64;
-                    let level = (WINDOW_US as f64 - debt) * before / 60.0e6;
-                    let new_debt = (WINDOW_US as f64 - level * 60.0e6 / limit).max(0.0);
-                    s.full_at[m] = now_us + new_debt.round() as i128;
-                }
-                s.limit[m] = limit;
+                s.set_limit(m, limit, now_us);
             }
             s.last_tick = tick;
         }
         at
+    }
+
+    /// Re-clamps every scope of `account` to its bounds at once (§8), after due ticks.
+    fn reclamp(&mut self, account: &[u8], now: u64) {
+        let keys: Vec<Key> = self.scopes.keys().filter(|k| k.account == account).cloned().collect();
+        let (floor, ceiling) = self.bounds(account);
+        let fixed = self.config().adapt == Adapt::Fixed;
+        for key in keys {
+            let at = self.touch(&key, now);
+            let s = self.scopes.get_mut(&key).expect("listed");
+            for m in 0..METRICS {
+                // Under `fixed` the limit is the floor (§5: no adaptation, a plain limiter).
+                let limit = if fixed { floor[m] } else { s.limit[m].clamp(floor[m], ceiling[m]) };
+                s.set_limit(m, limit, (at / 1_000) as i128);
+            }
+        }
+    }
+
+    /// Pins an account's tier (0 = Tier 1) or, with `None`, returns it to the tier it earned
+    /// (Tier 1 here: these accounts spend nothing).
+    pub fn set_tier(&mut self, account: &[u8], tier: Option<usize>, now: u64) {
+        self.accounts.entry(account.to_vec()).or_default().tier = tier.unwrap_or(0);
+        self.reclamp(account, now);
+    }
+
+    /// Gives an account its own floor and ceiling on metric `m`, or returns it to the policy's.
+    pub fn set_override(&mut self, account: &[u8], m: usize, bounds: Option<(f64, f64)>, now: u64) {
+        self.accounts.entry(account.to_vec()).or_default().overrides[m] = bounds;
+        self.reclamp(account, now);
+    }
+
+    /// A snapshot restored at `now` into a new engine incarnation: every scope is brought up to
+    /// date, and every outstanding permit is stale.
+    pub fn restore(&mut self, now: u64) {
+        let keys: Vec<Key> = self.scopes.keys().cloned().collect();
+        for key in keys {
+            self.touch(&key, now);
+        }
+        self.permits.iter_mut().for_each(|p| *p = PermitState::Stale);
     }
 
     fn load_of(&self, key: &Key) -> u64 {
@@ -235,7 +356,7 @@ impl Model {
     /// model's permit index.
     pub fn admit(&mut self, key: &Key, r: &Request, now: u64) -> (Decision, Option<usize>) {
         let c = self.config();
-        let invalid = Decision { outcome: Outcome::Invalid, margin_us: i128::MAX };
+        let invalid = Decision { outcome: Outcome::Invalid, margin_us: i128::MAX, ties: [false; METRICS] };
         if r.n == 0 || r.cached > r.prompt {
             return (invalid, None);
         }
@@ -252,13 +373,11 @@ impl Model {
         let (big, big_cost) =
             (0..METRICS).fold((0, 0), |(bm, bc), m| if cost_q[m] > bc { (m, cost_q[m]) } else { (bm, bc) });
         if big_cost > hard {
-            let d = Decision {
-                outcome: Outcome::RateLimited { metric: big, too_large: true },
-                margin_us: big_cost - hard,
-            };
-            return (d, None);
+            let outcome = Outcome::RateLimited { metric: big, too_large: true };
+            return (Decision { outcome, margin_us: big_cost - hard, ties: ties_of(cost_q) }, None);
         }
         let mut worst = (0usize, 0i128);
+        let mut excesses = [0i128; METRICS];
         let mut margin = i128::MAX;
         for m in 0..METRICS {
             let excess = if cost_q[m] == 0 {
@@ -274,15 +393,19 @@ impl Model {
             } else if s.limit[m].is_finite() {
                 margin = margin.min((debt[m] - hard).abs());
             }
+            excesses[m] = excess;
             if excess > worst.1 {
                 worst = (m, excess);
             }
         }
-        let over_limit = worst.1 > 0;
-        if worst.1 > hard - WINDOW_US {
+        // Past the hard band a request may still wait up to max_wait for it (§4, smoothing);
+        // it runs over-limit if it is still past the normal band when it runs.
+        let wait = (worst.1 - (hard - WINDOW_US)).max(0);
+        if wait > (c.max_wait_ns / 1_000) as i128 {
             let outcome = Outcome::RateLimited { metric: worst.0, too_large: false };
-            return (Decision { outcome, margin_us: margin }, None);
+            return (Decision { outcome, margin_us: margin, ties: ties_of(excesses) }, None);
         }
+        let over_limit = worst.1 > wait;
         let threshold = match (over_limit, r.priority) {
             (true, false) => c.shed[0],
             (true, true) => c.shed[1],
@@ -290,10 +413,12 @@ impl Model {
             (false, true) => c.shed[3],
         };
         if load >= threshold {
-            return (Decision { outcome: Outcome::Shed { over_limit }, margin_us: margin }, None);
+            let outcome = Outcome::Shed { over_limit };
+            return (Decision { outcome, margin_us: margin, ties: [false; METRICS] }, None);
         }
         let permit = self.reserve(key, cost, at);
-        (Decision { outcome: Outcome::Admit { over_limit }, margin_us: margin }, Some(permit))
+        let outcome = Outcome::Admit { over_limit, wait_us: wait as u64 };
+        (Decision { outcome, margin_us: margin, ties: [false; METRICS] }, Some(permit))
     }
 
     /// Charges an admitted request's costs and issues its permit.
@@ -354,6 +479,7 @@ impl Model {
         let (deadline, live) = match self.permits.get(p) {
             Some(PermitState::Live(permit)) => (permit.deadline_ns, Some(*permit)),
             Some(PermitState::Settled(deadline)) => (*deadline, None),
+            Some(PermitState::Stale) => return Err(SettleResult::Stale),
             None => return Err(SettleResult::AlreadySettled),
         };
         if now > deadline {
@@ -425,36 +551,53 @@ impl Model {
     }
 }
 
-/// One adaptation period of `period_ns` for metric `m` (§5): the new limit and peak.
+/// One adaptation period of `period_ns` for a metric with bounds `floor`..`ceiling` (§5): the
+/// new limit and memory (the threshold rule's peak, or the EWMA's average).
+#[allow(clippy::too_many_arguments)]
 fn adapt(
     c: &Config,
-    m: usize,
+    floor: f64,
+    ceiling: f64,
     limit: f64,
-    peak: f64,
+    memory: f64,
     usage: u64,
     period_ns: u64,
     loaded: bool,
 ) -> (f64, f64) {
-    let (floor, ceiling) = (c.floor[m], c.ceiling[m]);
-    if !floor.is_finite() || c.adapt == Adapt::Fixed {
-        return (floor, 0.0);
+    if !floor.is_finite() {
+        return (limit, memory);
     }
     let minutes = period_ns as f64 / MINUTE as f64;
     let per_minute = usage as f64 / minutes;
     let hours = period_ns as f64 / (60 * MINUTE) as f64;
-    let mut peak = (peak * 0.5f64.powf(hours)).max(per_minute);
-    if peak < 1.0 {
-        peak = 0.0;
-    }
-    let u = per_minute / limit;
-    let next = if u >= 0.8 {
-        if loaded { limit } else { grow(limit, floor, period_ns) }
-    } else if u >= 0.5 {
-        limit
-    } else {
-        (limit * 0.5f64.powf(hours)).max(limit.min(2.0 * peak)).max(floor)
+    let (next, memory) = match c.adapt {
+        Adapt::Fixed => (floor, 0.0),
+        Adapt::Threshold => {
+            let mut peak = (memory * 0.5f64.powf(hours)).max(per_minute);
+            if peak < 1.0 {
+                peak = 0.0;
+            }
+            let u = per_minute / limit;
+            let next = if u >= 0.8 {
+                if loaded { limit } else { grow(limit, floor, period_ns) }
+            } else if u >= 0.5 {
+                limit
+            } else {
+                (limit * 0.5f64.powf(hours)).max(limit.min(2.0 * peak)).max(floor)
+            };
+            (next, peak)
+        }
+        Adapt::Ewma { factor, tau_ns } => {
+            let keep = (-(period_ns as f64) / tau_ns as f64).exp();
+            let average = (per_minute + (memory - per_minute) * keep).max(floor / factor);
+            let mut next = (factor * average).clamp(floor, ceiling);
+            if loaded {
+                next = next.min(limit);
+            }
+            (next, average)
+        }
     };
-    (next.clamp(floor, ceiling), peak)
+    (next.clamp(floor, ceiling), memory)
 }
 
 /// Slow start (×2 per 10 minutes) while under twice the floor, then +floor/5 per minute.
