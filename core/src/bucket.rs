@@ -393,6 +393,30 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_code_is_the_largest_debt_a_field_holds() {
+        let largest = decode(LINEAR_END + (1 << COARSE_BITS) - 1);
+        assert_eq!(largest, OFFSET_MAX);
+        // ~36,000 years of µs: (2^14 - 1) << 46.
+        assert_eq!(OFFSET_MAX, ((1 << 14) - 1) << 46);
+        assert!(OFFSET_MAX / 1_000_000 / 86_400 / 365 > 36_000);
+    }
+
+    #[test]
+    fn the_epoch_tag_reads_exactly_within_its_range() {
+        let t0 = 9_000 * EPOCH_Q + 17;
+        let w = seal(t0, [3 * EPOCH_Q, 0, 0, 0], 0);
+        // Read from as far ahead as the range allows, the word still decodes to its epoch.
+        let inside = t0 + EPOCH_RANGE_Q - 2 * EPOCH_Q;
+        assert_eq!(open(w, inside).debt[0], 0);
+        assert_eq!(open_near(w, t0, t0 + EPOCH_Q).debt[0], 2 * EPOCH_Q);
+        // Past it, the 12-bit tag wraps and reads as a word from the future: the reason every
+        // tick re-seals words and a far-behind scope is read against its last tick.
+        let beyond = t0 + EPOCH_RANGE_Q + 2 * EPOCH_Q;
+        assert!(open(w, beyond).debt[0] > 3 * EPOCH_Q);
+        assert_eq!(EPOCH_RANGE_Q, 1 << 36);
+    }
+
+    #[test]
     fn an_hour_of_debt_drains_at_the_refill_rate() {
         let hour = 3_600_000_000;
         let w = seal(7, [hour, 0, 0, 0], 1).pack();

@@ -117,6 +117,24 @@ fn a_scope_that_remembers_recent_use_is_not_reclaimed() {
 }
 
 #[test]
+fn a_scope_whose_limit_is_above_its_floor_is_not_reclaimed() {
+    let e =
+        Engine::new(Policy::fireworks_2024(), Capacity { scopes: 2, accounts: 8, models: 2, permits: 128 })
+            .unwrap();
+    let raised = MetricLimits { floor: 600.0, ceiling: 2_000.0 };
+    for a in ["a", "b"] {
+        e.set_limits_override(a.as_bytes(), Metric::Requests, Some(raised), 0).unwrap();
+        let p = permit(&admit(&e, key(a), &one(), 0));
+        e.settle(&p, &Usage::new(0, 0), Completion::Success, 0).unwrap();
+        // Back to the policy's bounds: the limit of 600 decays from here, an hour a halving.
+        e.set_limits_override(a.as_bytes(), Metric::Requests, None, 0).unwrap();
+    }
+    let later = 3 * MINUTE;
+    assert!(limit(&e, key("a"), Metric::Requests, later) > 500);
+    assert!(matches!(e.admit(key("c"), &one(), later), Err(sluicegate_core::Error::TableFull(_))));
+}
+
+#[test]
 fn a_scope_with_a_live_permit_outstanding_is_never_reclaimed() {
     let e = Engine::new(Policy::fixed(), Capacity { scopes: 1, accounts: 4, models: 1, permits: 4 }).unwrap();
     let p = permit(&admit(&e, key("a"), &one(), 0));
