@@ -4,12 +4,14 @@
 
 mod model;
 
-use model::{Adapt, Config, Key, METRICS, MINUTE, Model, Outcome, SECOND, SettleResult};
+use model::{
+    Adapt, Config, Key, METRICS, MINUTE, Model, Outcome, QuotaCall, QuotaResult, SECOND, SettleResult,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunConfig, TestRunner};
 use sluicegate_core::{
-    Adaptation, Capacity, Completion, Engine, Metric, MetricLimits, Outcome as EngineOutcome, Permit, Policy,
-    Request, ScopeKey, SettleError, Tier, Usage, Variant,
+    Adaptation, Capacity, Completion, Engine, Error, Metric, MetricLimits, Outcome as EngineOutcome, Permit,
+    Policy, Quota, QuotaError, Request, ScopeKey, SettleError, Tier, Usage, Variant,
 };
 
 /// Debts below this are exact in the engine's bucket word (`bucket::MAX_HORIZON_Q`).
@@ -29,6 +31,7 @@ enum Op {
     SetTier { account: usize, tier: Option<usize> },
     Override { account: usize, metric: usize, bounds: Option<(f64, f64)> },
     Restore,
+    Quota { account: usize, quota: usize, call: QuotaCall },
 }
 
 fn tokens() -> impl Strategy<Value = u64> {
@@ -51,6 +54,17 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..3, 0usize..METRICS, prop::option::of((prop::sample::select(vec![30.0, 600.0, 6_000.0, 120_000.0]), 1.0f64..4.0)))
             .prop_map(|(account, metric, b)| Op::Override { account, metric, bounds: b.map(|(f, k)| (f, (f * k).round())) }),
         1 => Just(Op::Restore),
+        1 => (0usize..3, 0usize..3, prop_oneof![
+                Just(0u32), 1u32..10, Just(u32::MAX)
+            ], 0u8..3)
+            .prop_map(|(account, quota, n, kind)| {
+                let call = match kind {
+                    0 => QuotaCall::Acquire(n),
+                    1 => QuotaCall::Release(n),
+                    _ => QuotaCall::SetLimit(n),
+                };
+                Op::Quota { account, quota, call }
+            }),
     ]
 }
 
@@ -249,6 +263,23 @@ fn run((policy, adapt): (Policy, Adapt), ops: &[Op]) -> Result<(), TestCaseError
                 let n = e.snapshot(&mut buf, now).unwrap();
                 e.restore(&buf[..n], now).unwrap();
                 m.restore(now);
+            }
+            Op::Quota { account, quota, call } => {
+                let (a, q) = (ACCOUNTS[account], Quota::ALL[quota]);
+                let got = match call {
+                    QuotaCall::Acquire(n) => e.acquire_quota(a, q, n),
+                    QuotaCall::Release(n) => e.release_quota(a, q, n),
+                    QuotaCall::SetLimit(l) => e.set_quota_limit(a, q, l),
+                };
+                let got = match got {
+                    Ok((used, limit)) => QuotaResult::Ok(used, limit),
+                    Err(Error::Quota(QuotaError::Exhausted { .. })) => QuotaResult::Exhausted,
+                    Err(Error::Quota(QuotaError::NotHeld { .. })) => QuotaResult::NotHeld,
+                    Err(Error::Quota(QuotaError::BelowUse { .. })) => QuotaResult::BelowUse,
+                    Err(other) => panic!("quota call refused with {other}"),
+                };
+                let want = m.quota(a, quota, call);
+                prop_assert_eq!(got, want, "step {}: {:?}", step, op);
             }
             Op::Step { us } => now += us * 1_000,
             Op::StepBack { ms } => now = now.saturating_sub(ms * 1_000_000),

@@ -8,7 +8,7 @@
 //! form, capacity holding growth (§5); shedding classes on a reported load (§6); permits with
 //! their time-to-live, settle, stream charges and cancels (§7); tiers' ceilings, un-pins and
 //! per-account overrides, re-clamped at once (§8); a restore, after which permits are stale
-//! (§10). Not yet: spend and its reservation (until money is reserved like tokens), quotas.
+//! (§10); quotas (§8). Not yet: spend and its reservation (until money is reserved like tokens).
 //!
 //! Readings of the SPEC this model makes, where it is silent (each also a documented engine
 //! behaviour):
@@ -185,13 +185,38 @@ pub struct State {
     permits: Vec<PermitState>,
 }
 
-/// An account's say in its scopes' bounds (§8).
+/// An account's say in its scopes' bounds, and its quotas (§8).
 #[derive(Clone, Copy, Debug, Default)]
 struct Account {
     /// The pinned tier (0 = Tier 1), if any; unpinned accounts here have earned Tier 1.
     tier: usize,
     /// Per-metric floor and ceiling overrides.
     overrides: [Option<(f64, f64)>; METRICS],
+    /// (used, limit) per quota, once touched: deployed models, A100 GPUs, H100 GPUs.
+    quotas: Option<[(u32, u32); 3]>,
+}
+
+/// What a quota call answers: the new (used, limit), or why it changed nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuotaResult {
+    Ok(u32, u32),
+    /// Acquiring past the limit.
+    Exhausted,
+    /// Releasing more than is held.
+    NotHeld,
+    /// A limit below what is in use.
+    BelowUse,
+}
+
+/// §8's defaults: 100 deployed models, 8 A100 GPUs, 8 H100 GPUs.
+const QUOTA_DEFAULTS: [(u32, u32); 3] = [(0, 100), (0, 8), (0, 8)];
+
+/// How a quota call changes (used, limit).
+#[derive(Clone, Copy, Debug)]
+pub enum QuotaCall {
+    Acquire(u32),
+    Release(u32),
+    SetLimit(u32),
 }
 
 #[derive(Default)]
@@ -320,6 +345,27 @@ impl Model {
     pub fn set_override(&mut self, account: &[u8], m: usize, bounds: Option<(f64, f64)>, now: u64) {
         self.accounts.entry(account.to_vec()).or_default().overrides[m] = bounds;
         self.reclamp(account, now);
+    }
+
+    /// Acquires, releases or re-limits quota `q` of `account`: all or nothing (§8).
+    pub fn quota(&mut self, account: &[u8], q: usize, call: QuotaCall) -> QuotaResult {
+        let a = self.accounts.entry(account.to_vec()).or_default();
+        let quotas = a.quotas.get_or_insert(QUOTA_DEFAULTS);
+        let (used, limit) = quotas[q];
+        let next = match call {
+            QuotaCall::Acquire(n) => match used.checked_add(n) {
+                Some(u) if u <= limit => (u, limit),
+                _ => return QuotaResult::Exhausted,
+            },
+            QuotaCall::Release(n) => match used.checked_sub(n) {
+                Some(u) => (u, limit),
+                None => return QuotaResult::NotHeld,
+            },
+            QuotaCall::SetLimit(l) if l < used => return QuotaResult::BelowUse,
+            QuotaCall::SetLimit(l) => (used, l),
+        };
+        quotas[q] = next;
+        QuotaResult::Ok(next.0, next.1)
     }
 
     /// A snapshot restored at `now` into a new engine incarnation: every scope is brought up to
