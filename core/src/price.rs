@@ -32,9 +32,10 @@ impl Price {
     /// ```
     pub fn cost(&self, uncached: u64, cached: u64, generated: u64) -> Nanos {
         let part = |tokens: u64, per_million: Micros| u128::from(tokens) * u128::from(per_million);
+        // Each part is below 2^128, but their sum need not be: saturate, never wrap to a small cost.
         let pico = part(uncached, self.uncached_prompt)
-            + part(cached, self.cached_prompt)
-            + part(generated, self.generated);
+            .saturating_add(part(cached, self.cached_prompt))
+            .saturating_add(part(generated, self.generated));
         // tokens × µ$/Mtok = 10^-12 $; a thousandth of that is a nano-dollar.
         u64::try_from(pico / 1_000).unwrap_or(u64::MAX)
     }

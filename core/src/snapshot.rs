@@ -28,6 +28,9 @@ const HEADER: usize = 56;
 const CHECKSUM: usize = 4;
 const ACCOUNT_WORDS: usize = ACCOUNT_KEY_MAX / 8;
 const MODEL_WORDS: usize = MODEL_KEY_MAX / 8;
+/// The suspension reasons an account record may carry: operator, payment failed, no payment
+/// method.
+const ACCOUNT_SUSPENSION_BITS: u64 = 1 | 2 | 4;
 /// Bytes per account record.
 pub const ACCOUNT_RECORD: usize = 8 + ACCOUNT_KEY_MAX + 8 * 17;
 /// Bytes per model record.
@@ -113,6 +116,9 @@ struct Header {
     accounts: usize,
     models: usize,
     scopes: usize,
+    /// The flags and reserved words, both documented as 0.
+    flags: u16,
+    reserved: u32,
 }
 
 fn to_usize(v: u64) -> Result<usize, SnapshotError> {
@@ -128,13 +134,14 @@ fn read_header(bytes: &[u8]) -> Result<Header, SnapshotError> {
         VERSION => {}
         v => return Err(SnapshotError::UnsupportedVersion(v)),
     }
-    r.u16()?;
+    let flags = r.u16()?;
     let total_len = to_usize(r.u64()?)?;
     let seed = r.u64()?;
     let [scopes, accounts, models, permits] = [r.u32()?, r.u32()?, r.u32()?, r.u32()?].map(|v| v as usize);
     let capacity = Capacity { scopes, accounts, models, permits };
     let [a, m, s] = [r.u32()?, r.u32()?, r.u32()?].map(|v| v as usize);
-    Ok(Header { total_len, seed, capacity, accounts: a, models: m, scopes: s })
+    let reserved = r.u32()?;
+    Ok(Header { total_len, seed, capacity, accounts: a, models: m, scopes: s, flags, reserved })
 }
 
 fn body_len(accounts: usize, models: usize, scopes: usize) -> Option<usize> {
@@ -277,6 +284,10 @@ impl<S: Storage> Engine<S> {
             return Err(SnapshotError::CapacityMismatch);
         }
         let cap = h.capacity;
+        // Flags this reader does not know, or a reserved word in use, mean another format.
+        if h.flags != 0 || h.reserved != 0 {
+            return Err(SnapshotError::Corrupt);
+        }
         if h.accounts > cap.accounts || h.models > cap.models || h.scopes > cap.scopes {
             return Err(SnapshotError::Corrupt);
         }
@@ -290,14 +301,17 @@ impl<S: Storage> Engine<S> {
             let index = r.u32()? as usize;
             let len = r.u32()? as usize;
             let key = key_bytes::<ACCOUNT_WORDS>(r.words()?, len, ACCOUNT_KEY_MAX)?;
-            let [settings, _chosen, _period, _historical, _credits, _suspension] = r.words::<6>()?;
+            let [settings, _chosen, _period, _historical, _credits, suspension] = r.words::<6>()?;
             let limits: [u64; 8] = r.words()?;
             let quotas: [u64; 3] = r.words()?;
             ascending(&mut last, index, cap.accounts)?;
             placed(key::hash(h.seed, key.as_slice()), cap.accounts, index)?;
-            let tier_ok = Tier::from_index((settings & 0xFF) as u8).is_some();
+            // Only the documented bits: an unknown suspension bit would refuse every request
+            // with nothing able to lift it, an unknown setting keep the account forever.
+            let tier_ok = Tier::from_index((settings & 0xFF) as u8).is_some() && settings >> 10 == 0;
+            let suspension_ok = suspension & !ACCOUNT_SUSPENSION_BITS == 0;
             let quotas_ok = quotas.iter().all(|q| (q >> 32) <= (q & 0xFFFF_FFFF));
-            if !tier_ok || !quotas_ok || !overrides_ok(&limits) {
+            if !tier_ok || !suspension_ok || !quotas_ok || !overrides_ok(&limits) {
                 return Err(SnapshotError::Corrupt);
             }
         }
@@ -311,10 +325,11 @@ impl<S: Storage> Engine<S> {
             ascending(&mut last, index, cap.models)?;
             placed(key::hash(h.seed ^ MODEL_SALT, key.as_slice()), cap.models, index)?;
         }
+        let scopes_at = r.clone();
         last = None;
         for _ in 0..h.scopes {
             let index = r.u32()? as usize;
-            r.u32()?;
+            let reserved = r.u32()?;
             let id = r.u64()?;
             let debts: [u64; 4] = r.words()?;
             let states: [u64; 8] = r.words()?;
@@ -330,9 +345,23 @@ impl<S: Storage> Engine<S> {
                 let v = f64::from_bits(*b);
                 !v.is_nan() && v >= 0.0
             });
-            if !table::is_ready(id) || !refers || !debts_ok || !states_ok {
+            if reserved != 0 || !table::is_ready(id) || !refers || !debts_ok || !states_ok {
                 return Err(SnapshotError::Corrupt);
             }
+        }
+        // A key is published at most once: a second copy would be unreachable until the first
+        // is reclaimed, and then bring back its own state.
+        let same_key = |a: &[u8], b: &[u8], max: usize| a.get(4..8 + max) == b.get(4..8 + max);
+        let identity = |r: &[u8]| {
+            let mut id = [0; 8];
+            id.copy_from_slice(r.get(8..16).unwrap_or(&[0; 8]));
+            table::tag_of(u64::from_le_bytes(id)) & scope::IDENTITY_MASK
+        };
+        if repeated(&accounts_at, h.accounts, ACCOUNT_RECORD, |a, b| same_key(a, b, ACCOUNT_KEY_MAX))?
+            || repeated(&models_at, h.models, MODEL_RECORD, |a, b| same_key(a, b, MODEL_KEY_MAX))?
+            || repeated(&scopes_at, h.scopes, SCOPE_RECORD, |a, b| identity(a) == identity(b))?
+        {
+            return Err(SnapshotError::Corrupt);
         }
         Ok(h)
     }
@@ -377,7 +406,7 @@ impl<S: Storage> Engine<S> {
         let index = r.u32()? as usize;
         r.u32()?;
         let id = r.u64()?;
-        let debts: [u64; 4] = r.words()?;
+        let mut debts: [u64; 4] = r.words()?;
         let [l0, l1, l2, l3, m0, m1, m2, m3] = r.words::<8>()?.map(f64::from_bits);
         let states = PerMetric(
             [(l0, m0), (l1, m1), (l2, m2), (l3, m3)].map(|(limit, memory)| MetricState { limit, memory }),
@@ -387,8 +416,17 @@ impl<S: Storage> Engine<S> {
         let (Some(s), Some(adaptation)) = (t.scopes.get(index), t.adaptation.get(index)) else {
             return Err(SnapshotError::Corrupt);
         };
+        let intervals = scope::intervals_of(&states);
+        // A metric without a limit (interval 0) owes nothing, as when a limit is lifted
+        // (`bucket::rescale`): a debt there would refuse requests on a metric nothing enforces.
+        // A snapshot taken while a limit was being lifted can pair the old debt with the new limit.
+        for (d, i) in debts.iter_mut().zip(intervals) {
+            if i == 0 {
+                *d = 0;
+            }
+        }
         adaptation.store(&states);
-        s.init(scope::intervals_of(&states), now_ns / QUANTUM_NS, self.tick_index(now_ns));
+        s.init(intervals, now_ns / QUANTUM_NS, self.tick_index(now_ns));
         s.bucket.store(bucket::seal(now_ns / QUANTUM_NS, debts, 0).pack(), Ordering::Release);
         s.set_usage(usage);
         s.id.store(id, Ordering::Release);
@@ -485,13 +523,39 @@ fn placed(hash: u64, capacity: usize, index: usize) -> Result<(), SnapshotError>
     if table::in_window(hash, capacity, index) { Ok(()) } else { Err(SnapshotError::Corrupt) }
 }
 
-/// Overrides are either absent (both zero) or a floor of at least 1 below a ceiling.
+/// Overrides are either absent (both words zero) or a floor of at least 1 below a ceiling.
+///
+/// Absence is a matter of bits, as the engine reads it: a floor of −0.0 compares equal to 0.0
+/// but is an override, of a floor below 1.
 fn overrides_ok(limits: &[u64; 8]) -> bool {
     let (floors, ceilings) = limits.split_at(4);
     floors.iter().zip(ceilings).all(|(f, c)| {
+        let none = *f == 0 && *c == 0;
         let (f, c) = (f64::from_bits(*f), f64::from_bits(*c));
-        (f == 0.0 && c == 0.0) || (f >= 1.0 && c >= f)
+        none || (f >= 1.0 && c >= f)
     })
+}
+
+/// Whether two of the `count` records of `size` bytes at `at` are the `same`. Records that are
+/// the same key share a home slot, so both lie in its probe window: in ascending slot order they
+/// are fewer than [`table::PROBE_WINDOW`] records apart, counting round the end of the table.
+fn repeated(
+    at: &In<'_>,
+    count: usize,
+    size: usize,
+    same: impl Fn(&[u8], &[u8]) -> bool,
+) -> Result<bool, SnapshotError> {
+    let record =
+        |i: usize| at.buf.get(at.pos + i * size..at.pos + (i + 1) * size).ok_or(SnapshotError::Truncated);
+    for i in 0..count {
+        let a = record(i)?;
+        for k in 1..count.min(table::PROBE_WINDOW) {
+            if same(a, record((i + k) % count)?) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Whether the sorted, fixed-size records at `at` include slot `index` (binary search).
