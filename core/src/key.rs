@@ -53,7 +53,20 @@ impl<'a> ScopeKey<'a> {
 
 /// Hashes a key with the engine's seed (foldhash: fast on short keys, seeded against flooding).
 pub(crate) fn hash(seed: u64, bytes: &[u8]) -> u64 {
+    #[cfg(test)]
+    if let Some(forced) = collide::forced(bytes) {
+        return forced;
+    }
     foldhash::fast::FixedState::with_seed(seed).hash_one(bytes)
+}
+
+/// Unit tests only: keys named `collide-…` all hash alike, so lookups must tell them apart by
+/// the full key bytes, not by the ~60-bit tag alone.
+#[cfg(test)]
+pub(crate) mod collide {
+    pub(crate) fn forced(bytes: &[u8]) -> Option<u64> {
+        bytes.starts_with(b"collide-").then_some(0x5eed_c011_1de5_0000)
+    }
 }
 
 /// Key bytes stored in a table slot, written while the slot is being claimed and read only once

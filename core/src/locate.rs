@@ -334,3 +334,31 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
         self.engine.take_idle_scope(index, old, new, self.now_ns)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Capacity, Completion, Engine, Metric, Policy, Request, ScopeKey, Usage, Variant};
+
+    /// Keys whose hashes collide (every `collide-…` key, see `key::collide`) share a tag: only
+    /// the full-key comparison keeps the tenants apart.
+    #[test]
+    fn accounts_and_models_colliding_on_their_tag_never_share_state() {
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (ScopeKey::new(b"collide-a", b"collide-m1"), ScopeKey::new(b"collide-b", b"collide-m2"));
+        for i in 0..60 {
+            let d = e.admit(a, &Request::new(0), i).unwrap_or_else(|e| panic!("{e}"));
+            let p = *d.permit().unwrap_or_else(|| panic!("a's own limit: {d:?}"));
+            e.settle(&p, &Usage::new(0, 0), Completion::Success, i).unwrap_or_else(|e| panic!("{e}"));
+        }
+        // a has used its 60 requests; b, whose keys hash alike, has all of its own.
+        let b_levels = e.limits(b, 60).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b_levels.remaining(Metric::Requests), 60);
+        assert!(e.admit(b, &Request::new(0), 60).unwrap_or_else(|e| panic!("{e}")).admitted());
+        assert!(!e.admit(a, &Request::new(0), 60).unwrap_or_else(|e| panic!("{e}")).admitted());
+        e.add_credits(b"collide-a", 5).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.account(b"collide-b").map(|s| s.credits), Ok(0));
+        e.set_load(b"collide-m1", Variant::Regular, 900).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.load(b"collide-m2", Variant::Regular), Ok(0));
+        assert_eq!(e.account(b"collide-c"), Err(crate::Error::UnknownAccount));
+    }
+}
