@@ -731,3 +731,31 @@ impl Metric {
         matches!(self, Metric::Requests)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Attempt;
+    use crate::{Capacity, Completion, Engine, Metric, Policy, Request, ScopeKey, Usage};
+
+    const MINUTE: u64 = 60_000_000_000;
+
+    /// An admission that resolved its scope just before the slot was reclaimed for another key
+    /// must resolve again, never charge the new scope: deterministic stand-in for the race.
+    #[test]
+    fn a_stale_lookup_never_charges_the_scope_that_took_its_slot() {
+        let capacity = Capacity { scopes: 1, accounts: 4, models: 1, permits: 8 };
+        let e = Engine::new(Policy::fixed(), capacity).unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (ScopeKey::new(b"a", b"m"), ScopeKey::new(b"b", b"m"));
+        let d = e.admit(a, &Request::new(0), 0).unwrap_or_else(|e| panic!("{e}"));
+        let p = *d.permit().unwrap_or_else(|| panic!("{d:?}"));
+        e.settle(&p, &Usage::new(0, 0), Completion::Success, 0).unwrap_or_else(|e| panic!("{e}"));
+        let stale = e.locate(a, 0, false).ok().flatten().unwrap_or_else(|| panic!("a has a scope"));
+        // Minutes later "a" is idle and "b" takes the only slot.
+        assert!(e.admit(b, &Request::new(0), 5 * MINUTE).unwrap_or_else(|e| panic!("{e}")).admitted());
+        let costs = Request::new(0).costs().unwrap_or_else(|e| panic!("{e:?}"));
+        let attempt = e.admit_at(stale, costs, false, 5 * MINUTE).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(attempt, Attempt::Moved));
+        let levels = e.limits(b, 5 * MINUTE).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(levels.remaining(Metric::Requests), 59, "only b's own request is charged");
+    }
+}
