@@ -182,6 +182,96 @@ mod tests {
         assert_eq!(after.limit, 60.0);
     }
 
+    /// A fresh EWMA scope remembers the average that holds its limit at the floor
+    /// (floor / usage factor), so the first idle ticks leave it exactly fresh; the other rules
+    /// remember nothing.
+    #[test]
+    fn a_fresh_scope_remembers_the_floor_under_ewma_and_nothing_otherwise() {
+        let bounds = MetricLimits { floor: 60.0, ceiling: 1_000.0 };
+        let ewma = Policy::together().adaptation;
+        assert_eq!(MetricState::fresh(&ewma, bounds), MetricState { limit: 60.0, memory: 30.0 });
+        let thirds = Adaptation::Ewma(EwmaRule { usage_factor: 3.0, ..EwmaRule::TOGETHER });
+        assert_eq!(MetricState::fresh(&thirds, bounds), MetricState { limit: 60.0, memory: 20.0 });
+        for other in [Policy::fireworks_2024().adaptation, Adaptation::Fixed] {
+            assert_eq!(MetricState::fresh(&other, bounds), MetricState { limit: 60.0, memory: 0.0 });
+        }
+        // An idle tick keeps a fresh EWMA scope exactly fresh (and so forgettable).
+        let idle = Period { usage: 0, duration_ns: 10 * MINUTE, loaded: false };
+        let fresh = MetricState::fresh(&ewma, bounds);
+        assert_eq!(next(&ewma, fresh, bounds, idle), fresh);
+        assert!(is_forgettable(&ewma, next(&ewma, fresh, bounds, idle), bounds));
+    }
+
+    /// No time passed, or nothing enforced: the state stays exactly as it was, under every rule.
+    #[test]
+    fn an_empty_period_or_an_unlimited_metric_changes_nothing() {
+        let limited = MetricLimits { floor: 60.0, ceiling: 1_000.0 };
+        let used = MetricState { limit: 200.0, memory: 100.0 };
+        let rules = [Policy::fireworks_2024().adaptation, Policy::together().adaptation, Adaptation::Fixed];
+        for rule in rules {
+            let empty = Period { usage: 500, duration_ns: 0, loaded: false };
+            assert_eq!(next(&rule, used, limited, empty), used, "{rule:?}");
+            let unlimited = MetricLimits::UNLIMITED;
+            let state = MetricState { limit: f64::INFINITY, memory: 7.0 };
+            for usage in [0, 1_000_000] {
+                let minute = Period { usage, duration_ns: MINUTE, loaded: false };
+                let after = next(&rule, state, unlimited, minute);
+                assert_eq!(after.limit, f64::INFINITY, "{rule:?}");
+                assert_eq!(after.memory, 7.0, "{rule:?}");
+            }
+        }
+    }
+
+    /// The threshold rule drops a remembered peak below one unit a minute, so an idle scope's
+    /// memory returns to exactly nothing; a peak of one a minute is kept.
+    #[test]
+    fn a_peak_below_one_a_minute_is_forgotten() {
+        let p = Policy::fireworks_2024();
+        let bounds = MetricLimits { floor: 60.0, ceiling: 2_000.0 };
+        let idle_hour = Period { usage: 0, duration_ns: 60 * MINUTE, loaded: false };
+        // One peak half-life: 1.5 halves to 0.75, 2 to exactly 1.
+        let below = next(&p.adaptation, MetricState { limit: 60.0, memory: 1.5 }, bounds, idle_hour);
+        assert_eq!(below, MetricState { limit: 60.0, memory: 0.0 });
+        let at_one = next(&p.adaptation, MetricState { limit: 60.0, memory: 2.0 }, bounds, idle_hour);
+        assert_eq!(at_one, MetricState { limit: 60.0, memory: 1.0 });
+    }
+
+    /// An idle limit decays, but not below κ (2) times the recent peak, itself decaying.
+    #[test]
+    fn decay_stops_at_twice_the_recent_peak() {
+        let p = Policy::fireworks_2024();
+        let bounds = MetricLimits { floor: 60.0, ceiling: 2_000.0 };
+        let idle_hour = Period { usage: 0, duration_ns: 60 * MINUTE, loaded: false };
+        // An hour halves both: the limit to 500, the peak to 400, which holds the limit at 800.
+        let after = next(&p.adaptation, MetricState { limit: 1_000.0, memory: 800.0 }, bounds, idle_hour);
+        assert_eq!(after, MetricState { limit: 800.0, memory: 400.0 });
+        // A small peak does not hold it: 100 → 50, and the limit halves.
+        let after = next(&p.adaptation, MetricState { limit: 1_000.0, memory: 100.0 }, bounds, idle_hour);
+        assert_eq!(after, MetricState { limit: 500.0, memory: 50.0 });
+    }
+
+    /// Growth over a period longer than what remains of slow start: doubling up to twice the
+    /// floor, then linear (20% of the floor a minute) for the rest, in one closed form.
+    #[test]
+    fn growth_crosses_from_slow_start_to_linear_within_one_period() {
+        let p = Policy::fireworks_2024();
+        let bounds = MetricLimits { floor: 60.0, ceiling: 2_000.0 };
+        let fresh = MetricState::fresh(&p.adaptation, bounds);
+        let grow = |state: MetricState, minutes: u64| {
+            // Usage at the current limit: sustained.
+            let usage = state.limit as u64 * minutes;
+            next(&p.adaptation, state, bounds, Period { usage, duration_ns: minutes * MINUTE, loaded: false })
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        // 5 minutes of slow start: 60 · 2^(5/10).
+        assert!(close(grow(fresh, 5).limit, 60.0 * core::f64::consts::SQRT_2), "{:?}", grow(fresh, 5));
+        // 10 minutes to reach 120, then 10 minutes at +12 a minute.
+        assert!(close(grow(fresh, 20).limit, 240.0), "{:?}", grow(fresh, 20));
+        // Already past slow start: linear from the start of the period.
+        let grown = MetricState { limit: 200.0, memory: 200.0 };
+        assert!(close(grow(grown, 10).limit, 320.0), "{:?}", grow(grown, 10));
+    }
+
     #[test]
     fn together_doubles_at_most_once_an_hour() {
         let p = Policy::together();

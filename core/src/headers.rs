@@ -297,4 +297,154 @@ mod tests {
         assert_eq!(Rfc3339(951_782_400).to_string(), "2000-02-29T00:00:00Z");
         assert_eq!(Rfc3339(1_795_475_936).to_string(), "2026-11-23T23:18:56Z");
     }
+
+    /// Known dates far past the epoch's first day (from `date -u -d @SECONDS`): leap days,
+    /// century years that are and are not leap years, year-end and month-end rollovers.
+    #[test]
+    fn timestamps_far_past_the_epoch_are_rfc3339_utc() {
+        let goldens: [(u64, &str); 23] = [
+            (2_678_399, "1970-01-31T23:59:59Z"),
+            (31_535_999, "1970-12-31T23:59:59Z"),
+            (31_536_000, "1971-01-01T00:00:00Z"),
+            (68_169_600, "1972-02-29T00:00:00Z"),
+            (946_684_799, "1999-12-31T23:59:59Z"),
+            (946_684_800, "2000-01-01T00:00:00Z"),
+            (951_868_800, "2000-03-01T00:00:00Z"),
+            (1_704_067_199, "2023-12-31T23:59:59Z"),
+            (1_704_067_200, "2024-01-01T00:00:00Z"),
+            (1_709_251_199, "2024-02-29T23:59:59Z"),
+            (1_709_251_200, "2024-03-01T00:00:00Z"),
+            (1_714_480_496, "2024-04-30T12:34:56Z"),
+            (1_719_792_000, "2024-07-01T00:00:00Z"),
+            (1_735_689_599, "2024-12-31T23:59:59Z"),
+            (1_735_689_600, "2025-01-01T00:00:00Z"),
+            (1_749_974_950, "2025-06-15T08:09:10Z"),
+            (2_147_483_648, "2038-01-19T03:14:08Z"),
+            (4_107_542_399, "2100-02-28T23:59:59Z"),
+            (4_107_542_400, "2100-03-01T00:00:00Z"),
+            (4_133_980_799, "2100-12-31T23:59:59Z"),
+            (13_574_606_400, "2400-02-29T12:00:00Z"),
+            (13_601_087_999, "2400-12-31T23:59:59Z"),
+            (253_402_300_799, "9999-12-31T23:59:59Z"),
+        ];
+        for (unix, text) in goldens {
+            assert_eq!(Rfc3339(unix).to_string(), text, "{unix}");
+        }
+    }
+
+    /// Every day from 1970 to 2500 against a naive calendar walk (a different algorithm from
+    /// the closed form under test), at a time of day that moves with the date.
+    #[test]
+    fn every_day_to_2500_matches_a_calendar_walk() {
+        let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let month_days = |y: u64, m: u64| match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        let (mut year, mut month, mut day) = (1970u64, 1u64, 1u64);
+        let mut days = 0u64;
+        while year < 2500 {
+            let secs = (days * 7_919) % 86_400;
+            let expected = std::format!(
+                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+                secs / 3_600,
+                secs / 60 % 60,
+                secs % 60
+            );
+            assert_eq!(Rfc3339(days * 86_400 + secs).to_string(), expected);
+            days += 1;
+            day += 1;
+            if day > month_days(year, month) {
+                day = 1;
+                month += 1;
+                if month > 12 {
+                    month = 1;
+                    year += 1;
+                }
+            }
+        }
+    }
+
+    fn headers(d: &Decision, render: &Render) -> std::vec::Vec<std::string::String> {
+        let mut all = std::vec::Vec::new();
+        for_each_header(d, render, 0, |name, value| all.push(std::format!("{name}: {value}")));
+        all
+    }
+
+    /// A request admitted after a smoothing wait runs within its limit: its levels are past the
+    /// limit when it is admitted, but the permit's band, not the levels, says "over limit".
+    #[test]
+    fn a_smoothed_request_is_not_over_limit() {
+        use crate::{Capacity, Engine, Outcome, Policy, Request, ScopeKey};
+        let e = Engine::new(Policy::together(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let key = ScopeKey::new(b"a", b"m");
+        for _ in 0..60 {
+            e.admit(key, &Request::new(0), 0).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let d = e.admit(key, &Request::new(0), 0).unwrap_or_else(|e| panic!("{e}"));
+        let Outcome::Admit(p) = d.outcome else { panic!("smoothed, not refused: {d:?}") };
+        assert_eq!(p.wait_ns(), 1_000_000_000);
+        assert!(d.levels.over_limit());
+        assert!(headers(&d, &Render::new(Dialect::Fireworks)).contains(&"x-ratelimit-over-limit: no".into()));
+    }
+
+    /// Dialects with one token limit report the token metric nearest exhaustion, as a fraction
+    /// of its limit (not in tokens).
+    #[test]
+    fn the_single_token_limit_is_the_one_nearest_exhaustion() {
+        use crate::{Capacity, Engine, Policy, Request, ScopeKey};
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let render = Render::new(Dialect::Together);
+        // Half the generated tokens left (3,000 of 6,000), all of the prompt's.
+        let d = e
+            .admit(ScopeKey::new(b"a", b"m"), &Request::new(0).max_tokens(3_000), 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let all = headers(&d, &render);
+        assert!(all.contains(&"x-tokenlimit-limit: 6000".into()), "{all:?}");
+        assert!(all.contains(&"x-tokenlimit-remaining: 3000".into()), "{all:?}");
+        // More prompt tokens left (10,000) than generated (5,000), but a smaller fraction.
+        let d = e
+            .admit(ScopeKey::new(b"b", b"m"), &Request::new(50_000).max_tokens(1_000), 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let all = headers(&d, &render);
+        assert!(all.contains(&"x-tokenlimit-limit: 60000".into()), "{all:?}");
+        assert!(all.contains(&"x-tokenlimit-remaining: 10000".into()), "{all:?}");
+        // And in OpenAI's headers.
+        let all = headers(&d, &Render::new(Dialect::OpenAi));
+        assert!(all.contains(&"x-ratelimit-limit-tokens: 60000".into()), "{all:?}");
+        assert!(all.contains(&"x-ratelimit-remaining-tokens: 10000".into()), "{all:?}");
+    }
+
+    /// Anthropic's reset headers name the wall-clock moment each bucket is full again: here a
+    /// second before the leap day ends, so the requests bucket is full on the 1st of March.
+    #[test]
+    fn anthropic_resets_cross_a_leap_day_at_the_wall_clock() {
+        use crate::{Capacity, Engine, Policy, Request, ScopeKey};
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let now = 5_000_000_000;
+        let d = e
+            .admit(ScopeKey::new(b"a", b"m"), &Request::new(0).max_tokens(1_500), now)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // At `now` the wall clock reads 2024-02-29T23:59:58.5Z.
+        let render = Render::new(Dialect::Anthropic).wall_clock(1_709_251_198_500_000_000, now);
+        let mut resets = std::vec::Vec::new();
+        for_each_header(&d, &render, now, |name, value| {
+            if name.ends_with("-reset") {
+                resets.push(std::format!("{name}: {value}"));
+            }
+        });
+        assert_eq!(
+            resets,
+            [
+                // One request of 60 a minute: full again in 1 s, at 23:59:59.5, rounded up.
+                "anthropic-ratelimit-requests-reset: 2024-03-01T00:00:00Z",
+                // No prompt tokens: full now, rounded up to the next whole second.
+                "anthropic-ratelimit-input-tokens-reset: 2024-02-29T23:59:59Z",
+                // 1,500 of 6,000 generated tokens a minute: 15 s.
+                "anthropic-ratelimit-output-tokens-reset: 2024-03-01T00:00:14Z",
+            ]
+        );
+    }
 }

@@ -89,3 +89,14 @@ impl<T> PerMetric<T> {
         ])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_requests_are_not_tokens() {
+        let tokens = Metric::ALL.map(Metric::is_tokens);
+        assert_eq!(tokens, [false, true, true, true]);
+    }
+}
