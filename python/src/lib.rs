@@ -14,8 +14,8 @@ use sluicegate_core::headers::for_each_header;
 use sluicegate_core::response::{Dialect, Render};
 use sluicegate_core::{
     Capacity, Completion, Decision, Engine as CoreEngine, Error as CoreError, Heap, Levels, Metric,
-    MetricLimits, Outcome as CoreOutcome, Permit, Policy, Price, Quota, QuotaError, Request, ScopeKey,
-    SettleError, SnapshotError, Suspension, Tier, Usage, Variant,
+    MetricLimits, Outcome as CoreOutcome, Overrides, Permit, Policy, Price, Quota, QuotaError, Request,
+    ScopeKey, SettleError, SnapshotError, Suspension, Tier, Usage, Variant,
 };
 
 pyo3::create_exception!(_sluicegate, Error, PyException, "Base of every sluicegate error.");
@@ -396,41 +396,47 @@ fn positive_float(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
     Ok(x)
 }
 
-/// A duration in seconds: a finite, non-negative number (not a bool).
-fn seconds(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
-    let not_a_number = || PyTypeError::new_err(format!("{name} must be a number of seconds"));
-    if v.is_instance_of::<PyBool>() {
+/// An override's value: a number, or None for `inf` (no limit: the metric off, no ceiling, a
+/// permit that never expires). Ranges are the core's to check, so they do not depend on the order
+/// the keywords come in.
+fn override_value(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if v.is_none() {
+        return Ok(f64::INFINITY);
+    }
+    let kind = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+    let not_a_number = || PyTypeError::new_err(format!("{name} must be a number or None, not {kind}"));
+    if v.is_instance_of::<PyBool>() || v.is_instance_of::<PyString>() || v.is_instance_of::<PyBytes>() {
         return Err(not_a_number());
     }
-    let secs: f64 = v.extract().map_err(|_| not_a_number())?;
-    if !(secs.is_finite() && secs >= 0.0) {
-        return Err(PyValueError::new_err(format!("{name} must be a non-negative number, got {secs}")));
-    }
-    Ok(secs)
+    v.extract::<f64>().map_err(|_| not_a_number())
 }
 
+/// The preset `name` with the keyword overrides, collected first and resolved together.
 fn policy_from(name: &str, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Policy> {
-    let mut policy = Policy::preset(name).ok_or_else(|| {
-        PyValueError::new_err(format!("unknown policy {name:?}; expected one of {:?}", Policy::PRESETS))
+    let preset = Policy::preset(name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown policy {name:?}; expected one of {}",
+            Policy::PRESETS.join(", ")
+        ))
     })?;
-    let Some(overrides) = overrides else { return Ok(policy) };
-    for (key, value) in overrides.iter() {
+    let mut collected = Overrides::default();
+    for (key, value) in overrides.into_iter().flat_map(|d| d.iter()) {
         let key: String = key.extract()?;
-        if value.is_none() {
-            continue;
+        // The name first: an unknown keyword is an error whatever its value, None included.
+        if !Policy::OVERRIDES.contains(&key.as_str()) {
+            return Err(PyTypeError::new_err(format!(
+                "Engine() got an unexpected keyword argument {key:?}; overrides are {}",
+                Policy::OVERRIDES.join(", ")
+            )));
         }
-        // Durations in seconds: their lower bounds are the policy's to check (a PolicyError).
-        let number = if key == "max_wait" || key == "permit_ttl" {
-            seconds(&key, &value)?
-        } else {
-            positive_float(&key, &value)?
-        };
-        policy
-            .set(&key, number)
-            .map_err(|_| PyTypeError::new_err(format!("unexpected keyword argument {key:?}")))?;
+        let _ = collected.set(&key, override_value(&key, &value)?);
     }
-    policy.bands().map_err(|e| PolicyError::new_err(e.to_string()))?;
-    Ok(policy)
+    preset.with(&collected).map_err(|e| PolicyError::new_err(e.to_string()))
+}
+
+/// A per-minute figure as written in a repr: whole numbers without a fraction.
+fn per_minute(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 { format!("{v:.0}") } else { format!("{v}") }
 }
 
 #[pymethods]
@@ -794,8 +800,25 @@ impl PyEngine {
         self.inner.restore(data.as_bytes(), at).map_err(snapshot_error)
     }
 
+    /// The preset, the scope capacity and each metric's limit in force: `floor..ceiling/min`
+    /// when it adapts, `n/min` when fixed, `off` when not enforced.
     fn __repr__(&self) -> String {
-        format!("<Engine policy={:?} capacity={}>", self.policy_name, self.inner.capacity().scopes)
+        let policy = self.inner.policy();
+        let mut out =
+            format!("<Engine policy='{}' capacity={}", self.policy_name, self.inner.capacity().scopes);
+        for m in Metric::ALL {
+            let l = policy.limits.get(m);
+            let shown = if !l.is_limited() {
+                "off".to_string()
+            } else if l.floor == l.ceiling {
+                format!("{}/min", per_minute(l.floor))
+            } else {
+                format!("{}..{}/min", per_minute(l.floor), per_minute(l.ceiling))
+            };
+            out.push_str(&format!(" {}={shown}", m.name()));
+        }
+        out.push('>');
+        out
     }
 }
 

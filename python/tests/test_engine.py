@@ -31,10 +31,11 @@ def test_over_limit_band_and_headers():
 
 def test_overrides_set_floors_ceilings_and_the_hard_factor():
     e = sluicegate.Engine(policy="fixed", capacity=100, requests_per_minute=600, generated_tokens_per_minute=1_000)
+    # Under fixed, only the metrics named are enforced.
     assert e.limits("a", "m", now_ns=0) == {
         "requests": 600,
-        "prompt_tokens": 60_000,
-        "uncached_prompt_tokens": 60_000,
+        "prompt_tokens": None,
+        "uncached_prompt_tokens": None,
         "generated_tokens": 1_000,
     }
     strict = sluicegate.Engine(capacity=100, hard_factor=1.0)

@@ -77,9 +77,9 @@ def test_bad_policies_dialects_and_names(engine):
         sluicegate.Engine(policy="nope")
     with pytest.raises(TypeError, match="unexpected keyword"):
         sluicegate.Engine(policy="fixed", requests_per_hour=5)
-    with pytest.raises(ValueError, match="hard_factor"):
+    with pytest.raises(sluicegate.PolicyError, match="hard_factor"):
         sluicegate.Engine(hard_factor=0.5)
-    with pytest.raises(ValueError, match="hard_factor"):
+    with pytest.raises(sluicegate.PolicyError, match="hard_factor"):
         sluicegate.Engine(hard_factor=float("nan"))
     with pytest.raises(sluicegate.PolicyError):
         sluicegate.Engine(capacity=0)

@@ -149,14 +149,27 @@ class Decision:
 class Engine:
     """The admission engine: fixed-capacity tables, safe to share between threads.
 
-    ``policy`` is a preset (``fireworks_2024``, ``fireworks_2026``, ``together``, ``fixed``);
-    keyword overrides set a metric's floor (its limit under ``fixed``) and ceiling per minute:
-    ``requests_per_minute``, ``prompt_tokens_per_minute``, ``uncached_prompt_tokens_per_minute``,
-    ``generated_tokens_per_minute``, their ``*_ceiling`` twins (e.g. ``requests_ceiling``),
-    ``hard_factor`` (ρ ≥ 1), ``max_wait`` (smoothing, seconds) and ``permit_ttl`` (seconds, at
-    least 1; default 900, 15 minutes): a decision not settled within ``permit_ttl`` of its
-    ``now_ns`` expires, and settling it raises :class:`PermitExpiredError`. Every ``now_ns``
-    defaults to ``time.monotonic_ns()``; pass explicit values to simulate hours in milliseconds.
+    ``policy`` is a preset (``fireworks_2024``, ``fireworks_2026``, ``together``, ``fixed``).
+    Keyword overrides are collected, then resolved and checked together, so their order never
+    matters:
+
+    - ``<metric>_per_minute`` (``requests_per_minute``, ``prompt_tokens_per_minute``,
+      ``uncached_prompt_tokens_per_minute``, ``generated_tokens_per_minute``) is the metric's
+      limit, its floor when limits adapt. Under ``fixed``, naming any metric's limit enforces only
+      the metrics named; ``fixed`` with none named keeps its documented floors.
+    - ``<metric>_ceiling`` (e.g. ``requests_ceiling``) bounds adaptation (default: the preset's,
+      raised to the floor); a floor above its ceiling is a :class:`PolicyError`.
+    - ``hard_factor`` (ρ ≥ 1), ``max_wait`` (smoothing, seconds; 0 turns it off), ``tick``
+      (seconds) and ``permit_ttl`` (seconds, at least 1; default 900, 15 minutes): a decision not
+      settled within ``permit_ttl`` of its ``now_ns`` expires, and settling it raises
+      :class:`PermitExpiredError`.
+    - ``None`` means ``inf``, no limit: it turns a metric off under any preset, removes a
+      ceiling, makes permits never expire.
+
+    A value out of range raises :class:`PolicyError` naming it; an unknown keyword raises
+    ``TypeError`` naming it. ``repr(engine)`` shows each metric's limit in force (``off`` when
+    not enforced). Every ``now_ns`` defaults to ``time.monotonic_ns()``; pass explicit values to
+    simulate hours in milliseconds.
     """
 
     def __new__(
