@@ -526,9 +526,14 @@ impl PyEngine {
     ) -> PyResult<()> {
         let permit = decision.permit()?;
         let reserved = permit.reserved();
+        // Each field left out is what was reserved; cached tokens at most the prompt tokens, so
+        // `settle(d, prompt_tokens=...)` alone never reports an impossible usage.
+        let prompt = optional_count("prompt_tokens", prompt_tokens)?.unwrap_or(reserved.prompt_tokens);
+        let reserved_cached = reserved.prompt_tokens.saturating_sub(reserved.uncached_prompt_tokens);
         let usage = Usage {
-            prompt_tokens: optional_count("prompt_tokens", prompt_tokens)?.unwrap_or(reserved.prompt_tokens),
-            cached_tokens: optional_count("cached_tokens", cached_tokens)?.unwrap_or(0),
+            prompt_tokens: prompt,
+            cached_tokens: optional_count("cached_tokens", cached_tokens)?
+                .unwrap_or(reserved_cached.min(prompt)),
             generated_tokens: optional_count("generated_tokens", generated_tokens)?
                 .unwrap_or(reserved.generated_tokens),
         };

@@ -62,3 +62,29 @@ def test_override_order_never_matters(policy):
     b = sluicegate.Engine(policy, capacity=100, requests_per_minute=100, requests_ceiling=600)
     assert repr(a) == repr(b)
     assert a.limits("a", "m", now_ns=0) == b.limits("a", "m", now_ns=0)
+
+
+# settle(): every field left out defaults to what was reserved.
+
+
+def settled_with_defaults(**settle_kwargs):
+    e = sluicegate.Engine("fixed", capacity=100)
+    # $1 per million uncached prompt tokens; cached prompt tokens free.
+    e.set_price("m", uncached_prompt=1_000_000, cached_prompt=0, generated=0)
+    d = e.admit("a", "m", prompt_tokens=1_000, cached_tokens=800, now_ns=0)
+    assert d.cost["uncached_prompt_tokens"] == 200
+    e.settle(d, now_ns=0, **settle_kwargs)
+    return e.account("a")["period_spend"], e.remaining("a", "m", now_ns=0)["uncached_prompt_tokens"]
+
+
+def test_settle_defaults_every_omitted_field_to_the_reservation():
+    explicit = settled_with_defaults(prompt_tokens=1_000, cached_tokens=800, generated_tokens=0)
+    assert explicit == (200, 60_000 - 200)
+    assert settled_with_defaults() == explicit
+    assert settled_with_defaults(prompt_tokens=1_000) == explicit
+    assert settled_with_defaults(generated_tokens=0) == explicit
+
+
+def test_settle_default_cached_tokens_never_exceed_the_prompt_given():
+    # Fewer prompt tokens than were reserved as cached: all of them count as cached.
+    assert settled_with_defaults(prompt_tokens=500) == (0, 60_000)

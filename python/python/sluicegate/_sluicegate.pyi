@@ -211,7 +211,11 @@ class Engine:
         completion: Literal["success", "upstream_failure", "cancelled"] = "success",
         now_ns: Optional[int] = None,
     ) -> None:
-        """Settles an admitted decision with actual usage (defaults: what was reserved).
+        """Settles an admitted decision with actual usage.
+
+        Every field left out is what was reserved at admission: ``prompt_tokens`` and
+        ``cached_tokens`` as admitted (cached at most ``prompt_tokens``), ``generated_tokens`` as
+        reserved. ``completion="upstream_failure"`` refunds and bills nothing.
 
         Raises :class:`AlreadySettledError` on a second settle, and :class:`PermitExpiredError`
         past the policy's ``permit_ttl``.
@@ -225,7 +229,7 @@ class Engine:
         *,
         now_ns: Optional[int] = None,
     ) -> None:
-        """Settles a request the client abandoned, with what it used."""
+        """Settles a request the client abandoned, with what it used (omitted: what was reserved)."""
     def charge(self, decision: Decision, generated_tokens: int, *, now_ns: Optional[int] = None) -> None:
         """Records generated tokens of a stream as they arrive."""
     def limits(self, account: _Key, model: _Key, *, fast: bool = False, now_ns: Optional[int] = None) -> dict[str, Optional[int]]:
