@@ -89,6 +89,10 @@ fn compile(compiler: &str, args: &[&str]) {
 /// exited successfully within `TIMEOUT` (killed and failed otherwise).
 fn run(binary: &str, stdin: Option<&str>, env: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(binary);
+    // `cargo test` puts `target/<profile>` on LD_LIBRARY_PATH, which wins over the binaries'
+    // rpath: without this, the shared-library tests would load a stale `libsluicegate.so` copied
+    // there by an earlier `cargo build` instead of this build's.
+    cmd.env("LD_LIBRARY_PATH", lib_dir());
     cmd.current_dir(root()).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::piped());
     match stdin {
         Some(file) => cmd.stdin(std::fs::File::open(root().join(file)).expect("stdin file")),
