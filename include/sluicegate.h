@@ -18,6 +18,23 @@
 #include <stdint.h>
 
 /**
+ * `sg_config.max_wait_ns`: no smoothing wait, whatever the preset's.
+ */
+#define SG_MAX_WAIT_OFF UINT64_MAX
+
+/**
+ * `sg_config.permit_ttl_ns`: permits never expire.
+ */
+#define SG_PERMIT_TTL_NEVER UINT64_MAX
+
+/**
+ * `sg_levels.limit` and `sg_levels.remaining` of a metric that is not enforced: turned off
+ * (`INFINITY` in `sg_config.floor`), not named under "fixed", or without a limit in the preset
+ * (requests under "fireworks_2026").
+ */
+#define SG_UNLIMITED UINT64_MAX
+
+/**
  * What every function returns. `SG_OK` is 0; `sg_result_str` describes each code.
  */
 enum sg_result
@@ -449,8 +466,11 @@ typedef struct sg_price {
 } sg_price;
 
 /**
- * How to build an engine: a preset and overrides. Zero (or NULL) fields keep the preset's
- * value; start from `sg_config_default`.
+ * How to build an engine: a preset and overrides. Every zero (or NULL) field keeps the preset's
+ * value, so a zero-initialised `sg_config` is the preset; `sg_config_default` gives the same.
+ * Overrides are resolved together, in no order, then checked once: a value out of its range
+ * (NaN, a limit below 1, a floor above its ceiling, a hard factor below 1) makes
+ * `sg_engine_new` fail with `SG_ERR_POLICY`.
  */
 typedef struct sg_config {
   /**
@@ -474,11 +494,13 @@ typedef struct sg_config {
    */
   uint64_t permits;
   /**
-   * Per-minute floors (the fixed limit under "fixed"), by `sg_metric`; 0 keeps the preset's.
+   * Per-minute limits (floors when limits adapt), by `sg_metric`; 0 keeps the preset's,
+   * `INFINITY` turns the metric off. Under "fixed", setting any of them enforces only the ones
+   * set.
    */
   double floor[4];
   /**
-   * Per-minute ceilings, by `sg_metric`; 0 keeps the preset's.
+   * Per-minute ceilings, by `sg_metric`; 0 keeps the preset's, `INFINITY` is none.
    */
   double ceiling[4];
   /**
@@ -486,14 +508,15 @@ typedef struct sg_config {
    */
   double hard_factor;
   /**
-   * Longest smoothing wait, ns; `UINT64_MAX` keeps the preset's.
+   * Longest smoothing wait, ns; 0 keeps the preset's (2 s under "together", none otherwise),
+   * `SG_MAX_WAIT_OFF` turns smoothing off.
    */
   uint64_t max_wait_ns;
   /**
    * How long a permit may stay unsettled before it expires, ns (at least 1 s); 0 keeps the
-   * preset's (15 minutes). Settling or charging an expired permit is
-   * `SG_ERR_PERMIT_EXPIRED`: its reservation stays charged, and what it held (its ledger
-   * entry, the scope's in-flight count, the model's tracked load) is released.
+   * preset's (15 minutes), `SG_PERMIT_TTL_NEVER` never expires. Settling or charging an
+   * expired permit is `SG_ERR_PERMIT_EXPIRED`: its reservation stays charged, and what it held
+   * (its ledger entry, the scope's in-flight count, the model's tracked load) is released.
    */
   uint64_t permit_ttl_ns;
   /**
@@ -636,19 +659,20 @@ typedef struct sg_usage {
 } sg_usage;
 
 /**
- * A scope's limits, levels and reset times, by `sg_metric`.
+ * A scope's limits, levels and reset times, by `sg_metric`: the limits in force. A metric that
+ * is not enforced reads `limit == remaining == SG_UNLIMITED` and `reset_ns == 0`.
  */
 typedef struct sg_levels {
   /**
-   * Limit per minute (`UINT64_MAX`: not enforced).
+   * Limit per minute (`SG_UNLIMITED`: not enforced).
    */
   uint64_t limit[4];
   /**
-   * Units left.
+   * Units left (`SG_UNLIMITED`: not enforced).
    */
   uint64_t remaining[4];
   /**
-   * ns until full again.
+   * ns until full again (0: full, or not enforced).
    */
   uint64_t reset_ns[4];
 } sg_levels;
@@ -788,7 +812,8 @@ sg_result sg_quota_set_limit(const struct sg_engine *engine, const uint8_t *acco
 const char *sg_result_str(uint32_t code);
 
 /**
- * Fills `config` with the defaults: preset fireworks_2024, every override off.
+ * Fills `config` with the defaults: preset fireworks_2024 (NULL) and every other field 0, which
+ * keeps the preset's value; the same as a zero-initialised `sg_config`.
  *
  * # Safety
  * `config` must be NULL or point to a writable `sg_config`.
@@ -797,7 +822,8 @@ sg_result sg_config_default(struct sg_config *config);
 
 /**
  * Creates an engine; on success `*engine` owns it until `sg_engine_free`. Tables are allocated
- * here, once.
+ * here, once. On any error (a value out of range is `SG_ERR_POLICY`) `*engine` is set to NULL,
+ * so a failed call never leaves a stale handle to free.
  *
  * # Safety
  * `config` must be NULL or point to a valid `sg_config` (its `preset` NULL or NUL-terminated);

@@ -4,8 +4,8 @@
 use core::ffi::{CStr, c_char};
 
 use sluicegate_core::{
-    Capacity, Completion, Decision, Engine, Heap, Levels, Metric, MetricLimits, Outcome, Permit, Policy,
-    RawPermit, Request, ScopeKey, Usage, Variant,
+    Capacity, Completion, Decision, Engine, Heap, Levels, Metric, Outcome, Overrides, Permit, Policy,
+    RawPermit, Request, ScopeKey, Usage, Variant, overrides,
 };
 
 use crate::boundary::{arg, boundary, bytes, out, sg_result, sg_result::*};
@@ -15,8 +15,11 @@ pub struct sg_engine {
     pub(crate) inner: Engine<Heap>,
 }
 
-/// How to build an engine: a preset and overrides. Zero (or NULL) fields keep the preset's
-/// value; start from `sg_config_default`.
+/// How to build an engine: a preset and overrides. Every zero (or NULL) field keeps the preset's
+/// value, so a zero-initialised `sg_config` is the preset; `sg_config_default` gives the same.
+/// Overrides are resolved together, in no order, then checked once: a value out of its range
+/// (NaN, a limit below 1, a floor above its ceiling, a hard factor below 1) makes
+/// `sg_engine_new` fail with `SG_ERR_POLICY`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct sg_config {
@@ -30,22 +33,31 @@ pub struct sg_config {
     pub models: u64,
     /// Outstanding permits (0: as many as scopes, at least 1024).
     pub permits: u64,
-    /// Per-minute floors (the fixed limit under "fixed"), by `sg_metric`; 0 keeps the preset's.
+    /// Per-minute limits (floors when limits adapt), by `sg_metric`; 0 keeps the preset's,
+    /// `INFINITY` turns the metric off. Under "fixed", setting any of them enforces only the ones
+    /// set.
     pub floor: [f64; 4],
-    /// Per-minute ceilings, by `sg_metric`; 0 keeps the preset's.
+    /// Per-minute ceilings, by `sg_metric`; 0 keeps the preset's, `INFINITY` is none.
     pub ceiling: [f64; 4],
     /// Hard factor ρ (≥ 1); 0 keeps the preset's.
     pub hard_factor: f64,
-    /// Longest smoothing wait, ns; `UINT64_MAX` keeps the preset's.
+    /// Longest smoothing wait, ns; 0 keeps the preset's (2 s under "together", none otherwise),
+    /// `SG_MAX_WAIT_OFF` turns smoothing off.
     pub max_wait_ns: u64,
     /// How long a permit may stay unsettled before it expires, ns (at least 1 s); 0 keeps the
-    /// preset's (15 minutes). Settling or charging an expired permit is
-    /// `SG_ERR_PERMIT_EXPIRED`: its reservation stays charged, and what it held (its ledger
-    /// entry, the scope's in-flight count, the model's tracked load) is released.
+    /// preset's (15 minutes), `SG_PERMIT_TTL_NEVER` never expires. Settling or charging an
+    /// expired permit is `SG_ERR_PERMIT_EXPIRED`: its reservation stays charged, and what it held
+    /// (its ledger entry, the scope's in-flight count, the model's tracked load) is released.
     pub permit_ttl_ns: u64,
     /// Hash seed; 0 picks one at random.
     pub seed: u64,
 }
+
+/// `sg_config.max_wait_ns`: no smoothing wait, whatever the preset's.
+pub const SG_MAX_WAIT_OFF: u64 = u64::MAX;
+
+/// `sg_config.permit_ttl_ns`: permits never expire.
+pub const SG_PERMIT_TTL_NEVER: u64 = u64::MAX;
 
 /// The four metrics, indexes of every per-metric array.
 #[repr(u32)]
@@ -167,19 +179,26 @@ pub struct sg_usage {
     pub generated_tokens: u64,
 }
 
-/// A scope's limits, levels and reset times, by `sg_metric`.
+/// `sg_levels.limit` and `sg_levels.remaining` of a metric that is not enforced: turned off
+/// (`INFINITY` in `sg_config.floor`), not named under "fixed", or without a limit in the preset
+/// (requests under "fireworks_2026").
+pub const SG_UNLIMITED: u64 = u64::MAX;
+
+/// A scope's limits, levels and reset times, by `sg_metric`: the limits in force. A metric that
+/// is not enforced reads `limit == remaining == SG_UNLIMITED` and `reset_ns == 0`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct sg_levels {
-    /// Limit per minute (`UINT64_MAX`: not enforced).
+    /// Limit per minute (`SG_UNLIMITED`: not enforced).
     pub limit: [u64; 4],
-    /// Units left.
+    /// Units left (`SG_UNLIMITED`: not enforced).
     pub remaining: [u64; 4],
-    /// ns until full again.
+    /// ns until full again (0: full, or not enforced).
     pub reset_ns: [u64; 4],
 }
 
-/// Fills `config` with the defaults: preset fireworks_2024, every override off.
+/// Fills `config` with the defaults: preset fireworks_2024 (NULL) and every other field 0, which
+/// keeps the preset's value; the same as a zero-initialised `sg_config`.
 ///
 /// # Safety
 /// `config` must be NULL or point to a writable `sg_config`.
@@ -197,7 +216,7 @@ pub unsafe extern "C" fn sg_config_default(config: *mut sg_config) -> sg_result 
             floor: [0.0; 4],
             ceiling: [0.0; 4],
             hard_factor: 0.0,
-            max_wait_ns: u64::MAX,
+            max_wait_ns: 0,
             permit_ttl_ns: 0,
             seed: 0,
         };
@@ -206,36 +225,37 @@ pub unsafe extern "C" fn sg_config_default(config: *mut sg_config) -> sg_result 
 }
 
 fn policy_of(config: &sg_config) -> Result<Policy, sg_result> {
-    let mut policy = if config.preset.is_null() {
+    let preset = if config.preset.is_null() {
         Policy::fireworks_2024()
     } else {
         // SAFETY: a non-null preset must be a NUL-terminated string (documented on the field).
         let name = unsafe { CStr::from_ptr(config.preset) }.to_str().map_err(|_| SgErrInvalidArgument)?;
         Policy::preset(name).ok_or(SgErrInvalidArgument)?
     };
-    for (i, l) in policy.limits.0.iter_mut().enumerate() {
-        let (floor, ceiling) =
-            (config.floor.get(i).copied().unwrap_or(0.0), config.ceiling.get(i).copied().unwrap_or(0.0));
+    let mut overrides = Overrides::default();
+    let mut set = |name: &str, value: f64| overrides.set(name, value).map_err(|_| SgErrInvalidArgument);
+    for (i, metric) in Metric::ALL.into_iter().enumerate() {
+        let (floor, ceiling) = (config.floor[i], config.ceiling[i]);
         if floor != 0.0 {
-            // Under a fixed policy the floor is the limit.
-            let fixed = l.floor == l.ceiling;
-            *l = MetricLimits { floor, ceiling: if fixed { floor } else { l.ceiling.max(floor) } };
+            set(metric.limit_parameter(), floor)?;
         }
         if ceiling != 0.0 {
-            l.ceiling = ceiling;
+            set(overrides::NAMES[4 + i], ceiling)?;
         }
     }
     if config.hard_factor != 0.0 {
-        policy.hard_factor = config.hard_factor;
+        set("hard_factor", config.hard_factor)?;
     }
-    if config.max_wait_ns != u64::MAX {
-        policy.max_wait_ns = config.max_wait_ns;
+    let seconds = |ns: u64| if ns == u64::MAX { f64::INFINITY } else { ns as f64 / 1e9 };
+    match config.max_wait_ns {
+        0 => {}
+        SG_MAX_WAIT_OFF => set("max_wait", 0.0)?,
+        ns => set("max_wait", seconds(ns))?,
     }
     if config.permit_ttl_ns != 0 {
-        policy.permit_ttl_ns = config.permit_ttl_ns;
+        set("permit_ttl", seconds(config.permit_ttl_ns))?;
     }
-    policy.bands()?;
-    Ok(policy)
+    Ok(preset.with(&overrides)?)
 }
 
 fn capacity_of(config: &sg_config) -> Result<Capacity, sg_result> {
@@ -255,7 +275,8 @@ fn capacity_of(config: &sg_config) -> Result<Capacity, sg_result> {
 }
 
 /// Creates an engine; on success `*engine` owns it until `sg_engine_free`. Tables are allocated
-/// here, once.
+/// here, once. On any error (a value out of range is `SG_ERR_POLICY`) `*engine` is set to NULL,
+/// so a failed call never leaves a stale handle to free.
 ///
 /// # Safety
 /// `config` must be NULL or point to a valid `sg_config` (its `preset` NULL or NUL-terminated);
@@ -264,7 +285,11 @@ fn capacity_of(config: &sg_config) -> Result<Capacity, sg_result> {
 pub unsafe extern "C" fn sg_engine_new(config: *const sg_config, engine: *mut *mut sg_engine) -> sg_result {
     boundary(|| {
         // SAFETY: forwarded from this function's contract.
-        let (config, engine) = unsafe { (arg(config)?, out(engine)?) };
+        let engine = unsafe { out(engine)? };
+        // First: a failed call, a NULL config included, leaves no dangling handle behind.
+        *engine = core::ptr::null_mut();
+        // SAFETY: forwarded from this function's contract.
+        let config = unsafe { arg(config)? };
         let policy = policy_of(config)?;
         let capacity = capacity_of(config)?;
         let inner = if config.seed == 0 {

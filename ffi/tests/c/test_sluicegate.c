@@ -138,7 +138,11 @@ static void test_config_and_lifecycle(void) {
     for (int m = 0; m < 4; m++) {
         CHECK(cfg.floor[m] == 0.0 && cfg.ceiling[m] == 0.0);
     }
-    CHECK(cfg.hard_factor == 0.0 && cfg.max_wait_ns == UINT64_MAX && cfg.permit_ttl_ns == 0 && cfg.seed == 0);
+    CHECK(cfg.hard_factor == 0.0 && cfg.max_wait_ns == 0 && cfg.permit_ttl_ns == 0 && cfg.seed == 0);
+    /* Every field 0: the defaults are a zero-initialised sg_config, byte for byte. */
+    sg_config zero;
+    memset(&zero, 0, sizeof zero);
+    CHECK(memcmp(&zero, &cfg, sizeof cfg) == 0);
 
     /* Every preset, and NULL for the default. */
     const char *presets[] = {NULL, "fireworks_2024", "fireworks_2026", "together", "fixed"};
@@ -151,37 +155,76 @@ static void test_config_and_lifecycle(void) {
         sg_engine_free(e);
     }
 
+    /* Every failure sets *engine to NULL, whatever it held: never a stale handle to free. The
+     * garbage is never dereferenced. */
+    sg_engine *const garbage = (sg_engine *)(uintptr_t)0xDEADBEEF;
+#define EXPECT_NO_ENGINE(config, expected) \
+    do {                                    \
+        e = garbage;                        \
+        EXPECT(sg_engine_new(config, &e), expected); \
+        CHECK(e == NULL);                   \
+    } while (0)
+
     /* Bad preset names, including bytes that are not UTF-8. */
     const char *bad[] = {"no-such-preset", "", "FIXED", "fixed ", "\xff\xfe"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cfg.preset = bad[i];
-        EXPECT(sg_engine_new(&cfg, &e), SG_ERR_INVALID_ARGUMENT);
+        EXPECT_NO_ENGINE(&cfg, SG_ERR_INVALID_ARGUMENT);
     }
+    EXPECT_NO_ENGINE(NULL, SG_ERR_NULL);
 
-    /* Unusable policies. */
+    /* Unusable policies: every value out of its range, under every preset. */
     EXPECT(sg_config_default(&cfg), SG_OK);
     cfg.preset = "fixed";
     cfg.scopes = 64;
     cfg.floor[SG_METRIC_REQUESTS] = 0.5;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
     cfg.floor[SG_METRIC_REQUESTS] = -1.0;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
     cfg.floor[SG_METRIC_REQUESTS] = NAN;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
+    cfg.floor[SG_METRIC_REQUESTS] = -INFINITY;
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
     cfg.floor[SG_METRIC_REQUESTS] = 0.0;
+    cfg.ceiling[SG_METRIC_GENERATED_TOKENS] = NAN;
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
+    cfg.ceiling[SG_METRIC_GENERATED_TOKENS] = 0.0;
     cfg.hard_factor = 0.5;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
+    cfg.hard_factor = -2.0;
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
+    cfg.hard_factor = NAN;
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
     cfg.hard_factor = INFINITY;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
     cfg.hard_factor = 0.0;
+    cfg.max_wait_ns = 1000000 * SEC; /* longer than the longest horizon */
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
+    cfg.max_wait_ns = 0;
     cfg.preset = NULL; /* fireworks_2024 floors at 60 RPM: a ceiling of 10 is below it */
     cfg.ceiling[SG_METRIC_REQUESTS] = 10.0;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
     cfg.ceiling[SG_METRIC_REQUESTS] = 0.0;
+    /* A floor above its ceiling is refused under every preset (C has no order of overrides:
+     * both are resolved together). */
+    const char *presets_too[] = {NULL, "fireworks_2026", "together", "fixed"};
+    for (size_t i = 0; i < sizeof presets_too / sizeof presets_too[0]; i++) {
+        cfg.preset = presets_too[i];
+        cfg.floor[SG_METRIC_PROMPT_TOKENS] = 100000.0;
+        cfg.ceiling[SG_METRIC_PROMPT_TOKENS] = 99999.0;
+        EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
+        cfg.ceiling[SG_METRIC_PROMPT_TOKENS] = 100000.0; /* equal is a fixed limit */
+        e = garbage;
+        EXPECT(sg_engine_new(&cfg, &e), SG_OK);
+        CHECK(e != NULL && e != garbage);
+        sg_engine_free(e);
+        cfg.floor[SG_METRIC_PROMPT_TOKENS] = cfg.ceiling[SG_METRIC_PROMPT_TOKENS] = 0.0;
+    }
+    cfg.preset = NULL;
     cfg.permit_ttl_ns = SEC / 2; /* a permit TTL must be at least a second */
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
     cfg.permit_ttl_ns = SEC - 1;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_POLICY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_POLICY);
     cfg.permit_ttl_ns = SEC;
     cfg.scopes = 64;
     e = NULL;
@@ -192,16 +235,17 @@ static void test_config_and_lifecycle(void) {
     /* Capacities beyond the tables' limits (nothing is allocated for these). */
     EXPECT(sg_config_default(&cfg), SG_OK);
     cfg.models = 4097;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_BAD_CAPACITY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_BAD_CAPACITY);
     cfg.models = 0;
     cfg.accounts = (1ULL << 24) + 1;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_BAD_CAPACITY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_BAD_CAPACITY);
     cfg.accounts = 0;
     cfg.permits = 1ULL << 23;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_BAD_CAPACITY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_BAD_CAPACITY);
     cfg.permits = 0;
     cfg.scopes = 1ULL << 32;
-    EXPECT(sg_engine_new(&cfg, &e), SG_ERR_BAD_CAPACITY);
+    EXPECT_NO_ENGINE(&cfg, SG_ERR_BAD_CAPACITY);
+#undef EXPECT_NO_ENGINE
 
     sg_engine_free(NULL); /* a no-op */
     uint64_t a = sg_now_ns(), b = sg_now_ns();
@@ -271,6 +315,163 @@ static void test_fixed_limits(void) {
         settle_if_admitted(e, &x, 0);
     }
     CHECK(count == 600 && x.outcome == SG_REJECT_RATE_LIMITED && x.retry_after_ns == SEC / 10);
+    sg_engine_free(e);
+}
+
+/* What a burst of 64 one-request calls on one scope at t = 0 gets. */
+typedef struct {
+    int admitted, waited, refused;
+} burst_counts;
+
+static burst_counts burst(const sg_config *cfg) {
+    burst_counts c = {0, 0, 0};
+    sg_engine *e = NULL;
+    EXPECT(sg_engine_new(cfg, &e), SG_OK);
+    CHECK(e != NULL);
+    sg_request r = request("burst", 10, 10);
+    for (int i = 0; i < 64; i++) {
+        sg_decision d;
+        EXPECT(sg_admit(e, &r, 0, &d), SG_OK);
+        if (admitted(&d)) {
+            c.admitted++;
+            c.waited += d.wait_ns > 0; /* smoothing: forward after wait_ns */
+            settle_if_admitted(e, &d, d.wait_ns);
+        } else {
+            CHECK(d.outcome == SG_REJECT_RATE_LIMITED && d.metric == SG_METRIC_REQUESTS);
+            c.refused++;
+        }
+    }
+    sg_engine_free(e);
+    return c;
+}
+
+/* Issue 22: zero keeps the preset's value in EVERY sg_config field. "together" smooths bursts
+ * with waits of up to 2 s; a zero max_wait_ns used to mean "no wait" (60 admitted, 0 waits, 4
+ * refused) while sg_config_default kept the preset's (62 admitted, 2 of them after a wait). */
+static void test_zero_fields_keep_the_preset(void) {
+    sg_config zero, def;
+    memset(&zero, 0, sizeof zero);
+    zero.preset = "together";
+    EXPECT(sg_config_default(&def), SG_OK);
+    def.preset = "together";
+    burst_counts z = burst(&zero), d = burst(&def);
+    printf("together, 64 requests at once: zero-initialised sg_config %d admitted (%d after a wait), %d refused; "
+           "sg_config_default %d admitted (%d after a wait), %d refused\n",
+           z.admitted, z.waited, z.refused, d.admitted, d.waited, d.refused);
+    CHECK(d.admitted == 62 && d.waited == 2 && d.refused == 2); /* 60 at once, 1 s and 2 s later */
+    CHECK(z.admitted == d.admitted && z.waited == d.waited && z.refused == d.refused);
+
+    /* SG_MAX_WAIT_OFF turns smoothing off; any other value is the longest wait. */
+    zero.max_wait_ns = SG_MAX_WAIT_OFF;
+    burst_counts off = burst(&zero);
+    CHECK(off.admitted == 60 && off.waited == 0 && off.refused == 4);
+    zero.max_wait_ns = 3 * SEC;
+    burst_counts three = burst(&zero);
+    CHECK(three.admitted == 63 && three.waited == 3 && three.refused == 1);
+    zero.max_wait_ns = 0;
+
+    /* The other zero fields keep the preset's too: the permit TTL is 15 minutes, ... */
+    sg_engine *e = NULL;
+    sg_decision x;
+    sg_usage u = usage(10, 0, 10);
+    sg_request r = request("ttl", 10, 10);
+    const uint64_t MIN = 60 * SEC;
+    EXPECT(sg_engine_new(&zero, &e), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    EXPECT(sg_settle(e, &x.permit, &u, SG_COMPLETION_SUCCESS, 16 * MIN), SG_ERR_PERMIT_EXPIRED);
+    /* ... the limits are the preset's (60 RPM, 60,000 prompt TPM, 6,000 generated TPM) ... */
+    sg_levels l;
+    EXPECT(sg_limits(e, KEY("fresh"), KEY(MODEL), 0, 0, &l), SG_OK);
+    CHECK(l.limit[SG_METRIC_REQUESTS] == 60 && l.limit[SG_METRIC_PROMPT_TOKENS] == 60000);
+    CHECK(l.limit[SG_METRIC_GENERATED_TOKENS] == 6000);
+    /* ... and the hard factor is the preset's 1: no over-limit band. */
+    for (int i = 0; i < 62; i++) {
+        EXPECT(sg_admit(e, &r, 20 * MIN, &x), SG_OK);
+        CHECK(x.outcome != SG_ADMIT_OVER_LIMIT);
+        settle_if_admitted(e, &x, 20 * MIN + x.wait_ns);
+    }
+    sg_engine_free(e);
+
+    /* SG_PERMIT_TTL_NEVER: a permit settles ten years later. */
+    zero.permit_ttl_ns = SG_PERMIT_TTL_NEVER;
+    EXPECT(sg_engine_new(&zero, &e), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(admitted(&x));
+    EXPECT(sg_settle(e, &x.permit, &u, SG_COMPLETION_SUCCESS, 10 * 365 * 24 * 60 * MIN), SG_OK);
+    sg_engine_free(e);
+}
+
+/* INFINITY in sg_config.floor turns a metric off under any preset; under "fixed", the floors
+ * set are the only limits enforced. An off metric reads SG_UNLIMITED in sg_levels. */
+static void check_off(const sg_levels *l, int metric) {
+    CHECK(l->limit[metric] == SG_UNLIMITED && l->remaining[metric] == SG_UNLIMITED && l->reset_ns[metric] == 0);
+}
+
+static void test_off_and_fixed_enforcing_only_what_is_set(void) {
+    const char *presets[] = {NULL, "fireworks_2026", "together", "fixed"};
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+        sg_config cfg;
+        EXPECT(sg_config_default(&cfg), SG_OK);
+        cfg.preset = presets[i];
+        cfg.scopes = 64;
+        cfg.floor[SG_METRIC_GENERATED_TOKENS] = INFINITY;
+        sg_engine *e = NULL;
+        EXPECT(sg_engine_new(&cfg, &e), SG_OK);
+        /* Far more than any preset's generated tokens, even over its limit: admitted. */
+        sg_request r = request("no-generated-limit", 10, 100000000);
+        sg_decision d;
+        EXPECT(sg_admit(e, &r, 0, &d), SG_OK);
+        CHECK(d.outcome == SG_ADMIT && d.cost[SG_METRIC_GENERATED_TOKENS] == 100000000);
+        sg_levels l;
+        EXPECT(sg_decision_levels(&d, &l), SG_OK);
+        check_off(&l, SG_METRIC_GENERATED_TOKENS);
+        settle_if_admitted(e, &d, 0);
+        EXPECT(sg_limits(e, KEY("no-generated-limit"), KEY(MODEL), 0, 0, &l), SG_OK);
+        check_off(&l, SG_METRIC_GENERATED_TOKENS);
+        /* Adapting presets keep their other limits (fireworks_2026 has none on requests).
+         * Under "fixed", naming a limit enforces only the limits named (below). */
+        if (i == 1) {
+            check_off(&l, SG_METRIC_REQUESTS);
+        } else if (i != 3) {
+            CHECK(l.limit[SG_METRIC_REQUESTS] == 60 && l.remaining[SG_METRIC_REQUESTS] == 59);
+        }
+        if (i != 3) CHECK(l.limit[SG_METRIC_PROMPT_TOKENS] != SG_UNLIMITED);
+        sg_engine_free(e);
+    }
+
+    /* "fixed" with only floor[SG_METRIC_REQUESTS] = 5: only requests are limited. */
+    sg_config cfg;
+    EXPECT(sg_config_default(&cfg), SG_OK);
+    cfg.preset = "fixed";
+    cfg.scopes = 64;
+    cfg.floor[SG_METRIC_REQUESTS] = 5.0;
+    sg_engine *e = NULL;
+    EXPECT(sg_engine_new(&cfg, &e), SG_OK);
+    sg_request huge = request("only-requests", 100000000, 100000000);
+    sg_decision d;
+    for (int i = 0; i < 5; i++) {
+        EXPECT(sg_admit(e, &huge, 0, &d), SG_OK);
+        CHECK(d.outcome == SG_ADMIT);
+        settle_if_admitted(e, &d, 0);
+    }
+    EXPECT(sg_admit(e, &huge, 0, &d), SG_OK);
+    CHECK(d.outcome == SG_REJECT_RATE_LIMITED && d.metric == SG_METRIC_REQUESTS && d.retry_after_ns == 12 * SEC);
+    sg_levels l;
+    EXPECT(sg_limits(e, KEY("only-requests"), KEY(MODEL), 0, 0, &l), SG_OK);
+    CHECK(l.limit[SG_METRIC_REQUESTS] == 5 && l.remaining[SG_METRIC_REQUESTS] == 0);
+    check_off(&l, SG_METRIC_PROMPT_TOKENS);
+    check_off(&l, SG_METRIC_UNCACHED_PROMPT_TOKENS);
+    check_off(&l, SG_METRIC_GENERATED_TOKENS);
+    sg_engine_free(e);
+
+    /* A ceiling of INFINITY is no ceiling: the limit starts at the preset's floor. */
+    EXPECT(sg_config_default(&cfg), SG_OK);
+    cfg.preset = NULL;
+    cfg.scopes = 64;
+    cfg.ceiling[SG_METRIC_REQUESTS] = INFINITY;
+    EXPECT(sg_engine_new(&cfg, &e), SG_OK);
+    EXPECT(sg_limits(e, KEY("any"), KEY(MODEL), 0, 0, &l), SG_OK);
+    CHECK(l.limit[SG_METRIC_REQUESTS] == 60);
     sg_engine_free(e);
 }
 
@@ -1001,6 +1202,8 @@ int main(void) {
     test_result_strings();
     test_config_and_lifecycle();
     test_fixed_limits();
+    test_zero_fields_keep_the_preset();
+    test_off_and_fixed_enforcing_only_what_is_set();
     test_admit_settle_charge_cancel();
     test_outcomes();
     test_keys_and_tables();
