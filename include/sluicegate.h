@@ -690,11 +690,13 @@ typedef struct sg_render {
    */
   uint32_t per_second;
   /**
-   * Unix time, ns, at which the engine clock read `monotonic_at` (for Anthropic's resets).
+   * Unix time, ns, at which the engine clock read `monotonic_at` (for Anthropic's RFC 3339
+   * resets): `sg_render_init` sets the system's real time.
    */
   uint64_t unix_ns;
   /**
-   * The engine clock at `unix_ns`.
+   * The engine clock (the `now_ns` passed to `sg_admit`) at `unix_ns`: `sg_render_init` sets
+   * `sg_now_ns()`. A gateway with its own clock sets its reading at the same instant.
    */
   uint64_t monotonic_at;
   /**
@@ -920,7 +922,11 @@ sg_result sg_set_model_capacity(const struct sg_engine *engine, const uint8_t *m
 
 /**
  * Fills `render` for `dialect` with the engine's preferences (per-second limits under
- * fireworks_2026), no wall clock and jitter seed 0.
+ * fireworks_2026), jitter seed 0 and the wall clock read now: `unix_ns` is the system's real
+ * time and `monotonic_at` is `sg_now_ns()` at the same moment, so Anthropic's resets are real
+ * dates for `now_ns` from `sg_now_ns()`. A gateway that passes its own clock as `now_ns` sets
+ * `monotonic_at` to that clock's reading now (and `unix_ns` too, if it keeps the wall clock
+ * itself). A wall clock before 1970 reads as 1970.
  *
  * # Safety
  * `engine` must be a live engine; `render` NULL or writable.

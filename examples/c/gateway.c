@@ -70,6 +70,9 @@ int main(void) {
         sg_engine_free(engine);
         return 1;
     }
+    /* sg_render_init anchors the real time to sg_now_ns(). This program's clock is simulated and
+     * reads 0 now, so it anchors that instead (Anthropic's headers give resets as dates). */
+    render.monotonic_at = 0;
 
     char line[1024];
     int line_no = 0, requests = 0;

@@ -1,5 +1,7 @@
 //! Rendering a decision: status, headers and JSON error body, into caller buffers.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use sluicegate_core::error_body::write_error_body;
 use sluicegate_core::headers::write_headers;
 use sluicegate_core::response::{Dialect, Render};
@@ -34,9 +36,11 @@ pub struct sg_render {
     pub dialect: u32,
     /// Non-zero: token limits per second (Fireworks 2026).
     pub per_second: u32,
-    /// Unix time, ns, at which the engine clock read `monotonic_at` (for Anthropic's resets).
+    /// Unix time, ns, at which the engine clock read `monotonic_at` (for Anthropic's RFC 3339
+    /// resets): `sg_render_init` sets the system's real time.
     pub unix_ns: u64,
-    /// The engine clock at `unix_ns`.
+    /// The engine clock (the `now_ns` passed to `sg_admit`) at `unix_ns`: `sg_render_init` sets
+    /// `sg_now_ns()`. A gateway with its own clock sets its reading at the same instant.
     pub monotonic_at: u64,
     /// Seeds the jitter of a 503's retry-after (e.g. a hash of the request id).
     pub jitter_seed: u64,
@@ -87,7 +91,11 @@ fn decision_from(c: &sg_decision) -> Result<Decision, sg_result> {
 }
 
 /// Fills `render` for `dialect` with the engine's preferences (per-second limits under
-/// fireworks_2026), no wall clock and jitter seed 0.
+/// fireworks_2026), jitter seed 0 and the wall clock read now: `unix_ns` is the system's real
+/// time and `monotonic_at` is `sg_now_ns()` at the same moment, so Anthropic's resets are real
+/// dates for `now_ns` from `sg_now_ns()`. A gateway that passes its own clock as `now_ns` sets
+/// `monotonic_at` to that clock's reading now (and `unix_ns` too, if it keeps the wall clock
+/// itself). A wall clock before 1970 reads as 1970.
 ///
 /// # Safety
 /// `engine` must be a live engine; `render` NULL or writable.
@@ -101,10 +109,16 @@ pub unsafe extern "C" fn sg_render_init(
         // SAFETY: forwarded from this function's contract.
         let (engine, render) = unsafe { (arg(engine)?, out(render)?) };
         let d = *Dialect::ALL.get(dialect as usize).ok_or(SgErrInvalidArgument)?;
+        let monotonic_at = sluicegate_core::clock::now_ns();
+        let unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
         *render = sg_render {
             dialect,
             per_second: u32::from(engine.inner.render(d).per_second),
-            ..sg_render::default()
+            unix_ns,
+            monotonic_at,
+            jitter_seed: 0,
         };
         Ok(())
     })

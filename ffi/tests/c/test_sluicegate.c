@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "sluicegate.h"
 
@@ -921,6 +922,68 @@ static void test_rendering(void) {
     sg_engine_free(e26);
 }
 
+/* Unix seconds of an RFC 3339 "YYYY-MM-DDTHH:MM:SSZ" (days from civil, H. Hinnant); -1 if it
+ * is not one. */
+static long long unix_of_rfc3339(const char *text) {
+    int y = 0, mo = 0, d = 0, h = 0, mi = 0, se = 0;
+    if (sscanf(text, "%4d-%2d-%2dT%2d:%2d:%2dZ", &y, &mo, &d, &h, &mi, &se) != 6) return -1;
+    y -= mo <= 2;
+    long long era = (y >= 0 ? y : y - 399) / 400;
+    long long yoe = y - era * 400;
+    long long doy = (153LL * (mo > 2 ? mo - 3 : mo + 9) + 2) / 5 + d - 1;
+    long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return (era * 146097 + doe - 719468) * 86400 + h * 3600LL + mi * 60LL + se;
+}
+
+/* The Unix time of the Anthropic requests reset rendered for `d` at `now`. */
+static long long anthropic_reset(const sg_decision *d, const sg_render *render, uint64_t now) {
+    char text[4096];
+    size_t n = 0;
+    EXPECT(sg_render_headers(d, render, now, (uint8_t *)text, sizeof text - 1, &n), SG_OK);
+    text[n] = '\0';
+    const char *name = "anthropic-ratelimit-requests-reset: ";
+    const char *reset = strstr(text, name);
+    CHECK(reset != NULL);
+    reset += strlen(name);
+    CHECK(strncmp(reset, "1970-", 5) != 0);
+    return unix_of_rfc3339(reset);
+}
+
+/* Issue 22: sg_render_init takes the wall clock, so Anthropic's resets are real dates, not
+ * 1970; a gateway on its own clock sets monotonic_at to its reading. */
+static void test_anthropic_resets_are_real_dates(void) {
+    CHECK(unix_of_rfc3339("1970-01-01T00:00:00Z") == 0);
+    CHECK(unix_of_rfc3339("2024-02-29T23:59:59Z") == 1709251199LL);
+    sg_engine *e = engine_with(NULL, 64);
+    const long long wall = (long long)time(NULL);
+    const uint64_t before = sg_now_ns();
+    sg_render an;
+    EXPECT(sg_render_init(e, SG_DIALECT_ANTHROPIC, &an), SG_OK);
+    CHECK(an.dialect == SG_DIALECT_ANTHROPIC && an.jitter_seed == 0);
+    CHECK(an.monotonic_at >= before && an.monotonic_at <= sg_now_ns());
+    const long long unix_s = (long long)(an.unix_ns / SEC);
+    CHECK(unix_s >= wall - 1 && unix_s <= wall + 5);
+
+    /* One request of 60 a minute: the bucket is full again a second later. */
+    sg_request r = request("anthropic", 10, 10);
+    sg_decision d;
+    const uint64_t now = sg_now_ns();
+    EXPECT(sg_admit(e, &r, now, &d), SG_OK);
+    CHECK(d.outcome == SG_ADMIT);
+    long long reset = anthropic_reset(&d, &an, now);
+    CHECK(reset >= wall && reset <= wall + 120);
+    settle_if_admitted(e, &d, now);
+
+    /* A gateway whose clock reads 0 now (simulated time) anchors it there. */
+    an.monotonic_at = 0;
+    sg_request own = request("own-clock", 10, 10);
+    EXPECT(sg_admit(e, &own, 0, &d), SG_OK);
+    reset = anthropic_reset(&d, &an, 0);
+    CHECK(reset >= wall && reset <= wall + 120);
+    settle_if_admitted(e, &d, 0);
+    sg_engine_free(e);
+}
+
 static uint32_t crc32_ieee(const uint8_t *p, size_t n) {
     uint32_t crc = 0xFFFFFFFFu;
     for (size_t i = 0; i < n; i++) {
@@ -1209,6 +1272,7 @@ int main(void) {
     test_keys_and_tables();
     test_accounts_prices_quotas();
     test_rendering();
+    test_anthropic_resets_are_real_dates();
     test_snapshot_restore();
     test_permit_expiry();
     test_null_pointers();
