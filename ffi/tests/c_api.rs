@@ -1,6 +1,7 @@
 //! Builds and runs the C tests and the C example against the library of this very build: the C
 //! API test as C11, as C++17 and under AddressSanitizer + UndefinedBehaviorSanitizer (against
-//! the shared library), the pthreads test, and the example gateway.
+//! the shared library), the pthreads tests (admission, and snapshots of a serving engine), and
+//! the example gateway.
 //!
 //! Where the libraries are: building the ffi lib for the tests runs rustc once with all its
 //! crate types, so `libsluicegate.a` and `libsluicegate.so` are written next to this test
@@ -194,6 +195,33 @@ fn four_threads_admit_exactly_the_limit_and_settle_on_other_threads() {
     compile("cc", &args);
     let output = run(&bin, None, &[]);
     assert_eq!(assert_all_passed(&output), 8, "{output}");
+}
+
+/// Issue 22: 1,000 snapshots of an engine that 2 threads keep creating (and reclaiming)
+/// accounts on, each restored into a second engine; every one must restore. Built with
+/// AddressSanitizer + UndefinedBehaviorSanitizer against the shared library (the Rust code is
+/// not instrumented, so it runs at about the speed of a plain build: seconds).
+#[test]
+fn every_snapshot_of_an_engine_creating_accounts_on_two_threads_restores() {
+    let bin = binary("live_snapshot_asan");
+    let dir = lib_dir().display().to_string();
+    let (search, rpath) = (format!("-L{dir}"), format!("-Wl,-rpath,{dir}"));
+    let mut args = vec![
+        "-std=c11",
+        "-pthread",
+        "-g",
+        "-fsanitize=address,undefined",
+        "-fno-omit-frame-pointer",
+        "-fno-sanitize-recover=all",
+    ];
+    args.extend(STRICT);
+    args.extend(["ffi/tests/c/live_snapshot.c", &search, "-lsluicegate", &rpath, "-o", &bin]);
+    compile("cc", &args);
+    let env = [("ASAN_OPTIONS", "detect_leaks=1"), ("UBSAN_OPTIONS", "print_stacktrace=1")];
+    let output = run(&bin, None, &env);
+    assert_eq!(assert_all_passed(&output), 5, "{output}");
+    assert!(output.contains("1000 of 1000 snapshots taken"), "{output}");
+    assert!(output.contains(", 1000 restored"), "{output}");
 }
 
 #[test]
