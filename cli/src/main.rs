@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sluicegate_core::response::{Dialect, Render};
-use sluicegate_core::{Capacity, Engine, Policy};
+use sluicegate_core::{Adaptation, Capacity, Engine, Metric, Overrides, Policy};
 
 /// Adaptive admission control for LLM gateways: replay traces, watch the demo.
 #[derive(Parser)]
@@ -37,7 +37,9 @@ struct ReplayArgs {
     /// fireworks_2024, fireworks_2026, together or fixed.
     #[arg(long, default_value = "fireworks_2024")]
     policy: String,
-    /// Override a policy parameter, e.g. requests_per_minute=600, hard_factor=1.5 (repeatable).
+    /// Override a policy parameter, e.g. requests_per_minute=600, hard_factor=1.5, max_wait=2
+    /// (seconds), generated_tokens_per_minute=off (repeatable, in any order). Under fixed, only
+    /// the limits set are enforced.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Spread requests that name no account over N accounts.
@@ -77,18 +79,42 @@ const COLUMNS: [&str; 10] = [
 ];
 
 fn policy_of(args: &ReplayArgs) -> Result<Policy, String> {
-    let mut policy = Policy::preset(&args.policy)
+    let preset = Policy::preset(&args.policy)
         .ok_or_else(|| format!("unknown policy {:?}; expected one of {:?}", args.policy, Policy::PRESETS))?;
+    let mut overrides = Overrides::default();
     for assignment in &args.set {
         let (key, value) =
             assignment.split_once('=').ok_or_else(|| format!("--set {assignment:?}: expected KEY=VALUE"))?;
-        let value: f64 = value.parse().map_err(|_| format!("--set {key}: {value:?} is not a number"))?;
-        policy.set(key, value).map_err(|_| {
+        let value: f64 = match value {
+            "off" | "none" => f64::INFINITY,
+            v => v.parse().map_err(|_| format!("--set {key}: {value:?} is not a number"))?,
+        };
+        overrides.set(key, value).map_err(|_| {
             format!("--set {key}: unknown parameter; expected one of {:?}", Policy::OVERRIDES)
         })?;
     }
-    policy.bands().map_err(|e| format!("invalid policy: {e}"))?;
-    Ok(policy)
+    preset.with(&overrides).map_err(|e| format!("invalid policy: {e}"))
+}
+
+/// The limits in force, for the replay's header line: `requests 300/min` for a fixed limit,
+/// `requests 60 to 2000/min` for one that adapts, `requests off` for a metric not enforced; then
+/// the hard factor and the longest smoothing wait.
+fn in_force(policy: &Policy) -> String {
+    let fixed = matches!(policy.adaptation, Adaptation::Fixed);
+    let limits = Metric::ALL.map(|m| {
+        let (name, l) = (m.name(), policy.limits.get(m));
+        if !l.is_limited() {
+            format!("{name} off")
+        } else if fixed || l.floor == l.ceiling {
+            format!("{name} {}/min", l.floor)
+        } else if l.ceiling.is_finite() {
+            format!("{name} {} to {}/min", l.floor, l.ceiling)
+        } else {
+            format!("{name} {}/min and up", l.floor)
+        }
+    });
+    let max_wait = policy.max_wait_ns as f64 / 1e9;
+    format!("{}; hard_factor {}, max_wait {max_wait} s", limits.join(", "), policy.hard_factor)
 }
 
 fn shown(limit: u64) -> String {
@@ -154,7 +180,7 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
         w.flush().map_err(|e| e.to_string())?;
     }
     if !to_stdout {
-        print_table(&trace, &minutes, &args.policy);
+        print_table(&trace, &minutes, &args.policy, &policy);
     }
     if let Some(path) = &args.plot {
         let title = format!("{} under {}", args.trace.rsplit('/').next().unwrap_or(&args.trace), args.policy);
@@ -164,13 +190,14 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn print_table(trace: &trace::Trace, minutes: &[replay::Minute], policy: &str) {
+fn print_table(trace: &trace::Trace, minutes: &[replay::Minute], name: &str, policy: &Policy) {
     let total: u64 = minutes.iter().map(|m| m.demanded).sum();
     println!(
-        "{} requests ({} trace, {} bad rows skipped) under {policy}",
+        "{} requests ({} trace, {} bad rows skipped) under {name}: {}",
         total,
         trace.format,
-        trace.bad.len()
+        trace.bad.len(),
+        in_force(policy)
     );
     println!(
         "{:>6} {:>9} {:>9} {:>10} {:>7} {:>6} {:>7} {:>10} {:>12} {:>14} {:>15}",

@@ -167,3 +167,108 @@ fn the_demo_tells_the_seeds_stories() {
     assert!(stdout.contains("60 admitted, 60 admitted over-limit"), "{stdout}");
     assert!(stdout.contains("HTTP 503") && stdout.contains("HTTP 429"), "{stdout}");
 }
+
+/// Issue 22: a value out of range is an error naming its parameter (`max_wait=nan` and
+/// `max_wait=-5` used to be a silent 0, `inf` an error that named none).
+#[test]
+fn out_of_range_values_are_errors_that_name_the_parameter() {
+    let path = trace_file("one.csv", &format!("{HEADER}0,a,m,regular,0,1,10,0,5,5\n"));
+    for value in ["inf", "nan", "-5", "-inf"] {
+        let set = format!("max_wait={value}");
+        let out = sluicegate(&["replay", &path, "--policy", "together", "--set", &set]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "--set {set} was accepted");
+        assert!(stderr.contains("max_wait must be a finite number of seconds"), "--set {set}: {stderr}");
+        assert!(out.stdout.is_empty(), "--set {set} replayed anyway");
+    }
+    for set in [
+        "hard_factor=0.5",
+        "tick=0",
+        "permit_ttl=0.5",
+        "requests_per_minute=nan",
+        "generated_tokens_ceiling=0",
+    ] {
+        let out = sluicegate(&["replay", &path, "--set", set]);
+        let name = set.split('=').next().unwrap_or_default();
+        assert!(!out.status.success(), "--set {set} was accepted");
+        assert!(text(&out.stderr).contains(&format!("{name} must be")), "--set {set}: {}", text(&out.stderr));
+    }
+    // Overrides are resolved together: a floor above its ceiling fails in either order.
+    let errors: Vec<String> = [
+        ["requests_ceiling=60", "requests_per_minute=100"],
+        ["requests_per_minute=100", "requests_ceiling=60"],
+    ]
+    .iter()
+    .map(|[a, b]| {
+        let out = sluicegate(&["replay", &path, "--set", a, "--set", b]);
+        assert!(!out.status.success(), "--set {a} --set {b} was accepted");
+        text(&out.stderr)
+    })
+    .collect();
+    assert_eq!(errors[0], errors[1]);
+    assert!(errors[0].contains("requests"), "{}", errors[0]);
+}
+
+/// `requests` identical requests at one instant on one scope.
+fn burst_trace(name: &str, requests: u64, prompt: u64, max_tokens: u64) -> String {
+    let mut body = String::from(HEADER);
+    for _ in 0..requests {
+        body.push_str(&format!("0,acct,llama,regular,0,1,{prompt},0,{max_tokens},{}\n", max_tokens.min(100)));
+    }
+    trace_file(name, &body)
+}
+
+/// `off` (or `inf`) turns a metric off; the CSV shows it as "-" and the header line as "off".
+#[test]
+fn off_turns_a_metric_off_and_the_header_line_says_so() {
+    let path = burst_trace("burst.csv", 200, 10, 10);
+    // fireworks_2024: 60 at once, 60 more over the limit, then 429s.
+    let rows = csv_rows(&sluicegate(&["replay", &path, "--csv", "-"]));
+    assert_eq!(rows[0][1..6], [200, 60, 60, 80, 0]);
+    for value in ["off", "inf"] {
+        let set = format!("requests_per_minute={value}");
+        let out = sluicegate(&["replay", &path, "--set", &set, "--csv", "-"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let rows = csv_rows(&out);
+        assert_eq!(rows[0][1..6], [200, 200, 0, 0, 0], "--set {set}");
+        assert_eq!(rows[0][6], u64::MAX, "--set {set}: limit_requests is \"-\"");
+        assert_eq!(rows[0][7], 60_000, "--set {set}: the other limits stay");
+        let table = text(&sluicegate(&["replay", &path, "--set", &set]).stdout);
+        let header = table.lines().next().unwrap_or_default();
+        assert!(
+            header.ends_with(
+                "under fireworks_2024: requests off, prompt_tokens 60000 to 2000000/min, \
+                 uncached_prompt_tokens 60000 to 2000000/min, generated_tokens 6000 to 200000/min; \
+                 hard_factor 2, max_wait 0 s"
+            ),
+            "{header}"
+        );
+    }
+}
+
+/// Issue 22: `--policy fixed --set requests_per_minute=300` enforces requests only. Each request
+/// reserves 100,000 generated tokens, more than fixed's default 6,000 a minute allows: they used
+/// to be refused on generated tokens, every one.
+#[test]
+fn fixed_with_one_limit_set_enforces_only_that_limit() {
+    let path = burst_trace("huge.csv", 400, 1_000_000, 100_000);
+    let args = ["replay", path.as_str(), "--policy", "fixed", "--set", "requests_per_minute=300"];
+    let out = sluicegate(&[&args[..], &["--csv", "-"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows = csv_rows(&out);
+    assert_eq!(rows[0][1..6], [400, 300, 0, 100, 0]);
+    assert_eq!(rows[0][6..], [300, u64::MAX, u64::MAX, u64::MAX]);
+    let out = sluicegate(&[&args[..], &["--headers", "openai"]].concat());
+    let stdout = text(&out.stdout);
+    let header = stdout.lines().next().unwrap_or_default();
+    assert!(
+        header.ends_with(
+            "under fixed: requests 300/min, prompt_tokens off, uncached_prompt_tokens off, \
+             generated_tokens off; hard_factor 1, max_wait 0 s"
+        ),
+        "{header}"
+    );
+    // The last refusal is on requests: its headers name no token limit.
+    assert!(stdout.contains("x-ratelimit-limit-requests: 300"), "{stdout}");
+    assert!(!stdout.contains("x-ratelimit-limit-tokens"), "{stdout}");
+}
