@@ -18,7 +18,8 @@ pub unsafe extern "C" fn sg_snapshot_size(engine: *const sg_engine, size: *mut u
 }
 
 /// Writes the engine's state as of `now_ns`; `*written` receives the length, or on
-/// `SG_ERR_BUFFER_TOO_SMALL` the length needed.
+/// `SG_ERR_BUFFER_TOO_SMALL` the length needed. Other threads may use the engine meanwhile; keys
+/// they add can make a buffer sized by `sg_snapshot_size` too small: retry with `*written` bytes.
 ///
 /// # Safety
 /// `engine` must be a live engine; `buf` NULL (with `len` 0) or `len` writable bytes; `written`
@@ -50,7 +51,9 @@ pub unsafe extern "C" fn sg_snapshot_write(
 
 /// Replaces the engine's state with a snapshot's, re-based on `now_ns`. The engine must have
 /// the snapshot's capacities and must not be used by another thread during the call. On any
-/// error the engine is unchanged.
+/// error the engine is unchanged. To restore while serving, restore into a second engine built
+/// with the same config and swap the pointer requests use (README, "Snapshots of a serving
+/// engine"); permits the first engine issued are stale in the second.
 ///
 /// # Safety
 /// `engine` must be a live engine used by no other thread meanwhile; `bytes` valid for `len`.
