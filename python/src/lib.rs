@@ -6,174 +6,53 @@
 // Python signatures take their keyword arguments flat, one Rust parameter each.
 #![allow(clippy::too_many_arguments)]
 
-use pyo3::exceptions::{PyException, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyString};
+use pyo3::types::{PyBytes, PyDict};
 use sluicegate_core::error_body::write_error_body;
 use sluicegate_core::headers::for_each_header;
 use sluicegate_core::response::{Dialect, Render};
 use sluicegate_core::{
-    Capacity, Completion, Decision, Engine as CoreEngine, Error as CoreError, Heap, Levels, Metric,
-    MetricLimits, Outcome as CoreOutcome, Overrides, Permit, Policy, Price, Quota, QuotaError, Request,
-    ScopeKey, SettleError, SnapshotError, Suspension, Tier, Usage, Variant,
+    Capacity, Completion, Decision, Engine as CoreEngine, Heap, Levels, Metric, MetricLimits,
+    Outcome as CoreOutcome, Overrides, Permit, Policy, Price, Quota, Request, ScopeKey, SnapshotError,
+    Suspension, Tier, Usage, Variant,
 };
 
-pyo3::create_exception!(_sluicegate, Error, PyException, "Base of every sluicegate error.");
-pyo3::create_exception!(_sluicegate, PolicyError, Error, "The policy or an override is unusable.");
-pyo3::create_exception!(
-    _sluicegate,
-    TableFullError,
-    Error,
-    "A fixed-capacity table has no room for this key."
-);
-pyo3::create_exception!(_sluicegate, KeyError_, Error, "An account or model key is empty or too long.");
-pyo3::create_exception!(_sluicegate, UnknownAccountError, Error, "No such account.");
-pyo3::create_exception!(_sluicegate, SpendLimitAboveTierError, Error, "A spend limit above the tier's.");
-pyo3::create_exception!(_sluicegate, QuotaExceededError, Error, "A quota operation was refused.");
-pyo3::create_exception!(_sluicegate, AlreadySettledError, Error, "The permit was already settled.");
-pyo3::create_exception!(
-    _sluicegate,
-    StalePermitError,
-    Error,
-    "The permit's scope was reclaimed or restored."
-);
-pyo3::create_exception!(_sluicegate, InvalidUsageError, Error, "Impossible usage reported at settle.");
-pyo3::create_exception!(
-    _sluicegate,
-    PermitExpiredError,
-    Error,
-    "The permit was not settled within the policy's permit_ttl."
-);
-pyo3::create_exception!(
-    _sluicegate,
-    CorruptSnapshotError,
-    Error,
-    "The snapshot is damaged, foreign or does not fit."
-);
+mod args;
+mod errors;
 
-fn core_error(e: CoreError) -> PyErr {
-    let text = e.to_string();
-    match e {
-        CoreError::Policy(_) | CoreError::BadCapacity(_) => PolicyError::new_err(text),
-        CoreError::TableFull(_) => TableFullError::new_err(text),
-        CoreError::EmptyKey | CoreError::KeyTooLong { .. } => KeyError_::new_err(text),
-        CoreError::UnknownAccount => UnknownAccountError::new_err(text),
-        CoreError::SpendLimitAboveTier { .. } => SpendLimitAboveTierError::new_err(text),
-        CoreError::Quota(q) => quota_error(q, text),
-    }
+use args::{
+    bytes_like, choice, count, count_u32, flag, key_bytes, kind, not_one_of, now, number, optional_count,
+    text,
+};
+use errors::*;
+
+fn dialect(v: &Bound<'_, PyAny>) -> PyResult<Dialect> {
+    choice("dialect", v, &Dialect::ALL.map(|d| (d.name(), d)))
 }
 
-fn quota_error(q: QuotaError, text: String) -> PyErr {
-    let (used, limit) = match q {
-        QuotaError::Exhausted { used, limit } => (used, Some(limit)),
-        QuotaError::NotHeld { used } | QuotaError::BelowUse { used } => (used, None),
-    };
-    let err = QuotaExceededError::new_err(text);
-    Python::attach(|py| {
-        let value = err.value(py);
-        let _ = value.setattr("used", used);
-        let _ = value.setattr("limit", limit);
-    });
-    err
+fn metric(v: &Bound<'_, PyAny>) -> PyResult<Metric> {
+    choice("metric", v, &Metric::ALL.map(|m| (m.name(), m)))
 }
 
-fn settle_error(e: SettleError) -> PyErr {
-    let text = e.to_string();
-    match e {
-        SettleError::AlreadySettled => AlreadySettledError::new_err(text),
-        SettleError::StalePermit => StalePermitError::new_err(text),
-        SettleError::InvalidUsage => InvalidUsageError::new_err(text),
-        SettleError::Expired => PermitExpiredError::new_err(text),
-    }
+fn quota(v: &Bound<'_, PyAny>) -> PyResult<Quota> {
+    choice("quota", v, &Quota::ALL.map(|q| (q.name(), q)))
 }
 
-fn snapshot_error(e: SnapshotError) -> PyErr {
-    CorruptSnapshotError::new_err(e.to_string())
+/// A flag left out or given as None is `default`.
+fn optional_flag(name: &str, v: Option<&Bound<'_, PyAny>>, default: bool) -> PyResult<bool> {
+    v.filter(|v| !v.is_none()).map_or(Ok(default), |v| flag(name, v))
 }
 
-/// A non-negative integer below 2**64, with a message that names the argument.
-fn count(name: &str, v: &Bound<'_, PyAny>) -> PyResult<u64> {
-    if v.is_instance_of::<PyBool>() || !v.is_instance_of::<PyInt>() {
-        let kind = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-        return Err(PyTypeError::new_err(format!("{name} must be an int, not {kind}")));
-    }
-    v.extract::<u64>().map_err(|_| {
-        if v.lt(0).unwrap_or(false) {
-            PyValueError::new_err(format!("{name} must not be negative, got {v}"))
-        } else {
-            PyOverflowError::new_err(format!("{name} must be below 2**64, got {v}"))
-        }
-    })
+/// The variant named by the `fast` argument.
+fn variant(fast: Option<&Bound<'_, PyAny>>) -> PyResult<Variant> {
+    Ok(if optional_flag("fast", fast, false)? { Variant::Fast } else { Variant::Regular })
 }
 
-fn optional_count(name: &str, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
-    v.filter(|v| !v.is_none()).map(|v| count(name, v)).transpose()
-}
-
-fn count_u32(name: &str, v: &Bound<'_, PyAny>) -> PyResult<u32> {
-    let n = count(name, v)?;
-    u32::try_from(n).map_err(|_| PyOverflowError::new_err(format!("{name} must be below 2**32, got {n}")))
-}
-
-/// Key bytes held by the Python objects they came from: no copy on the Rust side.
-enum KeyBuf {
-    Str(pyo3::pybacked::PyBackedStr),
-    Bytes(pyo3::pybacked::PyBackedBytes),
-}
-
-impl std::ops::Deref for KeyBuf {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            KeyBuf::Str(s) => s.as_bytes(),
-            KeyBuf::Bytes(b) => b,
-        }
-    }
-}
-
-/// Key bytes from `str` (UTF-8) or `bytes`.
-fn key_bytes(name: &str, v: &Bound<'_, PyAny>) -> PyResult<KeyBuf> {
-    if let Ok(s) = v.cast::<PyString>() {
-        return Ok(KeyBuf::Str(s.clone().try_into()?));
-    }
-    if let Ok(b) = v.cast::<PyBytes>() {
-        return Ok(KeyBuf::Bytes(b.clone().into()));
-    }
-    let kind = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-    Err(PyTypeError::new_err(format!("{name} must be str or bytes, not {kind}")))
-}
-
-/// Python's `time.monotonic_ns()`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux and macOS.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
-}
-
-fn now(now_ns: Option<&Bound<'_, PyAny>>) -> PyResult<u64> {
-    Ok(optional_count("now_ns", now_ns)?.unwrap_or_else(monotonic_ns))
-}
-
-fn dialect(name: &str) -> PyResult<Dialect> {
-    Dialect::from_name(name).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "unknown dialect {name:?}; expected fireworks, together, openai, anthropic or ietf"
-        ))
-    })
-}
-
-fn metric(name: &str) -> PyResult<Metric> {
-    Metric::ALL.into_iter().find(|m| m.name() == name).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "unknown metric {name:?}; expected requests, prompt_tokens, uncached_prompt_tokens or generated_tokens"
-        ))
-    })
-}
-
-fn variant(fast: bool) -> Variant {
-    if fast { Variant::Fast } else { Variant::Regular }
+/// The `decision` argument.
+fn decision_of<'a>(v: &'a Bound<'_, PyAny>) -> PyResult<&'a PyDecision> {
+    v.cast::<PyDecision>()
+        .map(|d| d.get())
+        .map_err(|_| ArgumentTypeError::new_err(format!("decision must be a Decision, not {}", kind(v))))
 }
 
 /// The outcome of an admission.
@@ -215,11 +94,11 @@ fn per_metric(py: Python<'_>, f: impl Fn(Metric) -> u64) -> PyResult<Bound<'_, P
 impl PyDecision {
     fn render(
         &self,
-        dialect_name: Option<&str>,
+        dialect_arg: Option<&Bound<'_, PyAny>>,
         unix_ns: Option<u64>,
         jitter_seed: Option<u64>,
     ) -> PyResult<Render> {
-        let d = match dialect_name {
+        let d = match dialect_arg.filter(|d| !d.is_none()) {
             Some(name) => dialect(name)?,
             None => self.dialect,
         };
@@ -236,7 +115,7 @@ impl PyDecision {
         self.inner
             .permit()
             .copied()
-            .ok_or_else(|| PyValueError::new_err("the decision was not admitted: nothing to settle"))
+            .ok_or_else(|| ArgumentError::new_err("the decision was not admitted: nothing to settle"))
     }
 }
 
@@ -333,10 +212,12 @@ impl PyDecision {
     #[pyo3(signature = (dialect=None, *, unix_ns=None, jitter_seed=None))]
     fn headers(
         &self,
-        dialect: Option<&str>,
-        unix_ns: Option<u64>,
-        jitter_seed: Option<u64>,
+        dialect: Option<&Bound<'_, PyAny>>,
+        unix_ns: Option<&Bound<'_, PyAny>>,
+        jitter_seed: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Vec<(String, String)>> {
+        let (unix_ns, jitter_seed) =
+            (optional_count("unix_ns", unix_ns)?, optional_count("jitter_seed", jitter_seed)?);
         let render = self.render(dialect, unix_ns, jitter_seed)?;
         let mut out = Vec::new();
         for_each_header(&self.inner, &render, self.now_ns, |n, v| out.push((n.to_string(), v.to_string())));
@@ -347,18 +228,19 @@ impl PyDecision {
     fn error_body<'py>(
         &self,
         py: Python<'py>,
-        dialect: Option<&str>,
-        jitter_seed: Option<u64>,
+        dialect: Option<&Bound<'_, PyAny>>,
+        jitter_seed: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let render = self.render(dialect, Some(0), jitter_seed)?;
+        let render = self.render(dialect, Some(0), optional_count("jitter_seed", jitter_seed)?)?;
         let mut buf = [0u8; 2048];
-        let n = write_error_body(&self.inner, &render, &mut buf)
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        // Neither can happen: bodies are a few hundred bytes of ASCII.
+        let n =
+            write_error_body(&self.inner, &render, &mut buf).map_err(|e| Error::new_err(e.to_string()))?;
         if n == 0 {
             return Ok(None);
         }
-        let text = std::str::from_utf8(buf.get(..n).unwrap_or(&[]))
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let text =
+            std::str::from_utf8(buf.get(..n).unwrap_or(&[])).map_err(|e| Error::new_err(e.to_string()))?;
         let json = py.import("json")?;
         Ok(Some(json.call_method1("loads", (text,))?))
     }
@@ -386,12 +268,9 @@ struct PyEngine {
 }
 
 fn positive_float(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
-    if v.is_instance_of::<PyBool>() {
-        return Err(PyTypeError::new_err(format!("{name} must be a number, not bool")));
-    }
-    let x: f64 = v.extract().map_err(|_| PyTypeError::new_err(format!("{name} must be a number")))?;
+    let x = number(name, v)?;
     if !(x.is_finite() && x >= 1.0) {
-        return Err(PyValueError::new_err(format!("{name} must be a finite number of at least 1, got {x}")));
+        return Err(ArgumentError::new_err(format!("{name} must be a finite number of at least 1, got {x}")));
     }
     Ok(x)
 }
@@ -403,35 +282,41 @@ fn override_value(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
     if v.is_none() {
         return Ok(f64::INFINITY);
     }
-    let kind = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-    let not_a_number = || PyTypeError::new_err(format!("{name} must be a number or None, not {kind}"));
-    if v.is_instance_of::<PyBool>() || v.is_instance_of::<PyString>() || v.is_instance_of::<PyBytes>() {
-        return Err(not_a_number());
-    }
-    v.extract::<f64>().map_err(|_| not_a_number())
+    number(name, v)
+        .map_err(|_| ArgumentTypeError::new_err(format!("{name} must be a number or None, not {}", kind(v))))
 }
 
-/// The preset `name` with the keyword overrides, collected first and resolved together.
-fn policy_from(name: &str, overrides: Option<&Bound<'_, PyDict>>) -> PyResult<Policy> {
-    let preset = Policy::preset(name).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "unknown policy {name:?}; expected one of {}",
-            Policy::PRESETS.join(", ")
-        ))
-    })?;
+/// The preset named by `policy` (default `fireworks_2024`) with the keyword overrides, collected
+/// first and resolved together.
+fn policy_from(
+    policy: Option<&Bound<'_, PyAny>>,
+    overrides: Option<&Bound<'_, PyDict>>,
+) -> PyResult<(String, Policy)> {
+    let name = match policy.filter(|p| !p.is_none()) {
+        Some(p) => text("policy", p)?.to_string(),
+        None => "fireworks_2024".to_string(),
+    };
+    let preset = match (Policy::preset(&name), policy) {
+        (Some(p), _) => p,
+        (None, Some(given)) => {
+            return Err(PolicyError::new_err(not_one_of("policy", given, Policy::PRESETS.into_iter())));
+        }
+        (None, None) => return Err(PolicyError::new_err("no default policy")),
+    };
     let mut collected = Overrides::default();
     for (key, value) in overrides.into_iter().flat_map(|d| d.iter()) {
         let key: String = key.extract()?;
         // The name first: an unknown keyword is an error whatever its value, None included.
         if !Policy::OVERRIDES.contains(&key.as_str()) {
-            return Err(PyTypeError::new_err(format!(
-                "Engine() got an unexpected keyword argument {key:?}; overrides are {}",
+            return Err(ArgumentTypeError::new_err(format!(
+                "Engine() got an unexpected keyword argument '{key}'; overrides are {}",
                 Policy::OVERRIDES.join(", ")
             )));
         }
         let _ = collected.set(&key, override_value(&key, &value)?);
     }
-    preset.with(&collected).map_err(|e| PolicyError::new_err(e.to_string()))
+    let policy = preset.with(&collected).map_err(|e| PolicyError::new_err(e.to_string()))?;
+    Ok((name, policy))
 }
 
 /// A per-minute figure as written in a repr: whole numbers without a fraction.
@@ -442,19 +327,27 @@ fn per_minute(v: f64) -> String {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (policy="fireworks_2024", capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect="fireworks", **overrides))]
+    #[pyo3(signature = (policy=None, capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect=None, **overrides))]
+    #[pyo3(
+        text_signature = "(policy='fireworks_2024', capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect='fireworks', **overrides)"
+    )]
     fn new(
-        policy: &str,
+        policy: Option<&Bound<'_, PyAny>>,
         capacity: Option<&Bound<'_, PyAny>>,
         accounts: Option<&Bound<'_, PyAny>>,
         models: Option<&Bound<'_, PyAny>>,
         permits: Option<&Bound<'_, PyAny>>,
         seed: Option<&Bound<'_, PyAny>>,
-        dialect: &str,
+        dialect: Option<&Bound<'_, PyAny>>,
         overrides: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let p = policy_from(policy, overrides)?;
-        let size = |n: u64| usize::try_from(n).map_err(|_| PyOverflowError::new_err("capacity too large"));
+        let dialect = match dialect.filter(|d| !d.is_none()) {
+            Some(d) => self::dialect(d)?,
+            None => Dialect::Fireworks,
+        };
+        let (policy, p) = policy_from(policy, overrides)?;
+        let size =
+            |n: u64| usize::try_from(n).map_err(|_| ArgumentOverflowError::new_err("capacity too large"));
         let mut cap = Capacity::scopes(size(optional_count("capacity", capacity)?.unwrap_or(100_000))?);
         for (name, field, value) in [
             ("accounts", &mut cap.accounts, accounts),
@@ -470,7 +363,7 @@ impl PyEngine {
             None => CoreEngine::new(p, cap),
         }
         .map_err(core_error)?;
-        Ok(PyEngine { inner, dialect: self::dialect(dialect)?, policy_name: policy.to_string() })
+        Ok(PyEngine { inner, dialect, policy_name: policy })
     }
 
     #[getter]
@@ -478,7 +371,15 @@ impl PyEngine {
         &self.policy_name
     }
 
-    #[pyo3(signature = (account, model, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=false, fast=false, expected_tokens=None, now_ns=None))]
+    #[getter]
+    fn dialect(&self) -> &'static str {
+        self.dialect.name()
+    }
+
+    #[pyo3(signature = (account, model, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=None, fast=None, expected_tokens=None, now_ns=None))]
+    #[pyo3(
+        text_signature = "(self, account, model, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=False, fast=False, expected_tokens=None, now_ns=None)"
+    )]
     fn admit(
         &self,
         py: Python<'_>,
@@ -488,8 +389,8 @@ impl PyEngine {
         cached_tokens: Option<&Bound<'_, PyAny>>,
         max_tokens: Option<&Bound<'_, PyAny>>,
         n: Option<&Bound<'_, PyAny>>,
-        priority: bool,
-        fast: bool,
+        priority: Option<&Bound<'_, PyAny>>,
+        fast: Option<&Bound<'_, PyAny>>,
         expected_tokens: Option<&Bound<'_, PyAny>>,
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyDecision> {
@@ -498,12 +399,12 @@ impl PyEngine {
             .cached_tokens(optional_count("cached_tokens", cached_tokens)?.unwrap_or(0))
             .max_tokens(optional_count("max_tokens", max_tokens)?.unwrap_or(0))
             .n(optional_count("n", n)?.unwrap_or(1))
-            .priority(priority);
+            .priority(optional_flag("priority", priority, false)?);
         if let Some(e) = optional_count("expected_tokens", expected_tokens)? {
             request = request.expected_tokens(e);
         }
         let at = now(now_ns)?;
-        let key = ScopeKey { account: &account, model: &model, variant: variant(fast) };
+        let key = ScopeKey { account: &account, model: &model, variant: variant(fast)? };
         let decision = py.detach(|| self.inner.admit(key, &request, at)).map_err(core_error)?;
         Ok(PyDecision {
             inner: decision,
@@ -513,138 +414,141 @@ impl PyEngine {
         })
     }
 
-    #[pyo3(signature = (decision, prompt_tokens=None, cached_tokens=None, generated_tokens=None, *, completion="success", now_ns=None))]
+    #[pyo3(signature = (decision, prompt_tokens=None, cached_tokens=None, generated_tokens=None, *, completion=None, now_ns=None))]
+    #[pyo3(
+        text_signature = "(self, decision, prompt_tokens=None, cached_tokens=None, generated_tokens=None, *, completion='success', now_ns=None)"
+    )]
     fn settle(
         &self,
         py: Python<'_>,
-        decision: &PyDecision,
+        decision: &Bound<'_, PyAny>,
         prompt_tokens: Option<&Bound<'_, PyAny>>,
         cached_tokens: Option<&Bound<'_, PyAny>>,
         generated_tokens: Option<&Bound<'_, PyAny>>,
-        completion: &str,
+        completion: Option<&Bound<'_, PyAny>>,
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let permit = decision.permit()?;
-        let reserved = permit.reserved();
-        // Each field left out is what was reserved; cached tokens at most the prompt tokens, so
-        // `settle(d, prompt_tokens=...)` alone never reports an impossible usage.
-        let prompt = optional_count("prompt_tokens", prompt_tokens)?.unwrap_or(reserved.prompt_tokens);
-        let reserved_cached = reserved.prompt_tokens.saturating_sub(reserved.uncached_prompt_tokens);
-        let usage = Usage {
-            prompt_tokens: prompt,
-            cached_tokens: optional_count("cached_tokens", cached_tokens)?
-                .unwrap_or(reserved_cached.min(prompt)),
-            generated_tokens: optional_count("generated_tokens", generated_tokens)?
-                .unwrap_or(reserved.generated_tokens),
+        let completion = match completion.filter(|c| !c.is_none()) {
+            Some(c) => choice("completion", c, &COMPLETIONS)?,
+            None => Completion::Success,
         };
-        let completion = match completion {
-            "success" => Completion::Success,
-            "upstream_failure" => Completion::UpstreamFailure,
-            "cancelled" => Completion::Cancelled,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown completion {other:?}; expected success, upstream_failure or cancelled"
-                )));
-            }
-        };
-        let at = now(now_ns)?;
-        py.detach(|| self.inner.settle(&permit, &usage, completion, at)).map_err(settle_error)
+        self.finish(py, decision, prompt_tokens, cached_tokens, generated_tokens, completion, now_ns)
     }
 
     #[pyo3(signature = (decision, prompt_tokens=None, cached_tokens=None, generated_tokens=None, *, now_ns=None))]
     fn cancel(
         &self,
         py: Python<'_>,
-        decision: &PyDecision,
+        decision: &Bound<'_, PyAny>,
         prompt_tokens: Option<&Bound<'_, PyAny>>,
         cached_tokens: Option<&Bound<'_, PyAny>>,
         generated_tokens: Option<&Bound<'_, PyAny>>,
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        self.settle(py, decision, prompt_tokens, cached_tokens, generated_tokens, "cancelled", now_ns)
+        self.finish(
+            py,
+            decision,
+            prompt_tokens,
+            cached_tokens,
+            generated_tokens,
+            Completion::Cancelled,
+            now_ns,
+        )
     }
 
     #[pyo3(signature = (decision, generated_tokens, *, now_ns=None))]
     fn charge(
         &self,
         py: Python<'_>,
-        decision: &PyDecision,
+        decision: &Bound<'_, PyAny>,
         generated_tokens: &Bound<'_, PyAny>,
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let permit = decision.permit()?;
+        let permit = decision_of(decision)?.permit()?;
         let tokens = count("generated_tokens", generated_tokens)?;
         let at = now(now_ns)?;
         py.detach(|| self.inner.charge(&permit, tokens, at)).map_err(settle_error)
     }
 
-    #[pyo3(signature = (account, model, *, fast=false, now_ns=None))]
+    #[pyo3(signature = (account, model, *, fast=None, now_ns=None))]
+    #[pyo3(text_signature = "(self, account, model, *, fast=False, now_ns=None)")]
     fn limits<'py>(
         &self,
         py: Python<'py>,
         account: &Bound<'_, PyAny>,
         model: &Bound<'_, PyAny>,
-        fast: bool,
+        fast: Option<&Bound<'_, PyAny>>,
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let l = self.levels(account, model, fast, now_ns)?;
         per_metric(py, |m| l.limit(m))
     }
 
-    #[pyo3(signature = (account, model, *, fast=false, now_ns=None))]
+    #[pyo3(signature = (account, model, *, fast=None, now_ns=None))]
+    #[pyo3(text_signature = "(self, account, model, *, fast=False, now_ns=None)")]
     fn remaining<'py>(
         &self,
         py: Python<'py>,
         account: &Bound<'_, PyAny>,
         model: &Bound<'_, PyAny>,
-        fast: bool,
+        fast: Option<&Bound<'_, PyAny>>,
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let l = self.levels(account, model, fast, now_ns)?;
         per_metric(py, |m| if l.limit(m) == u64::MAX { u64::MAX } else { l.remaining(m) })
     }
 
-    #[pyo3(signature = (model, load, *, fast=false))]
-    fn set_load(&self, model: &Bound<'_, PyAny>, load: f64, fast: bool) -> PyResult<()> {
+    #[pyo3(signature = (model, load, *, fast=None))]
+    #[pyo3(text_signature = "(self, model, load, *, fast=False)")]
+    fn set_load(
+        &self,
+        model: &Bound<'_, PyAny>,
+        load: &Bound<'_, PyAny>,
+        fast: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let load = number("load", load)?;
         if !(load.is_finite() && load >= 0.0) {
-            return Err(PyValueError::new_err(format!("load must be a non-negative number, got {load}")));
+            return Err(ArgumentError::new_err(format!("load must be a non-negative number, got {load}")));
         }
         let permille = (load * 1000.0).round().min(f64::from(u32::MAX)) as u32;
-        self.inner.set_load(&key_bytes("model", model)?, variant(fast), permille).map_err(core_error)
+        self.inner.set_load(&key_bytes("model", model)?, variant(fast)?, permille).map_err(core_error)
     }
 
-    #[pyo3(signature = (model, *, fast=false))]
-    fn load(&self, model: &Bound<'_, PyAny>, fast: bool) -> PyResult<f64> {
-        Ok(f64::from(self.inner.load(&key_bytes("model", model)?, variant(fast)).map_err(core_error)?)
-            / 1000.0)
+    #[pyo3(signature = (model, *, fast=None))]
+    #[pyo3(text_signature = "(self, model, *, fast=False)")]
+    fn load(&self, model: &Bound<'_, PyAny>, fast: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
+        let permille = self.inner.load(&key_bytes("model", model)?, variant(fast)?).map_err(core_error)?;
+        Ok(f64::from(permille) / 1000.0)
     }
 
-    #[pyo3(signature = (model, in_flight, *, fast=false))]
+    #[pyo3(signature = (model, in_flight, *, fast=None))]
+    #[pyo3(text_signature = "(self, model, in_flight, *, fast=False)")]
     fn set_model_capacity(
         &self,
         model: &Bound<'_, PyAny>,
         in_flight: &Bound<'_, PyAny>,
-        fast: bool,
+        fast: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let cap = count_u32("in_flight", in_flight)?;
-        self.inner.set_model_capacity(&key_bytes("model", model)?, variant(fast), cap).map_err(core_error)
+        self.inner.set_model_capacity(&key_bytes("model", model)?, variant(fast)?, cap).map_err(core_error)
     }
 
-    #[pyo3(signature = (model, *, uncached_prompt, cached_prompt, generated, fast=false))]
+    #[pyo3(signature = (model, *, uncached_prompt, cached_prompt, generated, fast=None))]
+    #[pyo3(text_signature = "(self, model, *, uncached_prompt, cached_prompt, generated, fast=False)")]
     fn set_price(
         &self,
         model: &Bound<'_, PyAny>,
         uncached_prompt: &Bound<'_, PyAny>,
         cached_prompt: &Bound<'_, PyAny>,
         generated: &Bound<'_, PyAny>,
-        fast: bool,
+        fast: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let price = Price {
             uncached_prompt: count("uncached_prompt", uncached_prompt)?,
             cached_prompt: count("cached_prompt", cached_prompt)?,
             generated: count("generated", generated)?,
         };
-        self.inner.set_price(&key_bytes("model", model)?, variant(fast), price).map_err(core_error)
+        self.inner.set_price(&key_bytes("model", model)?, variant(fast)?, price).map_err(core_error)
     }
 
     fn account<'py>(&self, py: Python<'py>, account: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyDict>> {
@@ -677,7 +581,8 @@ impl PyEngine {
         self.inner.add_credits(&key_bytes("account", account)?, count("micros", micros)?).map_err(core_error)
     }
 
-    fn set_payment_method(&self, account: &Bound<'_, PyAny>, on_file: bool) -> PyResult<()> {
+    fn set_payment_method(&self, account: &Bound<'_, PyAny>, on_file: &Bound<'_, PyAny>) -> PyResult<()> {
+        let on_file = flag("on_file", on_file)?;
         self.inner.set_payment_method(&key_bytes("account", account)?, on_file).map_err(core_error)
     }
 
@@ -687,17 +592,23 @@ impl PyEngine {
             .map_err(core_error)
     }
 
-    #[pyo3(signature = (account, reason="operator", suspended=true))]
-    fn set_suspended(&self, account: &Bound<'_, PyAny>, reason: &str, suspended: bool) -> PyResult<()> {
-        let reason = match reason {
-            "operator" => Suspension::Operator,
-            "payment_failed" => Suspension::PaymentFailed,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown reason {other:?}; expected operator or payment_failed"
-                )));
-            }
+    #[pyo3(signature = (account, reason=None, suspended=None))]
+    #[pyo3(text_signature = "(self, account, reason='operator', suspended=True)")]
+    fn set_suspended(
+        &self,
+        account: &Bound<'_, PyAny>,
+        reason: Option<&Bound<'_, PyAny>>,
+        suspended: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let reason = match reason.filter(|r| !r.is_none()) {
+            Some(r) => choice(
+                "reason",
+                r,
+                &[("operator", Suspension::Operator), ("payment_failed", Suspension::PaymentFailed)],
+            )?,
+            None => Suspension::Operator,
         };
+        let suspended = optional_flag("suspended", suspended, true)?;
         self.inner.set_suspended(&key_bytes("account", account)?, reason, suspended).map_err(core_error)
     }
 
@@ -705,18 +616,14 @@ impl PyEngine {
     fn set_tier(
         &self,
         account: &Bound<'_, PyAny>,
-        tier: Option<&str>,
+        tier: &Bound<'_, PyAny>,
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let tier = tier
-            .map(|t| {
-                Tier::ALL.into_iter().find(|x| x.name() == t).ok_or_else(|| {
-                    PyValueError::new_err(format!(
-                        "unknown tier {t:?}; expected tier_1, tier_2, tier_3, tier_4 or unlimited"
-                    ))
-                })
-            })
-            .transpose()?;
+        let tier = if tier.is_none() {
+            None
+        } else {
+            Some(choice("tier", tier, &Tier::ALL.map(|t| (t.name(), t)))?)
+        };
         self.inner.set_tier(&key_bytes("account", account)?, tier, now(now_ns)?).map_err(core_error)
     }
 
@@ -724,7 +631,7 @@ impl PyEngine {
     fn set_limits_override(
         &self,
         account: &Bound<'_, PyAny>,
-        metric: &str,
+        metric: &Bound<'_, PyAny>,
         floor: Option<&Bound<'_, PyAny>>,
         ceiling: Option<&Bound<'_, PyAny>>,
         now_ns: Option<&Bound<'_, PyAny>>,
@@ -737,7 +644,7 @@ impl PyEngine {
                 let ceiling = c.map(|c| positive_float("ceiling", c)).transpose()?.unwrap_or(floor);
                 Some(MetricLimits { floor, ceiling })
             }
-            (None, Some(_)) => return Err(PyValueError::new_err("an override needs a floor")),
+            (None, Some(_)) => return Err(ArgumentError::new_err("an override needs a floor")),
         };
         self.inner
             .set_limits_override(&key_bytes("account", account)?, m, limits, now(now_ns)?)
@@ -752,33 +659,33 @@ impl PyEngine {
     fn acquire_quota(
         &self,
         account: &Bound<'_, PyAny>,
-        quota: &str,
+        quota: &Bound<'_, PyAny>,
         n: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(u32, u32)> {
-        let n = n.map(|n| count_u32("n", n)).transpose()?.unwrap_or(1);
-        self.inner.acquire_quota(&key_bytes("account", account)?, quota_of(quota)?, n).map_err(core_error)
+        let n = n.filter(|n| !n.is_none()).map(|n| count_u32("n", n)).transpose()?.unwrap_or(1);
+        self.inner.acquire_quota(&key_bytes("account", account)?, self::quota(quota)?, n).map_err(core_error)
     }
 
     #[pyo3(signature = (account, quota, n=None))]
     fn release_quota(
         &self,
         account: &Bound<'_, PyAny>,
-        quota: &str,
+        quota: &Bound<'_, PyAny>,
         n: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(u32, u32)> {
-        let n = n.map(|n| count_u32("n", n)).transpose()?.unwrap_or(1);
-        self.inner.release_quota(&key_bytes("account", account)?, quota_of(quota)?, n).map_err(core_error)
+        let n = n.filter(|n| !n.is_none()).map(|n| count_u32("n", n)).transpose()?.unwrap_or(1);
+        self.inner.release_quota(&key_bytes("account", account)?, self::quota(quota)?, n).map_err(core_error)
     }
 
     fn set_quota_limit(
         &self,
         account: &Bound<'_, PyAny>,
-        quota: &str,
+        quota: &Bound<'_, PyAny>,
         limit: &Bound<'_, PyAny>,
     ) -> PyResult<(u32, u32)> {
         let limit = count_u32("limit", limit)?;
         self.inner
-            .set_quota_limit(&key_bytes("account", account)?, quota_of(quota)?, limit)
+            .set_quota_limit(&key_bytes("account", account)?, self::quota(quota)?, limit)
             .map_err(core_error)
     }
 
@@ -800,9 +707,10 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (data, *, now_ns=None))]
-    fn restore(&mut self, data: &Bound<'_, PyBytes>, now_ns: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn restore(&mut self, data: &Bound<'_, PyAny>, now_ns: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let data = bytes_like("data", data)?;
         let at = now(now_ns)?;
-        self.inner.restore(data.as_bytes(), at).map_err(snapshot_error)
+        self.inner.restore(&data, at).map_err(snapshot_error)
     }
 
     /// The preset, the scope capacity and each metric's limit in force: `floor..ceiling/min`
@@ -827,25 +735,51 @@ impl PyEngine {
     }
 }
 
-fn quota_of(name: &str) -> PyResult<Quota> {
-    Quota::ALL.into_iter().find(|q| q.name() == name).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "unknown quota {name:?}; expected deployed_models, a100_gpus or h100_gpus"
-        ))
-    })
-}
+/// What `settle(completion=...)` accepts.
+const COMPLETIONS: [(&str, Completion); 3] = [
+    ("success", Completion::Success),
+    ("upstream_failure", Completion::UpstreamFailure),
+    ("cancelled", Completion::Cancelled),
+];
 
 impl PyEngine {
     fn levels(
         &self,
         account: &Bound<'_, PyAny>,
         model: &Bound<'_, PyAny>,
-        fast: bool,
+        fast: Option<&Bound<'_, PyAny>>,
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Levels> {
         let (account, model) = (key_bytes("account", account)?, key_bytes("model", model)?);
-        let key = ScopeKey { account: &account, model: &model, variant: variant(fast) };
+        let key = ScopeKey { account: &account, model: &model, variant: variant(fast)? };
         self.inner.limits(key, now(now_ns)?).map_err(core_error)
+    }
+
+    /// Settles or cancels: each usage field left out is what was reserved; cached tokens at most
+    /// the prompt tokens, so `settle(d, prompt_tokens=...)` alone never reports an impossible usage.
+    fn finish(
+        &self,
+        py: Python<'_>,
+        decision: &Bound<'_, PyAny>,
+        prompt_tokens: Option<&Bound<'_, PyAny>>,
+        cached_tokens: Option<&Bound<'_, PyAny>>,
+        generated_tokens: Option<&Bound<'_, PyAny>>,
+        completion: Completion,
+        now_ns: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let permit = decision_of(decision)?.permit()?;
+        let reserved = permit.reserved();
+        let prompt = optional_count("prompt_tokens", prompt_tokens)?.unwrap_or(reserved.prompt_tokens);
+        let reserved_cached = reserved.prompt_tokens.saturating_sub(reserved.uncached_prompt_tokens);
+        let usage = Usage {
+            prompt_tokens: prompt,
+            cached_tokens: optional_count("cached_tokens", cached_tokens)?
+                .unwrap_or(reserved_cached.min(prompt)),
+            generated_tokens: optional_count("generated_tokens", generated_tokens)?
+                .unwrap_or(reserved.generated_tokens),
+        };
+        let at = now(now_ns)?;
+        py.detach(|| self.inner.settle(&permit, &usage, completion, at)).map_err(settle_error)
     }
 }
 
@@ -855,17 +789,25 @@ fn _sluicegate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PyDecision>()?;
     m.add_class::<Outcome>()?;
-    m.add("Error", py.get_type::<Error>())?;
-    m.add("PolicyError", py.get_type::<PolicyError>())?;
-    m.add("TableFullError", py.get_type::<TableFullError>())?;
-    m.add("InvalidKeyError", py.get_type::<KeyError_>())?;
-    m.add("UnknownAccountError", py.get_type::<UnknownAccountError>())?;
-    m.add("SpendLimitAboveTierError", py.get_type::<SpendLimitAboveTierError>())?;
-    m.add("QuotaExceededError", py.get_type::<QuotaExceededError>())?;
-    m.add("AlreadySettledError", py.get_type::<AlreadySettledError>())?;
-    m.add("StalePermitError", py.get_type::<StalePermitError>())?;
-    m.add("InvalidUsageError", py.get_type::<InvalidUsageError>())?;
-    m.add("PermitExpiredError", py.get_type::<PermitExpiredError>())?;
-    m.add("CorruptSnapshotError", py.get_type::<CorruptSnapshotError>())?;
+    let errors = py.import("sluicegate._errors")?;
+    for name in [
+        "Error",
+        "ArgumentError",
+        "ArgumentTypeError",
+        "ArgumentOverflowError",
+        "PolicyError",
+        "TableFullError",
+        "InvalidKeyError",
+        "UnknownAccountError",
+        "SpendLimitAboveTierError",
+        "QuotaExceededError",
+        "AlreadySettledError",
+        "StalePermitError",
+        "InvalidUsageError",
+        "PermitExpiredError",
+        "CorruptSnapshotError",
+    ] {
+        m.add(name, errors.getattr(name)?)?;
+    }
     Ok(())
 }

@@ -88,3 +88,185 @@ def test_settle_defaults_every_omitted_field_to_the_reservation():
 def test_settle_default_cached_tokens_never_exceed_the_prompt_given():
     # Fewer prompt tokens than were reserved as cached: all of them count as cached.
     assert settled_with_defaults(prompt_tokens=500) == (0, 60_000)
+
+
+# One error hierarchy: bad arguments are sluicegate errors and the built-in they resemble.
+
+
+@pytest.mark.parametrize("hard_factor", [0.5, 5, float("nan"), float("inf"), None])
+def test_a_bad_hard_factor_is_a_policy_error_and_a_value_error(hard_factor):
+    try:
+        sluicegate.Engine(hard_factor=hard_factor)
+    except sluicegate.PolicyError as e:
+        assert isinstance(e, ValueError) and isinstance(e, sluicegate.Error)
+        assert "hard" in str(e)
+    else:
+        assert hard_factor == 5  # in range for the default preset
+    with pytest.raises(ValueError, match="hard_factor"):
+        sluicegate.Engine(hard_factor=0.5)
+    with pytest.raises(sluicegate.Error, match="hard_factor"):
+        sluicegate.Engine(hard_factor=0.5)
+
+
+def _engine():
+    e = sluicegate.Engine("fixed", capacity=10)
+    return e, e.admit("a", "m", now_ns=0)
+
+
+BAD_CALLS = [
+    # (call, the built-in it resembles, a word the message must contain)
+    (lambda e, d: sluicegate.Engine(policy="nope"), ValueError, "policy"),
+    (lambda e, d: sluicegate.Engine(policy=3), TypeError, "policy"),
+    (lambda e, d: sluicegate.Engine(dialect="klingon"), ValueError, "dialect"),
+    (lambda e, d: sluicegate.Engine(capacity=0), ValueError, "capacit"),
+    (lambda e, d: sluicegate.Engine(capacity=-1), ValueError, "capacity"),
+    (lambda e, d: sluicegate.Engine(capacity=2**64), OverflowError, "capacity"),
+    (lambda e, d: sluicegate.Engine(requests_per_minute="60"), TypeError, "requests_per_minute"),
+    (lambda e, d: sluicegate.Engine(requests_per_minute=0), ValueError, "requests_per_minute"),
+    (lambda e, d: sluicegate.Engine(shared=None), TypeError, "shared"),
+    (lambda e, d: sluicegate.Engine(shared=1), TypeError, "shared"),
+    (lambda e, d: e.admit("a", "m", prompt_tokens=-1), ValueError, "prompt_tokens"),
+    (lambda e, d: e.admit("a", "m", prompt_tokens=1.5), TypeError, "prompt_tokens"),
+    (lambda e, d: e.admit("a", "m", prompt_tokens=2**64), OverflowError, "prompt_tokens"),
+    (lambda e, d: e.admit("a", "m", priority="yes"), TypeError, "priority"),
+    (lambda e, d: e.admit("a", "m", fast=[]), TypeError, "fast"),
+    (lambda e, d: e.admit(1, "m"), TypeError, "account"),
+    (lambda e, d: e.admit("", "m"), ValueError, "key"),
+    (lambda e, d: e.settle("not a decision"), TypeError, "decision"),
+    (lambda e, d: e.settle(d, completion="maybe"), ValueError, "completion"),
+    (lambda e, d: e.settle(d, prompt_tokens=1, cached_tokens=2), ValueError, "usage"),
+    (lambda e, d: e.settle(e.admit("a", "m", n=0)), ValueError, "not admitted"),
+    (lambda e, d: d.headers("klingon"), ValueError, "dialect"),
+    (lambda e, d: d.headers(unix_ns=-1), ValueError, "unix_ns"),
+    (lambda e, d: e.set_load("m", -1.0), ValueError, "load"),
+    (lambda e, d: e.set_load("m", "high"), TypeError, "load"),
+    (lambda e, d: e.acquire_quota("a", "tpus"), ValueError, "quota"),
+    (lambda e, d: e.set_tier("a", "tier_9"), ValueError, "tier"),
+    (lambda e, d: e.set_suspended("a", reason="bored"), ValueError, "reason"),
+    (lambda e, d: e.set_limits_override("a", "bananas", 10), ValueError, "metric"),
+    (lambda e, d: e.set_limits_override("a", "requests", 0.5), ValueError, "floor"),
+    (lambda e, d: e.restore(b"junk"), ValueError, "snapshot"),
+    (lambda e, d: e.restore("text"), TypeError, "data"),
+    (lambda e, d: e.restore(5), TypeError, "data"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD_CALLS)))
+def test_every_bad_argument_is_a_sluicegate_error_and_the_builtin_it_resembles(i):
+    call, builtin, word = BAD_CALLS[i]
+    e, d = _engine()
+    with pytest.raises(sluicegate.Error) as err:
+        call(e, d)
+    assert isinstance(err.value, builtin), type(err.value).__mro__
+    assert word in str(err.value), str(err.value)
+
+
+def test_unknown_keywords_are_type_errors_naming_them_whatever_the_value():
+    for value in (None, 1, "x"):
+        with pytest.raises(TypeError, match="'shared'"):
+            sluicegate.Engine(shared=value)
+    with pytest.raises(TypeError, match="prio"):
+        sluicegate.Engine().admit("a", "m", prio=1)
+
+
+def test_an_unknown_dialect_names_the_argument_and_the_valid_ones():
+    with pytest.raises(sluicegate.ArgumentError) as err:
+        sluicegate.Engine(dialect="openAI")
+    assert str(err.value) == "dialect must be one of fireworks, together, openai, anthropic, ietf; got 'openAI'"
+
+
+def test_priority_and_fast_take_ints_as_flags():
+    e = sluicegate.Engine("fixed", capacity=10)
+    assert e.admit("a", "m", priority=1, fast=0, now_ns=0).admitted
+    e.set_load("m", 1.1)
+    # Under load the priority class still runs where the standard one is shed.
+    assert e.admit("a", "m", priority=1, now_ns=0).admitted
+    assert e.admit("a", "m", priority=0, now_ns=0).outcome is sluicegate.Outcome.SHED
+
+
+def _asgi_call(middleware):
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"model": "m", "max_tokens": 10}', "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [(b"authorization", b"Bearer acct")]}
+    asyncio.run(middleware(scope, receive, send))
+    return sent[0]["status"], {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+
+
+def test_the_middleware_speaks_the_engines_dialect_unless_told_otherwise():
+    from sluicegate.asgi import SluicegateMiddleware
+
+    async def app(scope, receive, send):  # never reached: the engine refuses first
+        raise AssertionError
+
+    def refused(**kwargs):
+        engine = sluicegate.Engine("fixed", capacity=10, dialect="openai", requests_per_minute=1, hard_factor=1)
+        engine.admit("acct", "m")
+        return _asgi_call(SluicegateMiddleware(app, engine, **kwargs))
+
+    status, headers = refused()
+    assert status == 429 and "x-ratelimit-reset-requests" in headers  # OpenAI's
+    status, headers = refused(dialect="fireworks")
+    assert status == 429 and "x-ratelimit-reset-requests" not in headers and "x-ratelimit-over-limit" in headers
+
+
+# Exceptions pickle and cross process boundaries as themselves.
+
+ERROR_NAMES = [
+    name for name in sluicegate.__all__ if isinstance(getattr(sluicegate, name), type) and issubclass(getattr(sluicegate, name), BaseException)
+]
+
+
+def test_every_exception_lives_in_sluicegate_under_its_own_name():
+    assert len(ERROR_NAMES) == 15
+    for name in ERROR_NAMES:
+        cls = getattr(sluicegate, name)
+        assert (cls.__module__, cls.__qualname__) == ("sluicegate", name)
+        assert cls is getattr(sluicegate._sluicegate, name)
+    assert "KeyError_" not in repr(sluicegate.InvalidKeyError)
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_every_exception_pickles(name):
+    import pickle
+
+    e = getattr(sluicegate, name)("the message")
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is type(e) and back.args == ("the message",)
+
+
+def test_a_raised_error_pickles_with_its_attributes():
+    import pickle
+
+    e = sluicegate.Engine("fixed", capacity=10)
+    e.admit("a", "m", now_ns=0)
+    e.set_quota_limit("a", "a100_gpus", 1)
+    e.acquire_quota("a", "a100_gpus")
+    with pytest.raises(sluicegate.QuotaExceededError) as err:
+        e.acquire_quota("a", "a100_gpus")
+    back = pickle.loads(pickle.dumps(err.value))
+    assert (type(back), back.args, back.used, back.limit) == (type(err.value), err.value.args, 1, 1)
+
+
+def _raise(name):
+    raise getattr(sluicegate, name)(f"raised in a worker: {name}")
+
+
+def test_errors_raised_in_a_worker_process_reach_the_parent_as_themselves():
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        for name in ERROR_NAMES:
+            with pytest.raises(getattr(sluicegate, name), match=f"raised in a worker: {name}$") as err:
+                pool.submit(_raise, name).result()
+            assert type(err.value) is getattr(sluicegate, name)
+        # And one the engine raises itself, in the worker.
+        with pytest.raises(sluicegate.PolicyError, match="policy must be one of"):
+            pool.submit(sluicegate.Engine, "nope").result()

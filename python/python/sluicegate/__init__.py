@@ -17,15 +17,15 @@ Outcome.ADMIT
 60
 """
 
-from sluicegate._sluicegate import (
+from sluicegate._errors import (
     AlreadySettledError,
+    ArgumentError,
+    ArgumentOverflowError,
+    ArgumentTypeError,
     CorruptSnapshotError,
-    Decision,
-    Engine,
     Error,
     InvalidKeyError,
     InvalidUsageError,
-    Outcome,
     PermitExpiredError,
     PolicyError,
     QuotaExceededError,
@@ -34,6 +34,7 @@ from sluicegate._sluicegate import (
     TableFullError,
     UnknownAccountError,
 )
+from sluicegate._sluicegate import Decision, Engine, Outcome
 
 PRESETS = ("fireworks_2024", "fireworks_2026", "together", "fixed")
 """Policy names accepted by :class:`Engine`."""
@@ -49,6 +50,9 @@ __all__ = [
     "METRICS",
     "PRESETS",
     "AlreadySettledError",
+    "ArgumentError",
+    "ArgumentOverflowError",
+    "ArgumentTypeError",
     "CorruptSnapshotError",
     "Decision",
     "Engine",

@@ -4,6 +4,22 @@ from typing import ClassVar, Literal, Optional, Union
 
 from typing_extensions import final
 
+from sluicegate._errors import AlreadySettledError as AlreadySettledError
+from sluicegate._errors import ArgumentError as ArgumentError
+from sluicegate._errors import ArgumentOverflowError as ArgumentOverflowError
+from sluicegate._errors import ArgumentTypeError as ArgumentTypeError
+from sluicegate._errors import CorruptSnapshotError as CorruptSnapshotError
+from sluicegate._errors import Error as Error
+from sluicegate._errors import InvalidKeyError as InvalidKeyError
+from sluicegate._errors import InvalidUsageError as InvalidUsageError
+from sluicegate._errors import PermitExpiredError as PermitExpiredError
+from sluicegate._errors import PolicyError as PolicyError
+from sluicegate._errors import QuotaExceededError as QuotaExceededError
+from sluicegate._errors import SpendLimitAboveTierError as SpendLimitAboveTierError
+from sluicegate._errors import StalePermitError as StalePermitError
+from sluicegate._errors import TableFullError as TableFullError
+from sluicegate._errors import UnknownAccountError as UnknownAccountError
+
 _Key = Union[str, bytes]
 _Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
 _MetricName = Literal["requests", "prompt_tokens", "uncached_prompt_tokens", "generated_tokens"]
@@ -11,6 +27,9 @@ _QuotaName = Literal["deployed_models", "a100_gpus", "h100_gpus"]
 
 __all__ = [
     "AlreadySettledError",
+    "ArgumentError",
+    "ArgumentOverflowError",
+    "ArgumentTypeError",
     "CorruptSnapshotError",
     "Decision",
     "Engine",
@@ -26,50 +45,6 @@ __all__ = [
     "TableFullError",
     "UnknownAccountError",
 ]
-
-class Error(Exception):
-    """Base of every sluicegate error."""
-
-class PolicyError(Error):
-    """The policy, a capacity or an override is unusable."""
-
-class TableFullError(Error):
-    """A fixed-capacity table has no room for this key; existing keys keep working."""
-
-class InvalidKeyError(Error):
-    """An account or model key is empty, or longer than 64 (account) / 128 (model) bytes."""
-
-class UnknownAccountError(Error):
-    """No such account."""
-
-class SpendLimitAboveTierError(Error):
-    """Users may lower their spend limit within their tier, never raise it above the tier's."""
-
-class QuotaExceededError(Error):
-    """A quota acquisition past its limit, a release beyond what is held, or a limit below use."""
-
-    used: int
-    limit: Optional[int]
-
-class AlreadySettledError(Error):
-    """The permit was already settled or cancelled; nothing changed."""
-
-class StalePermitError(Error):
-    """The permit's scope was reclaimed, or the engine restored, since it was issued."""
-
-class InvalidUsageError(Error):
-    """Usage reported at settle is impossible (cached above prompt tokens, or too large)."""
-
-class PermitExpiredError(Error):
-    """The permit was not settled within the policy's ``permit_ttl`` (default 15 minutes).
-
-    Its reservation stays charged as if fully used, and what it held (its scope's in-flight
-    count, its model's tracked load) has been released; settling, cancelling or charging it
-    again raises this error again and changes nothing.
-    """
-
-class CorruptSnapshotError(Error):
-    """A snapshot is truncated, damaged, foreign, or from an engine of other capacities."""
 
 @final
 class Outcome:
@@ -187,6 +162,9 @@ class Engine:
     @property
     def policy(self) -> str:
         """The preset the engine was built from."""
+    @property
+    def dialect(self) -> _Dialect:
+        """The dialect decisions render in by default (``Engine(dialect=...)``)."""
     def admit(
         self,
         account: _Key,

@@ -103,6 +103,7 @@ class SluicegateMiddleware:
     ``account(scope, headers)`` names the account (default: the bearer key; None answers 401);
     ``estimate_prompt_tokens(body)`` sizes the prompt (default: characters // 4). A request is on
     the priority tier when it sends ``x-priority: high`` or ``"service_tier": "priority"``.
+    Headers and error bodies are in ``dialect``, by default the engine's (``Engine(dialect=...)``).
     """
 
     def __init__(
@@ -110,14 +111,14 @@ class SluicegateMiddleware:
         app: ASGIApp,
         engine: Engine,
         *,
-        dialect: _Dialect = "fireworks",
+        dialect: Optional[_Dialect] = None,
         account: Callable[[Scope, Mapping[str, str]], Optional[str]] = bearer_account,
         estimate_prompt_tokens: Callable[[Mapping[str, Any]], int] = chars_over_four,
         paths: Tuple[str, ...] = DEFAULT_PATHS,
     ) -> None:
         self.app = app
         self.engine = engine
-        self.dialect: _Dialect = dialect
+        self.dialect: _Dialect = dialect if dialect is not None else engine.dialect
         self.account = account
         self.estimate_prompt_tokens = estimate_prompt_tokens
         self.paths = paths
