@@ -6,6 +6,9 @@
 // Python signatures take their keyword arguments flat, one Rust parameter each.
 #![allow(clippy::too_many_arguments)]
 
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use sluicegate_core::error_body::write_error_body;
@@ -258,11 +261,12 @@ impl PyDecision {
     }
 }
 
-/// The admission engine. Not frozen: `restore` borrows it mutably, which pyo3 refuses while any
-/// other call is using it.
-#[pyclass(module = "sluicegate._sluicegate", name = "Engine")]
+/// The admission engine.
+#[pyclass(module = "sluicegate._sluicegate", name = "Engine", frozen)]
 struct PyEngine {
-    inner: CoreEngine<Heap>,
+    /// `restore` builds a new engine and swaps it in whole; every other call works on the engine
+    /// it loaded, so a restore never waits for, or fails because of, calls in progress.
+    core: ArcSwap<CoreEngine<Heap>>,
     dialect: Dialect,
     policy_name: String,
 }
@@ -363,7 +367,7 @@ impl PyEngine {
             None => CoreEngine::new(p, cap),
         }
         .map_err(core_error)?;
-        Ok(PyEngine { inner, dialect, policy_name: policy })
+        Ok(PyEngine { core: ArcSwap::from_pointee(inner), dialect, policy_name: policy })
     }
 
     #[getter]
@@ -405,12 +409,12 @@ impl PyEngine {
         }
         let at = now(now_ns)?;
         let key = ScopeKey { account: &account, model: &model, variant: variant(fast)? };
-        let decision = py.detach(|| self.inner.admit(key, &request, at)).map_err(core_error)?;
+        let decision = py.detach(|| self.core().admit(key, &request, at)).map_err(core_error)?;
         Ok(PyDecision {
             inner: decision,
             now_ns: at,
             dialect: self.dialect,
-            per_second: self.inner.policy().per_second_headers,
+            per_second: self.core().policy().per_second_headers,
         })
     }
 
@@ -467,7 +471,7 @@ impl PyEngine {
         let permit = decision_of(decision)?.permit()?;
         let tokens = count("generated_tokens", generated_tokens)?;
         let at = now(now_ns)?;
-        py.detach(|| self.inner.charge(&permit, tokens, at)).map_err(settle_error)
+        py.detach(|| self.core().charge(&permit, tokens, at)).map_err(settle_error)
     }
 
     #[pyo3(signature = (account, model, *, fast=None, now_ns=None))]
@@ -511,13 +515,13 @@ impl PyEngine {
             return Err(ArgumentError::new_err(format!("load must be a non-negative number, got {load}")));
         }
         let permille = (load * 1000.0).round().min(f64::from(u32::MAX)) as u32;
-        self.inner.set_load(&key_bytes("model", model)?, variant(fast)?, permille).map_err(core_error)
+        self.core().set_load(&key_bytes("model", model)?, variant(fast)?, permille).map_err(core_error)
     }
 
     #[pyo3(signature = (model, *, fast=None))]
     #[pyo3(text_signature = "(self, model, *, fast=False)")]
     fn load(&self, model: &Bound<'_, PyAny>, fast: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
-        let permille = self.inner.load(&key_bytes("model", model)?, variant(fast)?).map_err(core_error)?;
+        let permille = self.core().load(&key_bytes("model", model)?, variant(fast)?).map_err(core_error)?;
         Ok(f64::from(permille) / 1000.0)
     }
 
@@ -530,7 +534,7 @@ impl PyEngine {
         fast: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let cap = count_u32("in_flight", in_flight)?;
-        self.inner.set_model_capacity(&key_bytes("model", model)?, variant(fast)?, cap).map_err(core_error)
+        self.core().set_model_capacity(&key_bytes("model", model)?, variant(fast)?, cap).map_err(core_error)
     }
 
     #[pyo3(signature = (model, *, uncached_prompt, cached_prompt, generated, fast=None))]
@@ -548,11 +552,11 @@ impl PyEngine {
             cached_prompt: count("cached_prompt", cached_prompt)?,
             generated: count("generated", generated)?,
         };
-        self.inner.set_price(&key_bytes("model", model)?, variant(fast)?, price).map_err(core_error)
+        self.core().set_price(&key_bytes("model", model)?, variant(fast)?, price).map_err(core_error)
     }
 
     fn account<'py>(&self, py: Python<'py>, account: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.account(&key_bytes("account", account)?).map_err(core_error)?;
+        let s = self.core().account(&key_bytes("account", account)?).map_err(core_error)?;
         let d = PyDict::new(py);
         d.set_item("tier", s.tier.name())?;
         d.set_item("tier_pinned", s.tier_pinned)?;
@@ -578,16 +582,16 @@ impl PyEngine {
     }
 
     fn add_credits(&self, account: &Bound<'_, PyAny>, micros: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.inner.add_credits(&key_bytes("account", account)?, count("micros", micros)?).map_err(core_error)
+        self.core().add_credits(&key_bytes("account", account)?, count("micros", micros)?).map_err(core_error)
     }
 
     fn set_payment_method(&self, account: &Bound<'_, PyAny>, on_file: &Bound<'_, PyAny>) -> PyResult<()> {
         let on_file = flag("on_file", on_file)?;
-        self.inner.set_payment_method(&key_bytes("account", account)?, on_file).map_err(core_error)
+        self.core().set_payment_method(&key_bytes("account", account)?, on_file).map_err(core_error)
     }
 
     fn set_spend_limit(&self, account: &Bound<'_, PyAny>, micros: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.inner
+        self.core()
             .set_spend_limit(&key_bytes("account", account)?, count("micros", micros)?)
             .map_err(core_error)
     }
@@ -609,7 +613,7 @@ impl PyEngine {
             None => Suspension::Operator,
         };
         let suspended = optional_flag("suspended", suspended, true)?;
-        self.inner.set_suspended(&key_bytes("account", account)?, reason, suspended).map_err(core_error)
+        self.core().set_suspended(&key_bytes("account", account)?, reason, suspended).map_err(core_error)
     }
 
     #[pyo3(signature = (account, tier, *, now_ns=None))]
@@ -624,7 +628,7 @@ impl PyEngine {
         } else {
             Some(choice("tier", tier, &Tier::ALL.map(|t| (t.name(), t)))?)
         };
-        self.inner.set_tier(&key_bytes("account", account)?, tier, now(now_ns)?).map_err(core_error)
+        self.core().set_tier(&key_bytes("account", account)?, tier, now(now_ns)?).map_err(core_error)
     }
 
     #[pyo3(signature = (account, metric, floor=None, ceiling=None, *, now_ns=None))]
@@ -646,13 +650,13 @@ impl PyEngine {
             }
             (None, Some(_)) => return Err(ArgumentError::new_err("an override needs a floor")),
         };
-        self.inner
+        self.core()
             .set_limits_override(&key_bytes("account", account)?, m, limits, now(now_ns)?)
             .map_err(core_error)
     }
 
     fn start_billing_period(&self) {
-        self.inner.start_billing_period();
+        self.core().start_billing_period();
     }
 
     #[pyo3(signature = (account, quota, n=None))]
@@ -663,7 +667,7 @@ impl PyEngine {
         n: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(u32, u32)> {
         let n = n.filter(|n| !n.is_none()).map(|n| count_u32("n", n)).transpose()?.unwrap_or(1);
-        self.inner.acquire_quota(&key_bytes("account", account)?, self::quota(quota)?, n).map_err(core_error)
+        self.core().acquire_quota(&key_bytes("account", account)?, self::quota(quota)?, n).map_err(core_error)
     }
 
     #[pyo3(signature = (account, quota, n=None))]
@@ -674,7 +678,7 @@ impl PyEngine {
         n: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(u32, u32)> {
         let n = n.filter(|n| !n.is_none()).map(|n| count_u32("n", n)).transpose()?.unwrap_or(1);
-        self.inner.release_quota(&key_bytes("account", account)?, self::quota(quota)?, n).map_err(core_error)
+        self.core().release_quota(&key_bytes("account", account)?, self::quota(quota)?, n).map_err(core_error)
     }
 
     fn set_quota_limit(
@@ -684,7 +688,7 @@ impl PyEngine {
         limit: &Bound<'_, PyAny>,
     ) -> PyResult<(u32, u32)> {
         let limit = count_u32("limit", limit)?;
-        self.inner
+        self.core()
             .set_quota_limit(&key_bytes("account", account)?, self::quota(quota)?, limit)
             .map_err(core_error)
     }
@@ -696,29 +700,40 @@ impl PyEngine {
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let at = now(now_ns)?;
-        loop {
-            let mut buf = vec![0u8; self.inner.snapshot_size()];
-            match self.inner.snapshot(&mut buf, at) {
-                Ok(n) => return Ok(PyBytes::new(py, buf.get(..n).unwrap_or(&[]))),
-                Err(SnapshotError::BufferTooSmall { .. }) => continue,
-                Err(e) => return Err(snapshot_error(e)),
-            }
-        }
+        let bytes = py.detach(|| snapshot_of(&self.core(), at)).map_err(snapshot_error)?;
+        Ok(PyBytes::new(py, &bytes))
     }
 
     #[pyo3(signature = (data, *, now_ns=None))]
-    fn restore(&mut self, data: &Bound<'_, PyAny>, now_ns: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn restore(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        now_ns: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         let data = bytes_like("data", data)?;
         let at = now(now_ns)?;
-        self.inner.restore(&data, at).map_err(snapshot_error)
+        let (policy, capacity) = {
+            let current = self.core();
+            (*current.policy(), current.capacity())
+        };
+        let fresh = py.detach(|| {
+            // A new engine draws a new random seed, so a new incarnation: permits of the one it
+            // replaces settle as stale (SPEC §10).
+            let mut fresh = CoreEngine::new(policy, capacity).map_err(core_error)?;
+            fresh.restore(&data, at).map_err(snapshot_error)?;
+            Ok::<_, PyErr>(fresh)
+        })?;
+        self.core.store(Arc::new(fresh));
+        Ok(())
     }
 
     /// The preset, the scope capacity and each metric's limit in force: `floor..ceiling/min`
     /// when it adapts, `n/min` when fixed, `off` when not enforced.
     fn __repr__(&self) -> String {
-        let policy = self.inner.policy();
-        let mut out =
-            format!("<Engine policy='{}' capacity={}", self.policy_name, self.inner.capacity().scopes);
+        let core = self.core();
+        let policy = core.policy();
+        let mut out = format!("<Engine policy='{}' capacity={}", self.policy_name, core.capacity().scopes);
         for m in Metric::ALL {
             let l = policy.limits.get(m);
             let shown = if !l.is_limited() {
@@ -742,7 +757,33 @@ const COMPLETIONS: [(&str, Completion); 3] = [
     ("cancelled", Completion::Cancelled),
 ];
 
+/// A snapshot of `engine`, in a buffer sized for it. Keys added while it is taken can make it
+/// outgrow that size: then it is taken again with more room, which ends at the latest when the
+/// room covers full tables.
+fn snapshot_of(engine: &CoreEngine<Heap>, now_ns: u64) -> Result<Vec<u8>, SnapshotError> {
+    let mut spare = 0usize;
+    loop {
+        let size = engine.snapshot_size();
+        let mut buf = vec![0u8; size.saturating_add(spare)];
+        match engine.snapshot(&mut buf, now_ns) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(SnapshotError::BufferTooSmall { needed }) => {
+                spare = spare.saturating_mul(2).max(needed.saturating_sub(size)).max(4096);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl PyEngine {
+    /// The engine in force (a restore swaps in another).
+    fn core(&self) -> Guard<Arc<CoreEngine<Heap>>> {
+        self.core.load()
+    }
+
     fn levels(
         &self,
         account: &Bound<'_, PyAny>,
@@ -752,7 +793,7 @@ impl PyEngine {
     ) -> PyResult<Levels> {
         let (account, model) = (key_bytes("account", account)?, key_bytes("model", model)?);
         let key = ScopeKey { account: &account, model: &model, variant: variant(fast)? };
-        self.inner.limits(key, now(now_ns)?).map_err(core_error)
+        self.core().limits(key, now(now_ns)?).map_err(core_error)
     }
 
     /// Settles or cancels: each usage field left out is what was reserved; cached tokens at most
@@ -779,7 +820,7 @@ impl PyEngine {
                 .unwrap_or(reserved.generated_tokens),
         };
         let at = now(now_ns)?;
-        py.detach(|| self.inner.settle(&permit, &usage, completion, at)).map_err(settle_error)
+        py.detach(|| self.core().settle(&permit, &usage, completion, at)).map_err(settle_error)
     }
 }
 

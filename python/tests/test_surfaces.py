@@ -270,3 +270,89 @@ def test_errors_raised_in_a_worker_process_reach_the_parent_as_themselves():
         # And one the engine raises itself, in the worker.
         with pytest.raises(sluicegate.PolicyError, match="policy must be one of"):
             pool.submit(sluicegate.Engine, "nope").result()
+
+
+# restore() on a serving engine: a new engine swapped in whole.
+
+
+def test_restore_accepts_any_bytes_like_object():
+    a = sluicegate.Engine("fixed", capacity=64)
+    for _ in range(10):
+        a.admit("acct", "m", now_ns=0)
+    snap = a.snapshot(now_ns=0)
+    padded = b"xx" + snap + b"yy"
+    for data in (snap, bytearray(snap), memoryview(snap), memoryview(padded)[2:-2], memoryview(bytearray(snap))):
+        b = sluicegate.Engine("fixed", capacity=64)
+        b.restore(data, now_ns=0)
+        assert b.remaining("acct", "m", now_ns=0)["requests"] == 50, type(data)
+
+
+def test_permits_from_before_a_restore_settle_as_stale():
+    e = sluicegate.Engine("fixed", capacity=64)
+    snap = e.snapshot(now_ns=0)
+    d = e.admit("acct", "m", max_tokens=10, now_ns=0)
+    e.restore(snap, now_ns=0)
+    with pytest.raises(sluicegate.StalePermitError):
+        e.settle(d, now_ns=0)
+    with pytest.raises(sluicegate.StalePermitError):
+        e.charge(d, 5, now_ns=0)
+    # The restored engine works as usual.
+    d = e.admit("acct", "m", max_tokens=10, now_ns=0)
+    e.settle(d, now_ns=0)
+
+
+@pytest.fixture
+def fast_thread_switches():
+    """Switch threads every microsecond, so the threads of a test interleave finely."""
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_restore_works_while_another_thread_admits_and_settles(fast_thread_switches):
+    import threading
+    import time
+
+    e = sluicegate.Engine("fixed", capacity=256, requests_per_minute=10**9)
+    e.set_price("m", uncached_prompt=1, cached_prompt=1, generated=1)
+    snaps = [e.snapshot()]
+    for i in range(5):
+        e.admit(f"acct-{i}", "m")
+    snaps.append(e.snapshot())
+    stop, started = threading.Event(), threading.Event()
+    unexpected = []
+    counts = {"settled": 0, "stale": 0}
+
+    def serve():
+        started.set()
+        i = 0
+        try:
+            while not stop.is_set():
+                i += 1
+                d = e.admit(f"acct-{i % 7}", "m", prompt_tokens=10, max_tokens=10)
+                assert d.admitted
+                try:
+                    e.settle(d, generated_tokens=5)
+                    counts["settled"] += 1
+                except sluicegate.StalePermitError:
+                    counts["stale"] += 1
+        except BaseException as exc:  # anything else fails the test
+            unexpected.append(exc)
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    started.wait()
+    try:
+        for i in range(300):
+            snap = snaps[i % 2]
+            e.restore((snap, bytearray(snap), memoryview(snap))[i % 3])
+            time.sleep(0)
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert unexpected == []
+    assert counts["settled"] > 0

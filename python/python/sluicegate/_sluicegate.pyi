@@ -247,6 +247,16 @@ class Engine:
     def set_quota_limit(self, account: _Key, quota: _QuotaName, limit: int) -> tuple[int, int]:
         """Sets a quota's limit (not below use); returns (used, limit)."""
     def snapshot(self, *, now_ns: Optional[int] = None) -> bytes:
-        """The whole state as a versioned, checksummed byte string."""
-    def restore(self, data: bytes, *, now_ns: Optional[int] = None) -> None:
-        """Replaces the state with a snapshot's, re-based on this clock; needs the same capacities."""
+        """The whole state as a versioned, checksummed byte string.
+
+        Safe while other threads use the engine: each scope is read atomically (the snapshot is
+        not one cut across scopes), and keys added meanwhile are taken in.
+        """
+    def restore(self, data: Union[bytes, bytearray, memoryview], *, now_ns: Optional[int] = None) -> None:
+        """Replaces the state with a snapshot's, re-based on this clock; needs the same capacities.
+
+        ``data`` is any bytes-like object. Safe while other threads use the engine: a new engine
+        is built from the snapshot and swapped in whole; calls in progress finish on the old one,
+        and permits it issued settle with :class:`StalePermitError`. A damaged or foreign snapshot
+        raises :class:`CorruptSnapshotError` and changes nothing.
+        """
