@@ -1,7 +1,9 @@
 //! `sluicegate._sluicegate`: the native module behind the `sluicegate` Python package.
 //!
 //! Arguments are converted while holding the GIL; the admission itself runs with the GIL
-//! released. Docstrings that users read live in `python/sluicegate/_sluicegate.pyi`.
+//! released. The docstrings of `Engine` and `Decision` are those of the stubs
+//! (`python/sluicegate/_sluicegate.pyi`) word for word, so `help()` shows them too; a test
+//! (`test_runtime_docstrings_are_the_stubs`) keeps the two equal.
 
 // Python signatures take their keyword arguments flat, one Rust parameter each.
 #![allow(clippy::too_many_arguments)]
@@ -10,6 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict};
 use sluicegate_core::error_body::write_error_body;
 use sluicegate_core::headers::for_each_header;
@@ -58,21 +61,34 @@ fn decision_of<'a>(v: &'a Bound<'_, PyAny>) -> PyResult<&'a PyDecision> {
         .map_err(|_| ArgumentTypeError::new_err(format!("decision must be a Decision, not {}", kind(v))))
 }
 
-/// The outcome of an admission.
-#[pyclass(module = "sluicegate._sluicegate", eq, eq_int, frozen, from_py_object)]
-#[derive(Clone, Copy, PartialEq, Eq)]
-// The names Python users write: sluicegate.Outcome.ADMIT_OVER_LIMIT.
-#[allow(clippy::upper_case_acronyms, non_camel_case_types)]
-enum Outcome {
-    ADMIT,
-    ADMIT_OVER_LIMIT,
-    REJECT_RATE_LIMITED,
-    SHED,
-    REJECT_SPEND,
-    REJECT_INVALID,
+/// The members of `sluicegate.Outcome` (a Python enum, which a pyclass cannot be: `list(Outcome)`
+/// needs a metaclass), in the order of [`outcome_index`].
+const OUTCOMES: [&str; 6] =
+    ["ADMIT", "ADMIT_OVER_LIMIT", "REJECT_RATE_LIMITED", "SHED", "REJECT_SPEND", "REJECT_INVALID"];
+
+fn outcome_index(o: &CoreOutcome) -> usize {
+    match o {
+        CoreOutcome::Admit(_) => 0,
+        CoreOutcome::AdmitOverLimit(_) => 1,
+        CoreOutcome::RejectRateLimited(_) => 2,
+        CoreOutcome::Shed(_) => 3,
+        CoreOutcome::RejectSpend(_) => 4,
+        CoreOutcome::RejectInvalid(_) => 5,
+    }
 }
 
-/// An admission decision, with its permit if admitted.
+/// The `sluicegate.Outcome` member for `o`, looked up once per process.
+fn outcome_member<'py>(py: Python<'py>, o: &CoreOutcome) -> PyResult<Bound<'py, PyAny>> {
+    static MEMBERS: PyOnceLock<Vec<Py<PyAny>>> = PyOnceLock::new();
+    let members = MEMBERS.get_or_try_init(py, || {
+        let class = py.import("sluicegate._outcome")?.getattr("Outcome")?;
+        OUTCOMES.iter().map(|name| class.getattr(*name).map(Bound::unbind)).collect::<PyResult<Vec<_>>>()
+    })?;
+    let member = members.get(outcome_index(o)).ok_or_else(|| Error::new_err("unknown outcome"))?;
+    Ok(member.bind(py).clone())
+}
+
+/// An admission decision; settle it with :meth:`Engine.settle` if it was admitted.
 #[pyclass(module = "sluicegate._sluicegate", name = "Decision", frozen)]
 struct PyDecision {
     inner: Decision,
@@ -124,23 +140,19 @@ impl PyDecision {
 
 #[pymethods]
 impl PyDecision {
+    /// What to do with the request.
     #[getter]
-    fn outcome(&self) -> Outcome {
-        match self.inner.outcome {
-            CoreOutcome::Admit(_) => Outcome::ADMIT,
-            CoreOutcome::AdmitOverLimit(_) => Outcome::ADMIT_OVER_LIMIT,
-            CoreOutcome::RejectRateLimited(_) => Outcome::REJECT_RATE_LIMITED,
-            CoreOutcome::Shed(_) => Outcome::SHED,
-            CoreOutcome::RejectSpend(_) => Outcome::REJECT_SPEND,
-            CoreOutcome::RejectInvalid(_) => Outcome::REJECT_INVALID,
-        }
+    fn outcome<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        outcome_member(py, &self.inner.outcome)
     }
 
+    /// Whether the request may run (normally or over its limit).
     #[getter]
     fn admitted(&self) -> bool {
         self.inner.admitted()
     }
 
+    /// Whether it runs (or would run) over its limit, at lower priority.
     #[getter]
     fn over_limit(&self) -> bool {
         match &self.inner.outcome {
@@ -149,26 +161,31 @@ impl PyDecision {
         }
     }
 
+    /// The HTTP status in the engine's dialect: 200, 400, 402, 429 or 503.
     #[getter]
     fn status_code(&self) -> PyResult<u16> {
         Ok(self.render(None, Some(0), Some(0))?.status(&self.inner))
     }
 
+    /// Seconds until the request would fit (429) or the shed delay (503); else None.
     #[getter]
     fn retry_after(&self) -> Option<f64> {
         self.inner.retry_after_ns().map(|ns| ns as f64 / 1e9)
     }
 
+    /// :attr:`retry_after` in nanoseconds.
     #[getter]
     fn retry_after_ns(&self) -> Option<u64> {
         self.inner.retry_after_ns()
     }
 
+    /// Seconds to delay forwarding an admitted request (smoothing); usually 0.
     #[getter]
     fn wait(&self) -> f64 {
         self.inner.permit().map_or(0.0, |p| p.wait_ns() as f64 / 1e9)
     }
 
+    /// For a 429, the metric that binds.
     #[getter]
     fn binding_metric(&self) -> Option<&'static str> {
         match self.inner.outcome {
@@ -177,11 +194,13 @@ impl PyDecision {
         }
     }
 
+    /// For a 429, whether the request can never fit at the current limit.
     #[getter]
     fn too_large(&self) -> bool {
         matches!(self.inner.outcome, CoreOutcome::RejectRateLimited(r) if r.too_large)
     }
 
+    /// For spend and invalid refusals, why.
     #[getter]
     fn reason(&self) -> Option<&'static str> {
         match self.inner.outcome {
@@ -196,22 +215,29 @@ impl PyDecision {
         }
     }
 
+    /// Each metric's limit per minute (None when not enforced).
     #[getter]
     fn limits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         per_metric(py, |m| self.inner.levels.limit(m))
     }
 
+    /// Each metric's units left before its limit, None when not enforced.
     #[getter]
     fn remaining<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let l = &self.inner.levels;
         per_metric(py, |m| if l.limit(m) == u64::MAX { u64::MAX } else { l.remaining(m) })
     }
 
+    /// What the request costs on each metric.
     #[getter]
     fn cost<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         per_metric(py, |m| *self.inner.cost.get(m))
     }
 
+    /// The rate-limit headers to send, in ``dialect`` (the engine's by default).
+    ///
+    /// ``unix_ns`` anchors the engine's clock to wall time for Anthropic's RFC 3339 resets
+    /// (default: now); ``jitter_seed`` seeds a 503's retry-after jitter.
     #[pyo3(signature = (dialect=None, *, unix_ns=None, jitter_seed=None))]
     fn headers(
         &self,
@@ -227,6 +253,7 @@ impl PyDecision {
         Ok(out)
     }
 
+    /// The OpenAI-compatible JSON error body of a refusal, parsed; None if admitted.
     #[pyo3(signature = (dialect=None, *, jitter_seed=None))]
     fn error_body<'py>(
         &self,
@@ -249,19 +276,34 @@ impl PyDecision {
     }
 
     fn __repr__(&self) -> String {
-        let name = match self.inner.outcome {
-            CoreOutcome::Admit(_) => "ADMIT",
-            CoreOutcome::AdmitOverLimit(_) => "ADMIT_OVER_LIMIT",
-            CoreOutcome::RejectRateLimited(_) => "REJECT_RATE_LIMITED",
-            CoreOutcome::Shed(_) => "SHED",
-            CoreOutcome::RejectSpend(_) => "REJECT_SPEND",
-            CoreOutcome::RejectInvalid(_) => "REJECT_INVALID",
-        };
+        let name = OUTCOMES.get(outcome_index(&self.inner.outcome)).copied().unwrap_or("?");
         format!("<Decision {name}>")
     }
 }
 
-/// The admission engine.
+/// The admission engine: fixed-capacity tables, safe to share between threads.
+///
+/// ``policy`` is a preset (``fireworks_2024``, ``fireworks_2026``, ``together``, ``fixed``).
+/// Keyword overrides are collected, then resolved and checked together, so their order never
+/// matters:
+///
+/// - ``<metric>_per_minute`` (``requests_per_minute``, ``prompt_tokens_per_minute``,
+///   ``uncached_prompt_tokens_per_minute``, ``generated_tokens_per_minute``) is the metric's
+///   limit, its floor when limits adapt. Under ``fixed``, naming any metric's limit enforces only
+///   the metrics named; ``fixed`` with none named keeps its documented floors.
+/// - ``<metric>_ceiling`` (e.g. ``requests_ceiling``) bounds adaptation (default: the preset's,
+///   raised to the floor); a floor above its ceiling is a :class:`PolicyError`.
+/// - ``hard_factor`` (ρ ≥ 1), ``max_wait`` (smoothing, seconds; 0 turns it off), ``tick``
+///   (seconds) and ``permit_ttl`` (seconds, at least 1; default 900, 15 minutes): a decision not
+///   settled within ``permit_ttl`` of its ``now_ns`` expires, and settling it raises
+///   :class:`PermitExpiredError`.
+/// - ``None`` means ``inf``, no limit: it turns a metric off under any preset, removes a
+///   ceiling, makes permits never expire.
+///
+/// A value out of range raises :class:`PolicyError` naming it; an unknown keyword raises
+/// ``TypeError`` naming it. ``repr(engine)`` shows each metric's limit in force (``off`` when
+/// not enforced). Every ``now_ns`` defaults to ``time.monotonic_ns()``; pass explicit values to
+/// simulate hours in milliseconds.
 #[pyclass(module = "sluicegate._sluicegate", name = "Engine", frozen)]
 struct PyEngine {
     /// `restore` builds a new engine and swaps it in whole; every other call works on the engine
@@ -370,11 +412,13 @@ impl PyEngine {
         Ok(PyEngine { core: ArcSwap::from_pointee(inner), dialect, policy_name: policy })
     }
 
+    /// The preset the engine was built from.
     #[getter]
     fn policy(&self) -> &str {
         &self.policy_name
     }
 
+    /// The dialect decisions render in by default (``Engine(dialect=...)``).
     #[getter]
     fn dialect(&self) -> &'static str {
         self.dialect.name()
@@ -384,6 +428,14 @@ impl PyEngine {
     #[pyo3(
         text_signature = "(self, account, model, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=False, fast=False, expected_tokens=None, now_ns=None)"
     )]
+    /// Decides whether a request may run now; reserves its costs only if it is admitted.
+    ///
+    /// ``prompt_tokens`` (of which ``cached_tokens`` are expected to hit the prompt cache),
+    /// ``max_tokens`` per completion, ``n`` completions (default 1) and ``expected_tokens`` (the
+    /// completion length expected, if below ``max_tokens``) size the reservation. ``priority``
+    /// puts the request in the priority tier, shed last; ``fast`` selects the model's fast
+    /// variant. Counts are ints or anything with ``__index__``. Refusals are decisions, not
+    /// exceptions; settle an admitted decision with :meth:`settle` (or :meth:`cancel`).
     fn admit(
         &self,
         py: Python<'_>,
@@ -422,6 +474,14 @@ impl PyEngine {
     #[pyo3(
         text_signature = "(self, decision, prompt_tokens=None, cached_tokens=None, generated_tokens=None, *, completion='success', now_ns=None)"
     )]
+    /// Settles an admitted decision with actual usage.
+    ///
+    /// Every field left out is what was reserved at admission: ``prompt_tokens`` and
+    /// ``cached_tokens`` as admitted (cached at most ``prompt_tokens``), ``generated_tokens`` as
+    /// reserved. ``completion="upstream_failure"`` refunds and bills nothing.
+    ///
+    /// Raises :class:`AlreadySettledError` on a second settle, and :class:`PermitExpiredError`
+    /// past the policy's ``permit_ttl``.
     fn settle(
         &self,
         py: Python<'_>,
@@ -439,6 +499,7 @@ impl PyEngine {
         self.finish(py, decision, prompt_tokens, cached_tokens, generated_tokens, completion, now_ns)
     }
 
+    /// Settles a request the client abandoned, with what it used (omitted: what was reserved).
     #[pyo3(signature = (decision, prompt_tokens=None, cached_tokens=None, generated_tokens=None, *, now_ns=None))]
     fn cancel(
         &self,
@@ -460,6 +521,7 @@ impl PyEngine {
         )
     }
 
+    /// Records generated tokens of a stream as they arrive.
     #[pyo3(signature = (decision, generated_tokens, *, now_ns=None))]
     fn charge(
         &self,
@@ -474,6 +536,7 @@ impl PyEngine {
         py.detach(|| self.core().charge(&permit, tokens, at)).map_err(settle_error)
     }
 
+    /// Each metric's current limit per minute for a scope, None when not enforced (the scope is not created).
     #[pyo3(signature = (account, model, *, fast=None, now_ns=None))]
     #[pyo3(text_signature = "(self, account, model, *, fast=False, now_ns=None)")]
     fn limits<'py>(
@@ -488,6 +551,7 @@ impl PyEngine {
         per_metric(py, |m| l.limit(m))
     }
 
+    /// Each metric's units left for a scope, None when not enforced.
     #[pyo3(signature = (account, model, *, fast=None, now_ns=None))]
     #[pyo3(text_signature = "(self, account, model, *, fast=False, now_ns=None)")]
     fn remaining<'py>(
@@ -502,6 +566,7 @@ impl PyEngine {
         per_metric(py, |m| if l.limit(m) == u64::MAX { u64::MAX } else { l.remaining(m) })
     }
 
+    /// Sets a model's load signal (1.0 = at capacity); classes of request are shed as it rises.
     #[pyo3(signature = (model, load, *, fast=None))]
     #[pyo3(text_signature = "(self, model, load, *, fast=False)")]
     fn set_load(
@@ -518,6 +583,7 @@ impl PyEngine {
         self.core().set_load(&key_bytes("model", model)?, variant(fast)?, permille).map_err(core_error)
     }
 
+    /// A model's current load.
     #[pyo3(signature = (model, *, fast=None))]
     #[pyo3(text_signature = "(self, model, *, fast=False)")]
     fn load(&self, model: &Bound<'_, PyAny>, fast: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
@@ -525,6 +591,7 @@ impl PyEngine {
         Ok(f64::from(permille) / 1000.0)
     }
 
+    /// Derives a model's load from outstanding permits: in-flight / ``in_flight`` (0: off).
     #[pyo3(signature = (model, in_flight, *, fast=None))]
     #[pyo3(text_signature = "(self, model, in_flight, *, fast=False)")]
     fn set_model_capacity(
@@ -537,6 +604,7 @@ impl PyEngine {
         self.core().set_model_capacity(&key_bytes("model", model)?, variant(fast)?, cap).map_err(core_error)
     }
 
+    /// Sets a model's prices in micro-dollars per million tokens.
     #[pyo3(signature = (model, *, uncached_prompt, cached_prompt, generated, fast=None))]
     #[pyo3(text_signature = "(self, model, *, uncached_prompt, cached_prompt, generated, fast=False)")]
     fn set_price(
@@ -555,6 +623,7 @@ impl PyEngine {
         self.core().set_price(&key_bytes("model", model)?, variant(fast)?, price).map_err(core_error)
     }
 
+    /// Everything about an account (money in micro-dollars); UnknownAccountError if unseen.
     fn account<'py>(&self, py: Python<'py>, account: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.core().account(&key_bytes("account", account)?).map_err(core_error)?;
         let d = PyDict::new(py);
@@ -581,21 +650,25 @@ impl PyEngine {
         Ok(d)
     }
 
+    /// Adds prepaid credits; they count toward historical spend and so the tier.
     fn add_credits(&self, account: &Bound<'_, PyAny>, micros: &Bound<'_, PyAny>) -> PyResult<()> {
         self.core().add_credits(&key_bytes("account", account)?, count("micros", micros)?).map_err(core_error)
     }
 
+    /// Records whether a payment method is on file.
     fn set_payment_method(&self, account: &Bound<'_, PyAny>, on_file: &Bound<'_, PyAny>) -> PyResult<()> {
         let on_file = flag("on_file", on_file)?;
         self.core().set_payment_method(&key_bytes("account", account)?, on_file).map_err(core_error)
     }
 
+    /// Sets the user's own monthly spend limit, within the tier's.
     fn set_spend_limit(&self, account: &Bound<'_, PyAny>, micros: &Bound<'_, PyAny>) -> PyResult<()> {
         self.core()
             .set_spend_limit(&key_bytes("account", account)?, count("micros", micros)?)
             .map_err(core_error)
     }
 
+    /// Suspends an account (or lifts the suspension).
     #[pyo3(signature = (account, reason=None, suspended=None))]
     #[pyo3(text_signature = "(self, account, reason='operator', suspended=True)")]
     fn set_suspended(
@@ -616,6 +689,7 @@ impl PyEngine {
         self.core().set_suspended(&key_bytes("account", account)?, reason, suspended).map_err(core_error)
     }
 
+    /// Grants a tier, or with None returns to the earned one; ceilings change at once.
     #[pyo3(signature = (account, tier, *, now_ns=None))]
     fn set_tier(
         &self,
@@ -631,6 +705,7 @@ impl PyEngine {
         self.core().set_tier(&key_bytes("account", account)?, tier, now(now_ns)?).map_err(core_error)
     }
 
+    /// Gives an account its own floor and ceiling on a metric (None: the policy's).
     #[pyo3(signature = (account, metric, floor=None, ceiling=None, *, now_ns=None))]
     fn set_limits_override(
         &self,
@@ -655,10 +730,12 @@ impl PyEngine {
             .map_err(core_error)
     }
 
+    /// Starts a new billing period for every account.
     fn start_billing_period(&self) {
         self.core().start_billing_period();
     }
 
+    /// Acquires units of a quota; returns (used, limit).
     #[pyo3(signature = (account, quota, n=None))]
     fn acquire_quota(
         &self,
@@ -670,6 +747,7 @@ impl PyEngine {
         self.core().acquire_quota(&key_bytes("account", account)?, self::quota(quota)?, n).map_err(core_error)
     }
 
+    /// Releases units of a quota; returns (used, limit).
     #[pyo3(signature = (account, quota, n=None))]
     fn release_quota(
         &self,
@@ -681,6 +759,7 @@ impl PyEngine {
         self.core().release_quota(&key_bytes("account", account)?, self::quota(quota)?, n).map_err(core_error)
     }
 
+    /// Sets a quota's limit (not below use); returns (used, limit).
     fn set_quota_limit(
         &self,
         account: &Bound<'_, PyAny>,
@@ -693,6 +772,10 @@ impl PyEngine {
             .map_err(core_error)
     }
 
+    /// The whole state as a versioned, checksummed byte string.
+    ///
+    /// Safe while other threads use the engine: each scope is read atomically (the snapshot is
+    /// not one cut across scopes), and keys added meanwhile are taken in.
     #[pyo3(signature = (*, now_ns=None))]
     fn snapshot<'py>(
         &self,
@@ -704,6 +787,12 @@ impl PyEngine {
         Ok(PyBytes::new(py, &bytes))
     }
 
+    /// Replaces the state with a snapshot's, re-based on this clock; needs the same capacities.
+    ///
+    /// ``data`` is any bytes-like object. Safe while other threads use the engine: a new engine
+    /// is built from the snapshot and swapped in whole; calls in progress finish on the old one,
+    /// and permits it issued settle with :class:`StalePermitError`. A damaged or foreign snapshot
+    /// raises :class:`CorruptSnapshotError` and changes nothing.
     #[pyo3(signature = (data, *, now_ns=None))]
     fn restore(
         &self,
@@ -829,7 +918,8 @@ fn _sluicegate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PyEngine>()?;
     m.add_class::<PyDecision>()?;
-    m.add_class::<Outcome>()?;
+    m.add("Outcome", py.import("sluicegate._outcome")?.getattr("Outcome")?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     let errors = py.import("sluicegate._errors")?;
     for name in [
         "Error",

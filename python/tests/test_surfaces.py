@@ -356,3 +356,105 @@ def test_restore_works_while_another_thread_admits_and_settles(fast_thread_switc
     assert not worker.is_alive()
     assert unexpected == []
     assert counts["settled"] > 0
+
+
+# Python conventions.
+
+
+def test_outcome_is_an_enum_hashable_named_and_iterable():
+    Outcome = sluicegate.Outcome
+    names = ["ADMIT", "ADMIT_OVER_LIMIT", "REJECT_RATE_LIMITED", "SHED", "REJECT_SPEND", "REJECT_INVALID"]
+    assert [o.name for o in Outcome] == names and len(Outcome) == 6
+    assert list(Outcome) == [Outcome[n] for n in names]
+    d = sluicegate.Engine("fixed", capacity=10).admit("a", "m", now_ns=0)
+    assert d.outcome is Outcome.ADMIT and d.outcome.name == "ADMIT"
+    assert {d.outcome: "run"}[Outcome.ADMIT] == "run"
+    assert len({o for o in Outcome} | {d.outcome}) == 6
+    assert (repr(Outcome.SHED), str(Outcome.SHED)) == ("Outcome.SHED", "Outcome.SHED")
+    assert Outcome.ADMIT == 0 and int(Outcome.REJECT_INVALID) == 5  # as before: an int enum
+    import pickle
+
+    assert pickle.loads(pickle.dumps(d.outcome)) is Outcome.ADMIT
+
+
+class Index:
+    """Not an int, but usable as one (operator.index)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __index__(self):
+        return self.n
+
+
+def test_counts_and_now_ns_accept_anything_with_index():
+    e = sluicegate.Engine("fixed", capacity=10)
+    d = e.admit("a", "m", prompt_tokens=Index(1_000), cached_tokens=Index(800), max_tokens=Index(10), n=Index(1), now_ns=Index(0))
+    assert d.cost == {"requests": 1, "prompt_tokens": 1_000, "uncached_prompt_tokens": 200, "generated_tokens": 10}
+    e.settle(d, prompt_tokens=Index(1_000), generated_tokens=Index(5), now_ns=Index(SECOND))
+    assert e.remaining("a", "m", now_ns=Index(SECOND))["requests"] == 60
+    with pytest.raises(sluicegate.ArgumentError, match="prompt_tokens must not be negative"):
+        e.admit("a", "m", prompt_tokens=Index(-1))
+    with pytest.raises(sluicegate.ArgumentOverflowError, match="now_ns must be below 2"):
+        e.admit("a", "m", now_ns=Index(2**64))
+    # Still not bools, floats or strings.
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(sluicegate.ArgumentTypeError, match="prompt_tokens must be an int"):
+            e.admit("a", "m", prompt_tokens=bad)
+
+
+def test_counts_accept_numpy_integers():
+    np = pytest.importorskip("numpy")
+    e = sluicegate.Engine("fixed", capacity=10)
+    d = e.admit("a", "m", prompt_tokens=np.int64(1_000), max_tokens=np.uint32(10), n=np.int8(2), now_ns=np.uint64(0))
+    assert d.cost["prompt_tokens"] == 1_000 and d.cost["generated_tokens"] == 20  # n=2 completions
+    e.settle(d, generated_tokens=np.int32(3), now_ns=np.int64(0))
+    with pytest.raises(sluicegate.ArgumentTypeError):
+        e.admit("a", "m", prompt_tokens=np.float64(1.0))
+
+
+def test_the_version_is_the_package_metadata_one():
+    import importlib.metadata
+    import re
+
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", sluicegate.__version__)
+    assert sluicegate.__version__ == importlib.metadata.version("sluicegate")
+
+
+def _stub_docs():
+    """(class, member or None, docstring) for Engine, Decision and their public members in the stubs."""
+    import ast
+    import pathlib
+
+    path = pathlib.Path(sluicegate._sluicegate.__file__).with_name("_sluicegate.pyi")
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name in ("Engine", "Decision"):
+            yield node.name, None, ast.get_docstring(node)
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and not item.name.startswith("_"):
+                    yield node.name, item.name, ast.get_docstring(item)
+
+
+def test_runtime_docstrings_are_the_stubs():
+    import inspect
+
+    docs = list(_stub_docs())
+    assert len(docs) > 40
+    for cls, member, doc in docs:
+        assert doc, f"{cls}.{member} has no docstring in the stubs"
+        obj = getattr(sluicegate, cls) if member is None else getattr(getattr(sluicegate, cls), member)
+        assert inspect.getdoc(obj) == doc, f"{cls}.{member}"
+
+
+def test_help_shows_signatures_with_their_real_defaults():
+    import inspect
+
+    admit = str(inspect.signature(sluicegate.Engine.admit))
+    assert "prompt_tokens=None" in admit and "priority=False" in admit and "now_ns=None" in admit
+    assert "completion='success'" in str(inspect.signature(sluicegate.Engine.settle))
+    assert "policy='fireworks_2024'" in str(inspect.signature(sluicegate.Engine))
+    assert "fast=False" in str(inspect.signature(sluicegate.Engine.limits))
+    import pydoc
+
+    text = pydoc.render_doc(sluicegate.Engine.admit, renderer=pydoc.plaintext)
+    assert "Decides whether a request may run" in text and "priority=False" in text

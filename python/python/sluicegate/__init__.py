@@ -34,7 +34,8 @@ from sluicegate._errors import (
     TableFullError,
     UnknownAccountError,
 )
-from sluicegate._sluicegate import Decision, Engine, Outcome
+from sluicegate._outcome import Outcome
+from sluicegate._sluicegate import Decision, Engine, __version__
 
 PRESETS = ("fireworks_2024", "fireworks_2026", "together", "fixed")
 """Policy names accepted by :class:`Engine`."""

@@ -1,6 +1,6 @@
 """Type stubs and documentation of the native module ``sluicegate._sluicegate``."""
 
-from typing import ClassVar, Literal, Optional, Union
+from typing import Literal, Optional, SupportsIndex, Union
 
 from typing_extensions import final
 
@@ -19,6 +19,10 @@ from sluicegate._errors import SpendLimitAboveTierError as SpendLimitAboveTierEr
 from sluicegate._errors import StalePermitError as StalePermitError
 from sluicegate._errors import TableFullError as TableFullError
 from sluicegate._errors import UnknownAccountError as UnknownAccountError
+from sluicegate._outcome import Outcome as Outcome
+
+__version__: str
+"""The package's version (the Cargo workspace's)."""
 
 _Key = Union[str, bytes]
 _Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
@@ -44,27 +48,8 @@ __all__ = [
     "StalePermitError",
     "TableFullError",
     "UnknownAccountError",
+    "__version__",
 ]
-
-@final
-class Outcome:
-    """The outcome of an admission; exactly one per request.
-
-    ``ADMIT``: within every limit, run now (HTTP 200, ``x-ratelimit-over-limit: no``).
-    ``ADMIT_OVER_LIMIT``: over a limit but within the hard band, run at lower priority.
-    ``REJECT_RATE_LIMITED``: beyond the hard band, 429 with ``retry-after``.
-    ``SHED``: the model is overloaded for this request's class, 503.
-    ``REJECT_SPEND``: the account is suspended or over its spend limit, 402/429.
-    ``REJECT_INVALID``: malformed request, 400.
-    """
-
-    ADMIT: ClassVar[Outcome]
-    ADMIT_OVER_LIMIT: ClassVar[Outcome]
-    REJECT_RATE_LIMITED: ClassVar[Outcome]
-    SHED: ClassVar[Outcome]
-    REJECT_SPEND: ClassVar[Outcome]
-    REJECT_INVALID: ClassVar[Outcome]
-    def __int__(self) -> int: ...
 
 @final
 class Decision:
@@ -105,19 +90,19 @@ class Decision:
         """Each metric's limit per minute (None when not enforced)."""
     @property
     def remaining(self) -> dict[str, Optional[int]]:
-        """Each metric's units left before its limit."""
+        """Each metric's units left before its limit, None when not enforced."""
     @property
     def cost(self) -> dict[str, Optional[int]]:
         """What the request costs on each metric."""
     def headers(
-        self, dialect: Optional[_Dialect] = None, *, unix_ns: Optional[int] = None, jitter_seed: Optional[int] = None
+        self, dialect: Optional[_Dialect] = None, *, unix_ns: Optional[SupportsIndex] = None, jitter_seed: Optional[SupportsIndex] = None
     ) -> list[tuple[str, str]]:
         """The rate-limit headers to send, in ``dialect`` (the engine's by default).
 
         ``unix_ns`` anchors the engine's clock to wall time for Anthropic's RFC 3339 resets
         (default: now); ``jitter_seed`` seeds a 503's retry-after jitter.
         """
-    def error_body(self, dialect: Optional[_Dialect] = None, *, jitter_seed: Optional[int] = None) -> Optional[dict[str, object]]:
+    def error_body(self, dialect: Optional[_Dialect] = None, *, jitter_seed: Optional[SupportsIndex] = None) -> Optional[dict[str, object]]:
         """The OpenAI-compatible JSON error body of a refusal, parsed; None if admitted."""
 
 @final
@@ -150,12 +135,12 @@ class Engine:
     def __new__(
         cls,
         policy: str = "fireworks_2024",
-        capacity: Optional[int] = None,
+        capacity: Optional[SupportsIndex] = None,
         *,
-        accounts: Optional[int] = None,
-        models: Optional[int] = None,
-        permits: Optional[int] = None,
-        seed: Optional[int] = None,
+        accounts: Optional[SupportsIndex] = None,
+        models: Optional[SupportsIndex] = None,
+        permits: Optional[SupportsIndex] = None,
+        seed: Optional[SupportsIndex] = None,
         dialect: _Dialect = "fireworks",
         **overrides: Optional[float],
     ) -> Engine: ...
@@ -169,25 +154,33 @@ class Engine:
         self,
         account: _Key,
         model: _Key,
-        prompt_tokens: Optional[int] = None,
-        cached_tokens: Optional[int] = None,
-        max_tokens: Optional[int] = None,
-        n: Optional[int] = None,
+        prompt_tokens: Optional[SupportsIndex] = None,
+        cached_tokens: Optional[SupportsIndex] = None,
+        max_tokens: Optional[SupportsIndex] = None,
+        n: Optional[SupportsIndex] = None,
         priority: bool = False,
         fast: bool = False,
-        expected_tokens: Optional[int] = None,
-        now_ns: Optional[int] = None,
+        expected_tokens: Optional[SupportsIndex] = None,
+        now_ns: Optional[SupportsIndex] = None,
     ) -> Decision:
-        """Decides whether a request may run; charges its costs only if admitted."""
+        """Decides whether a request may run now; reserves its costs only if it is admitted.
+
+        ``prompt_tokens`` (of which ``cached_tokens`` are expected to hit the prompt cache),
+        ``max_tokens`` per completion, ``n`` completions (default 1) and ``expected_tokens`` (the
+        completion length expected, if below ``max_tokens``) size the reservation. ``priority``
+        puts the request in the priority tier, shed last; ``fast`` selects the model's fast
+        variant. Counts are ints or anything with ``__index__``. Refusals are decisions, not
+        exceptions; settle an admitted decision with :meth:`settle` (or :meth:`cancel`).
+        """
     def settle(
         self,
         decision: Decision,
-        prompt_tokens: Optional[int] = None,
-        cached_tokens: Optional[int] = None,
-        generated_tokens: Optional[int] = None,
+        prompt_tokens: Optional[SupportsIndex] = None,
+        cached_tokens: Optional[SupportsIndex] = None,
+        generated_tokens: Optional[SupportsIndex] = None,
         *,
         completion: Literal["success", "upstream_failure", "cancelled"] = "success",
-        now_ns: Optional[int] = None,
+        now_ns: Optional[SupportsIndex] = None,
     ) -> None:
         """Settles an admitted decision with actual usage.
 
@@ -201,58 +194,58 @@ class Engine:
     def cancel(
         self,
         decision: Decision,
-        prompt_tokens: Optional[int] = None,
-        cached_tokens: Optional[int] = None,
-        generated_tokens: Optional[int] = None,
+        prompt_tokens: Optional[SupportsIndex] = None,
+        cached_tokens: Optional[SupportsIndex] = None,
+        generated_tokens: Optional[SupportsIndex] = None,
         *,
-        now_ns: Optional[int] = None,
+        now_ns: Optional[SupportsIndex] = None,
     ) -> None:
         """Settles a request the client abandoned, with what it used (omitted: what was reserved)."""
-    def charge(self, decision: Decision, generated_tokens: int, *, now_ns: Optional[int] = None) -> None:
+    def charge(self, decision: Decision, generated_tokens: SupportsIndex, *, now_ns: Optional[SupportsIndex] = None) -> None:
         """Records generated tokens of a stream as they arrive."""
-    def limits(self, account: _Key, model: _Key, *, fast: bool = False, now_ns: Optional[int] = None) -> dict[str, Optional[int]]:
-        """Each metric's current limit per minute for a scope (without creating it)."""
-    def remaining(self, account: _Key, model: _Key, *, fast: bool = False, now_ns: Optional[int] = None) -> dict[str, Optional[int]]:
-        """Each metric's units left for a scope."""
+    def limits(self, account: _Key, model: _Key, *, fast: bool = False, now_ns: Optional[SupportsIndex] = None) -> dict[str, Optional[int]]:
+        """Each metric's current limit per minute for a scope, None when not enforced (the scope is not created)."""
+    def remaining(self, account: _Key, model: _Key, *, fast: bool = False, now_ns: Optional[SupportsIndex] = None) -> dict[str, Optional[int]]:
+        """Each metric's units left for a scope, None when not enforced."""
     def set_load(self, model: _Key, load: float, *, fast: bool = False) -> None:
         """Sets a model's load signal (1.0 = at capacity); classes of request are shed as it rises."""
     def load(self, model: _Key, *, fast: bool = False) -> float:
         """A model's current load."""
-    def set_model_capacity(self, model: _Key, in_flight: int, *, fast: bool = False) -> None:
+    def set_model_capacity(self, model: _Key, in_flight: SupportsIndex, *, fast: bool = False) -> None:
         """Derives a model's load from outstanding permits: in-flight / ``in_flight`` (0: off)."""
-    def set_price(self, model: _Key, *, uncached_prompt: int, cached_prompt: int, generated: int, fast: bool = False) -> None:
+    def set_price(self, model: _Key, *, uncached_prompt: SupportsIndex, cached_prompt: SupportsIndex, generated: SupportsIndex, fast: bool = False) -> None:
         """Sets a model's prices in micro-dollars per million tokens."""
     def account(self, account: _Key) -> dict[str, object]:
         """Everything about an account (money in micro-dollars); UnknownAccountError if unseen."""
-    def add_credits(self, account: _Key, micros: int) -> None:
+    def add_credits(self, account: _Key, micros: SupportsIndex) -> None:
         """Adds prepaid credits; they count toward historical spend and so the tier."""
     def set_payment_method(self, account: _Key, on_file: bool) -> None:
         """Records whether a payment method is on file."""
-    def set_spend_limit(self, account: _Key, micros: int) -> None:
+    def set_spend_limit(self, account: _Key, micros: SupportsIndex) -> None:
         """Sets the user's own monthly spend limit, within the tier's."""
     def set_suspended(self, account: _Key, reason: Literal["operator", "payment_failed"] = "operator", suspended: bool = True) -> None:
         """Suspends an account (or lifts the suspension)."""
-    def set_tier(self, account: _Key, tier: Optional[Literal["tier_1", "tier_2", "tier_3", "tier_4", "unlimited"]], *, now_ns: Optional[int] = None) -> None:
+    def set_tier(self, account: _Key, tier: Optional[Literal["tier_1", "tier_2", "tier_3", "tier_4", "unlimited"]], *, now_ns: Optional[SupportsIndex] = None) -> None:
         """Grants a tier, or with None returns to the earned one; ceilings change at once."""
     def set_limits_override(
-        self, account: _Key, metric: _MetricName, floor: Optional[float] = None, ceiling: Optional[float] = None, *, now_ns: Optional[int] = None
+        self, account: _Key, metric: _MetricName, floor: Optional[float] = None, ceiling: Optional[float] = None, *, now_ns: Optional[SupportsIndex] = None
     ) -> None:
         """Gives an account its own floor and ceiling on a metric (None: the policy's)."""
     def start_billing_period(self) -> None:
         """Starts a new billing period for every account."""
-    def acquire_quota(self, account: _Key, quota: _QuotaName, n: Optional[int] = None) -> tuple[int, int]:
+    def acquire_quota(self, account: _Key, quota: _QuotaName, n: Optional[SupportsIndex] = None) -> tuple[int, int]:
         """Acquires units of a quota; returns (used, limit)."""
-    def release_quota(self, account: _Key, quota: _QuotaName, n: Optional[int] = None) -> tuple[int, int]:
+    def release_quota(self, account: _Key, quota: _QuotaName, n: Optional[SupportsIndex] = None) -> tuple[int, int]:
         """Releases units of a quota; returns (used, limit)."""
-    def set_quota_limit(self, account: _Key, quota: _QuotaName, limit: int) -> tuple[int, int]:
+    def set_quota_limit(self, account: _Key, quota: _QuotaName, limit: SupportsIndex) -> tuple[int, int]:
         """Sets a quota's limit (not below use); returns (used, limit)."""
-    def snapshot(self, *, now_ns: Optional[int] = None) -> bytes:
+    def snapshot(self, *, now_ns: Optional[SupportsIndex] = None) -> bytes:
         """The whole state as a versioned, checksummed byte string.
 
         Safe while other threads use the engine: each scope is read atomically (the snapshot is
         not one cut across scopes), and keys added meanwhile are taken in.
         """
-    def restore(self, data: Union[bytes, bytearray, memoryview], *, now_ns: Optional[int] = None) -> None:
+    def restore(self, data: Union[bytes, bytearray, memoryview], *, now_ns: Optional[SupportsIndex] = None) -> None:
         """Replaces the state with a snapshot's, re-based on this clock; needs the same capacities.
 
         ``data`` is any bytes-like object. Safe while other threads use the engine: a new engine
