@@ -25,6 +25,8 @@ pub enum PolicyError {
     BadShedThresholds,
     /// Tier limits, qualifications or ceiling scales fall as the tier rises.
     BadTiers,
+    /// An override's value is out of its range; the name is one of [`Policy::OVERRIDES`](crate::Policy::OVERRIDES).
+    BadParameter(&'static str),
 }
 
 /// Which fixed-capacity table an error is about.
@@ -99,6 +101,7 @@ impl fmt::Display for PolicyError {
             PolicyError::BadAdaptation => f.write_str("adaptation parameter out of range"),
             PolicyError::BadShedThresholds => f.write_str("shed thresholds must be ordered"),
             PolicyError::BadTiers => f.write_str("tiers must not lower limits as they rise"),
+            PolicyError::BadParameter(name) => write!(f, "{name} must be {}", crate::overrides::rule(name)),
         }
     }
 }

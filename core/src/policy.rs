@@ -10,7 +10,7 @@ const MINUTE_NS: u64 = 60_000_000_000;
 /// Longest adaptation tick a policy may have: one hour.
 pub const MAX_TICK_NS: u64 = 60 * MINUTE_NS;
 
-/// [`Policy::set`] was given a name it does not know (see [`Policy::OVERRIDES`]).
+/// An override name that is not one of [`Policy::OVERRIDES`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnknownParameter;
 
@@ -18,12 +18,6 @@ impl core::fmt::Display for UnknownParameter {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("unknown policy parameter")
     }
-}
-
-/// Seconds as ns: NaN and negatives are 0 (refused where 0 is not allowed), +∞ the longest
-/// (e.g. a `permit_ttl` that never expires).
-fn seconds_to_ns(seconds: f64) -> u64 {
-    if seconds > 0.0 { (seconds * 1e9) as u64 } else { 0 }
 }
 
 /// A metric's bounds, per minute: the limit starts at `floor` and adapts up to `ceiling`.
@@ -212,53 +206,21 @@ impl Policy {
         }
     }
 
-    /// Names accepted by [`Policy::set`].
-    pub const OVERRIDES: [&'static str; 12] = [
-        "requests_per_minute",
-        "prompt_tokens_per_minute",
-        "uncached_prompt_tokens_per_minute",
-        "generated_tokens_per_minute",
-        "requests_ceiling",
-        "prompt_tokens_ceiling",
-        "uncached_prompt_tokens_ceiling",
-        "generated_tokens_ceiling",
-        "hard_factor",
-        "max_wait",
-        "tick",
-        "permit_ttl",
-    ];
+    /// Names accepted by [`Overrides::set`](crate::Overrides::set).
+    pub const OVERRIDES: [&'static str; 12] = crate::overrides::NAMES;
 
-    /// Overrides one parameter by the name the CLI's `--set` and Python's keywords use:
-    /// `<metric>_per_minute` sets the floor (the limit of a fixed policy), `<metric>_ceiling` the
-    /// ceiling, `hard_factor` ρ, `max_wait`, `tick` and `permit_ttl` in seconds. Checked by [`Policy::bands`].
+    /// The preset with `overrides` resolved and checked (see [`Overrides`](crate::Overrides)).
     ///
     /// ```
-    /// use sluicegate_core::{Metric, Policy};
-    /// let mut p = Policy::fixed();
-    /// p.set("requests_per_minute", 600.0).unwrap();
+    /// use sluicegate_core::{Metric, Overrides, Policy};
+    /// let mut o = Overrides::default();
+    /// o.set("requests_per_minute", 600.0).unwrap();
+    /// let p = Policy::fixed().with(&o).unwrap();
     /// assert_eq!(p.limits.get(Metric::Requests).ceiling, 600.0);
-    /// assert!(p.set("requests_per_hour", 1.0).is_err());
+    /// assert!(o.set("requests_per_hour", 1.0).is_err());
     /// ```
-    pub fn set(&mut self, name: &str, value: f64) -> Result<(), UnknownParameter> {
-        let metric = Metric::ALL
-            .into_iter()
-            .find(|m| name.strip_prefix(m.name()).is_some_and(|rest| rest.starts_with('_')));
-        match (metric, metric.and_then(|m| name.strip_prefix(m.name()))) {
-            (Some(m), Some("_per_minute")) => {
-                let l = self.limits.get_mut(m);
-                let fixed = l.floor == l.ceiling;
-                *l = MetricLimits { floor: value, ceiling: if fixed { value } else { l.ceiling.max(value) } };
-            }
-            (Some(m), Some("_ceiling")) => self.limits.get_mut(m).ceiling = value,
-            _ => match name {
-                "hard_factor" => self.hard_factor = value,
-                "max_wait" => self.max_wait_ns = seconds_to_ns(value),
-                "tick" => self.tick_ns = seconds_to_ns(value),
-                "permit_ttl" => self.permit_ttl_ns = seconds_to_ns(value),
-                _ => return Err(UnknownParameter),
-            },
-        }
-        Ok(())
+    pub fn with(&self, overrides: &crate::Overrides) -> Result<Policy, PolicyError> {
+        overrides.apply(self)
     }
 
     /// Sets a metric's floor and ceiling to one fixed value (its limit under `fixed`).

@@ -1,8 +1,8 @@
 //! Bad input gets a typed error or a `RejectInvalid` decision, never a panic or changed state.
 
 use sluicegate_core::{
-    Capacity, Completion, Engine, Error, Heap, InvalidRequest, Metric, MetricLimits, Outcome, Policy,
-    PolicyError, Request, ScopeKey, SettleError, Table, Usage,
+    Capacity, Completion, Engine, Error, Heap, InvalidRequest, Metric, MetricLimits, Outcome, Overrides,
+    Policy, PolicyError, Request, ScopeKey, SettleError, Table, Usage,
 };
 
 fn engine() -> Engine<Heap> {
@@ -171,15 +171,18 @@ fn engines_sharing_a_seed_still_refuse_each_others_permits() {
 
 #[test]
 fn an_infinite_permit_ttl_means_permits_never_expire() {
-    let mut policy = Policy::fixed();
-    policy.set("permit_ttl", f64::INFINITY).unwrap();
+    let mut never = Overrides::default();
+    never.set("permit_ttl", f64::INFINITY).unwrap();
+    let policy = Policy::fixed().with(&never).unwrap();
     let e = Engine::new(policy, Capacity::scopes(64)).unwrap();
     let p = *e.admit(KEY, &Request::new(1), 0).unwrap().permit().unwrap();
     let hundred_days = 100 * 86_400 * 1_000_000_000;
     e.settle(&p, &Usage::new(1, 0), Completion::Success, hundred_days).unwrap();
-    let mut nan = Policy::fixed();
+    let mut nan = Overrides::default();
     nan.set("permit_ttl", f64::NAN).unwrap();
-    assert_eq!(nan.bands().unwrap_err(), PolicyError::BadPermitTtl);
+    assert_eq!(Policy::fixed().with(&nan).unwrap_err(), PolicyError::BadParameter("permit_ttl"));
+    let short = Policy { permit_ttl_ns: 999_999_999, ..Policy::fixed() };
+    assert_eq!(short.bands().unwrap_err(), PolicyError::BadPermitTtl);
 }
 
 /// Found by the reference model: with absurd token counts every cost saturates at u64::MAX µs,
@@ -195,5 +198,17 @@ fn too_large_names_the_metric_with_the_largest_cost_even_when_costs_saturate() {
             assert_eq!(r.metric, Metric::GeneratedTokens);
         }
         other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_override_out_of_range_is_refused_with_a_message_that_names_it() {
+    for (name, value) in
+        [("max_wait", f64::INFINITY), ("max_wait", -5.0), ("tick", f64::NAN), ("requests_ceiling", 0.0)]
+    {
+        let mut o = Overrides::default();
+        o.set(name, value).unwrap();
+        let e = Policy::together().with(&o).unwrap_err();
+        assert!(e.to_string().starts_with(&format!("{name} must be ")), "{e}");
     }
 }
