@@ -18,7 +18,7 @@ use crate::model::ModelSlot;
 use crate::scope::{self, ScopeSlot};
 use crate::storage::{Capacity, Storage};
 use crate::sync::{AtomicU64, Ordering};
-use crate::table::{self, Slot};
+use crate::table::{self, Keyed, Slot};
 use crate::tier::Tier;
 
 const MAGIC: &[u8; 4] = b"SLGT";
@@ -167,9 +167,13 @@ impl<S: Storage> Engine<S> {
 
     /// Writes the whole state into `buf` as of `now_ns`; returns the bytes written.
     ///
-    /// Each scope is read atomically; the snapshot is not one cut across scopes while other
-    /// threads keep admitting. Outstanding permits are not saved: after a restore they settle
-    /// with [`SettleError::StalePermit`](crate::SettleError::StalePermit).
+    /// Safe under live traffic: each scope is read atomically, as it was at some moment during
+    /// the write, and the accounts and models written are held until the end, so every scope
+    /// written names a key that is in the file; a scope created after its key was passed is left
+    /// out, as if the snapshot had come just before it. The snapshot is not one cut across scopes
+    /// while other threads keep admitting. Outstanding permits are not saved: after a restore
+    /// they settle with [`SettleError::StalePermit`](crate::SettleError::StalePermit). Keys added
+    /// while it runs can make `buf` too small: the error gives a size to retry with.
     ///
     /// ```
     /// use sluicegate_core::{Capacity, Engine, Metric, Policy, Request, ScopeKey};
@@ -188,37 +192,18 @@ impl<S: Storage> Engine<S> {
         if buf.len() < needed {
             return Err(SnapshotError::BufferTooSmall { needed });
         }
-        let t = self.tables();
-        let capacity = t.capacity();
         let mut out = Out { buf, pos: HEADER };
         let mut counts = [0u32; 3];
-        for (i, a) in t.accounts.iter().enumerate() {
-            if table::is_ready(a.id().load(Ordering::Acquire)) {
-                write_account(&mut out, i, a)?;
-                counts[0] += 1;
-            }
+        let body = self.write_body(&mut out, &mut counts, now_ns);
+        self.release_held(out.buf, counts);
+        if let Err(SnapshotError::BufferTooSmall { .. }) = body {
+            // Keys were added while writing: ask for room for them and a few more.
+            let needed = self.snapshot_size().max(out.buf.len()).saturating_add(16 * SCOPE_RECORD);
+            return Err(SnapshotError::BufferTooSmall { needed });
         }
-        for (i, m) in t.models.iter().enumerate() {
-            if table::is_ready(m.id().load(Ordering::Acquire)) {
-                write_model(&mut out, i, m)?;
-                counts[1] += 1;
-            }
-        }
-        for (i, (s, adaptation)) in t.scopes.iter().zip(t.adaptation).enumerate() {
-            let id = s.id.load(Ordering::Acquire);
-            if !table::is_ready(id) {
-                continue;
-            }
-            // Apply due ticks first: a word idle for hours reads right only once re-sealed.
-            let now = self.tick(crate::engine::Located::of_id(i, id), now_ns);
-            let w = s.bucket.load(Ordering::Acquire);
-            if !bucket::is_retired(w) {
-                let debts = bucket::open(Word::unpack(w), now / QUANTUM_NS).debt;
-                write_scope(&mut out, i, id, debts, &adaptation.load(), s)?;
-                counts[2] += 1;
-            }
-        }
+        body?;
         let total = out.pos + CHECKSUM;
+        let capacity = self.capacity();
         let mut head = Out { buf: out.buf, pos: 0 };
         head.put(MAGIC)?;
         head.put(&VERSION.to_le_bytes())?;
@@ -235,6 +220,74 @@ impl<S: Storage> Engine<S> {
         let mut tail = Out { buf: head.buf, pos: total - CHECKSUM };
         tail.u32(crc)?;
         Ok(total)
+    }
+
+    /// Writes the records; `counts` says how many of each were written, so that the accounts
+    /// and models held can be let go whatever happens.
+    fn write_body(&self, out: &mut Out<'_>, counts: &mut [u32; 3], now_ns: u64) -> Result<(), SnapshotError> {
+        let t = self.tables();
+        for (i, a) in t.accounts.iter().enumerate() {
+            if hold(a) {
+                write_account(out, i, a).inspect_err(|_| a.refs.unpin())?;
+                counts[0] += 1;
+            }
+        }
+        for (i, m) in t.models.iter().enumerate() {
+            if hold(m) {
+                write_model(out, i, m).inspect_err(|_| m.refs.unpin())?;
+                counts[1] += 1;
+            }
+        }
+        let accounts_at = HEADER;
+        let models_at = accounts_at + counts[0] as usize * ACCOUNT_RECORD;
+        for (i, (s, adaptation)) in t.scopes.iter().zip(t.adaptation).enumerate() {
+            let id = s.id.load(Ordering::Acquire);
+            if !table::is_ready(id) {
+                continue;
+            }
+            // Apply due ticks first: a word idle for hours reads right only once re-sealed.
+            let now = self.tick(crate::engine::Located::of_id(i, id), now_ns);
+            let w = s.bucket.load(Ordering::Acquire);
+            let states = adaptation.load();
+            let usage = s.usage();
+            // Reclaimed meanwhile: the word may be the next scope's. Left out, as it is gone.
+            if bucket::is_retired(w) || s.id.load(Ordering::Acquire) != id {
+                continue;
+            }
+            let written = |at: usize, count: u32, size: usize, index: usize| {
+                has_record(&In { buf: &*out.buf, pos: at }, count as usize, size, index)
+            };
+            let (model, _) = scope::model_and_variant(id);
+            if !(written(accounts_at, counts[0], ACCOUNT_RECORD, scope::account_of(id))?
+                && written(models_at, counts[1], MODEL_RECORD, model)?)
+            {
+                continue;
+            }
+            let debts = bucket::open(Word::unpack(w), now / QUANTUM_NS).debt;
+            write_scope(out, i, id, debts, &states, usage)?;
+            counts[2] += 1;
+        }
+        Ok(())
+    }
+
+    /// Lets go of the accounts and models [`Engine::write_body`] held: those it wrote.
+    fn release_held(&self, buf: &[u8], counts: [u32; 3]) {
+        let t = self.tables();
+        let index_at = |pos: usize| {
+            let mut r = In { buf, pos };
+            r.u32().ok().map(|i| i as usize)
+        };
+        for k in 0..counts[0] as usize {
+            if let Some(a) = index_at(HEADER + k * ACCOUNT_RECORD).and_then(|i| t.accounts.get(i)) {
+                a.refs.unpin();
+            }
+        }
+        let models_at = HEADER + counts[0] as usize * ACCOUNT_RECORD;
+        for k in 0..counts[1] as usize {
+            if let Some(m) = index_at(models_at + k * MODEL_RECORD).and_then(|i| t.models.get(i)) {
+                m.refs.unpin();
+            }
+        }
     }
 
     /// Replaces the engine's whole state with a snapshot's, re-basing its clock on `now_ns`.
@@ -442,6 +495,20 @@ impl<S: Storage> Engine<S> {
     }
 }
 
+/// Holds a published key's slot for the snapshot: while held it cannot be reclaimed, so the
+/// scopes written after it still name it.
+fn hold<T: Slot + Keyed>(slot: &T) -> bool {
+    let id = slot.id().load(Ordering::Acquire);
+    if !table::is_ready(id) || !slot.refs().pin() {
+        return false;
+    }
+    if slot.id().load(Ordering::Acquire) == id {
+        return true;
+    }
+    slot.refs().unpin();
+    false
+}
+
 fn write_account(out: &mut Out<'_>, index: usize, a: &AccountSlot) -> Result<(), SnapshotError> {
     let (len, words) = a.key.read();
     out.u32(index as u32)?;
@@ -474,7 +541,7 @@ fn write_scope(
     id: u64,
     debts: [u64; 4],
     states: &PerMetric<MetricState>,
-    s: &ScopeSlot,
+    usage: [u64; 4],
 ) -> Result<(), SnapshotError> {
     out.u32(index as u32)?;
     out.u32(0)?;
@@ -482,7 +549,7 @@ fn write_scope(
     debts.iter().try_for_each(|d| out.u64(*d))?;
     states.0.iter().try_for_each(|m| out.u64(m.limit.to_bits()))?;
     states.0.iter().try_for_each(|m| out.u64(m.memory.to_bits()))?;
-    s.usage().iter().try_for_each(|u| out.u64(*u))
+    usage.iter().try_for_each(|u| out.u64(*u))
 }
 
 /// A stored key's bytes, checked: 1..=max long and zero past its length.
