@@ -458,3 +458,54 @@ def test_help_shows_signatures_with_their_real_defaults():
 
     text = pydoc.render_doc(sluicegate.Engine.admit, renderer=pydoc.plaintext)
     assert "Decides whether a request may run" in text and "priority=False" in text
+
+
+# Snapshots of a live engine (SPEC §10): taken while other threads add keys, each one restores.
+
+
+def test_snapshots_taken_while_threads_add_accounts_all_restore(fast_thread_switches):
+    import threading
+
+    capacity = {"capacity": 8192, "accounts": 8192, "models": 16, "permits": 1024}
+    live = sluicegate.Engine("fixed", requests_per_minute=10**9, **capacity)
+    copy = sluicegate.Engine("fixed", **capacity)
+    budget = [0]  # new accounts each thread may have added so far: a few more per snapshot
+    made = [0, 0]
+    stop, unexpected = threading.Event(), []
+
+    def serve(t):
+        i = 0
+        try:
+            while not stop.is_set():
+                if made[t] < budget[0]:
+                    account = f"t{t}-{made[t]}"
+                    made[t] += 1
+                else:
+                    account = f"t{t}-{i % max(made[t], 1)}"
+                d = live.admit(account, "m", prompt_tokens=10, max_tokens=10)
+                live.settle(d, generated_tokens=5)
+                i += 1
+        except BaseException as exc:
+            unexpected.append(exc)
+
+    workers = [threading.Thread(target=serve, args=(t,)) for t in (0, 1)]
+    for w in workers:
+        w.start()
+    refused = []
+    try:
+        for k in range(1_000):
+            budget[0] = 2 * (k + 1)
+            snap = live.snapshot()
+            try:
+                copy.restore(snap)
+            except sluicegate.CorruptSnapshotError as e:
+                refused.append(f"snapshot {k}: {e}")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    assert unexpected == []
+    assert sum(made) > 100, made  # the threads did add accounts while snapshots were taken
+    assert refused == [], f"{len(refused)} of 1000 snapshots did not restore, e.g. {refused[:3]}"
+    # The last one holds what had been added before it.
+    assert copy.account("t0-0")["period_spend"] >= 0
