@@ -123,7 +123,7 @@ fn shown(limit: u64) -> String {
 
 fn run_replay(args: &ReplayArgs) -> Result<(), String> {
     let policy = policy_of(args)?;
-    let render = match &args.headers {
+    let mut render = match &args.headers {
         Some(name) => {
             Some(Render::new(Dialect::from_name(name).ok_or_else(|| format!("unknown dialect {name:?}"))?))
         }
@@ -143,6 +143,12 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
     }
     if trace.bad.len() > 20 {
         eprintln!("{}: {} more bad rows skipped", args.trace, trace.bad.len() - 20);
+    }
+    // Dated resets (Anthropic's) read in the trace's own time, or today's for undated traces.
+    if let Some(render) = &mut render {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        render.unix_ns = trace.start_unix_ns.unwrap_or(now.as_nanos() as u64);
+        render.monotonic_at = 0;
     }
     let scopes = (trace.requests.len() as u64).min(args.accounts.saturating_mul(8)).max(64) as usize;
     let engine = Engine::new(policy, Capacity::scopes(scopes * 2)).map_err(|e| e.to_string())?;

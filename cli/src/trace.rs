@@ -59,6 +59,8 @@ pub struct Trace {
     pub bad: Vec<BadRow>,
     /// "azure" or "sluicegate".
     pub format: &'static str,
+    /// Unix time of the first request, when the trace gives dates (Azure's do).
+    pub start_unix_ns: Option<u64>,
 }
 
 /// Why a trace could not be read at all.
@@ -107,7 +109,7 @@ pub fn read(input: impl Read, options: &Options) -> Result<Trace, TraceError> {
         OWN_HEADER => "sluicegate",
         _ => return Err(TraceError::UnknownFormat(header)),
     };
-    let mut trace = Trace { requests: Vec::new(), bad: Vec::new(), format };
+    let mut trace = Trace { requests: Vec::new(), bad: Vec::new(), format, start_unix_ns: None };
     let mut origin = None;
     let mut last = 0u64;
     for (i, record) in reader.records().enumerate() {
@@ -142,6 +144,7 @@ pub fn read(input: impl Read, options: &Options) -> Result<Trace, TraceError> {
             }
         }
     }
+    trace.start_unix_ns = origin.filter(|_| format == "azure");
     Ok(trace)
 }
 

@@ -272,3 +272,37 @@ fn fixed_with_one_limit_set_enforces_only_that_limit() {
     assert!(stdout.contains("x-ratelimit-limit-requests: 300"), "{stdout}");
     assert!(!stdout.contains("x-ratelimit-limit-tokens"), "{stdout}");
 }
+
+#[test]
+fn dated_resets_read_in_the_traces_time_or_todays() {
+    let azure: String = std::fs::read_to_string("../data/azure_llm_2023_conv.csv")
+        .unwrap()
+        .lines()
+        .take(50)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = trace_file("azure_head.csv", &azure);
+    let args =
+        ["replay", &path, "--policy", "fixed", "--set", "requests_per_minute=1", "--headers", "anthropic"];
+    let out = sluicegate(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("anthropic-ratelimit-requests-reset: 2023-11-16T18:"), "{stdout}");
+    // An undated trace reads in today's time: anything but 1970.
+    let body = format!("{HEADER}0,a,m,regular,0,1,10,0,5,5\n10,a,m,regular,0,1,10,0,5,5\n");
+    let path = trace_file("undated.csv", &body);
+    let out = sluicegate(&[
+        "replay",
+        &path,
+        "--policy",
+        "fixed",
+        "--set",
+        "requests_per_minute=1",
+        "--headers",
+        "anthropic",
+    ]);
+    let stdout = text(&out.stdout);
+    let reset =
+        stdout.lines().find(|l| l.contains("anthropic-ratelimit-requests-reset: ")).unwrap_or_default();
+    assert!(reset.contains(": 20") && !reset.contains("1970"), "{stdout}");
+}

@@ -225,12 +225,14 @@ pub fn cost(tokens: u64, interval: u64) -> u64 {
     u64::try_from(q).unwrap_or(u64::MAX)
 }
 
-/// Tokens a debt stands for, rounded down (0 for an unlimited metric).
-pub fn tokens_of(debt: u64, interval: u64) -> u64 {
+/// Tokens a debt stands for, rounded up: a part-used token is in use, so that with
+/// [`remaining`] (rounded down) the two add up to the limit.
+pub fn tokens_owed(debt: u64, interval: u64) -> u64 {
     if interval == 0 {
         return 0;
     }
-    u64::try_from((u128::from(debt) << 32) / u128::from(interval)).unwrap_or(u64::MAX)
+    let q = (u128::from(debt) << 32).div_ceil(u128::from(interval));
+    u64::try_from(q).unwrap_or(u64::MAX)
 }
 
 /// Whole tokens left in a bucket with `debt` (0 when it is in the over-limit band).

@@ -79,10 +79,10 @@ impl Levels {
         bucket::limit_of(*PerMetric(self.interval).get(metric))
     }
 
-    /// Units of the metric in use: one minute's worth of limit minus what is left, more than
-    /// the limit while over it.
+    /// Units of the metric in use, a part-used unit counted whole: within the limit
+    /// `used + remaining == limit`, as the headers report them; more than the limit while over it.
     pub fn used(&self, metric: Metric) -> u64 {
-        bucket::tokens_of(*PerMetric(self.debt_q).get(metric), *PerMetric(self.interval).get(metric))
+        bucket::tokens_owed(*PerMetric(self.debt_q).get(metric), *PerMetric(self.interval).get(metric))
     }
 
     /// Whole units left before the metric's normal limit is exhausted.

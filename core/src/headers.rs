@@ -189,6 +189,11 @@ fn ietf(l: &Levels, emit: &mut impl FnMut(&str, core::fmt::Arguments<'_>)) {
         (Metric::UncachedPromptTokens, "uncached-prompt-tokens", "tokens"),
         (Metric::GeneratedTokens, "generated-tokens", "tokens"),
     ];
+    // No limited metric (a refusal decided before the scope was read, or nothing enforced):
+    // an empty list is not a valid field, so there is none.
+    if !names.iter().any(|(m, ..)| limited(l, *m)) {
+        return;
+    }
     let policies = IetfList(l, &names, true);
     emit("RateLimit-Policy", format_args!("{policies}"));
     let state = IetfList(l, &names, false);

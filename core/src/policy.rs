@@ -20,6 +20,8 @@ impl core::fmt::Display for UnknownParameter {
     }
 }
 
+impl core::error::Error for UnknownParameter {}
+
 /// A metric's bounds, per minute: the limit starts at `floor` and adapts up to `ceiling`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MetricLimits {

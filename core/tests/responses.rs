@@ -387,3 +387,53 @@ fn a_huge_shed_retry_saturates_instead_of_overflowing() {
     };
     assert_eq!(Render::new(Dialect::Fireworks).jitter_seed(1).retry_after_ns(&d), Some(u64::MAX));
 }
+
+/// The 429 message reports the levels the headers do: a part-used request is in use, so the
+/// usage it gives plus what the request needs is always past the limit.
+#[test]
+fn a_429_message_never_contradicts_itself() {
+    let e = engine(Policy::fixed().with_fixed_limit(Metric::Requests, 5.0));
+    let render = Render::new(Dialect::Together);
+    for _ in 0..5 {
+        e.admit(key("a"), &Request::new(0), 0).unwrap();
+    }
+    let mut refused = 0;
+    for ms in (0..12_000).step_by(250) {
+        let d = e.admit(key("a"), &Request::new(0), ms * 1_000_000).unwrap();
+        let Outcome::RejectRateLimited(r) = d.outcome else { continue };
+        refused += 1;
+        let l = &d.levels;
+        let (used, limit, cost) = (l.used(r.metric), l.limit(r.metric), d.cost.get(r.metric));
+        assert!(used + cost > limit, "at {ms} ms: {used} of {limit} in use and this request needs {cost}");
+        assert_eq!(used + l.remaining(r.metric), limit, "at {ms} ms");
+        let b = body(&d, &render).unwrap();
+        let message = b["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(&format!("{used} of {limit} per minute in use")), "{message}");
+        assert_eq!(b["error"]["current_usage"], used);
+        let remaining = headers(&d, &render).into_iter().find(|(n, _)| n == "x-ratelimit-remaining");
+        assert_eq!(remaining.map(|(_, v)| v), Some((limit - used).to_string()));
+    }
+    assert!(refused >= 40, "{refused}");
+}
+
+/// A refusal decided before any limit was read (spend, suspension, a malformed request) carries
+/// no IETF fields rather than empty ones, which are not valid structured fields.
+#[test]
+fn ietf_fields_are_omitted_rather_than_empty() {
+    let e = engine(Policy::fireworks_2024());
+    e.set_suspended(b"sus", Suspension::Operator, true).unwrap();
+    e.set_spend_limit(b"broke", 0).unwrap();
+    let refusals = [
+        e.admit(key("sus"), &Request::new(1), 0).unwrap(),
+        e.admit(key("broke"), &Request::new(1), 0).unwrap(),
+        e.admit(key("bad"), &Request::new(1).n(0), 0).unwrap(),
+    ];
+    for d in refusals {
+        let h = headers(&d, &Render::new(Dialect::Ietf));
+        assert!(h.iter().all(|(_, v)| !v.is_empty()), "{:?}: {h:?}", d.outcome);
+        assert!(h.iter().all(|(n, _)| !n.starts_with("RateLimit")), "{:?}: {h:?}", d.outcome);
+    }
+    let admitted = e.admit(key("ok"), &Request::new(1), 0).unwrap();
+    let h = headers(&admitted, &Render::new(Dialect::Ietf));
+    assert_eq!(h.iter().filter(|(n, v)| n.starts_with("RateLimit") && !v.is_empty()).count(), 2, "{h:?}");
+}
