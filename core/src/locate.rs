@@ -361,4 +361,19 @@ mod tests {
         assert_eq!(e.load(b"collide-m2", Variant::Regular), Ok(0));
         assert_eq!(e.account(b"collide-c"), Err(crate::Error::UnknownAccount));
     }
+
+    /// A key's window full of other keys that share its tag is a full table, not a rival
+    /// inserting the same key: the insert is refused instead of waiting forever.
+    #[test]
+    fn a_window_full_of_keys_sharing_the_tag_is_full() {
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(256)).unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..crate::table::PROBE_WINDOW {
+            // Credits are worth keeping: none of these can be reclaimed.
+            e.add_credits(std::format!("collide-{i}").as_bytes(), 1).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(e.add_credits(b"collide-new", 1)));
+        let outcome = result.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(outcome, Ok(Err(crate::Error::TableFull(crate::Table::Accounts))));
+    }
 }

@@ -172,7 +172,7 @@ fn take_slot<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>, c
                 Err(now) => old = now,
             }
         }
-        if old & STATE_MASK != EMPTY && probe.same_tag(old) {
+        if is_rival(probe, i, old) {
             rival = Some(i);
         }
     }
@@ -185,11 +185,18 @@ fn take_slot<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>, c
                 return Taken::Slot(i, pos, new);
             }
         }
-        if old & STATE_MASK != EMPTY && probe.same_tag(old) {
+        if is_rival(probe, i, old) {
             rival = Some(i);
         }
     }
     rival.map_or(Taken::Full, Taken::RivalClaiming)
+}
+
+/// Whether slot `i`, holding `id`, may be the key being inserted by another thread: claimed or
+/// dying with the key's tag, or published under the very key. A published slot of another key
+/// that only shares the tag is no rival: nothing about it will change for this insert.
+fn is_rival<F: Fn(usize) -> bool>(probe: &Probe<'_, F>, i: usize, id: u64) -> bool {
+    id & STATE_MASK != EMPTY && probe.same_tag(id) && (!is_ready(id) || (probe.matches)(i))
 }
 
 /// Whether another copy of the key (published, or claimed nearer home) beats the claim at `pos`;
