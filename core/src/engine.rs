@@ -459,7 +459,7 @@ impl<S: Storage> Engine<S> {
             let mut debt = debts.debt;
             for ((d, delta), t) in debt.iter_mut().zip(delta_tokens).zip(interval) {
                 let q = i128::from(bucket::cost(u64::try_from(delta.unsigned_abs()).unwrap_or(u64::MAX), t));
-                *d = bucket::adjust(*d, if delta < 0 { -q } else { q });
+                *d = bucket::adjust(*d, if delta.is_negative() { -q } else { q });
             }
             let new = bucket::seal(debts.now_q, debt, word.version).pack();
             match slot.bucket.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
