@@ -101,11 +101,9 @@ impl Overrides {
             if floor == f64::INFINITY {
                 return MetricLimits::UNLIMITED;
             }
-            let ceiling = ceiling.unwrap_or(if fixed || old.floor == old.ceiling {
-                floor
-            } else {
-                old.ceiling.max(floor)
-            });
+            // A limit that did not adapt (every one under `fixed`, or one that was off) stays fixed.
+            let ceiling =
+                ceiling.unwrap_or(if old.floor == old.ceiling { floor } else { old.ceiling.max(floor) });
             MetricLimits { floor, ceiling }
         });
         let seconds = |i: usize| self.values.get(i).copied().flatten().map(seconds_to_ns);
@@ -203,6 +201,9 @@ mod tests {
         assert_eq!(*p.limits.get(Metric::Requests), MetricLimits { floor: 100.0, ceiling: 2_000.0 });
         let p = apply(Policy::fireworks_2024(), &[("requests_per_minute", 5_000.0)]).unwrap();
         assert_eq!(*p.limits.get(Metric::Requests), MetricLimits::fixed(5_000.0));
+        // A metric the preset had off, turned on: a fixed limit.
+        let p = apply(Policy::fireworks_2026(), &[("requests_per_minute", 100.0)]).unwrap();
+        assert_eq!(*p.limits.get(Metric::Requests), MetricLimits::fixed(100.0));
     }
 
     #[test]
