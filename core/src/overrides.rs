@@ -127,7 +127,7 @@ fn in_range(name: &str, v: f64) -> bool {
         "hard_factor" => v.is_finite() && v >= 1.0,
         "max_wait" => v.is_finite() && v >= 0.0,
         "tick" => v >= 0.001 && v * 1e9 <= MAX_TICK_NS as f64,
-        "permit_ttl" => v >= 1.0,
+        // Limits, ceilings and permit_ttl: at least 1 (inf allowed: off, none, never).
         _ => v >= 1.0,
     }
 }

@@ -203,12 +203,22 @@ fn too_large_names_the_metric_with_the_largest_cost_even_when_costs_saturate() {
 
 #[test]
 fn an_override_out_of_range_is_refused_with_a_message_that_names_it() {
-    for (name, value) in
-        [("max_wait", f64::INFINITY), ("max_wait", -5.0), ("tick", f64::NAN), ("requests_ceiling", 0.0)]
-    {
+    let cases = [
+        ("max_wait", f64::INFINITY, "max_wait must be a finite number of seconds, 0 or more"),
+        ("tick", f64::NAN, "tick must be a number of seconds from 0.001 to 3600"),
+        ("hard_factor", 0.5, "hard_factor must be a finite number of at least 1"),
+        ("permit_ttl", 0.5, "permit_ttl must be a number of seconds of at least 1, or inf for never"),
+        ("requests_ceiling", 0.0, "requests_ceiling must be a number of at least 1, or inf for no ceiling"),
+        (
+            "prompt_tokens_per_minute",
+            -1.0,
+            "prompt_tokens_per_minute must be a number of at least 1, or inf to turn",
+        ),
+    ];
+    for (name, value, message) in cases {
         let mut o = Overrides::default();
         o.set(name, value).unwrap();
         let e = Policy::together().with(&o).unwrap_err();
-        assert!(e.to_string().starts_with(&format!("{name} must be ")), "{e}");
+        assert!(e.to_string().starts_with(message), "{e}");
     }
 }
