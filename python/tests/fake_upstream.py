@@ -8,6 +8,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+SEEN = {}
+"""What the upstream last saw, for tests: the accept-encoding header."""
+
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
 COMPLETION_TOKENS = 40
 PROMPT_TOKENS = 25
@@ -15,8 +18,12 @@ PROMPT_TOKENS = 25
 
 async def chat(request: Request):
     body = await request.json()
+    SEEN["accept-encoding"] = request.headers.get("accept-encoding")
     if body.get("model") == "broken":
         return JSONResponse({"error": {"message": "upstream exploded"}}, status_code=502)
+    if body.get("model") == "reject":
+        # Refused before generating, as a backend refuses a bad parameter.
+        return JSONResponse({"error": {"message": "bad parameter", "type": "invalid_request_error"}}, status_code=400)
     usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS, "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}
     if not body.get("stream"):
         return JSONResponse(

@@ -209,7 +209,7 @@ def test_the_middleware_speaks_the_engines_dialect_unless_told_otherwise():
     def refused(**kwargs):
         engine = sluicegate.Engine("fixed", capacity=10, dialect="openai", requests_per_minute=1, hard_factor=1)
         engine.admit("acct", "m")
-        return _asgi_call(SluicegateMiddleware(app, engine, **kwargs))
+        return _asgi_call(SluicegateMiddleware(app, engine, account=lambda scope, headers: "acct", **kwargs))
 
     status, headers = refused()
     assert status == 429 and "x-ratelimit-reset-requests" in headers  # OpenAI's

@@ -6,33 +6,103 @@ Wrap any ASGI app (FastAPI, Starlette, a proxy) that serves ``/v1/chat/completio
     from sluicegate import Engine
     from sluicegate.asgi import SluicegateMiddleware
 
-    app = SluicegateMiddleware(app, Engine(policy="fireworks_2024"))
+    app = SluicegateMiddleware(app, Engine(policy="fireworks_2024"), account_key=DEPLOYMENT_KEY)
 
-For each completion request the middleware reads the account (the ``Authorization`` bearer key by
-default), the model, ``max_tokens`` (or ``max_completion_tokens``), ``n`` and an estimate of the
-prompt size from the JSON body, and admits it. A refusal is answered at once with the dialect's
-status, headers and JSON error body. An admitted request is passed on (after its smoothing wait)
-with the rate-limit headers added to the response, and settled when the response ends: from the
-response's ``usage``, or for a stream from the final usage chunk, else from the streamed text.
-Streams are charged as they go; a client that disconnects is settled with what it used; an
-upstream 5xx is settled as an upstream failure. Every admitted request is settled exactly once,
-unless it outlives the engine's ``permit_ttl``: its permit has then expired, its reservation stays
-charged, and the response goes on to the end uncharged (SPEC §7).
+For each completion request the middleware reads the account, the model, ``max_tokens`` (or
+``max_completion_tokens``), ``n`` and an estimate of the prompt size from the JSON body, and
+admits it. A refusal is answered at once with the dialect's status, headers and JSON error body.
+An admitted request is passed on (after its smoothing wait) with the rate-limit headers added to
+the response, and settled when the response ends: from the response's ``usage``, or for a stream
+from the final usage chunk, else from the streamed text.
+
+What the middleware guarantees, whatever the client sends and whatever the app answers:
+
+- **No secret is stored.** The default account is a keyed digest of the ``Authorization:
+  Bearer`` credential (:func:`account_digest`: HMAC-SHA-256 under the deployment key, 32 hex
+  digits); the credential itself never reaches the engine, its tables or its snapshots.
+- **Bounded memory per request.** The request body is capped (``max_body_bytes``, default 1 MiB:
+  413 beyond it, without reading the rest); JSON nested deeper than ``max_json_depth`` is a 400;
+  at most ``max_buffer_bytes`` of the response are held (a non-streamed body beyond it is
+  scanned in a bounded head and tail; an SSE line beyond it is counted, not kept), and every
+  byte still reaches the client.
+- **Never a 500 from the limiter.** Client mistakes are 400/401/413 with a JSON error; an engine
+  error (``TableFullError`` and every other :class:`sluicegate.Error`) is a 503 with a JSON error
+  and ``retry-after``; accounting trouble after the response has started is logged, never raised
+  into the response. (Exceptions of the app and of the operator's own callbacks are theirs.)
+- **Exactly one settle per admission**, from the moment of admission: a cancellation during the
+  smoothing wait or anywhere in the app, an app exception, a disconnect, or usage of the wrong
+  shape all settle once. The only exception is a request that outlives the engine's
+  ``permit_ttl``: its permit has expired, its reservation stays charged, and the response goes on
+  to the end uncharged (SPEC §7).
+
+How requests settle: a 2xx response read to its end is a success, charged what it reports (or,
+without a usable ``usage``, its text at four characters a token); a non-2xx response or an app
+exception is an upstream failure (refunded, not billed, not counted toward growth, SPEC §7); a
+client that leaves early is cancelled with what it used (a stream: what was streamed; a
+non-streamed request the backend may well finish: its reservation). A response the middleware
+cannot read (an encoding other than gzip/deflate, non-JSON, or too large without a usage it can
+find) settles conservatively, charging the reservation, and is logged (a warning the first time
+for each reason, debug after). The app is asked for ``accept-encoding: identity``.
+
+Service tiers (SPEC §6) are the operator's to grant: ``service_tier(account)`` names the tier an
+account may use (default ``"default"`` for everyone). A client may ask for a lower one with the
+body's ``"service_tier": "flex"`` (or ``"default"``), never a higher one; ``x-priority`` headers
+are ignored. The engine has two classes today: ``priority`` is admitted with ``priority=True``
+(shed last); ``default`` and ``flex`` are both admitted as regular requests.
+
+The fast variant (SPEC §1) of a model has its own limits. By default a model named ``<model>-fast``
+or a request carrying ``x-sluicegate-variant: fast`` is admitted as ``<model>``'s fast variant;
+:func:`fast_variant` builds other conventions. The header is meant to be set by the operator's own
+gateway in front of this middleware, which must strip it from client requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import itertools
 import json
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, MutableMapping, Optional, Tuple
+import logging
+import os
+import random
+import re
+import secrets
+import zlib
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    MutableMapping,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+)
 
-from sluicegate._sluicegate import Decision, Engine, PermitExpiredError
+from sluicegate._errors import (
+    AlreadySettledError,
+    ArgumentError,
+    Error,
+    InvalidUsageError,
+    PermitExpiredError,
+    StalePermitError,
+    TableFullError,
+)
+from sluicegate._sluicegate import Decision, Engine
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+AccountFn = Callable[[Scope, Mapping[str, str]], Optional[Union[str, bytes]]]
+VariantFn = Callable[[str, Mapping[str, str]], Tuple[str, bool]]
 
 if TYPE_CHECKING:
     from typing import Literal
@@ -40,69 +110,481 @@ if TYPE_CHECKING:
     _Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
     _Completion = Literal["success", "upstream_failure", "cancelled"]
 
+log = logging.getLogger("sluicegate.asgi")
+
 DEFAULT_PATHS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_MAX_TOKENS = 256
 """Reserved when a request names no ``max_tokens``: most servers' default is far larger, so
 gateways should set ``max_tokens``; the reservation is corrected at settle either way."""
+MAX_BODY_BYTES = 1 << 20
+"""The default cap on a request body (1 MiB); a larger one is answered 413."""
+MAX_BUFFER_BYTES = 1 << 20
+"""The default bound on the response bytes held per request (1 MiB)."""
+MAX_JSON_DEPTH = 64
+"""The default bound on a request body's JSON nesting; deeper is answered 400."""
+ACCOUNT_ID_MAX_BYTES = 64
+"""The longest account id the engine stores."""
+MODEL_ID_MAX_BYTES = 128
+"""The longest model id the engine stores."""
+ACCOUNT_DIGEST_HEX = 32
+"""Hex digits of the default account id: the first 128 bits of HMAC-SHA-256."""
+ACCOUNT_KEY_ENV = "SLUICEGATE_ACCOUNT_KEY"
+"""The environment variable read for the deployment key when ``account_key`` is not given."""
+SERVICE_TIERS = ("flex", "default", "priority")
+"""Service tiers, lowest first (SPEC §6)."""
+VARIANT_HEADER = "x-sluicegate-variant"
+"""The header the operator's gateway sets to ``fast`` to select a model's fast variant."""
+FAST_SUFFIX = "-fast"
+"""The model-name suffix that selects a model's fast variant by default."""
+
+_TAIL_BYTES = 64 * 1024  # of an oversized response, what is kept of its head and of its tail
+_DECODE_PIECE = 64 * 1024  # decompressed at a time
+_MAX_DECODED = 256 << 20  # decompressed per response at most: beyond, it is unreadable
+_MAX_COUNT = 1 << 32  # a usage count above this is not a count
 
 
-def bearer_account(scope: Scope, headers: Mapping[str, str]) -> Optional[str]:
-    """The account of a request: its ``Authorization: Bearer`` key."""
+# -- accounts -------------------------------------------------------------------------------------
+
+
+def bearer_credential(headers: Mapping[str, str]) -> Optional[str]:
+    """The ``Authorization: Bearer`` credential of a request, or None. Never store it."""
     scheme, _, key = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer":
         return None
     return key.strip() or None
 
 
-def _text_of(content: Any) -> str:
+def account_digest(credential: Union[str, bytes], key: Union[str, bytes]) -> str:
+    """The account id of a credential: HMAC-SHA-256 under the deployment ``key``, 32 hex digits.
+
+    Operators compute the same id to address an account (``engine.set_tier(account_digest(api_key,
+    KEY), ...)``); without the key, the id reveals nothing of the credential.
+    """
+    c = credential.encode("utf-8", "surrogateescape") if isinstance(credential, str) else bytes(credential)
+    k = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    return hmac.new(k, c, hashlib.sha256).hexdigest()[:ACCOUNT_DIGEST_HEX]
+
+
+_process_key: Optional[bytes] = None
+
+
+def _deployment_key(given: Union[str, bytes, None]) -> bytes:
+    global _process_key
+    if given is None:
+        given = os.environ.get(ACCOUNT_KEY_ENV) or None
+    if given is not None:
+        key = given.encode("utf-8") if isinstance(given, str) else bytes(given)
+        if not key:
+            raise ValueError("account_key must not be empty")
+        return key
+    if _process_key is None:
+        _process_key = secrets.token_bytes(32)
+        log.warning(
+            "sluicegate: no account_key and no %s: account ids are digests under a random key of this "
+            "process, so limits do not survive a restart nor span workers",
+            ACCOUNT_KEY_ENV,
+        )
+    return _process_key
+
+
+def default_service_tier(account: str) -> str:
+    """The service tier every account is granted by default: ``"default"``."""
+    return "default"
+
+
+def fast_variant(suffix: Optional[str] = FAST_SUFFIX, header: Optional[str] = VARIANT_HEADER) -> VariantFn:
+    """A variant convention: ``variant(model, headers) -> (model, fast)``.
+
+    A model named ``<base><suffix>`` is ``<base>``'s fast variant; so is any model of a request whose
+    ``header`` is ``fast``. Pass None to turn either off. The header must be set only by the
+    operator's own gateway (strip it from client requests).
+    """
+    name = header.lower() if header else None
+
+    def variant(model: str, headers: Mapping[str, str]) -> Tuple[str, bool]:
+        fast = name is not None and headers.get(name, "").strip().lower() == "fast"
+        if suffix and model.endswith(suffix) and len(model) > len(suffix):
+            return model[: -len(suffix)], True
+        return model, fast
+
+    return variant
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+
+def _text_len(content: Any) -> int:
     if isinstance(content, str):
-        return content
+        return len(content)
     if isinstance(content, list):
-        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
-    return ""
+        total = 0
+        for part in content:
+            if isinstance(part, str):
+                total += len(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                total += len(part["text"])
+        return total
+    return 0
 
 
 def chars_over_four(body: Mapping[str, Any]) -> int:
     """Estimates prompt tokens as a quarter of the prompt's characters (at least 1)."""
     messages = body.get("messages")
     if isinstance(messages, list):
-        text = "".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict))
+        chars = sum(_text_len(m.get("content")) for m in messages if isinstance(m, dict))
     else:
-        text = _text_of(body.get("prompt"))
-    return max(1, len(text) // 4)
+        chars = _text_len(body.get("prompt"))
+    return max(1, chars // 4)
 
 
-def _json_error(status: int, kind: str, message: str) -> Tuple[int, List[Tuple[bytes, bytes]], bytes]:
-    body = json.dumps({"error": {"message": message, "type": kind, "code": kind, "param": None}}).encode()
-    return status, [(b"content-type", b"application/json")], body
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = [0] * 256
+for _b in b"[{":
+    _STEP[_b] = 1
+for _b in b"]}":
+    _STEP[_b] = -1
 
 
-class _Usage:
-    """What an admitted request has used, as far as the response has told."""
+def _json_depth(body: bytes) -> int:
+    """The nesting depth of valid JSON, in time linear in its size."""
+    skeleton = _STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(map(_STEP.__getitem__, skeleton)), default=0)
 
-    def __init__(self, prompt_tokens: int) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.cached_tokens = 0
-        self.generated_tokens = 0
-        self.reported = False
-        self.charged = 0
 
-    def take_report(self, usage: Any) -> None:
-        if not isinstance(usage, dict):
+def _is_count(v: Any) -> bool:
+    return type(v) is int and 0 <= v <= _MAX_COUNT
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+_Reply = Tuple[int, List[Tuple[bytes, bytes]], bytes]
+
+
+def _json_error(status: int, kind: str, message: str, code: Optional[str] = None, extra: Iterable[Tuple[bytes, bytes]] = ()) -> _Reply:
+    body = json.dumps({"error": {"message": message, "type": kind, "code": code or kind, "param": None}}).encode()
+    headers = [(b"content-type", b"application/json"), *extra]
+    if not any(k == b"x-should-retry" for k, _ in headers):
+        headers.append((b"x-should-retry", b"false"))
+    return status, headers, body
+
+
+def _invalid(message: str, code: str) -> _Reply:
+    return _json_error(400, "invalid_request", message, code)
+
+
+async def _respond(send: Send, status: int, headers: List[Tuple[bytes, bytes]], body: bytes) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+_MALFORMED = object()
+
+
+def _parse_usage(value: Any) -> Any:
+    """``usage`` as (prompt or None, cached, generated); None if absent; ``_MALFORMED`` if unusable."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return _MALFORMED
+    generated = value.get("completion_tokens")
+    prompt = value.get("prompt_tokens")
+    details = value.get("prompt_tokens_details")
+    cached: Any = 0
+    if details is not None:
+        if not isinstance(details, dict):
+            return _MALFORMED
+        cached = details.get("cached_tokens")
+        cached = 0 if cached is None else cached
+    if not _is_count(generated) or not _is_count(cached) or (prompt is not None and not _is_count(prompt)):
+        return _MALFORMED
+    return (prompt, cached, generated)
+
+
+def _choice_chars(choice: Any, key: str) -> int:
+    """Characters a choice generated: text, reasoning, refusal and tool-call arguments."""
+    if not isinstance(choice, dict):
+        return 0
+    total = _text_len(choice.get("text"))
+    part = choice.get(key)
+    if isinstance(part, dict):
+        for field in ("content", "reasoning_content", "reasoning", "refusal"):
+            total += _text_len(part.get(field))
+        calls = part.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    total += _text_len(call["function"].get("arguments"))
+    return total
+
+
+class _Meter:
+    """Reads a response's usage as its bytes pass, holding at most ``limit`` of them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.keep = min(_TAIL_BYTES, limit // 2)
+        self.stream = False
+        self.unreadable: Optional[str] = None
+        self.malformed_usage = False
+        self.usage: Optional[Tuple[Optional[int], int, int]] = None
+        self.events = 0  # SSE data lines seen
+        self.chars = 0  # generated characters seen in a stream
+        self.overflow_bytes = 0  # bytes of SSE lines too long to read
+        self.total = 0  # (decoded) body bytes seen
+        self.text_chars: Optional[int] = None  # a non-streamed body's generated characters
+        self.peak = 0
+        self._decoder: Any = None
+        self._decoded = 0
+        self._line = bytearray()
+        self._skipping = False
+        self._body = bytearray()
+        self._overflowed = False
+        self._head = b""
+        self._tail = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Response bytes held right now."""
+        return len(self._line) + len(self._body) + len(self._head) + len(self._tail)
+
+    def start(self, headers: Iterable[Tuple[bytes, bytes]]) -> None:
+        ctype = encoding = b""
+        for k, v in headers:
+            k = bytes(k).lower()
+            if k == b"content-type":
+                ctype = bytes(v).lower()
+            elif k == b"content-encoding":
+                encoding = bytes(v).strip().lower()
+        self.stream = b"text/event-stream" in ctype
+        if encoding in (b"gzip", b"x-gzip", b"deflate"):
+            self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib or gzip, detected
+        elif encoding not in (b"", b"identity"):
+            self.unreadable = f"content-encoding {encoding.decode('latin-1')!r} cannot be read"
+
+    def feed(self, chunk: bytes) -> None:
+        if self.unreadable is not None or not chunk:
             return
-        self.prompt_tokens = int(usage.get("prompt_tokens", self.prompt_tokens) or 0)
-        details = usage.get("prompt_tokens_details") or {}
-        self.cached_tokens = min(int(details.get("cached_tokens", 0) or 0), self.prompt_tokens)
-        self.generated_tokens = int(usage.get("completion_tokens", self.generated_tokens) or 0)
-        self.reported = True
+        if self._decoder is None:
+            self._take(chunk)
+        else:
+            self._inflate(chunk)
+        self.peak = max(self.peak, self.buffered)
+
+    def _inflate(self, data: bytes) -> None:
+        try:
+            while data and not self._decoder.eof:
+                out = self._decoder.decompress(data, _DECODE_PIECE)
+                data = self._decoder.unconsumed_tail
+                self._decoded += len(out)
+                if self._decoded > _MAX_DECODED:
+                    self.unreadable = "compressed body too large once decoded"
+                    return
+                if not out:
+                    break
+                self._take(out)
+                self.peak = max(self.peak, self.buffered)
+        except zlib.error:
+            self.unreadable = "compressed body cannot be decoded"
+
+    def _take(self, data: bytes) -> None:
+        self.total += len(data)
+        if self.stream:
+            self._take_lines(data)
+        elif not self._overflowed:
+            if len(self._body) + len(data) <= self.limit:
+                self._body += data
+                return
+            self._overflowed = True
+            view = memoryview(data)
+            head = bytes(self._body[: self.keep])
+            self._head = head + bytes(view[: self.keep - len(head)])
+            self._tail = bytearray(self._body[-self.keep :])
+            self._body = bytearray()
+            self._keep_tail(view)
+        else:
+            self._keep_tail(memoryview(data))
+
+    def _keep_tail(self, view: memoryview) -> None:
+        self._tail += view[-self.keep :]
+        if len(self._tail) > self.keep:
+            del self._tail[: len(self._tail) - self.keep]
+
+    def _take_lines(self, data: bytes) -> None:
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            if self._skipping:
+                self.overflow_bytes += end - start
+                self._skipping = False
+            elif self._line:
+                if len(self._line) + end - start > self.limit:
+                    self.overflow_bytes += len(self._line) + end - start
+                else:
+                    self._line += data[start:end]
+                    self._event(bytes(self._line))
+                self._line.clear()
+            elif end - start > self.limit:
+                self.overflow_bytes += end - start
+            else:
+                self._event(data[start:end])
+            start = end + 1
+        rest = len(data) - start
+        if self._skipping:
+            self.overflow_bytes += rest
+        elif len(self._line) + rest > self.limit:
+            self.overflow_bytes += len(self._line) + rest
+            self._line.clear()
+            self._skipping = True
+        elif rest:
+            self._line += memoryview(data)[start:]
+
+    def _event(self, line: bytes) -> None:
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            return
+        self.events += 1
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(event, dict):
+            return
+        self._report(event.get("usage"))
+        choices = event.get("choices")
+        if isinstance(choices, list):
+            self.chars += sum(_choice_chars(c, "delta") for c in choices)
+
+    def _report(self, value: Any) -> None:
+        usage = _parse_usage(value)
+        if usage is _MALFORMED:
+            self.malformed_usage = True
+        elif usage is not None:
+            self.usage = usage
+
+    @property
+    def streamed_tokens(self) -> int:
+        """Generated tokens a stream has shown so far, from its text."""
+        return (self.chars + self.overflow_bytes) // 4
+
+    def finish(self) -> None:
+        """Reads what is left once the response has ended (or been abandoned)."""
+        if self._decoder is not None and self.unreadable is None:
+            try:
+                rest = self._decoder.flush()
+            except zlib.error:
+                self.unreadable = "compressed body cannot be decoded"
+            else:
+                if rest:
+                    self._take(rest)
+        if self.stream:
+            if self._line and not self._skipping:
+                self._event(bytes(self._line))
+            self._line.clear()
+            return
+        if self.unreadable is not None:
+            return
+        if self._overflowed:
+            for part in (bytes(self._tail), self._head):
+                if self._find_usage(part):
+                    break
+            self._head, self._tail = b"", bytearray()
+            return
+        body, self._body = bytes(self._body), bytearray()
+        if not body:
+            return
+        try:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError):
+            return
+        if isinstance(parsed, dict):
+            self._report(parsed.get("usage"))
+            choices = parsed.get("choices")
+            if isinstance(choices, list):
+                self.text_chars = sum(_choice_chars(c, "message") for c in choices)
+
+    def _find_usage(self, part: bytes) -> bool:
+        """Finds a ``"usage": {...}`` object in a piece of an oversized JSON body."""
+        text = part.decode("utf-8", "replace")
+        decoder = json.JSONDecoder()
+        at = len(text)
+        for _ in range(8):
+            at = text.rfind('"usage"', 0, at)
+            if at < 0:
+                return False
+            colon = re.compile(r"\s*:\s*").match(text, at + 7)
+            if colon is not None:
+                try:
+                    value, _ = decoder.raw_decode(text, colon.end())
+                except (ValueError, RecursionError):
+                    continue
+                usage = _parse_usage(value)
+                if isinstance(usage, tuple):
+                    self.usage = usage
+                    return True
+        return False
+
+    def tokens(self) -> Optional[Tuple[Optional[int], int, int]]:
+        """(prompt or None, cached, generated) as read, or None if the response was unreadable."""
+        if self.usage is not None:
+            return self.usage
+        if self.unreadable is not None:
+            return None
+        if self.stream:
+            return (None, 0, self.streamed_tokens) if self.events or self.overflow_bytes else None
+        if self.text_chars is not None:
+            return (None, 0, self.text_chars // 4)
+        return None
+
+    def why_unreadable(self) -> str:
+        if self.unreadable is not None:
+            return self.unreadable
+        if self._overflowed:
+            return f"response larger than {self.limit} bytes with no usage in its head or tail"
+        if self.stream:
+            return "event stream without data lines"
+        return "response is not JSON with usage or choices"
+
+
+# -- the middleware -------------------------------------------------------------------------------
+
+
+class _Admission:
+    """What the body asks for, checked, ready for ``admit``."""
+
+    __slots__ = ("account", "model", "fast", "prompt", "max_tokens", "n", "priority", "stream")
+
+    def __init__(self, account: bytes, model: bytes, fast: bool, prompt: int, max_tokens: int, n: int, priority: bool, stream: bool) -> None:
+        self.account, self.model, self.fast = account, model, fast
+        self.prompt, self.max_tokens, self.n, self.priority, self.stream = prompt, max_tokens, n, priority, stream
 
 
 class SluicegateMiddleware:
     """Admits, refuses or sheds OpenAI-compatible completion requests before they reach ``app``.
 
-    ``account(scope, headers)`` names the account (default: the bearer key; None answers 401);
-    ``estimate_prompt_tokens(body)`` sizes the prompt (default: characters // 4). A request is on
-    the priority tier when it sends ``x-priority: high`` or ``"service_tier": "priority"``.
+    - ``account(scope, headers)`` names the account; by default it is
+      :func:`account_digest` of the bearer credential under ``account_key`` (None answers 401).
+      A custom function's id must be 1 to 64 bytes (else 400) and must not be a secret.
+    - ``account_key`` (bytes or str) is the deployment key of the default account digest; when
+      omitted, ``$SLUICEGATE_ACCOUNT_KEY``, else a random key of this process (with a warning:
+      limits then reset on restart and are not shared between workers).
+    - ``service_tier(account)`` grants an account its service tier, ``"flex"``, ``"default"``
+      (the default for all) or ``"priority"``; a request's ``service_tier`` may only lower it.
+    - ``variant(model, headers) -> (model, fast)`` maps a requested model onto its scope (default
+      :func:`fast_variant`: a ``-fast`` suffix or ``x-sluicegate-variant: fast``).
+    - ``estimate_prompt_tokens(body)`` sizes the prompt (default: characters // 4).
+    - ``max_body_bytes`` (default 1 MiB) caps the request body (413 beyond), ``max_json_depth``
+      (default 64) its nesting (400 beyond), and ``max_buffer_bytes`` (default 1 MiB) the response
+      bytes held per request.
+    - ``error_retry_after`` (seconds, default 1) is the least ``retry-after`` of a 503 answering an
+      engine error; each is spread over up to twice that.
+
     Headers and error bodies are in ``dialect``, by default the engine's (``Engine(dialect=...)``).
     """
 
@@ -112,180 +594,357 @@ class SluicegateMiddleware:
         engine: Engine,
         *,
         dialect: Optional[_Dialect] = None,
-        account: Callable[[Scope, Mapping[str, str]], Optional[str]] = bearer_account,
+        account: Optional[AccountFn] = None,
+        account_key: Union[str, bytes, None] = None,
+        service_tier: Callable[[str], str] = default_service_tier,
+        variant: Optional[VariantFn] = None,
         estimate_prompt_tokens: Callable[[Mapping[str, Any]], int] = chars_over_four,
         paths: Tuple[str, ...] = DEFAULT_PATHS,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_json_depth: int = MAX_JSON_DEPTH,
+        max_buffer_bytes: int = MAX_BUFFER_BYTES,
+        error_retry_after: int = 1,
     ) -> None:
+        for name, value, least in (
+            ("max_body_bytes", max_body_bytes, 1),
+            ("max_json_depth", max_json_depth, 1),
+            ("max_buffer_bytes", max_buffer_bytes, 1024),
+            ("error_retry_after", error_retry_after, 1),
+        ):
+            if type(value) is not int or value < least:
+                raise ValueError(f"{name} must be an int of at least {least}, not {value!r}")
         self.app = app
         self.engine = engine
         self.dialect: _Dialect = dialect if dialect is not None else engine.dialect
         self.account = account
+        self._key = _deployment_key(account_key) if account is None else b""
+        self.service_tier = service_tier
+        self.variant = variant if variant is not None else fast_variant()
         self.estimate_prompt_tokens = estimate_prompt_tokens
         self.paths = paths
+        self.max_body_bytes = max_body_bytes
+        self.max_json_depth = max_json_depth
+        self.max_buffer_bytes = max_buffer_bytes
+        self.error_retry_after = error_retry_after
+        self._warned: Set[str] = set()
+
+    def digest(self, credential: Union[str, bytes]) -> str:
+        """The default account id of a credential under this middleware's deployment key."""
+        return account_digest(credential, self._key)
+
+    def _note(self, reason: str, message: str, *args: Any) -> None:
+        """Logs a warning the first time for each reason, then at debug level."""
+        level = logging.DEBUG if reason in self._warned else logging.WARNING
+        self._warned.add(reason)
+        log.log(level, message, *args)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
             await self.app(scope, receive, send)
             return
-        body, disconnected = await _read_body(receive)
-        if disconnected:
+        headers = {bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1") for k, v in scope.get("headers", [])}
+        declared = headers.get("content-length", "").strip()
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await _respond(send, *self._too_large())
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        account = self.account(scope, headers)
-        if not account:
-            await _respond(send, *_json_error(401, "invalid_api_key", "No API key: send Authorization: Bearer <key>."))
+        body = await _read_body(receive, self.max_body_bytes)
+        if body is None:
+            return  # the client left
+        if body is _TOO_LARGE:
+            await _respond(send, *self._too_large())
             return
-        try:
-            payload = json.loads(body or b"null")
-            model = payload["model"]
-            if not isinstance(model, str) or not model:
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            await _respond(send, *_json_error(400, "invalid_request", "The body must be JSON with a model."))
+        assert isinstance(body, bytes)
+        asked = self._read_request(scope, headers, body)
+        if not isinstance(asked, _Admission):
+            await _respond(send, *asked)
             return
-        max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or DEFAULT_MAX_TOKENS
-        priority = headers.get("x-priority", "").lower() == "high" or payload.get("service_tier") == "priority"
         try:
             decision = self.engine.admit(
-                account,
-                model,
-                prompt_tokens=int(self.estimate_prompt_tokens(payload)),
-                max_tokens=int(max_tokens),
-                n=int(payload.get("n") or 1),
-                priority=priority,
+                asked.account,
+                asked.model,
+                prompt_tokens=asked.prompt,
+                max_tokens=asked.max_tokens,
+                n=asked.n,
+                priority=asked.priority,
+                fast=asked.fast,
             )
-        except (TypeError, ValueError, OverflowError) as exc:
-            await _respond(send, *_json_error(400, "invalid_request", str(exc)))
+        except Exception as exc:  # never a 500 from the limiter
+            await _respond(send, *self._admit_failed(exc))
             return
         if not decision.admitted:
+            await _respond(send, *self._refusal(decision))
+            return
+        # Admitted: from here every path settles exactly once (no await before the try).
+        flight = _Flight(self, decision, body, asked, receive, send)
+        try:
+            if decision.wait > 0:
+                await asyncio.sleep(decision.wait)
+            flight.forwarded = True
+            await self.app(_identity(scope), flight.receive, flight.send)
+        except BaseException as exc:
+            flight.raised = exc
+            raise
+        finally:
+            flight.settle()
+
+    def _too_large(self) -> _Reply:
+        return _json_error(413, "invalid_request", f"The request body is larger than {self.max_body_bytes} bytes.", "request_too_large")
+
+    def _read_request(self, scope: Scope, headers: Mapping[str, str], body: bytes) -> Union[_Admission, _Reply]:
+        """Checks a request and says what to admit, or the 4xx to answer."""
+        if self.account is None:
+            credential = bearer_credential(headers)
+            if credential is None:
+                return _json_error(401, "invalid_api_key", "No API key: send Authorization: Bearer <key>.")
+            account = self.digest(credential).encode()
+        else:
+            named = self.account(scope, headers)
+            if named is None:
+                return _json_error(401, "invalid_api_key", "No API key: send Authorization: Bearer <key>.")
+            try:
+                account = named.encode("utf-8") if isinstance(named, str) else bytes(named)
+            except (UnicodeError, TypeError):
+                account = b""
+            if not 0 < len(account) <= ACCOUNT_ID_MAX_BYTES:
+                return _invalid(f"The account id must be 1 to {ACCOUNT_ID_MAX_BYTES} bytes of UTF-8.", "invalid_account")
+        try:
+            # UTF-8 only (as OpenAI's API): the nesting scan below relies on it.
+            payload = json.loads(body.decode("utf-8") or "null")
+        except RecursionError:
+            return _invalid(f"The JSON body is nested deeper than {self.max_json_depth} levels.", "nesting_too_deep")
+        except ValueError:  # UnicodeDecodeError included
+            return _invalid("The body must be JSON with a model.", "invalid_json")
+        if _json_depth(body) > self.max_json_depth:
+            return _invalid(f"The JSON body is nested deeper than {self.max_json_depth} levels.", "nesting_too_deep")
+        if not isinstance(payload, dict) or not isinstance(payload.get("model"), str) or not payload["model"]:
+            return _invalid("The body must be JSON with a model.", "invalid_json")
+        model, fast = self.variant(payload["model"], headers)
+        try:
+            model_key = model.encode("utf-8")
+        except UnicodeError:
+            model_key = b""
+        if not 0 < len(model_key) <= MODEL_ID_MAX_BYTES:
+            return _invalid(f"The model must be 1 to {MODEL_ID_MAX_BYTES} bytes of UTF-8.", "invalid_model")
+        max_tokens = payload.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = payload.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_TOKENS
+        if not _is_count(max_tokens) or max_tokens == 0:
+            return _invalid("max_tokens must be a positive integer.", "invalid_max_tokens")
+        n = payload.get("n")
+        n = 1 if n is None else n
+        if not _is_count(n) or n == 0:
+            return _invalid("n must be a positive integer.", "invalid_n")
+        prompt = int(self.estimate_prompt_tokens(payload))
+        return _Admission(account, model_key, fast, min(max(prompt, 0), _MAX_COUNT), max_tokens, n, self._priority(account, payload), payload.get("stream") is True)
+
+    def _priority(self, account: bytes, payload: Mapping[str, Any]) -> bool:
+        """The request's service tier, as the engine's priority flag: granted, lowered if asked."""
+        granted = self.service_tier(account.decode("utf-8"))
+        if granted not in SERVICE_TIERS:
+            self._note("tier", "sluicegate: service_tier() returned %r, not one of %s; using 'default'", granted, SERVICE_TIERS)
+            granted = "default"
+        asked = payload.get("service_tier")
+        tier = granted
+        if asked in SERVICE_TIERS and SERVICE_TIERS.index(asked) < SERVICE_TIERS.index(granted):
+            tier = asked
+        return tier == "priority"
+
+    def _admit_failed(self, exc: Exception) -> _Reply:
+        if isinstance(exc, ArgumentError):
+            return _invalid(f"The request cannot be admitted: {exc}", "invalid_request")
+        return self._unavailable(exc)
+
+    def _unavailable(self, exc: Exception) -> _Reply:
+        """A 503 with retry-after for an engine error: never a 500 from the limiter."""
+        if isinstance(exc, TableFullError):
+            self._note("table_full", "sluicegate: a table is full, answering 503: %s", exc)
+            code, message = "table_full", "The gateway is tracking as many accounts and models as it can; retry shortly."
+        else:
+            self._note(type(exc).__name__, "sluicegate: admit failed, answering 503: %r", exc)
+            code, message = "limiter_unavailable", "The gateway's rate limiter cannot decide this request now; retry shortly."
+        retry = random.randint(self.error_retry_after, 2 * self.error_retry_after)
+        extra = [(b"retry-after", str(retry).encode()), (b"x-should-retry", b"true")]
+        return _json_error(503, "service_unavailable", message, code, extra)
+
+    def _refusal(self, decision: Decision) -> _Reply:
+        try:
             error = decision.error_body(self.dialect) or {}
             rendered = [(k.lower().encode(), v.encode()) for k, v in decision.headers(self.dialect)]
-            rendered.append((b"content-type", b"application/json"))
-            await _respond(send, decision.status_code, rendered, json.dumps(error).encode())
-            return
-        if decision.wait > 0:
-            await asyncio.sleep(decision.wait)
-        await self._forward(scope, body, receive, send, decision, self.estimate_prompt_tokens(payload))
-
-    async def _forward(self, scope: Scope, body: bytes, receive: Receive, send: Send, decision: Decision, prompt: int) -> None:
-        usage = _Usage(prompt)
-        state: Dict[str, Any] = {"status": 200, "stream": False, "buffer": b"", "body": b"", "complete": False, "gone": False, "expired": False}
-        replayed = False
-
-        async def replay_receive() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            message = await receive()
-            if message.get("type") == "http.disconnect":
-                state["gone"] = True
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            kind = message.get("type")
-            if kind == "http.response.start":
-                state["status"] = message.get("status", 200)
-                names = {k.lower() for k, _ in message.get("headers", [])}
-                state["stream"] = any(k.lower() == b"content-type" and b"text/event-stream" in v for k, v in message.get("headers", []))
-                extra = [(k.lower().encode(), v.encode()) for k, v in decision.headers(self.dialect) if k.lower().encode() not in names]
-                message = {**message, "headers": list(message.get("headers", [])) + extra}
-            elif kind == "http.response.body":
-                chunk = message.get("body", b"")
-                if state["stream"]:
-                    self._count_stream(chunk, state, usage, decision)
-                else:
-                    state["body"] += chunk
-                if not message.get("more_body", False):
-                    state["complete"] = True
-            try:
-                await send(message)
-            except Exception:
-                state["gone"] = True
-                raise
-
-        try:
-            await self.app(scope, replay_receive, tracking_send)
-        finally:
-            self._settle(decision, state, usage)
-
-    def _count_stream(self, chunk: bytes, state: Dict[str, Any], usage: _Usage, decision: Decision) -> None:
-        """Counts a stream's tokens as its SSE events pass, charging them as they arrive."""
-        state["buffer"] += chunk
-        *events, state["buffer"] = state["buffer"].split(b"\n")
-        streamed = 0
-        for line in events:
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                continue
-            try:
-                event = json.loads(data)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                usage.take_report(event.get("usage"))
-                for choice in event.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    streamed += len(_text_of(delta.get("content")) or _text_of(choice.get("text")))
-        if streamed and not usage.reported:
-            tokens = max(1, streamed // 4)
-            usage.generated_tokens += tokens
-            if state["expired"]:
-                return
-            try:
-                self.engine.charge(decision, tokens)
-            except PermitExpiredError:
-                # Past permit_ttl: the reservation stays charged; the stream goes on.
-                state["expired"] = True
-                return
-            usage.charged += tokens
-
-    def _settle(self, decision: Decision, state: Dict[str, Any], usage: _Usage) -> None:
-        if not state["stream"] and state["body"]:
-            try:
-                parsed = json.loads(state["body"])
-            except ValueError:
-                parsed = None
-            if isinstance(parsed, dict):
-                usage.take_report(parsed.get("usage"))
-                if not usage.reported:
-                    text = "".join(_text_of((c.get("message") or {}).get("content")) or _text_of(c.get("text")) for c in parsed.get("choices") or [])
-                    usage.generated_tokens = len(text) // 4
-        if state["expired"]:
-            return
-        completion: _Completion
-        if state["status"] >= 500:
-            completion = "upstream_failure"
-        elif state["gone"] or not state["complete"]:
-            completion = "cancelled"
-        else:
-            completion = "success"
-        try:
-            self.engine.settle(
-                decision,
-                prompt_tokens=usage.prompt_tokens,
-                cached_tokens=usage.cached_tokens,
-                generated_tokens=usage.generated_tokens,
-                completion=completion,
-            )
-        except PermitExpiredError:
-            pass  # outlived permit_ttl: nothing to settle, the reservation stays charged
+        except Exception as exc:
+            return self._unavailable(exc)
+        rendered.append((b"content-type", b"application/json"))
+        return decision.status_code, rendered, json.dumps(error).encode()
 
 
-async def _read_body(receive: Receive) -> Tuple[bytes, bool]:
-    chunks = []
+def _identity(scope: Scope) -> Scope:
+    """The scope the app sees: asking for an uncompressed response, which can be read."""
+    headers = [(k, v) for k, v in scope.get("headers", []) if bytes(k).lower() != b"accept-encoding"]
+    headers.append((b"accept-encoding", b"identity"))
+    return {**scope, "headers": headers}
+
+
+_TOO_LARGE = object()
+
+
+async def _read_body(receive: Receive, limit: int) -> Any:
+    """The request body; None if the client left; ``_TOO_LARGE`` as soon as it passes ``limit``."""
+    chunks: List[bytes] = []
+    size = 0
     while True:
         message = await receive()
-        if message.get("type") == "http.disconnect":
-            return b"", True
-        chunks.append(message.get("body", b""))
+        kind = message.get("type")
+        if kind == "http.disconnect":
+            return None
+        if kind != "http.request":
+            continue
+        chunk = message.get("body") or b""
+        size += len(chunk)
+        if size > limit:
+            return _TOO_LARGE
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks), False
+            return b"".join(chunks)
 
 
-async def _respond(send: Send, status: int, headers: List[Tuple[bytes, bytes]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+class _Flight:
+    """One admitted request on its way through the app, settled once at the end."""
+
+    def __init__(self, gate: SluicegateMiddleware, decision: Decision, body: bytes, asked: _Admission, receive: Receive, send: Send) -> None:
+        self.gate = gate
+        self.decision = decision
+        self.asked = asked
+        self.meter = _Meter(gate.max_buffer_bytes)
+        self.forwarded = False
+        self.raised: Optional[BaseException] = None
+        self.status: Optional[int] = None
+        self.complete = False
+        self.gone = False
+        self.expired = False
+        self.charged = 0
+        self.settled = False
+        self.broken: Optional[str] = None  # the accounting itself failed
+        self._body: Optional[bytes] = body
+        self._receive = receive
+        self._send = send
+
+    async def receive(self) -> Message:
+        if self._body is not None:
+            body, self._body = self._body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        message = await self._receive()
+        if message.get("type") == "http.disconnect":
+            self.gone = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message.get("type")
+        if kind == "http.response.start":
+            message = self._started(message)
+        elif kind == "http.response.body" and self.broken is None:
+            try:
+                self._counted(message.get("body") or b"")
+            except Exception as exc:  # the accounting never breaks the response
+                self.broken = repr(exc)
+        try:
+            await self._send(message)
+        except BaseException:
+            self.gone = True
+            raise
+        if kind == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+
+    def _started(self, message: Message) -> Message:
+        try:
+            self.status = int(message.get("status", 200))
+            given = list(message.get("headers", []))
+            self.meter.start(given)
+            names = {bytes(k).lower() for k, _ in given}
+            extra = [(k.lower().encode(), v.encode()) for k, v in self.decision.headers(self.gate.dialect) if k.lower().encode() not in names]
+            return {**message, "headers": given + extra}
+        except Exception as exc:
+            self.broken = repr(exc)
+            return message
+
+    def _counted(self, chunk: bytes) -> None:
+        self.meter.feed(chunk)
+        if not self.meter.stream or self.meter.usage is not None or self.expired or self.status is None or not 200 <= self.status < 300:
+            return
+        tokens = self.meter.streamed_tokens - self.charged
+        if tokens <= 0:
+            return
+        try:
+            self.gate.engine.charge(self.decision, tokens)
+        except PermitExpiredError:
+            self.expired = True  # past permit_ttl: the reservation stays charged; the stream goes on
+            return
+        except Error as exc:
+            self.gate._note("charge", "sluicegate: a stream's charge was refused: %r", exc)
+            self.expired = True  # stale or settled: nothing more to charge on this permit
+            return
+        self.charged += tokens
+
+    def settle(self) -> None:
+        """Settles the permit, once; never raises."""
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            self._settle()
+        except Exception:
+            log.exception("sluicegate: settling an admitted request failed")
+
+    def _outcome(self) -> Tuple[_Completion, Dict[str, int]]:
+        """How the request ended and what to settle it with (an omitted field: what was reserved)."""
+        meter, prompt = self.meter, self.asked.prompt
+        read = meter.tokens() if self.broken is None else None
+        if not self.forwarded:
+            return "cancelled", {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
+        failed = isinstance(self.raised, Exception) or (self.status is not None and not 200 <= self.status < 300)
+        left = not self.complete and (self.gone or self.raised is not None)
+        if failed or (self.status is None and not left):
+            # The backend refused it, failed, or the app answered nothing: refunded, not billed.
+            generated = read[2] if read is not None and meter.stream else 0
+            return "upstream_failure", {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": generated}
+        if read is not None:
+            p = read[0] if read[0] is not None else prompt
+            usage = {"prompt_tokens": p, "cached_tokens": min(read[1], p), "generated_tokens": read[2]}
+        else:
+            usage = {}
+        if left or not self.complete:
+            if read is not None:
+                return "cancelled", usage
+            if self.asked.stream and self.status is None:
+                return "cancelled", {"prompt_tokens": prompt, "generated_tokens": self.charged}
+            # A non-streamed request the backend may finish anyway: its reservation.
+            return "cancelled", {}
+        if read is None:
+            reason = self.broken or meter.why_unreadable()
+            self.gate._note("unreadable:" + reason.split(":")[0], "sluicegate: charging the reservation of a response it cannot read (%s)", reason)
+        if meter.malformed_usage:
+            self.gate._note("malformed_usage", "sluicegate: a response's usage has the wrong shape; reading its text instead")
+        return "success", usage
+
+    def _settle(self) -> None:
+        try:
+            self.meter.finish()
+        except Exception as exc:
+            self.broken = repr(exc)
+        if self.expired:
+            return  # outlived permit_ttl (or the permit went stale): nothing to settle
+        completion, usage = self._outcome()
+        engine = self.gate.engine
+        try:
+            try:
+                engine.settle(self.decision, completion=completion, **usage)
+            except (InvalidUsageError, OverflowError):
+                engine.settle(self.decision, completion=completion)  # conservative: what was reserved
+        except PermitExpiredError:
+            pass  # outlived permit_ttl: nothing to settle, the reservation stays charged
+        except StalePermitError as exc:
+            self.gate._note("stale", "sluicegate: a permit went stale before its settle (engine restored?): %s", exc)
+        except AlreadySettledError as exc:
+            self.gate._note("already_settled", "sluicegate: a permit was settled elsewhere: %s", exc)
+        except Error as exc:
+            self.gate._note("settle", "sluicegate: settle failed: %r", exc)
