@@ -82,6 +82,21 @@ pub fn for_each_header(decision: &Decision, render: &Render, now_ns: u64, mut f:
         emit("retry-after", format_args!("{}", whole_seconds(ns)));
         emit("retry-after-ms", format_args!("{}", whole_millis(ns)));
     }
+    if let Some(retry) = should_retry(&decision.outcome) {
+        emit("x-should-retry", format_args!("{retry}"));
+    }
+}
+
+/// Whether a client's retry of a refused request can succeed, for the `x-should-retry` header the
+/// providers' SDKs obey: not for a request larger than any bucket, a spend refusal or invalid
+/// input; yes after a shed or an ordinary 429. `None` for an admitted request.
+pub fn should_retry(outcome: &Outcome) -> Option<bool> {
+    match outcome {
+        Outcome::Admit(_) | Outcome::AdmitOverLimit(_) => None,
+        Outcome::RejectRateLimited(r) => Some(!r.too_large),
+        Outcome::Shed(_) => Some(true),
+        Outcome::RejectSpend(_) | Outcome::RejectInvalid(_) => Some(false),
+    }
 }
 
 /// Writes `name: value\r\n` for every header into `out`; returns the bytes written.

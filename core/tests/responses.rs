@@ -146,13 +146,13 @@ fn golden_429_in_every_dialect() {
     assert_eq!(
         text(&d, &render(Dialect::Together)),
         "x-ratelimit-limit: 60\r\nx-ratelimit-remaining: 0\r\nx-ratelimit-reset: 1\r\n\
-         x-tokenlimit-limit: 60000\r\nx-tokenlimit-remaining: 60000\r\nretry-after: 1\r\nretry-after-ms: 1000\r\n"
+         x-tokenlimit-limit: 60000\r\nx-tokenlimit-remaining: 60000\r\nretry-after: 1\r\nretry-after-ms: 1000\r\nx-should-retry: true\r\n"
     );
     assert_eq!(
         text(&d, &render(Dialect::OpenAi)),
         "x-ratelimit-limit-requests: 60\r\nx-ratelimit-limit-tokens: 60000\r\n\
          x-ratelimit-remaining-requests: 0\r\nx-ratelimit-remaining-tokens: 60000\r\n\
-         x-ratelimit-reset-requests: 2m0s\r\nx-ratelimit-reset-tokens: 0s\r\nretry-after: 1\r\nretry-after-ms: 1000\r\n"
+         x-ratelimit-reset-requests: 2m0s\r\nx-ratelimit-reset-tokens: 0s\r\nretry-after: 1\r\nretry-after-ms: 1000\r\nx-should-retry: true\r\n"
     );
     assert_eq!(
         text(&d, &render(Dialect::Anthropic)),
@@ -161,14 +161,14 @@ fn golden_429_in_every_dialect() {
          anthropic-ratelimit-input-tokens-limit: 60000\r\nanthropic-ratelimit-input-tokens-remaining: 60000\r\n\
          anthropic-ratelimit-input-tokens-reset: 2026-11-23T23:18:56Z\r\n\
          anthropic-ratelimit-output-tokens-limit: 6000\r\nanthropic-ratelimit-output-tokens-remaining: 6000\r\n\
-         anthropic-ratelimit-output-tokens-reset: 2026-11-23T23:18:56Z\r\nretry-after: 1\r\nretry-after-ms: 1000\r\n"
+         anthropic-ratelimit-output-tokens-reset: 2026-11-23T23:18:56Z\r\nretry-after: 1\r\nretry-after-ms: 1000\r\nx-should-retry: true\r\n"
     );
     assert_eq!(
         text(&d, &render(Dialect::Ietf)),
         "RateLimit-Policy: \"requests\";q=60;w=60;qu=\"requests\", \"prompt-tokens\";q=60000;w=60;qu=\"tokens\", \
          \"uncached-prompt-tokens\";q=60000;w=60;qu=\"tokens\", \"generated-tokens\";q=6000;w=60;qu=\"tokens\"\r\n\
          RateLimit: \"requests\";r=0;t=120, \"prompt-tokens\";r=60000;t=0, \
-         \"uncached-prompt-tokens\";r=60000;t=0, \"generated-tokens\";r=6000;t=0\r\nretry-after: 1\r\nretry-after-ms: 1000\r\n"
+         \"uncached-prompt-tokens\";r=60000;t=0, \"generated-tokens\";r=6000;t=0\r\nretry-after: 1\r\nretry-after-ms: 1000\r\nx-should-retry: true\r\n"
     );
 }
 
@@ -198,16 +198,25 @@ fn every_outcome_has_its_status_and_error_type() {
     let broke = e.admit(key("broke"), &Request::new(1), 0).unwrap();
     e.set_load(b"m", Variant::Regular, 5_000).unwrap();
     let shed = e.admit(key("shed"), &Request::new(1), 0).unwrap();
+    // The SDKs retry unless `x-should-retry: false`: only where a retry can succeed.
     let cases = [
-        (&ok, 200, 200, None),
-        (&tokens, 429, 429, Some("dynamic_token_limited")),
-        (&too_large, 429, 429, Some("dynamic_token_limited")),
-        (&invalid, 400, 400, Some("invalid_request")),
-        (&suspended, 402, 429, Some("account_suspended")),
-        (&broke, 402, 429, Some("spend_limit_exceeded")),
-        (&shed, 503, 503, Some("service_overloaded")),
+        (&ok, 200, 200, None, None),
+        (&tokens, 429, 429, Some("dynamic_token_limited"), Some("true")),
+        (&too_large, 429, 429, Some("dynamic_token_limited"), Some("false")),
+        (&invalid, 400, 400, Some("invalid_request"), Some("false")),
+        (&suspended, 402, 429, Some("account_suspended"), Some("false")),
+        (&broke, 402, 429, Some("spend_limit_exceeded"), Some("false")),
+        (&shed, 503, 503, Some("service_overloaded"), Some("true")),
     ];
-    for (d, fireworks_status, openai_status, kind) in cases {
+    for (d, fireworks_status, openai_status, kind, should_retry) in cases {
+        for dialect in
+            [Dialect::Fireworks, Dialect::Together, Dialect::OpenAi, Dialect::Anthropic, Dialect::Ietf]
+        {
+            let h = headers(d, &Render::new(dialect));
+            let retry: Vec<&str> =
+                h.iter().filter(|(n, _)| n == "x-should-retry").map(|(_, v)| v.as_str()).collect();
+            assert_eq!(retry, should_retry.into_iter().collect::<Vec<_>>(), "{dialect:?} {:?}", d.outcome);
+        }
         assert_eq!(Render::new(Dialect::Fireworks).status(d), fireworks_status, "{:?}", d.outcome);
         assert_eq!(Render::new(Dialect::OpenAi).status(d), openai_status, "{:?}", d.outcome);
         let b = body(d, &Render::new(Dialect::OpenAi));

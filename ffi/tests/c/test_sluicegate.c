@@ -843,6 +843,8 @@ static void test_rendering(void) {
     check_render(&d[0], &fw, 200, "x-ratelimit-over-limit: no\r\n", NULL);
     check_render(&d[60], &fw, 200, "x-ratelimit-over-limit: yes\r\n", NULL);
     check_render(&d[120], &fw, 429, "retry-after: 1\r\n", "\"type\":\"dynamic_request_limited\"");
+    /* The providers' SDKs retry unless told not to: only where a retry can succeed. */
+    check_render(&d[120], &fw, 429, "retry-after-ms: 1000\r\nx-should-retry: true\r\n", "\"too_large\":false");
     CHECK(d[60].outcome == SG_ADMIT_OVER_LIMIT && d[120].outcome == SG_REJECT_RATE_LIMITED);
 
     /* Every dialect renders every outcome. */
@@ -865,11 +867,13 @@ static void test_rendering(void) {
     sg_request big = request("tokens", 10000000, 0);
     EXPECT(sg_admit(e, &big, 0, &x), SG_OK);
     check_render(&x, &fw, 429, "x-ratelimit-limit-tokens-prompt: 60000\r\n", "\"type\":\"dynamic_token_limited\"");
+    check_render(&x, &fw, 429, "x-should-retry: false\r\n", "\"too_large\":true");
     EXPECT(sg_set_load(e, KEY(MODEL), 0, 1500), SG_OK);
     sg_request shed = request("shed", 10, 10);
     EXPECT(sg_admit(e, &shed, 0, &x), SG_OK);
     CHECK(x.outcome == SG_SHED);
     check_render(&x, &fw, 503, "retry-after: ", "\"type\":\"service_overloaded\"");
+    check_render(&x, &fw, 503, "x-should-retry: true\r\n", "\"type\":\"service_overloaded\"");
     EXPECT(sg_set_load(e, KEY(MODEL), 0, 0), SG_OK);
     EXPECT(sg_set_suspended(e, KEY("suspended"), SG_SUSPENSION_OPERATOR, 1), SG_OK);
     sg_request susp = request("suspended", 10, 10);
