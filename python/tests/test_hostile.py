@@ -112,3 +112,596 @@ def test_durations_must_be_non_negative_numbers(key):
     for bad in bad_values:
         with pytest.raises(sluicegate.PolicyError, match=f"^{key} must be"):
             sluicegate.Engine("fixed", **{key: bad})
+
+
+# ---------------------------------------------------------------------------------------------
+# The ASGI middleware against hostile clients and broken apps (issue 13), driven directly: a
+# hand-written receive and send, so every await can be cancelled and every byte counted.
+
+import asyncio  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import tracemalloc  # noqa: E402
+
+from sluicegate import asgi  # noqa: E402
+from sluicegate.asgi import SluicegateMiddleware, account_digest  # noqa: E402
+
+KEY = b"hostile tests' deployment key..."
+CRED = "sk-test-1"
+ACCT = account_digest(CRED, KEY)
+BODY = {"model": "m", "messages": [{"role": "user", "content": "ping " * 40}], "max_tokens": 100}
+USAGE = {"prompt_tokens": 25, "completion_tokens": 40, "total_tokens": 65}
+
+
+class Counting:
+    """The engine, counting admissions and the settles that went through (exactly-once checks)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.admitted = []
+        self.settles = []
+        self.charges = 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def admit(self, *a, **kw):
+        d = self.engine.admit(*a, **kw)
+        if d.admitted:
+            self.admitted.append(d)
+        return d
+
+    def settle(self, d, **kw):
+        self.engine.settle(d, **kw)
+        self.settles.append(kw)
+
+    def charge(self, d, tokens):
+        self.engine.charge(d, tokens)
+        self.charges += tokens
+
+    def assert_settled_once(self):
+        assert len(self.settles) == len(self.admitted), (self.settles, self.admitted)
+        for d in self.admitted:
+            with pytest.raises(sluicegate.AlreadySettledError):
+                self.engine.settle(d)
+
+
+def engine(**kw):
+    kw.setdefault("capacity", 1_000)
+    return Counting(sluicegate.Engine("fixed", **kw))
+
+
+def scope_of(headers=None, path="/v1/chat/completions"):
+    h = [(b"authorization", f"Bearer {CRED}".encode()), (b"content-type", b"application/json")]
+    h += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    return {"type": "http", "method": "POST", "path": path, "headers": h}
+
+
+class Exchange:
+    """One request through the middleware: what the client sent and what it got back."""
+
+    def __init__(self, body=BODY, chunk=64 * 1024, headers=None):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.chunks = [raw[i : i + chunk] for i in range(0, len(raw), chunk)] or [b""]
+        self.received = 0  # request messages handed to the middleware
+        self.scope = scope_of(headers)
+        self.status = None
+        self.headers = {}
+        self.body_bytes = 0
+        self.body = bytearray()
+        self.keep_body = True
+        self.hold = asyncio.Event()  # set to let a blocked receive return a disconnect
+
+    async def receive(self):
+        if self.received < len(self.chunks):
+            self.received += 1
+            more = self.received < len(self.chunks)
+            return {"type": "http.request", "body": self.chunks[self.received - 1], "more_body": more}
+        await self.hold.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = {bytes(k).decode(): bytes(v).decode() for k, v in message.get("headers", [])}
+        elif message["type"] == "http.response.body":
+            chunk = message.get("body", b"")
+            self.body_bytes += len(chunk)
+            if self.keep_body:
+                self.body += chunk
+
+    def json(self):
+        return json.loads(bytes(self.body))
+
+    def run(self, middleware):
+        asyncio.run(asyncio.wait_for(middleware(self.scope, self.receive, self.send), 30))
+        return self
+
+
+def middleware(app, e, **kw):
+    return SluicegateMiddleware(app, e, account_key=KEY, **kw)
+
+
+def json_app(payload, status=200, headers=()):
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), *headers]})
+        await send({"type": "http.response.body", "body": raw})
+
+    return app
+
+
+def completion(usage=USAGE, choices=None):
+    out = {"id": "x", "object": "chat.completion", "choices": choices if choices is not None else [{"index": 0, "message": {"role": "assistant", "content": "word " * 40}}]}
+    if usage is not ...:
+        out["usage"] = usage
+    return out
+
+
+def sse_app(events, status=200):
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/event-stream")]})
+        for e in events:
+            data = e if isinstance(e, bytes) else f"data: {json.dumps(e)}\n\n".encode()
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    return app
+
+
+# 1. Secrets: the account is a keyed digest; a custom id is checked.
+
+
+def test_the_default_account_is_a_keyed_digest_and_the_key_comes_from_the_environment(monkeypatch):
+    e = engine()
+    Exchange().run(middleware(json_app(completion()), e))
+    assert e.engine.account(ACCT)
+    with pytest.raises(sluicegate.UnknownAccountError):
+        e.engine.account(CRED)
+    monkeypatch.setenv("SLUICEGATE_ACCOUNT_KEY", "from the environment")
+    m = SluicegateMiddleware(json_app(completion()), e)
+    assert m.digest(CRED) == account_digest(CRED, b"from the environment") != ACCT
+
+
+def test_without_a_key_a_random_process_key_is_used_with_one_warning(monkeypatch, caplog):
+    monkeypatch.delenv("SLUICEGATE_ACCOUNT_KEY", raising=False)
+    monkeypatch.setattr(asgi, "_process_key", None)
+    with caplog.at_level(logging.WARNING, logger="sluicegate.asgi"):
+        a = SluicegateMiddleware(json_app(completion()), engine())
+        b = SluicegateMiddleware(json_app(completion()), engine())
+    assert a.digest(CRED) == b.digest(CRED) != ACCT
+    assert len([r for r in caplog.records if "random key" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("named, status", [("", 400), ("x" * 65, 400), ("é" * 33, 400), (None, 401), ("x" * 64, 200), (b"acct", 200)])
+def test_a_custom_account_id_is_checked(named, status):
+    e = engine()
+    x = Exchange().run(SluicegateMiddleware(json_app(completion()), e, account=lambda scope, headers: named))
+    assert x.status == status
+    if status == 400:
+        assert x.json()["error"]["code"] == "invalid_account"
+    e.assert_settled_once()
+
+
+# 2. Engine errors are 503s with retry-after; never a 500.
+
+
+def test_every_engine_error_at_admission_is_a_503_or_400_json_never_a_500():
+    class Raising(Counting):
+        def admit(self, *a, **kw):
+            raise self.error("injected")
+
+    for cls in sluicegate._errors.ERRORS:
+        e = Raising(sluicegate.Engine("fixed"))
+        e.error = cls
+        x = Exchange().run(middleware(json_app(completion()), e))
+        assert x.headers["content-type"] == "application/json" and "error" in x.json(), cls
+        if issubclass(cls, sluicegate.ArgumentError):
+            assert x.status == 400, cls  # about the request's own values
+        else:
+            assert x.status == 503, cls
+            assert x.json()["error"]["type"] == "service_unavailable"
+            assert 1 <= int(x.headers["retry-after"]) <= 2 and x.headers["x-should-retry"] == "true"
+
+
+@pytest.mark.parametrize("table", ["scopes", "accounts", "models", "permits"])
+def test_each_full_table_is_a_503_and_existing_keys_are_still_served(table):
+    sizes = {"scopes": {"capacity": 1}, "accounts": {"accounts": 1}, "models": {"models": 1}, "permits": {"permits": 1}}[table]
+    e = engine(**sizes)
+    held = None
+    if table == "permits":
+        held = e.engine.admit("holder", "m")  # the ledger's one permit, outstanding
+    else:
+        assert Exchange().run(middleware(json_app(completion()), e)).status == 200
+    other = Exchange(body={**BODY, "model": "other-model"}, headers={"authorization": "Bearer sk-other"})
+    other.scope["headers"] = [h for h in other.scope["headers"] if h[1] != f"Bearer {CRED}".encode()]
+    x = other.run(middleware(json_app(completion()), e))
+    assert x.status == 503 and x.json()["error"]["code"] == "table_full" and int(x.headers["retry-after"]) >= 1
+    if held is None:
+        assert Exchange().run(middleware(json_app(completion()), e)).status == 200
+    e.assert_settled_once()
+
+
+def test_errors_of_charge_and_settle_never_reach_the_response():
+    class Failing(Counting):
+        def charge(self, d, tokens):
+            raise sluicegate.StalePermitError("injected")
+
+        def settle(self, d, **kw):
+            self.settles.append(kw)
+            raise sluicegate.TableFullError("injected")
+
+    e = Failing(sluicegate.Engine("fixed"))
+    events = [{"choices": [{"delta": {"content": "word " * 10}}]}] * 5
+    x = Exchange(body={**BODY, "stream": True}).run(middleware(sse_app(events), e))
+    assert x.status == 200 and bytes(x.body).endswith(b"data: [DONE]\n\n")
+    assert len(e.settles) == 1
+
+
+# 3. Bounded memory: request body, response body, SSE lines, JSON nesting.
+
+
+def test_a_10_mib_body_is_413_without_being_read():
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError
+
+    e = engine()
+    x = Exchange(body=b"{" + b" " * (10 << 20) + b"}", chunk=64 * 1024).run(middleware(app, e))
+    assert x.status == 413 and x.json()["error"]["code"] == "request_too_large"
+    # Read up to the cap (1 MiB = 16 chunks of 64 KiB) and one chunk past it, no further.
+    assert x.received == 17, x.received
+    # A declared length over the cap is refused before anything is read.
+    x = Exchange(body=b"{" + b" " * (10 << 20) + b"}", headers={"content-length": str((10 << 20) + 2)}).run(middleware(app, e))
+    assert x.status == 413 and x.received == 0
+    assert e.admitted == []
+
+
+def test_the_body_cap_is_configurable():
+    e = engine()
+    x = Exchange(body={**BODY, "pad": "x" * 5_000}).run(middleware(json_app(completion()), e, max_body_bytes=4_096))
+    assert x.status == 413
+    assert Exchange().run(middleware(json_app(completion()), e, max_body_bytes=4_096)).status == 200
+
+
+@pytest.mark.parametrize("depth, status", [(100_000, 400), (1_000, 400), (65, 400), (60, 200)])
+def test_deep_json_nesting_is_400(depth, status):
+    e = engine()
+    body = b'{"model": "m", "max_tokens": 10, "x": ' + b"[" * depth + b"]" * depth + b"}"
+    x = Exchange(body=body).run(middleware(json_app(completion()), e))
+    assert x.status == status
+    if status == 400:
+        assert x.json()["error"]["code"] == "nesting_too_deep"
+
+
+def test_the_meter_holds_a_bounded_amount_of_a_50_mib_response():
+    limit = 1 << 20
+    m = asgi._Meter(limit)
+    m.start([(b"content-type", b"application/json")])
+    chunk = b'{"pad": "' + b"a" * (64 * 1024) + b'", '
+    for _ in range(800):  # 50 MiB
+        m.feed(chunk)
+    m.feed(b'"usage": {"prompt_tokens": 7, "completion_tokens": 99}}')
+    m.finish()
+    assert m.peak <= limit and m.total > 50 << 20
+    assert m.tokens() == (7, 0, 99)  # found in the tail
+
+
+def test_the_meter_holds_a_bounded_amount_of_an_sse_line_without_newline():
+    limit = 1 << 20
+    m = asgi._Meter(limit)
+    m.start([(b"content-type", b"text/event-stream")])
+    m.feed(b'data: {"choices": [{"delta": {"content": "hello"}}]}\n\n')
+    for _ in range(800):  # a 50 MiB line with no newline
+        m.feed(b"x" * (64 * 1024))
+    m.finish()
+    assert m.peak <= limit
+    # The line was counted, not kept: its bytes count as generated text.
+    assert m.tokens()[2] >= (50 << 20) // 4
+
+
+@pytest.mark.parametrize("kind", ["json", "sse", "sse-one-line"])
+def test_a_50_mib_response_passes_whole_in_bounded_memory(kind):
+    size, piece = 50 << 20, 64 * 1024
+
+    async def app(scope, receive, send):
+        await receive()
+        ctype = b"application/json" if kind == "json" else b"text/event-stream"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype)]})
+        line = b"data: " + json.dumps({"choices": [{"delta": {"content": "w" * (piece - 100)}}]}).encode() + b"\n\n"
+        for _ in range(size // piece):
+            await send({"type": "http.response.body", "body": line if kind == "sse" else b"a" * piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    e = engine(generated_tokens_per_minute=1e9, requests_per_minute=1_000)
+    x = Exchange()
+    x.keep_body = False
+    tracemalloc.start()
+    try:
+        x.run(middleware(app, e))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert x.status == 200 and x.body_bytes >= size - piece
+    assert peak < 6 << 20, peak  # the 1 MiB buffer, a chunk or two, the interpreter's own
+    e.assert_settled_once()
+
+
+# 4. Exactly one settle per admission: cancellation at every await, usage of every shape.
+
+
+def cancel_at(point):
+    """Runs one request and cancels it at ``point``; returns the counting engine."""
+    # hard_factor=1 and 60 requests a minute: after 60, a request waits ~1 s (smoothing).
+    e = engine(requests_per_minute=60, hard_factor=1, max_wait=5)
+    if point == "smoothing":
+        for _ in range(60):
+            e.engine.settle(e.engine.admit(ACCT, "m"))
+    reached = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        if point == "app-receive":
+            reached.set()
+            await receive()  # waits for a disconnect that never comes
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(100):
+            if point == "app-own-await" and i == 3:
+                reached.set()
+                await asyncio.sleep(3600)
+            await send({"type": "http.response.body", "body": b'data: {"choices": [{"delta": {"content": "word "}}]}\n\n', "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    x = Exchange(body={**BODY, "stream": True})
+    sends = 0
+
+    async def send(message):
+        nonlocal sends
+        sends += 1
+        if (point == "send-start" and sends == 1) or (point == "send-body" and sends == 4):
+            reached.set()
+            await asyncio.sleep(3600)
+        await Exchange.send(x, message)
+
+    async def receive():
+        if point == "body" and x.received == 1:
+            reached.set()
+            await asyncio.sleep(3600)  # the rest of the body never comes
+        return await Exchange.receive(x)
+
+    if point == "body":
+        x.chunks = [b'{"model": ', b'"m"}']
+
+    async def main():
+        task = asyncio.ensure_future(middleware(app, e)(x.scope, receive, send))
+        if point == "smoothing":
+            while not e.admitted:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.05)
+            assert not task.done()  # waiting out its smoothing delay
+        else:
+            await asyncio.wait_for(reached.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    return e
+
+
+@pytest.mark.parametrize("point", ["body", "smoothing", "app-receive", "send-start", "send-body", "app-own-await"])
+def test_a_cancellation_at_each_await_settles_exactly_once(point):
+    e = cancel_at(point)
+    if point == "body":
+        assert e.admitted == [] and e.settles == []  # nothing admitted yet, nothing to settle
+        return
+    assert len(e.admitted) == 1
+    e.assert_settled_once()
+    assert e.settles[0]["completion"] == "cancelled"
+    if point == "smoothing":
+        # Never forwarded: nothing used.
+        assert e.settles[0]["generated_tokens"] == 0 and e.settles[0]["prompt_tokens"] == 0
+
+
+MALFORMED_USAGE = [
+    {"prompt_tokens": "x", "completion_tokens": 40},
+    {"prompt_tokens": 25, "completion_tokens": 40, "prompt_tokens_details": 5},
+    {"prompt_tokens": 25, "completion_tokens": 40, "prompt_tokens_details": {"cached_tokens": "lots"}},
+    {"prompt_tokens": -1, "completion_tokens": 40},
+    {"prompt_tokens": 25, "completion_tokens": -40},
+    {"prompt_tokens": 25, "completion_tokens": 2**70},
+    {"prompt_tokens": 25, "completion_tokens": True},
+    {"prompt_tokens": 25, "completion_tokens": 40.5},
+    {"prompt_tokens": 25},
+    {"prompt_tokens": 5, "completion_tokens": 40, "prompt_tokens_details": {"cached_tokens": 500}},
+    "usage",
+    [1, 2],
+    5,
+]
+
+
+@pytest.mark.parametrize("usage", MALFORMED_USAGE, ids=repr)
+def test_usage_of_the_wrong_shape_settles_once_and_passes_the_response(usage):
+    e = engine()
+    x = Exchange().run(middleware(json_app(completion(usage=usage)), e))
+    assert x.status == 200 and x.json()["usage"] == usage
+    e.assert_settled_once()
+    assert e.settles[0]["completion"] == "success"
+
+
+@pytest.mark.parametrize("usage", MALFORMED_USAGE, ids=repr)
+def test_a_stream_with_usage_of_the_wrong_shape_settles_once(usage):
+    e = engine()
+    events = [{"choices": [{"delta": {"content": "word " * 8}}]}, {"choices": [5, "x", {"delta": 5}, {"delta": {"content": 7}}]}, {"choices": [], "usage": usage}]
+    x = Exchange(body={**BODY, "stream": True}).run(middleware(sse_app(events), e))
+    assert x.status == 200 and bytes(x.body).endswith(b"data: [DONE]\n\n")
+    e.assert_settled_once()
+    assert e.settles[0]["completion"] == "success" and e.settles[0]["generated_tokens"] >= 10
+
+
+@pytest.mark.parametrize("choices", [[5], "text", [{"message": 5}], [{"message": {"content": {"x": 1}}}], [{"text": ["a", 3, {"text": "b"}]}]], ids=repr)
+def test_choices_of_the_wrong_shape_settle_once(choices):
+    e = engine()
+    x = Exchange().run(middleware(json_app(completion(usage=..., choices=choices)), e))
+    assert x.status == 200
+    e.assert_settled_once()
+
+
+def test_cached_above_prompt_is_capped_not_refused():
+    e = engine()
+    usage = {"prompt_tokens": 5, "completion_tokens": 40, "prompt_tokens_details": {"cached_tokens": 4}}
+    Exchange().run(middleware(json_app(completion(usage=usage)), e))
+    assert e.settles[0] == {"completion": "success", "prompt_tokens": 5, "cached_tokens": 4, "generated_tokens": 40}
+
+
+# 5. Unreadable responses: decoded when possible, else charged the reservation, logged once.
+
+
+def test_a_gzip_response_is_decoded_and_charged_its_usage():
+    e = engine()
+    raw = gzip.compress(json.dumps(completion()).encode())
+    x = Exchange().run(middleware(json_app(raw, headers=[(b"content-encoding", b"gzip")]), e))
+    assert x.status == 200 and gzip.decompress(bytes(x.body)) == json.dumps(completion()).encode()
+    assert e.settles[0]["generated_tokens"] == 40
+
+
+def test_a_gzip_stream_is_decoded_and_charged_as_it_goes():
+    import zlib
+
+    e = engine()
+    c = zlib.compressobj(wbits=31)
+    events = [c.compress(f"data: {json.dumps({'choices': [{'delta': {'content': 'word ' * 8}}]})}\n\n".encode()) + c.flush(zlib.Z_SYNC_FLUSH) for _ in range(5)]
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"content-encoding", b"gzip")]})
+        for ev in events:
+            await send({"type": "http.response.body", "body": ev, "more_body": True})
+        await send({"type": "http.response.body", "body": c.flush()})
+
+    Exchange(body={**BODY, "stream": True}).run(middleware(app, e))
+    assert e.charges == 50 and e.settles[0]["generated_tokens"] == 50
+
+
+@pytest.mark.parametrize(
+    "app",
+    [
+        json_app(b"\x1b\x00brotli bytes", headers=[(b"content-encoding", b"br")]),
+        json_app(b"not json at all"),
+        json_app(b"\x1f\x8bnot really gzip", headers=[(b"content-encoding", b"gzip")]),
+        json_app({"id": "x"}),  # JSON with neither usage nor choices
+        json_app(b'{"choices": [], "pad": "' + b"a" * (2 << 20) + b'"}'),  # too large to hold, no usage
+    ],
+    ids=["br", "not-json", "bad-gzip", "no-usage-no-choices", "oversized"],
+)
+def test_an_unreadable_response_is_charged_the_reservation_and_logged_once(app, caplog):
+    e = engine()
+    with caplog.at_level(logging.DEBUG, logger="sluicegate.asgi"):
+        m = middleware(app, e)
+        for _ in range(3):
+            assert Exchange().run(m).status == 200
+    # Omitted fields settle what was reserved: the 100 max_tokens, the estimated prompt.
+    assert e.settles == [{"completion": "success"}] * 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "cannot read" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+
+
+# 6. Failures are not successes.
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422, 429, 500, 502, 503])
+def test_a_non_2xx_response_settles_as_an_upstream_failure(status):
+    e = engine()
+    x = Exchange().run(middleware(json_app({"error": {"message": "no"}}, status=status), e))
+    assert x.status == status
+    assert e.settles == [{"completion": "upstream_failure", "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}]
+
+
+@pytest.mark.parametrize("when", ["before-start", "mid-stream"])
+def test_an_app_exception_settles_as_an_upstream_failure(when):
+    async def app(scope, receive, send):
+        await receive()
+        if when == "mid-stream":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+            await send({"type": "http.response.body", "body": b'data: {"choices": [{"delta": {"content": "word word "}}]}\n\n', "more_body": True})
+        raise RuntimeError("the app broke")
+
+    e = engine()
+    with pytest.raises(RuntimeError, match="the app broke"):
+        Exchange(body={**BODY, "stream": True}).run(middleware(app, e))
+    e.assert_settled_once()
+    assert e.settles[0]["completion"] == "upstream_failure"
+
+
+def test_an_app_that_answers_nothing_settles_as_an_upstream_failure():
+    async def app(scope, receive, send):
+        await receive()
+
+    e = engine()
+    Exchange().run(middleware(app, e))
+    assert [s["completion"] for s in e.settles] == ["upstream_failure"]
+
+
+def test_a_non_streamed_request_abandoned_before_its_answer_is_charged_its_reservation():
+    async def app(scope, receive, send):
+        await receive()
+        assert (await receive())["type"] == "http.disconnect"  # the client left; the backend may finish anyway
+
+    e = engine()
+    x = Exchange()
+    x.hold.set()
+    x.run(middleware(app, e))
+    assert e.settles == [{"completion": "cancelled"}]
+
+
+# 7 and 8. Tiers and variants, at the admission.
+
+
+def test_the_tier_callback_sees_the_account_and_the_body_may_only_lower_it():
+    seen = []
+    e = engine()
+    e.engine.set_load("m", 1.1)  # in-limit default is shed, in-limit priority is not
+
+    def tier(account):
+        seen.append(account)
+        return "priority"
+
+    assert Exchange().run(middleware(json_app(completion()), e, service_tier=tier)).status == 200
+    assert seen == [ACCT]
+    for lower in ("default", "flex"):
+        assert Exchange(body={**BODY, "service_tier": lower}).run(middleware(json_app(completion()), e, service_tier=tier)).status == 503
+    assert Exchange(body={**BODY, "service_tier": "auto"}).run(middleware(json_app(completion()), e, service_tier=tier)).status == 200
+    # A callback naming no tier falls back to default, with a warning.
+    assert Exchange().run(middleware(json_app(completion()), e, service_tier=lambda a: "gold")).status == 503
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        ({**BODY, "max_tokens": "100"}, "invalid_max_tokens"),
+        ({**BODY, "max_tokens": -1}, "invalid_max_tokens"),
+        ({**BODY, "max_tokens": 2**70}, "invalid_max_tokens"),
+        ({**BODY, "n": 0}, "invalid_n"),
+        ({**BODY, "n": [2]}, "invalid_n"),
+        ({**BODY, "model": "m" * 129}, "invalid_model"),
+        ({**BODY, "model": "\ud800"}, "invalid_model"),
+        ({**BODY, "model": 5}, "invalid_json"),
+        ([BODY], "invalid_json"),
+    ],
+    ids=repr,
+)
+def test_bad_request_fields_are_400_with_a_code(body, code):
+    e = engine()
+    raw = json.dumps(body).encode()
+    x = Exchange(body=raw).run(middleware(json_app(completion()), e))
+    assert x.status == 400 and x.json()["error"]["code"] == code
+    assert e.admitted == []
+
+
+def test_a_body_that_is_not_utf8_is_400():
+    e = engine()
+    x = Exchange(body=json.dumps(BODY).encode("utf-16")).run(middleware(json_app(completion()), e))
+    assert x.status == 400 and x.json()["error"]["code"] == "invalid_json"

@@ -823,6 +823,7 @@ class _Flight:
         self.gone = False
         self.expired = False
         self.charged = 0
+        self.charging = True
         self.settled = False
         self.broken: Optional[str] = None  # the accounting itself failed
         self._body: Optional[bytes] = body
@@ -869,7 +870,9 @@ class _Flight:
 
     def _counted(self, chunk: bytes) -> None:
         self.meter.feed(chunk)
-        if not self.meter.stream or self.meter.usage is not None or self.expired or self.status is None or not 200 <= self.status < 300:
+        if not self.meter.stream or self.meter.usage is not None or self.expired or not self.charging:
+            return
+        if self.status is None or not 200 <= self.status < 300:
             return
         tokens = self.meter.streamed_tokens - self.charged
         if tokens <= 0:
@@ -881,7 +884,7 @@ class _Flight:
             return
         except Error as exc:
             self.gate._note("charge", "sluicegate: a stream's charge was refused: %r", exc)
-            self.expired = True  # stale or settled: nothing more to charge on this permit
+            self.charging = False  # stale after a restore: charge no more; the settle says the rest
             return
         self.charged += tokens
 
