@@ -265,6 +265,11 @@ def test_the_default_account_is_a_keyed_digest_and_the_key_comes_from_the_enviro
     monkeypatch.setenv("SLUICEGATE_ACCOUNT_KEY", "from the environment")
     m = SluicegateMiddleware(json_app(completion()), e)
     assert m.digest(CRED) == account_digest(CRED, b"from the environment") != ACCT
+    # A custom account() needs no key, and no random one is drawn for it.
+    monkeypatch.delenv("SLUICEGATE_ACCOUNT_KEY")
+    custom = SluicegateMiddleware(json_app(completion()), e, account=lambda scope, headers: "acct")
+    with pytest.raises(ValueError, match="account_key"):
+        custom.digest(CRED)
 
 
 def test_without_a_key_a_random_process_key_is_used_with_one_warning(monkeypatch, caplog):
@@ -594,8 +599,10 @@ def test_a_gzip_stream_is_decoded_and_charged_as_it_goes():
         json_app(b"\x1f\x8bnot really gzip", headers=[(b"content-encoding", b"gzip")]),
         json_app({"id": "x"}),  # JSON with neither usage nor choices
         json_app(b'{"choices": [], "pad": "' + b"a" * (2 << 20) + b'"}'),  # too large to hold, no usage
+        json_app(b"[" * 100_000 + b"]" * 100_000),  # nested past any recursion limit
+        sse_app([b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n"]),  # the same, as an event
     ],
-    ids=["br", "not-json", "bad-gzip", "no-usage-no-choices", "oversized"],
+    ids=["br", "not-json", "bad-gzip", "no-usage-no-choices", "oversized", "deep-json", "deep-sse-event"],
 )
 def test_an_unreadable_response_is_charged_the_reservation_and_logged_once(app, caplog):
     e = engine()

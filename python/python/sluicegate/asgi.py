@@ -329,7 +329,7 @@ class _Meter:
         self.unreadable: Optional[str] = None
         self.malformed_usage = False
         self.usage: Optional[Tuple[Optional[int], int, int]] = None
-        self.events = 0  # SSE data lines seen
+        self.events = 0  # SSE events read (JSON objects)
         self.chars = 0  # generated characters seen in a stream
         self.overflow_bytes = 0  # bytes of SSE lines too long to read
         self.total = 0  # (decoded) body bytes seen
@@ -446,7 +446,6 @@ class _Meter:
         line = line.strip()
         if not line.startswith(b"data:"):
             return
-        self.events += 1
         data = line[5:].strip()
         if data == b"[DONE]":
             return
@@ -456,6 +455,7 @@ class _Meter:
             return
         if not isinstance(event, dict):
             return
+        self.events += 1
         self._report(event.get("usage"))
         choices = event.get("choices")
         if isinstance(choices, list):
@@ -548,7 +548,7 @@ class _Meter:
         if self._overflowed:
             return f"response larger than {self.limit} bytes with no usage in its head or tail"
         if self.stream:
-            return "event stream without data lines"
+            return "event stream without JSON events"
         return "response is not JSON with usage or choices"
 
 
@@ -617,7 +617,9 @@ class SluicegateMiddleware:
         self.engine = engine
         self.dialect: _Dialect = dialect if dialect is not None else engine.dialect
         self.account = account
-        self._key = _deployment_key(account_key) if account is None else b""
+        # A custom account() needs no key; digest() then works only if one is given.
+        needed = account is None or account_key is not None or bool(os.environ.get(ACCOUNT_KEY_ENV))
+        self._key: Optional[bytes] = _deployment_key(account_key) if needed else None
         self.service_tier = service_tier
         self.variant = variant if variant is not None else fast_variant()
         self.estimate_prompt_tokens = estimate_prompt_tokens
@@ -630,6 +632,8 @@ class SluicegateMiddleware:
 
     def digest(self, credential: Union[str, bytes]) -> str:
         """The default account id of a credential under this middleware's deployment key."""
+        if self._key is None:
+            raise ValueError("no deployment key: pass account_key= or set $" + ACCOUNT_KEY_ENV)
         return account_digest(credential, self._key)
 
     def _note(self, reason: str, message: str, *args: Any) -> None:
