@@ -680,6 +680,7 @@ class SluicegateMiddleware:
             return
         # Admitted: from here every path settles exactly once (no await before the try).
         flight = _Flight(self, decision, body, asked, receive, send)
+        del body  # the flight hands it to the app once, then lets it go
         try:
             if decision.wait > 0:
                 await asyncio.sleep(decision.wait)
