@@ -45,6 +45,9 @@ pub struct AccountSlot {
     id: AtomicU64,
     /// Spend in the current billing period, nano-dollars.
     pub(crate) period_spend: AtomicU64,
+    /// Period spend plus the worst-case cost outstanding permits have reserved, nano-dollars:
+    /// what admission holds against the spend limit (SPEC §8, money is reserved like tokens).
+    pub(crate) committed: AtomicU64,
     /// The effective monthly limit (the lower of the tier's and the user's), nano-dollars.
     pub(crate) spend_limit: AtomicU64,
     /// Suspension reasons; 0 in good standing.
@@ -84,6 +87,8 @@ pub struct AccountState {
     pub spend_limit: Micros,
     /// Spend in the current billing period.
     pub period_spend: Micros,
+    /// The worst-case cost of the account's outstanding permits, held against its spend limit.
+    pub reserved: Micros,
     /// Payments and prepaid credits, ever.
     pub historical_spend: Micros,
     /// Prepaid credits left.
@@ -118,6 +123,7 @@ impl AccountSlot {
         AccountSlot {
             id: AtomicU64::new(0),
             period_spend: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
             spend_limit: AtomicU64::new(u64::MAX),
             suspension: AtomicU64::new(0),
             key: KeyBytes::new(),
@@ -136,7 +142,7 @@ impl AccountSlot {
     /// file (so rate limiting works before any billing is set up), nothing spent.
     pub(crate) fn init(&self, key: &[u8], tiers: &Tiers) {
         self.key.store(key);
-        for a in [&self.period_spend, &self.suspension, &self.historical, &self.credits] {
+        for a in [&self.period_spend, &self.committed, &self.suspension, &self.historical, &self.credits] {
             a.store(0, Ordering::Relaxed);
         }
         self.settings.store(PAYMENT_METHOD | Tier::One as u64, Ordering::Relaxed);
@@ -158,7 +164,9 @@ impl AccountSlot {
         let zero = |a: &AtomicU64| a.load(Ordering::Acquire) == 0;
         self.settings.load(Ordering::Acquire) == PAYMENT_METHOD | Tier::One as u64
             && self.chosen_limit.load(Ordering::Acquire) == u64::MAX
-            && [&self.period_spend, &self.historical, &self.credits, &self.suspension].into_iter().all(zero)
+            && [&self.period_spend, &self.committed, &self.historical, &self.credits, &self.suspension]
+                .into_iter()
+                .all(zero)
             && self.floor_override.iter().chain(&self.ceiling_override).all(zero)
             && Quota::ALL.iter().zip(&self.quotas).all(|(q, c)| c.get() == (0, q.default_limit()))
     }
@@ -175,7 +183,7 @@ impl AccountSlot {
     pub(crate) fn refusal(&self) -> Option<SpendRejection> {
         if self.suspension.load(Ordering::Acquire) != 0 {
             Some(SpendRejection::AccountSuspended)
-        } else if self.period_spend.load(Ordering::Acquire) >= self.spend_limit.load(Ordering::Acquire) {
+        } else if self.committed.load(Ordering::Acquire) >= self.spend_limit.load(Ordering::Acquire) {
             Some(SpendRejection::SpendLimitExceeded)
         } else {
             None
@@ -209,17 +217,80 @@ impl AccountSlot {
         }
     }
 
+    /// Reserves an admission's worst-case cost against the spend limit, all or nothing; returns
+    /// what was reserved. An account without a payment method may reserve only its credits.
+    /// Nothing is held for an unlimited account (nothing to cross) or a free request.
+    ///
+    /// One compare-exchange on `committed`: a reservation that would cross the limit writes
+    /// nothing, so a refusal is never caused by a reservation that is then taken back — except
+    /// the engine's own rollback when the rate limits refuse the same request (see
+    /// [`AccountSlot::release_reservation`]).
+    pub(crate) fn reserve(&self, worst_case: Nanos) -> Result<Nanos, SpendRejection> {
+        let limit = self.spend_limit.load(Ordering::Acquire);
+        let paying = self.has_payment_method();
+        if worst_case == 0 || (limit == u64::MAX && paying) {
+            return Ok(0);
+        }
+        let (cap, refusal) = if paying {
+            (limit, SpendRejection::SpendLimitExceeded)
+        } else {
+            // Credits are spent before period spend is recorded (`record_spend`), so this sum
+            // only ever reads low: a race refuses, never over-reserves.
+            let credit_cap = self
+                .period_spend
+                .load(Ordering::Acquire)
+                .saturating_add(self.credits.load(Ordering::Acquire));
+            if credit_cap < limit {
+                (credit_cap, SpendRejection::AccountSuspended)
+            } else {
+                (limit, SpendRejection::SpendLimitExceeded)
+            }
+        };
+        self.committed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                c.checked_add(worst_case).filter(|n| *n <= cap)
+            })
+            .map(|_| worst_case)
+            .map_err(|_| refusal)
+    }
+
+    /// Takes back a reservation whose admission was refused by the rate limits or the ledger.
+    pub(crate) fn release_reservation(&self, reserved: Nanos) {
+        self.uncommit(reserved);
+    }
+
+    fn uncommit(&self, amount: Nanos) {
+        if amount != 0 {
+            self.committed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_sub(amount)))
+                .ok();
+        }
+    }
+
+    /// Replaces a settled (or expired) permit's reservation with what it is billed, and bills it.
+    pub(crate) fn settle_reservation(&self, reserved: Nanos, billed: Nanos, tiers: &Tiers) {
+        if reserved != billed {
+            self.committed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                    Some(c.saturating_sub(reserved).saturating_add(billed))
+                })
+                .ok();
+        }
+        self.record_spend(billed, tiers);
+    }
+
     /// Records the cost of a settled request: it counts against the limit, is paid from
-    /// credits first, and what credits do not cover adds to historical spend.
-    pub(crate) fn record_spend(&self, cost: Nanos, tiers: &Tiers) {
+    /// credits first, and what credits do not cover adds to historical spend. `committed`
+    /// already holds it (see [`AccountSlot::settle_reservation`]).
+    fn record_spend(&self, cost: Nanos, tiers: &Tiers) {
         if cost == 0 {
             return;
         }
-        saturating_add(&self.period_spend, cost);
         let before = self
             .credits
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_sub(cost)))
             .unwrap_or(0);
+        saturating_add(&self.period_spend, cost);
         let covered = before.min(cost);
         if before > 0 && before <= cost {
             self.update_payment_standing();
@@ -298,8 +369,10 @@ impl AccountSlot {
         self.refresh_limit(tiers);
     }
 
+    /// A new billing period: spend starts again from zero; outstanding reservations stay held.
     pub(crate) fn start_billing_period(&self) {
-        self.period_spend.store(0, Ordering::Release);
+        let spent = self.period_spend.swap(0, Ordering::AcqRel);
+        self.uncommit(spent);
     }
 
     /// The account's bounds on `index`'s metric: its override, else the policy's with the
@@ -334,6 +407,11 @@ impl AccountSlot {
             payment_method: settings & PAYMENT_METHOD != 0,
             spend_limit: if limit == u64::MAX { u64::MAX } else { limit / NANOS_PER_MICRO },
             period_spend: self.period_spend.load(Ordering::Acquire) / NANOS_PER_MICRO,
+            reserved: self
+                .committed
+                .load(Ordering::Acquire)
+                .saturating_sub(self.period_spend.load(Ordering::Acquire))
+                / NANOS_PER_MICRO,
             historical_spend: self.historical.load(Ordering::Acquire) / NANOS_PER_MICRO,
             credits: self.credits.load(Ordering::Acquire) / NANOS_PER_MICRO,
             refusal: self.refusal(),

@@ -157,13 +157,23 @@ impl<S: Storage> Engine<S> {
         else {
             return Ok(Attempt::Moved);
         };
-        if let Some(reason) = account.refusal() {
-            return Ok(Attempt::Decided(Decision {
+        let refuse = |reason| {
+            Ok(Attempt::Decided(Decision {
                 outcome: Outcome::RejectSpend(reason),
                 levels: Levels::default(),
                 cost: costs,
-            }));
+            }))
+        };
+        if let Some(reason) = account.refusal() {
+            return refuse(reason);
         }
+        // The worst case — every prompt token uncached, every reserved token generated — is held
+        // against the spend limit before the rate limits are tried, and taken back if they refuse.
+        let [_, prompt, _, generated] = costs.0;
+        let money = match account.reserve(model.price(at.variant).cost(prompt, 0, generated)) {
+            Ok(money) => money,
+            Err(reason) => return refuse(reason),
+        };
         let now_ns = self.tick(at, now_ns);
         let load = model.load(at.variant);
         // Count the permit before touching the bucket, so a reclaim never takes a busy scope;
@@ -173,6 +183,7 @@ impl<S: Storage> Engine<S> {
             Ok(taken) => taken,
             Err(e) => {
                 slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
+                account.release_reservation(money);
                 return Err(e);
             }
         };
@@ -186,11 +197,12 @@ impl<S: Storage> Engine<S> {
                 p.ticket = ticket;
                 p.tracked = model.enter(at.variant);
                 if let Some(e) = ledger {
-                    e.publish(p, p.checksum(self.seed));
+                    e.publish(p, p.checksum(self.seed), money);
                 }
             }
             _ => {
                 slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
+                account.release_reservation(money);
                 if let Some(e) = ledger {
                     e.give_back_unused(ticket);
                 }
@@ -315,10 +327,15 @@ impl<S: Storage> Engine<S> {
     }
 
     /// Releases what an expired permit held: its scope's in-flight count and its model's load.
-    /// (Its reservation stays charged, as if fully used.)
+    /// Its reservation stays charged, as if fully used, and its reserved money is billed.
     fn release(&self, owner: Owner) {
         let t = self.tables();
         if let Some(slot) = t.scopes.get(owner.slot) {
+            // The scope is still the permit's: its in-flight count keeps it from reclaim.
+            let account = scope::account_of(slot.id.load(Ordering::Acquire));
+            if let Some(a) = t.accounts.get(account) {
+                a.settle_reservation(owner.money, owner.money, &self.policy.tiers);
+            }
             slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
         }
         if owner.tracked {
@@ -385,7 +402,7 @@ impl<S: Storage> Engine<S> {
         let slot = self.valid_slot(permit, now_ns)?;
         let t = self.tables();
         let entry = t.permits.get(permit.entry as usize).ok_or(SettleError::StalePermit)?;
-        let charged =
+        let (charged, money) =
             entry.settle(permit.ticket, permit.checksum(self.seed), now_ns).map_err(|r| self.refused(r))?;
         let at = Located::of_id(permit.slot as usize, permit.scope_id);
         let now_ns = self.tick(at, now_ns);
@@ -396,13 +413,16 @@ impl<S: Storage> Engine<S> {
             *d = i128::from(a) - i128::from(b);
         }
         self.correct(slot, delta, now_ns);
+        let mut billed = 0;
         if completion.counts() {
             let [prompt, uncached, generated] = actual;
             slot.add_usage([r.requests, prompt, uncached, generated]);
-            if let (Some(model), Some(account)) = (t.models.get(at.model), t.accounts.get(at.account)) {
-                let cost = model.price(at.variant).cost(uncached, prompt - uncached, generated);
-                account.record_spend(cost, &self.policy.tiers);
+            if let Some(model) = t.models.get(at.model) {
+                billed = model.price(at.variant).cost(uncached, prompt - uncached, generated);
             }
+        }
+        if let Some(account) = t.accounts.get(at.account) {
+            account.settle_reservation(money, billed, &self.policy.tiers);
         }
         slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
         if permit.tracked {

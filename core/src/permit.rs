@@ -106,12 +106,13 @@ impl Permit {
 
     /// Who to release if this permit expires unsettled: its scope slot, model and variant, and
     /// whether it counts toward the model's tracked load.
-    pub(crate) fn owner(&self) -> Owner {
+    pub(crate) fn owner(&self, money: u64) -> Owner {
         Owner {
             slot: self.slot as usize,
             model: self.model as usize,
             variant: self.variant,
             tracked: self.tracked,
+            money,
         }
     }
 }
@@ -129,13 +130,16 @@ pub(crate) fn deadline_s(now_ns: u64, ttl_ns: u64) -> u32 {
     u32::try_from(now_ns.saturating_add(ttl_ns).div_ceil(NS_PER_S)).unwrap_or(u32::MAX)
 }
 
-/// What an outstanding permit holds besides its reservation.
+/// What an outstanding permit holds besides its tokens: its scope's in-flight count, its
+/// model's tracked load, and the money reserved against its account's spend limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Owner {
     pub(crate) slot: usize,
     pub(crate) model: usize,
     pub(crate) variant: Variant,
     pub(crate) tracked: bool,
+    /// Nano-dollars reserved at admission (not packed: kept in the entry's own word).
+    pub(crate) money: u64,
 }
 
 impl Owner {
@@ -144,13 +148,14 @@ impl Owner {
         (self.slot as u64 & 0xFFFF_FFFF) | ((self.model as u64 & 0xFFFF) << 32) | (flags << 48)
     }
 
-    fn unpack(w: u64) -> Self {
+    fn unpack(w: u64, money: u64) -> Self {
         let flags = w >> 48;
         Owner {
             slot: (w & 0xFFFF_FFFF) as usize,
             model: ((w >> 32) & 0xFFFF) as usize,
             variant: if flags & 1 != 0 { Variant::Fast } else { Variant::Regular },
             tracked: flags & 2 != 0,
+            money,
         }
     }
 }
@@ -237,6 +242,8 @@ pub struct PermitSlot {
     state: AtomicU128,
     /// The holder's scope slot, model and variant, written before the entry is published.
     owner: AtomicU64,
+    /// The money the holder reserved, written with `owner`.
+    money: AtomicU64,
     /// The ticket of the last permit this entry expired (+ 2^32 so that 0 means none): a late
     /// settle learns "expired", not "settled", even after the entry is reused.
     last_expired: AtomicU64,
@@ -305,13 +312,19 @@ pub(crate) enum Refusal {
 impl PermitSlot {
     /// A free entry.
     pub fn new() -> Self {
-        PermitSlot { state: AtomicU128::new(0), owner: AtomicU64::new(0), last_expired: AtomicU64::new(0) }
+        PermitSlot {
+            state: AtomicU128::new(0),
+            owner: AtomicU64::new(0),
+            money: AtomicU64::new(0),
+            last_expired: AtomicU64::new(0),
+        }
     }
 
     /// Frees the entry (restore, which has the engine to itself).
     pub(crate) fn clear(&self) {
         self.state.store(0, Ordering::Relaxed);
         self.owner.store(0, Ordering::Relaxed);
+        self.money.store(0, Ordering::Relaxed);
         self.last_expired.store(0, Ordering::Relaxed);
     }
 
@@ -327,9 +340,11 @@ impl PermitSlot {
         self.state.compare_exchange(cur.0, live, Ordering::AcqRel, Ordering::Relaxed).ok().map(|_| ticket)
     }
 
-    /// Completes a taken entry for `permit`: who holds it, its deadline and its checksum.
-    pub(crate) fn publish(&self, permit: &Permit, checksum: u32) {
-        self.owner.store(permit.owner().pack(), Ordering::Relaxed);
+    /// Completes a taken entry for `permit`: who holds it, the money it reserved, its deadline
+    /// and its checksum.
+    pub(crate) fn publish(&self, permit: &Permit, checksum: u32, money: u64) {
+        self.owner.store(permit.owner(money).pack(), Ordering::Relaxed);
+        self.money.store(money, Ordering::Relaxed);
         let state = LIVE
             | (u128::from(permit.ticket) << TICKET_SHIFT)
             | (u128::from(permit.deadline_s.max(1)) << DEADLINE_SHIFT)
@@ -362,13 +377,16 @@ impl PermitSlot {
         Ok(())
     }
 
-    /// Frees the entry for its permit's settle; returns the tokens a stream had charged.
-    pub(crate) fn settle(&self, ticket: u32, checksum: u32, now_ns: u64) -> Result<u64, Refusal> {
+    /// Frees the entry for its permit's settle; returns the tokens a stream had charged and the
+    /// money the permit reserved.
+    pub(crate) fn settle(&self, ticket: u32, checksum: u32, now_ns: u64) -> Result<(u64, u64), Refusal> {
         let mut cur = Entry(self.state.load(Ordering::Acquire));
         loop {
             self.check(cur, ticket, checksum, now_ns)?;
+            // Read while the entry is still this permit's: once freed, a taker may overwrite it.
+            let money = self.money.load(Ordering::Acquire);
             match self.state.compare_exchange(cur.0, cur.freed(), Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(cur.charged()),
+                Ok(_) => return Ok((cur.charged(), money)),
                 Err(now) => cur = Entry(now),
             }
         }
@@ -403,7 +421,7 @@ impl PermitSlot {
         while cur.live() && cur.expired(now_ns) {
             // Read before the entry is freed: a taker may overwrite it right after. The mark is
             // set first, so whoever sees the entry freed or reused sees it too.
-            let owner = Owner::unpack(self.owner.load(Ordering::Acquire));
+            let owner = Owner::unpack(self.owner.load(Ordering::Acquire), self.money.load(Ordering::Acquire));
             let before = self.last_expired.swap(expired_mark(cur.ticket()), Ordering::AcqRel);
             match self.state.compare_exchange(cur.0, cur.freed(), Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(owner),

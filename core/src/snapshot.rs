@@ -429,6 +429,8 @@ impl<S: Storage> Engine<S> {
         let fields: [u64; 6] = r.words()?;
         let cells = [&a.settings, &a.chosen_limit, &a.period_spend, &a.historical, &a.credits, &a.suspension];
         cells.iter().zip(fields).for_each(|(c, v)| c.store(v, Ordering::Relaxed));
+        // Permits do not survive a restore: no money is reserved, only what was spent.
+        a.committed.store(a.period_spend.load(Ordering::Relaxed), Ordering::Relaxed);
         let limits: [u64; 8] = r.words()?;
         let overrides = a.floor_override.iter().chain(&a.ceiling_override);
         overrides.zip(limits).for_each(|(c, v)| c.store(v, Ordering::SeqCst));

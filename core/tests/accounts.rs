@@ -77,8 +77,11 @@ fn at_or_over_the_spend_limit_every_request_is_rejected() {
     let e = engine();
     e.set_spend_limit(b"a", 2_000).unwrap();
     assert!(matches!(run(&e, key("a"), 1_500, 0, 0), Outcome::Admit(_)));
-    // Under the limit: still admitted, and this one takes it over.
-    assert!(matches!(run(&e, key("a"), 1_500, 0, SECOND), Outcome::Admit(_)));
+    // Money is reserved like tokens (SPEC §8): a request whose worst case would cross the limit
+    // is refused and charged nothing; one that fits exactly is admitted.
+    assert_eq!(run(&e, key("a"), 1_500, 0, SECOND), Outcome::RejectSpend(SpendRejection::SpendLimitExceeded));
+    assert_eq!(spend(&e, "a"), 1_500);
+    assert!(matches!(run(&e, key("a"), 500, 0, SECOND), Outcome::Admit(_)));
     assert_eq!(run(&e, key("a"), 1, 0, 2 * SECOND), Outcome::RejectSpend(SpendRejection::SpendLimitExceeded));
     // Other models of the account too: spend is per account.
     let other = ScopeKey::new(b"a", b"another-model");
@@ -146,10 +149,14 @@ fn credits_count_against_the_spend_limit() {
 #[test]
 fn paid_spend_promotes_the_account_when_it_reaches_a_tier() {
     let e = engine();
-    e.set_price(MODEL, Variant::Regular, Price { generated: 100_000 * DOLLAR, ..Price::default() }).unwrap();
-    // 1,000 generated tokens at $100,000/M = $100.
-    run(&e, key("a"), 0, 1_000, 0);
-    assert_eq!(e.account(b"a").unwrap().tier, Tier::Two);
+    e.set_price(MODEL, Variant::Regular, Price { generated: 40_000 * DOLLAR, ..Price::default() }).unwrap();
+    // 1,000 generated tokens at $40,000/M = $40, within Tier 1's $50 a period; three periods
+    // make $120 of historical spend.
+    for period in 0..3 {
+        assert!(matches!(run(&e, key("a"), 0, 1_000, period * SECOND), Outcome::Admit(_)));
+        assert_eq!(e.account(b"a").unwrap().tier, if period < 2 { Tier::One } else { Tier::Two });
+        e.start_billing_period();
+    }
 }
 
 #[test]

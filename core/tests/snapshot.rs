@@ -336,6 +336,8 @@ fn cost_of_huge_usage_at_huge_prices_saturates() {
     assert_eq!(p.cost(u64::MAX, u64::MAX, u64::MAX), u64::MAX);
     let e = engine();
     e.set_price(b"llama-v3p1-70b", Variant::Regular, p).unwrap();
+    // An unlimited account: no worst case is held against a limit, so the request runs.
+    e.set_tier(b"a", Some(Tier::Unlimited), 0).unwrap();
     let d = e.admit(key("a"), &Request::new(1), 0).unwrap();
     e.settle(d.permit().unwrap(), &Usage::new(u64::MAX, u64::MAX), Completion::Success, 0).unwrap();
     assert_eq!(e.account(b"a").unwrap().period_spend, u64::MAX / 1_000);
