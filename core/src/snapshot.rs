@@ -197,8 +197,7 @@ impl<S: Storage> Engine<S> {
         let body = self.write_body(&mut out, &mut counts, now_ns);
         self.release_held(out.buf, counts);
         if let Err(SnapshotError::BufferTooSmall { .. }) = body {
-            // Keys were added while writing: ask for room for them and a few more.
-            let needed = self.snapshot_size().max(out.buf.len()).saturating_add(16 * SCOPE_RECORD);
+            let needed = retry_size(self.snapshot_size(), out.buf.len());
             return Err(SnapshotError::BufferTooSmall { needed });
         }
         body?;
@@ -497,6 +496,13 @@ impl<S: Storage> Engine<S> {
     }
 }
 
+/// Room to ask for after keys added during a write overflowed a buffer of `tried` bytes: more
+/// than the engine's contents now, and than the buffer tried, with room for a few more keys.
+fn retry_size(contents: usize, tried: usize) -> usize {
+    const MORE_KEYS: usize = 16 * SCOPE_RECORD;
+    contents.max(tried).saturating_add(MORE_KEYS)
+}
+
 /// Holds a published key's slot for the snapshot: while held it cannot be reclaimed, so the
 /// scopes written after it still name it.
 fn hold<T: Slot + Keyed>(slot: &T) -> bool {
@@ -641,4 +647,16 @@ fn has_record(at: &In<'_>, count: usize, size: usize, index: usize) -> Result<bo
         }
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SCOPE_RECORD, retry_size};
+
+    #[test]
+    fn a_retry_asks_for_more_than_the_contents_and_the_buffer_tried() {
+        assert_eq!(retry_size(1_000, 600), 1_000 + 16 * SCOPE_RECORD);
+        assert_eq!(retry_size(600, 1_000), 1_000 + 16 * SCOPE_RECORD);
+        assert_eq!(retry_size(usize::MAX, 0), usize::MAX);
+    }
 }

@@ -183,3 +183,19 @@ fn snapshots_under_key_churn_always_restore() {
     let more = (0..2_000).take_while(|_| once(&restored, &name, now)).count();
     assert!(more <= 600, "{more}");
 }
+
+/// A snapshot holds the keys it writes only while it writes: afterwards idle keys are reclaimed
+/// for newcomers as if no snapshot had been taken.
+#[test]
+fn a_snapshot_lets_go_of_the_keys_it_held() {
+    let capacity = Capacity { scopes: 64, accounts: 64, models: 256, permits: 1_024 };
+    let e = Engine::new(Policy::fixed(), capacity).unwrap();
+    for k in 0..64 {
+        assert!(once(&e, &name(0, k), 0), "account {k}");
+    }
+    take(&e, 0);
+    // An hour later every first account is idle, its state a new key's: all can make room.
+    for k in 0..64 {
+        assert!(once(&e, &name(1, k), 3_600 * SECOND), "newcomer {k}");
+    }
+}
