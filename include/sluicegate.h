@@ -189,6 +189,11 @@ enum sg_outcome
    * 400: malformed request.
    */
   SG_REJECT_INVALID = 5,
+  /**
+   * 429 `concurrency_limited`: the account has `sg_decision.reason` permits outstanding, its
+   * cap (`sg_config.max_in_flight`, `sg_set_max_in_flight`).
+   */
+  SG_REJECT_CONCURRENCY = 6,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -523,6 +528,12 @@ typedef struct sg_config {
    * Hash seed; 0 picks one at random.
    */
   uint64_t seed;
+  /**
+   * Most permits one account may have outstanding; beyond it admission is
+   * `SG_REJECT_CONCURRENCY`. 0 keeps the preset's (a quarter of the permit ledger, so that no
+   * account can take it all); above `UINT32_MAX` is no cap. Per account: `sg_set_max_in_flight`.
+   */
+  uint64_t max_in_flight;
 } sg_config;
 
 /**
@@ -607,7 +618,8 @@ typedef struct sg_decision {
   uint32_t over_limit;
   /**
    * For `SG_REJECT_SPEND`: 0 spend limit exceeded, 1 account suspended. For
-   * `SG_REJECT_INVALID`: 0 n is zero, 1 cached above prompt, 2 overflow.
+   * `SG_REJECT_INVALID`: 0 n is zero, 1 cached above prompt, 2 overflow. For
+   * `SG_REJECT_CONCURRENCY`: the account's cap on permits in flight.
    */
   uint32_t reason;
   /**
@@ -741,6 +753,15 @@ sg_result sg_set_payment_method(const struct sg_engine *engine, const uint8_t *a
  * `engine` must be a live engine; `account` valid for `account_len` bytes.
  */
 sg_result sg_set_spend_limit(const struct sg_engine *engine, const uint8_t *account, size_t account_len, uint64_t micros);
+
+/**
+ * Sets how many of the account's permits may be outstanding at once; 0 returns it to the
+ * engine's `sg_config.max_in_flight`, and values above `UINT32_MAX` are refused.
+ *
+ * # Safety
+ * `engine` must be a live engine; `account` valid for `account_len` bytes.
+ */
+sg_result sg_set_max_in_flight(const struct sg_engine *engine, const uint8_t *account, size_t account_len, uint64_t max);
 
 /**
  * Suspends (non-zero `suspended`) or lifts a suspension for an `sg_suspension` reason.

@@ -66,7 +66,9 @@ pub fn replay(
             Outcome::AdmitOverLimit(_) => m.over_limit += 1,
             Outcome::RejectRateLimited(_) => m.rate_limited += 1,
             Outcome::Shed(_) => m.shed += 1,
-            Outcome::RejectSpend(_) | Outcome::RejectInvalid(_) => m.refused += 1,
+            Outcome::RejectSpend(_) | Outcome::RejectInvalid(_) | Outcome::RejectConcurrency(_) => {
+                m.refused += 1
+            }
         }
         if let Some(render) = &render {
             m.headers.clear();

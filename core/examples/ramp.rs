@@ -56,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 Outcome::RejectRateLimited(_) => m.rate_limited += 1,
                 Outcome::Shed(_) => m.shed += 1,
-                Outcome::RejectSpend(_) | Outcome::RejectInvalid(_) => {}
+                Outcome::RejectSpend(_) | Outcome::RejectInvalid(_) | Outcome::RejectConcurrency(_) => {}
             }
         }
         println!(

@@ -16,10 +16,15 @@ const SUSPENDED_BY_OPERATOR: u64 = 1;
 const PAYMENT_FAILED: u64 = 2;
 const NO_PAYMENT_METHOD: u64 = 4;
 
-// Settings word: tier in bits 0..8, pinned by an operator (bit 8), payment method on file (bit 9).
+// Settings word: tier in bits 0..8, pinned by an operator (bit 8), payment method on file (bit 9),
+// the account's own cap on permits in flight in bits 16..48 (0: the policy's).
 const TIER_MASK: u64 = 0xFF;
 const PINNED: u64 = 1 << 8;
 const PAYMENT_METHOD: u64 = 1 << 9;
+const IN_FLIGHT_CAP_SHIFT: u32 = 16;
+const IN_FLIGHT_CAP_MASK: u64 = 0xFFFF_FFFF << IN_FLIGHT_CAP_SHIFT;
+/// Every bit of the settings word that means something; a snapshot with others is refused.
+pub(crate) const SETTINGS_KNOWN: u64 = TIER_MASK | PINNED | PAYMENT_METHOD | IN_FLIGHT_CAP_MASK;
 
 /// Why an operator suspends an account.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,6 +71,8 @@ pub struct AccountSlot {
     pub(crate) quotas: [QuotaCell; 3],
     /// Scopes and operator calls using the account: while any is held it is never reclaimed.
     pub(crate) refs: Refs,
+    /// The account's permits outstanding (SPEC §8, `max_in_flight`).
+    pub(crate) in_flight: AtomicU64,
 }
 
 impl Default for AccountSlot {
@@ -89,6 +96,10 @@ pub struct AccountState {
     pub period_spend: Micros,
     /// The worst-case cost of the account's outstanding permits, held against its spend limit.
     pub reserved: Micros,
+    /// The account's permits outstanding.
+    pub in_flight: u64,
+    /// The account's own cap on permits in flight (`None`: the policy's).
+    pub max_in_flight: Option<u32>,
     /// Payments and prepaid credits, ever.
     pub historical_spend: Micros,
     /// Prepaid credits left.
@@ -135,6 +146,7 @@ impl AccountSlot {
             ceiling_override: core::array::from_fn(|_| AtomicU64::new(0)),
             quotas: Quota::ALL.map(|q| QuotaCell::new(q.default_limit())),
             refs: Refs::new(),
+            in_flight: AtomicU64::new(0),
         }
     }
 
@@ -142,7 +154,14 @@ impl AccountSlot {
     /// file (so rate limiting works before any billing is set up), nothing spent.
     pub(crate) fn init(&self, key: &[u8], tiers: &Tiers) {
         self.key.store(key);
-        for a in [&self.period_spend, &self.committed, &self.suspension, &self.historical, &self.credits] {
+        for a in [
+            &self.period_spend,
+            &self.committed,
+            &self.suspension,
+            &self.historical,
+            &self.credits,
+            &self.in_flight,
+        ] {
             a.store(0, Ordering::Relaxed);
         }
         self.settings.store(PAYMENT_METHOD | Tier::One as u64, Ordering::Relaxed);
@@ -164,9 +183,16 @@ impl AccountSlot {
         let zero = |a: &AtomicU64| a.load(Ordering::Acquire) == 0;
         self.settings.load(Ordering::Acquire) == PAYMENT_METHOD | Tier::One as u64
             && self.chosen_limit.load(Ordering::Acquire) == u64::MAX
-            && [&self.period_spend, &self.committed, &self.historical, &self.credits, &self.suspension]
-                .into_iter()
-                .all(zero)
+            && [
+                &self.period_spend,
+                &self.committed,
+                &self.historical,
+                &self.credits,
+                &self.suspension,
+                &self.in_flight,
+            ]
+            .into_iter()
+            .all(zero)
             && self.floor_override.iter().chain(&self.ceiling_override).all(zero)
             && Quota::ALL.iter().zip(&self.quotas).all(|(q, c)| c.get() == (0, q.default_limit()))
     }
@@ -215,6 +241,34 @@ impl AccountSlot {
         if raised.is_ok() {
             self.refresh_limit(tiers);
         }
+    }
+
+    /// Takes one of the account's `cap` places in flight; false (and nothing taken) when all
+    /// are taken.
+    pub(crate) fn enter(&self, cap: u64) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Gives back a place taken with [`AccountSlot::enter`].
+    pub(crate) fn leave(&self) {
+        self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).ok();
+    }
+
+    /// The account's own cap on permits in flight, if an operator set one.
+    pub(crate) fn in_flight_cap(&self) -> Option<u32> {
+        match (self.settings.load(Ordering::Acquire) & IN_FLIGHT_CAP_MASK) >> IN_FLIGHT_CAP_SHIFT {
+            0 => None,
+            cap => u32::try_from(cap).ok(),
+        }
+    }
+
+    fn set_in_flight_cap(&self, cap: Option<u32>) {
+        let bits = u64::from(cap.unwrap_or(0)) << IN_FLIGHT_CAP_SHIFT;
+        self.settings
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some((s & !IN_FLIGHT_CAP_MASK) | bits))
+            .ok();
     }
 
     /// Reserves an admission's worst-case cost against the spend limit, all or nothing; returns
@@ -361,7 +415,7 @@ impl AccountSlot {
                     Some(t) => PINNED | t as u64,
                     None => tiers.earned(self.historical.load(Ordering::Acquire) / NANOS_PER_MICRO) as u64,
                 };
-                Some((s & PAYMENT_METHOD) | settings)
+                Some((s & (PAYMENT_METHOD | IN_FLIGHT_CAP_MASK)) | settings)
             })
             .ok();
         // Spend recorded while the tier was being set may have earned more.
@@ -407,6 +461,8 @@ impl AccountSlot {
             payment_method: settings & PAYMENT_METHOD != 0,
             spend_limit: if limit == u64::MAX { u64::MAX } else { limit / NANOS_PER_MICRO },
             period_spend: self.period_spend.load(Ordering::Acquire) / NANOS_PER_MICRO,
+            in_flight: self.in_flight.load(Ordering::Acquire),
+            max_in_flight: self.in_flight_cap(),
             reserved: self
                 .committed
                 .load(Ordering::Acquire)
@@ -476,6 +532,29 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
     pub fn set_spend_limit(&self, account: &[u8], limit: Micros) -> Result<(), crate::error::Error> {
         self.with_account(account, true, |_, a| a.choose_limit(limit, &self.policy.tiers))?
             .map_err(|max| crate::error::Error::SpendLimitAboveTier { max })
+    }
+
+    /// Sets how many of the account's permits may be outstanding at once (`None`: the policy's
+    /// `max_in_flight`), e.g. more for an account that streams many slow completions. Beyond
+    /// it, admission is `RejectConcurrency` (429 `concurrency_limited`).
+    ///
+    /// ```
+    /// use sluicegate_core::{Capacity, Engine, Outcome, Policy, Request, ScopeKey};
+    /// let e = Engine::new(Policy::fixed(), Capacity::scopes(64))?;
+    /// e.set_max_in_flight(b"acct", Some(1))?;
+    /// let key = ScopeKey::new(b"acct", b"model");
+    /// let first = e.admit(key, &Request::new(1), 0)?;
+    /// assert!(first.admitted());
+    /// assert!(matches!(e.admit(key, &Request::new(1), 0)?.outcome, Outcome::RejectConcurrency(_)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_max_in_flight(&self, account: &[u8], max: Option<u32>) -> Result<(), crate::error::Error> {
+        if max == Some(0) {
+            return Err(crate::error::Error::Policy(crate::error::PolicyError::BadParameter(
+                "max_in_flight",
+            )));
+        }
+        self.with_account(account, true, |_, a| a.set_in_flight_cap(max))
     }
 
     /// Suspends an account (`suspended = true`) or lifts that suspension. Every admission of a

@@ -28,6 +28,16 @@ pub struct Shed {
     pub retry_after_ns: u64,
 }
 
+/// A 429: the account already has as many permits outstanding as it may (SPEC §8,
+/// `max_in_flight`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConcurrencyLimited {
+    /// The account's cap on outstanding permits.
+    pub max_in_flight: u32,
+    /// Suggested wait before retrying, ns.
+    pub retry_after_ns: u64,
+}
+
 /// Why an account's requests are refused (402/429).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SpendRejection {
@@ -50,6 +60,8 @@ pub enum Outcome {
     Shed(Shed),
     /// 402/429: the account may not spend.
     RejectSpend(SpendRejection),
+    /// 429: too many of the account's requests are in flight.
+    RejectConcurrency(ConcurrencyLimited),
     /// 400.
     RejectInvalid(InvalidRequest),
 }

@@ -2,7 +2,7 @@
 
 use crate::adapt::{self, MetricState, Period};
 use crate::bucket::{self, Bands, EPOCH_RANGE_Q, Fit, QUANTUM_NS, Word};
-use crate::decision::{Decision, Levels, Outcome, RateLimited, Shed};
+use crate::decision::{ConcurrencyLimited, Decision, Levels, Outcome, RateLimited, Shed};
 use crate::error::{Error, SettleError, Table};
 use crate::key::{ScopeKey, Variant};
 use crate::metric::{Metric, PerMetric};
@@ -44,7 +44,13 @@ pub struct Engine<S: Storage> {
     tick_cache: crate::sync::AtomicU64,
     /// Where the next sweep for expired permits starts in the ledger.
     sweep_cursor: crate::sync::AtomicU64,
+    /// Permits one account may hold when neither it nor the policy says otherwise.
+    default_in_flight: u64,
 }
+
+/// `retry_after` of a request refused for too many requests in flight: a place frees when one
+/// of the account's requests finishes, which the engine cannot foresee.
+const CONCURRENCY_RETRY_NS: u64 = 1_000_000_000;
 
 /// Ledger entries swept for expired permits each time the engine's tick advances; a ledger up
 /// to this size is swept whole every tick.
@@ -95,6 +101,8 @@ impl<S: Storage> Engine<S> {
         let place = storage.tables().scopes.as_ptr() as usize as u64;
         let mixed = crate::locate::scope_hash(seed, place);
         let incarnation = (mixed ^ (mixed >> 32)) as u32 | 1;
+        // A quarter of the ledger: one account can never take it all (SPEC §8).
+        let default_in_flight = (storage.tables().permits.len() as u64 / 4).max(1);
         Ok(Engine {
             storage,
             policy,
@@ -103,6 +111,7 @@ impl<S: Storage> Engine<S> {
             incarnation,
             tick_cache: crate::sync::AtomicU64::new(0),
             sweep_cursor: crate::sync::AtomicU64::new(0),
+            default_in_flight,
         })
     }
 
@@ -167,12 +176,27 @@ impl<S: Storage> Engine<S> {
         if let Some(reason) = account.refusal() {
             return refuse(reason);
         }
+        let cap = match account.in_flight_cap().or(self.policy.max_in_flight) {
+            Some(cap) => u64::from(cap),
+            None => self.default_in_flight,
+        };
+        if !account.enter(cap) {
+            let limited = ConcurrencyLimited {
+                max_in_flight: u32::try_from(cap).unwrap_or(u32::MAX),
+                retry_after_ns: CONCURRENCY_RETRY_NS,
+            };
+            let outcome = Outcome::RejectConcurrency(limited);
+            return Ok(Attempt::Decided(Decision { outcome, levels: Levels::default(), cost: costs }));
+        }
         // The worst case — every prompt token uncached, every reserved token generated — is held
         // against the spend limit before the rate limits are tried, and taken back if they refuse.
         let [_, prompt, _, generated] = costs.0;
         let money = match account.reserve(model.price(at.variant).cost(prompt, 0, generated)) {
             Ok(money) => money,
-            Err(reason) => return refuse(reason),
+            Err(reason) => {
+                account.leave();
+                return refuse(reason);
+            }
         };
         let now_ns = self.tick(at, now_ns);
         let load = model.load(at.variant);
@@ -184,6 +208,7 @@ impl<S: Storage> Engine<S> {
             Err(e) => {
                 slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
                 account.release_reservation(money);
+                account.leave();
                 return Err(e);
             }
         };
@@ -203,6 +228,7 @@ impl<S: Storage> Engine<S> {
             _ => {
                 slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
                 account.release_reservation(money);
+                account.leave();
                 if let Some(e) = ledger {
                     e.give_back_unused(ticket);
                 }
@@ -335,6 +361,7 @@ impl<S: Storage> Engine<S> {
             let account = scope::account_of(slot.id.load(Ordering::Acquire));
             if let Some(a) = t.accounts.get(account) {
                 a.settle_reservation(owner.money, owner.money, &self.policy.tiers);
+                a.leave();
             }
             slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
         }
@@ -423,6 +450,7 @@ impl<S: Storage> Engine<S> {
         }
         if let Some(account) = t.accounts.get(at.account) {
             account.settle_reservation(money, billed, &self.policy.tiers);
+            account.leave();
         }
         slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
         if permit.tracked {

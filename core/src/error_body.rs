@@ -51,6 +51,12 @@ pub fn write_error_body(
         Outcome::Shed(_) => {
             write!(s, "The model is overloaded; retry in {} s.", whole_seconds(retry.unwrap_or(0)))
         }
+        Outcome::RejectConcurrency(c) => write!(
+            s,
+            "Too many requests in flight: at most {} of the account's requests may run at once; retry in {} s.",
+            c.max_in_flight,
+            whole_seconds(c.retry_after_ns)
+        ),
         Outcome::RejectSpend(SpendRejection::SpendLimitExceeded) => {
             s.write_str("The account has reached its monthly spend limit.")
         }

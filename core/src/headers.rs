@@ -89,12 +89,12 @@ pub fn for_each_header(decision: &Decision, render: &Render, now_ns: u64, mut f:
 
 /// Whether a client's retry of a refused request can succeed, for the `x-should-retry` header the
 /// providers' SDKs obey: not for a request larger than any bucket, a spend refusal or invalid
-/// input; yes after a shed or an ordinary 429. `None` for an admitted request.
+/// input; yes after a shed, an ordinary 429 or one for too many requests in flight. `None` for an admitted request.
 pub fn should_retry(outcome: &Outcome) -> Option<bool> {
     match outcome {
         Outcome::Admit(_) | Outcome::AdmitOverLimit(_) => None,
         Outcome::RejectRateLimited(r) => Some(!r.too_large),
-        Outcome::Shed(_) => Some(true),
+        Outcome::Shed(_) | Outcome::RejectConcurrency(_) => Some(true),
         Outcome::RejectSpend(_) | Outcome::RejectInvalid(_) => Some(false),
     }
 }

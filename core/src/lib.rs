@@ -76,7 +76,7 @@ pub struct ReadmeDoctests;
 
 pub use account::{AccountSlot, AccountState, Suspension};
 pub use bucket::Band;
-pub use decision::{Decision, Levels, Outcome, RateLimited, Shed, SpendRejection};
+pub use decision::{ConcurrencyLimited, Decision, Levels, Outcome, RateLimited, Shed, SpendRejection};
 pub use engine::Engine;
 pub use error::{Error, PolicyError, SettleError, SnapshotError, Table};
 pub use key::{ScopeKey, Variant};

@@ -8,7 +8,7 @@ use crate::policy::{Adaptation, MAX_TICK_NS, MetricLimits, Policy, UnknownParame
 
 /// Names accepted by [`Overrides::set`]: `<metric>_per_minute`, `<metric>_ceiling`, then the
 /// scalars.
-pub const NAMES: [&str; 12] = [
+pub const NAMES: [&str; 13] = [
     "requests_per_minute",
     "prompt_tokens_per_minute",
     "uncached_prompt_tokens_per_minute",
@@ -21,12 +21,14 @@ pub const NAMES: [&str; 12] = [
     "max_wait",
     "tick",
     "permit_ttl",
+    "max_in_flight",
 ];
 
 const HARD_FACTOR: usize = 8;
 const MAX_WAIT: usize = 9;
 const TICK: usize = 10;
 const PERMIT_TTL: usize = 11;
+const MAX_IN_FLIGHT: usize = 12;
 
 /// Parameters set over a preset. What is set is what is enforced:
 /// - `<metric>_per_minute` is the metric's limit (its floor when limits adapt); `inf` turns the
@@ -36,6 +38,7 @@ const PERMIT_TTL: usize = 11;
 /// - `<metric>_ceiling` bounds adaptation; without one, the preset's ceiling, raised to the floor.
 /// - `hard_factor` is ρ; `max_wait`, `tick` and `permit_ttl` are seconds (`max_wait = 0` turns
 ///   smoothing off, `permit_ttl = inf` lets permits live forever).
+/// - `max_in_flight` caps one account's outstanding permits (`inf`: no cap).
 ///
 /// ```
 /// use sluicegate_core::{Metric, Overrides, Policy, PolicyError};
@@ -111,6 +114,10 @@ impl Overrides {
         policy.max_wait_ns = seconds(MAX_WAIT).unwrap_or(policy.max_wait_ns);
         policy.tick_ns = seconds(TICK).unwrap_or(policy.tick_ns);
         policy.permit_ttl_ns = seconds(PERMIT_TTL).unwrap_or(policy.permit_ttl_ns);
+        if let Some(max) = self.values[MAX_IN_FLIGHT] {
+            // In range: a whole number from 1 to u32::MAX, or inf (saturates to no cap).
+            policy.max_in_flight = Some(max as u32);
+        }
         policy.bands()?;
         Ok(policy)
     }
@@ -127,6 +134,7 @@ fn in_range(name: &str, v: f64) -> bool {
         "hard_factor" => v.is_finite() && v >= 1.0,
         "max_wait" => v.is_finite() && v >= 0.0,
         "tick" => v >= 0.001 && v * 1e9 <= MAX_TICK_NS as f64,
+        "max_in_flight" => v >= 1.0 && (v.is_infinite() || (v.fract() == 0.0 && v <= f64::from(u32::MAX))),
         // Limits, ceilings and permit_ttl: at least 1 (inf allowed: off, none, never).
         _ => v >= 1.0,
     }
@@ -139,6 +147,7 @@ pub(crate) fn rule(name: &str) -> &'static str {
         "max_wait" => "a finite number of seconds, 0 or more (0 turns smoothing off)",
         "tick" => "a number of seconds from 0.001 to 3600",
         "permit_ttl" => "a number of seconds of at least 1, or inf for never",
+        "max_in_flight" => "a whole number of at least 1, or inf for no cap",
         n if n.ends_with("_ceiling") => "a number of at least 1, or inf for no ceiling",
         _ => "a number of at least 1, or inf to turn the metric off",
     }

@@ -131,6 +131,9 @@ pub struct Policy {
     pub tiers: Tiers,
     /// Fireworks-dialect headers give token limits per second (their 2026 form).
     pub per_second_headers: bool,
+    /// Most permits one account may have outstanding (SPEC §8); beyond, `RejectConcurrency`.
+    /// `None`: a quarter of the engine's permit ledger, so that no one account can fill it.
+    pub max_in_flight: Option<u32>,
     /// A permit not settled within this many ns expires (SPEC §7): its reservation stays
     /// charged, and what it held is released by whoever next meets it. Default 15 minutes.
     pub permit_ttl_ns: u64,
@@ -159,6 +162,7 @@ impl Policy {
             tiers: Tiers::FIREWORKS,
             per_second_headers: false,
             permit_ttl_ns: 15 * MINUTE_NS,
+            max_in_flight: None,
         }
     }
 
@@ -209,7 +213,7 @@ impl Policy {
     }
 
     /// Names accepted by [`Overrides::set`](crate::Overrides::set).
-    pub const OVERRIDES: [&'static str; 12] = crate::overrides::NAMES;
+    pub const OVERRIDES: [&'static str; 13] = crate::overrides::NAMES;
 
     /// The preset with `overrides` resolved and checked (see [`Overrides`](crate::Overrides)).
     ///

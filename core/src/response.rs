@@ -93,7 +93,7 @@ impl Render {
     pub const fn status(&self, decision: &Decision) -> u16 {
         match decision.outcome {
             Outcome::Admit(_) | Outcome::AdmitOverLimit(_) => 200,
-            Outcome::RejectRateLimited(_) => 429,
+            Outcome::RejectRateLimited(_) | Outcome::RejectConcurrency(_) => 429,
             Outcome::Shed(_) => 503,
             Outcome::RejectSpend(_) => self.dialect.spend_status(),
             Outcome::RejectInvalid(_) => 400,
@@ -112,6 +112,7 @@ impl Render {
     pub fn retry_after_ns(&self, decision: &Decision) -> Option<u64> {
         match decision.outcome {
             Outcome::RejectRateLimited(r) if !r.too_large => Some(r.retry_after_ns),
+            Outcome::RejectConcurrency(c) => Some(c.retry_after_ns),
             Outcome::Shed(s) => {
                 let (base, spread) = shed_seconds(s.retry_after_ns);
                 let jitter = splitmix(self.jitter_seed) % (spread + 1);
@@ -152,6 +153,7 @@ pub const fn error_type(decision: &Decision) -> Option<&'static str> {
         Outcome::RejectRateLimited(r) if r.metric.is_request_limited() => Some("dynamic_request_limited"),
         Outcome::RejectRateLimited(_) => Some("dynamic_token_limited"),
         Outcome::Shed(_) => Some("service_overloaded"),
+        Outcome::RejectConcurrency(_) => Some("concurrency_limited"),
         Outcome::RejectSpend(SpendRejection::SpendLimitExceeded) => Some("spend_limit_exceeded"),
         Outcome::RejectSpend(SpendRejection::AccountSuspended) => Some("account_suspended"),
         Outcome::RejectInvalid(_) => Some("invalid_request"),

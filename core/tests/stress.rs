@@ -14,6 +14,8 @@ const KEY: ScopeKey<'static> = ScopeKey::new(b"hot", b"model");
 
 fn engine(requests_per_minute: f64, generated_per_minute: f64, permits: usize) -> Engine<Heap> {
     let mut policy = Policy::fixed().with_fixed_limit(Metric::Requests, requests_per_minute);
+    // One hot account holds thousands of permits at once here: no per-account cap.
+    policy.max_in_flight = Some(u32::MAX);
     *policy.limits.get_mut(Metric::GeneratedTokens) = MetricLimits::fixed(generated_per_minute);
     Engine::new(policy, Capacity { scopes: 64, accounts: 64, models: 4, permits }).unwrap()
 }

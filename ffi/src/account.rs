@@ -167,6 +167,24 @@ pub unsafe extern "C" fn sg_set_spend_limit(
     account_call!(engine, account, account_len, |e, a| Ok(e.inner.set_spend_limit(a, micros)?))
 }
 
+/// Sets how many of the account's permits may be outstanding at once; 0 returns it to the
+/// engine's `sg_config.max_in_flight`, and values above `UINT32_MAX` are refused.
+///
+/// # Safety
+/// `engine` must be a live engine; `account` valid for `account_len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_set_max_in_flight(
+    engine: *const sg_engine,
+    account: *const u8,
+    account_len: usize,
+    max: u64,
+) -> sg_result {
+    account_call!(engine, account, account_len, |e, a| {
+        let max = if max == 0 { None } else { Some(u32::try_from(max).map_err(|_| SgErrInvalidArgument)?) };
+        Ok(e.inner.set_max_in_flight(a, max)?)
+    })
+}
+
 /// Suspends (non-zero `suspended`) or lifts a suspension for an `sg_suspension` reason.
 ///
 /// # Safety

@@ -51,6 +51,10 @@ pub struct sg_config {
     pub permit_ttl_ns: u64,
     /// Hash seed; 0 picks one at random.
     pub seed: u64,
+    /// Most permits one account may have outstanding; beyond it admission is
+    /// `SG_REJECT_CONCURRENCY`. 0 keeps the preset's (a quarter of the permit ledger, so that no
+    /// account can take it all); above `UINT32_MAX` is no cap. Per account: `sg_set_max_in_flight`.
+    pub max_in_flight: u64,
 }
 
 /// `sg_config.max_wait_ns`: no smoothing wait, whatever the preset's.
@@ -87,6 +91,9 @@ pub enum sg_outcome {
     SgRejectSpend = 4,
     /// 400: malformed request.
     SgRejectInvalid = 5,
+    /// 429 `concurrency_limited`: the account has `sg_decision.reason` permits outstanding, its
+    /// cap (`sg_config.max_in_flight`, `sg_set_max_in_flight`).
+    SgRejectConcurrency = 6,
 }
 
 /// How a request ended, for `sg_settle`.
@@ -149,7 +156,8 @@ pub struct sg_decision {
     /// Non-zero when the request runs (or would run) over its limit.
     pub over_limit: u32,
     /// For `SG_REJECT_SPEND`: 0 spend limit exceeded, 1 account suspended. For
-    /// `SG_REJECT_INVALID`: 0 n is zero, 1 cached above prompt, 2 overflow.
+    /// `SG_REJECT_INVALID`: 0 n is zero, 1 cached above prompt, 2 overflow. For
+    /// `SG_REJECT_CONCURRENCY`: the account's cap on permits in flight.
     pub reason: u32,
     /// For `SG_SHED`: the model's load, ‰.
     pub load: u32,
@@ -219,6 +227,7 @@ pub unsafe extern "C" fn sg_config_default(config: *mut sg_config) -> sg_result 
             max_wait_ns: 0,
             permit_ttl_ns: 0,
             seed: 0,
+            max_in_flight: 0,
         };
         Ok(())
     })
@@ -251,6 +260,11 @@ fn policy_of(config: &sg_config) -> Result<Policy, sg_result> {
         0 => {}
         SG_MAX_WAIT_OFF => set("max_wait", 0.0)?,
         ns => set("max_wait", seconds(ns))?,
+    }
+    match config.max_in_flight {
+        0 => {}
+        n if n > u64::from(u32::MAX) => set("max_in_flight", f64::INFINITY)?,
+        n => set("max_in_flight", n as f64)?,
     }
     if config.permit_ttl_ns != 0 {
         set("permit_ttl", seconds(config.permit_ttl_ns))?;
@@ -364,6 +378,11 @@ pub(crate) fn decision_of(d: &Decision) -> sg_decision {
         Outcome::RejectInvalid(i) => {
             c.outcome = 5;
             c.reason = i as u32;
+        }
+        Outcome::RejectConcurrency(l) => {
+            c.outcome = 6;
+            c.reason = l.max_in_flight;
+            c.retry_after_ns = l.retry_after_ns;
         }
     }
     c

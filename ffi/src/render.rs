@@ -6,8 +6,8 @@ use sluicegate_core::error_body::write_error_body;
 use sluicegate_core::headers::write_headers;
 use sluicegate_core::response::{Dialect, Render};
 use sluicegate_core::{
-    Decision, InvalidRequest, Levels, Metric, Outcome, PerMetric, Permit, RateLimited, RawPermit, Shed,
-    SpendRejection,
+    ConcurrencyLimited, Decision, InvalidRequest, Levels, Metric, Outcome, PerMetric, Permit, RateLimited,
+    RawPermit, Shed, SpendRejection,
 };
 
 use crate::boundary::{arg, boundary, buffer, out, sg_result, sg_result::*, sized};
@@ -78,6 +78,10 @@ fn decision_from(c: &sg_decision) -> Result<Decision, sg_result> {
             0 => SpendRejection::SpendLimitExceeded,
             1 => SpendRejection::AccountSuspended,
             _ => return Err(SgErrInvalidArgument),
+        }),
+        6 => Outcome::RejectConcurrency(ConcurrencyLimited {
+            max_in_flight: c.reason,
+            retry_after_ns: c.retry_after_ns,
         }),
         5 => Outcome::RejectInvalid(match c.reason {
             0 => InvalidRequest::ZeroN,

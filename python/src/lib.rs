@@ -63,8 +63,15 @@ fn decision_of<'a>(v: &'a Bound<'_, PyAny>) -> PyResult<&'a PyDecision> {
 
 /// The members of `sluicegate.Outcome` (a Python enum, which a pyclass cannot be: `list(Outcome)`
 /// needs a metaclass), in the order of [`outcome_index`].
-const OUTCOMES: [&str; 6] =
-    ["ADMIT", "ADMIT_OVER_LIMIT", "REJECT_RATE_LIMITED", "SHED", "REJECT_SPEND", "REJECT_INVALID"];
+const OUTCOMES: [&str; 7] = [
+    "ADMIT",
+    "ADMIT_OVER_LIMIT",
+    "REJECT_RATE_LIMITED",
+    "SHED",
+    "REJECT_SPEND",
+    "REJECT_INVALID",
+    "REJECT_CONCURRENCY",
+];
 
 fn outcome_index(o: &CoreOutcome) -> usize {
     match o {
@@ -74,6 +81,7 @@ fn outcome_index(o: &CoreOutcome) -> usize {
         CoreOutcome::Shed(_) => 3,
         CoreOutcome::RejectSpend(_) => 4,
         CoreOutcome::RejectInvalid(_) => 5,
+        CoreOutcome::RejectConcurrency(_) => 6,
     }
 }
 
@@ -211,6 +219,7 @@ impl PyDecision {
                 Some("account_suspended")
             }
             CoreOutcome::RejectInvalid(i) => Some(i.message()),
+            CoreOutcome::RejectConcurrency(_) => Some("concurrency_limited"),
             _ => None,
         }
     }

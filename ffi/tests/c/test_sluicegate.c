@@ -890,12 +890,27 @@ static void test_rendering(void) {
     EXPECT(sg_admit(e, &zero, 0, &x), SG_OK);
     check_render(&x, &fw, 400, ": ", "\"type\":\"invalid_request\"");
 
+    /* 429 concurrency_limited: the account's own cap on permits in flight. */
+    EXPECT(sg_set_max_in_flight(e, KEY("capped"), 1), SG_OK);
+    sg_request capped = request("capped", 10, 10);
+    sg_decision c1, c2;
+    EXPECT(sg_admit(e, &capped, 0, &c1), SG_OK);
+    EXPECT(sg_admit(e, &capped, 0, &c2), SG_OK);
+    CHECK(c1.outcome == SG_ADMIT && c2.outcome == SG_REJECT_CONCURRENCY && c2.reason == 1);
+    check_render(&c2, &fw, 429, "x-should-retry: true\r\n", "\"type\":\"concurrency_limited\"");
+    settle_if_admitted(e, &c1, 0);
+    EXPECT(sg_admit(e, &capped, 0, &c1), SG_OK);
+    CHECK(c1.outcome == SG_ADMIT); /* the settle gave the place back */
+    settle_if_admitted(e, &c1, 0);
+    EXPECT(sg_set_max_in_flight(e, KEY("capped"), 0), SG_OK);
+    EXPECT(sg_set_max_in_flight(e, KEY("capped"), 1ULL << 32), SG_ERR_INVALID_ARGUMENT);
+
     /* Decisions and renders out of range are refused, not trusted. */
     uint8_t buf[512];
     size_t written = 0;
     uint32_t status = 0;
     sg_decision bad = d[120];
-    bad.outcome = 6;
+    bad.outcome = 7;
     EXPECT(sg_render_status(&bad, &fw, &status), SG_ERR_INVALID_ARGUMENT);
     EXPECT(sg_render_headers(&bad, &fw, 0, buf, sizeof buf, &written), SG_ERR_INVALID_ARGUMENT);
     EXPECT(sg_render_error_body(&bad, &fw, buf, sizeof buf, &written), SG_ERR_INVALID_ARGUMENT);
@@ -1189,6 +1204,8 @@ static void test_null_pointers(void) {
     EXPECT(sg_set_payment_method(NULL, acct, 4, 1), SG_ERR_NULL);
     EXPECT(sg_set_payment_method(e, NULL, 4, 1), SG_ERR_NULL);
     EXPECT(sg_set_spend_limit(NULL, acct, 4, 1), SG_ERR_NULL);
+    EXPECT(sg_set_max_in_flight(NULL, acct, 4, 1), SG_ERR_NULL);
+    EXPECT(sg_set_max_in_flight(e, NULL, 4, 1), SG_ERR_NULL);
     EXPECT(sg_set_spend_limit(e, NULL, 4, 1), SG_ERR_NULL);
     EXPECT(sg_set_suspended(NULL, acct, 4, SG_SUSPENSION_OPERATOR, 1), SG_ERR_NULL);
     EXPECT(sg_set_suspended(e, NULL, 4, SG_SUSPENSION_OPERATOR, 1), SG_ERR_NULL);

@@ -176,6 +176,7 @@ int main(void) {
     cfg.floor[SG_METRIC_REQUESTS] = LIMIT;
     cfg.scopes = 1024;
     cfg.permits = 4 * LIMIT; /* room for every permit of a phase, settled or not */
+    cfg.max_in_flight = UINT64_MAX; /* one account holds them all */
     sg_result rc = sg_engine_new(&cfg, &engine);
     if (rc != SG_OK) {
         fprintf(stderr, "sg_engine_new: %s\n", sg_result_str(rc));

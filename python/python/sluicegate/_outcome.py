@@ -12,6 +12,8 @@ class Outcome(enum.IntEnum):
     ``SHED``: the model is overloaded for this request's class, 503.
     ``REJECT_SPEND``: the account is suspended or over its spend limit, 402/429.
     ``REJECT_INVALID``: malformed request, 400.
+    ``REJECT_CONCURRENCY``: the account has ``max_in_flight`` requests outstanding, 429
+    ``concurrency_limited``.
     """
 
     ADMIT = 0
@@ -20,6 +22,7 @@ class Outcome(enum.IntEnum):
     SHED = 3
     REJECT_SPEND = 4
     REJECT_INVALID = 5
+    REJECT_CONCURRENCY = 6
 
     def __repr__(self) -> str:
         return f"Outcome.{self.name}"
