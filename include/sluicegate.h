@@ -450,6 +450,20 @@ typedef struct sg_account {
    * Quota limits, by `sg_quota`.
    */
   uint32_t quota_limit[3];
+  /**
+   * The worst-case cost of the account's outstanding permits, held against its spend limit
+   * until each is settled (then replaced by what it is billed) or expires (then billed).
+   */
+  uint64_t reserved;
+  /**
+   * The account's permits outstanding (admitted, not yet settled, cancelled or expired).
+   */
+  uint64_t in_flight;
+  /**
+   * The account's own cap on permits in flight (`sg_set_max_in_flight`); 0: the engine's
+   * (`sg_config.max_in_flight`).
+   */
+  uint32_t max_in_flight;
 } sg_account;
 
 /**

@@ -80,6 +80,14 @@ pub struct sg_account {
     pub quota_used: [u32; 3],
     /// Quota limits, by `sg_quota`.
     pub quota_limit: [u32; 3],
+    /// The worst-case cost of the account's outstanding permits, held against its spend limit
+    /// until each is settled (then replaced by what it is billed) or expires (then billed).
+    pub reserved: u64,
+    /// The account's permits outstanding (admitted, not yet settled, cancelled or expired).
+    pub in_flight: u64,
+    /// The account's own cap on permits in flight (`sg_set_max_in_flight`); 0: the engine's
+    /// (`sg_config.max_in_flight`).
+    pub max_in_flight: u32,
 }
 
 macro_rules! account_call {
@@ -120,6 +128,9 @@ pub unsafe extern "C" fn sg_account_get(
             suspended: [s.suspended_by_operator, s.payment_failed, s.no_payment_method].map(u32::from),
             quota_used: s.quotas.map(|(u, _)| u),
             quota_limit: s.quotas.map(|(_, l)| l),
+            reserved: s.reserved,
+            in_flight: s.in_flight,
+            max_in_flight: s.max_in_flight.unwrap_or(0),
         };
         Ok(())
     })

@@ -140,6 +140,7 @@ static void test_config_and_lifecycle(void) {
         CHECK(cfg.floor[m] == 0.0 && cfg.ceiling[m] == 0.0);
     }
     CHECK(cfg.hard_factor == 0.0 && cfg.max_wait_ns == 0 && cfg.permit_ttl_ns == 0 && cfg.seed == 0);
+    CHECK(cfg.max_in_flight == 0);
     /* Every field 0: the defaults are a zero-initialised sg_config, byte for byte. */
     sg_config zero;
     memset(&zero, 0, sizeof zero);
@@ -1169,6 +1170,249 @@ static void test_permit_expiry(void) {
     sg_engine_free(e);
 }
 
+/* Issue 19: an engine on which only money and max_in_flight decide ("fixed", every metric off). */
+static sg_engine *unlimited_engine(uint64_t permits, uint64_t max_in_flight) {
+    sg_config cfg;
+    EXPECT(sg_config_default(&cfg), SG_OK);
+    cfg.preset = "fixed";
+    cfg.scopes = 64;
+    cfg.permits = permits;
+    cfg.max_in_flight = max_in_flight;
+    cfg.seed = 42;
+    for (int m = 0; m < 4; m++) cfg.floor[m] = INFINITY;
+    sg_engine *e = NULL;
+    EXPECT(sg_engine_new(&cfg, &e), SG_OK);
+    CHECK(e != NULL);
+    return e;
+}
+
+/* Issue 19's scenario: 1,000 requests of 1,000 prompt + 1,000 max tokens admitted at one instant
+ * against a $1 spend limit, at $1 per million prompt tokens and $10 per million generated
+ * (11,000 µ$ each at worst), then settled at full use. Billing only at settle let all 1,000 run
+ * and billed $11.00; money reserved at admission lets 90 run and bills $0.99, and every refusal
+ * is SG_REJECT_SPEND, spend limit exceeded (reason 0). */
+static void test_a_burst_at_one_instant_never_bills_past_the_spend_limit(void) {
+    sg_engine *e = unlimited_engine(2048, 0);
+    sg_price p;
+    memset(&p, 0, sizeof p);
+    p.uncached_prompt = p.cached_prompt = 1000000; /* µ$ per million tokens: $1 */
+    p.generated = 10000000;                      /* $10 */
+    EXPECT(sg_set_price(e, KEY(MODEL), 0, &p), SG_OK);
+    EXPECT(sg_set_spend_limit(e, KEY("burst"), 1000000), SG_OK); /* $1 */
+    sg_request r = request("burst", 1000, 1000);
+    static sg_decision d[1000];
+    int n_admitted = 0, spend_refusals = 0, other = 0;
+    for (int i = 0; i < 1000; i++) {
+        if (sg_admit(e, &r, 0, &d[i]) != SG_OK) fail(__FILE__, __LINE__, "sg_admit of the burst");
+        if (d[i].outcome == SG_ADMIT) {
+            n_admitted++;
+        } else if (d[i].outcome == SG_REJECT_SPEND && d[i].reason == 0) {
+            spend_refusals++;
+        } else {
+            other++;
+        }
+    }
+    CHECK(n_admitted == 90 && spend_refusals == 910 && other == 0);
+    sg_account a;
+    EXPECT(sg_account_get(e, KEY("burst"), &a), SG_OK);
+    CHECK(a.reserved == 990000 && a.period_spend == 0 && a.in_flight == 90); /* refusals hold nothing */
+    CHECK(a.refusal == 0);
+    sg_usage full = usage(1000, 0, 1000);
+    for (int i = 0; i < 1000; i++) {
+        if (d[i].outcome == SG_ADMIT) EXPECT(sg_settle(e, &d[i].permit, &full, SG_COMPLETION_SUCCESS, 0), SG_OK);
+    }
+    EXPECT(sg_account_get(e, KEY("burst"), &a), SG_OK);
+    CHECK(a.period_spend == 990000 && a.reserved == 0 && a.in_flight == 0);
+    CHECK(a.period_spend <= a.spend_limit);
+    printf("issue 19 burst: %d of 1000 admitted, %d refused (spend_limit_exceeded), $%.2f billed against a "
+           "$%.2f limit\n",
+           n_admitted, spend_refusals, a.period_spend / 1e6, a.spend_limit / 1e6);
+    /* The $0.01 left: a request of worst case 11,000 µ$ no longer fits, one of exactly 10,000 does,
+     * and then the limit is reached. */
+    sg_decision x;
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_REJECT_SPEND && x.reason == 0);
+    sg_request last = request("burst", 1000, 900);
+    EXPECT(sg_admit(e, &last, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_ADMIT);
+    EXPECT(sg_account_get(e, KEY("burst"), &a), SG_OK);
+    CHECK(a.reserved == 10000 && a.refusal == 1);
+    /* Settled below its reservation, it gives the rest back. */
+    sg_usage less = usage(1000, 0, 100);
+    EXPECT(sg_settle(e, &x.permit, &less, SG_COMPLETION_SUCCESS, 0), SG_OK);
+    EXPECT(sg_account_get(e, KEY("burst"), &a), SG_OK);
+    CHECK(a.period_spend == 992000 && a.reserved == 0 && a.refusal == 0);
+    sg_engine_free(e);
+}
+
+/* Issue 19: one account opening 100,000 permits it never settles takes at most a quarter of the
+ * permit ledger (the default max_in_flight: 1,024 of 4,096); every 1,000 attempts a second
+ * account is admitted (and settles). The refusals are cheap, so this takes well under a second,
+ * under AddressSanitizer too (the Rust side is not instrumented). */
+static void test_one_account_can_never_take_the_whole_ledger(void) {
+    enum { ATTEMPTS = 100000, EVERY = 1000 };
+    sg_engine *e = unlimited_engine(4096, 0);
+    sg_request greedy = request("greedy", 1, 0), neighbour = request("neighbour", 1, 0);
+    sg_usage u = usage(1, 0, 0);
+    sg_decision d;
+    long held = 0, limited = 0, wrong = 0, others = 0;
+    for (uint64_t i = 0; i < ATTEMPTS; i++) {
+        if (sg_admit(e, &greedy, i, &d) != SG_OK) {
+            wrong++;
+        } else if (d.outcome == SG_ADMIT) {
+            held++;
+        } else if (d.outcome == SG_REJECT_CONCURRENCY && d.reason == 1024 && d.retry_after_ns == SEC) {
+            limited++;
+        } else {
+            wrong++;
+        }
+        if (i % EVERY == 0) {
+            if (sg_admit(e, &neighbour, i, &d) != SG_OK || d.outcome != SG_ADMIT) {
+                fprintf(stderr, "attempt %lu: the second account got outcome %u\n", (unsigned long)i, (unsigned)d.outcome);
+                fail(__FILE__, __LINE__, "a second account is admitted at every instant");
+            }
+            if (sg_settle(e, &d.permit, &u, SG_COMPLETION_SUCCESS, i) != SG_OK) {
+                fail(__FILE__, __LINE__, "the second account settles");
+            }
+            others++;
+        }
+    }
+    CHECK(wrong == 0 && held == 1024 && limited == ATTEMPTS - 1024 && others == ATTEMPTS / EVERY);
+    sg_account a;
+    EXPECT(sg_account_get(e, KEY("greedy"), &a), SG_OK);
+    CHECK(a.in_flight == 1024 && a.max_in_flight == 0);
+    EXPECT(sg_account_get(e, KEY("neighbour"), &a), SG_OK);
+    CHECK(a.in_flight == 0);
+    printf("issue 19 ledger: one account made %d attempts without settling: %ld admitted, %ld refused "
+           "concurrency_limited; a second account admitted all %ld times it asked\n",
+           (int)ATTEMPTS, held, limited, others);
+    sg_engine_free(e); /* the 1,024 unsettled permits go with the engine */
+}
+
+/* sg_config.max_in_flight, the engine's cap on each account's permits in flight, and
+ * sg_set_max_in_flight, an account's own: every way a permit ends gives its place back; refusals
+ * of any kind hold none; above UINT32_MAX there is no cap. */
+static void test_max_in_flight(void) {
+    const uint64_t MIN = 60 * SEC;
+    sg_engine *e = unlimited_engine(0, 3);
+    sg_request r = request("capped", 10, 10);
+    sg_usage u = usage(10, 0, 10);
+    sg_decision p[3], x;
+    sg_account a;
+    for (int i = 0; i < 3; i++) {
+        EXPECT(sg_admit(e, &r, 0, &p[i]), SG_OK);
+        CHECK(p[i].outcome == SG_ADMIT);
+    }
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_REJECT_CONCURRENCY && x.reason == 3 && x.retry_after_ns == SEC);
+    EXPECT(sg_account_get(e, KEY("capped"), &a), SG_OK);
+    CHECK(a.in_flight == 3 && a.max_in_flight == 0); /* the refusal took no place */
+    /* Each account has its own places. */
+    sg_request neighbour = request("neighbour", 10, 10);
+    EXPECT(sg_admit(e, &neighbour, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_ADMIT);
+    settle_if_admitted(e, &x, 0);
+    /* A success, a cancel and an upstream failure each give the place back. */
+    EXPECT(sg_settle(e, &p[0].permit, &u, SG_COMPLETION_SUCCESS, 0), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &p[0]), SG_OK);
+    CHECK(p[0].outcome == SG_ADMIT);
+    EXPECT(sg_cancel(e, &p[1].permit, &u, 0), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &p[1]), SG_OK);
+    CHECK(p[1].outcome == SG_ADMIT);
+    EXPECT(sg_settle(e, &p[2].permit, &u, SG_COMPLETION_UPSTREAM_FAILURE, 0), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &p[2]), SG_OK);
+    CHECK(p[2].outcome == SG_ADMIT);
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_REJECT_CONCURRENCY);
+    /* A second settle gives nothing back twice. */
+    EXPECT(sg_settle(e, &p[2].permit, &u, SG_COMPLETION_SUCCESS, 0), SG_OK);
+    EXPECT(sg_settle(e, &p[2].permit, &u, SG_COMPLETION_SUCCESS, 0), SG_ERR_ALREADY_SETTLED);
+    EXPECT(sg_account_get(e, KEY("capped"), &a), SG_OK);
+    CHECK(a.in_flight == 2);
+    /* Expiry gives the place back (the preset's TTL: 15 minutes). */
+    EXPECT(sg_settle(e, &p[0].permit, &u, SG_COMPLETION_SUCCESS, 16 * MIN), SG_ERR_PERMIT_EXPIRED);
+    EXPECT(sg_settle(e, &p[1].permit, &u, SG_COMPLETION_SUCCESS, 16 * MIN), SG_ERR_PERMIT_EXPIRED);
+    EXPECT(sg_account_get(e, KEY("capped"), &a), SG_OK);
+    CHECK(a.in_flight == 0);
+
+    /* The account's own cap, above the engine's; 0 returns it to the engine's. */
+    EXPECT(sg_set_max_in_flight(e, KEY("capped"), 5), SG_OK);
+    EXPECT(sg_account_get(e, KEY("capped"), &a), SG_OK);
+    CHECK(a.max_in_flight == 5);
+    sg_decision five[5];
+    for (int i = 0; i < 5; i++) {
+        EXPECT(sg_admit(e, &r, 20 * MIN, &five[i]), SG_OK);
+        CHECK(five[i].outcome == SG_ADMIT);
+    }
+    EXPECT(sg_admit(e, &r, 20 * MIN, &x), SG_OK);
+    CHECK(x.outcome == SG_REJECT_CONCURRENCY && x.reason == 5);
+    EXPECT(sg_set_max_in_flight(e, KEY("capped"), 0), SG_OK);
+    EXPECT(sg_admit(e, &r, 20 * MIN, &x), SG_OK);
+    CHECK(x.outcome == SG_REJECT_CONCURRENCY && x.reason == 3);
+    EXPECT(sg_set_max_in_flight(e, KEY("capped"), (uint64_t)UINT32_MAX + 1), SG_ERR_INVALID_ARGUMENT);
+    for (int i = 0; i < 5; i++) settle_if_admitted(e, &five[i], 20 * MIN);
+    EXPECT(sg_account_get(e, KEY("capped"), &a), SG_OK);
+    CHECK(a.in_flight == 0 && a.max_in_flight == 0);
+    sg_engine_free(e);
+
+    /* The cap is checked before the rate limits: with 5 requests a minute and a cap of 1, ten
+     * refusals for concurrency spend none of the five; a refusal by the rate limits holds no
+     * place. */
+    sg_config cfg;
+    EXPECT(sg_config_default(&cfg), SG_OK);
+    cfg.preset = "fixed";
+    cfg.scopes = 64;
+    cfg.floor[SG_METRIC_REQUESTS] = 5.0;
+    cfg.max_in_flight = 1;
+    e = NULL;
+    EXPECT(sg_engine_new(&cfg, &e), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &p[0]), SG_OK);
+    CHECK(p[0].outcome == SG_ADMIT);
+    for (int i = 0; i < 10; i++) {
+        EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+        CHECK(x.outcome == SG_REJECT_CONCURRENCY && x.reason == 1);
+    }
+    settle_if_admitted(e, &p[0], 0);
+    for (int i = 0; i < 4; i++) {
+        EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+        CHECK(x.outcome == SG_ADMIT);
+        settle_if_admitted(e, &x, 0);
+    }
+    for (int i = 0; i < 3; i++) {
+        EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+        CHECK(x.outcome == SG_REJECT_RATE_LIMITED && x.metric == SG_METRIC_REQUESTS);
+    }
+    EXPECT(sg_account_get(e, KEY("capped"), &a), SG_OK);
+    CHECK(a.in_flight == 0);
+    sg_engine_free(e);
+
+    /* The default is a quarter of the permit ledger (1,024 entries here: 256); above UINT32_MAX
+     * there is no cap, and UINT32_MAX itself is a cap no ledger reaches. */
+    uint64_t caps[] = {0, (uint64_t)UINT32_MAX + 1, UINT64_MAX, UINT32_MAX};
+    for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
+        e = unlimited_engine(1024, caps[c]);
+        static sg_decision held[300];
+        int n_admitted = 0, refused = 0;
+        for (int i = 0; i < 300; i++) {
+            if (sg_admit(e, &r, 0, &held[i]) != SG_OK) fail(__FILE__, __LINE__, "sg_admit");
+            if (held[i].outcome == SG_ADMIT) {
+                n_admitted++;
+            } else if (held[i].outcome == SG_REJECT_CONCURRENCY && held[i].reason == 256) {
+                refused++;
+            }
+        }
+        if (caps[c] == 0) {
+            CHECK(n_admitted == 256 && refused == 44);
+        } else {
+            CHECK(n_admitted == 300 && refused == 0);
+        }
+        for (int i = 0; i < 300; i++) settle_if_admitted(e, &held[i], 0);
+        EXPECT(sg_account_get(e, KEY("capped"), &a), SG_OK);
+        CHECK(a.in_flight == 0);
+        sg_engine_free(e);
+    }
+}
+
 /* NULL for every pointer argument of every function (a byte pointer with a non-zero length). */
 static void test_null_pointers(void) {
     sg_engine *e = engine_with("fixed", 64);
@@ -1296,6 +1540,9 @@ int main(void) {
     test_anthropic_resets_are_real_dates();
     test_snapshot_restore();
     test_permit_expiry();
+    test_a_burst_at_one_instant_never_bills_past_the_spend_limit();
+    test_one_account_can_never_take_the_whole_ledger();
+    test_max_in_flight();
     test_null_pointers();
     /* Every code reachable from C was returned somewhere above (SG_ERR_PANIC never should be). */
     for (uint32_t code = 0; code < CODES; code++) {
