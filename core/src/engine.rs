@@ -180,7 +180,9 @@ impl<S: Storage> Engine<S> {
             Some(cap) => u64::from(cap),
             None => self.default_in_flight,
         };
-        if !account.enter(cap) {
+        // Full: the account's abandoned permits may have expired unmet. Meet a stretch of the
+        // ledger (bounded work, on the refusal path only) before refusing.
+        if !account.enter(cap) && !(self.sweep(now_ns, SWEEP_PER_SCOPE_TICK) > 0 && account.enter(cap)) {
             let limited = ConcurrencyLimited {
                 max_in_flight: u32::try_from(cap).unwrap_or(u32::MAX),
                 retry_after_ns: CONCURRENCY_RETRY_NS,
@@ -372,18 +374,22 @@ impl<S: Storage> Engine<S> {
         }
     }
 
-    /// Expires the abandoned permits among `budget` ledger entries from the sweep cursor.
-    pub(crate) fn sweep(&self, now_ns: u64, budget: usize) {
+    /// Expires the abandoned permits among `budget` ledger entries from the sweep cursor;
+    /// returns how many it expired.
+    pub(crate) fn sweep(&self, now_ns: u64, budget: usize) -> usize {
         let permits = self.tables().permits;
         let budget = budget.min(permits.len());
         let start = self.sweep_cursor.fetch_add(budget as u64, Ordering::Relaxed);
         let len = permits.len() as u64;
+        let mut expired = 0;
         for i in 0..budget as u64 {
-            let Some(index) = start.wrapping_add(i).checked_rem(len) else { return };
+            let Some(index) = start.wrapping_add(i).checked_rem(len) else { break };
             if let Some(owner) = permits.get(index as usize).and_then(|e| e.expire(now_ns)) {
                 self.release(owner);
+                expired += 1;
             }
         }
+        expired
     }
 
     /// Maps a ledger refusal to the settle error, releasing what an expiry found.

@@ -11,7 +11,9 @@ use crate::{
 
 const KEY: ScopeKey<'static> = ScopeKey::new(b"acct", b"model");
 
+/// A tiny engine; its one account may hold every permit unless the policy says otherwise.
 fn tiny(policy: Policy) -> Arc<Engine<Heap>> {
+    let policy = Policy { max_in_flight: policy.max_in_flight.or(Some(4)), ..policy };
     let capacity = Capacity { scopes: 2, accounts: 1, models: 1, permits: 4 };
     match Engine::with_storage(policy, Heap::new(capacity).unwrap_or_else(|e| panic!("{e}")), 7) {
         Ok(e) => Arc::new(e),
@@ -94,8 +96,8 @@ const MINUTE: u64 = 60 * SECOND;
 #[test]
 fn expiry_races_a_late_settle() {
     model(|| {
-        let mut policy = Policy::fixed();
-        policy.permit_ttl_ns = SECOND;
+        // The account may hold more than the one ledger entry: the ledger is what is raced.
+        let policy = Policy { permit_ttl_ns: SECOND, max_in_flight: Some(4), ..Policy::fixed() };
         let capacity = Capacity { scopes: 2, accounts: 1, models: 1, permits: 1 };
         let e = Arc::new(
             Engine::with_storage(policy, Heap::new(capacity).unwrap_or_else(|e| panic!("{e}")), 7)
@@ -150,5 +152,43 @@ fn a_stale_tick_never_touches_a_reclaimed_slot() {
         let slot = &e.tables().scopes[0];
         slot.begin_exclusive();
         slot.end_tick(None);
+    });
+}
+
+/// Money is reserved like tokens (SPEC §8): with room for one worst case, a second admission
+/// races the first permit's settle, and its own cancel follows. Whatever the interleaving, the
+/// limit is never crossed, the second is admitted exactly when the settle came first, and at the
+/// end nothing is reserved and spend is exactly what was billed.
+#[test]
+fn reservations_race_settles_and_cancels_on_one_account() {
+    model(|| {
+        let policy = Policy { max_in_flight: Some(4), ..Policy::fixed() };
+        let e = tiny(policy);
+        // $1/M prompt, $10/M generated: 100 + 100 tokens cost at most 1,100 µ$.
+        let price =
+            crate::Price { uncached_prompt: 1_000_000, cached_prompt: 1_000_000, generated: 10_000_000 };
+        e.set_price(b"model", crate::Variant::Regular, price).unwrap_or_else(|e| panic!("{e}"));
+        e.set_spend_limit(b"acct", 2_000).unwrap_or_else(|e| panic!("{e}"));
+        let request = Request::new(100).max_tokens(100);
+        let d = e.admit(KEY, &request, 0).unwrap_or_else(|e| panic!("{e}"));
+        let Outcome::Admit(first) = d.outcome else { panic!("not admitted") };
+        let other = Arc::clone(&e);
+        let t = thread::spawn(move || {
+            let d = other.admit(KEY, &Request::new(100).max_tokens(100), 0).unwrap_or_else(|e| panic!("{e}"));
+            let admitted = d.permit().is_some();
+            if let Some(p) = d.permit() {
+                // Cancelled after 100 prompt tokens: 100 µ$.
+                other.cancel(p, &Usage::new(100, 0), 0).unwrap_or_else(|e| panic!("{e}"));
+            }
+            admitted
+        });
+        // Settled at 100 prompt + 10 generated tokens: 200 µ$.
+        e.settle(&first, &Usage::new(100, 10), Completion::Success, 0).unwrap_or_else(|e| panic!("{e}"));
+        let second = t.join().unwrap_or_else(|_| panic!("thread panicked"));
+        let a = e.account(b"acct").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.reserved, 0);
+        assert_eq!(a.in_flight, 0);
+        assert_eq!(a.period_spend, if second { 300 } else { 200 });
+        assert!(a.period_spend <= 2_000);
     });
 }

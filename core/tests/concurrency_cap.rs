@@ -140,3 +140,26 @@ fn a_restore_keeps_the_cap_and_frees_the_places() {
         Outcome::RejectConcurrency(_)
     ));
 }
+
+/// Abandoned permits hold their places only until they expire and are met: every refusal for
+/// concurrency meets a stretch of 64 ledger entries, so an account that retries frees its own
+/// places within ledger / 64 refusals, and the engine's tick sweep frees them within a tick.
+#[test]
+fn abandoned_permits_give_their_places_back_once_expired() {
+    let e = Engine::new(unlimited(), Capacity::scopes(64)).unwrap();
+    let ledger = 1_024; // Capacity::scopes(64)'s permits
+    e.set_max_in_flight(b"a", Some(2)).unwrap();
+    for _ in 0..2 {
+        assert!(e.admit(key(b"a"), &Request::new(1), 0).unwrap().admitted());
+    }
+    let ttl = e.policy().permit_ttl_ns;
+    assert!(matches!(
+        e.admit(key(b"a"), &Request::new(1), ttl).unwrap().outcome,
+        Outcome::RejectConcurrency(_)
+    ));
+    let later = ttl + 2 * SECOND;
+    let refusals =
+        (0..).take_while(|_| !e.admit(key(b"a"), &Request::new(1), later).unwrap().admitted()).count();
+    assert!(refusals <= ledger / 64, "{refusals} refusals before the places came back");
+    assert_eq!(e.account(b"a").unwrap().in_flight, 1);
+}
