@@ -182,7 +182,9 @@ impl<S: Storage> Engine<S> {
         };
         // Full: the account's abandoned permits may have expired unmet. Meet a stretch of the
         // ledger (bounded work, on the refusal path only) before refusing.
-        if !account.enter(cap) && !(self.sweep(now_ns, SWEEP_PER_SCOPE_TICK) > 0 && account.enter(cap)) {
+        let entered =
+            account.enter(cap) || (self.sweep(now_ns, SWEEP_PER_SCOPE_TICK) > 0 && account.enter(cap));
+        if !entered {
             let limited = ConcurrencyLimited {
                 max_in_flight: u32::try_from(cap).unwrap_or(u32::MAX),
                 retry_after_ns: CONCURRENCY_RETRY_NS,
