@@ -306,13 +306,17 @@ impl PyDecision {
 ///   (seconds) and ``permit_ttl`` (seconds, at least 1; default 900, 15 minutes): a decision not
 ///   settled within ``permit_ttl`` of its ``now_ns`` expires, and settling it raises
 ///   :class:`PermitExpiredError`.
+/// - ``max_in_flight`` (a whole number, at least 1) caps the permits one account may have
+///   outstanding; default: a quarter of ``permits``, so that no account can take the whole
+///   ledger. Beyond it, admission is ``Outcome.REJECT_CONCURRENCY``, a 429
+///   ``concurrency_limited``; :meth:`set_max_in_flight` gives one account its own cap.
 /// - ``None`` means ``inf``, no limit: it turns a metric off under any preset, removes a
-///   ceiling, makes permits never expire.
+///   ceiling, makes permits never expire, lifts the ``max_in_flight`` cap.
 ///
 /// A value out of range raises :class:`PolicyError` naming it; an unknown keyword raises
 /// ``TypeError`` naming it. ``repr(engine)`` shows each metric's limit in force (``off`` when
-/// not enforced). Every ``now_ns`` defaults to ``time.monotonic_ns()``; pass explicit values to
-/// simulate hours in milliseconds.
+/// not enforced) and ``max_in_flight``. Every ``now_ns`` defaults to ``time.monotonic_ns()``;
+/// pass explicit values to simulate hours in milliseconds.
 #[pyclass(module = "sluicegate._sluicegate", name = "Engine", frozen)]
 struct PyEngine {
     /// `restore` builds a new engine and swaps it in whole; every other call works on the engine
@@ -372,6 +376,26 @@ fn policy_from(
     }
     let policy = preset.with(&collected).map_err(|e| PolicyError::new_err(e.to_string()))?;
     Ok((name, policy))
+}
+
+/// A cap on an account's permits in flight: a whole number from 1 to 2**32 - 1.
+fn in_flight_cap(v: &Bound<'_, PyAny>) -> PyResult<u32> {
+    let below_one = || {
+        let given = v.repr().map(|r| r.to_string()).unwrap_or_default();
+        ArgumentError::new_err(format!("max_in_flight must be at least 1 (None: the policy's), got {given}"))
+    };
+    match count_u32("max_in_flight", v) {
+        Ok(0) => Err(below_one()),
+        Ok(n) => Ok(n),
+        // Negative (an overflow is reported as one).
+        Err(e)
+            if !e.is_instance_of::<ArgumentOverflowError>(v.py())
+                && e.is_instance_of::<ArgumentError>(v.py()) =>
+        {
+            Err(below_one())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A per-minute figure as written in a repr: whole numbers without a fraction.
@@ -633,6 +657,12 @@ impl PyEngine {
     }
 
     /// Everything about an account (money in micro-dollars); UnknownAccountError if unseen.
+    ///
+    /// Money is reserved at admission: ``reserved`` is the worst-case cost of the account's
+    /// outstanding permits, held against ``spend_limit`` (None: none) with ``period_spend`` until
+    /// each is settled (then replaced by what it is billed) or expires (then billed).
+    /// ``in_flight`` counts those permits; ``max_in_flight`` is the account's own cap on them
+    /// (None: the policy's).
     fn account<'py>(&self, py: Python<'py>, account: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.core().account(&key_bytes("account", account)?).map_err(core_error)?;
         let d = PyDict::new(py);
@@ -641,6 +671,9 @@ impl PyEngine {
         d.set_item("payment_method", s.payment_method)?;
         d.set_item("spend_limit", if s.spend_limit == u64::MAX { None } else { Some(s.spend_limit) })?;
         d.set_item("period_spend", s.period_spend)?;
+        d.set_item("reserved", s.reserved)?;
+        d.set_item("in_flight", s.in_flight)?;
+        d.set_item("max_in_flight", s.max_in_flight)?;
         d.set_item("historical_spend", s.historical_spend)?;
         d.set_item("credits", s.credits)?;
         let refusal = s.refusal.map(|r| match r {
@@ -675,6 +708,20 @@ impl PyEngine {
         self.core()
             .set_spend_limit(&key_bytes("account", account)?, count("micros", micros)?)
             .map_err(core_error)
+    }
+
+    /// Caps the account's permits in flight at ``max_in_flight`` (None: back to the policy's).
+    ///
+    /// Beyond it, admission is ``Outcome.REJECT_CONCURRENCY`` (429 ``concurrency_limited``), e.g.
+    /// more for an account that streams many slow completions. A cap below 1 raises
+    /// :class:`ArgumentError`.
+    fn set_max_in_flight(
+        &self,
+        account: &Bound<'_, PyAny>,
+        max_in_flight: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let max = if max_in_flight.is_none() { None } else { Some(in_flight_cap(max_in_flight)?) };
+        self.core().set_max_in_flight(&key_bytes("account", account)?, max).map_err(core_error)
     }
 
     /// Suspends an account (or lifts the suspension).
@@ -826,8 +873,9 @@ impl PyEngine {
         Ok(())
     }
 
-    /// The preset, the scope capacity and each metric's limit in force: `floor..ceiling/min`
-    /// when it adapts, `n/min` when fixed, `off` when not enforced.
+    /// The preset, the scope capacity, each metric's limit in force (`floor..ceiling/min` when it
+    /// adapts, `n/min` when fixed, `off` when not enforced) and the cap on each account's permits
+    /// in flight (`off`: none).
     fn __repr__(&self) -> String {
         let core = self.core();
         let policy = core.policy();
@@ -842,6 +890,12 @@ impl PyEngine {
                 format!("{}..{}/min", per_minute(l.floor), per_minute(l.ceiling))
             };
             out.push_str(&format!(" {}={shown}", m.name()));
+        }
+        // The core's default: a quarter of the permit ledger (`Policy::max_in_flight`).
+        match policy.max_in_flight {
+            Some(u32::MAX) => out.push_str(" max_in_flight=off"),
+            Some(n) => out.push_str(&format!(" max_in_flight={n}")),
+            None => out.push_str(&format!(" max_in_flight={}", (core.capacity().permits / 4).max(1))),
         }
         out.push('>');
         out

@@ -35,7 +35,7 @@ def test_fixed_enforces_only_the_metrics_named():
     }
     assert repr(e) == (
         "<Engine policy='fixed' capacity=100 requests=5/min prompt_tokens=off "
-        "uncached_prompt_tokens=off generated_tokens=off>"
+        "uncached_prompt_tokens=off generated_tokens=off max_in_flight=256>"
     )
     big = e.admit("a", "m", prompt_tokens=100_000, max_tokens=100_000, now_ns=0)
     assert big.outcome is sluicegate.Outcome.ADMIT
@@ -47,7 +47,7 @@ def test_fixed_enforces_only_the_metrics_named():
 def test_fixed_with_nothing_named_keeps_its_floors_and_adaptive_presets_show_their_range():
     assert repr(sluicegate.Engine("fixed", capacity=100)) == (
         "<Engine policy='fixed' capacity=100 requests=60/min prompt_tokens=60000/min "
-        "uncached_prompt_tokens=60000/min generated_tokens=6000/min>"
+        "uncached_prompt_tokens=60000/min generated_tokens=6000/min max_in_flight=256>"
     )
     r = repr(sluicegate.Engine("fireworks_2024", capacity=100, requests_per_minute=100, requests_ceiling=600))
     assert " requests=100..600/min " in r
@@ -124,6 +124,9 @@ BAD_CALLS = [
     (lambda e, d: sluicegate.Engine(requests_per_minute="60"), TypeError, "requests_per_minute"),
     (lambda e, d: sluicegate.Engine(requests_per_minute=0), ValueError, "requests_per_minute"),
     (lambda e, d: sluicegate.Engine(shared=None), TypeError, "shared"),
+    (lambda e, d: sluicegate.Engine(max_in_flight=0), ValueError, "max_in_flight"),
+    (lambda e, d: sluicegate.Engine(max_in_flight=2.5), ValueError, "max_in_flight"),
+    (lambda e, d: sluicegate.Engine(max_in_flight="8"), TypeError, "max_in_flight"),
     (lambda e, d: sluicegate.Engine(shared=1), TypeError, "shared"),
     (lambda e, d: e.admit("a", "m", prompt_tokens=-1), ValueError, "prompt_tokens"),
     (lambda e, d: e.admit("a", "m", prompt_tokens=1.5), TypeError, "prompt_tokens"),
@@ -145,6 +148,10 @@ BAD_CALLS = [
     (lambda e, d: e.set_suspended("a", reason="bored"), ValueError, "reason"),
     (lambda e, d: e.set_limits_override("a", "bananas", 10), ValueError, "metric"),
     (lambda e, d: e.set_limits_override("a", "requests", 0.5), ValueError, "floor"),
+    (lambda e, d: e.set_max_in_flight("a", 0), ValueError, "max_in_flight"),
+    (lambda e, d: e.set_max_in_flight("a", -1), ValueError, "max_in_flight"),
+    (lambda e, d: e.set_max_in_flight("a", 2**32), OverflowError, "max_in_flight"),
+    (lambda e, d: e.set_max_in_flight("a", "8"), TypeError, "max_in_flight"),
     (lambda e, d: e.restore(b"junk"), ValueError, "snapshot"),
     (lambda e, d: e.restore("text"), TypeError, "data"),
     (lambda e, d: e.restore(5), TypeError, "data"),
@@ -363,15 +370,16 @@ def test_restore_works_while_another_thread_admits_and_settles(fast_thread_switc
 
 def test_outcome_is_an_enum_hashable_named_and_iterable():
     Outcome = sluicegate.Outcome
-    names = ["ADMIT", "ADMIT_OVER_LIMIT", "REJECT_RATE_LIMITED", "SHED", "REJECT_SPEND", "REJECT_INVALID"]
-    assert [o.name for o in Outcome] == names and len(Outcome) == 6
+    names = ["ADMIT", "ADMIT_OVER_LIMIT", "REJECT_RATE_LIMITED", "SHED", "REJECT_SPEND", "REJECT_INVALID", "REJECT_CONCURRENCY"]
+    assert [o.name for o in Outcome] == names and len(Outcome) == 7
     assert list(Outcome) == [Outcome[n] for n in names]
     d = sluicegate.Engine("fixed", capacity=10).admit("a", "m", now_ns=0)
     assert d.outcome is Outcome.ADMIT and d.outcome.name == "ADMIT"
     assert {d.outcome: "run"}[Outcome.ADMIT] == "run"
-    assert len({o for o in Outcome} | {d.outcome}) == 6
+    assert len({o for o in Outcome} | {d.outcome}) == 7
     assert (repr(Outcome.SHED), str(Outcome.SHED)) == ("Outcome.SHED", "Outcome.SHED")
     assert Outcome.ADMIT == 0 and int(Outcome.REJECT_INVALID) == 5  # as before: an int enum
+    assert int(Outcome.REJECT_CONCURRENCY) == 6  # SG_REJECT_CONCURRENCY
     import pickle
 
     assert pickle.loads(pickle.dumps(d.outcome)) is Outcome.ADMIT

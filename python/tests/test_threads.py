@@ -6,7 +6,8 @@ import sluicegate
 
 
 def test_threads_admit_exactly_what_the_limit_allows_and_settle_once():
-    e = sluicegate.Engine(policy="fixed", capacity=100, permits=10_000, requests_per_minute=5_000)
+    # max_in_flight=None: one account may hold every permit (the default is a quarter of them).
+    e = sluicegate.Engine(policy="fixed", capacity=100, permits=10_000, requests_per_minute=5_000, max_in_flight=None)
     admitted = []
     lock = threading.Lock()
 

@@ -123,13 +123,17 @@ class Engine:
       (seconds) and ``permit_ttl`` (seconds, at least 1; default 900, 15 minutes): a decision not
       settled within ``permit_ttl`` of its ``now_ns`` expires, and settling it raises
       :class:`PermitExpiredError`.
+    - ``max_in_flight`` (a whole number, at least 1) caps the permits one account may have
+      outstanding; default: a quarter of ``permits``, so that no account can take the whole
+      ledger. Beyond it, admission is ``Outcome.REJECT_CONCURRENCY``, a 429
+      ``concurrency_limited``; :meth:`set_max_in_flight` gives one account its own cap.
     - ``None`` means ``inf``, no limit: it turns a metric off under any preset, removes a
-      ceiling, makes permits never expire.
+      ceiling, makes permits never expire, lifts the ``max_in_flight`` cap.
 
     A value out of range raises :class:`PolicyError` naming it; an unknown keyword raises
     ``TypeError`` naming it. ``repr(engine)`` shows each metric's limit in force (``off`` when
-    not enforced). Every ``now_ns`` defaults to ``time.monotonic_ns()``; pass explicit values to
-    simulate hours in milliseconds.
+    not enforced) and ``max_in_flight``. Every ``now_ns`` defaults to ``time.monotonic_ns()``;
+    pass explicit values to simulate hours in milliseconds.
     """
 
     def __new__(
@@ -216,13 +220,27 @@ class Engine:
     def set_price(self, model: _Key, *, uncached_prompt: SupportsIndex, cached_prompt: SupportsIndex, generated: SupportsIndex, fast: bool = False) -> None:
         """Sets a model's prices in micro-dollars per million tokens."""
     def account(self, account: _Key) -> dict[str, object]:
-        """Everything about an account (money in micro-dollars); UnknownAccountError if unseen."""
+        """Everything about an account (money in micro-dollars); UnknownAccountError if unseen.
+
+        Money is reserved at admission: ``reserved`` is the worst-case cost of the account's
+        outstanding permits, held against ``spend_limit`` (None: none) with ``period_spend`` until
+        each is settled (then replaced by what it is billed) or expires (then billed).
+        ``in_flight`` counts those permits; ``max_in_flight`` is the account's own cap on them
+        (None: the policy's).
+        """
     def add_credits(self, account: _Key, micros: SupportsIndex) -> None:
         """Adds prepaid credits; they count toward historical spend and so the tier."""
     def set_payment_method(self, account: _Key, on_file: bool) -> None:
         """Records whether a payment method is on file."""
     def set_spend_limit(self, account: _Key, micros: SupportsIndex) -> None:
         """Sets the user's own monthly spend limit, within the tier's."""
+    def set_max_in_flight(self, account: _Key, max_in_flight: Optional[SupportsIndex]) -> None:
+        """Caps the account's permits in flight at ``max_in_flight`` (None: back to the policy's).
+
+        Beyond it, admission is ``Outcome.REJECT_CONCURRENCY`` (429 ``concurrency_limited``), e.g.
+        more for an account that streams many slow completions. A cap below 1 raises
+        :class:`ArgumentError`.
+        """
     def set_suspended(self, account: _Key, reason: Literal["operator", "payment_failed"] = "operator", suspended: bool = True) -> None:
         """Suspends an account (or lifts the suspension)."""
     def set_tier(self, account: _Key, tier: Optional[Literal["tier_1", "tier_2", "tier_3", "tier_4", "unlimited"]], *, now_ns: Optional[SupportsIndex] = None) -> None:
