@@ -191,6 +191,24 @@ def test_an_overloaded_model_sheds_with_503_and_retry_after():
         assert shed.value.response.json()["error"]["type"] == "service_overloaded"
 
 
+def test_too_many_requests_in_flight_is_a_429_the_client_retries():
+    # Issue 19: the account's one place is held; the openai client gets 429 concurrency_limited
+    # with retry-after 1 and x-should-retry, and its retry succeeds once the place is free.
+    engine = sluicegate.Engine(capacity=1_000, max_in_flight=1)
+    held = engine.admit(ACCT, MODEL, prompt_tokens=10, max_tokens=100)
+    with serve(engine) as s:
+        with pytest.raises(openai.RateLimitError) as refused:
+            create(s.client())
+        response = refused.value.response
+        assert response.headers["retry-after"] == "1" and response.headers["x-should-retry"] == "true"
+        assert response.json()["error"]["type"] == "concurrency_limited"
+        threading.Timer(0.2, engine.settle, args=(held,)).start()
+        started = time.monotonic()
+        assert create(s.client(retries=2)).http_response.status_code == 200
+        assert time.monotonic() - started >= 0.9  # it waited the retry-after
+    assert engine.account(ACCT)["in_flight"] == 0
+
+
 def test_upstream_failures_are_settled_but_not_counted():
     engine = sluicegate.Engine(capacity=1_000)
     with serve(engine) as s:

@@ -712,3 +712,29 @@ def test_a_body_that_is_not_utf8_is_400():
     e = engine()
     x = Exchange(body=json.dumps(BODY).encode("utf-16")).run(middleware(json_app(completion()), e))
     assert x.status == 400 and x.json()["error"]["code"] == "invalid_json"
+
+
+# 9. Too many requests in flight (issue 19): the engine's own 429, rendered by the engine.
+
+
+@pytest.mark.parametrize("dialect", sluicegate.DIALECTS)
+def test_a_concurrency_refusal_is_a_429_with_the_engines_headers_and_body(dialect):
+    e = engine(max_in_flight=1)
+    held = e.engine.admit(ACCT, "m", prompt_tokens=10, max_tokens=100)  # the account's one place
+    assert held.admitted
+    x = Exchange().run(middleware(json_app(completion()), e, dialect=dialect))
+    # What the engine renders for the same refusal, in the same dialect, plus the content type.
+    same = e.engine.admit(ACCT, "m", prompt_tokens=10, max_tokens=100)
+    assert (same.outcome, same.reason) == (sluicegate.Outcome.REJECT_CONCURRENCY, "concurrency_limited")
+    assert x.status == same.status_code == 429
+    length = str(len(x.body))
+    assert x.headers == {**dict(same.headers(dialect)), "content-type": "application/json", "content-length": length}
+    assert x.headers["retry-after"] == "1" and x.headers["x-should-retry"] == "true"
+    error, rendered = x.json()["error"], same.error_body(dialect)["error"]
+    assert error["message"] == rendered["message"] and error["code"] == rendered["code"] == "concurrency_limited"
+    assert e.admitted == [] and e.engine.account(ACCT)["in_flight"] == 1  # the refusal held no place
+    # Once the held request settles, its place serves the next one.
+    e.engine.settle(held)
+    assert Exchange().run(middleware(json_app(completion()), e, dialect=dialect)).status == 200
+    e.assert_settled_once()
+    assert e.engine.account(ACCT)["in_flight"] == 0
