@@ -208,7 +208,7 @@ impl PyDecision {
         matches!(self.inner.outcome, CoreOutcome::RejectRateLimited(r) if r.too_large)
     }
 
-    /// For spend and invalid refusals, why.
+    /// For spend, concurrency and invalid refusals, why (e.g. ``"concurrency_limited"``).
     #[getter]
     fn reason(&self) -> Option<&'static str> {
         match self.inner.outcome {

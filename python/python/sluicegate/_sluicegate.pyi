@@ -84,7 +84,7 @@ class Decision:
         """For a 429, whether the request can never fit at the current limit."""
     @property
     def reason(self) -> Optional[str]:
-        """For spend and invalid refusals, why."""
+        """For spend, concurrency and invalid refusals, why (e.g. ``"concurrency_limited"``)."""
     @property
     def limits(self) -> dict[str, Optional[int]]:
         """Each metric's limit per minute (None when not enforced)."""
