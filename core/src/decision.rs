@@ -151,6 +151,7 @@ impl Decision {
         match self.outcome {
             Outcome::RejectRateLimited(r) if !r.too_large => Some(r.retry_after_ns),
             Outcome::Shed(s) => Some(s.retry_after_ns),
+            Outcome::RejectConcurrency(c) => Some(c.retry_after_ns),
             _ => None,
         }
     }

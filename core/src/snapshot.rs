@@ -192,6 +192,9 @@ impl<S: Storage> Engine<S> {
         if buf.len() < needed {
             return Err(SnapshotError::BufferTooSmall { needed });
         }
+        // Expired permits are billed before spend is written: a restore voids outstanding permits,
+        // and must not forgive what an abandoned one reserved.
+        self.sweep(now_ns, self.tables().permits.len());
         let mut out = Out { buf, pos: HEADER };
         let mut counts = [0u32; 3];
         let body = self.write_body(&mut out, &mut counts, now_ns);

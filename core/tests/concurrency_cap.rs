@@ -102,6 +102,7 @@ fn concurrency_limited_is_its_own_429_in_every_dialect() {
     e.set_max_in_flight(b"a", Some(1)).unwrap();
     assert!(e.admit(key(b"a"), &Request::new(1), 0).unwrap().admitted());
     let d = e.admit(key(b"a"), &Request::new(1), 0).unwrap();
+    assert_eq!(d.retry_after_ns(), Some(SECOND));
     for dialect in [Dialect::Fireworks, Dialect::Together, Dialect::OpenAi, Dialect::Anthropic, Dialect::Ietf]
     {
         let render = Render::new(dialect);

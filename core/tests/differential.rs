@@ -18,6 +18,9 @@ use sluicegate_core::{
 const EXACT_RANGE_US: u64 = sluicegate_core::bucket::MAX_HORIZON_Q;
 const ACCOUNTS: [&[u8]; 3] = [b"acct-a", b"acct-b", b"acct-c"];
 const MODELS: [&[u8]; 2] = [b"llama", b"qwen"];
+/// Spend refusals the engine and the model agreed on, over the whole run: the distribution must
+/// reach them.
+static SPEND_REFUSALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -32,6 +35,9 @@ enum Op {
     Override { account: usize, metric: usize, bounds: Option<(f64, f64)> },
     Restore,
     Quota { account: usize, quota: usize, call: QuotaCall },
+    SetPrice { model: usize, fast: bool, price: [u64; 3] },
+    SetSpendLimit { account: usize, micros: u64 },
+    StartBillingPeriod,
 }
 
 fn tokens() -> impl Strategy<Value = u64> {
@@ -54,6 +60,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..3, 0usize..METRICS, prop::option::of((prop::sample::select(vec![30.0, 600.0, 6_000.0, 120_000.0]), 1.0f64..4.0)))
             .prop_map(|(account, metric, b)| Op::Override { account, metric, bounds: b.map(|(f, k)| (f, (f * k).round())) }),
         1 => Just(Op::Restore),
+        // Prices of a few µ$ per million tokens: limits of a few µ$ bind, and no account ever
+        // spends the $100 that would earn it Tier 2 (these accounts stay at their pinned tier).
+        1 => (0usize..2, any::<bool>(), [0u64..=5, 0u64..=5, 0u64..=5]).prop_map(|(model, fast, price)| Op::SetPrice { model, fast, price }),
+        1 => (0usize..3, prop::sample::select(vec![0u64, 1, 5, 50, 1_000_000])).prop_map(|(account, micros)| Op::SetSpendLimit { account, micros }),
+        1 => Just(Op::StartBillingPeriod),
         1 => (0usize..3, 0usize..3, prop_oneof![
                 Just(0u32), 1u32..10, Just(u32::MAX)
             ], 0u8..3)
@@ -98,6 +109,7 @@ fn config_of(p: &Policy, adapt: Adapt) -> Config {
         hard: p.hard_factor,
         max_wait_ns: p.max_wait_ns,
         tier_scale: p.tiers.0.map(|t| t.ceiling_scale),
+        tier_spend_limit: p.tiers.0.map(|t| t.monthly_spend_limit),
         adapt,
         tick_ns: p.tick_ns,
         ttl_ns: p.permit_ttl_ns,
@@ -122,7 +134,10 @@ fn outcome_of(o: &EngineOutcome) -> Outcome {
         }
         EngineOutcome::Shed(s) => Outcome::Shed { over_limit: s.band == sluicegate_core::Band::OverLimit },
         EngineOutcome::RejectInvalid(_) => Outcome::Invalid,
-        EngineOutcome::RejectSpend(_) => panic!("no spend limits in these policies"),
+        EngineOutcome::RejectSpend(sluicegate_core::SpendRejection::SpendLimitExceeded) => {
+            Outcome::SpendLimitExceeded
+        }
+        EngineOutcome::RejectSpend(r) => panic!("every account has a payment method here: {r:?}"),
         EngineOutcome::RejectConcurrency(_) => panic!("no concurrency cap in these policies"),
     }
 }
@@ -184,6 +199,9 @@ fn run((policy, adapt): (Policy, Adapt), ops: &[Op]) -> Result<(), TestCaseError
                     Request::new(prompt).cached_tokens(cached).max_tokens(max_tokens).n(n).priority(priority);
                 let d = e.admit(ek, &req, now).unwrap();
                 let got = outcome_of(&d.outcome);
+                if got == Outcome::SpendLimitExceeded {
+                    SPEND_REFUSALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let before = m.clone_state();
                 let r = model::Request { prompt, cached, max_tokens, n, priority };
                 let (want, permit) = m.admit(&mk, &r, now);
@@ -285,6 +303,21 @@ fn run((policy, adapt): (Policy, Adapt), ops: &[Op]) -> Result<(), TestCaseError
                 let want = m.quota(a, quota, call);
                 prop_assert_eq!(got, want, "step {}: {:?}", step, op);
             }
+            Op::SetPrice { model: i, fast, price } => {
+                let variant = if fast { Variant::Fast } else { Variant::Regular };
+                let [uncached_prompt, cached_prompt, generated] = price;
+                let p = sluicegate_core::Price { uncached_prompt, cached_prompt, generated };
+                e.set_price(MODELS[i], variant, p).unwrap();
+                m.set_price(MODELS[i], fast, price);
+            }
+            Op::SetSpendLimit { account, micros } => {
+                let got = e.set_spend_limit(ACCOUNTS[account], micros).is_ok();
+                prop_assert_eq!(got, m.set_spend_limit(ACCOUNTS[account], micros), "step {}: {:?}", step, op);
+            }
+            Op::StartBillingPeriod => {
+                e.start_billing_period();
+                m.start_billing_period();
+            }
             Op::Step { us } => now += us * 1_000,
             Op::StepBack { ms } => now = now.saturating_sub(ms * 1_000_000),
             Op::SetLoad { model: i, fast, permille } => {
@@ -305,6 +338,17 @@ fn run((policy, adapt): (Policy, Adapt), ops: &[Op]) -> Result<(), TestCaseError
                 let (debt_us, _) = e.limits(ek, high).unwrap().to_raw();
                 m.sync(&mk, high, debt_us);
             }
+        }
+        // Money: spend plus what is held, the same whenever expired permits are billed (floored
+        // to µ$ twice by the engine's account state).
+        for account in ACCOUNTS {
+            let Ok(a) = e.account(account) else { continue };
+            let want = m.committed(account) / 1_000;
+            let got = u128::from(a.period_spend) + u128::from(a.reserved);
+            prop_assert!(
+                got == want || got + 1 == want,
+                "step {step}: {account:?} holds {got} µ$, model {want}"
+            );
         }
         // Every scope's levels and limits, as both see them now.
         for i in 0..12 {
@@ -356,6 +400,9 @@ fn the_engine_agrees_with_the_reference_model() {
     let mut runner = TestRunner::new(RunConfig { cases, failure_persistence: None, ..RunConfig::default() });
     let strategy = (policy(), prop::collection::vec(op(), 1..=ops));
     runner.run(&strategy, |(p, ops)| run(p, &ops)).unwrap();
+    let spend_refusals = SPEND_REFUSALS.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(spend_refusals > 0, "no sequence reached a spend limit");
+    eprintln!("{spend_refusals} spend refusals agreed on");
 }
 
 /// A 10,000-operation sequence runs through the model alone in well under a second (it is

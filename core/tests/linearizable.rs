@@ -67,6 +67,7 @@ fn model() -> Model {
         hard: p.hard_factor,
         max_wait_ns: p.max_wait_ns,
         tier_scale: p.tiers.0.map(|t| t.ceiling_scale),
+        tier_spend_limit: p.tiers.0.map(|t| t.monthly_spend_limit),
         adapt: Adapt::Fixed,
         tick_ns: p.tick_ns,
         ttl_ns: p.permit_ttl_ns,

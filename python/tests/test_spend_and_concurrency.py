@@ -98,7 +98,6 @@ def test_one_account_can_never_take_the_whole_ledger():
     assert "max_in_flight=1024>" in repr(e)
 
 
-@pytest.mark.xfail(strict=True, reason="core: Decision::retry_after_ns() has no arm for RejectConcurrency")
 def test_a_concurrency_refusal_says_when_to_retry():
     e = sluicegate.Engine("fixed", capacity=64, max_in_flight=1)
     assert e.admit("a", "m", now_ns=0).admitted

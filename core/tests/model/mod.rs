@@ -8,7 +8,9 @@
 //! form, capacity holding growth (§5); shedding classes on a reported load (§6); permits with
 //! their time-to-live, settle, stream charges and cancels (§7); tiers' ceilings, un-pins and
 //! per-account overrides, re-clamped at once (§8); a restore, after which permits are stale
-//! (§10); quotas (§8). Not yet: spend and its reservation (until money is reserved like tokens).
+//! (§10); quotas (§8); spend limits with money reserved like tokens — the worst case held at
+//! admission, replaced by the bill at settle, expiry billing the reservation, tiers' limits, the
+//! user's own limit, billing periods (§8).
 //!
 //! Readings of the SPEC this model makes, where it is silent (each also a documented engine
 //! behaviour):
@@ -24,6 +26,10 @@
 //!   unlimited) has a full bucket: an unenforced metric keeps no debt.
 //! - The EWMA average never falls below F / factor: below it the average could not move the
 //!   limit, and an idle scope returns exactly to a fresh one.
+//! - Money is integer nano-dollars: tokens × µ$ per million tokens / 1,000, rounded down.
+//! - An account's spend is checked before its scopes' limits: a request refused for both is a
+//!   spend refusal. An account at or over its limit refuses every request; a request whose worst
+//!   case would take it over is refused and holds nothing. An unlimited account holds nothing.
 //! - An operation on a clock that has gone back takes effect at that earlier time: decisions read
 //!   at least as much debt as at the latest time seen (never a refill), and the test re-syncs the
 //!   scope afterwards (see [`Model::sync`]).
@@ -70,6 +76,8 @@ pub struct Config {
     pub ttl_ns: u64,
     /// Shed thresholds, ‰: over-limit regular, over-limit priority, in-limit regular, in-limit priority.
     pub shed: [u64; 4],
+    /// Each tier's monthly spend limit, µ$, Tier 1 first (`u64::MAX`: none).
+    pub tier_spend_limit: [u64; 5],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -102,6 +110,8 @@ pub enum Outcome {
     Shed {
         over_limit: bool,
     },
+    /// The account may not spend: at or over its limit, or this request's worst case would be.
+    SpendLimitExceeded,
     Invalid,
 }
 
@@ -157,6 +167,8 @@ impl Scope {
 pub struct Permit {
     key_index: usize,
     reserved: [u64; METRICS],
+    /// Nano-dollars held against the account's spend limit.
+    money: u128,
     streamed: u64,
     pub deadline_ns: u64,
 }
@@ -183,6 +195,7 @@ enum PermitState {
 pub struct State {
     scopes: BTreeMap<Key, Scope>,
     permits: Vec<PermitState>,
+    accounts: BTreeMap<Vec<u8>, Account>,
 }
 
 /// An account's say in its scopes' bounds, and its quotas (§8).
@@ -194,6 +207,11 @@ struct Account {
     overrides: [Option<(f64, f64)>; METRICS],
     /// (used, limit) per quota, once touched: deployed models, A100 GPUs, H100 GPUs.
     quotas: Option<[(u32, u32); 3]>,
+    /// The limit the user chose, µ$.
+    chosen_limit: Option<u64>,
+    /// Billed this period, and held by outstanding permits (expired ones until met), n$.
+    period_spend: u128,
+    reserved: u128,
 }
 
 /// What a quota call answers: the new (used, limit), or why it changed nothing.
@@ -227,6 +245,8 @@ pub struct Model {
     accounts: BTreeMap<Vec<u8>, Account>,
     /// Reported load per (model, fast), ‰.
     load: BTreeMap<(Vec<u8>, bool), u64>,
+    /// Prices per (model, fast), µ$ per million tokens: uncached prompt, cached prompt, generated.
+    prices: BTreeMap<(Vec<u8>, bool), [u64; 3]>,
     permits: Vec<PermitState>,
 }
 
@@ -242,6 +262,16 @@ fn cost_us(tokens: u64, limit: f64) -> i128 {
         return (numerator + l - 1) / l;
     }
     (tokens as f64 * 60.0e6 / limit).ceil() as i128
+}
+
+/// What tokens cost at `price` (µ$ per million: uncached prompt, cached prompt, generated), n$:
+/// held at the largest amount money counters carry, never wrapped.
+fn money(price: [u64; 3], uncached: u64, cached: u64, generated: u64) -> u128 {
+    let pico = [uncached, cached, generated]
+        .iter()
+        .zip(price)
+        .fold(0u128, |sum, (t, p)| sum.saturating_add(u128::from(*t) * u128::from(p)));
+    (pico / 1_000).min(u128::from(u64::MAX))
 }
 
 impl Model {
@@ -375,6 +405,15 @@ impl Model {
         for key in keys {
             self.touch(&key, now);
         }
+        // What an expired permit held is billed; what a live one held is released.
+        let held: Vec<Permit> = self
+            .permits
+            .iter()
+            .filter_map(|p| if let PermitState::Live(p) = p { Some(*p) } else { None })
+            .collect();
+        for p in held {
+            self.bill(p, if now > p.deadline_ns { p.money } else { 0 });
+        }
         self.permits.iter_mut().for_each(|p| *p = PermitState::Stale);
     }
 
@@ -409,6 +448,12 @@ impl Model {
         }
         let Some(generated) = r.n.checked_mul(r.max_tokens) else { return (invalid, None) };
         let cost = [r.n, r.prompt, r.prompt - r.cached, generated];
+        // The scope exists from its first request on, refused or not.
+        self.scope(key, now);
+        let Some(money) = self.hold(key, r.prompt, generated) else {
+            let outcome = Outcome::SpendLimitExceeded;
+            return (Decision { outcome, margin_us: i128::MAX, ties: [false; METRICS] }, None);
+        };
         let load = self.load_of(key);
         let at = self.touch(key, now);
         let s = self.scopes.get_mut(key).expect("touched");
@@ -463,13 +508,41 @@ impl Model {
             let outcome = Outcome::Shed { over_limit };
             return (Decision { outcome, margin_us: margin, ties: [false; METRICS] }, None);
         }
-        let permit = self.reserve(key, cost, at);
+        let permit = self.reserve(key, cost, at, money);
         let outcome = Outcome::Admit { over_limit, wait_us: wait as u64 };
         (Decision { outcome, margin_us: margin, ties: [false; METRICS] }, Some(permit))
     }
 
+    /// The account's spend limit, n$ (`u64::MAX`: none).
+    fn spend_limit(&self, account: &[u8]) -> u128 {
+        let a = self.accounts.get(account).copied().unwrap_or_default();
+        let tier = self.config().tier_spend_limit[a.tier];
+        let micros = tier.min(a.chosen_limit.unwrap_or(u64::MAX));
+        u128::from(micros.saturating_mul(1_000))
+    }
+
+    fn price_of(&self, key: &Key) -> [u64; 3] {
+        self.prices.get(&(key.model.clone(), key.fast)).copied().unwrap_or([0; 3])
+    }
+
+    /// The money a request would hold against its account's limit (§8: prompt at the uncached
+    /// price, every reserved token generated), or `None` when the account may not spend it.
+    fn hold(&self, key: &Key, prompt: u64, generated: u64) -> Option<u128> {
+        let a = self.accounts.get(&key.account).copied().unwrap_or_default();
+        let limit = self.spend_limit(&key.account);
+        let committed = a.period_spend + a.reserved;
+        if committed >= limit {
+            return None;
+        }
+        let worst = money(self.price_of(key), prompt, 0, generated);
+        if worst == 0 || limit == u128::from(u64::MAX) {
+            return Some(0);
+        }
+        (committed + worst <= limit).then_some(worst)
+    }
+
     /// Charges an admitted request's costs and issues its permit.
-    fn reserve(&mut self, key: &Key, cost: [u64; METRICS], at: u64) -> usize {
+    fn reserve(&mut self, key: &Key, cost: [u64; METRICS], at: u64, money: u128) -> usize {
         let c = self.config();
         let s = self.scopes.get_mut(key).expect("touched");
         let now_us = (at / 1_000) as i128;
@@ -478,17 +551,22 @@ impl Model {
         }
         let deadline_ns = at.saturating_add(c.ttl_ns).div_ceil(SECOND).saturating_mul(SECOND);
         let key_index = self.key_index(key);
-        self.permits.push(PermitState::Live(Permit { key_index, reserved: cost, streamed: 0, deadline_ns }));
+        self.accounts.entry(key.account.clone()).or_default().reserved += money;
+        let permit = Permit { key_index, reserved: cost, money, streamed: 0, deadline_ns };
+        self.permits.push(PermitState::Live(permit));
         self.permits.len() - 1
     }
 
     /// Takes `outcome` (the engine's, on a decision within rounding of an edge) instead of
     /// the model's own: reserves if it admitted.
     pub fn follow(&mut self, key: &Key, r: &Request, now: u64, outcome: Outcome) -> Option<usize> {
-        let at = self.touch(key, now);
+        self.scope(key, now);
         let Outcome::Admit { .. } = outcome else { return None };
-        let cost = [r.n, r.prompt, r.prompt - r.cached, r.n.saturating_mul(r.max_tokens)];
-        Some(self.reserve(key, cost, at))
+        let generated = r.n.saturating_mul(r.max_tokens);
+        let money = self.hold(key, r.prompt, generated).expect("the engine admitted within the spend limit");
+        let at = self.touch(key, now);
+        let cost = [r.n, r.prompt, r.prompt - r.cached, generated];
+        Some(self.reserve(key, cost, at, money))
     }
 
     /// Sets a scope's buckets to the debts (µs) the engine reports at `at`: after an operation on
@@ -512,12 +590,13 @@ impl Model {
     }
 
     pub fn clone_state(&self) -> State {
-        State { scopes: self.scopes.clone(), permits: self.permits.clone() }
+        State { scopes: self.scopes.clone(), permits: self.permits.clone(), accounts: self.accounts.clone() }
     }
 
     pub fn restore_state(&mut self, state: State) {
         self.scopes = state.scopes;
         self.permits = state.permits;
+        self.accounts = state.accounts;
     }
 
     /// A live permit, or why it is not: past its deadline is `Expired` whatever happened
@@ -530,6 +609,9 @@ impl Model {
             None => return Err(SettleResult::AlreadySettled),
         };
         if now > deadline {
+            if let Some(permit) = live {
+                self.bill(permit, permit.money);
+            }
             self.permits[p] = PermitState::Settled(deadline);
             return Err(SettleResult::Expired);
         }
@@ -552,6 +634,8 @@ impl Model {
         };
         self.permits[p] = PermitState::Settled(permit.deadline_ns);
         let key = self.keys[permit.key_index].clone();
+        let billed = if counts { money(self.price_of(&key), prompt - cached, cached, generated) } else { 0 };
+        self.bill(permit, billed);
         let at = self.touch(&key, now);
         let s = self.scopes.get_mut(&key).expect("a permit's scope exists");
         let now_us = (at / 1_000) as i128;
@@ -575,6 +659,38 @@ impl Model {
             }
         }
         SettleResult::Ok
+    }
+
+    /// Replaces a permit's held money with what it is billed (§8).
+    fn bill(&mut self, permit: Permit, billed: u128) {
+        let account = self.keys[permit.key_index].account.clone();
+        let a = self.accounts.entry(account).or_default();
+        a.reserved -= permit.money;
+        a.period_spend += billed;
+    }
+
+    /// What the account has spent this period plus what its permits hold, n$.
+    pub fn committed(&self, account: &[u8]) -> u128 {
+        self.accounts.get(account).map_or(0, |a| a.period_spend + a.reserved)
+    }
+
+    pub fn set_price(&mut self, model: &[u8], fast: bool, price: [u64; 3]) {
+        self.prices.insert((model.to_vec(), fast), price);
+    }
+
+    /// The user's own spend limit, µ$: refused (false) above the tier's.
+    pub fn set_spend_limit(&mut self, account: &[u8], micros: u64) -> bool {
+        let a = self.accounts.entry(account.to_vec()).or_default();
+        if micros > self.config.expect("a model has a config").tier_spend_limit[a.tier] {
+            return false;
+        }
+        a.chosen_limit = Some(micros);
+        true
+    }
+
+    /// A new billing period: spend starts again from zero, held money stays held.
+    pub fn start_billing_period(&mut self) {
+        self.accounts.values_mut().for_each(|a| a.period_spend = 0);
     }
 
     /// A stream's `tokens` more generated tokens; those past the reservation are charged now.
