@@ -802,12 +802,13 @@ sg_result sg_set_tier(const struct sg_engine *engine, const uint8_t *account, si
 sg_result sg_set_limits_override(const struct sg_engine *engine, const uint8_t *account, size_t account_len, uint32_t metric, double floor, double ceiling, uint64_t now_ns);
 
 /**
- * Starts a new billing period for every account.
+ * Starts a new billing period for every account at `now_ns`: permits expired by then are billed
+ * to the closing period first.
  *
  * # Safety
  * `engine` must be NULL or a live engine.
  */
-sg_result sg_start_billing_period(const struct sg_engine *engine);
+sg_result sg_start_billing_period(const struct sg_engine *engine, uint64_t now_ns);
 
 /**
  * Sets a model variant's prices.

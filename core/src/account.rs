@@ -606,9 +606,11 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
         })
     }
 
-    /// Starts a new billing period for every account: period spend returns to zero, lifting
-    /// spend-limit suspensions.
-    pub fn start_billing_period(&self) {
+    /// Starts a new billing period for every account at `now_ns`: period spend returns to zero,
+    /// lifting spend-limit suspensions. Permits expired by then are billed to the closing period
+    /// first (each is billed its reservation); the money live permits hold stays held.
+    pub fn start_billing_period(&self, now_ns: u64) {
+        self.sweep(now_ns, self.tables().permits.len());
         self.tables().accounts.iter().for_each(AccountSlot::start_billing_period);
     }
 

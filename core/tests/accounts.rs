@@ -94,7 +94,7 @@ fn a_new_billing_period_lifts_a_spend_limit_suspension() {
     e.set_spend_limit(b"a", 1_000).unwrap();
     run(&e, key("a"), 1_000, 0, 0);
     assert!(matches!(run(&e, key("a"), 1, 0, SECOND), Outcome::RejectSpend(_)));
-    e.start_billing_period();
+    e.start_billing_period(2 * SECOND);
     assert!(matches!(run(&e, key("a"), 1, 0, 2 * SECOND), Outcome::Admit(_)));
     assert_eq!(spend(&e, "a"), 1);
 }
@@ -155,7 +155,7 @@ fn paid_spend_promotes_the_account_when_it_reaches_a_tier() {
     for period in 0..3 {
         assert!(matches!(run(&e, key("a"), 0, 1_000, period * SECOND), Outcome::Admit(_)));
         assert_eq!(e.account(b"a").unwrap().tier, if period < 2 { Tier::One } else { Tier::Two });
-        e.start_billing_period();
+        e.start_billing_period(period * SECOND);
     }
 }
 

@@ -315,8 +315,8 @@ fn run((policy, adapt): (Policy, Adapt), ops: &[Op]) -> Result<(), TestCaseError
                 prop_assert_eq!(got, m.set_spend_limit(ACCOUNTS[account], micros), "step {}: {:?}", step, op);
             }
             Op::StartBillingPeriod => {
-                e.start_billing_period();
-                m.start_billing_period();
+                e.start_billing_period(now);
+                m.start_billing_period(now);
             }
             Op::Step { us } => now += us * 1_000,
             Op::StepBack { ms } => now = now.saturating_sub(ms * 1_000_000),

@@ -260,15 +260,16 @@ pub unsafe extern "C" fn sg_set_limits_override(
     })
 }
 
-/// Starts a new billing period for every account.
+/// Starts a new billing period for every account at `now_ns`: permits expired by then are billed
+/// to the closing period first.
 ///
 /// # Safety
 /// `engine` must be NULL or a live engine.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sg_start_billing_period(engine: *const sg_engine) -> sg_result {
+pub unsafe extern "C" fn sg_start_billing_period(engine: *const sg_engine, now_ns: u64) -> sg_result {
     boundary(|| {
         // SAFETY: forwarded from this function's contract.
-        unsafe { arg(engine) }?.inner.start_billing_period();
+        unsafe { arg(engine) }?.inner.start_billing_period(now_ns);
         Ok(())
     })
 }

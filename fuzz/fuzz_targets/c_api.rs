@@ -327,7 +327,7 @@ fuzz_target!(|data: &[u8]| {
                         ),
                         3 => sg_set_payment_method(engine, acct, len, u32::from(byte(step, 12) & 1)),
                         4 => sg_set_tier(engine, acct, len, u32::from(byte(step, 12)), now),
-                        5 => sg_start_billing_period(engine),
+                        5 => sg_start_billing_period(engine, now),
                         6 => {
                             let price = sg_price {
                                 uncached_prompt: word(step, 1),

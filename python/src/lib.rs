@@ -786,9 +786,12 @@ impl PyEngine {
             .map_err(core_error)
     }
 
-    /// Starts a new billing period for every account.
-    fn start_billing_period(&self) {
-        self.core().start_billing_period();
+    /// Starts a new billing period for every account; permits expired by ``now_ns`` are billed
+    /// to the closing period first.
+    #[pyo3(signature = (now_ns=None))]
+    fn start_billing_period(&self, now_ns: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        self.core().start_billing_period(now(now_ns)?);
+        Ok(())
     }
 
     /// Acquires units of a quota; returns (used, limit).

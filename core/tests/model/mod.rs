@@ -688,8 +688,14 @@ impl Model {
         true
     }
 
-    /// A new billing period: spend starts again from zero, held money stays held.
-    pub fn start_billing_period(&mut self) {
+    /// A new billing period at `now`: permits expired by then are billed to the closing period,
+    /// spend starts again from zero, and what live permits hold stays held.
+    pub fn start_billing_period(&mut self, now: u64) {
+        for p in 0..self.permits.len() {
+            if matches!(self.permits[p], PermitState::Live(permit) if now > permit.deadline_ns) {
+                let _ = self.live(p, now);
+            }
+        }
         self.accounts.values_mut().for_each(|a| a.period_spend = 0);
     }
 

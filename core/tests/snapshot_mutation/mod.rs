@@ -332,7 +332,7 @@ pub fn apply(e: &Engine<Heap>, op: &Op, now: &mut u64, permits: &mut Vec<Permit>
         Op::PaymentMethod { account: a, on } => {
             let _ = e.set_payment_method(account(a), on);
         }
-        Op::BillingPeriod => e.start_billing_period(),
+        Op::BillingPeriod => e.start_billing_period(*now),
         Op::Advance { jump, extra } => *now = now.saturating_add(pick(&JUMPS, jump) + u64::from(extra)),
     }
 }

@@ -718,7 +718,7 @@ static void test_accounts_prices_quotas(void) {
     CHECK(a.period_spend == 1000 && a.refusal == 1);
     EXPECT(sg_admit(e, &r, 0, &d), SG_OK);
     CHECK(d.outcome == SG_REJECT_SPEND && d.reason == 0);
-    EXPECT(sg_start_billing_period(e), SG_OK);
+    EXPECT(sg_start_billing_period(e, 0), SG_OK);
     EXPECT(sg_admit(e, &r, 0, &d), SG_OK);
     CHECK(d.outcome == SG_ADMIT);
     sg_usage none = usage(0, 0, 0);
@@ -1457,7 +1457,7 @@ static void test_null_pointers(void) {
     EXPECT(sg_set_tier(e, NULL, 4, SG_TIER2, 0), SG_ERR_NULL);
     EXPECT(sg_set_limits_override(NULL, acct, 4, SG_METRIC_REQUESTS, 10, 20, 0), SG_ERR_NULL);
     EXPECT(sg_set_limits_override(e, NULL, 4, SG_METRIC_REQUESTS, 10, 20, 0), SG_ERR_NULL);
-    EXPECT(sg_start_billing_period(NULL), SG_ERR_NULL);
+    EXPECT(sg_start_billing_period(NULL, 0), SG_ERR_NULL);
     EXPECT(sg_set_price(NULL, model, model_len, 0, &p), SG_ERR_NULL);
     EXPECT(sg_set_price(e, NULL, model_len, 0, &p), SG_ERR_NULL);
     EXPECT(sg_set_price(e, model, model_len, 0, NULL), SG_ERR_NULL);

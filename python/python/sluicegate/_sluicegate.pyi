@@ -249,8 +249,9 @@ class Engine:
         self, account: _Key, metric: _MetricName, floor: Optional[float] = None, ceiling: Optional[float] = None, *, now_ns: Optional[SupportsIndex] = None
     ) -> None:
         """Gives an account its own floor and ceiling on a metric (None: the policy's)."""
-    def start_billing_period(self) -> None:
-        """Starts a new billing period for every account."""
+    def start_billing_period(self, now_ns: Optional[SupportsIndex] = None) -> None:
+        """Starts a new billing period for every account; permits expired by ``now_ns`` are billed
+        to the closing period first."""
     def acquire_quota(self, account: _Key, quota: _QuotaName, n: Optional[SupportsIndex] = None) -> tuple[int, int]:
         """Acquires units of a quota; returns (used, limit)."""
     def release_quota(self, account: _Key, quota: _QuotaName, n: Optional[SupportsIndex] = None) -> tuple[int, int]:
