@@ -134,7 +134,7 @@ fn in_range(name: &str, v: f64) -> bool {
         "hard_factor" => v.is_finite() && v >= 1.0,
         "max_wait" => v.is_finite() && v >= 0.0,
         "tick" => v >= 0.001 && v * 1e9 <= MAX_TICK_NS as f64,
-        "max_in_flight" => v >= 1.0 && (v.is_infinite() || (v.fract() == 0.0 && v <= f64::from(u32::MAX))),
+        "max_in_flight" => v >= 1.0 && (v.is_infinite() || (libm::trunc(v) == v && v <= f64::from(u32::MAX))),
         // Limits, ceilings and permit_ttl: at least 1 (inf allowed: off, none, never).
         _ => v >= 1.0,
     }
@@ -264,6 +264,12 @@ mod tests {
         }
         let p = apply(Policy::together(), &[("max_wait", 0.0), ("permit_ttl", f64::INFINITY)]).unwrap();
         assert_eq!((p.max_wait_ns, p.permit_ttl_ns), (0, u64::MAX));
+        for bad in [2.5, 0.0, 5e9, f64::NAN] {
+            let e = apply(Policy::fixed(), &[("max_in_flight", bad)]);
+            assert_eq!(e, Err(PolicyError::BadParameter("max_in_flight")), "{bad}");
+        }
+        let cap = |v: f64| apply(Policy::fixed(), &[("max_in_flight", v)]).unwrap().max_in_flight;
+        assert_eq!((cap(7.0), cap(f64::INFINITY)), (Some(7), Some(u32::MAX)));
     }
 
     #[test]
