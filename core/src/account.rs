@@ -24,7 +24,8 @@ const PAYMENT_METHOD: u64 = 1 << 9;
 const IN_FLIGHT_CAP_SHIFT: u32 = 16;
 const IN_FLIGHT_CAP_MASK: u64 = 0xFFFF_FFFF << IN_FLIGHT_CAP_SHIFT;
 /// Every bit of the settings word that means something; a snapshot with others is refused.
-pub(crate) const SETTINGS_KNOWN: u64 = TIER_MASK | PINNED | PAYMENT_METHOD | IN_FLIGHT_CAP_MASK;
+/// (Written out: the fields it covers are checked by a unit test.)
+pub(crate) const SETTINGS_KNOWN: u64 = 0x0000_FFFF_FFFF_03FF;
 
 /// Why an operator suspends an account.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -267,7 +268,8 @@ impl AccountSlot {
     fn set_in_flight_cap(&self, cap: Option<u32>) {
         let bits = u64::from(cap.unwrap_or(0)) << IN_FLIGHT_CAP_SHIFT;
         self.settings
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some((s & !IN_FLIGHT_CAP_MASK) | bits))
+            // The cap's bits replaced: take the old ones out, add the new.
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some(s - (s & IN_FLIGHT_CAP_MASK) + bits))
             .ok();
     }
 
@@ -665,5 +667,31 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
         let cell = |_, a: &AccountSlot| a.quotas.get(quota.index()).map(f);
         let done = self.with_account(account, true, cell)?.ok_or(crate::error::Error::UnknownAccount)?;
         done.map_err(crate::error::Error::Quota)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_known_settings_are_the_tier_its_pin_the_payment_method_and_the_cap() {
+        assert_eq!(SETTINGS_KNOWN, TIER_MASK | PINNED | PAYMENT_METHOD | IN_FLIGHT_CAP_MASK);
+        for field in [TIER_MASK, PINNED, PAYMENT_METHOD, IN_FLIGHT_CAP_MASK] {
+            assert_eq!(SETTINGS_KNOWN & field, field);
+        }
+        assert_eq!(SETTINGS_KNOWN & (1 << 10), 0);
+        assert_eq!(SETTINGS_KNOWN >> 48, 0);
+    }
+
+    #[test]
+    fn setting_the_cap_keeps_every_other_setting() {
+        let a = AccountSlot::new();
+        a.settings.store(PINNED | PAYMENT_METHOD | 3, Ordering::Relaxed);
+        for cap in [Some(7), Some(u32::MAX), Some(1), None] {
+            a.set_in_flight_cap(cap);
+            assert_eq!(a.in_flight_cap(), cap);
+            assert_eq!(a.settings.load(Ordering::Relaxed) & !IN_FLIGHT_CAP_MASK, PINNED | PAYMENT_METHOD | 3);
+        }
     }
 }

@@ -188,3 +188,24 @@ fn concurrent_spend_is_conserved_and_bounded() {
     assert!(a.period_spend <= limit + overruns.load(Ordering::Relaxed), "{a:?}");
     assert!(billed_by_threads.load(Ordering::Relaxed) > limit / 2, "the limit was reached");
 }
+
+/// Nothing is held for an account without a limit, nor for a free request; a free request is
+/// admitted even while held money exceeds the credits of an account without a payment method.
+#[test]
+fn nothing_is_held_without_a_limit_or_a_price() {
+    let e = engine(Capacity::scopes(64));
+    e.set_tier(b"big", Some(sluicegate_core::Tier::Unlimited), 0).unwrap();
+    let d = e.admit(key(b"big"), &Request::new(1_000).max_tokens(1_000), 0).unwrap();
+    assert!(d.admitted());
+    assert_eq!(e.account(b"big").unwrap().reserved, 0);
+    e.settle(d.permit().unwrap(), &Usage::new(1_000, 1_000), Completion::Success, 0).unwrap();
+    assert_eq!(e.account(b"big").unwrap().period_spend, 11_000);
+
+    e.add_credits(b"a", 11_000).unwrap();
+    e.set_payment_method(b"a", false).unwrap();
+    let held = e.admit(key(b"a"), &Request::new(1_000).max_tokens(1_000), 0).unwrap();
+    assert!(held.admitted());
+    let free = ScopeKey::new(b"a", b"free-model");
+    assert!(e.admit(free, &Request::new(1_000).max_tokens(1_000), 0).unwrap().admitted());
+    assert_eq!(e.account(b"a").unwrap().reserved, 11_000);
+}
