@@ -209,3 +209,18 @@ fn nothing_is_held_without_a_limit_or_a_price() {
     assert!(e.admit(free, &Request::new(1_000).max_tokens(1_000), 0).unwrap().admitted());
     assert_eq!(e.account(b"a").unwrap().reserved, 11_000);
 }
+
+/// When an account's credits and its limit allow exactly as much, the refusal names the limit.
+#[test]
+fn a_tie_between_credits_and_the_limit_names_the_limit() {
+    let e = engine(Capacity::scopes(64));
+    e.add_credits(b"a", 11_000).unwrap();
+    e.set_payment_method(b"a", false).unwrap();
+    e.set_spend_limit(b"a", 11_000).unwrap();
+    let over = e.admit(key(b"a"), &Request::new(1_001).max_tokens(1_000), 0).unwrap();
+    assert_eq!(over.outcome, Outcome::RejectSpend(SpendRejection::SpendLimitExceeded));
+    e.set_spend_limit(b"a", 12_000).unwrap();
+    let over = e.admit(key(b"a"), &Request::new(1_001).max_tokens(1_000), 0).unwrap();
+    assert_eq!(over.outcome, Outcome::RejectSpend(SpendRejection::AccountSuspended));
+    assert!(e.admit(key(b"a"), &Request::new(1_000).max_tokens(1_000), 0).unwrap().admitted());
+}
