@@ -26,6 +26,8 @@ const IN_FLIGHT_CAP_MASK: u64 = 0xFFFF_FFFF << IN_FLIGHT_CAP_SHIFT;
 /// Every bit of the settings word that means something; a snapshot with others is refused.
 /// (Written out: the fields it covers are checked by a unit test.)
 pub(crate) const SETTINGS_KNOWN: u64 = 0x0000_FFFF_FFFF_03FF;
+/// What pinning or un-pinning a tier leaves as it was: the payment method and the cap (tested).
+const KEPT_BY_PIN: u64 = 0x0000_FFFF_FFFF_0200;
 
 /// Why an operator suspends an account.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -417,7 +419,7 @@ impl AccountSlot {
                     Some(t) => PINNED | t as u64,
                     None => tiers.earned(self.historical.load(Ordering::Acquire) / NANOS_PER_MICRO) as u64,
                 };
-                Some((s & (PAYMENT_METHOD | IN_FLIGHT_CAP_MASK)) | settings)
+                Some((s & KEPT_BY_PIN) + settings)
             })
             .ok();
         // Spend recorded while the tier was being set may have earned more.
@@ -682,6 +684,7 @@ mod tests {
         }
         assert_eq!(SETTINGS_KNOWN & (1 << 10), 0);
         assert_eq!(SETTINGS_KNOWN >> 48, 0);
+        assert_eq!(KEPT_BY_PIN, PAYMENT_METHOD | IN_FLIGHT_CAP_MASK);
     }
 
     #[test]

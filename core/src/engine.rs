@@ -182,8 +182,10 @@ impl<S: Storage> Engine<S> {
         };
         // Full: the account's abandoned permits may have expired unmet. Meet a stretch of the
         // ledger (bounded work, on the refusal path only) before refusing.
-        let entered =
-            account.enter(cap) || (self.sweep(now_ns, SWEEP_PER_SCOPE_TICK) > 0 && account.enter(cap));
+        let entered = account.enter(cap) || {
+            self.sweep(now_ns, SWEEP_PER_SCOPE_TICK);
+            account.enter(cap)
+        };
         if !entered {
             let limited = ConcurrencyLimited {
                 max_in_flight: u32::try_from(cap).unwrap_or(u32::MAX),
@@ -376,22 +378,18 @@ impl<S: Storage> Engine<S> {
         }
     }
 
-    /// Expires the abandoned permits among `budget` ledger entries from the sweep cursor;
-    /// returns how many it expired.
-    pub(crate) fn sweep(&self, now_ns: u64, budget: usize) -> usize {
+    /// Expires the abandoned permits among `budget` ledger entries from the sweep cursor.
+    pub(crate) fn sweep(&self, now_ns: u64, budget: usize) {
         let permits = self.tables().permits;
         let budget = budget.min(permits.len());
         let start = self.sweep_cursor.fetch_add(budget as u64, Ordering::Relaxed);
         let len = permits.len() as u64;
-        let mut expired = 0;
         for i in 0..budget as u64 {
-            let Some(index) = start.wrapping_add(i).checked_rem(len) else { break };
+            let Some(index) = start.wrapping_add(i).checked_rem(len) else { return };
             if let Some(owner) = permits.get(index as usize).and_then(|e| e.expire(now_ns)) {
                 self.release(owner);
-                expired += 1;
             }
         }
-        expired
     }
 
     /// Maps a ledger refusal to the settle error, releasing what an expiry found.

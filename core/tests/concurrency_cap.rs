@@ -164,3 +164,17 @@ fn abandoned_permits_give_their_places_back_once_expired() {
     assert!(refusals <= ledger / 64, "{refusals} refusals before the places came back");
     assert_eq!(e.account(b"a").unwrap().in_flight, 1);
 }
+
+/// On a ledger one sweep covers, the first request after the abandoned permits expired is
+/// admitted: its refusal path meets them before deciding.
+#[test]
+fn the_first_request_after_expiry_meets_the_abandoned_permits() {
+    let e = Engine::new(unlimited(), Capacity { permits: 64, ..Capacity::scopes(64) }).unwrap();
+    e.set_max_in_flight(b"a", Some(2)).unwrap();
+    for _ in 0..2 {
+        assert!(e.admit(key(b"a"), &Request::new(1), 0).unwrap().admitted());
+    }
+    let later = e.policy().permit_ttl_ns + 2 * SECOND;
+    assert!(e.admit(key(b"a"), &Request::new(1), later).unwrap().admitted());
+    assert_eq!(e.account(b"a").unwrap().in_flight, 1);
+}
