@@ -216,6 +216,7 @@ fn an_override_out_of_range_is_refused_with_a_message_that_names_it() {
             -1.0,
             "prompt_tokens_per_minute must be a number of at least 1, or inf to turn",
         ),
+        ("max_in_flight", 2.5, "max_in_flight must be a whole number of at least 1, or inf for no cap"),
     ];
     for (name, value, message) in cases {
         let mut o = Overrides::default();
