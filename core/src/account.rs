@@ -312,12 +312,9 @@ impl AccountSlot {
             .map_err(|_| refusal)
     }
 
-    /// Takes back a reservation whose admission was refused by the rate limits or the ledger.
-    pub(crate) fn release_reservation(&self, reserved: Nanos) {
-        self.uncommit(reserved);
-    }
-
-    fn uncommit(&self, amount: Nanos) {
+    /// Takes `amount` out of committed money: a reservation whose admission the rate limits or
+    /// the ledger refused, or a closing period's spend.
+    pub(crate) fn release_reservation(&self, amount: Nanos) {
         if amount != 0 {
             self.committed
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_sub(amount)))
@@ -430,7 +427,7 @@ impl AccountSlot {
     /// A new billing period: spend starts again from zero; outstanding reservations stay held.
     pub(crate) fn start_billing_period(&self) {
         let spent = self.period_spend.swap(0, Ordering::AcqRel);
-        self.uncommit(spent);
+        self.release_reservation(spent);
     }
 
     /// The account's bounds on `index`'s metric: its override, else the policy's with the
