@@ -1,6 +1,5 @@
 """The ASGI middleware with real parts: uvicorn on 127.0.0.1, the official openai client."""
 
-import socket
 import threading
 import time
 
@@ -8,11 +7,11 @@ import http_sf
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import sluicegate
 from sluicegate.asgi import SluicegateMiddleware, account_digest
 
+import fake_apis
 from fake_upstream import COMPLETION_TOKENS, SEEN, app as upstream
 
 MODEL = "llama-v3p1-70b"
@@ -22,27 +21,8 @@ ACCT = account_digest("acct-1", KEY)
 """The engine's account of the bearer key ``acct-1``: its digest, never the key."""
 
 
-class Server:
-    """uvicorn serving `app` on a free loopback port, in a thread, for one test."""
-
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+class Server(fake_apis.Server):
+    """uvicorn serving `app` on a free loopback port, with an OpenAI client for it."""
 
     @property
     def url(self):
