@@ -11,7 +11,7 @@ use crate::policy::{MetricLimits, Policy};
 use crate::request::{Completion, Request, Usage};
 use crate::scope::{self, IN_FLIGHT_ONE, ScopeAdaptation, ScopeSlot};
 use crate::shed::{Class, LoadPermille};
-use crate::storage::{Capacity, Storage, Tables};
+use crate::storage::{Capacity, Identity, Storage, Tables};
 use crate::sync::{Ordering, fence};
 use crate::table;
 
@@ -94,13 +94,11 @@ impl Engine<crate::storage::Heap> {
 
 impl<S: Storage> Engine<S> {
     /// An engine over `storage`, hashing keys with `seed` (pick it at random per process).
+    /// Shared storage brings its own seed, and `seed` is ignored.
     pub fn with_storage(policy: Policy, storage: S, seed: u64) -> Result<Self, Error> {
         let bands = policy.bands()?;
         storage.tables().capacity().check()?;
-        // Seed and table address: engines sharing a seed still refuse each other's permits.
-        let place = storage.tables().scopes.as_ptr() as usize as u64;
-        let mixed = crate::locate::scope_hash(seed, place);
-        let incarnation = (mixed ^ (mixed >> 32)) as u32 | 1;
+        let Identity { seed, incarnation } = storage.identity().unwrap_or_else(|| Identity::local(seed));
         // A quarter of the ledger: one account can never take it all (SPEC §8).
         let default_in_flight = (storage.tables().permits.len() as u64 / 4).max(1);
         Ok(Engine {
@@ -124,6 +122,11 @@ impl<S: Storage> Engine<S> {
     /// asks for them).
     pub fn render(&self, dialect: crate::response::Dialect) -> crate::response::Render {
         crate::response::Render::new(dialect).per_second(self.policy.per_second_headers)
+    }
+
+    /// Where the engine's tables live.
+    pub fn storage(&self) -> &S {
+        &self.storage
     }
 
     /// The engine's table sizes.

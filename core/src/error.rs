@@ -67,6 +67,38 @@ pub enum Error {
     },
     /// A quota operation was refused.
     Quota(crate::quota::QuotaError),
+    /// Shared memory could not be opened as this engine's region.
+    Region(RegionError),
+}
+
+/// Why a memory region (shared by processes) could not hold or attach an engine. The region is
+/// left as it was; nothing is read past its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionError {
+    /// The memory is shorter than the capacity needs; this many bytes are needed.
+    TooSmall {
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// The memory is not aligned to 128 bytes.
+    Misaligned,
+    /// This machine has no lock-free 16-byte atomics, so processes cannot share the tables.
+    NotLockFree,
+    /// The memory holds something other than a sluicegate region.
+    NotARegion,
+    /// A region of a layout this build does not read.
+    UnsupportedVersion(u32),
+    /// The header's checksum does not match: its bytes were damaged.
+    Corrupt,
+    /// The region was made for other table capacities.
+    CapacityMismatch,
+    /// The region was made for another policy.
+    PolicyMismatch,
+    /// Initialisation did not finish in time: the initialiser is slow or died (a torn
+    /// initialisation); or, when only attaching, nobody has initialised the region.
+    NotReady,
+    /// The operating system refused to create, size, lock or map the file (`errno`, 0 if none).
+    Io(i32),
 }
 
 /// Errors of settling or charging a permit. Each leaves the engine unchanged.
@@ -138,6 +170,7 @@ impl fmt::Display for Error {
             Error::Quota(crate::quota::QuotaError::BelowUse { used }) => {
                 write!(f, "quota limit below the {used} in use")
             }
+            Error::Region(e) => write!(f, "shared region: {e}"),
         }
     }
 }
@@ -155,6 +188,29 @@ impl fmt::Display for SettleError {
     }
 }
 
+impl fmt::Display for RegionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegionError::TooSmall { needed } => write!(f, "memory too small: {needed} bytes needed"),
+            RegionError::Misaligned => f.write_str("memory is not aligned to 128 bytes"),
+            RegionError::NotLockFree => f.write_str("no lock-free 16-byte atomics on this machine"),
+            RegionError::NotARegion => f.write_str("not a sluicegate region"),
+            RegionError::UnsupportedVersion(v) => write!(f, "unsupported region layout version {v}"),
+            RegionError::Corrupt => f.write_str("region header checksum mismatch"),
+            RegionError::CapacityMismatch => f.write_str("region was made for other table capacities"),
+            RegionError::PolicyMismatch => f.write_str("region was made for another policy"),
+            RegionError::NotReady => f.write_str("region initialisation did not finish"),
+            RegionError::Io(errno) => write!(f, "file error (errno {errno})"),
+        }
+    }
+}
+
+impl From<RegionError> for Error {
+    fn from(e: RegionError) -> Self {
+        Error::Region(e)
+    }
+}
+
 impl From<PolicyError> for Error {
     fn from(e: PolicyError) -> Self {
         Error::Policy(e)
@@ -164,6 +220,7 @@ impl From<PolicyError> for Error {
 impl core::error::Error for PolicyError {}
 impl core::error::Error for Error {}
 impl core::error::Error for SettleError {}
+impl core::error::Error for RegionError {}
 
 /// Why a snapshot could not be written or restored. A failed restore changes nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +245,8 @@ pub enum SnapshotError {
     /// A record is inconsistent (an index out of range or repeated, a dangling reference, an
     /// impossible value).
     Corrupt,
+    /// Other processes have this shared engine open: a restore would change state under them.
+    InUse,
 }
 
 impl fmt::Display for SnapshotError {
@@ -203,6 +262,7 @@ impl fmt::Display for SnapshotError {
             SnapshotError::BadChecksum => f.write_str("snapshot checksum mismatch"),
             SnapshotError::CapacityMismatch => f.write_str("snapshot was taken with other table capacities"),
             SnapshotError::Corrupt => f.write_str("snapshot record is inconsistent"),
+            SnapshotError::InUse => f.write_str("other processes have this shared engine open"),
         }
     }
 }

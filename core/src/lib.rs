@@ -55,10 +55,13 @@ pub mod policy;
 pub mod price;
 pub mod quota;
 mod refs;
+pub mod region;
 pub mod request;
 pub mod response;
 pub mod scope;
 pub mod shed;
+#[cfg(all(feature = "std", unix))]
+pub mod shared;
 pub mod snapshot;
 pub mod storage;
 mod sync;
@@ -78,7 +81,7 @@ pub use account::{AccountSlot, AccountState, Suspension};
 pub use bucket::Band;
 pub use decision::{ConcurrencyLimited, Decision, Levels, Outcome, RateLimited, Shed, SpendRejection};
 pub use engine::Engine;
-pub use error::{Error, PolicyError, SettleError, SnapshotError, Table};
+pub use error::{Error, PolicyError, RegionError, SettleError, SnapshotError, Table};
 pub use key::{ScopeKey, Variant};
 pub use metric::{Metric, PerMetric};
 pub use model::ModelSlot;
@@ -92,5 +95,8 @@ pub use scope::{ScopeAdaptation, ScopeSlot};
 pub use shed::{LoadPermille, ShedThresholds};
 #[cfg(feature = "std")]
 pub use storage::Heap;
-pub use storage::{Borrowed, Capacity, Storage, Tables};
+#[cfg(all(feature = "std", unix))]
+pub use shared::SharedFile;
+pub use region::{Opening, Region};
+pub use storage::{Borrowed, Capacity, Identity, Storage, Tables};
 pub use tier::{Micros, Tier, TierSpec, Tiers};

@@ -16,7 +16,7 @@ use crate::key::{self, ACCOUNT_KEY_MAX, MODEL_KEY_MAX};
 use crate::metric::PerMetric;
 use crate::model::ModelSlot;
 use crate::scope::{self, ScopeSlot};
-use crate::storage::{Capacity, Storage};
+use crate::storage::{Capacity, Identity, Storage};
 use crate::sync::{AtomicU64, Ordering};
 use crate::table::{self, Keyed, Slot};
 use crate::tier::Tier;
@@ -299,9 +299,17 @@ impl<S: Storage> Engine<S> {
     /// before the restore become stale.
     pub fn restore(&mut self, bytes: &[u8], now_ns: u64) -> Result<(), SnapshotError> {
         let header = self.validate(bytes)?;
+        self.storage.begin_restore()?;
         self.seed = header.seed;
         self.incarnation =
             (self.incarnation.wrapping_mul(0x9E37_79B9) ^ (header.seed as u32)).wrapping_add(2) | 1;
+        let filled = self.fill(bytes, &header, now_ns);
+        self.storage.end_restore(Identity { seed: self.seed, incarnation: self.incarnation });
+        filled
+    }
+
+    /// Empties the tables and puts back a validated snapshot's records.
+    fn fill(&self, bytes: &[u8], header: &Header, now_ns: u64) -> Result<(), SnapshotError> {
         let t = self.tables();
         t.scopes.iter().for_each(ScopeSlot::clear);
         t.adaptation.iter().for_each(|a| a.store(&PerMetric([MetricState { limit: 0.0, memory: 0.0 }; 4])));

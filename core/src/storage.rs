@@ -1,7 +1,7 @@
 //! Where an engine's tables live: memory the caller hands in (no `std`), or the heap.
 
 use crate::account::AccountSlot;
-use crate::error::{Error, Table};
+use crate::error::{Error, SnapshotError, Table};
 use crate::model::ModelSlot;
 use crate::permit::PermitSlot;
 use crate::scope::{MAX_ACCOUNTS, MAX_MODELS, MAX_PERMITS, ScopeAdaptation, ScopeSlot};
@@ -79,10 +79,53 @@ impl Tables<'_> {
     }
 }
 
+/// The hash seed and permit incarnation of an engine's tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Seeds the key hashes.
+    pub seed: u64,
+    /// Stamped on every permit: permits of other tables (or of the state before a restore)
+    /// are stale.
+    pub incarnation: u32,
+}
+
+impl Identity {
+    /// Tables made with `seed`: the incarnation is mixed from it.
+    pub fn from_seed(seed: u64) -> Self {
+        let mixed = crate::locate::scope_hash(seed, 0x1ca2_7a71_0000_0001);
+        Identity { seed, incarnation: (mixed ^ (mixed >> 32)) as u32 | 1 }
+    }
+
+    /// Tables of this process only: engines made with one seed still refuse each other's permits.
+    pub(crate) fn local(seed: u64) -> Self {
+        static ENGINES: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+        let n = ENGINES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        let incarnation = Self::from_seed(seed ^ (u64::from(n) << 32 | u64::from(n))).incarnation;
+        Identity { seed, incarnation }
+    }
+}
+
 /// Anything that holds an engine's tables.
 pub trait Storage {
     /// The tables.
     fn tables(&self) -> Tables<'_>;
+
+    /// The seed and incarnation the tables were made with, when they are shared with other
+    /// processes (which must use the same); `None` lets the engine pick its own.
+    fn identity(&self) -> Option<Identity> {
+        None
+    }
+
+    /// A restore is about to replace the tables: shared storage refuses while other processes
+    /// use it, and marks itself as being replaced.
+    fn begin_restore(&mut self) -> Result<(), SnapshotError> {
+        Ok(())
+    }
+
+    /// The restore is done; these are the tables' seed and incarnation from now on.
+    fn end_restore(&mut self, identity: Identity) {
+        let _ = identity;
+    }
 }
 
 /// Memory the caller owns, e.g. `static` arrays on a target without a heap.

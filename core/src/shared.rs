@@ -1,0 +1,129 @@
+//! An engine in a file every worker process maps (`/dev/shm/...`): limits are shared exactly.
+//!
+//! Openers take an exclusive lock on the file while they create, size, check or initialise it,
+//! then hold a shared lock while the engine lives. The kernel drops a dead process's locks, so
+//! an initialisation torn by a crash is redone by the next opener, and a restore can tell
+//! whether any other process still has the engine open.
+
+use std::fs::{File, OpenOptions};
+use std::hash::BuildHasher;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::ptr::NonNull;
+
+use fs4::FileExt;
+
+use crate::engine::Engine;
+use crate::error::{Error, RegionError, SnapshotError};
+use crate::policy::Policy;
+use crate::region::{Opening, Region, region_size};
+use crate::storage::{Capacity, Identity, Storage, Tables};
+
+/// An engine's tables in a memory-mapped file that several processes open.
+#[derive(Debug)]
+pub struct SharedFile {
+    /// Points into `map`, so it is declared (and dropped) first.
+    region: Region<'static>,
+    map: memmap2::MmapRaw,
+    file: File,
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::Region(RegionError::Io(e.raw_os_error().unwrap_or(0)))
+}
+
+impl SharedFile {
+    /// Creates (mode 0600) or opens `path`, maps it, and initialises it or checks it was made
+    /// for this `policy` and `capacity`. The file is never deleted by sluicegate.
+    pub fn open(path: &Path, policy: &Policy, capacity: Capacity) -> Result<Self, Error> {
+        policy.bands()?;
+        let size = region_size(capacity)?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io)?;
+        FileExt::lock(&file).map_err(io)?;
+        // Dropping `file` on an error releases the lock.
+        let len = file.metadata().map_err(io)?.len();
+        if len == 0 {
+            file.set_len(size as u64).map_err(io)?;
+        }
+        let len = usize::try_from(file.metadata().map_err(io)?.len())
+            .map_err(|_| RegionError::TooSmall { needed: size })?;
+        let map = memmap2::MmapOptions::new().len(len).map_raw(&file).map_err(io)?;
+        let base = NonNull::new(map.as_mut_ptr()).ok_or(RegionError::Io(0))?;
+        let seed = std::hash::RandomState::new().hash_one(0x5eed_u64);
+        // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as the
+        // region (both are fields of `SharedFile`, the region dropped first); other processes
+        // use the file only through this function.
+        let region = unsafe { Region::open(base, len, policy, capacity, seed, Opening::Exclusive) }?;
+        FileExt::lock_shared(&file).map_err(io)?;
+        Ok(SharedFile { region, map, file })
+    }
+
+    /// Where this process mapped the region (each process maps it at its own address).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+
+    /// The mapping's length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the mapping is empty (never, for an open region).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+}
+
+impl Storage for SharedFile {
+    #[inline]
+    fn tables(&self) -> Tables<'_> {
+        self.region.tables()
+    }
+
+    fn identity(&self) -> Option<Identity> {
+        self.region.identity()
+    }
+
+    /// Only when no other process (nor another handle in this one) has the file open.
+    fn begin_restore(&mut self) -> Result<(), SnapshotError> {
+        if FileExt::try_lock(&self.file).is_err() {
+            // A failed conversion may have dropped the shared lock: take it back.
+            FileExt::lock_shared(&self.file).map_err(|_| SnapshotError::InUse)?;
+            return Err(SnapshotError::InUse);
+        }
+        self.region.begin_restore()
+    }
+
+    fn end_restore(&mut self, identity: Identity) {
+        self.region.end_restore(identity);
+        // Back to shared; if this fails the exclusive lock stays, which only delays openers.
+        let _ = FileExt::lock_shared(&self.file);
+    }
+}
+
+impl Engine<SharedFile> {
+    /// An engine every process that opens `path` with the same `policy` and `capacity` shares:
+    /// one account's limits hold across all of them, exactly (SPEC §11).
+    ///
+    /// The first opener creates the file (mode 0600) and initialises it; later openers check
+    /// its header and attach. A file made for another policy or capacity, or damaged, is an
+    /// [`Error::Region`]. Put it on a memory file system such as `/dev/shm`.
+    ///
+    /// ```
+    /// use sluicegate_core::{Capacity, Engine, Policy, Request, ScopeKey};
+    /// let path = std::env::temp_dir().join(format!("sluicegate-doc-{}", std::process::id()));
+    /// let worker_1 = Engine::open_shared(&path, Policy::fixed(), Capacity::scopes(1024))?;
+    /// let worker_2 = Engine::open_shared(&path, Policy::fixed(), Capacity::scopes(1024))?;
+    /// let key = ScopeKey::new(b"acct-1", b"model");
+    /// worker_1.admit(key, &Request::new(10), 0)?;
+    /// assert_eq!(worker_2.limits(key, 0)?.remaining(sluicegate_core::Metric::Requests),
+    ///            worker_1.limits(key, 0)?.remaining(sluicegate_core::Metric::Requests));
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open_shared(path: impl AsRef<Path>, policy: Policy, capacity: Capacity) -> Result<Self, Error> {
+        let file = SharedFile::open(path.as_ref(), &policy, capacity)?;
+        Engine::with_storage(policy, file, 0)
+    }
+}
