@@ -26,7 +26,7 @@ const EMPTY: u64 = 0;
 /// `state` while one opener writes the tables (or a restore replaces them).
 const INITIALISING: u64 = 0x1417_1A11_5100_0001;
 /// `state` once the tables are written and the header is final.
-const READY: u64 = 0x5EAD_4EAD_5EAD_0002;
+pub(crate) const READY: u64 = 0x5EAD_4EAD_5EAD_0002;
 /// Spins an opener waits for another's initialisation before giving up (a fraction of a second).
 const READY_SPINS: u64 = 1 << 26;
 

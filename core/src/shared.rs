@@ -32,6 +32,13 @@ fn io(e: std::io::Error) -> Error {
     Error::Region(RegionError::Io(e.raw_os_error().unwrap_or(0)))
 }
 
+/// Whether the state word (bytes 8..16) says ready; read under the lock, so it cannot change.
+fn is_ready(file: &File) -> bool {
+    use std::os::unix::fs::FileExt as _;
+    let mut state = [0; 8];
+    file.read_exact_at(&mut state, 8).is_ok() && u64::from_le_bytes(state) == crate::region::READY
+}
+
 impl SharedFile {
     /// Creates (mode 0600) or opens `path`, maps it, and initialises it or checks it was made
     /// for this `policy` and `capacity`. The file is never deleted by sluicegate.
@@ -40,10 +47,20 @@ impl SharedFile {
         let size = region_size(capacity)?;
         let file =
             OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io)?;
-        FileExt::lock(&file).map_err(io)?;
+        // Attachers hold a shared lock for their lifetime; only an opener that finds the region
+        // not ready takes the exclusive one, which waits for every attacher of a torn region
+        // (none: nobody attaches before ready) and excludes other initialisers.
+        FileExt::lock_shared(&file).map_err(io)?;
+        let opening = if is_ready(&file) {
+            Opening::Attach
+        } else {
+            FileExt::unlock(&file).map_err(io)?;
+            FileExt::lock(&file).map_err(io)?;
+            Opening::Exclusive
+        };
         // Dropping `file` on an error releases the lock.
         let len = file.metadata().map_err(io)?.len();
-        if len == 0 {
+        if len == 0 && opening == Opening::Exclusive {
             file.set_len(size as u64).map_err(io)?;
         }
         let len = usize::try_from(file.metadata().map_err(io)?.len())
@@ -54,7 +71,7 @@ impl SharedFile {
         // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as the
         // region (both are fields of `SharedFile`, the region dropped first); other processes
         // use the file only through this function.
-        let region = unsafe { Region::open(base, len, policy, capacity, seed, Opening::Exclusive) }?;
+        let region = unsafe { Region::open(base, len, policy, capacity, seed, opening) }?;
         FileExt::lock_shared(&file).map_err(io)?;
         Ok(SharedFile { region, map, file })
     }
