@@ -148,6 +148,51 @@ enum sg_result
    * as if fully used, and nothing changed.
    */
   SG_ERR_PERMIT_EXPIRED = 25,
+  /**
+   * The memory is shorter than the configuration needs (`sg_region_size` says how much).
+   */
+  SG_ERR_REGION_TOO_SMALL = 26,
+  /**
+   * The memory is not aligned to 128 bytes.
+   */
+  SG_ERR_REGION_MISALIGNED = 27,
+  /**
+   * This machine has no lock-free 16-byte atomics: processes cannot share an engine.
+   */
+  SG_ERR_REGION_NOT_LOCK_FREE = 28,
+  /**
+   * The memory or file holds something other than a sluicegate region; it was left alone.
+   */
+  SG_ERR_NOT_A_REGION = 29,
+  /**
+   * A region of a layout this build does not read.
+   */
+  SG_ERR_REGION_UNSUPPORTED_VERSION = 30,
+  /**
+   * The region's header checksum does not match: its bytes were damaged.
+   */
+  SG_ERR_REGION_CORRUPT = 31,
+  /**
+   * The region was made for other table capacities.
+   */
+  SG_ERR_REGION_CAPACITY_MISMATCH = 32,
+  /**
+   * The region was made for another policy.
+   */
+  SG_ERR_REGION_POLICY_MISMATCH = 33,
+  /**
+   * Another opener's initialisation did not finish in time (or, only attaching, nobody has
+   * initialised the region).
+   */
+  SG_ERR_REGION_NOT_READY = 34,
+  /**
+   * The operating system refused to create, size, lock or map the file (see `errno`).
+   */
+  SG_ERR_IO = 35,
+  /**
+   * A restore of a shared engine while another process (or handle) has it open.
+   */
+  SG_ERR_SNAPSHOT_IN_USE = 36,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -995,6 +1040,44 @@ sg_result sg_render_headers(const struct sg_decision *decision, const struct sg_
  * As `sg_render_headers`.
  */
 sg_result sg_render_error_body(const struct sg_decision *decision, const struct sg_render *render, uint8_t *buf, size_t len, size_t *written);
+
+/**
+ * Opens, or creates with mode 0600, the file at `path` (put it on a memory file system such as
+ * `/dev/shm`) and an engine in it. Every process that opens the same path with the same
+ * configuration (preset, overrides, capacities) shares its limits; `config.seed` is ignored
+ * (the region keeps its own). The first opener initialises the file; later ones check its
+ * header: another configuration is `SG_ERR_REGION_POLICY_MISMATCH` or
+ * `SG_ERR_REGION_CAPACITY_MISMATCH`, damaged bytes `SG_ERR_REGION_CORRUPT`, a file that is not
+ * a region `SG_ERR_NOT_A_REGION` (and is left alone). A process that dies holding permits
+ * harms nobody: they expire after the policy's permit TTL. `sg_engine_free` unmaps the file
+ * and never deletes it.
+ *
+ * # Safety
+ * `path` must be NULL or NUL-terminated; `config` and `engine` as for `sg_engine_new`.
+ */
+sg_result sg_engine_open_shared(const char *path, const struct sg_config *config, struct sg_engine **engine);
+
+/**
+ * The bytes `sg_engine_in_region` needs for `config`'s capacities (a multiple of 128).
+ *
+ * # Safety
+ * `config` must be NULL or valid; `size` NULL or writable.
+ */
+sg_result sg_region_size(const struct sg_config *config, size_t *size);
+
+/**
+ * An engine in `len` bytes at `mem`, memory the host owns and maps into each process that uses
+ * it (an nginx shared zone), aligned to 128 bytes and at least `sg_region_size` long. With
+ * `initialise` non-zero, zeroed memory is initialised by the first caller (concurrent callers
+ * wait for it); with 0, the call only attaches to a region someone initialised
+ * (`SG_ERR_REGION_NOT_READY` otherwise). Memory that is neither zero nor a region is
+ * `SG_ERR_NOT_A_REGION` and is not written. `sg_engine_free` leaves the memory as it is.
+ *
+ * # Safety
+ * `mem..mem + len` must be readable and writable, used for nothing else, and stay mapped until
+ * `sg_engine_free`; `config` and `engine` as for `sg_engine_new`.
+ */
+sg_result sg_engine_in_region(void *mem, size_t len, const struct sg_config *config, uint32_t initialise, struct sg_engine **engine);
 
 /**
  * Bytes a snapshot of the engine's current contents needs.

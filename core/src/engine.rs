@@ -86,9 +86,7 @@ enum Attempt {
 impl Engine<crate::storage::Heap> {
     /// An engine with heap tables of `capacity` and a random hash seed.
     pub fn new(policy: Policy, capacity: Capacity) -> Result<Self, Error> {
-        use std::hash::BuildHasher;
-        let seed = std::hash::RandomState::new().hash_one(0x5eed_u64);
-        Self::with_storage(policy, crate::storage::Heap::new(capacity)?, seed)
+        Self::with_storage(policy, crate::storage::Heap::new(capacity)?, crate::storage::random_seed())
     }
 }
 

@@ -37,6 +37,8 @@ extern crate std;
 
 pub mod account;
 pub mod adapt;
+#[cfg(feature = "std")]
+pub mod backing;
 pub mod bucket;
 #[cfg(feature = "std")]
 pub mod clock;
@@ -93,6 +95,8 @@ pub use quota::{Quota, QuotaError};
 pub use request::{Completion, InvalidRequest, Request, Usage};
 pub use scope::{ScopeAdaptation, ScopeSlot};
 pub use shed::{LoadPermille, ShedThresholds};
+#[cfg(feature = "std")]
+pub use backing::Backing;
 #[cfg(feature = "std")]
 pub use storage::Heap;
 #[cfg(all(feature = "std", unix))]

@@ -6,7 +6,6 @@
 //! whether any other process still has the engine open.
 
 use std::fs::{File, OpenOptions};
-use std::hash::BuildHasher;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::ptr::NonNull;
@@ -17,7 +16,7 @@ use crate::engine::Engine;
 use crate::error::{Error, RegionError, SnapshotError};
 use crate::policy::Policy;
 use crate::region::{Opening, Region, region_size};
-use crate::storage::{Capacity, Identity, Storage, Tables};
+use crate::storage::{Capacity, Identity, Storage, Tables, random_seed};
 
 /// An engine's tables in a memory-mapped file that several processes open.
 #[derive(Debug)]
@@ -67,12 +66,23 @@ impl SharedFile {
             .map_err(|_| RegionError::TooSmall { needed: size })?;
         let map = memmap2::MmapOptions::new().len(len).map_raw(&file).map_err(io)?;
         let base = NonNull::new(map.as_mut_ptr()).ok_or(RegionError::Io(0))?;
-        let seed = std::hash::RandomState::new().hash_one(0x5eed_u64);
         // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as the
         // region (both are fields of `SharedFile`, the region dropped first); other processes
         // use the file only through this function.
-        let region = unsafe { Region::open(base, len, policy, capacity, seed, opening) }?;
+        let region = unsafe { Region::open(base, len, policy, capacity, random_seed(), opening) }?;
         FileExt::lock_shared(&file).map_err(io)?;
+        Ok(SharedFile { region, map, file })
+    }
+
+    /// A second handle on the same region that shares this one's file lock, so that a restore
+    /// through either is not refused because of the other (one process's handles are one
+    /// opener). It maps the region again, at its own address.
+    pub fn try_clone(&self) -> Result<Self, Error> {
+        let file = self.file.try_clone().map_err(io)?;
+        let map = memmap2::MmapOptions::new().len(self.map.len()).map_raw(&file).map_err(io)?;
+        let base = NonNull::new(map.as_mut_ptr()).ok_or(RegionError::Io(0))?;
+        // SAFETY: as in `open`; the region was ready when `self` opened it.
+        let region = unsafe { Region::reattach(base, map.len(), &self.region) }?;
         Ok(SharedFile { region, map, file })
     }
 

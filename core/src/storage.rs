@@ -105,6 +105,14 @@ impl Identity {
     }
 }
 
+/// A hash seed from the operating system's randomness, different in every process (an attacker
+/// who cannot guess it cannot aim keys at one neighbourhood of the tables).
+#[cfg(feature = "std")]
+pub fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::hash::RandomState::new().hash_one(0x5eed_u64)
+}
+
 /// Anything that holds an engine's tables.
 pub trait Storage {
     /// The tables.

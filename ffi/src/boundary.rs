@@ -3,7 +3,7 @@
 use core::ffi::c_char;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use sluicegate_core::{Error, PolicyError, QuotaError, SettleError, SnapshotError, text::BufferTooSmall};
+use sluicegate_core::{Error, PolicyError, QuotaError, RegionError, SettleError, SnapshotError, text::BufferTooSmall};
 
 /// What every function returns. `SG_OK` is 0; `sg_result_str` describes each code.
 #[repr(u32)]
@@ -63,6 +63,29 @@ pub enum sg_result {
     /// The permit was not settled within the policy's permit TTL: its reservation stays charged
     /// as if fully used, and nothing changed.
     SgErrPermitExpired = 25,
+    /// The memory is shorter than the configuration needs (`sg_region_size` says how much).
+    SgErrRegionTooSmall = 26,
+    /// The memory is not aligned to 128 bytes.
+    SgErrRegionMisaligned = 27,
+    /// This machine has no lock-free 16-byte atomics: processes cannot share an engine.
+    SgErrRegionNotLockFree = 28,
+    /// The memory or file holds something other than a sluicegate region; it was left alone.
+    SgErrNotARegion = 29,
+    /// A region of a layout this build does not read.
+    SgErrRegionUnsupportedVersion = 30,
+    /// The region's header checksum does not match: its bytes were damaged.
+    SgErrRegionCorrupt = 31,
+    /// The region was made for other table capacities.
+    SgErrRegionCapacityMismatch = 32,
+    /// The region was made for another policy.
+    SgErrRegionPolicyMismatch = 33,
+    /// Another opener's initialisation did not finish in time (or, only attaching, nobody has
+    /// initialised the region).
+    SgErrRegionNotReady = 34,
+    /// The operating system refused to create, size, lock or map the file (see `errno`).
+    SgErrIo = 35,
+    /// A restore of a shared engine while another process (or handle) has it open.
+    SgErrSnapshotInUse = 36,
 }
 
 use sg_result::*;
@@ -97,6 +120,17 @@ pub extern "C" fn sg_result_str(code: u32) -> *const c_char {
         23 => c"snapshot taken with other capacities",
         24 => c"snapshot record inconsistent",
         25 => c"permit expired (not settled within the permit TTL)",
+        26 => c"region too small for this configuration",
+        27 => c"region not aligned to 128 bytes",
+        28 => c"no lock-free 16-byte atomics: cannot share an engine between processes",
+        29 => c"not a sluicegate region",
+        30 => c"unsupported region layout version",
+        31 => c"region header corrupt",
+        32 => c"region made for other capacities",
+        33 => c"region made for another policy",
+        34 => c"region not ready (initialisation did not finish)",
+        35 => c"operating system error on the shared file",
+        36 => c"snapshot restore refused: the shared engine is in use by another process",
         _ => c"unknown result code",
     };
     text.as_ptr()
@@ -180,6 +214,24 @@ impl From<Error> for sg_result {
             Error::UnknownAccount => SgErrUnknownAccount,
             Error::SpendLimitAboveTier { .. } => SgErrSpendLimitAboveTier,
             Error::Quota(q) => q.into(),
+            Error::Region(r) => r.into(),
+        }
+    }
+}
+
+impl From<RegionError> for sg_result {
+    fn from(e: RegionError) -> Self {
+        match e {
+            RegionError::TooSmall { .. } => SgErrRegionTooSmall,
+            RegionError::Misaligned => SgErrRegionMisaligned,
+            RegionError::NotLockFree => SgErrRegionNotLockFree,
+            RegionError::NotARegion => SgErrNotARegion,
+            RegionError::UnsupportedVersion(_) => SgErrRegionUnsupportedVersion,
+            RegionError::Corrupt => SgErrRegionCorrupt,
+            RegionError::CapacityMismatch => SgErrRegionCapacityMismatch,
+            RegionError::PolicyMismatch => SgErrRegionPolicyMismatch,
+            RegionError::NotReady => SgErrRegionNotReady,
+            RegionError::Io(_) => SgErrIo,
         }
     }
 }
@@ -222,6 +274,7 @@ impl From<SnapshotError> for sg_result {
             SnapshotError::BadChecksum => SgErrSnapshotBadChecksum,
             SnapshotError::CapacityMismatch => SgErrSnapshotCapacityMismatch,
             SnapshotError::Corrupt => SgErrSnapshotCorrupt,
+            SnapshotError::InUse => SgErrSnapshotInUse,
         }
     }
 }

@@ -4,7 +4,7 @@
 use core::ffi::{CStr, c_char};
 
 use sluicegate_core::{
-    Capacity, Completion, Decision, Engine, Heap, Levels, Metric, Outcome, Overrides, Permit, Policy,
+    Backing, Capacity, Completion, Decision, Engine, Heap, Levels, Metric, Outcome, Overrides, Permit, Policy,
     RawPermit, Request, ScopeKey, Usage, Variant, overrides,
 };
 
@@ -12,7 +12,7 @@ use crate::boundary::{arg, boundary, bytes, out, sg_result, sg_result::*};
 
 /// An engine: opaque, created by `sg_engine_new`, freed by `sg_engine_free`.
 pub struct sg_engine {
-    pub(crate) inner: Engine<Heap>,
+    pub(crate) inner: Engine<Backing>,
 }
 
 /// How to build an engine: a preset and overrides. Every zero (or NULL) field keeps the preset's
@@ -233,7 +233,7 @@ pub unsafe extern "C" fn sg_config_default(config: *mut sg_config) -> sg_result 
     })
 }
 
-fn policy_of(config: &sg_config) -> Result<Policy, sg_result> {
+pub(crate) fn policy_of(config: &sg_config) -> Result<Policy, sg_result> {
     let preset = if config.preset.is_null() {
         Policy::fireworks_2024()
     } else {
@@ -272,7 +272,7 @@ fn policy_of(config: &sg_config) -> Result<Policy, sg_result> {
     Ok(preset.with(&overrides)?)
 }
 
-fn capacity_of(config: &sg_config) -> Result<Capacity, sg_result> {
+pub(crate) fn capacity_of(config: &sg_config) -> Result<Capacity, sg_result> {
     let n = |v: u64| usize::try_from(v).map_err(|_| SgErrBadCapacity);
     let scopes = if config.scopes == 0 { 100_000 } else { n(config.scopes)? };
     let mut capacity = Capacity::scopes(scopes);
@@ -306,11 +306,8 @@ pub unsafe extern "C" fn sg_engine_new(config: *const sg_config, engine: *mut *m
         let config = unsafe { arg(config)? };
         let policy = policy_of(config)?;
         let capacity = capacity_of(config)?;
-        let inner = if config.seed == 0 {
-            Engine::new(policy, capacity)?
-        } else {
-            Engine::with_storage(policy, Heap::new(capacity)?, config.seed)?
-        };
+        let seed = if config.seed == 0 { sluicegate_core::storage::random_seed() } else { config.seed };
+        let inner = Engine::with_storage(policy, Backing::Heap(Heap::new(capacity)?), seed)?;
         *engine = Box::into_raw(Box::new(sg_engine { inner }));
         Ok(())
     })

@@ -11,10 +11,14 @@ mod account;
 mod boundary;
 mod engine;
 mod render;
+#[cfg(unix)]
+mod shared;
 mod snapshot;
 
 pub use account::*;
 pub use boundary::*;
 pub use engine::*;
 pub use render::*;
+#[cfg(unix)]
+pub use shared::*;
 pub use snapshot::*;

@@ -21,6 +21,8 @@ pyo3::import_exception!(sluicegate._errors, StalePermitError);
 pyo3::import_exception!(sluicegate._errors, InvalidUsageError);
 pyo3::import_exception!(sluicegate._errors, PermitExpiredError);
 pyo3::import_exception!(sluicegate._errors, CorruptSnapshotError);
+pyo3::import_exception!(sluicegate._errors, SharedRegionError);
+pyo3::import_exception!(sluicegate._errors, EngineInUseError);
 
 /// A core error as its Python exception.
 pub(crate) fn core_error(e: CoreError) -> PyErr {
@@ -32,6 +34,7 @@ pub(crate) fn core_error(e: CoreError) -> PyErr {
         CoreError::UnknownAccount => UnknownAccountError::new_err(text),
         CoreError::SpendLimitAboveTier { .. } => SpendLimitAboveTierError::new_err(text),
         CoreError::Quota(q) => quota_error(q, text),
+        CoreError::Region(_) => SharedRegionError::new_err(text),
     }
 }
 
@@ -60,7 +63,11 @@ pub(crate) fn settle_error(e: SettleError) -> PyErr {
     }
 }
 
-/// A snapshot refused, as `CorruptSnapshotError`.
+/// A snapshot refused: `EngineInUseError` for a shared engine other processes use, else
+/// `CorruptSnapshotError`.
 pub(crate) fn snapshot_error(e: SnapshotError) -> PyErr {
-    CorruptSnapshotError::new_err(e.to_string())
+    match e {
+        SnapshotError::InUse => EngineInUseError::new_err(e.to_string()),
+        _ => CorruptSnapshotError::new_err(e.to_string()),
+    }
 }

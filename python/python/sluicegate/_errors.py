@@ -46,6 +46,16 @@ class CorruptSnapshotError(ArgumentError):
     """A snapshot is truncated, damaged, foreign, or from an engine of other capacities."""
 
 
+class SharedRegionError(Error):
+    """A shared engine (``shared=``) could not be opened: the file was made with another policy
+    or capacity, is damaged, is not a sluicegate region, or the operating system refused it.
+    The file is left as it was."""
+
+
+class EngineInUseError(Error):
+    """A restore of a shared engine while another process (or engine object) has it open."""
+
+
 class UnknownAccountError(Error, LookupError):
     """No such account."""
 
@@ -94,6 +104,8 @@ ERRORS = (
     AlreadySettledError,
     StalePermitError,
     PermitExpiredError,
+    SharedRegionError,
+    EngineInUseError,
 )
 """Every sluicegate exception class."""
 
