@@ -7,8 +7,8 @@ use std::sync::Barrier;
 use std::thread;
 
 use sluicegate_core::{
-    Capacity, Completion, Engine, Error, Metric, Policy, RegionError, Request, ScopeKey, SettleError, SharedFile,
-    SnapshotError, Storage, Usage,
+    Capacity, Completion, Engine, Error, Metric, Policy, RegionError, Request, ScopeKey, SettleError,
+    SharedFile, SnapshotError, Storage, Usage,
 };
 
 const KEY: ScopeKey<'static> = ScopeKey::new(b"acct-shared", b"model");
@@ -89,7 +89,10 @@ fn a_permit_from_one_mapping_settles_through_another_exactly_once() {
     let d = a.admit(KEY, &Request::new(10).max_tokens(20), 0).unwrap();
     let permit = d.permit().copied().unwrap();
     b.settle(&permit, &Usage::new(10, 5), Completion::Success, SECOND).unwrap();
-    assert_eq!(a.settle(&permit, &Usage::new(10, 5), Completion::Success, SECOND), Err(SettleError::AlreadySettled));
+    assert_eq!(
+        a.settle(&permit, &Usage::new(10, 5), Completion::Success, SECOND),
+        Err(SettleError::AlreadySettled)
+    );
 }
 
 #[test]
@@ -106,8 +109,14 @@ fn an_opener_with_other_capacities_or_another_policy_gets_a_typed_error() {
     let _first = open(&path, policy(600.0)).unwrap();
     let other = Capacity { permits: 2048, ..capacity() };
     let bigger = Capacity { scopes: 512, ..capacity() };
-    assert_eq!(region_error(Engine::open_shared(&path.0, policy(600.0), other)), RegionError::CapacityMismatch);
-    assert_eq!(region_error(Engine::open_shared(&path.0, policy(600.0), bigger)), RegionError::CapacityMismatch);
+    assert_eq!(
+        region_error(Engine::open_shared(&path.0, policy(600.0), other)),
+        RegionError::CapacityMismatch
+    );
+    assert_eq!(
+        region_error(Engine::open_shared(&path.0, policy(600.0), bigger)),
+        RegionError::CapacityMismatch
+    );
     assert_eq!(region_error(open(&path, policy(601.0))), RegionError::PolicyMismatch);
     assert!(open(&path, policy(600.0)).is_ok(), "a refused opener changes nothing");
 }
@@ -195,7 +204,11 @@ fn restore_is_refused_while_another_opener_holds_the_region_and_allowed_alone() 
     }
     let b = open(&path, policy(600.0)).unwrap();
     assert_eq!(a.restore(snapshot, 0), Err(SnapshotError::InUse));
-    assert_eq!(b.limits(KEY, 0).unwrap().remaining(Metric::Requests), 594, "a refused restore changes nothing");
+    assert_eq!(
+        b.limits(KEY, 0).unwrap().remaining(Metric::Requests),
+        594,
+        "a refused restore changes nothing"
+    );
     drop(b);
     a.restore(snapshot, 0).unwrap();
     assert_eq!(a.limits(KEY, 0).unwrap().remaining(Metric::Requests), 599);
@@ -227,4 +240,133 @@ fn every_opener_uses_the_regions_seed_and_incarnation() {
     let identities = files.each_ref().map(|f| f.identity().unwrap());
     assert_eq!(identities[0], identities[1]);
     assert_eq!(identities[1], identities[2]);
+}
+
+/// The child side of the `kill -9` test, run by re-executing this test binary: it takes 100
+/// permits on the region named by `SLUICEGATE_TEST_REGION`, says so, and waits to be killed.
+#[test]
+#[ignore = "run by a_worker_killed_holding_permits_harms_nobody_after_the_permit_ttl"]
+fn child_takes_100_permits_and_waits_to_be_killed() {
+    use std::io::Write;
+    let path = std::env::var_os("SLUICEGATE_TEST_REGION").expect("run by its parent test");
+    let engine = Engine::open_shared(path, crash_policy(), capacity()).unwrap();
+    for _ in 0..100 {
+        assert!(engine.admit(KEY, &Request::new(1), 0).unwrap().admitted());
+    }
+    println!("holding 100");
+    std::io::stdout().flush().unwrap();
+    // Bounded: the parent kills this process long before.
+    thread::sleep(std::time::Duration::from_secs(60));
+}
+
+const TTL: u64 = 60 * SECOND;
+
+fn crash_policy() -> Policy {
+    let mut policy = Policy::fixed().with_fixed_limit(Metric::Requests, 6_000.0);
+    policy.max_in_flight = Some(100);
+    policy.permit_ttl_ns = TTL;
+    policy
+}
+
+/// A worker that dies with `kill -9` while it holds permits takes nothing with it: the
+/// account's concurrency places and the model's load come back after the permit TTL, the dead
+/// process's file lock is gone (a restore, which needs every other opener gone, succeeds), and
+/// new processes open the region.
+#[test]
+fn a_worker_killed_holding_permits_harms_nobody_after_the_permit_ttl() {
+    use sluicegate_core::{Outcome, Variant};
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let path = TempPath::new("killed");
+    let mut survivor = Engine::open_shared(&path.0, crash_policy(), capacity()).unwrap();
+    survivor.set_model_capacity(b"model", Variant::Regular, 200).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "child_takes_100_permits_and_waits_to_be_killed", "--nocapture"])
+        .env("SLUICEGATE_TEST_REGION", &path.0)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains("holding 100")), "the child never took its permits");
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success());
+
+    // Before the TTL the dead worker's permits still count: the account is at its cap of 100
+    // and the model at half its capacity.
+    let before = survivor.admit(KEY, &Request::new(1), TTL / 2).unwrap();
+    assert!(matches!(before.outcome, Outcome::RejectConcurrency(c) if c.max_in_flight == 100), "{before:?}");
+    assert_eq!(survivor.load(b"model", Variant::Regular).unwrap(), 500);
+
+    // After it, everything they held is back.
+    let after = TTL + 2 * 60 * SECOND;
+    let permits: Vec<_> = (0..100)
+        .map(|i| {
+            let d = survivor.admit(KEY, &Request::new(1), after).unwrap();
+            *d.permit().unwrap_or_else(|| panic!("admission {i} after the TTL: {:?}", d.outcome))
+        })
+        .collect();
+    assert_eq!(survivor.load(b"model", Variant::Regular).unwrap(), 500, "only the new 100 count");
+    for p in &permits {
+        survivor.settle(p, &Usage::new(1, 0), Completion::Success, after).unwrap();
+    }
+    assert_eq!(survivor.load(b"model", Variant::Regular).unwrap(), 0);
+
+    // The kernel dropped the dead worker's lock: nobody else holds the region, so it restores.
+    let mut buf = vec![0; survivor.snapshot_size()];
+    let n = survivor.snapshot(&mut buf, after).unwrap();
+    survivor.restore(&buf[..n], after).unwrap();
+    let newcomer = Engine::open_shared(&path.0, crash_policy(), capacity()).unwrap();
+    assert!(newcomer.admit(KEY, &Request::new(1), after).unwrap().admitted());
+}
+
+/// A week of traffic on one region from two mappings, with a worker crashing every hour (its
+/// permits abandoned): nothing leaks. Every hour the account gets all 50 of its concurrency
+/// places (so the last hour's abandoned permits were released), 3,360 one-off accounts pass
+/// through a 256-scope table (so idle scopes are reclaimed), and at the end the model's load is
+/// what is outstanding, no more.
+#[test]
+fn a_week_of_hourly_crashes_on_a_shared_region_leaks_nothing() {
+    use sluicegate_core::Variant;
+    let path = TempPath::new("week");
+    let hour = 3_600 * SECOND;
+    let mut policy = Policy::fixed().with_fixed_limit(Metric::Requests, 60.0);
+    policy.max_in_flight = Some(50);
+    policy.permit_ttl_ns = TTL;
+    let workers = [0, 1].map(|_| Engine::open_shared(&path.0, policy.clone(), capacity()).unwrap());
+    workers[0].set_model_capacity(b"model", Variant::Regular, 1_000).unwrap();
+    for h in 0..7 * 24u64 {
+        let start = h * hour;
+        // A burst: the 60 the bucket holds are admitted, alternately by each worker.
+        let decisions: Vec<_> =
+            (0..100).map(|i| workers[i % 2].admit(KEY, &Request::new(1), start).unwrap()).collect();
+        let permits: Vec<_> = decisions.iter().filter_map(|d| d.permit().copied()).collect();
+        assert_eq!(permits.len(), 50, "hour {h}: the concurrency cap, not a leak, bounds the burst");
+        // Worker 1 "crashes": its half of the permits is never settled; worker 0 settles its own.
+        for p in permits.iter().step_by(2) {
+            workers[0].settle(p, &Usage::new(1, 0), Completion::Success, start + SECOND).unwrap();
+        }
+        // Per hour, 20 new accounts come and go (made-up keys a client tries once).
+        for i in 0..20 {
+            let account = format!("hour-{h}-guest-{i}");
+            let d = workers[1].admit(
+                ScopeKey::new(account.as_bytes(), b"model"),
+                &Request::new(1),
+                start + 2 * SECOND,
+            );
+            let d = d.unwrap_or_else(|e| panic!("hour {h}, guest {i}: {e}"));
+            workers[1]
+                .settle(d.permit().unwrap(), &Usage::new(1, 0), Completion::Success, start + 2 * SECOND)
+                .unwrap();
+        }
+    }
+    // A week later, after the TTL: the account has all 50 places, and the model's load is
+    // that of the new permits alone (expired ones are released when the engine next meets them).
+    let end = 7 * 24 * hour + TTL + 2 * 60 * SECOND;
+    let fresh: Vec<_> =
+        (0..50).map(|_| *workers[1].admit(KEY, &Request::new(1), end).unwrap().permit().unwrap()).collect();
+    assert_eq!(workers[0].load(b"model", Variant::Regular).unwrap(), 50);
+    for p in &fresh {
+        workers[0].settle(p, &Usage::new(1, 0), Completion::Success, end).unwrap();
+    }
+    assert_eq!(workers[1].load(b"model", Variant::Regular).unwrap(), 0);
 }
