@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluicegate_benches::{
-    KEYS, MODEL, accounts, admit_settle, engine, governor_direct, governor_keyed, governor_keys,
+    KEYS, MODEL, accounts, admit_settle, backed_engine, engine, governor_direct, governor_keyed, governor_keys,
+    shared_engine,
 };
 
 /// A caller-supplied clock that moves 1 µs per call, so buckets refill as they would in life.
@@ -234,5 +235,42 @@ fn ffi_group(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, admit_settle_group, scopes_group, threads_group, adapt_group, ffi_group);
+/// Issue 14: an engine in a shared file (what `uvicorn --workers N` uses) beside the heap engine,
+/// and the heap engine behind the run-time storage choice of the C API and Python.
+fn shared_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("shared");
+    g.throughput(Throughput::Elements(1));
+    let names = accounts(KEYS);
+    let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+    let path = dir.join(format!("sluicegate-bench-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let heap = engine(KEYS);
+    let backed = backed_engine(KEYS);
+    let shared = shared_engine(KEYS, &path);
+    let mut i = 0usize;
+    let mut now = ticker();
+    g.bench_function("heap admit+settle", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            admit_settle(&heap, black_box(&names[i]), now());
+        })
+    });
+    g.bench_function("heap behind Backing admit+settle", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            admit_settle(&backed, black_box(&names[i]), now());
+        })
+    });
+    g.bench_function("shared file admit+settle", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            admit_settle(&shared, black_box(&names[i]), now());
+        })
+    });
+    drop(shared);
+    let _ = std::fs::remove_file(&path);
+    g.finish();
+}
+
+criterion_group!(benches, admit_settle_group, scopes_group, threads_group, adapt_group, ffi_group, shared_group);
 criterion_main!(benches);

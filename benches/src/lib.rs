@@ -4,7 +4,7 @@
 use std::num::NonZeroU32;
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use sluicegate_core::{Capacity, Engine, Heap, Metric, Policy, Request, ScopeKey};
+use sluicegate_core::{Backing, Capacity, Engine, Heap, Metric, Policy, Request, ScopeKey, SharedFile, Storage};
 
 /// Accounts the keyed benchmarks spread over.
 pub const KEYS: usize = 1_000;
@@ -19,14 +19,32 @@ pub fn engine(scopes: usize) -> Engine<Heap> {
 
 /// As [`engine`], with room for `permits` outstanding permits.
 pub fn engine_with_permits(scopes: usize, permits: usize) -> Engine<Heap> {
+    // A fixed seed: the same key placement, and so the same instruction counts, on every run.
+    let heap = Heap::new(capacity(scopes, permits)).unwrap_or_else(|e| panic!("tables: {e}"));
+    Engine::with_storage(policy(), heap, 0x5eed_5eed).unwrap_or_else(|e| panic!("engine: {e}"))
+}
+
+/// As [`engine`], in a file every process that opens `path` shares (created if absent).
+pub fn shared_engine(scopes: usize, path: &std::path::Path) -> Engine<SharedFile> {
+    Engine::open_shared(path, policy(), capacity(scopes, 4096)).unwrap_or_else(|e| panic!("shared engine: {e}"))
+}
+
+/// As [`engine`], behind the run-time storage choice the C API and Python use.
+pub fn backed_engine(scopes: usize) -> Engine<Backing> {
+    let heap = Heap::new(capacity(scopes, 4096)).unwrap_or_else(|e| panic!("tables: {e}"));
+    Engine::with_storage(policy(), Backing::Heap(heap), 0x5eed_5eed).unwrap_or_else(|e| panic!("engine: {e}"))
+}
+
+fn policy() -> Policy {
     let mut policy = Policy::fixed();
     for m in Metric::ALL {
         policy = policy.with_fixed_limit(m, 1e12);
     }
-    let capacity = Capacity { scopes: 2 * scopes + 64, accounts: 2 * scopes + 64, models: 16, permits };
-    // A fixed seed: the same key placement, and so the same instruction counts, on every run.
-    let heap = Heap::new(capacity).unwrap_or_else(|e| panic!("tables: {e}"));
-    Engine::with_storage(policy, heap, 0x5eed_5eed).unwrap_or_else(|e| panic!("engine: {e}"))
+    policy
+}
+
+fn capacity(scopes: usize, permits: usize) -> Capacity {
+    Capacity { scopes: 2 * scopes + 64, accounts: 2 * scopes + 64, models: 16, permits }
 }
 
 /// Account ids `acct-000000` … for `n` accounts.
@@ -40,7 +58,7 @@ pub fn request() -> Request {
 }
 
 /// One admit and its settle, at `now`.
-pub fn admit_settle(engine: &Engine<Heap>, account: &str, now: u64) {
+pub fn admit_settle<S: Storage>(engine: &Engine<S>, account: &str, now: u64) {
     let key = ScopeKey::new(account.as_bytes(), MODEL);
     if let Ok(d) = engine.admit(key, &request(), now) {
         if let Some(p) = d.permit() {
