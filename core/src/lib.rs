@@ -61,9 +61,9 @@ pub mod region;
 pub mod request;
 pub mod response;
 pub mod scope;
-pub mod shed;
 #[cfg(all(feature = "std", unix))]
 pub mod shared;
+pub mod shed;
 pub mod snapshot;
 pub mod storage;
 mod sync;
@@ -80,6 +80,8 @@ mod loom_models;
 pub struct ReadmeDoctests;
 
 pub use account::{AccountSlot, AccountState, Suspension};
+#[cfg(feature = "std")]
+pub use backing::Backing;
 pub use bucket::Band;
 pub use decision::{ConcurrencyLimited, Decision, Levels, Outcome, RateLimited, Shed, SpendRejection};
 pub use engine::Engine;
@@ -92,15 +94,13 @@ pub use permit::{Permit, PermitSlot, RawPermit, Reservation};
 pub use policy::{Adaptation, EwmaRule, MetricLimits, Policy, ThresholdRule, UnknownParameter};
 pub use price::Price;
 pub use quota::{Quota, QuotaError};
+pub use region::{Opening, Region};
 pub use request::{Completion, InvalidRequest, Request, Usage};
 pub use scope::{ScopeAdaptation, ScopeSlot};
-pub use shed::{LoadPermille, ShedThresholds};
-#[cfg(feature = "std")]
-pub use backing::Backing;
-#[cfg(feature = "std")]
-pub use storage::Heap;
 #[cfg(all(feature = "std", unix))]
 pub use shared::SharedFile;
-pub use region::{Opening, Region};
+pub use shed::{LoadPermille, ShedThresholds};
+#[cfg(feature = "std")]
+pub use storage::Heap;
 pub use storage::{Borrowed, Capacity, Identity, Storage, Tables};
 pub use tier::{Micros, Tier, TierSpec, Tiers};

@@ -207,14 +207,25 @@ impl<'a> Region<'a> {
     ///
     /// # Safety
     /// As for [`Region::open`], and `base..base + len` must map the memory `other` uses.
-    pub(crate) unsafe fn reattach(base: NonNull<u8>, len: usize, other: &Region<'_>) -> Result<Self, RegionError> {
+    #[cfg(all(feature = "std", unix))]
+    pub(crate) unsafe fn reattach(
+        base: NonNull<u8>,
+        len: usize,
+        other: &Region<'_>,
+    ) -> Result<Self, RegionError> {
         if base.as_ptr() as usize % 128 != 0 {
             return Err(RegionError::Misaligned);
         }
         if len < other.layout.size {
             return Err(RegionError::TooSmall { needed: other.layout.size });
         }
-        Ok(Region { header: base.cast(), base, layout: other.layout, capacity: other.capacity, memory: PhantomData })
+        Ok(Region {
+            header: base.cast(),
+            base,
+            layout: other.layout,
+            capacity: other.capacity,
+            memory: PhantomData,
+        })
     }
 
     fn header(&self) -> &Header {

@@ -44,8 +44,14 @@ impl SharedFile {
     pub fn open(path: &Path, policy: &Policy, capacity: Capacity) -> Result<Self, Error> {
         policy.bands()?;
         let size = region_size(capacity)?;
-        let file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
         // Attachers hold a shared lock for their lifetime; only an opener that finds the region
         // not ready takes the exclusive one, which waits for every attacher of a torn region
         // (none: nobody attaches before ready) and excludes other initialisers.

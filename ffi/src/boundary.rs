@@ -3,7 +3,9 @@
 use core::ffi::c_char;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use sluicegate_core::{Error, PolicyError, QuotaError, RegionError, SettleError, SnapshotError, text::BufferTooSmall};
+use sluicegate_core::{
+    Error, PolicyError, QuotaError, RegionError, SettleError, SnapshotError, text::BufferTooSmall,
+};
 
 /// What every function returns. `SG_OK` is 0; `sg_result_str` describes each code.
 #[repr(u32)]

@@ -4,8 +4,8 @@
 use core::ffi::{CStr, c_char};
 
 use sluicegate_core::{
-    Backing, Capacity, Completion, Decision, Engine, Heap, Levels, Metric, Outcome, Overrides, Permit, Policy,
-    RawPermit, Request, ScopeKey, Usage, Variant, overrides,
+    Backing, Capacity, Completion, Decision, Engine, Heap, Levels, Metric, Outcome, Overrides, Permit,
+    Policy, RawPermit, Request, ScopeKey, Usage, Variant, overrides,
 };
 
 use crate::boundary::{arg, boundary, bytes, out, sg_result, sg_result::*};
