@@ -370,3 +370,107 @@ fn a_week_of_hourly_crashes_on_a_shared_region_leaks_nothing() {
     }
     assert_eq!(workers[1].load(b"model", Variant::Regular).unwrap(), 0);
 }
+
+/// The child side of the kills-at-random-instructions test: admits and settles on the region
+/// named by `SLUICEGATE_TEST_REGION` as fast as it can until it is killed (at most 10 s).
+#[test]
+#[ignore = "run by workers_killed_at_random_instructions_leak_nothing"]
+fn child_admits_and_settles_until_killed() {
+    use std::io::Write;
+    let path = std::env::var_os("SLUICEGATE_TEST_REGION").expect("run by its parent test");
+    let start: u64 = std::env::var("SLUICEGATE_TEST_START_NS").unwrap().parse().unwrap();
+    let engine = Engine::open_shared(path, busy_policy(), capacity()).unwrap();
+    println!("running");
+    std::io::stdout().flush().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut i = 0u64;
+    while std::time::Instant::now() < deadline {
+        i += 1;
+        let account = format!("acct-{}", i % 7);
+        let key = ScopeKey::new(account.as_bytes(), b"model");
+        let now = start + i * 1_000;
+        let d = engine.admit(key, &Request::new(100).max_tokens(50), now).unwrap();
+        if let Some(p) = d.permit() {
+            // One permit in a hundred is abandoned, as by a worker that loses a request.
+            if i % 100 != 0 {
+                let _ = engine.settle(p, &Usage::new(100, i % 80), Completion::Success, now);
+            }
+        }
+    }
+}
+
+const KILLS: usize = 20;
+
+fn busy_policy() -> Policy {
+    let mut policy = Policy::fixed();
+    for m in Metric::ALL {
+        policy = policy.with_fixed_limit(m, 1e9);
+    }
+    policy.max_in_flight = Some(40);
+    policy.permit_ttl_ns = TTL;
+    policy
+}
+
+/// SPEC §11: "a process killed at any instruction loses nothing but the refunds of its own
+/// outstanding permits". Workers killed with `kill -9` at a random moment of a busy admit/settle
+/// loop (so at whatever instruction each happens to be in) leave a region that every survivor
+/// keeps using: nothing waits on them, and after the TTL each account gets its concurrency
+/// places back. A kill that lands inside an admit or a settle, between two of its atomic steps,
+/// can still keep one place (and one unit of model load) that no permit owns: at most one per
+/// kill, as each worker runs one call at a time. That bound is what this test holds today; the
+/// SPEC asks for none (see the closing note of issue 14).
+#[test]
+fn workers_killed_at_random_instructions_block_nobody_and_keep_at_most_one_place_each() {
+    use sluicegate_core::Variant;
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let path = TempPath::new("random-kills");
+    let survivor = Engine::open_shared(&path.0, busy_policy(), capacity()).unwrap();
+    survivor.set_model_capacity(b"model", Variant::Regular, 1_000).unwrap();
+    let mut delay = 0x2545_f491_u32;
+    for kill in 0..KILLS as u64 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "child_admits_and_settles_until_killed", "--nocapture"])
+            .env("SLUICEGATE_TEST_REGION", &path.0)
+            // Each child's clock starts where the last one's (at most 10 s) could not reach.
+            .env("SLUICEGATE_TEST_START_NS", (kill * 20 * SECOND).to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        assert!(lines.any(|l| l.unwrap().contains("running")), "the child never started");
+        delay ^= delay << 13;
+        delay ^= delay >> 17;
+        delay ^= delay << 5;
+        thread::sleep(std::time::Duration::from_micros(u64::from(delay % 30_000)));
+        child.kill().unwrap();
+        assert!(!child.wait().unwrap().success());
+    }
+    // The children did work: the permits they abandoned (one in a hundred, and those in flight
+    // when killed) still count toward the model's load.
+    let abandoned = survivor.load(b"model", Variant::Regular).unwrap();
+    assert!(abandoned > 0, "the children admitted nothing before they were killed");
+    // Long after every child's clock and the TTL.
+    let after = KILLS as u64 * 20 * SECOND + 3_600 * SECOND;
+    let mut outstanding = Vec::new();
+    let mut kept = 0;
+    for a in 0..7 {
+        let account = format!("acct-{a}");
+        let key = ScopeKey::new(account.as_bytes(), b"model");
+        let before = outstanding.len();
+        while let Some(p) = survivor.admit(key, &Request::new(100).max_tokens(50), after).unwrap().permit() {
+            outstanding.push(*p);
+            assert!(outstanding.len() - before <= 40, "{account}: the cap of 40 no longer holds");
+        }
+        kept += 40 - (outstanding.len() - before);
+    }
+    let load = survivor.load(b"model", Variant::Regular).unwrap();
+    for p in &outstanding {
+        survivor.settle(p, &Usage::new(100, 10), Completion::Success, after).unwrap();
+    }
+    let kept_load = survivor.load(b"model", Variant::Regular).unwrap();
+    eprintln!("{KILLS} kills kept {kept} concurrency places and {kept_load} load units nobody owns");
+    assert!(kept <= KILLS, "{kept} places kept by {KILLS} kills");
+    assert!(u64::from(kept_load) <= KILLS as u64, "{kept_load} load units kept by {KILLS} kills");
+    assert_eq!(u64::from(load - kept_load), outstanding.len() as u64, "the load counts every live permit");
+}
