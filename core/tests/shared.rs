@@ -374,7 +374,7 @@ fn a_week_of_hourly_crashes_on_a_shared_region_leaks_nothing() {
 /// The child side of the kills-at-random-instructions test: admits and settles on the region
 /// named by `SLUICEGATE_TEST_REGION` as fast as it can until it is killed (at most 10 s).
 #[test]
-#[ignore = "run by workers_killed_at_random_instructions_leak_nothing"]
+#[ignore = "run by workers_killed_at_random_instructions_block_nobody_and_keep_at_most_two_places_each"]
 fn child_admits_and_settles_until_killed() {
     use std::io::Write;
     let path = std::env::var_os("SLUICEGATE_TEST_REGION").expect("run by its parent test");
@@ -416,11 +416,12 @@ fn busy_policy() -> Policy {
 /// loop (so at whatever instruction each happens to be in) leave a region that every survivor
 /// keeps using: nothing waits on them, and after the TTL each account gets its concurrency
 /// places back. A kill that lands inside an admit or a settle, between two of its atomic steps,
-/// can still keep one place (and one unit of model load) that no permit owns: at most one per
-/// kill, as each worker runs one call at a time. That bound is what this test holds today; the
-/// SPEC asks for none (see the closing note of issue 14).
+/// can still keep a place and a unit of model load that no permit owns: at most two of each per
+/// kill (its own call's, and those of one expired permit it was releasing on the way), as each
+/// worker runs one call at a time. That bound is what this test holds today; the SPEC asks for
+/// none (see the closing note of issue 14).
 #[test]
-fn workers_killed_at_random_instructions_block_nobody_and_keep_at_most_one_place_each() {
+fn workers_killed_at_random_instructions_block_nobody_and_keep_at_most_two_places_each() {
     use sluicegate_core::Variant;
     use std::io::BufRead;
     use std::process::{Command, Stdio};
@@ -470,7 +471,7 @@ fn workers_killed_at_random_instructions_block_nobody_and_keep_at_most_one_place
     }
     let kept_load = survivor.load(b"model", Variant::Regular).unwrap();
     eprintln!("{KILLS} kills kept {kept} concurrency places and {kept_load} load units nobody owns");
-    assert!(kept <= KILLS, "{kept} places kept by {KILLS} kills");
-    assert!(u64::from(kept_load) <= KILLS as u64, "{kept_load} load units kept by {KILLS} kills");
+    assert!(kept <= 2 * KILLS, "{kept} places kept by {KILLS} kills");
+    assert!(u64::from(kept_load) <= 2 * KILLS as u64, "{kept_load} load units kept by {KILLS} kills");
     assert_eq!(u64::from(load - kept_load), outstanding.len() as u64, "the load counts every live permit");
 }
