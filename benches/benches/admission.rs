@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluicegate_benches::{
-    KEYS, MODEL, accounts, admit_settle, backed_engine, engine, governor_direct, governor_keyed, governor_keys,
-    shared_engine,
+    KEYS, MODEL, accounts, admit_settle, backed_engine, engine, governor_direct, governor_keyed,
+    governor_keys, shared_engine,
 };
 
 /// A caller-supplied clock that moves 1 µs per call, so buckets refill as they would in life.
@@ -241,7 +241,8 @@ fn shared_group(c: &mut Criterion) {
     let mut g = c.benchmark_group("shared");
     g.throughput(Throughput::Elements(1));
     let names = accounts(KEYS);
-    let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+    let dir =
+        if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
     let path = dir.join(format!("sluicegate-bench-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let heap = engine(KEYS);
@@ -272,5 +273,13 @@ fn shared_group(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, admit_settle_group, scopes_group, threads_group, adapt_group, ffi_group, shared_group);
+criterion_group!(
+    benches,
+    admit_settle_group,
+    scopes_group,
+    threads_group,
+    adapt_group,
+    ffi_group,
+    shared_group
+);
 criterion_main!(benches);

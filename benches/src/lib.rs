@@ -4,7 +4,9 @@
 use std::num::NonZeroU32;
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use sluicegate_core::{Backing, Capacity, Engine, Heap, Metric, Policy, Request, ScopeKey, SharedFile, Storage};
+use sluicegate_core::{
+    Backing, Capacity, Engine, Heap, Metric, Policy, Request, ScopeKey, SharedFile, Storage,
+};
 
 /// Accounts the keyed benchmarks spread over.
 pub const KEYS: usize = 1_000;
@@ -26,7 +28,8 @@ pub fn engine_with_permits(scopes: usize, permits: usize) -> Engine<Heap> {
 
 /// As [`engine`], in a file every process that opens `path` shares (created if absent).
 pub fn shared_engine(scopes: usize, path: &std::path::Path) -> Engine<SharedFile> {
-    Engine::open_shared(path, policy(), capacity(scopes, 4096)).unwrap_or_else(|e| panic!("shared engine: {e}"))
+    Engine::open_shared(path, policy(), capacity(scopes, 4096))
+        .unwrap_or_else(|e| panic!("shared engine: {e}"))
 }
 
 /// As [`engine`], behind the run-time storage choice the C API and Python use.
