@@ -8,19 +8,21 @@
 // Python signatures take their keyword arguments flat, one Rust parameter each.
 #![allow(clippy::too_many_arguments)]
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use arc_swap::{ArcSwap, Guard};
+use arc_swap::{ArcSwapOption, Guard};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyString};
 use sluicegate_core::error_body::write_error_body;
 use sluicegate_core::headers::for_each_header;
 use sluicegate_core::response::{Dialect, Render};
 use sluicegate_core::{
-    Capacity, Completion, Decision, Engine as CoreEngine, Heap, Levels, Metric, MetricLimits,
-    Outcome as CoreOutcome, Overrides, Permit, Policy, Price, Quota, Request, ScopeKey, SnapshotError,
-    Suspension, Tier, Usage, Variant,
+    Backing, Band, Capacity, Completion, ConcurrencyLimited, Decision, Engine as CoreEngine,
+    Error as CoreError, Heap, InvalidRequest, Levels, Metric, MetricLimits, Outcome as CoreOutcome,
+    Overrides, PerMetric, Permit, Policy, Price, Quota, RateLimited, RawPermit, RegionError, Request,
+    ScopeKey, SharedFile, Shed, SnapshotError, SpendRejection, Suspension, Tier, Usage, Variant,
 };
 
 mod args;
@@ -97,12 +99,128 @@ fn outcome_member<'py>(py: Python<'py>, o: &CoreOutcome) -> PyResult<Bound<'py, 
 }
 
 /// An admission decision; settle it with :meth:`Engine.settle` if it was admitted.
+///
+/// Decisions pickle: a process sharing the engine's file (``Engine(shared=...)``) can settle
+/// one that another admitted.
 #[pyclass(module = "sluicegate._sluicegate", name = "Decision", frozen)]
 struct PyDecision {
     inner: Decision,
     now_ns: u64,
     dialect: Dialect,
     per_second: bool,
+}
+
+/// The first word of a pickled decision: its format (bump it on any change).
+const PICKLED: u64 = u64::from_le_bytes(*b"SGDEC\x00\x00\x01");
+/// Words in a pickled decision: the format, the outcome and three of its fields, the permit,
+/// the levels, the cost, then `now_ns`, the dialect and `per_second`.
+const PICKLED_WORDS: usize = 5 + 9 + 4 + 4 + 4 + 3;
+
+fn index_of<T: PartialEq>(all: &[T], x: &T) -> u64 {
+    all.iter().position(|a| a == x).unwrap_or(0) as u64
+}
+
+impl PyDecision {
+    /// The decision as words (see [`PICKLED_WORDS`]).
+    fn to_words(&self) -> [u64; PICKLED_WORDS] {
+        let d = &self.inner;
+        let (mut x, mut y, mut z) = (0, 0, 0);
+        let mut permit = [0u64; 9];
+        match d.outcome {
+            CoreOutcome::Admit(p) | CoreOutcome::AdmitOverLimit(p) => permit = p.to_raw().words,
+            CoreOutcome::RejectRateLimited(r) => {
+                (x, y, z) = (index_of(&Metric::ALL, &r.metric), r.retry_after_ns, u64::from(r.too_large))
+            }
+            CoreOutcome::Shed(s) => {
+                (x, y, z) = (u64::from(s.band == Band::OverLimit), s.retry_after_ns, u64::from(s.load))
+            }
+            CoreOutcome::RejectSpend(r) => x = u64::from(r == SpendRejection::AccountSuspended),
+            CoreOutcome::RejectInvalid(i) => {
+                x = index_of(
+                    &[InvalidRequest::ZeroN, InvalidRequest::CachedExceedsPrompt, InvalidRequest::Overflow],
+                    &i,
+                )
+            }
+            CoreOutcome::RejectConcurrency(c) => (x, y) = (u64::from(c.max_in_flight), c.retry_after_ns),
+        }
+        let (debt, interval) = d.levels.to_raw();
+        let mut words = [0u64; PICKLED_WORDS];
+        let fields = [PICKLED, outcome_index(&d.outcome) as u64, x, y, z]
+            .into_iter()
+            .chain(permit)
+            .chain(debt)
+            .chain(interval)
+            .chain(d.cost.0)
+            .chain([self.now_ns, index_of(&Dialect::ALL, &self.dialect), u64::from(self.per_second)]);
+        for (w, f) in words.iter_mut().zip(fields) {
+            *w = f;
+        }
+        words
+    }
+
+    /// A decision from [`PyDecision::to_words`]; None if they are not one. A permit made up this
+    /// way settles nowhere: engines check each permit against their own seed.
+    fn from_words(w: &[u64; PICKLED_WORDS]) -> Option<PyDecision> {
+        let [format, kind, x, y, z, rest @ ..] = w;
+        if *format != PICKLED {
+            return None;
+        }
+        let (permit, rest) = rest.split_first_chunk::<9>()?;
+        let (debt, rest) = rest.split_first_chunk::<4>()?;
+        let (interval, rest) = rest.split_first_chunk::<4>()?;
+        let (cost, rest) = rest.split_first_chunk::<4>()?;
+        let [now_ns, dialect, per_second] = rest else { return None };
+        let permit = || Permit::from_raw(&RawPermit { words: *permit });
+        let small = |v: u64, below: u64| (v < below).then_some(v as usize);
+        let outcome = match kind {
+            0 => CoreOutcome::Admit(permit()?),
+            1 => CoreOutcome::AdmitOverLimit(permit()?),
+            2 => CoreOutcome::RejectRateLimited(RateLimited {
+                metric: *Metric::ALL.get(small(*x, 4)?)?,
+                retry_after_ns: *y,
+                too_large: small(*z, 2)? == 1,
+            }),
+            3 => CoreOutcome::Shed(Shed {
+                band: if small(*x, 2)? == 1 { Band::OverLimit } else { Band::Normal },
+                retry_after_ns: *y,
+                load: u32::try_from(*z).ok()?,
+            }),
+            4 => CoreOutcome::RejectSpend(match small(*x, 2)? {
+                0 => SpendRejection::SpendLimitExceeded,
+                _ => SpendRejection::AccountSuspended,
+            }),
+            5 => CoreOutcome::RejectInvalid(
+                *[InvalidRequest::ZeroN, InvalidRequest::CachedExceedsPrompt, InvalidRequest::Overflow]
+                    .get(small(*x, 3)?)?,
+            ),
+            6 => CoreOutcome::RejectConcurrency(ConcurrencyLimited {
+                max_in_flight: u32::try_from(*x).ok()?,
+                retry_after_ns: *y,
+            }),
+            _ => return None,
+        };
+        Some(PyDecision {
+            inner: Decision { outcome, levels: Levels::from_raw(*debt, *interval), cost: PerMetric(*cost) },
+            now_ns: *now_ns,
+            dialect: *Dialect::ALL.get(small(*dialect, Dialect::ALL.len() as u64)?)?,
+            per_second: small(*per_second, 2)? == 1,
+        })
+    }
+}
+
+/// Unpickles a :class:`Decision` (``Decision.__reduce__``).
+#[pyfunction]
+fn _decision(state: &Bound<'_, PyAny>) -> PyResult<PyDecision> {
+    let bytes = bytes_like("state", state)?;
+    let not_one = || ArgumentError::new_err("not a pickled sluicegate Decision (or one of another version)");
+    let mut words = [0u64; PICKLED_WORDS];
+    if bytes.len() != PICKLED_WORDS * 8 {
+        return Err(not_one());
+    }
+    for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+        *w = u64::from_le_bytes(chunk.try_into().map_err(|_| not_one())?);
+    }
+    PyDecision::from_words(&words).ok_or_else(not_one)
 }
 
 fn per_metric(py: Python<'_>, f: impl Fn(Metric) -> u64) -> PyResult<Bound<'_, PyDict>> {
@@ -284,6 +402,13 @@ impl PyDecision {
         Ok(Some(json.call_method1("loads", (text,))?))
     }
 
+    /// Pickles as its words (a permit keeps working in any process that shares the engine).
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let bytes: Vec<u8> = self.to_words().iter().flat_map(|w| w.to_le_bytes()).collect();
+        let unpickle = py.import("sluicegate._sluicegate")?.getattr("_decision")?;
+        Ok((unpickle, (PyBytes::new(py, &bytes),)))
+    }
+
     fn __repr__(&self) -> String {
         let name = OUTCOMES.get(outcome_index(&self.inner.outcome)).copied().unwrap_or("?");
         format!("<Decision {name}>")
@@ -317,13 +442,114 @@ impl PyDecision {
 /// ``TypeError`` naming it. ``repr(engine)`` shows each metric's limit in force (``off`` when
 /// not enforced) and ``max_in_flight``. Every ``now_ns`` defaults to ``time.monotonic_ns()``;
 /// pass explicit values to simulate hours in milliseconds.
+///
+/// ``shared`` (a path: str or ``os.PathLike``; default None, this process's memory) puts the
+/// tables in a memory-mapped file, e.g. ``/dev/shm/sluicegate-api``: every process that opens
+/// the same path with the same policy, overrides and capacities shares each account's limits
+/// exactly, such as the workers of ``uvicorn --workers 4`` each creating its engine at import.
+/// The first opener creates the file (mode 0600) and initialises it; a file made for another
+/// configuration, damaged, or not a sluicegate region raises :class:`SharedRegionError` and is
+/// left as it was. sluicegate never deletes the file: remove it, once no process has it open,
+/// to start afresh. Permits held by a process that dies are not given back at once: each
+/// expires ``permit_ttl`` after its admission, which frees its account's in-flight place (its
+/// reservation stays charged). ``seed`` cannot be given with ``shared``: the region keeps the
+/// seed of the process that created it.
 #[pyclass(module = "sluicegate._sluicegate", name = "Engine", frozen)]
 struct PyEngine {
     /// `restore` builds a new engine and swaps it in whole; every other call works on the engine
-    /// it loaded, so a restore never waits for, or fails because of, calls in progress.
-    core: ArcSwap<CoreEngine<Heap>>,
+    /// it loaded, so a heap engine's restore never waits for, or fails because of, calls in
+    /// progress. A shared engine's restore rewrites the one region every handle reads: it takes
+    /// the engine out (None) while it runs, after the calls in progress have finished, and calls
+    /// made meanwhile wait for it to be put back.
+    core: ArcSwapOption<CoreEngine<Backing>>,
+    /// Held by a shared engine's restore (one at a time).
+    restoring: Mutex<()>,
     dialect: Dialect,
     policy_name: String,
+    /// The file of a shared engine, as given.
+    shared: Option<PathBuf>,
+    /// The process that opened the file: a process forked from it shares its file lock, so
+    /// cannot tell whether others use the region.
+    opener: u32,
+}
+
+/// The engine in force, loaded for one call (never None: [`PyEngine::core`] waits out a restore).
+struct Current(Guard<Option<Arc<CoreEngine<Backing>>>>);
+
+impl std::ops::Deref for Current {
+    type Target = CoreEngine<Backing>;
+
+    fn deref(&self) -> &CoreEngine<Backing> {
+        self.0.as_deref().expect("PyEngine::core returns a loaded engine")
+    }
+}
+
+/// Puts the engine a shared restore took out back if the restore ends early (an error or a
+/// panic), so that callers waiting for it never wait forever.
+struct TakenOut<'a> {
+    cell: &'a ArcSwapOption<CoreEngine<Backing>>,
+    engine: Option<Arc<CoreEngine<Backing>>>,
+}
+
+impl TakenOut<'_> {
+    /// Puts `engine` in, in place of the one taken out.
+    fn replace(mut self, engine: CoreEngine<Backing>) {
+        self.cell.store(Some(Arc::new(engine)));
+        self.engine = None;
+    }
+}
+
+impl Drop for TakenOut<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.engine.take() {
+            self.cell.store(Some(e));
+        }
+    }
+}
+
+/// Largest table capacities (the core's `Capacity::check`, which is not public): a shared engine
+/// checks them before sizing its file, so that a bad capacity is a :class:`PolicyError`, as for
+/// a heap engine, not a region error.
+const MAX_CAPACITY: [(&str, usize); 4] =
+    [("scopes", u32::MAX as usize), ("accounts", 1 << 24), ("models", 1 << 12), ("permits", (1 << 23) - 1)];
+
+fn check_capacity(cap: Capacity) -> PyResult<()> {
+    for ((table, max), n) in MAX_CAPACITY.into_iter().zip([cap.scopes, cap.accounts, cap.models, cap.permits])
+    {
+        if n == 0 || n > max {
+            return Err(PolicyError::new_err(format!("{table} table capacity is zero or too large")));
+        }
+    }
+    Ok(())
+}
+
+/// The `shared` argument: anything `os.fsencode` takes (str, bytes, `os.PathLike`).
+fn shared_path(v: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    static FSENCODE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let fsencode = FSENCODE.import(v.py(), "os", "fsencode")?;
+    let not_a_path =
+        || ArgumentTypeError::new_err(format!("shared must be a path (str or os.PathLike), not {}", kind(v)));
+    let encoded = fsencode.call1((v,)).map_err(|_| not_a_path())?;
+    let bytes = encoded.cast::<PyBytes>().map_err(|_| not_a_path())?;
+    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(bytes.as_bytes())))
+}
+
+/// A shared engine's file refused: `SharedRegionError` naming the file (and the system's words
+/// for an errno); any other error as usual.
+fn open_error(e: CoreError, path: &Path) -> PyErr {
+    let mut text = e.to_string();
+    match e {
+        CoreError::Region(region) => {
+            if let RegionError::Io(errno @ 1..) = region {
+                let words = std::io::Error::from_raw_os_error(errno).to_string();
+                let suffix = format!(" (os error {errno})");
+                text = format!("{text}: {}", words.strip_suffix(&suffix).unwrap_or(&words));
+            }
+            SharedRegionError::new_err(format!("{text}: {}", path.display()))
+        }
+        other => core_error(other),
+    }
 }
 
 fn positive_float(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
@@ -406,11 +632,12 @@ fn per_minute(v: f64) -> String {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (policy=None, capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect=None, **overrides))]
+    #[pyo3(signature = (policy=None, capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect=None, shared=None, **overrides))]
     #[pyo3(
-        text_signature = "(policy='fireworks_2024', capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect='fireworks', **overrides)"
+        text_signature = "(policy='fireworks_2024', capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect='fireworks', shared=None, **overrides)"
     )]
     fn new(
+        py: Python<'_>,
         policy: Option<&Bound<'_, PyAny>>,
         capacity: Option<&Bound<'_, PyAny>>,
         accounts: Option<&Bound<'_, PyAny>>,
@@ -418,6 +645,7 @@ impl PyEngine {
         permits: Option<&Bound<'_, PyAny>>,
         seed: Option<&Bound<'_, PyAny>>,
         dialect: Option<&Bound<'_, PyAny>>,
+        shared: Option<&Bound<'_, PyAny>>,
         overrides: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let dialect = match dialect.filter(|d| !d.is_none()) {
@@ -437,12 +665,46 @@ impl PyEngine {
                 *field = size(v)?;
             }
         }
-        let inner = match optional_count("seed", seed)? {
-            Some(s) => CoreEngine::with_storage(p, Heap::new(cap).map_err(core_error)?, s),
-            None => CoreEngine::new(p, cap),
+        let seed = optional_count("seed", seed)?;
+        let path = shared.filter(|s| !s.is_none()).map(shared_path).transpose()?;
+        let inner = match &path {
+            Some(path) => {
+                if seed.is_some() {
+                    return Err(ArgumentError::new_err(
+                        "seed cannot be given with shared: a shared engine keeps the seed of its region",
+                    ));
+                }
+                check_capacity(cap)?;
+                // Opening may wait for another process's initialisation of the file.
+                let file = py.detach(|| SharedFile::open(path, &p, cap)).map_err(|e| open_error(e, path))?;
+                // The region's seed is used; the argument is ignored.
+                CoreEngine::with_storage(p, Backing::Shared(file), 0)
+            }
+            None => {
+                let heap = Heap::new(cap).map_err(core_error)?;
+                let seed = seed.unwrap_or_else(sluicegate_core::storage::random_seed);
+                CoreEngine::with_storage(p, Backing::Heap(heap), seed)
+            }
         }
         .map_err(core_error)?;
-        Ok(PyEngine { core: ArcSwap::from_pointee(inner), dialect, policy_name: policy })
+        Ok(PyEngine {
+            core: ArcSwapOption::from_pointee(inner),
+            restoring: Mutex::new(()),
+            dialect,
+            policy_name: policy,
+            shared: path,
+            opener: std::process::id(),
+        })
+    }
+
+    /// The file of a shared engine (``Engine(shared=...)``), as given; None for this process's memory.
+    #[getter]
+    fn shared<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyString>>> {
+        self.shared
+            .as_deref()
+            .map(|p| p.as_os_str().into_pyobject(py))
+            .transpose()
+            .map_err(|never| match never {})
     }
 
     /// The preset the engine was built from.
@@ -852,6 +1114,11 @@ impl PyEngine {
     /// is built from the snapshot and swapped in whole; calls in progress finish on the old one,
     /// and permits it issued settle with :class:`StalePermitError`. A damaged or foreign snapshot
     /// raises :class:`CorruptSnapshotError` and changes nothing.
+    ///
+    /// A shared engine's restore replaces the tables every process shares, so it needs the file
+    /// to itself: while any other process (or another ``Engine`` of this one) has it open, it
+    /// raises :class:`EngineInUseError` and changes nothing. Calls made by other threads while it
+    /// runs wait for it.
     #[pyo3(signature = (data, *, now_ns=None))]
     fn restore(
         &self,
@@ -861,6 +1128,9 @@ impl PyEngine {
     ) -> PyResult<()> {
         let data = bytes_like("data", data)?;
         let at = now(now_ns)?;
+        if self.shared.is_some() {
+            return py.detach(|| self.restore_shared(&data, at));
+        }
         let (policy, capacity) = {
             let current = self.core();
             (*current.policy(), current.capacity())
@@ -868,21 +1138,27 @@ impl PyEngine {
         let fresh = py.detach(|| {
             // A new engine draws a new random seed, so a new incarnation: permits of the one it
             // replaces settle as stale (SPEC §10).
-            let mut fresh = CoreEngine::new(policy, capacity).map_err(core_error)?;
+            let heap = Heap::new(capacity).map_err(core_error)?;
+            let seed = sluicegate_core::storage::random_seed();
+            let mut fresh =
+                CoreEngine::with_storage(policy, Backing::Heap(heap), seed).map_err(core_error)?;
             fresh.restore(&data, at).map_err(snapshot_error)?;
             Ok::<_, PyErr>(fresh)
         })?;
-        self.core.store(Arc::new(fresh));
+        self.core.store(Some(Arc::new(fresh)));
         Ok(())
     }
 
-    /// The preset, the scope capacity, each metric's limit in force (`floor..ceiling/min` when it
-    /// adapts, `n/min` when fixed, `off` when not enforced) and the cap on each account's permits
-    /// in flight (`off`: none).
+    /// The preset, the scope capacity, a shared engine's file, each metric's limit in force
+    /// (`floor..ceiling/min` when it adapts, `n/min` when fixed, `off` when not enforced) and the
+    /// cap on each account's permits in flight (`off`: none).
     fn __repr__(&self) -> String {
         let core = self.core();
         let policy = core.policy();
         let mut out = format!("<Engine policy='{}' capacity={}", self.policy_name, core.capacity().scopes);
+        if let Some(path) = &self.shared {
+            out.push_str(&format!(" shared='{}'", path.display()));
+        }
         for m in Metric::ALL {
             let l = policy.limits.get(m);
             let shown = if !l.is_limited() {
@@ -915,7 +1191,7 @@ const COMPLETIONS: [(&str, Completion); 3] = [
 /// A snapshot of `engine`, in a buffer sized for it. Keys added while it is taken can make it
 /// outgrow that size: then it is taken again with more room, which ends at the latest when the
 /// room covers full tables.
-fn snapshot_of(engine: &CoreEngine<Heap>, now_ns: u64) -> Result<Vec<u8>, SnapshotError> {
+fn snapshot_of(engine: &CoreEngine<Backing>, now_ns: u64) -> Result<Vec<u8>, SnapshotError> {
     let mut spare = 0usize;
     loop {
         let size = engine.snapshot_size();
@@ -934,9 +1210,52 @@ fn snapshot_of(engine: &CoreEngine<Heap>, now_ns: u64) -> Result<Vec<u8>, Snapsh
 }
 
 impl PyEngine {
-    /// The engine in force (a restore swaps in another).
-    fn core(&self) -> Guard<Arc<CoreEngine<Heap>>> {
-        self.core.load()
+    /// The engine in force (a restore swaps in another). While a shared engine's restore has it
+    /// out, this waits for it: the restore needs no GIL and nothing this thread holds.
+    fn core(&self) -> Current {
+        loop {
+            let loaded = self.core.load();
+            if loaded.is_some() {
+                return Current(loaded);
+            }
+            drop(loaded);
+            std::thread::yield_now();
+        }
+    }
+
+    /// Restores a shared engine: through a second handle on the file (sharing this process's
+    /// lock on it, so that this engine does not count as another user), once every call in
+    /// progress in this process has finished and with new calls held off, since the tables
+    /// being rewritten are the ones the engine in force reads.
+    fn restore_shared(&self, data: &[u8], at: u64) -> PyResult<()> {
+        let _one_at_a_time = self.restoring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if std::process::id() != self.opener {
+            return Err(EngineInUseError::new_err(format!(
+                "this shared engine was opened by process {} before it forked: the processes share \
+                 its file lock, so a restore cannot tell whether they use it; open it again in \
+                 this process (Engine(..., shared=...)) to restore",
+                self.opener
+            )));
+        }
+        let (policy, file) = {
+            let current = self.core();
+            let Backing::Shared(file) = current.storage() else {
+                return Err(Error::new_err("a shared engine without its file"));
+            };
+            (*current.policy(), file.try_clone().map_err(core_error)?)
+        };
+        let mut fresh = CoreEngine::with_storage(policy, Backing::Shared(file), 0).map_err(core_error)?;
+        let taken = TakenOut { cell: &self.core, engine: self.core.swap(None) };
+        // The swap paid every guard's debt: the count is exact, and falls as calls finish.
+        while taken.engine.as_ref().is_some_and(|e| Arc::strong_count(e) > 1) {
+            std::thread::yield_now();
+        }
+        let restored = fresh.restore(data, at);
+        // Even a restore that failed leaves `fresh` agreeing with the region: refused before
+        // anything changed, it reads what the old engine read; refused while filling, it has the
+        // region's new seed and incarnation, which the old one does not.
+        taken.replace(fresh);
+        restored.map_err(snapshot_error)
     }
 
     fn levels(
@@ -984,6 +1303,8 @@ fn _sluicegate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PyEngine>()?;
     m.add_class::<PyDecision>()?;
+    // Not in `__all__` (which `add_function` would put it in): private, for pickle only.
+    m.setattr("_decision", wrap_pyfunction!(_decision, m)?)?;
     m.add("Outcome", py.import("sluicegate._outcome")?.getattr("Outcome")?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     let errors = py.import("sluicegate._errors")?;
@@ -1003,6 +1324,8 @@ fn _sluicegate(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "InvalidUsageError",
         "PermitExpiredError",
         "CorruptSnapshotError",
+        "SharedRegionError",
+        "EngineInUseError",
     ] {
         m.add(name, errors.getattr(name)?)?;
     }

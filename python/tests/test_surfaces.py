@@ -123,11 +123,12 @@ BAD_CALLS = [
     (lambda e, d: sluicegate.Engine(capacity=2**64), OverflowError, "capacity"),
     (lambda e, d: sluicegate.Engine(requests_per_minute="60"), TypeError, "requests_per_minute"),
     (lambda e, d: sluicegate.Engine(requests_per_minute=0), ValueError, "requests_per_minute"),
-    (lambda e, d: sluicegate.Engine(shared=None), TypeError, "shared"),
+    (lambda e, d: sluicegate.Engine(sharded=None), TypeError, "sharded"),
     (lambda e, d: sluicegate.Engine(max_in_flight=0), ValueError, "max_in_flight"),
     (lambda e, d: sluicegate.Engine(max_in_flight=2.5), ValueError, "max_in_flight"),
     (lambda e, d: sluicegate.Engine(max_in_flight="8"), TypeError, "max_in_flight"),
     (lambda e, d: sluicegate.Engine(shared=1), TypeError, "shared"),
+    (lambda e, d: sluicegate.Engine(shared=b"/dev/shm/x", seed=1), ValueError, "seed"),
     (lambda e, d: e.admit("a", "m", prompt_tokens=-1), ValueError, "prompt_tokens"),
     (lambda e, d: e.admit("a", "m", prompt_tokens=1.5), TypeError, "prompt_tokens"),
     (lambda e, d: e.admit("a", "m", prompt_tokens=2**64), OverflowError, "prompt_tokens"),
@@ -170,8 +171,8 @@ def test_every_bad_argument_is_a_sluicegate_error_and_the_builtin_it_resembles(i
 
 def test_unknown_keywords_are_type_errors_naming_them_whatever_the_value():
     for value in (None, 1, "x"):
-        with pytest.raises(TypeError, match="'shared'"):
-            sluicegate.Engine(shared=value)
+        with pytest.raises(TypeError, match="'sharded'"):
+            sluicegate.Engine(sharded=value)
     with pytest.raises(TypeError, match="prio"):
         sluicegate.Engine().admit("a", "m", prio=1)
 
@@ -232,7 +233,7 @@ ERROR_NAMES = [
 
 
 def test_every_exception_lives_in_sluicegate_under_its_own_name():
-    assert len(ERROR_NAMES) == 15
+    assert len(ERROR_NAMES) == 17
     for name in ERROR_NAMES:
         cls = getattr(sluicegate, name)
         assert (cls.__module__, cls.__qualname__) == ("sluicegate", name)

@@ -1,5 +1,6 @@
 """Type stubs and documentation of the native module ``sluicegate._sluicegate``."""
 
+import os
 from typing import Literal, Optional, SupportsIndex, Union
 
 from typing_extensions import final
@@ -9,12 +10,14 @@ from sluicegate._errors import ArgumentError as ArgumentError
 from sluicegate._errors import ArgumentOverflowError as ArgumentOverflowError
 from sluicegate._errors import ArgumentTypeError as ArgumentTypeError
 from sluicegate._errors import CorruptSnapshotError as CorruptSnapshotError
+from sluicegate._errors import EngineInUseError as EngineInUseError
 from sluicegate._errors import Error as Error
 from sluicegate._errors import InvalidKeyError as InvalidKeyError
 from sluicegate._errors import InvalidUsageError as InvalidUsageError
 from sluicegate._errors import PermitExpiredError as PermitExpiredError
 from sluicegate._errors import PolicyError as PolicyError
 from sluicegate._errors import QuotaExceededError as QuotaExceededError
+from sluicegate._errors import SharedRegionError as SharedRegionError
 from sluicegate._errors import SpendLimitAboveTierError as SpendLimitAboveTierError
 from sluicegate._errors import StalePermitError as StalePermitError
 from sluicegate._errors import TableFullError as TableFullError
@@ -37,6 +40,7 @@ __all__ = [
     "CorruptSnapshotError",
     "Decision",
     "Engine",
+    "EngineInUseError",
     "Error",
     "InvalidKeyError",
     "InvalidUsageError",
@@ -44,6 +48,7 @@ __all__ = [
     "PermitExpiredError",
     "PolicyError",
     "QuotaExceededError",
+    "SharedRegionError",
     "SpendLimitAboveTierError",
     "StalePermitError",
     "TableFullError",
@@ -53,7 +58,11 @@ __all__ = [
 
 @final
 class Decision:
-    """An admission decision; settle it with :meth:`Engine.settle` if it was admitted."""
+    """An admission decision; settle it with :meth:`Engine.settle` if it was admitted.
+
+    Decisions pickle: a process sharing the engine's file (``Engine(shared=...)``) can settle
+    one that another admitted.
+    """
 
     @property
     def outcome(self) -> Outcome:
@@ -134,6 +143,18 @@ class Engine:
     ``TypeError`` naming it. ``repr(engine)`` shows each metric's limit in force (``off`` when
     not enforced) and ``max_in_flight``. Every ``now_ns`` defaults to ``time.monotonic_ns()``;
     pass explicit values to simulate hours in milliseconds.
+
+    ``shared`` (a path: str or ``os.PathLike``; default None, this process's memory) puts the
+    tables in a memory-mapped file, e.g. ``/dev/shm/sluicegate-api``: every process that opens
+    the same path with the same policy, overrides and capacities shares each account's limits
+    exactly, such as the workers of ``uvicorn --workers 4`` each creating its engine at import.
+    The first opener creates the file (mode 0600) and initialises it; a file made for another
+    configuration, damaged, or not a sluicegate region raises :class:`SharedRegionError` and is
+    left as it was. sluicegate never deletes the file: remove it, once no process has it open,
+    to start afresh. Permits held by a process that dies are not given back at once: each
+    expires ``permit_ttl`` after its admission, which frees its account's in-flight place (its
+    reservation stays charged). ``seed`` cannot be given with ``shared``: the region keeps the
+    seed of the process that created it.
     """
 
     def __new__(
@@ -146,8 +167,12 @@ class Engine:
         permits: Optional[SupportsIndex] = None,
         seed: Optional[SupportsIndex] = None,
         dialect: _Dialect = "fireworks",
+        shared: Union[str, os.PathLike[str], None] = None,
         **overrides: Optional[float],
     ) -> Engine: ...
+    @property
+    def shared(self) -> Optional[str]:
+        """The file of a shared engine (``Engine(shared=...)``), as given; None for this process's memory."""
     @property
     def policy(self) -> str:
         """The preset the engine was built from."""
@@ -271,4 +296,9 @@ class Engine:
         is built from the snapshot and swapped in whole; calls in progress finish on the old one,
         and permits it issued settle with :class:`StalePermitError`. A damaged or foreign snapshot
         raises :class:`CorruptSnapshotError` and changes nothing.
+
+        A shared engine's restore replaces the tables every process shares, so it needs the file
+        to itself: while any other process (or another ``Engine`` of this one) has it open, it
+        raises :class:`EngineInUseError` and changes nothing. Calls made by other threads while it
+        runs wait for it.
         """
