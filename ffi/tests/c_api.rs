@@ -1,7 +1,7 @@
 //! Builds and runs the C tests and the C example against the library of this very build: the C
 //! API test as C11, as C++17 and under AddressSanitizer + UndefinedBehaviorSanitizer (against
-//! the shared library), the pthreads tests (admission, and snapshots of a serving engine), and
-//! the example gateway.
+//! the shared library), the pthreads tests (admission, and snapshots of a serving engine), the
+//! test of engines shared by processes, and the example gateway.
 //!
 //! Where the libraries are: building the ffi lib for the tests runs rustc once with all its
 //! crate types, so `libsluicegate.a` and `libsluicegate.so` are written next to this test
@@ -222,6 +222,54 @@ fn every_snapshot_of_an_engine_creating_accounts_on_two_threads_restores() {
     assert_eq!(assert_all_passed(&output), 5, "{output}");
     assert!(output.contains("1000 of 1000 snapshots taken"), "{output}");
     assert!(output.contains(", 1000 restored"), "{output}");
+}
+
+/// Compiles `ffi/tests/c/shared.c` (C11, pthreads, static library) as `name`.
+fn compile_shared_test(name: &str) -> String {
+    let bin = binary(name);
+    let lib = static_lib();
+    let mut args = vec!["-std=c11", "-pthread"];
+    args.extend(STRICT);
+    args.extend(["ffi/tests/c/shared.c", &lib]);
+    args.extend(STATIC_LIBS);
+    args.extend(["-o", &bin]);
+    compile("cc", &args);
+    bin
+}
+
+/// Issue 14: 4 processes x 2 threads admit exactly 600 of 4,000 requests at 600 a minute, on a
+/// shared file and on memory mapped before fork(); a process killed with 100 permits holds its
+/// places and the model's load until the permit TTL and not after, and leaves no lock behind;
+/// openers that disagree, damaged headers and foreign files get typed errors and change nothing;
+/// the file is created 0600. Under a second.
+#[test]
+fn processes_share_one_engine_exactly_and_a_killed_one_holds_nothing_past_the_ttl() {
+    let bin = compile_shared_test("shared");
+    let output = run(&bin, None, &[]);
+    assert_eq!(assert_all_passed(&output), 1662, "{output}");
+    let exact = "600 admitted of 4000, 3400 refused (429 on requests), 0 other, 600 settled";
+    assert!(output.contains("file: 4 processes x 2 threads x 500 sg_admit"), "{output}");
+    assert!(output.contains("region: 4 processes x 2 threads x 500 sg_admit"), "{output}");
+    assert_eq!(output.matches(exact).count(), 2, "{output}");
+    assert!(output.contains("past the TTL, 100 of 100 places back"), "{output}");
+    assert!(output.contains("64 SG_ERR_NOT_A_REGION (magic), 640 SG_ERR_REGION_CORRUPT, 0 other"), "{output}");
+    assert!(output.contains("the file unchanged by 704 of the failed opens"), "{output}");
+    assert!(output.contains("mode: created 600 under umask 000"), "{output}");
+}
+
+/// Issue 14: four processes that create one shared file at once must all open it, 50 times
+/// over. Ignored because it fails today (in about 3 s): each opener finds the file not ready
+/// under the shared lock and then waits for the exclusive lock to initialise it; the first to get
+/// it initialises the file and keeps the shared lock for its engine's lifetime, so an opener
+/// still waiting for the exclusive lock waits until that engine is freed (`core/src/shared.rs`,
+/// `SharedFile::open`). Run it with `cargo test -p sluicegate-ffi --test c_api -- --ignored`.
+#[test]
+#[ignore = "fails today: concurrent first openers of one shared file deadlock (core/src/shared.rs)"]
+fn four_processes_creating_one_shared_file_at_once_all_open_it() {
+    let bin = compile_shared_test("shared_creation");
+    let output = run(&bin, None, &[("SLUICEGATE_TEST_CREATE_RACE", "1")]);
+    assert_all_passed(&output);
+    assert!(output.contains("50 of 50 rounds"), "{output}");
 }
 
 #[test]
