@@ -252,7 +252,10 @@ fn processes_share_one_engine_exactly_and_a_killed_one_holds_nothing_past_the_tt
     assert!(output.contains("region: 4 processes x 2 threads x 500 sg_admit"), "{output}");
     assert_eq!(output.matches(exact).count(), 2, "{output}");
     assert!(output.contains("past the TTL, 100 of 100 places back"), "{output}");
-    assert!(output.contains("64 SG_ERR_NOT_A_REGION (magic), 640 SG_ERR_REGION_CORRUPT, 0 other"), "{output}");
+    assert!(
+        output.contains("64 SG_ERR_NOT_A_REGION (magic), 640 SG_ERR_REGION_CORRUPT, 0 other"),
+        "{output}"
+    );
     assert!(output.contains("the file unchanged by 704 of the failed opens"), "{output}");
     assert!(output.contains("mode: created 600 under umask 000"), "{output}");
 }
