@@ -184,8 +184,6 @@ impl<S: Storage> Engine<S> {
         // Full: the account's abandoned permits may have expired unmet. Meet a stretch of the
         // ledger (bounded work, on the refusal path only) before refusing.
         let entered = account.enter(cap) || {
-            // A new minute sweeps the whole ledger budget first (this path stops before `tick`).
-            self.tick_index(now_ns);
             self.sweep(now_ns, SWEEP_PER_SCOPE_TICK);
             account.enter(cap)
         };

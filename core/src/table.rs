@@ -108,17 +108,26 @@ pub(crate) trait Claim {
     fn reclaim(&self, index: usize, old: u64, new: u64) -> bool;
 }
 
+/// Rounds an insert waits for, or backs out before, a rival claim of its key, before it takes
+/// the claim for abandoned (a process of a shared region killed between claim and publish): some
+/// milliseconds. Killing a live rival's claim is safe, as for a claim farther from home; the
+/// rival backs out and looks again.
+const PATIENCE: u32 = 1 << 14;
+
 /// Finds the key's slot, inserting it if absent. `None` when the window has no room.
 pub(crate) fn find_or_insert<S: Slot, F: Fn(usize) -> bool>(
     slots: &[S],
     probe: &Probe<'_, F>,
     claim: &impl Claim,
 ) -> Option<(usize, u64)> {
+    let mut rounds = 0u32;
     loop {
         if let Some(found) = find(slots, probe) {
             return Some(found);
         }
-        let (mine, pos, id) = match take_slot(slots, probe, claim) {
+        let impatient = rounds >= PATIENCE;
+        rounds = rounds.saturating_add(1);
+        let (mine, pos, id) = match take_slot(slots, probe, claim, impatient) {
             Taken::Slot(mine, pos, id) => (mine, pos, id),
             // Another thread is inserting this very key into the last room: wait for it. The
             // read-modify-write reads the slot's latest state, so the next lookup cannot keep
@@ -135,7 +144,7 @@ pub(crate) fn find_or_insert<S: Slot, F: Fn(usize) -> bool>(
         claim.init(mine);
         let slot = slots.get(mine)?;
         let published = ready(tag_of(id));
-        if !lost_to_rival(slots, probe, pos)
+        if !lost_to_rival(slots, probe, pos, impatient)
             && slot.id().compare_exchange(id, published, Ordering::SeqCst, Ordering::SeqCst).is_ok()
         {
             return Some((mine, published));
@@ -159,8 +168,17 @@ enum Taken {
 
 /// Claims the first empty slot of the window, else reclaims the first idle one. Any slot seen
 /// holding the same key (being claimed, dying, or published since the lookup) means "look again"
-/// rather than "full": another thread is inserting this very key.
-fn take_slot<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>, claim: &impl Claim) -> Taken {
+/// rather than "full": another thread is inserting this very key. An `impatient` insert kills
+/// such claims instead, and no longer waits for claims that are dying: their owner may be gone.
+fn take_slot<S: Slot, F: Fn(usize) -> bool>(
+    slots: &[S],
+    probe: &Probe<'_, F>,
+    claim: &impl Claim,
+    impatient: bool,
+) -> Taken {
+    if impatient {
+        kill_rival_claims(slots, probe, usize::MAX);
+    }
     let mut rival = None;
     for (pos, i) in probe.window(slots.len()).enumerate() {
         let Some(slot) = slots.get(i) else { continue };
@@ -189,7 +207,24 @@ fn take_slot<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>, c
             rival = Some(i);
         }
     }
-    rival.map_or(Taken::Full, Taken::RivalClaiming)
+    match rival {
+        Some(i) if !impatient || slots.get(i).is_some_and(|s| is_ready(s.id().load(Ordering::SeqCst))) => {
+            Taken::RivalClaiming(i)
+        }
+        _ => Taken::Full,
+    }
+}
+
+/// Kills every claim of the key's tag in the window except the one at position `mine`.
+fn kill_rival_claims<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>, mine: usize) {
+    for (p, i) in probe.window(slots.len()).enumerate() {
+        let Some(slot) = slots.get(i) else { continue };
+        let id = slot.id().load(Ordering::SeqCst);
+        if p != mine && probe.same_tag(id) && is_claiming(id) {
+            let _ =
+                slot.id().compare_exchange(id, (id & !STATE_MASK) | DEAD, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Whether slot `i`, holding `id`, may be the key being inserted by another thread: claimed or
@@ -200,8 +235,16 @@ fn is_rival<F: Fn(usize) -> bool>(probe: &Probe<'_, F>, i: usize, id: u64) -> bo
 }
 
 /// Whether another copy of the key (published, or claimed nearer home) beats the claim at `pos`;
-/// claims farther from home are killed on the way.
-fn lost_to_rival<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F>, pos: usize) -> bool {
+/// claims farther from home are killed on the way, and an `impatient` claim kills nearer ones too.
+fn lost_to_rival<S: Slot, F: Fn(usize) -> bool>(
+    slots: &[S],
+    probe: &Probe<'_, F>,
+    pos: usize,
+    impatient: bool,
+) -> bool {
+    if impatient {
+        kill_rival_claims(slots, probe, pos);
+    }
     for (p, i) in probe.window(slots.len()).enumerate() {
         if p == pos {
             continue;
@@ -224,4 +267,79 @@ fn lost_to_rival<S: Slot, F: Fn(usize) -> bool>(slots: &[S], probe: &Probe<'_, F
         }
     }
     false
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    struct Cell(AtomicU64);
+
+    impl Slot for Cell {
+        fn id(&self) -> &AtomicU64 {
+            &self.0
+        }
+    }
+
+    /// Claims for a key whose tag is `TAG`; nothing to write, nothing to reclaim.
+    struct Insert;
+
+    impl Claim for Insert {
+        fn tag(&self, _: u64) -> u64 {
+            TAG
+        }
+        fn init(&self, _: usize) {}
+        fn reclaim(&self, _: usize, _: u64, _: u64) -> bool {
+            false
+        }
+    }
+
+    const TAG: u64 = 0x5eed;
+
+    fn slots(ids: [u64; 8]) -> [Cell; 8] {
+        ids.map(|id| Cell(AtomicU64::new(id)))
+    }
+
+    /// Runs `f` on another thread and fails if it has not returned within a minute: a hang is
+    /// the failure these tests look for.
+    fn returns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the insert never returned")
+    }
+
+    /// A process of a shared region killed between claiming a slot for a key and publishing it
+    /// leaves the claim forever. Inserting the key again must not back out before it forever.
+    #[test]
+    fn an_abandoned_claim_nearer_home_is_killed_and_the_key_published_beside_it() {
+        let (found, table) = returns(|| {
+            let table = slots([claiming(TAG), 0, 0, 0, 0, 0, 0, 0]);
+            let probe = Probe { hash: 0, tag: TAG, mask: u64::MAX, matches: &|_| true };
+            (find_or_insert(&table, &probe, &Insert), table.map(|c| c.0.into_inner()))
+        });
+        assert_eq!(found, Some((1, ready(TAG))));
+        assert_eq!(table[0], (TAG << 2) | DEAD, "the abandoned claim is dead, never published");
+    }
+
+    /// With no room left, an abandoned claim of the key is not waited for: the window is full.
+    #[test]
+    fn a_full_window_whose_only_rival_is_an_abandoned_claim_is_full() {
+        let (found, table) = returns(|| {
+            let mut ids = [1u64, 2, 3, 4, 5, 6, 7, 8].map(ready);
+            ids[3] = claiming(TAG);
+            let table = slots(ids);
+            let probe = Probe { hash: 0, tag: TAG, mask: u64::MAX, matches: &|_| true };
+            (find_or_insert(&table, &probe, &Insert), table.map(|c| c.0.into_inner()))
+        });
+        assert_eq!(found, None);
+        assert_eq!(table[3], (TAG << 2) | DEAD);
+    }
+
+    /// A published copy of the key is found, however many dead claims surround it.
+    #[test]
+    fn dead_claims_never_hide_a_published_key() {
+        let table = slots([(TAG << 2) | DEAD, claiming(TAG), ready(TAG), 0, 0, 0, 0, 0]);
+        let probe = Probe { hash: 0, tag: TAG, mask: u64::MAX, matches: &|_| true };
+        assert_eq!(find_or_insert(&table, &probe, &Insert), Some((2, ready(TAG))));
+    }
 }

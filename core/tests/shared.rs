@@ -332,7 +332,7 @@ fn a_week_of_hourly_crashes_on_a_shared_region_leaks_nothing() {
     let mut policy = Policy::fixed().with_fixed_limit(Metric::Requests, 60.0);
     policy.max_in_flight = Some(50);
     policy.permit_ttl_ns = TTL;
-    let workers = [0, 1].map(|_| Engine::open_shared(&path.0, policy.clone(), capacity()).unwrap());
+    let workers = [0, 1].map(|_| Engine::open_shared(&path.0, policy, capacity()).unwrap());
     workers[0].set_model_capacity(b"model", Variant::Regular, 1_000).unwrap();
     for h in 0..7 * 24u64 {
         let start = h * hour;
@@ -453,6 +453,10 @@ fn workers_killed_at_random_instructions_block_nobody_and_keep_at_most_two_place
     assert!(abandoned > 0, "the children admitted nothing before they were killed");
     // Long after every child's clock and the TTL.
     let after = KILLS as u64 * 20 * SECOND + 3_600 * SECOND;
+    // Traffic of another account in the new minute sweeps the ledger for expired permits.
+    let other = ScopeKey::new(b"other", b"model");
+    let d = survivor.admit(other, &Request::new(1), after).unwrap();
+    survivor.settle(d.permit().unwrap(), &Usage::new(1, 0), Completion::Success, after).unwrap();
     let mut outstanding = Vec::new();
     let mut kept = 0;
     for a in 0..7 {
