@@ -1105,6 +1105,12 @@ sg_result sg_snapshot_write(const struct sg_engine *engine, uint8_t *buf, size_t
  * with the same config and swap the pointer requests use (README, "Snapshots of a serving
  * engine"); permits the first engine issued are stale in the second.
  *
+ * A shared engine (`sg_engine_open_shared`) is restored in place, and only while no other
+ * process or handle has its file open (`SG_ERR_SNAPSHOT_IN_USE` otherwise). Processes forked
+ * from an opener share its file lock and count as that opener, so open the engine in each
+ * worker after the fork. An engine in host memory (`sg_engine_in_region`) cannot tell who else
+ * uses it: the host must stop every other process first.
+ *
  * # Safety
  * `engine` must be a live engine used by no other thread meanwhile; `bytes` valid for `len`.
  */

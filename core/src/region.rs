@@ -27,8 +27,13 @@ const EMPTY: u64 = 0;
 const INITIALISING: u64 = 0x1417_1A11_5100_0001;
 /// `state` once the tables are written and the header is final.
 pub(crate) const READY: u64 = 0x5EAD_4EAD_5EAD_0002;
-/// Spins an opener waits for another's initialisation before giving up (a fraction of a second).
-const READY_SPINS: u64 = 1 << 26;
+/// Spins an opener waits for another's initialisation before giving up: at least 2^20, and one
+/// per 8 bytes of region (the initialiser writes those 8 bytes far faster than a spin turns), so
+/// a torn initialisation is noticed in a fraction of a second on a small region, and a large
+/// region's initialiser is still waited for.
+fn ready_spins(size: usize) -> u64 {
+    (size as u64 / 8).max(1 << 20)
+}
 
 /// The region's first 128 bytes. Every field is atomic: other processes read it while the
 /// initialiser writes it.
@@ -196,7 +201,7 @@ impl<'a> Region<'a> {
                 return Ok(region);
             }
             spins += 1;
-            if spins >= READY_SPINS {
+            if spins >= ready_spins(layout.size) {
                 return Err(RegionError::NotReady);
             }
             crate::sync::spin_hint();

@@ -38,6 +38,33 @@ fn is_ready(file: &File) -> bool {
     file.read_exact_at(&mut state, 8).is_ok() && u64::from_le_bytes(state) == crate::region::READY
 }
 
+/// Openers wait this long, in all, for another's initialisation of a new file.
+const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Takes this opener's lock on `file`: shared to attach to a ready region, exclusive to
+/// initialise one (new, or torn by a crash). Attachers hold the shared lock for their lifetime,
+/// so an opener never blocks on the exclusive lock (it would wait for every attacher): it tries
+/// it, and while another opener holds a lock, waits for the shared lock and looks again.
+fn lock(file: &File) -> Result<Opening, Error> {
+    let deadline = std::time::Instant::now() + INIT_WAIT;
+    loop {
+        // Blocks only while an initialiser holds the exclusive lock.
+        FileExt::lock_shared(file).map_err(io)?;
+        if is_ready(file) {
+            return Ok(Opening::Attach);
+        }
+        FileExt::unlock(file).map_err(io)?;
+        if FileExt::try_lock(file).is_ok() {
+            return Ok(Opening::Exclusive);
+        }
+        // Another opener is between its locks.
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Region(RegionError::NotReady));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 impl SharedFile {
     /// Creates (mode 0600) or opens `path`, maps it, and initialises it or checks it was made
     /// for this `policy` and `capacity`. The file is never deleted by sluicegate.
@@ -52,17 +79,7 @@ impl SharedFile {
             .mode(0o600)
             .open(path)
             .map_err(io)?;
-        // Attachers hold a shared lock for their lifetime; only an opener that finds the region
-        // not ready takes the exclusive one, which waits for every attacher of a torn region
-        // (none: nobody attaches before ready) and excludes other initialisers.
-        FileExt::lock_shared(&file).map_err(io)?;
-        let opening = if is_ready(&file) {
-            Opening::Attach
-        } else {
-            FileExt::unlock(&file).map_err(io)?;
-            FileExt::lock(&file).map_err(io)?;
-            Opening::Exclusive
-        };
+        let opening = lock(&file)?;
         // Dropping `file` on an error releases the lock.
         let len = file.metadata().map_err(io)?.len();
         if len == 0 && opening == Opening::Exclusive {

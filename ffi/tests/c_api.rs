@@ -246,7 +246,7 @@ fn compile_shared_test(name: &str) -> String {
 fn processes_share_one_engine_exactly_and_a_killed_one_holds_nothing_past_the_ttl() {
     let bin = compile_shared_test("shared");
     let output = run(&bin, None, &[]);
-    assert_eq!(assert_all_passed(&output), 1662, "{output}");
+    assert_eq!(assert_all_passed(&output), 1665, "{output}");
     let exact = "600 admitted of 4000, 3400 refused (429 on requests), 0 other, 600 settled";
     assert!(output.contains("file: 4 processes x 2 threads x 500 sg_admit"), "{output}");
     assert!(output.contains("region: 4 processes x 2 threads x 500 sg_admit"), "{output}");
@@ -261,13 +261,10 @@ fn processes_share_one_engine_exactly_and_a_killed_one_holds_nothing_past_the_tt
 }
 
 /// Issue 14: four processes that create one shared file at once must all open it, 50 times
-/// over. Ignored because it fails today (in about 3 s): each opener finds the file not ready
-/// under the shared lock and then waits for the exclusive lock to initialise it; the first to get
-/// it initialises the file and keeps the shared lock for its engine's lifetime, so an opener
-/// still waiting for the exclusive lock waits until that engine is freed (`core/src/shared.rs`,
-/// `SharedFile::open`). Run it with `cargo test -p sluicegate-ffi --test c_api -- --ignored`.
+/// over. It found a deadlock: an opener that found the file not ready waited for the exclusive
+/// lock, which the first initialiser's lifelong shared lock kept from it (`SharedFile::open` now
+/// tries the exclusive lock and otherwise waits on the shared one).
 #[test]
-#[ignore = "fails today: concurrent first openers of one shared file deadlock (core/src/shared.rs)"]
 fn four_processes_creating_one_shared_file_at_once_all_open_it() {
     let bin = compile_shared_test("shared_creation");
     let output = run(&bin, None, &[("SLUICEGATE_TEST_CREATE_RACE", "1")]);
