@@ -17,13 +17,6 @@ pub enum Backing {
     Region(Region<'static>),
 }
 
-impl Backing {
-    /// Whether other processes may share these tables.
-    pub fn is_shared(&self) -> bool {
-        !matches!(self, Backing::Heap(_))
-    }
-}
-
 macro_rules! each {
     ($self:expr, $s:ident => $body:expr) => {
         match $self {

@@ -479,3 +479,25 @@ fn workers_killed_at_random_instructions_block_nobody_and_keep_at_most_two_place
     assert!(u64::from(kept_load) <= 2 * KILLS as u64, "{kept_load} load units kept by {KILLS} kills");
     assert_eq!(u64::from(load - kept_load), outstanding.len() as u64, "the load counts every live permit");
 }
+
+/// The run-time storage choice of the C API and Python behaves as the storage it holds: a shared
+/// file keeps its region's identity and refuses a restore while another opener holds it.
+#[test]
+fn backing_passes_identity_and_restore_through_to_the_shared_file() {
+    use sluicegate_core::Backing;
+    let path = TempPath::new("backing");
+    let file = SharedFile::open(&path.0, &policy(600.0), capacity()).unwrap();
+    let identity = file.identity();
+    let mut backed = Engine::with_storage(policy(600.0), Backing::Shared(file), 0).unwrap();
+    assert_eq!(backed.storage().identity(), identity);
+    let plain = open(&path, policy(600.0)).unwrap();
+    let permit = backed.admit(KEY, &Request::new(0), 0).unwrap().permit().copied().unwrap();
+    plain.settle(&permit, &Usage::new(0, 0), Completion::Success, 0).unwrap();
+    let mut buf = vec![0; backed.snapshot_size()];
+    let n = backed.snapshot(&mut buf, 0).unwrap();
+    assert_eq!(backed.restore(&buf[..n], 0), Err(SnapshotError::InUse));
+    drop(plain);
+    backed.restore(&buf[..n], 0).unwrap();
+    let heap = Backing::Heap(sluicegate_core::Heap::new(capacity()).unwrap());
+    assert_eq!(heap.identity(), None, "heap tables let the engine pick its own");
+}
