@@ -34,7 +34,7 @@ impl<S: Storage> Engine<S> {
         let slots = self.tables().models;
         let init = |s: &ModelSlot| s.init(model);
         let find = || self.key_entry(slots, model, MODEL_KEY_MAX, MODEL_SALT, Some(&init), 0);
-        self.with_key(slots, &find, Error::TableFull(Table::Models), |_, s| f(s))
+        self.with_key(slots, &find, Table::Models, Error::TableFull(Table::Models), |_, s| f(s))
     }
 
     /// Runs `f` on the account's slot (created if new and `create`) while holding a reference.
@@ -48,17 +48,21 @@ impl<S: Storage> Engine<S> {
         let init = |s: &AccountSlot| s.init(account, &self.policy.tiers);
         let init: Option<&dyn Fn(&AccountSlot)> = create.then_some(&init);
         let find = || self.key_entry(slots, account, ACCOUNT_KEY_MAX, 0, init, 0);
-        self.with_key(slots, &find, Error::UnknownAccount, f)
+        self.with_key(slots, &find, Table::Accounts, Error::UnknownAccount, f)
     }
 
+    /// Runs `f` on the key's slot while holding a reference. A slot that refuses references for
+    /// [`table::PATIENCE`] rounds is `TableFull`: its reclaimer may have died deciding (a process
+    /// of a shared region killed), and waiting on it would wait forever.
     fn with_key<T: Slot + Keyed, R>(
         &self,
         slots: &[T],
         find: &dyn Fn() -> Result<Option<Found>, Error>,
+        table: Table,
         missing: Error,
         f: impl FnOnce(usize, &T) -> R,
     ) -> Result<R, Error> {
-        loop {
+        for _ in 0..table::PATIENCE {
             let found = find()?.ok_or(missing)?;
             let slot = slots.get(found.0).ok_or(missing)?;
             if slot.refs().pin() {
@@ -72,6 +76,7 @@ impl<S: Storage> Engine<S> {
             // Reclaimed under us: look the key up again.
             spin_hint();
         }
+        Err(Error::TableFull(table))
     }
 
     /// The account's table index, if it exists.
@@ -124,7 +129,8 @@ impl<S: Storage> Engine<S> {
         let init_model = |s: &ModelSlot| s.init(key.model);
         let init_account: Option<&dyn Fn(&AccountSlot)> = create.then_some(&init_account);
         let init_model: Option<&dyn Fn(&ModelSlot)> = create.then_some(&init_model);
-        loop {
+        // Each round that looks again found the account or model being reclaimed; see `with_key`.
+        for _ in 0..table::PATIENCE {
             let account =
                 self.key_entry(t.accounts, key.account, ACCOUNT_KEY_MAX, 0, init_account, now_ns)?;
             let model = self.key_entry(t.models, key.model, MODEL_KEY_MAX, MODEL_SALT, init_model, now_ns)?;
@@ -146,6 +152,7 @@ impl<S: Storage> Engine<S> {
                 return Ok(found.map(|(slot, id)| Located { slot, id, account, model, variant }));
             }
         }
+        Err(Error::TableFull(Table::Scopes))
     }
 
     /// Inserts a scope, its account and model pinned for it; `None` if one of them was reclaimed
@@ -375,5 +382,30 @@ mod tests {
         std::thread::spawn(move || done.send(e.add_credits(b"collide-new", 1)));
         let outcome = result.recv_timeout(std::time::Duration::from_secs(20));
         assert_eq!(outcome, Ok(Err(crate::Error::TableFull(crate::Table::Accounts))));
+    }
+
+    /// A reclaimer that dies deciding (a process of a shared region killed between taking the
+    /// retiring flag and dropping it) leaves the slot refusing references. Calls on its key give
+    /// up with `TableFull` instead of waiting forever, and other keys carry on.
+    #[test]
+    fn a_slot_whose_reclaimer_died_deciding_is_full_not_a_wait() {
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        e.add_credits(b"stuck", 1).unwrap_or_else(|e| panic!("{e}"));
+        let index = e.account_index(b"stuck").ok().flatten().unwrap_or_else(|| panic!("no account"));
+        let slot = e.tables().accounts.get(index).unwrap_or_else(|| panic!("no slot"));
+        assert!(slot.refs.begin_retire(), "nothing holds the account");
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let credits = e.add_credits(b"stuck", 1);
+            let admit = e.admit(ScopeKey::new(b"stuck", b"model"), &Request::new(0), 0).map(|d| d.admitted());
+            let other = e.admit(ScopeKey::new(b"other", b"model"), &Request::new(0), 0).map(|d| d.admitted());
+            done.send((credits, admit, other))
+        });
+        let (credits, admit, other) = result
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("a call waited forever"));
+        assert_eq!(credits, Err(crate::Error::TableFull(crate::Table::Accounts)));
+        assert_eq!(admit, Err(crate::Error::TableFull(crate::Table::Scopes)));
+        assert_eq!(other, Ok(true));
     }
 }

@@ -108,11 +108,11 @@ pub(crate) trait Claim {
     fn reclaim(&self, index: usize, old: u64, new: u64) -> bool;
 }
 
-/// Rounds an insert waits for, or backs out before, a rival claim of its key, before it takes
-/// the claim for abandoned (a process of a shared region killed between claim and publish): some
-/// milliseconds. Killing a live rival's claim is safe, as for a claim farther from home; the
-/// rival backs out and looks again.
-const PATIENCE: u32 = 1 << 14;
+/// Rounds a call waits for another party's step before it takes that party for dead (a process
+/// of a shared region killed mid-call): some milliseconds. An insert then kills the rival claim
+/// of its key (safe, as for a claim farther from home: a live rival backs out and looks again);
+/// a lookup of a key whose slot refuses references gives up with `TableFull`.
+pub(crate) const PATIENCE: u32 = 1 << 14;
 
 /// Finds the key's slot, inserting it if absent. `None` when the window has no room.
 pub(crate) fn find_or_insert<S: Slot, F: Fn(usize) -> bool>(
