@@ -451,9 +451,10 @@ impl PyDecision {
 /// configuration, damaged, or not a sluicegate region raises :class:`SharedRegionError` and is
 /// left as it was. sluicegate never deletes the file: remove it, once no process has it open,
 /// to start afresh. Permits held by a process that dies are not given back at once: each
-/// expires ``permit_ttl`` after its admission, which frees its account's in-flight place (its
-/// reservation stays charged). ``seed`` cannot be given with ``shared``: the region keeps the
-/// seed of the process that created it.
+/// expires ``permit_ttl`` after its admission (its reservation stays charged), and what it
+/// held, its account's in-flight place and its model's load, comes back as the engine meets
+/// it, sweeping the ledger as time goes (4,096 permits a tick, more on refusals). ``seed``
+/// cannot be given with ``shared``: the region keeps the seed of the process that created it.
 #[pyclass(module = "sluicegate._sluicegate", name = "Engine", frozen)]
 struct PyEngine {
     /// `restore` builds a new engine and swaps it in whole; every other call works on the engine
