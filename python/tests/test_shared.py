@@ -289,6 +289,36 @@ def test_restore_is_refused_while_another_engine_of_this_process_has_the_file(re
     assert e.admit(ACCOUNT, MODEL, now_ns=NOW).admitted
 
 
+def test_restore_is_refused_in_a_process_forked_from_the_opener(region):
+    """A forked child shares its parent's file lock, so the lock cannot show that the parent
+    uses the engine: the child's restore is refused whatever the lock says."""
+    e = sluicegate.Engine(shared=region, **CONFIG)
+    snap = e.snapshot(now_ns=NOW)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what restore did, then leave at once
+        try:
+            e.restore(snap, now_ns=NOW)
+            said = b"restored"
+        except sluicegate.EngineInUseError as exc:
+            said = b"refused" if b"fork" in str(exc).encode() else b"refused without saying why"
+        except BaseException as exc:
+            said = repr(exc).encode()
+        os.write(write, said)
+        os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as r:
+            said = r.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert (said, status) == (b"refused", 0)
+    # The parent, which opened it and is alone, restores.
+    e.admit(ACCOUNT, MODEL, now_ns=NOW)
+    e.restore(snap, now_ns=NOW)
+    assert e.remaining(ACCOUNT, MODEL, now_ns=NOW)["requests"] == 600
+
+
 def test_threads_keep_admitting_while_a_shared_engine_is_restored(region):
     """A restore rewrites the tables the engine in force reads: calls of other threads wait for it
     (never fail, never land in half-written tables); permits from before it settle as stale."""
