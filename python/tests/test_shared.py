@@ -394,6 +394,34 @@ def test_a_pickled_permit_settles_nowhere_else():
         sluicegate._sluicegate._decision(b"\x00" * 232)
 
 
+def _every_outcome():
+    """One decision of each outcome."""
+    e = sluicegate.Engine("fireworks_2024", capacity=64, max_in_flight=200)
+    decisions = [e.admit("a", "m", prompt_tokens=10, max_tokens=20, now_ns=NOW) for _ in range(130)]
+    e.set_load("hot", 10.0)
+    decisions.append(e.admit("a", "hot", now_ns=NOW))
+    e.set_suspended("s")
+    decisions.append(e.admit("s", "m", now_ns=NOW))
+    c = sluicegate.Engine("fixed", capacity=64, max_in_flight=1)
+    decisions += [c.admit("a", "m", now_ns=NOW) for _ in range(2)]
+    decisions.append(e.admit("a", "m", n=0, now_ns=NOW))
+    return decisions
+
+
+def test_every_outcome_pickles_as_itself():
+    decisions = _every_outcome()
+    assert {d.outcome for d in decisions} == set(Outcome)
+    properties = ("outcome", "admitted", "over_limit", "status_code", "retry_after_ns", "wait", "binding_metric",
+                  "too_large", "reason", "limits", "remaining", "cost")
+    for d in decisions:
+        copy = pickle.loads(pickle.dumps(d))
+        for name in properties:
+            assert getattr(copy, name) == getattr(d, name), (d, name)
+        for dialect in sluicegate.DIALECTS:
+            assert copy.headers(dialect, unix_ns=0, jitter_seed=0) == d.headers(dialect, unix_ns=0, jitter_seed=0)
+            assert copy.error_body(dialect, jitter_seed=0) == d.error_body(dialect, jitter_seed=0)
+
+
 def test_a_killed_worker_s_permits_come_back_after_permit_ttl(region):
     """A worker killed holding permits settles nothing; its account's in-flight places (and
     the load its model counts) come back once the permits have expired, ``permit_ttl`` after
