@@ -22,9 +22,9 @@ const MAGIC: u64 = u64::from_le_bytes(*b"SLUICEGR");
 /// The layout this build reads and writes; any change to a slot's size or order bumps it.
 pub const LAYOUT_VERSION: u32 = 1;
 /// `state` of zeroed memory nobody has claimed.
-const EMPTY: u64 = 0;
+pub(crate) const EMPTY: u64 = 0;
 /// `state` while one opener writes the tables (or a restore replaces them).
-const INITIALISING: u64 = 0x1417_1A11_5100_0001;
+pub(crate) const INITIALISING: u64 = 0x1417_1A11_5100_0001;
 /// `state` once the tables are written and the header is final.
 pub(crate) const READY: u64 = 0x5EAD_4EAD_5EAD_0002;
 /// Spins an opener waits for another's initialisation before giving up: at least 2^20, and one
@@ -391,6 +391,7 @@ impl<'a> Engine<Region<'a>> {
         opening: Opening,
     ) -> Result<Self, Error> {
         policy.bands()?;
+        capacity.check()?;
         // SAFETY: the caller's promise, passed on.
         let region = unsafe { Region::open(base, len, &policy, capacity, seed, opening) }?;
         Engine::with_storage(policy, region, seed)

@@ -31,11 +31,14 @@ fn io(e: std::io::Error) -> Error {
     Error::Region(RegionError::Io(e.raw_os_error().unwrap_or(0)))
 }
 
-/// Whether the state word (bytes 8..16) says ready; read under the lock, so it cannot change.
-fn is_ready(file: &File) -> bool {
+/// Whether the region still has to be initialised: a new (empty or short) file, or a state word
+/// (bytes 8..16) that says empty or initialising. Read under the lock, so it cannot change. Any
+/// other state is for `Region::open` to attach to or refuse, at once.
+fn needs_initialising(file: &File) -> bool {
     use std::os::unix::fs::FileExt as _;
     let mut state = [0; 8];
-    file.read_exact_at(&mut state, 8).is_ok() && u64::from_le_bytes(state) == crate::region::READY
+    file.read_exact_at(&mut state, 8).is_err()
+        || matches!(u64::from_le_bytes(state), crate::region::EMPTY | crate::region::INITIALISING)
 }
 
 /// Openers wait this long, in all, for another's initialisation of a new file.
@@ -50,7 +53,7 @@ fn lock(file: &File) -> Result<Opening, Error> {
     loop {
         // Blocks only while an initialiser holds the exclusive lock.
         FileExt::lock_shared(file).map_err(io)?;
-        if is_ready(file) {
+        if !needs_initialising(file) {
             return Ok(Opening::Attach);
         }
         FileExt::unlock(file).map_err(io)?;
@@ -70,6 +73,7 @@ impl SharedFile {
     /// for this `policy` and `capacity`. The file is never deleted by sluicegate.
     pub fn open(path: &Path, policy: &Policy, capacity: Capacity) -> Result<Self, Error> {
         policy.bands()?;
+        capacity.check()?;
         let size = region_size(capacity)?;
         let file = OpenOptions::new()
             .read(true)

@@ -501,3 +501,31 @@ fn backing_passes_identity_and_restore_through_to_the_shared_file() {
     let heap = Backing::Heap(sluicegate_core::Heap::new(capacity()).unwrap());
     assert_eq!(heap.identity(), None, "heap tables let the engine pick its own");
 }
+
+/// A state word damaged while another worker has the file open is refused at once, as damage,
+/// not waited on as an initialisation in progress.
+#[test]
+fn a_damaged_state_word_is_corrupt_even_while_another_opener_holds_the_file() {
+    let path = TempPath::new("damaged-busy");
+    let holder = open(&path, policy(600.0)).unwrap();
+    let pristine = std::fs::read(&path.0).unwrap();
+    for bit in 64..128 {
+        let mut damaged = pristine.clone();
+        damaged[bit / 8] ^= 1 << (bit % 8);
+        std::fs::write(&path.0, &damaged).unwrap();
+        assert_eq!(region_error(open(&path, policy(600.0))), RegionError::Corrupt, "bit {bit}");
+    }
+    std::fs::write(&path.0, &pristine).unwrap();
+    assert!(open(&path, policy(600.0)).is_ok());
+    drop(holder);
+}
+
+/// A capacity no engine can have is the same error as for a heap engine, not a mismatch with a
+/// region that does not exist.
+#[test]
+fn an_impossible_capacity_is_bad_capacity() {
+    let path = TempPath::new("bad-capacity");
+    let capacity = Capacity { models: 5_000, ..capacity() };
+    let result = Engine::open_shared(&path.0, policy(600.0), capacity);
+    assert!(matches!(result, Err(Error::BadCapacity(sluicegate_core::Table::Models))), "{result:?}");
+}

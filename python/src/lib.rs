@@ -508,22 +508,6 @@ impl Drop for TakenOut<'_> {
     }
 }
 
-/// Largest table capacities (the core's `Capacity::check`, which is not public): a shared engine
-/// checks them before sizing its file, so that a bad capacity is a :class:`PolicyError`, as for
-/// a heap engine, not a region error.
-const MAX_CAPACITY: [(&str, usize); 4] =
-    [("scopes", u32::MAX as usize), ("accounts", 1 << 24), ("models", 1 << 12), ("permits", (1 << 23) - 1)];
-
-fn check_capacity(cap: Capacity) -> PyResult<()> {
-    for ((table, max), n) in MAX_CAPACITY.into_iter().zip([cap.scopes, cap.accounts, cap.models, cap.permits])
-    {
-        if n == 0 || n > max {
-            return Err(PolicyError::new_err(format!("{table} table capacity is zero or too large")));
-        }
-    }
-    Ok(())
-}
-
 /// The `shared` argument: anything `os.fsencode` takes (str, bytes, `os.PathLike`).
 fn shared_path(v: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
@@ -675,7 +659,6 @@ impl PyEngine {
                         "seed cannot be given with shared: a shared engine keeps the seed of its region",
                     ));
                 }
-                check_capacity(cap)?;
                 // Opening may wait for another process's initialisation of the file.
                 let file = py.detach(|| SharedFile::open(path, &p, cap)).map_err(|e| open_error(e, path))?;
                 // The region's seed is used; the argument is ignored.
