@@ -231,7 +231,7 @@ def test_the_file_is_readable_by_its_owner_only_whatever_the_umask(region):
 def test_seed_is_refused_with_shared_and_bad_capacities_are_policy_errors(region):
     with pytest.raises(sluicegate.ArgumentError, match="seed"):
         sluicegate.Engine(shared=region, seed=7, **CONFIG)
-    with pytest.raises(sluicegate.PolicyError, match="permits"):
+    with pytest.raises(sluicegate.PolicyError, match="permit table capacity"):
         sluicegate.Engine(shared=region, **{**CONFIG, "permits": 0})
     with pytest.raises(sluicegate.ArgumentTypeError, match="shared"):
         sluicegate.Engine(shared=3.5, **CONFIG)
