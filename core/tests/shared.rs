@@ -297,8 +297,11 @@ fn a_worker_killed_holding_permits_harms_nobody_after_the_permit_ttl() {
     assert!(matches!(before.outcome, Outcome::RejectConcurrency(c) if c.max_in_flight == 100), "{before:?}");
     assert_eq!(survivor.load(b"model", Variant::Regular).unwrap(), 500);
 
-    // After it, everything they held is back.
+    // After it, once traffic in the new minute has swept the ledger, everything they held is back.
     let after = TTL + 2 * 60 * SECOND;
+    let other = ScopeKey::new(b"other", b"other-model");
+    let d = survivor.admit(other, &Request::new(1), after).unwrap();
+    survivor.settle(d.permit().unwrap(), &Usage::new(1, 0), Completion::Success, after).unwrap();
     let permits: Vec<_> = (0..100)
         .map(|i| {
             let d = survivor.admit(KEY, &Request::new(1), after).unwrap();
