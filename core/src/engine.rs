@@ -549,14 +549,18 @@ impl<S: Storage> Engine<S> {
     ///
     /// Returns the time the scope should be read at: `now_ns`, or — if the caller's clock has
     /// gone back past ticks already applied — the start of the last tick, so that no clock, however
-    /// far back, can refill a bucket.
+    /// far back, can refill a bucket. The same if the scope is too far behind and nobody re-seals
+    /// it: a tick lock held by a process of a shared region that was killed applying a tick.
     #[inline]
     pub(crate) fn tick(&self, at: Located, now_ns: u64) -> u64 {
         let index = self.tick_index(now_ns);
         let Some(slot) = self.tables().scopes.get(at.slot) else { return now_ns };
         if slot.tick_due(index) {
-            self.catch_up(at, slot, now_ns, index);
-            return now_ns;
+            return if self.catch_up(at, slot, now_ns, index) {
+                now_ns
+            } else {
+                self.last_tick_q(slot, now_ns).saturating_mul(QUANTUM_NS)
+            };
         }
         match slot.ticks_behind(index) {
             0 => now_ns,
@@ -565,14 +569,19 @@ impl<S: Storage> Engine<S> {
     }
 
     /// Applies the ticks due, or waits for whoever applies them if the scope is so far behind
-    /// that its word cannot be read against `now` before it is re-sealed.
+    /// that its word cannot be read against `now` before it is re-sealed; false if that wait
+    /// outlasted [`table::PATIENCE`] rounds (the applier is gone).
     #[cold]
-    fn catch_up(&self, at: Located, slot: &ScopeSlot, now_ns: u64, index: u64) {
+    fn catch_up(&self, at: Located, slot: &ScopeSlot, now_ns: u64, index: u64) -> bool {
         self.apply_ticks(at, now_ns);
-        while slot.ticks_ahead(index) > self.stale_ticks() && slot.id.load(Ordering::Acquire) == at.id {
+        for _ in 0..table::PATIENCE {
+            if slot.ticks_ahead(index) <= self.stale_ticks() || slot.id.load(Ordering::Acquire) != at.id {
+                return true;
+            }
             crate::sync::spin_hint();
             self.apply_ticks(at, now_ns);
         }
+        false
     }
 
     /// Ticks a scope may fall behind before its word must not be read against `now`: half the
@@ -695,12 +704,13 @@ impl<S: Storage> Engine<S> {
     /// Re-clamps every scope of an account to its current bounds, at once (after an operator
     /// changes its tier or overrides). A scope being claimed is waited for; one claimed after the
     /// scan passes its slot reads the new bounds, because the bounds were stored, the slot read
-    /// here and the claim made, all sequentially consistent, in that order.
+    /// here and the claim made, all sequentially consistent, in that order. A claim or tick lock
+    /// that outlasts [`table::PATIENCE`] rounds belongs to a dead process: that slot is skipped.
     pub(crate) fn reclamp_account(&self, account: usize, now_ns: u64) {
         let t = self.tables();
         let bounds = self.bounds(Some(account));
         for (i, (slot, adaptation)) in t.scopes.iter().zip(t.adaptation).enumerate() {
-            loop {
+            for _ in 0..table::PATIENCE {
                 let id = slot.id.load(Ordering::SeqCst);
                 if scope::account_of(id) != account || !(table::is_ready(id) || table::is_claiming(id)) {
                     break;
@@ -711,7 +721,9 @@ impl<S: Storage> Engine<S> {
                 }
                 // Bring it up to date first, so its word was written within a tick of the last.
                 let now_ns = self.tick(Located::of_id(i, id), now_ns);
-                slot.begin_exclusive();
+                if !slot.begin_exclusive() {
+                    break;
+                }
                 if slot.id.load(Ordering::SeqCst) == id {
                     let states = adaptation.load().map(|m, s| {
                         let b = bounds.get(m);
@@ -812,5 +824,31 @@ mod tests {
         assert!(matches!(attempt, Attempt::Moved));
         let levels = e.limits(b, 5 * MINUTE).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(levels.remaining(Metric::Requests), 59, "only b's own request is charged");
+    }
+
+    /// A process of a shared region killed while applying a scope's tick leaves its tick lock
+    /// held. A day later the scope is too far behind to be read against now: calls neither wait
+    /// forever for a tick nobody applies nor read the word against a misread epoch; they read
+    /// it at its last tick, when it was full, and a minute's burst is what it admits.
+    #[test]
+    fn a_scope_whose_tick_lock_was_abandoned_is_read_at_its_last_tick() {
+        let e = std::sync::Arc::new(
+            Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}")),
+        );
+        let key = ScopeKey::new(b"a", b"m");
+        assert!(e.admit(key, &Request::new(0), 0).unwrap_or_else(|e| panic!("{e}")).admitted());
+        let at = e.locate(key, 0, false).ok().flatten().unwrap_or_else(|| panic!("a has a scope"));
+        assert!(e.tables().scopes.get(at.slot).unwrap_or_else(|| panic!("slot")).begin_exclusive());
+        let (done, result) = std::sync::mpsc::channel();
+        let engine = std::sync::Arc::clone(&e);
+        std::thread::spawn(move || {
+            let day = 24 * 60 * MINUTE;
+            let admitted = (0..100)
+                .filter(|_| engine.admit(key, &Request::new(0), day).is_ok_and(|d| d.admitted()))
+                .count();
+            done.send(admitted)
+        });
+        let admitted = result.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(admitted, Ok(59), "the 60 a minute, less the one admitted at 0");
     }
 }

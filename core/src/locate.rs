@@ -327,7 +327,8 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
             self.claimed.set(Some((index, table::tag_of(slot.id.load(Ordering::SeqCst)))));
             let (states, intervals) = e.fresh(&e.bounds(Some(self.account)));
             // A stale tick of the slot's last scope may hold the lock: it backs out on our id.
-            slot.begin_exclusive();
+            // If its holder never lets go (it died), `init` below resets the lock with the rest.
+            let _ = slot.begin_exclusive();
             adaptation.store(&states);
             slot.init(intervals, self.now_ns / QUANTUM_NS, e.tick_index(self.now_ns));
         }

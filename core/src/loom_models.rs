@@ -150,7 +150,7 @@ fn a_stale_tick_never_touches_a_reclaimed_slot() {
             assert_eq!(limits.get(Metric::Requests).limit, 600.0);
         }
         let slot = &e.tables().scopes[0];
-        slot.begin_exclusive();
+        assert!(slot.begin_exclusive());
         slot.end_tick(None);
     });
 }

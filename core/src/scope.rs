@@ -194,17 +194,19 @@ impl ScopeSlot {
     }
 
     /// Takes the adaptation lock whatever the tick, waiting out a tick being applied (for an
-    /// operator's change of bounds).
-    pub(crate) fn begin_exclusive(&self) {
-        loop {
+    /// operator's change of bounds); false if it was held for [`crate::table::PATIENCE`] rounds
+    /// (by a process of a shared region killed while it held it).
+    pub(crate) fn begin_exclusive(&self) -> bool {
+        for _ in 0..crate::table::PATIENCE {
             let t = self.tick.load(Ordering::Acquire);
             if t & BUSY == 0
                 && self.tick.compare_exchange(t, t | BUSY, Ordering::AcqRel, Ordering::Acquire).is_ok()
             {
-                return;
+                return true;
             }
             crate::sync::spin_hint();
         }
+        false
     }
 
     /// Takes the adaptation lock of an idle slot with no permits outstanding (for reclaim).
