@@ -196,7 +196,7 @@ impl fmt::Display for RegionError {
             RegionError::NotLockFree => f.write_str("no lock-free 16-byte atomics on this machine"),
             RegionError::NotARegion => f.write_str("not a sluicegate region"),
             RegionError::UnsupportedVersion(v) => write!(f, "unsupported region layout version {v}"),
-            RegionError::Corrupt => f.write_str("region header checksum mismatch"),
+            RegionError::Corrupt => f.write_str("region header damaged (checksum mismatch)"),
             RegionError::CapacityMismatch => f.write_str("region was made for other table capacities"),
             RegionError::PolicyMismatch => f.write_str("region was made for another policy"),
             RegionError::NotReady => f.write_str("region initialisation did not finish"),

@@ -397,3 +397,26 @@ impl<'a> Engine<Region<'a>> {
         Engine::with_storage(policy, region, seed)
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// The fingerprint is the CRC-32 of the policy's `Debug` text and, above it, the text's
+    /// length: two policies must collide on both to pass for each other.
+    #[test]
+    fn the_fingerprint_is_the_policy_texts_crc_and_length() {
+        let policy = Policy::fixed();
+        let text = std::format!("{policy:?}");
+        let expected = u64::from(crc32fast::hash(text.as_bytes())) | ((text.len() as u64) << 32);
+        assert_eq!(fingerprint(&policy), expected);
+        assert_ne!(fingerprint(&policy), fingerprint(&Policy::fireworks_2024()));
+    }
+
+    /// Openers wait at least 2^20 spins, and one per 8 bytes of a larger region.
+    #[test]
+    fn openers_wait_in_proportion_to_the_region() {
+        assert_eq!(ready_spins(128), 1 << 20);
+        assert_eq!(ready_spins(64 << 20), 8 << 20);
+    }
+}

@@ -501,6 +501,9 @@ fn backing_passes_identity_and_restore_through_to_the_shared_file() {
     assert_eq!(backed.restore(&buf[..n], 0), Err(SnapshotError::InUse));
     drop(plain);
     backed.restore(&buf[..n], 0).unwrap();
+    // The restore sealed the region: a later opener attaches and sees the restored state.
+    let later = open(&path, policy(600.0)).unwrap();
+    assert_eq!(later.limits(KEY, 0).unwrap().remaining(Metric::Requests), 599);
     let heap = Backing::Heap(sluicegate_core::Heap::new(capacity()).unwrap());
     assert_eq!(heap.identity(), None, "heap tables let the engine pick its own");
 }
@@ -531,4 +534,69 @@ fn an_impossible_capacity_is_bad_capacity() {
     let capacity = Capacity { models: 5_000, ..capacity() };
     let result = Engine::open_shared(&path.0, policy(600.0), capacity);
     assert!(matches!(result, Err(Error::BadCapacity(sluicegate_core::Table::Models))), "{result:?}");
+}
+
+/// Host memory (an nginx zone, a mapping made before `fork`): four openers at once, each
+/// allowed to initialise. One does; the others wait for it, however long a large region takes,
+/// and all four then share it.
+#[test]
+fn concurrent_openers_of_host_memory_wait_for_the_one_that_initialises_it() {
+    use core::ptr::NonNull;
+    use sluicegate_core::{Opening, region::region_size};
+    #[repr(C, align(128))]
+    struct Line([u8; 128]);
+    let capacity = Capacity::scopes(200_000);
+    let mut memory: Vec<Line> = (0..region_size(capacity).unwrap() / 128).map(|_| Line([0; 128])).collect();
+    let len = memory.len() * 128;
+    let address = memory.as_mut_ptr() as usize;
+    let barrier = Barrier::new(4);
+    let admitted: Vec<bool> = thread::scope(|s| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|seed| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let base = NonNull::new(address as *mut u8).unwrap();
+                    barrier.wait();
+                    // SAFETY: `memory` outlives the scope and holds nothing but this region.
+                    let engine = unsafe {
+                        Engine::in_region(
+                            base,
+                            len,
+                            policy(3.0),
+                            capacity,
+                            seed + 1,
+                            Opening::InitialiseIfEmpty,
+                        )
+                    }
+                    .unwrap_or_else(|e| panic!("opener {seed}: {e}"));
+                    engine.admit(KEY, &Request::new(0), 0).unwrap().admitted()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(admitted.iter().filter(|a| **a).count(), 3, "one limit of 3 for all four: {admitted:?}");
+    drop(memory);
+}
+
+/// Every new error says what went wrong in words an operator can act on.
+#[test]
+fn region_errors_say_what_went_wrong() {
+    let cases = [
+        (Error::Region(RegionError::TooSmall { needed: 4096 }), "4096"),
+        (Error::Region(RegionError::Misaligned), "128"),
+        (Error::Region(RegionError::NotLockFree), "lock-free"),
+        (Error::Region(RegionError::NotARegion), "not a sluicegate"),
+        (Error::Region(RegionError::UnsupportedVersion(7)), "7"),
+        (Error::Region(RegionError::Corrupt), "damaged"),
+        (Error::Region(RegionError::CapacityMismatch), "capacities"),
+        (Error::Region(RegionError::PolicyMismatch), "policy"),
+        (Error::Region(RegionError::NotReady), "initialisation"),
+        (Error::Region(RegionError::Io(13)), "13"),
+    ];
+    for (error, words) in cases {
+        let text = error.to_string();
+        assert!(text.starts_with("shared region: ") && text.contains(words), "{error:?}: {text}");
+    }
+    assert!(SnapshotError::InUse.to_string().contains("other processes"), "{}", SnapshotError::InUse);
 }

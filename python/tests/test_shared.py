@@ -192,7 +192,7 @@ def test_a_damaged_header_is_refused_and_left_as_it_was(region):
             f.write(good[offset : offset + 1])
             f.flush()
     assert contents(region) == good
-    assert refused == {"not a sluicegate region": 8, "region header checksum mismatch": 80}, refused
+    assert refused == {"not a sluicegate region": 8, "region header damaged (checksum mismatch)": 80}, refused
     again = sluicegate.Engine(shared=region, **CONFIG)
     assert again.remaining(ACCOUNT, MODEL, now_ns=NOW)["requests"] == 595
 
