@@ -168,11 +168,34 @@ fn an_initialisation_torn_by_a_crash_is_redone_by_the_next_opener() {
         let engine = open(&path, policy(600.0)).unwrap();
         engine.admit(KEY, &Request::new(0), 0).unwrap();
     }
-    // An opener died between claiming the region and publishing it ready: the state word
-    // (bytes 8..16) says "initialising" and nobody holds the file lock.
+    // An opener died between claiming the region and publishing it ready, half-way through
+    // writing the tables: the state word (bytes 8..16) says "initialising", nobody holds the
+    // file lock, and the tables hold whatever was there.
     let mut bytes = std::fs::read(&path.0).unwrap();
     bytes[8..16].copy_from_slice(&0x1417_1A11_5100_0001_u64.to_le_bytes());
+    bytes[128..].iter_mut().for_each(|b| *b = 0xA5);
     std::fs::write(&path.0, &bytes).unwrap();
+    let engine = open(&path, policy(600.0)).unwrap();
+    assert_eq!(engine.limits(KEY, 0).unwrap().remaining(Metric::Requests), 600, "initialised afresh");
+    let admitted = (0..1_000).filter(|_| engine.admit(KEY, &Request::new(0), 0).unwrap().admitted()).count();
+    assert_eq!(admitted, 600, "every table written anew");
+}
+
+/// A restore marks the region as being replaced until it is done: if its process dies half-way,
+/// the next opener initialises the region afresh instead of attaching to half-written tables.
+#[test]
+fn a_restore_that_never_finished_leaves_a_region_the_next_opener_initialises() {
+    let path = TempPath::new("torn-restore");
+    {
+        let engine = open(&path, policy(600.0)).unwrap();
+        for _ in 0..5 {
+            engine.admit(KEY, &Request::new(0), 0).unwrap();
+        }
+    }
+    let mut restoring = SharedFile::open(&path.0, &policy(600.0), capacity()).unwrap();
+    restoring.begin_restore().unwrap();
+    // The restoring process dies here, before `end_restore`; the kernel drops its lock.
+    drop(restoring);
     let engine = open(&path, policy(600.0)).unwrap();
     assert_eq!(engine.limits(KEY, 0).unwrap().remaining(Metric::Requests), 600, "initialised afresh");
 }
