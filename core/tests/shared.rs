@@ -623,3 +623,27 @@ fn region_errors_say_what_went_wrong() {
     }
     assert!(SnapshotError::InUse.to_string().contains("other processes"), "{}", SnapshotError::InUse);
 }
+
+/// Workers starting at once all create the same new file: every one opens it (one initialises,
+/// the others wait for it), round after round. Two openers once deadlocked here.
+#[test]
+fn eight_openers_creating_one_file_at_once_all_open_it() {
+    for round in 0..20 {
+        let path = TempPath::new(&format!("create-{round}"));
+        let barrier = Barrier::new(8);
+        let admitted: usize = thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, barrier) = (&path, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        let engine = open(path, policy(4.0)).unwrap_or_else(|e| panic!("round {round}: {e}"));
+                        usize::from(engine.admit(KEY, &Request::new(0), 0).unwrap().admitted())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 4, "round {round}: one limit for all eight");
+    }
+}
