@@ -117,16 +117,6 @@ impl SharedFile {
     pub fn as_ptr(&self) -> *const u8 {
         self.map.as_ptr()
     }
-
-    /// The mapping's length in bytes.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Whether the mapping is empty (never, for an open region).
-    pub fn is_empty(&self) -> bool {
-        self.map.len() == 0
-    }
 }
 
 impl Storage for SharedFile {

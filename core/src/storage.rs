@@ -131,9 +131,7 @@ pub trait Storage {
     }
 
     /// The restore is done; these are the tables' seed and incarnation from now on.
-    fn end_restore(&mut self, identity: Identity) {
-        let _ = identity;
-    }
+    fn end_restore(&mut self, _identity: Identity) {}
 }
 
 /// Memory the caller owns, e.g. `static` arrays on a target without a heap.

@@ -647,3 +647,31 @@ fn eight_openers_creating_one_file_at_once_all_open_it() {
         assert_eq!(admitted, 4, "round {round}: one limit for all eight");
     }
 }
+
+/// Every seed gives an odd incarnation (never 0), and a thousand seeds a thousand of them;
+/// random seeds differ from process to process and call to call.
+#[test]
+fn identities_are_distinct_and_seeds_random() {
+    use sluicegate_core::storage::random_seed;
+    let incarnations: std::collections::HashSet<u32> = (0..1_000u64)
+        .map(|seed| {
+            sluicegate_core::Identity::from_seed(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)).incarnation
+        })
+        .inspect(|i| assert_eq!(i % 2, 1, "{i:#x}"))
+        .collect();
+    assert_eq!(incarnations.len(), 1_000);
+    let seeds: std::collections::HashSet<u64> = (0..100).map(|_| random_seed()).collect();
+    assert_eq!(seeds.len(), 100);
+}
+
+/// An opener never waits forever: a file some other program holds locked, never made ready,
+/// is `NotReady` after the opener's bounded wait (10 s).
+#[test]
+fn an_opener_gives_up_on_a_file_held_and_never_made_ready() {
+    let path = TempPath::new("held");
+    let squatter = std::fs::File::create(&path.0).unwrap();
+    squatter.lock_shared().unwrap();
+    assert_eq!(region_error(open(&path, policy(600.0))), RegionError::NotReady);
+    drop(squatter);
+    assert!(open(&path, policy(600.0)).is_ok(), "once it lets go, the file is initialised");
+}
