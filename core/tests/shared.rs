@@ -602,28 +602,6 @@ fn concurrent_openers_of_host_memory_wait_for_the_one_that_initialises_it() {
     drop(memory);
 }
 
-/// Every new error says what went wrong in words an operator can act on.
-#[test]
-fn region_errors_say_what_went_wrong() {
-    let cases = [
-        (Error::Region(RegionError::TooSmall { needed: 4096 }), "4096"),
-        (Error::Region(RegionError::Misaligned), "128"),
-        (Error::Region(RegionError::NotLockFree), "lock-free"),
-        (Error::Region(RegionError::NotARegion), "not a sluicegate"),
-        (Error::Region(RegionError::UnsupportedVersion(7)), "7"),
-        (Error::Region(RegionError::Corrupt), "damaged"),
-        (Error::Region(RegionError::CapacityMismatch), "capacities"),
-        (Error::Region(RegionError::PolicyMismatch), "policy"),
-        (Error::Region(RegionError::NotReady), "initialisation"),
-        (Error::Region(RegionError::Io(13)), "13"),
-    ];
-    for (error, words) in cases {
-        let text = error.to_string();
-        assert!(text.starts_with("shared region: ") && text.contains(words), "{error:?}: {text}");
-    }
-    assert!(SnapshotError::InUse.to_string().contains("other processes"), "{}", SnapshotError::InUse);
-}
-
 /// Workers starting at once all create the same new file: every one opens it (one initialises,
 /// the others wait for it), round after round. Two openers once deadlocked here.
 #[test]
