@@ -400,3 +400,25 @@ fn accounts_worth_keeping_survive_a_flood() {
     assert_eq!(e.account(b"prepaid").unwrap().credits, 5_000_000);
     assert_eq!(e.account(b"enterprise").unwrap().tier, sluicegate_core::Tier::Four);
 }
+
+/// A model an operator configured (here: its reported load) is never taken for a made-up name,
+/// however long a flood of them lasts; the flood's own names come and go.
+#[test]
+fn a_configured_model_outlives_a_flood_of_made_up_model_names() {
+    let capacity = Capacity { scopes: 64, accounts: 16, models: 8, permits: 1024 };
+    let e = Engine::new(Policy::fixed(), capacity).unwrap();
+    e.set_load(b"kept", Variant::Regular, 700).unwrap();
+    let mut admitted = 0;
+    for i in 0..2_000u64 {
+        let model = format!("made-up-{i}");
+        let now = i * 10 * SECOND;
+        if let Ok(d) = e.admit(ScopeKey::new(b"flooder", model.as_bytes()), &Request::new(1), now) {
+            if let Some(p) = d.permit() {
+                e.settle(p, &Usage::new(1, 0), Completion::Success, now).unwrap();
+                admitted += 1;
+            }
+        }
+    }
+    assert!(admitted > 1_000, "the flood's names were reclaimed for each other: {admitted}");
+    assert_eq!(e.load(b"kept", Variant::Regular).unwrap(), 700);
+}

@@ -607,6 +607,18 @@ fn querying_an_unknown_scope_reports_the_floors_and_creates_nothing() {
     assert!(admit(&e, key("a"), &one(), 0).admitted());
 }
 
+/// Nor does querying a pair whose account and model both exist: no scope is made for it.
+#[test]
+fn querying_an_unknown_pair_of_known_keys_creates_no_scope() {
+    let e = engine(Policy::fixed());
+    assert!(admit(&e, ScopeKey::new(b"a", b"m1"), &one(), 0).admitted());
+    assert!(admit(&e, ScopeKey::new(b"b", b"m2"), &one(), 0).admitted());
+    let before = e.snapshot_size();
+    let l = e.limits(ScopeKey::new(b"a", b"m2"), 0).unwrap();
+    assert_eq!((l.limit(Metric::Requests), l.remaining(Metric::Requests)), (60, 60));
+    assert_eq!(e.snapshot_size(), before, "nothing new to snapshot");
+}
+
 #[test]
 fn a_clock_going_back_days_never_refills_a_bucket() {
     let e = engine(Policy::fixed());
@@ -616,6 +628,15 @@ fn a_clock_going_back_days_never_refills_a_bucket() {
     for back in [MINUTE, 24 * 60 * MINUTE, 2 * 24 * 60 * MINUTE, later] {
         assert_eq!(burst(&e, key("a"), &one(), 1, later - back), [0, 0, 1, 0], "{back} ns back");
     }
+}
+
+/// A clock a few minutes back is read at the last tick applied, not later: drained at minute
+/// 15, nothing is admitted at minute 10.
+#[test]
+fn a_clock_going_back_minutes_is_read_at_the_last_tick() {
+    let e = engine(Policy::fixed());
+    assert_eq!(burst(&e, key("a"), &one(), 61, 15 * MINUTE), [60, 0, 1, 0]);
+    assert_eq!(burst(&e, key("a"), &one(), 1, 10 * MINUTE), [0, 0, 1, 0]);
 }
 
 #[test]
