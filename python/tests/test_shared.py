@@ -422,6 +422,17 @@ def test_every_outcome_pickles_as_itself():
             assert copy.error_body(dialect, jitter_seed=0) == d.error_body(dialect, jitter_seed=0)
 
 
+def kill_a_worker_holding_4_permits(region, config):
+    """Spawns a worker that takes 4 permits at ``NOW`` on the shared engine, then SIGKILLs it."""
+    holding = SPAWN.Event()
+    with Processes() as procs:
+        worker = procs.start(shared_workers.hold_permits, region, config, 4, NOW, holding)
+        assert holding.wait(timeout=60)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=30)
+        assert worker.exitcode == -signal.SIGKILL
+
+
 def test_a_killed_worker_s_permits_come_back_after_permit_ttl(region):
     """A worker killed holding permits settles nothing; its account's in-flight places (and
     the load its model counts) come back once the permits have expired, ``permit_ttl`` after
@@ -431,13 +442,7 @@ def test_a_killed_worker_s_permits_come_back_after_permit_ttl(region):
     config = {**CONFIG, "max_in_flight": 4, "permit_ttl": 60}
     here = sluicegate.Engine(shared=region, **config)
     here.set_model_capacity(MODEL, 8)
-    holding = SPAWN.Event()
-    with Processes() as procs:
-        worker = procs.start(shared_workers.hold_permits, region, config, 4, NOW, holding)
-        assert holding.wait(timeout=60)
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.join(timeout=30)
-        assert worker.exitcode == -signal.SIGKILL
+    kill_a_worker_holding_4_permits(region, config)
     assert here.account(ACCOUNT)["in_flight"] == 4
     assert here.load(MODEL) == 0.5
     # Until permit_ttl has passed, the places stay taken, however often the client retries
@@ -470,12 +475,7 @@ def test_a_killed_worker_s_permits_come_back_with_other_traffic_in_the_next_tick
     tick after the permits expired: that call meets the whole ledger."""
     config = {**CONFIG, "max_in_flight": 4, "permit_ttl": 60}
     here = sluicegate.Engine(shared=region, **config)
-    holding = SPAWN.Event()
-    with Processes() as procs:
-        worker = procs.start(shared_workers.hold_permits, region, config, 4, NOW, holding)
-        assert holding.wait(timeout=60)
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.join(timeout=30)
+    kill_a_worker_holding_4_permits(region, config)
     assert here.admit("another-account", MODEL, now_ns=NOW + 60 * 10**9 - 1).admitted
     assert here.account(ACCOUNT)["in_flight"] == 4
     next_tick = NOW + 120 * 10**9
