@@ -99,3 +99,21 @@ fn a_tie_between_metrics_names_the_first() {
         "{d:?}"
     );
 }
+
+/// A permit handed through C or Python as plain integers comes back as itself; integers with a
+/// flag bit `to_raw` never writes are no permit at all.
+#[test]
+fn a_raw_permit_round_trips_and_unknown_flags_are_refused() {
+    use sluicegate_core::Permit;
+    let e = engine(Policy::fireworks_2024());
+    let fast = *e.admit(KEY.fast(), &Request::new(0).priority(true), 0).unwrap().permit().unwrap();
+    for permit in [fast, *e.admit(KEY, &Request::new(0), 0).unwrap().permit().unwrap()] {
+        let raw = permit.to_raw();
+        assert_eq!(Permit::from_raw(&raw), Some(permit));
+        for bit in 52..64 {
+            let mut forged = raw;
+            forged.words[3] |= 1 << bit;
+            assert_eq!(Permit::from_raw(&forged), None, "flag bit {bit}");
+        }
+    }
+}
