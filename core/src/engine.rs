@@ -146,12 +146,16 @@ impl<S: Storage> Engine<S> {
             Ok(c) => c,
             Err(reason) => return Ok(Decision::invalid(reason)),
         };
-        loop {
+        // Each round that looks again found the scope being reclaimed; a slot that stays so for
+        // `table::PATIENCE` rounds was left by a reclaimer that died (a process of a shared
+        // region killed), and waiting on it would wait forever.
+        for _ in 0..table::PATIENCE {
             let at = self.locate(key, now_ns, true)?.ok_or(Error::TableFull(Table::Scopes))?;
             if let Attempt::Decided(d) = self.admit_at(at, costs, request.priority, now_ns)? {
                 return Ok(d);
             }
         }
+        Err(Error::TableFull(Table::Scopes))
     }
 
     fn admit_at(

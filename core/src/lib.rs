@@ -58,6 +58,7 @@ pub mod price;
 pub mod quota;
 mod refs;
 pub mod region;
+mod repair;
 pub mod request;
 pub mod response;
 pub mod scope;

@@ -414,6 +414,20 @@ impl PermitSlot {
         }
     }
 
+    /// For a repair with the tables to itself: frees an entry taken but never published (its
+    /// admitter died), and returns what a published, live one holds.
+    pub(crate) fn recover(&self) -> Option<Owner> {
+        let cur = Entry(self.state.load(Ordering::Acquire));
+        if !cur.live() {
+            return None;
+        }
+        if cur.deadline_s() == 0 {
+            self.state.store(cur.freed(), Ordering::Release);
+            return None;
+        }
+        Some(Owner::unpack(self.owner.load(Ordering::Acquire), self.money.load(Ordering::Acquire)))
+    }
+
     /// Expires the entry if it is live and past its deadline at `now_ns`; returns what its
     /// permit held, which the caller must release. Exactly one of this and a settle wins.
     pub(crate) fn expire(&self, now_ns: u64) -> Option<Owner> {

@@ -61,6 +61,11 @@ impl Refs {
         usize::try_from(self.scope_hint.load(Ordering::Relaxed)).ok()?.checked_sub(1)
     }
 
+    /// Sets the count (a repair, which has the tables to itself), clearing a reclaimer's flag.
+    pub(crate) fn reset(&self, count: u64) {
+        self.count.store(count, Ordering::SeqCst);
+    }
+
     /// Forgets everything (restore, which has the engine to itself).
     pub(crate) fn clear(&self) {
         self.count.store(0, Ordering::Relaxed);

@@ -216,6 +216,14 @@ impl ScopeSlot {
             && self.tick.compare_exchange(t, t | BUSY, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
+    /// Sets the outstanding count and drops the tick lock, keeping the last tick applied (a
+    /// repair, which has the tables to itself).
+    pub(crate) fn reset_in_flight(&self, n: u64) {
+        let t = self.tick.load(Ordering::Acquire);
+        let kept = t & !(IN_FLIGHT_MASK | BUSY);
+        self.tick.store(kept | ((n << IN_FLIGHT_SHIFT) & IN_FLIGHT_MASK), Ordering::Release);
+    }
+
     pub(crate) fn in_flight(&self) -> u64 {
         in_flight_of(self.tick.load(Ordering::Acquire))
     }

@@ -68,6 +68,16 @@ fn lock(file: &File) -> Result<Opening, Error> {
     }
 }
 
+/// Whether this opener, holding the shared lock, is the only one: it gets the exclusive lock.
+/// A refused conversion may have dropped the shared lock, which is then taken back.
+fn alone(file: &File) -> Result<bool, Error> {
+    if FileExt::try_lock(file).is_ok() {
+        return Ok(true);
+    }
+    FileExt::lock_shared(file).map_err(io)?;
+    Ok(false)
+}
+
 impl SharedFile {
     /// Creates (mode 0600) or opens `path`, maps it, and initialises it or checks it was made
     /// for this `policy` and `capacity`. The file is never deleted by sluicegate.
@@ -97,6 +107,10 @@ impl SharedFile {
         // region (both are fields of `SharedFile`, the region dropped first); other processes
         // use the file only through this function.
         let region = unsafe { Region::open(base, len, policy, capacity, random_seed(), opening) }?;
+        if opening == Opening::Attach && alone(&file)? {
+            // Every other opener is gone: put right what any of them left half-done.
+            crate::repair::repair(region.tables());
+        }
         FileExt::lock_shared(&file).map_err(io)?;
         Ok(SharedFile { region, map, file })
     }
@@ -131,9 +145,7 @@ impl Storage for SharedFile {
 
     /// Only when no other process (nor another handle in this one) has the file open.
     fn begin_restore(&mut self) -> Result<(), SnapshotError> {
-        if FileExt::try_lock(&self.file).is_err() {
-            // A failed conversion may have dropped the shared lock: take it back.
-            FileExt::lock_shared(&self.file).map_err(|_| SnapshotError::InUse)?;
+        if !alone(&self.file).map_err(|_| SnapshotError::InUse)? {
             return Err(SnapshotError::InUse);
         }
         self.region.begin_restore()

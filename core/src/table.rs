@@ -46,6 +46,14 @@ pub(crate) const fn emptied(id: u64) -> u64 {
     id & !STATE_MASK
 }
 
+/// The id a repair gives a slot whose claim was abandoned (claimed or dead): empty, tag kept.
+pub(crate) const fn abandoned(id: u64) -> Option<u64> {
+    match id & STATE_MASK {
+        CLAIMING | DEAD => Some(emptied(id)),
+        _ => None,
+    }
+}
+
 pub(crate) const fn tag_of(id: u64) -> u64 {
     id >> 2
 }

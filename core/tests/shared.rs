@@ -504,6 +504,27 @@ fn workers_killed_at_random_instructions_block_nobody_and_keep_at_most_two_place
     assert!(kept <= 2 * KILLS, "{kept} places kept by {KILLS} kills");
     assert!(u64::from(kept_load) <= 2 * KILLS as u64, "{kept_load} load units kept by {KILLS} kills");
     assert_eq!(u64::from(load - kept_load), outstanding.len() as u64, "the load counts every live permit");
+
+    // Once every process is gone, the next opener has the region to itself and recounts it
+    // from the ledger: every place and every unit of load comes back.
+    let held = *survivor
+        .admit(ScopeKey::new(b"acct-0", b"model"), &Request::new(1), after)
+        .unwrap()
+        .permit()
+        .unwrap();
+    drop(survivor);
+    let restarted = Engine::open_shared(&path.0, busy_policy(), capacity()).unwrap();
+    assert_eq!(restarted.load(b"model", Variant::Regular).unwrap(), 1, "the one live permit, no more");
+    for a in 0..7 {
+        let account = format!("acct-{a}");
+        let key = ScopeKey::new(account.as_bytes(), b"model");
+        let places =
+            std::iter::from_fn(|| restarted.admit(key, &Request::new(1), after).unwrap().permit().copied())
+                .take(41)
+                .count();
+        assert_eq!(places, if a == 0 { 39 } else { 40 }, "{account}");
+    }
+    restarted.settle(&held, &Usage::new(1, 0), Completion::Success, after).unwrap();
 }
 
 /// The run-time storage choice of the C API and Python behaves as the storage it holds: a shared
