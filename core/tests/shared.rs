@@ -444,8 +444,8 @@ fn busy_policy() -> Policy {
 /// places back. A kill that lands inside an admit or a settle, between two of its atomic steps,
 /// can still keep a place and a unit of model load that no permit owns: at most two of each per
 /// kill (its own call's, and those of one expired permit it was releasing on the way), as each
-/// worker runs one call at a time. That bound is what this test holds today; the SPEC asks for
-/// none (see the closing note of issue 14).
+/// worker runs one call at a time, while another process keeps the region open. Once every
+/// process is gone, the next opener recounts the region and nothing is kept.
 #[test]
 fn workers_killed_at_random_instructions_block_nobody_and_keep_at_most_two_places_each() {
     use sluicegate_core::Variant;
