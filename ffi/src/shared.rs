@@ -30,8 +30,10 @@ fn region_capacity(config: &sg_config) -> Result<(Capacity, usize), sg_result> {
 /// header: another configuration is `SG_ERR_REGION_POLICY_MISMATCH` or
 /// `SG_ERR_REGION_CAPACITY_MISMATCH`, damaged bytes `SG_ERR_REGION_CORRUPT`, a file that is not
 /// a region `SG_ERR_NOT_A_REGION` (and is left alone). A process that dies holding permits
-/// harms nobody: they expire after the policy's permit TTL. `sg_engine_free` unmaps the file
-/// and never deletes it.
+/// harms nobody: they expire after the policy's permit TTL. One killed inside a call may leave
+/// a count one off until every process has closed the file: an opener that finds itself alone
+/// recounts the region first (docs/region.md). `sg_engine_free` unmaps the file and never
+/// deletes it.
 ///
 /// # Safety
 /// `path` must be NULL or NUL-terminated; `config` and `engine` as for `sg_engine_new`.

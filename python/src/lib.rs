@@ -453,7 +453,9 @@ impl PyDecision {
 /// to start afresh. Permits held by a process that dies are not given back at once: each
 /// expires ``permit_ttl`` after its admission (its reservation stays charged), and what it
 /// held, its account's in-flight place and its model's load, comes back as the engine meets
-/// it, sweeping the ledger as time goes (4,096 permits a tick, more on refusals). ``seed``
+/// it, sweeping the ledger as time goes (4,096 permits a tick, more on refusals). One killed
+/// inside a call may leave a count one off until every process has closed the file: the
+/// next opener, alone, recounts the region first. ``seed``
 /// cannot be given with ``shared``: the region keeps the seed of the process that created it.
 #[pyclass(module = "sluicegate._sluicegate", name = "Engine", frozen)]
 struct PyEngine {
