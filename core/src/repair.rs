@@ -136,10 +136,6 @@ mod tests {
         repair(t);
 
         assert!(!table::is_ready(t.scopes[retired].id.load(Ordering::Acquire)), "the retired scope is gone");
-        assert!(
-            e.admit(idle, &Request::new(1), 0).unwrap_or_else(|e| panic!("{e}")).admitted(),
-            "and b is served anew"
-        );
 
         assert_eq!(account.refs.count(), 1, "its one scope holds it");
         assert!(account.refs.pin(), "no longer being reclaimed");
@@ -153,5 +149,9 @@ mod tests {
         assert_eq!(scope.in_flight(), 1);
         e.settle(&live, &Usage::new(1, 0), Completion::Success, 0).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((account.in_flight.load(Ordering::Relaxed), scope.in_flight()), (0, 0));
+        assert!(
+            e.admit(idle, &Request::new(1), 0).unwrap_or_else(|e| panic!("{e}")).admitted(),
+            "and b is served anew"
+        );
     }
 }
