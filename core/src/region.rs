@@ -52,6 +52,9 @@ struct Header {
 
 const _: () = assert!(size_of::<Header>() == 128);
 
+/// Where the state word lies in the region, for a host that reads it without mapping the region.
+pub(crate) const STATE_OFFSET: u64 = core::mem::offset_of!(Header, state) as u64;
+
 /// Where each table starts, in bytes from the region's start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Layout {
@@ -64,6 +67,13 @@ struct Layout {
 }
 
 impl Layout {
+    /// The layout of a capacity an engine can have; `BadCapacity` otherwise.
+    fn checked(capacity: Capacity) -> Result<Layout, Error> {
+        capacity.check()?;
+        // Checked capacities never overflow a `usize`; the message is for the impossible case.
+        Layout::of(capacity).ok_or(Error::BadCapacity(crate::error::Table::Scopes))
+    }
+
     fn of(capacity: Capacity) -> Option<Layout> {
         fn after<T>(start: usize, n: usize) -> Option<(usize, usize)> {
             let at = start.checked_next_multiple_of(align_of::<T>())?;
@@ -98,9 +108,8 @@ pub enum Opening {
 /// use sluicegate_core::{Capacity, region::region_size};
 /// assert!(region_size(Capacity::scopes(1024)).unwrap() > 1024 * 128);
 /// ```
-pub fn region_size(capacity: Capacity) -> Result<usize, RegionError> {
-    capacity.check().map_err(|_| RegionError::CapacityMismatch)?;
-    Layout::of(capacity).map(|l| l.size).ok_or(RegionError::CapacityMismatch)
+pub fn region_size(capacity: Capacity) -> Result<usize, Error> {
+    Ok(Layout::checked(capacity)?.size)
 }
 
 /// A fingerprint of everything a policy decides: regions made for another policy are refused.
@@ -154,9 +163,25 @@ impl<'a> Region<'a> {
         capacity: Capacity,
         seed: u64,
         opening: Opening,
+    ) -> Result<Self, Error> {
+        let layout = Layout::checked(capacity)?;
+        // SAFETY: the caller's promise, passed on.
+        Ok(unsafe { Self::open_laid_out(base, len, layout, policy, capacity, seed, opening) }?)
+    }
+
+    /// [`Region::open`] for a capacity already checked and laid out.
+    ///
+    /// # Safety
+    /// As for [`Region::open`].
+    unsafe fn open_laid_out(
+        base: NonNull<u8>,
+        len: usize,
+        layout: Layout,
+        policy: &Policy,
+        capacity: Capacity,
+        seed: u64,
+        opening: Opening,
     ) -> Result<Self, RegionError> {
-        let layout = Layout::of(capacity).ok_or(RegionError::CapacityMismatch)?;
-        capacity.check().map_err(|_| RegionError::CapacityMismatch)?;
         if base.as_ptr() as usize % 128 != 0 {
             return Err(RegionError::Misaligned);
         }
@@ -391,7 +416,6 @@ impl<'a> Engine<Region<'a>> {
         opening: Opening,
     ) -> Result<Self, Error> {
         policy.bands()?;
-        capacity.check()?;
         // SAFETY: the caller's promise, passed on.
         let region = unsafe { Region::open(base, len, &policy, capacity, seed, opening) }?;
         Engine::with_storage(policy, region, seed)

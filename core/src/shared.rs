@@ -32,12 +32,12 @@ fn io(e: std::io::Error) -> Error {
 }
 
 /// Whether the region still has to be initialised: a new (empty or short) file, or a state word
-/// (bytes 8..16) that says empty or initialising. Read under the lock, so it cannot change. Any
+/// that says empty or initialising. Read under the lock, so it cannot change. Any
 /// other state is for `Region::open` to attach to or refuse, at once.
 fn needs_initialising(file: &File) -> bool {
     use std::os::unix::fs::FileExt as _;
     let mut state = [0; 8];
-    file.read_exact_at(&mut state, 8).is_err()
+    file.read_exact_at(&mut state, crate::region::STATE_OFFSET).is_err()
         || matches!(u64::from_le_bytes(state), crate::region::EMPTY | crate::region::INITIALISING)
 }
 
@@ -83,7 +83,6 @@ impl SharedFile {
     /// for this `policy` and `capacity`. The file is never deleted by sluicegate.
     pub fn open(path: &Path, policy: &Policy, capacity: Capacity) -> Result<Self, Error> {
         policy.bands()?;
-        capacity.check()?;
         let size = region_size(capacity)?;
         let file = OpenOptions::new()
             .read(true)

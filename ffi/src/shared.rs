@@ -7,21 +7,11 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use sluicegate_core::{
-    Backing, Capacity, Engine, Opening, Region, SharedFile, region::region_size, storage::random_seed,
+    Backing, Engine, Opening, Region, SharedFile, region::region_size, storage::random_seed,
 };
 
 use crate::boundary::{arg, boundary, out, sg_result, sg_result::*};
 use crate::engine::{capacity_of, policy_of, sg_config, sg_engine};
-
-/// The capacities `config` asks for and the bytes their region takes. A capacity out of range
-/// is `SG_ERR_BAD_CAPACITY`, as for `sg_engine_new` (the core calls it a region made for other
-/// capacities, but no region is involved yet).
-fn region_capacity(config: &sg_config) -> Result<(Capacity, usize), sg_result> {
-    let capacity = capacity_of(config)?;
-    // `region_size` fails only for capacities no engine can have.
-    let size = region_size(capacity).map_err(|_| SgErrBadCapacity)?;
-    Ok((capacity, size))
-}
 
 /// Opens, or creates with mode 0600, the file at `path` (put it on a memory file system such as
 /// `/dev/shm`) and an engine in it. Every process that opens the same path with the same
@@ -52,8 +42,7 @@ pub unsafe extern "C" fn sg_engine_open_shared(
         // SAFETY: the caller promises a NUL-terminated string.
         let path = OsStr::from_bytes(unsafe { CStr::from_ptr(path) }.to_bytes());
         let policy = policy_of(config)?;
-        let (capacity, _) = region_capacity(config)?;
-        let file = SharedFile::open(path.as_ref(), &policy, capacity)?;
+        let file = SharedFile::open(path.as_ref(), &policy, capacity_of(config)?)?;
         let inner = Engine::with_storage(policy, Backing::Shared(file), 0)?;
         *engine = Box::into_raw(Box::new(sg_engine { inner }));
         Ok(())
@@ -69,7 +58,7 @@ pub unsafe extern "C" fn sg_region_size(config: *const sg_config, size: *mut usi
     boundary(|| {
         // SAFETY: forwarded from this function's contract.
         let (config, size) = unsafe { (arg(config)?, out(size)?) };
-        (_, *size) = region_capacity(config)?;
+        *size = region_size(capacity_of(config)?)?;
         Ok(())
     })
 }
@@ -101,12 +90,11 @@ pub unsafe extern "C" fn sg_engine_in_region(
         let base = NonNull::new(mem.cast::<u8>()).ok_or(SgErrNull)?;
         let policy = policy_of(config)?;
         policy.bands()?;
-        let (capacity, _) = region_capacity(config)?;
         let opening = if initialise != 0 { Opening::InitialiseIfEmpty } else { Opening::Attach };
         let seed = if config.seed == 0 { random_seed() } else { config.seed };
         // SAFETY: the caller promises the memory is valid, exclusive to sluicegate, and mapped
         // until the engine is freed.
-        let region = unsafe { Region::open(base, len, &policy, capacity, seed, opening) }?;
+        let region = unsafe { Region::open(base, len, &policy, capacity_of(config)?, seed, opening) }?;
         let inner = Engine::with_storage(policy, Backing::Region(region), 0)?;
         *engine = Box::into_raw(Box::new(sg_engine { inner }));
         Ok(())
