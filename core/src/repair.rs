@@ -93,12 +93,12 @@ mod tests {
     fn a_repair_puts_right_what_dead_processes_left_half_done() {
         let e = Engine::new(Policy::fixed(), Capacity { scopes: 8, accounts: 8, models: 4, permits: 16 })
             .unwrap_or_else(|e| panic!("{e}"));
+        let admit = |key| {
+            let d = e.admit(key, &Request::new(1), 0).unwrap_or_else(|e| panic!("{e}"));
+            *d.permit().unwrap_or_else(|| panic!("{d:?}"))
+        };
         let key = ScopeKey::new(b"a", b"m");
-        let live = *e
-            .admit(key, &Request::new(1), 0)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .permit()
-            .unwrap_or_else(|| panic!("admitted"));
+        let live = admit(key);
         let at = e.locate(key, 0, false).ok().flatten().unwrap_or_else(|| panic!("a scope"));
         let t = e.tables();
         let (scope, account) = (&t.scopes[at.slot], &t.accounts[at.account]);
@@ -124,11 +124,7 @@ mod tests {
         scope.reset_in_flight(9);
         // And an idle scope whose word a reclaimer retired before it died.
         let idle = ScopeKey::new(b"b", b"m");
-        let p = *e
-            .admit(idle, &Request::new(1), 0)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .permit()
-            .unwrap_or_else(|| panic!("admitted"));
+        let p = admit(idle);
         e.settle(&p, &Usage::new(1, 0), Completion::Success, 0).unwrap_or_else(|e| panic!("{e}"));
         let retired = e.locate(idle, 0, false).ok().flatten().unwrap_or_else(|| panic!("b's scope")).slot;
         assert!(t.scopes[retired].retire(t.scopes[retired].bucket.load(Ordering::Acquire)));

@@ -176,17 +176,14 @@ enum Taken {
 
 /// Claims the first empty slot of the window, else reclaims the first idle one. Any slot seen
 /// holding the same key (being claimed, dying, or published since the lookup) means "look again"
-/// rather than "full": another thread is inserting this very key. An `impatient` insert kills
-/// such claims instead, and no longer waits for claims that are dying: their owner may be gone.
+/// rather than "full": another thread is inserting this very key. An `impatient` insert waits
+/// only for a published copy: the owner of a claim may be gone (`lost_to_rival` kills it).
 fn take_slot<S: Slot, F: Fn(usize) -> bool>(
     slots: &[S],
     probe: &Probe<'_, F>,
     claim: &impl Claim,
     impatient: bool,
 ) -> Taken {
-    if impatient {
-        kill_rival_claims(slots, probe, usize::MAX);
-    }
     let mut rival = None;
     for (pos, i) in probe.window(slots.len()).enumerate() {
         let Some(slot) = slots.get(i) else { continue };
@@ -340,7 +337,7 @@ mod tests {
             (find_or_insert(&table, &probe, &Insert), table.map(|c| c.0.into_inner()))
         });
         assert_eq!(found, None);
-        assert_eq!(table[3], (TAG << 2) | DEAD);
+        assert_eq!(table[3], claiming(TAG), "with no room to publish beside it, it is left as it was");
     }
 
     /// A published copy of the key is found, however many dead claims surround it.
