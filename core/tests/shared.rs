@@ -674,3 +674,45 @@ fn an_opener_gives_up_on_a_file_held_and_never_made_ready() {
     drop(squatter);
     assert!(open(&path, policy(600.0)).is_ok(), "once it lets go, the file is initialised");
 }
+
+/// Whatever writes garbage over a ready region's tables (a stray write, a hostile process of the
+/// same user), header intact, crashes no process that uses it: the next lone opener repairs
+/// what it can, and every call returns a decision or a typed error; forged permits settle
+/// as errors.
+#[test]
+fn scribbled_tables_under_an_intact_header_crash_nobody() {
+    use sluicegate_core::{Permit, RawPermit};
+    let path = TempPath::new("scribbled");
+    drop(open(&path, policy(600.0)).unwrap());
+    let mut bytes = std::fs::read(&path.0).unwrap();
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    bytes[128..].iter_mut().for_each(|b| *b = next() as u8);
+    std::fs::write(&path.0, &bytes).unwrap();
+    let engines = [open(&path, policy(600.0)).unwrap(), open(&path, policy(600.0)).unwrap()];
+    let (mut decided, mut settled) = (0, 0);
+    for i in 0..2_000u64 {
+        let (e, other) = (&engines[(i % 2) as usize], &engines[((i + 1) % 2) as usize]);
+        let account = format!("acct-{}", i % 50);
+        let key = ScopeKey::new(account.as_bytes(), b"model");
+        let now = i * 100_000_000;
+        if let Ok(d) = e.admit(key, &Request::new(10).max_tokens(10), now) {
+            decided += 1;
+            if let Some(p) = d.permit() {
+                settled +=
+                    usize::from(other.settle(p, &Usage::new(10, 10), Completion::Success, now).is_ok());
+            }
+        }
+        let _ = e.limits(key, now);
+        let raw = RawPermit { words: core::array::from_fn(|_| next()) };
+        if let Some(forged) = Permit::from_raw(&raw) {
+            assert!(e.settle(&forged, &Usage::new(1, 1), Completion::Success, now).is_err());
+        }
+    }
+    assert!(decided > 1_000 && settled > 0, "{decided} decided, {settled} settled");
+}
