@@ -716,3 +716,22 @@ fn scribbled_tables_under_an_intact_header_crash_nobody() {
     }
     assert!(decided > 1_000 && settled > 0, "{decided} decided, {settled} settled");
 }
+
+/// A client that lies about `max_tokens` is admitted by one worker and settled by another with
+/// a hundred times what it reserved: the overrun is owed in every worker, so none of them lets
+/// the account generate again until it is repaid.
+#[test]
+fn a_lying_clients_overrun_settled_by_one_worker_is_owed_in_every_worker() {
+    let path = TempPath::new("lying");
+    let limit = Policy::fixed().with_fixed_limit(Metric::GeneratedTokens, 1_000.0);
+    let workers = [0, 1].map(|_| Engine::open_shared(&path.0, limit, capacity()).unwrap());
+    let d = workers[0].admit(KEY, &Request::new(0).max_tokens(10), 0).unwrap();
+    let permit = *d.permit().unwrap();
+    workers[1].settle(&permit, &Usage::new(0, 1_000 * 100), Completion::Success, 0).unwrap();
+    for (w, later) in [(0, 0), (1, 0), (0, 60 * SECOND), (1, 98 * 60 * SECOND)] {
+        let d = workers[w].admit(KEY, &Request::new(0).max_tokens(1), later).unwrap();
+        assert!(!d.admitted(), "worker {w} at {later} ns admitted against 99 minutes of debt");
+    }
+    let repaid = 100 * 60 * SECOND;
+    assert!(workers[1].admit(KEY, &Request::new(0).max_tokens(1), repaid).unwrap().admitted());
+}
