@@ -18,6 +18,8 @@ cd "$(dirname "$0")/.."
 # build); a few hundred operations per mutant still compare every operation with the model.
 export SLUICEGATE_DIFF_CASES="${SLUICEGATE_DIFF_CASES:-16}"
 export SLUICEGATE_DIFF_OPS="${SLUICEGATE_DIFF_OPS:-500}"
+# The live-snapshot test's 200 snapshots under traffic take 14 s; 20 still race every write.
+export SLUICEGATE_LIVE_SNAPSHOTS="${SLUICEGATE_LIVE_SNAPSHOTS:-20}"
 # cargo-mutants times its baseline on the core's tests alone but runs the workspace's for each
 # mutant (the C tests rebuild the library with sanitizers): give each mutant room for those.
 export CARGO_MUTANTS_MINIMUM_TEST_TIMEOUT="${CARGO_MUTANTS_MINIMUM_TEST_TIMEOUT:-300}"
