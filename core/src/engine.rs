@@ -76,7 +76,7 @@ impl Located {
 }
 
 /// How one attempt on the bucket word ended.
-enum Attempt {
+pub(crate) enum Attempt {
     Decided(Decision),
     /// The slot was reclaimed under us: resolve the key again.
     Moved,
@@ -146,19 +146,32 @@ impl<S: Storage> Engine<S> {
             Ok(c) => c,
             Err(reason) => return Ok(Decision::invalid(reason)),
         };
+        self.admit_key(key, costs, request.priority, now_ns, |_| {})
+    }
+
+    /// Looks `key` up and admits there, telling `found` each place it was found.
+    pub(crate) fn admit_key(
+        &self,
+        key: ScopeKey<'_>,
+        costs: PerMetric<u64>,
+        priority: bool,
+        now_ns: u64,
+        found: impl Fn(Located),
+    ) -> Result<Decision, Error> {
         // Each round that looks again found the scope being reclaimed; a slot that stays so for
         // `table::PATIENCE` rounds was left by a reclaimer that died (a process of a shared
         // region killed), and waiting on it would wait forever.
         for _ in 0..table::PATIENCE {
             let at = self.locate(key, now_ns, true)?.ok_or(Error::TableFull(Table::Scopes))?;
-            if let Attempt::Decided(d) = self.admit_at(at, costs, request.priority, now_ns)? {
+            found(at);
+            if let Attempt::Decided(d) = self.admit_at(at, costs, priority, now_ns)? {
                 return Ok(d);
             }
         }
         Err(Error::TableFull(Table::Scopes))
     }
 
-    fn admit_at(
+    pub(crate) fn admit_at(
         &self,
         at: Located,
         costs: PerMetric<u64>,

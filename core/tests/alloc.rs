@@ -69,3 +69,33 @@ fn admit_and_settle_never_allocate() {
     assert!(admitted > 50_000, "the test must exercise admissions: {admitted}");
     assert_eq!(allocations, 0);
 }
+
+/// Resolving a scope and admitting through its handle allocate nothing either, also when the
+/// handle's scope was reclaimed and is looked up again.
+#[test]
+fn resolving_and_admitting_through_handles_never_allocate() {
+    let capacity = Capacity { scopes: 64, accounts: 64, models: 4, permits: 1_024 };
+    let engine = Engine::new(Policy::fireworks_2024(), capacity).unwrap();
+    let accounts: Vec<Vec<u8>> = (0..256).map(|i| format!("acct-{i}").into_bytes()).collect();
+    COUNT.with(|c| c.set(Some(0)));
+    let mut admitted = 0u32;
+    for round in 0..100u64 {
+        // A minute apart: the last round's scopes are idle and give way to this round's.
+        let now = round * 60_000_000_000;
+        let handles: [_; 32] = core::array::from_fn(|k| {
+            let account = &accounts[(round as usize * 32 + k) % accounts.len()];
+            engine.scope(ScopeKey::new(account, b"llama-v3p1-70b"), now)
+        });
+        for i in 0..3_200u64 {
+            let Ok(handle) = &handles[i as usize % 32] else { continue };
+            let decision = engine.admit_scope(handle, &Request::new(500).max_tokens(200), now + i).unwrap();
+            if let Some(p) = decision.permit() {
+                admitted += 1;
+                engine.settle(p, &Usage::new(500, 120), Completion::Success, now + i).unwrap();
+            }
+        }
+    }
+    let allocations = COUNT.with(|c| c.replace(None)).unwrap_or(0);
+    assert!(admitted > 50_000, "the test must exercise admissions: {admitted}");
+    assert_eq!(allocations, 0);
+}
