@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluicegate_benches::{
-    KEYS, MODEL, accounts, admit_settle, backed_engine, engine, governor_direct, governor_keyed,
-    governor_keys, shared_engine,
+    KEYS, MODEL, accounts, admit_settle, admit_settle_scope, backed_engine, engine, governor_direct,
+    governor_keyed, governor_keys, scopes, shared_engine,
 };
 
 /// A caller-supplied clock that moves 1 µs per call, so buckets refill as they would in life.
@@ -37,6 +37,13 @@ fn admit_settle_group(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % KEYS;
             admit_settle(&e, black_box(&names[i]), sluicegate_core::clock::now_ns());
+        })
+    });
+    let handles = scopes(&e, &names);
+    g.bench_function("sluicegate resolved scope 4-metric admit+settle, caller time", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            admit_settle_scope(&e, black_box(&handles[i]), now());
         })
     });
     let direct = governor_direct();

@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sluicegate_core::{
-    Backing, Capacity, Engine, Heap, Metric, Policy, Request, ScopeKey, SharedFile, Storage,
+    Backing, Capacity, Engine, Heap, Metric, Policy, Request, ScopeHandle, ScopeKey, SharedFile, Storage,
 };
 
 /// Accounts the keyed benchmarks spread over.
@@ -73,6 +73,26 @@ pub fn admit_settle<S: Storage>(engine: &Engine<S>, account: &str, now: u64) {
             );
         }
     }
+}
+
+/// One admit through a resolved scope and its settle, at `now`.
+pub fn admit_settle_scope<S: Storage>(engine: &Engine<S>, scope: &ScopeHandle, now: u64) {
+    if let Ok(d) = engine.admit_scope(scope, &request(), now) {
+        if let Some(p) = d.permit() {
+            let _ = engine.settle(
+                p,
+                &sluicegate_core::Usage::new(1_200, 180),
+                sluicegate_core::Completion::Success,
+                now,
+            );
+        }
+    }
+}
+
+/// A resolved scope per account name, as a gateway caches them per API key.
+pub fn scopes<S: Storage>(engine: &Engine<S>, names: &[String]) -> Vec<ScopeHandle> {
+    let scope = |n: &String| engine.scope(ScopeKey::new(n.as_bytes(), MODEL), 0);
+    names.iter().map(|n| scope(n).unwrap_or_else(|e| panic!("scope: {e}"))).collect()
 }
 
 fn huge() -> Quota {

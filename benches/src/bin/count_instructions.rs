@@ -1,12 +1,13 @@
 //! A fixed number of admit + settle calls (or of governor `check_key` calls), for
 //! `valgrind --tool=callgrind`: instruction counts are repeatable where wall time is not.
 //!
-//! Usage: `count_instructions sluicegate|sluicegate-admit|governor CALLS`
+//! Usage: `count_instructions sluicegate|sluicegate-scope|sluicegate-admit|governor CALLS`
 
 use std::hint::black_box;
 
 use sluicegate_benches::{
-    KEYS, MODEL, accounts, admit_settle, engine, engine_with_permits, governor_keyed, governor_keys, request,
+    KEYS, MODEL, accounts, admit_settle, admit_settle_scope, engine, engine_with_permits, governor_keyed,
+    governor_keys, request, scopes,
 };
 use sluicegate_core::ScopeKey;
 
@@ -23,6 +24,16 @@ fn main() {
             }
             for i in 0..calls {
                 admit_settle(&e, black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
+            }
+        }
+        "sluicegate-scope" => {
+            let e = engine(KEYS);
+            let handles = scopes(&e, &names);
+            for (i, h) in handles.iter().enumerate() {
+                admit_settle_scope(&e, h, i as u64 * 1_000);
+            }
+            for i in 0..calls {
+                admit_settle_scope(&e, black_box(&handles[i % KEYS]), (KEYS + i) as u64 * 1_000);
             }
         }
         "sluicegate-admit" => {
@@ -47,7 +58,9 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: count_instructions sluicegate|sluicegate-admit|governor CALLS");
+            eprintln!(
+                "usage: count_instructions sluicegate|sluicegate-scope|sluicegate-admit|governor CALLS"
+            );
             std::process::exit(2);
         }
     }
