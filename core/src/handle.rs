@@ -129,3 +129,58 @@ impl<S: Storage> Engine<S> {
         self.seed ^ u64::from(self.incarnation)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::locate::lookups;
+    use crate::{Capacity, Completion, Engine, Heap, Metric, Policy, Request, ScopeKey, Usage};
+
+    const MINUTE: u64 = 60_000_000_000;
+
+    /// The point of a handle: admissions through it look nothing up while its scope stays put,
+    /// and one lookup (remembered) after the scope moved.
+    #[test]
+    fn a_handle_looks_its_key_up_only_when_its_scope_moved() {
+        let capacity = Capacity { scopes: 1, accounts: 4, models: 1, permits: 8 };
+        let e = Engine::new(Policy::fixed(), capacity).unwrap_or_else(|e| panic!("{e}"));
+        let handle = e.scope(ScopeKey::new(b"a", b"m"), 0).unwrap_or_else(|e| panic!("{e}"));
+        let admit = |now| {
+            let d = e.admit_scope(&handle, &Request::new(0), now).unwrap_or_else(|e| panic!("{e}"));
+            let p = d.permit().unwrap_or_else(|| panic!("{d:?}"));
+            e.settle(p, &Usage::new(0, 0), Completion::Success, now).unwrap_or_else(|e| panic!("{e}"));
+        };
+        let before = lookups::made();
+        (0..10).for_each(|_| admit(0));
+        assert_eq!(lookups::made(), before, "a handle whose scope stays put looks nothing up");
+        // "b" takes the only slot once "a" is idle; later "a" takes it back through the handle.
+        let b = e.admit(ScopeKey::new(b"b", b"m"), &Request::new(0), 5 * MINUTE);
+        let p = *b.unwrap_or_else(|e| panic!("{e}")).permit().unwrap_or_else(|| panic!("b admitted"));
+        e.settle(&p, &Usage::new(0, 0), Completion::Success, 5 * MINUTE).unwrap_or_else(|e| panic!("{e}"));
+        let before = lookups::made();
+        admit(11 * MINUTE);
+        assert_eq!(lookups::made(), before + 1, "one lookup finds where the scope moved");
+        (0..10).for_each(|_| admit(11 * MINUTE));
+        assert_eq!(lookups::made(), before + 1, "and the handle remembers it");
+    }
+
+    /// Twin engines (same seed) where keys of one hash (`collide-…`, see `key::collide`) took
+    /// the same account slot, so "collide-b"'s scope in the second engine has the very slot and
+    /// id that "collide-a"'s has in the first: only the handle's check of its engine keeps a
+    /// handle of "collide-a" from charging "collide-b" there.
+    #[test]
+    fn a_handle_never_charges_the_twin_scope_of_another_engine() {
+        let twin = || {
+            let heap = Heap::new(Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+            Engine::with_storage(Policy::fixed(), heap, 0x5eed).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let (first, second) = (twin(), twin());
+        let (a, b) = (ScopeKey::new(b"collide-a", b"m"), ScopeKey::new(b"collide-b", b"m"));
+        let handle = first.scope(a, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(second.admit(b, &Request::new(0), 0).is_ok_and(|d| d.admitted()));
+        let place = |e: &Engine<Heap>, key| e.locate(key, 0, false).ok().flatten().map(|at| (at.slot, at.id));
+        assert_eq!(place(&first, a), place(&second, b), "the twin scope sits where the handle points");
+        assert!(second.admit_scope(&handle, &Request::new(0), 0).is_ok_and(|d| d.admitted()));
+        let used = |key| second.limits(key, 0).map(|l| l.used(Metric::Requests)).ok();
+        assert_eq!((used(a), used(b)), (Some(1), Some(1)), "each charged once, by its own key");
+    }
+}

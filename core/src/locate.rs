@@ -123,6 +123,8 @@ impl<S: Storage> Engine<S> {
         now_ns: u64,
         create: bool,
     ) -> Result<Option<Located>, Error> {
+        #[cfg(test)]
+        lookups::count();
         let t = self.tables();
         let tiers = &self.policy.tiers;
         let init_account = |s: &AccountSlot| s.init(key.account, tiers);
@@ -340,6 +342,22 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
 
     fn reclaim(&self, index: usize, old: u64, new: u64) -> bool {
         self.engine.take_idle_scope(index, old, new, self.now_ns)
+    }
+}
+
+/// Unit tests only: how many keyed lookups this thread has made, to pin which calls make none.
+#[cfg(test)]
+pub(crate) mod lookups {
+    std::thread_local! {
+        static LOOKUPS: core::cell::Cell<usize> = const { core::cell::Cell::new(0) };
+    }
+
+    pub(crate) fn count() {
+        LOOKUPS.with(|n| n.set(n.get() + 1));
+    }
+
+    pub(crate) fn made() -> usize {
+        LOOKUPS.with(core::cell::Cell::get)
     }
 }
 
