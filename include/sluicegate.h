@@ -6,7 +6,8 @@
  *
  * Thread safety: every function may be called from any number of threads at once on the same
  * engine, without a lock, except sg_engine_free and sg_restore, which need the engine to
- * themselves. Nothing here allocates except sg_engine_new; nothing blocks; nothing unwinds.
+ * themselves, and sg_scope_free, which needs the scope to itself. Nothing here allocates except
+ * sg_engine_new and sg_scope_resolve; nothing blocks; nothing unwinds.
  *
  * Link: cc app.c -Iinclude target/release/libsluicegate.a -lpthread -ldl -lm
  */
@@ -446,6 +447,18 @@ typedef uint32_t sg_suspension;
  * An engine: opaque, created by `sg_engine_new`, freed by `sg_engine_free`.
  */
 typedef struct sg_engine sg_engine;
+
+/**
+ * A resolved scope: opaque, created by `sg_scope_resolve`, freed by `sg_scope_free`. It holds a
+ * copy of its key (account, model, variant) and where its scope was last found; it does not
+ * point into the engine, so it may be freed before or after the engine.
+ *
+ * Any number of threads may admit through one `sg_scope` at once. It stays correct for the
+ * engine's whole life: if its scope was reclaimed while idle (for another key), or the engine
+ * restored (`sg_restore`), the next `sg_admit_scope` looks the key up again, as `sg_admit`
+ * would, and remembers where. Passed with another engine, it admits its key in that engine.
+ */
+typedef struct sg_scope sg_scope;
 
 /**
  * Everything about an account; money in micro-dollars.
@@ -1040,6 +1053,43 @@ sg_result sg_render_headers(const struct sg_decision *decision, const struct sg_
  * As `sg_render_headers`.
  */
 sg_result sg_render_error_body(const struct sg_decision *decision, const struct sg_render *render, uint8_t *buf, size_t len, size_t *written);
+
+/**
+ * Resolves the scope of a key (creating it, its account and its model if new, as `sg_admit`
+ * does) for `sg_admit_scope`. On success `*scope` owns a handle until `sg_scope_free`; this is
+ * the one allocation, made once per call. Errors are `sg_admit`'s for the same key:
+ * `SG_ERR_NULL`, `SG_ERR_EMPTY_KEY`, `SG_ERR_KEY_TOO_LONG`, `SG_ERR_TABLE_FULL`. On any error
+ * `*scope` is set to NULL, so a failed call never leaves a stale handle to free.
+ *
+ * # Safety
+ * `engine` must be NULL or a live engine; `account` and `model` NULL (with length 0) or valid
+ * for their lengths; `scope` NULL or a writable `sg_scope *`.
+ */
+sg_result sg_scope_resolve(const struct sg_engine *engine, const uint8_t *account, size_t account_len, const uint8_t *model, size_t model_len, uint32_t fast, uint64_t now_ns, struct sg_scope **scope);
+
+/**
+ * `sg_admit` through a resolved scope: the same decision `sg_admit` gives a request with the
+ * scope's key, without its key lookups. The request's `account`, `account_len`, `model`,
+ * `model_len` and `fast` fields are ignored (they may be NULL and 0): the scope's key is used.
+ * Settle an admitted `decision->permit` with `sg_settle`, as any other. A scope whose table slot
+ * was reclaimed for another key may find the table full (`SG_ERR_TABLE_FULL`, as `sg_admit`
+ * would for its key).
+ *
+ * # Safety
+ * `engine` must be NULL or a live engine; `scope` NULL or a handle from `sg_scope_resolve` not
+ * yet freed; `request` NULL or valid; `decision` NULL or writable.
+ */
+sg_result sg_admit_scope(const struct sg_engine *engine, const struct sg_scope *scope, const struct sg_request *request, uint64_t now_ns, struct sg_decision *decision);
+
+/**
+ * Frees a scope handle. NULL is ignored. Freeing twice, using the handle afterwards, or
+ * freeing it while another thread uses it, is undefined behaviour. Nothing in the engine
+ * changes: the scope itself stays, as after `sg_admit`.
+ *
+ * # Safety
+ * `scope` must be NULL or a pointer returned by `sg_scope_resolve` and not yet freed.
+ */
+void sg_scope_free(struct sg_scope *scope);
 
 /**
  * Opens, or creates with mode 0600, the file at `path` (put it on a memory file system such as

@@ -336,7 +336,7 @@ pub extern "C" fn sg_now_ns() -> u64 {
     sluicegate_core::clock::now_ns()
 }
 
-fn variant(fast: u32) -> Variant {
+pub(crate) fn variant(fast: u32) -> Variant {
     if fast != 0 { Variant::Fast } else { Variant::Regular }
 }
 
@@ -404,15 +404,20 @@ pub unsafe extern "C" fn sg_admit(
         // SAFETY: the request's pointers are valid for their lengths (contract).
         let (account, model) = unsafe { (bytes(r.account, r.account_len)?, bytes(r.model, r.model_len)?) };
         let key = ScopeKey { account, model, variant: variant(r.fast) };
-        let mut request =
-            Request::new(r.prompt_tokens).cached_tokens(r.cached_tokens).max_tokens(r.max_tokens);
-        request = request.n(r.n).priority(r.priority != 0);
-        if r.expected_tokens != 0 {
-            request = request.expected_tokens(r.expected_tokens);
-        }
-        *decision = decision_of(&engine.inner.admit(key, &request, now_ns)?);
+        *decision = decision_of(&engine.inner.admit(key, &request_of(r), now_ns)?);
         Ok(())
     })
+}
+
+/// The costs and class of an `sg_request` (its key aside), shared by `sg_admit` and
+/// `sg_admit_scope`.
+pub(crate) fn request_of(r: &sg_request) -> Request {
+    let mut request = Request::new(r.prompt_tokens).cached_tokens(r.cached_tokens).max_tokens(r.max_tokens);
+    request = request.n(r.n).priority(r.priority != 0);
+    if r.expected_tokens != 0 {
+        request = request.expected_tokens(r.expected_tokens);
+    }
+    request
 }
 
 fn permit_of(p: &sg_permit) -> Result<Permit, sg_result> {

@@ -11,6 +11,7 @@ mod account;
 mod boundary;
 mod engine;
 mod render;
+mod scope;
 #[cfg(unix)]
 mod shared;
 mod snapshot;
@@ -19,6 +20,7 @@ pub use account::*;
 pub use boundary::*;
 pub use engine::*;
 pub use render::*;
+pub use scope::*;
 #[cfg(unix)]
 pub use shared::*;
 pub use snapshot::*;

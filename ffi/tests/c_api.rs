@@ -197,6 +197,39 @@ fn four_threads_admit_exactly_the_limit_and_settle_on_other_threads() {
     assert_eq!(assert_all_passed(&output), 8, "{output}");
 }
 
+/// Threads sharing one `sg_scope` admit exactly the limit in every window: at three instants,
+/// after a restore before each window (every thread finds the handle stale at once), and with
+/// the handle's scope reclaimed for new keys between windows. ASan + UBSan, shared library.
+#[test]
+fn threads_sharing_one_resolved_scope_admit_exactly_the_limit() {
+    let bin = binary("scope_threads_asan");
+    let dir = lib_dir().display().to_string();
+    let (search, rpath) = (format!("-L{dir}"), format!("-Wl,-rpath,{dir}"));
+    let mut args = vec![
+        "-std=c11",
+        "-pthread",
+        "-g",
+        "-fsanitize=address,undefined",
+        "-fno-omit-frame-pointer",
+        "-fno-sanitize-recover=all",
+    ];
+    args.extend(STRICT);
+    args.extend(["ffi/tests/c/scope_threads.c", &search, "-lsluicegate", &rpath, "-o", &bin]);
+    compile("cc", &args);
+    let env = [("ASAN_OPTIONS", "detect_leaks=1"), ("UBSAN_OPTIONS", "print_stacktrace=1")];
+    let output = run(&bin, None, &env);
+    assert_eq!(assert_all_passed(&output), 14, "{output}");
+    assert!(output.contains("phases: 3 of 3 windows admitted exactly the limit; 0 unexpected"), "{output}");
+    assert!(
+        output.contains("restores: 20 of 20 windows admitted exactly the limit; 0 unexpected"),
+        "{output}"
+    );
+    assert!(
+        output.contains("reclaims: 40 of 40 windows admitted exactly the limit; 0 unexpected"),
+        "{output}"
+    );
+}
+
 /// Issue 22: 1,000 snapshots of an engine that 2 threads keep creating (and reclaiming)
 /// accounts on, each restored into a second engine; every one must restore. Built with
 /// AddressSanitizer + UndefinedBehaviorSanitizer against the shared library (the Rust code is

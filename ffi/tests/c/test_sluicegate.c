@@ -1702,6 +1702,249 @@ static void test_region_in_host_memory(void) {
 }
 
 /* NULL for every pointer argument of every function (a byte pointer with a non-zero length). */
+/* Two decisions are the same but for their permits (each names its own scope). */
+static int same_decision(const sg_decision *a, const sg_decision *b) {
+    return a->outcome == b->outcome && a->metric == b->metric && a->too_large == b->too_large &&
+           a->over_limit == b->over_limit && a->reason == b->reason && a->load == b->load &&
+           a->retry_after_ns == b->retry_after_ns && a->wait_ns == b->wait_ns &&
+           memcmp(a->cost, b->cost, sizeof a->cost) == 0 && memcmp(a->debt, b->debt, sizeof a->debt) == 0 &&
+           memcmp(a->interval, b->interval, sizeof a->interval) == 0;
+}
+
+static uint64_t remaining_requests(sg_engine *e, const char *account, const char *model, uint64_t now) {
+    sg_levels l;
+    EXPECT(sg_limits(e, KEY(account), KEY(model), 0, now, &l), SG_OK);
+    return l.remaining[SG_METRIC_REQUESTS];
+}
+
+/* Resolved scopes (sg_scope_resolve, sg_admit_scope, sg_scope_free): the same decisions as
+ * sg_admit on a twin key, the same errors, permits that settle as any other, and a handle whose
+ * scope was reclaimed for another key (or that is used with another engine) admitting its own
+ * key. */
+static void test_scopes(void) {
+    sg_engine *e = engine_with("fixed", 1000);
+    sg_scope *const garbage = (sg_scope *)(uintptr_t)0xDEADBEEF;
+    sg_scope *s = garbage;
+    EXPECT(sg_scope_resolve(e, KEY("twin-a"), KEY(MODEL), 0, 0, &s), SG_OK);
+    CHECK(s != NULL && s != garbage);
+    /* Resolving creates the scope, as sg_admit does, and charges nothing. */
+    CHECK(remaining_requests(e, "twin-a", MODEL, 0) == 60);
+
+    /* Through the handle and by key on a twin: the same decision, call after call, up to the
+     * limit of 60 and the 429s after. The handle's request names another account, NULL model
+     * bytes with a length, and the fast variant: all ignored. */
+    sg_request by_key = request("twin-b", 100, 10);
+    sg_request through = request("decoy", 100, 10);
+    through.model = NULL;
+    through.fast = 1;
+    sg_decision k[62], h[62];
+    sg_levels lk, lh;
+    int admits = 0, limited = 0;
+    for (int i = 0; i < 62; i++) {
+        EXPECT(sg_admit(e, &by_key, 0, &k[i]), SG_OK);
+        EXPECT(sg_admit_scope(e, s, &through, 0, &h[i]), SG_OK);
+        CHECK(same_decision(&k[i], &h[i]));
+        EXPECT(sg_decision_levels(&k[i], &lk), SG_OK);
+        EXPECT(sg_decision_levels(&h[i], &lh), SG_OK);
+        CHECK(memcmp(&lk, &lh, sizeof lk) == 0);
+        CHECK(lh.remaining[SG_METRIC_REQUESTS] == (i < 60 ? (uint64_t)(59 - i) : 0));
+        admits += h[i].outcome == SG_ADMIT;
+        limited += h[i].outcome == SG_REJECT_RATE_LIMITED && h[i].metric == SG_METRIC_REQUESTS &&
+                   h[i].retry_after_ns == SEC;
+    }
+    CHECK(admits == 60 && limited == 2);
+    CHECK(h[0].cost[SG_METRIC_PROMPT_TOKENS] == 100 && h[0].cost[SG_METRIC_GENERATED_TOKENS] == 10);
+    /* The handle charged its own key, not the request's account nor the fast variant. */
+    CHECK(remaining_requests(e, "twin-a", MODEL, 0) == 0);
+    CHECK(remaining_requests(e, "decoy", MODEL, 0) == 60);
+    sg_levels fast;
+    EXPECT(sg_limits(e, KEY("twin-a"), KEY(MODEL), 1, 0, &fast), SG_OK);
+    CHECK(fast.remaining[SG_METRIC_REQUESTS] == 60);
+
+    /* Its permits settle with sg_settle, once; the twin's first with the same usage. */
+    sg_usage u = usage(100, 0, 4);
+    EXPECT(sg_settle(e, &h[0].permit, &u, SG_COMPLETION_SUCCESS, 0), SG_OK);
+    EXPECT(sg_settle(e, &h[0].permit, &u, SG_COMPLETION_SUCCESS, 0), SG_ERR_ALREADY_SETTLED);
+    EXPECT(sg_cancel(e, &h[0].permit, &u, 0), SG_ERR_ALREADY_SETTLED);
+    EXPECT(sg_settle(e, &k[0].permit, &u, SG_COMPLETION_SUCCESS, 0), SG_OK);
+    for (int i = 1; i < 62; i++) {
+        settle_if_admitted(e, &h[i], 0);
+        settle_if_admitted(e, &k[i], 0);
+    }
+    /* A second later one request came back to each, and the two decide alike. */
+    sg_decision one_k, one_h;
+    EXPECT(sg_admit(e, &by_key, SEC, &one_k), SG_OK);
+    EXPECT(sg_admit_scope(e, s, &through, SEC, &one_h), SG_OK);
+    CHECK(one_h.outcome == SG_ADMIT && same_decision(&one_k, &one_h));
+    settle_if_admitted(e, &one_k, SEC);
+    settle_if_admitted(e, &one_h, SEC);
+    /* An invalid request through a handle is refused as by key. */
+    through.n = 0;
+    EXPECT(sg_admit_scope(e, s, &through, SEC, &one_h), SG_OK);
+    CHECK(one_h.outcome == SG_REJECT_INVALID && one_h.reason == 0);
+
+    /* Bad keys: sg_admit's codes for the same key, and *scope NULL. */
+    char longest[200];
+    memset(longest, 'k', sizeof longest);
+    struct {
+        const uint8_t *account;
+        size_t account_len;
+        const uint8_t *model;
+        size_t model_len;
+        sg_result expected;
+    } bad[] = {
+        {(const uint8_t *)"", 0, (const uint8_t *)MODEL, strlen(MODEL), SG_ERR_EMPTY_KEY},
+        {NULL, 0, (const uint8_t *)MODEL, strlen(MODEL), SG_ERR_EMPTY_KEY},
+        {(const uint8_t *)"acct", 4, NULL, 0, SG_ERR_EMPTY_KEY},
+        {(const uint8_t *)longest, 65, (const uint8_t *)MODEL, strlen(MODEL), SG_ERR_KEY_TOO_LONG},
+        {(const uint8_t *)"acct", 4, (const uint8_t *)longest, 129, SG_ERR_KEY_TOO_LONG},
+        {NULL, 4, (const uint8_t *)MODEL, strlen(MODEL), SG_ERR_NULL},
+        {(const uint8_t *)"acct", 4, NULL, 5, SG_ERR_NULL},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        sg_request r = request("x", 10, 10);
+        r.account = bad[i].account;
+        r.account_len = bad[i].account_len;
+        r.model = bad[i].model;
+        r.model_len = bad[i].model_len;
+        sg_decision d;
+        EXPECT(sg_admit(e, &r, 0, &d), bad[i].expected);
+        sg_scope *t = garbage;
+        EXPECT(sg_scope_resolve(e, bad[i].account, bad[i].account_len, bad[i].model, bad[i].model_len, 0, 0, &t),
+               bad[i].expected);
+        CHECK(t == NULL);
+    }
+    /* The longest keys resolve. */
+    sg_scope *longest_scope = NULL;
+    EXPECT(sg_scope_resolve(e, (const uint8_t *)longest, 64, (const uint8_t *)longest, 128, 1, 0, &longest_scope),
+           SG_OK);
+    sg_decision d;
+    EXPECT(sg_admit_scope(e, longest_scope, &through, SEC, &d), SG_OK); /* n = 0: still invalid */
+    CHECK(d.outcome == SG_REJECT_INVALID);
+    through.n = 1;
+    EXPECT(sg_admit_scope(e, longest_scope, &through, SEC, &d), SG_OK);
+    CHECK(d.outcome == SG_ADMIT);
+    settle_if_admitted(e, &d, SEC);
+    sg_levels l;
+    EXPECT(sg_limits(e, (const uint8_t *)longest, 64, (const uint8_t *)longest, 128, 1, SEC, &l), SG_OK);
+    CHECK(l.remaining[SG_METRIC_REQUESTS] == 59);
+    sg_scope_free(longest_scope);
+
+    /* A full table: a new key's scope is SG_ERR_TABLE_FULL, as sg_admit's; a known key's
+     * still resolves. */
+    sg_engine *tiny = engine_with("fixed", 2);
+    sg_result last = SG_OK;
+    char name[16] = "a0";
+    for (int i = 0; i < 200 && last == SG_OK; i++) {
+        snprintf(name, sizeof name, "a%d", i);
+        sg_request t = request(name, 1, 1);
+        last = sg_admit(tiny, &t, 0, &d);
+        if (last == SG_OK) settle_if_admitted(tiny, &d, 0);
+    }
+    EXPECT(last, SG_ERR_TABLE_FULL);
+    sg_scope *t = garbage;
+    EXPECT(sg_scope_resolve(tiny, KEY(name), KEY(MODEL), 0, 0, &t), SG_ERR_TABLE_FULL);
+    CHECK(t == NULL);
+    EXPECT(sg_scope_resolve(tiny, KEY("a0"), KEY(MODEL), 0, 0, &t), SG_OK);
+    EXPECT(sg_admit_scope(tiny, t, &through, 0, &d), SG_OK);
+    CHECK(d.outcome == SG_ADMIT);
+    settle_if_admitted(tiny, &d, 0);
+    sg_scope_free(t);
+    sg_engine_free(tiny);
+
+    /* NULL pointers: SG_ERR_NULL, as sg_admit's, and nothing resolved or admitted. */
+    sg_scope *n = garbage;
+    EXPECT(sg_scope_resolve(NULL, KEY("null"), KEY(MODEL), 0, 0, &n), SG_ERR_NULL);
+    CHECK(n == NULL);
+    EXPECT(sg_scope_resolve(e, KEY("null"), KEY(MODEL), 0, 0, NULL), SG_ERR_NULL);
+    EXPECT(sg_admit_scope(NULL, s, &through, SEC, &d), SG_ERR_NULL);
+    EXPECT(sg_admit_scope(e, NULL, &through, SEC, &d), SG_ERR_NULL);
+    EXPECT(sg_admit_scope(e, s, NULL, SEC, &d), SG_ERR_NULL);
+    EXPECT(sg_admit_scope(e, s, &through, SEC, NULL), SG_ERR_NULL);
+    sg_account acct;
+    EXPECT(sg_account_get(e, KEY("null"), &acct), SG_ERR_UNKNOWN_ACCOUNT); /* never created */
+    /* None of the refused calls at 1 s charged anything: 2 s refilled one request. */
+    CHECK(remaining_requests(e, "twin-a", MODEL, 2 * SEC) == 1);
+    sg_scope_free(NULL);
+    sg_scope_free(s);
+
+    sg_engine_free(e);
+
+    /* A handle used with another engine admits its key there, never the scope of the key that
+     * came first there, as its own key did where it was resolved. */
+    sg_engine *first = engine_with("fixed", 1000), *other = engine_with("fixed", 1000);
+    EXPECT(sg_scope_resolve(first, KEY("travels"), KEY(MODEL), 0, 0, &s), SG_OK);
+    sg_request squatter = request("squatter", 1, 1);
+    EXPECT(sg_admit(other, &squatter, 0, &d), SG_OK);
+    settle_if_admitted(other, &d, 0);
+    EXPECT(sg_admit_scope(other, s, &through, 0, &d), SG_OK);
+    CHECK(d.outcome == SG_ADMIT);
+    settle_if_admitted(other, &d, 0);
+    CHECK(remaining_requests(other, "travels", MODEL, 0) == 59);
+    CHECK(remaining_requests(other, "squatter", MODEL, 0) == 59);
+    CHECK(remaining_requests(first, "travels", MODEL, 0) == 60);
+    /* The engines may go first: the handle does not point into them. */
+    sg_engine_free(first);
+    sg_engine_free(other);
+    sg_scope_free(s);
+
+    /* Reclaimed (core/tests/handles.rs): one scope slot. "a" is resolved and used, then idle
+     * for minutes while "b" takes the slot; the handle then never charges "b": while "b" is
+     * busy "a" finds no room (as sg_admit would), and once "b" is idle "a" takes the slot back. */
+    sg_config cfg;
+    EXPECT(sg_config_default(&cfg), SG_OK);
+    cfg.preset = "fixed";
+    cfg.scopes = 1;
+    cfg.accounts = 4;
+    cfg.models = 1;
+    cfg.permits = 8;
+    cfg.seed = 7;
+    sg_engine *one = NULL;
+    EXPECT(sg_engine_new(&cfg, &one), SG_OK);
+    const uint64_t MINUTE = 60 * SEC;
+    EXPECT(sg_scope_resolve(one, KEY("a"), KEY("m"), 0, 0, &s), SG_OK);
+    EXPECT(sg_admit_scope(one, s, &through, 0, &d), SG_OK);
+    CHECK(d.outcome == SG_ADMIT);
+    settle_if_admitted(one, &d, 0);
+    sg_request b = request("b", 1, 1);
+    b.model = (const uint8_t *)"m";
+    b.model_len = 1;
+    EXPECT(sg_admit(one, &b, 5 * MINUTE, &d), SG_OK);
+    CHECK(d.outcome == SG_ADMIT);
+    settle_if_admitted(one, &d, 5 * MINUTE);
+    sg_request a = b;
+    a.account = (const uint8_t *)"a";
+    EXPECT(sg_admit(one, &a, 5 * MINUTE, &d), SG_ERR_TABLE_FULL);
+    EXPECT(sg_admit_scope(one, s, &through, 5 * MINUTE, &d), SG_ERR_TABLE_FULL);
+    CHECK(remaining_requests(one, "b", "m", 5 * MINUTE) == 59); /* only b's own request */
+    EXPECT(sg_admit_scope(one, s, &through, 11 * MINUTE, &d), SG_OK);
+    CHECK(d.outcome == SG_ADMIT);
+    settle_if_admitted(one, &d, 11 * MINUTE);
+    CHECK(remaining_requests(one, "a", "m", 11 * MINUTE) == 59);
+    /* The handle remembers where: the next admission charges the same scope. */
+    EXPECT(sg_admit_scope(one, s, &through, 11 * MINUTE, &d), SG_OK);
+    CHECK(d.outcome == SG_ADMIT);
+    settle_if_admitted(one, &d, 11 * MINUTE);
+    CHECK(remaining_requests(one, "a", "m", 11 * MINUTE) == 58);
+    sg_scope_free(s);
+
+    /* After sg_restore (a new incarnation) a handle resolved before still admits its key. */
+    EXPECT(sg_scope_resolve(one, KEY("a"), KEY("m"), 0, 11 * MINUTE, &s), SG_OK);
+    size_t size = 0, written = 0;
+    EXPECT(sg_snapshot_size(one, &size), SG_OK);
+    uint8_t *snap = (uint8_t *)malloc(size);
+    CHECK(snap != NULL);
+    EXPECT(sg_snapshot_write(one, snap, size, 11 * MINUTE, &written), SG_OK);
+    EXPECT(sg_restore(one, snap, written, 11 * MINUTE), SG_OK);
+    free(snap);
+    EXPECT(sg_admit_scope(one, s, &through, 11 * MINUTE, &d), SG_OK);
+    CHECK(d.outcome == SG_ADMIT);
+    settle_if_admitted(one, &d, 11 * MINUTE);
+    CHECK(remaining_requests(one, "a", "m", 11 * MINUTE) == 57);
+    sg_scope_free(s);
+    sg_engine_free(one);
+}
+
 static void test_null_pointers(void) {
     sg_engine *e = engine_with("fixed", 64);
     sg_config cfg;
@@ -1861,6 +2104,7 @@ int main(void) {
     test_max_in_flight();
     test_shared_file();
     test_region_in_host_memory();
+    test_scopes();
     test_null_pointers();
     /* Every code reachable from C was returned somewhere above (SG_ERR_PANIC never should be;
      * SG_ERR_REGION_NOT_LOCK_FREE only on a machine without lock-free 16-byte atomics, which
