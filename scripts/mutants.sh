@@ -10,7 +10,8 @@
 #
 # Arguments are passed to cargo-mutants. Results go to $MUTANTS_OUT/mutants.out (default
 # target/mutants/mutants.out): caught.txt, missed.txt, timeout.txt, unviable.txt.
-# Needs cargo-mutants: `cargo install cargo-mutants --locked`.
+# Needs cargo-mutants: `cargo install cargo-mutants --locked`. Mutants no test can tell from the
+# code (equivalent ones) are excluded in .cargo/mutants.toml, each with its reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

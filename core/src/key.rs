@@ -116,5 +116,5 @@ fn word_of(chunk: &[u8]) -> u64 {
     if let Ok(whole) = <[u8; 8]>::try_from(chunk) {
         return u64::from_le_bytes(whole);
     }
-    chunk.iter().rev().fold(0, |w, b| w << 8 | u64::from(*b))
+    chunk.iter().rev().fold(0, |w, b| (w << 8) + u64::from(*b))
 }
