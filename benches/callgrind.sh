@@ -14,12 +14,13 @@ refs() {
 }
 
 printf '%-44s %s\n' "measure" "instructions per call"
-for which in sluicegate sluicegate-scope sluicegate-admit governor; do
+for which in sluicegate sluicegate-scope sluicegate-c sluicegate-admit governor; do
     small=$(refs "$which" "$calls")
     large=$(refs "$which" $((2 * calls)))
     case $which in
         sluicegate) label="sluicegate keyed 4-metric admit + settle" ;;
         sluicegate-scope) label="sluicegate resolved scope admit + settle" ;;
+        sluicegate-c) label="sluicegate keyed admit + settle through C" ;;
         sluicegate-admit) label="sluicegate keyed 4-metric admit" ;;
         governor) label="governor keyed check_key (1000 keys)" ;;
     esac

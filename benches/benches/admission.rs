@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluicegate_benches::{
-    KEYS, MODEL, accounts, admit_settle, admit_settle_scope, backed_engine, engine, governor_direct,
-    governor_keyed, governor_keys, scopes, shared_engine,
+    KEYS, accounts, admit_settle, admit_settle_scope, backed_engine, c_admit_settle, c_engine, engine,
+    governor_direct, governor_keyed, governor_keys, scopes, shared_engine,
 };
 
 /// A caller-supplied clock that moves 1 µs per call, so buckets refill as they would in life.
@@ -182,51 +182,16 @@ fn adapt_group(c: &mut Criterion) {
 }
 
 fn ffi_group(c: &mut Criterion) {
-    use sluicegate::{
-        sg_admit, sg_config, sg_config_default, sg_decision, sg_engine, sg_engine_free, sg_engine_new,
-        sg_request, sg_settle, sg_usage,
-    };
     let mut g = c.benchmark_group("ffi");
     g.throughput(Throughput::Elements(1));
     let names = accounts(KEYS);
-    let mut config = std::mem::MaybeUninit::<sg_config>::uninit();
-    // SAFETY: sg_config_default fills every field.
-    let mut config = unsafe {
-        sg_config_default(config.as_mut_ptr());
-        config.assume_init()
-    };
-    config.preset = c"fixed".as_ptr();
-    config.floor = [1e12; 4];
-    config.scopes = 2 * KEYS as u64;
-    let mut handle: *mut sg_engine = std::ptr::null_mut();
-    // SAFETY: valid config and out-pointer.
-    unsafe { sg_engine_new(&config, &mut handle) };
+    let handle = c_engine(KEYS);
     let mut i = 0;
     let mut now = ticker();
-    let usage = sg_usage { prompt_tokens: 1_200, cached_tokens: 0, generated_tokens: 180 };
     g.bench_function("sluicegate admit+settle through the C ABI", |b| {
         b.iter(|| {
             i = (i + 1) % KEYS;
-            let request = sg_request {
-                account: names[i].as_ptr(),
-                account_len: names[i].len(),
-                model: MODEL.as_ptr(),
-                model_len: MODEL.len(),
-                prompt_tokens: 1_200,
-                cached_tokens: 0,
-                max_tokens: 256,
-                expected_tokens: 0,
-                n: 1,
-                priority: 0,
-                fast: 0,
-            };
-            let mut d = sg_decision::default();
-            let t = now();
-            // SAFETY: live engine, valid request and out-pointers.
-            unsafe {
-                sg_admit(handle, &request, t, &mut d);
-                sg_settle(handle, &d.permit, &usage, 0, t);
-            }
+            c_admit_settle(handle, black_box(&names[i]), now());
         })
     });
     let e = engine(KEYS);
@@ -238,7 +203,7 @@ fn ffi_group(c: &mut Criterion) {
         })
     });
     // SAFETY: handle came from sg_engine_new and is freed once.
-    unsafe { sg_engine_free(handle) };
+    unsafe { sluicegate::sg_engine_free(handle) };
     g.finish();
 }
 

@@ -95,6 +95,49 @@ pub fn scopes<S: Storage>(engine: &Engine<S>, names: &[String]) -> Vec<ScopeHand
     names.iter().map(|n| scope(n).unwrap_or_else(|e| panic!("scope: {e}"))).collect()
 }
 
+/// An engine made through the C API, as a C gateway makes it: the `fixed` preset with limits
+/// that never bind, room for `scopes` scopes. Free it with `sluicegate::sg_engine_free`.
+pub fn c_engine(scopes: usize) -> *mut sluicegate::sg_engine {
+    let mut config = std::mem::MaybeUninit::<sluicegate::sg_config>::uninit();
+    // SAFETY: sg_config_default fills every field.
+    let mut config = unsafe {
+        sluicegate::sg_config_default(config.as_mut_ptr());
+        config.assume_init()
+    };
+    config.preset = c"fixed".as_ptr();
+    config.floor = [1e12; 4];
+    config.scopes = 2 * scopes as u64;
+    let mut engine: *mut sluicegate::sg_engine = std::ptr::null_mut();
+    // SAFETY: a valid config and out-pointer.
+    let result = unsafe { sluicegate::sg_engine_new(&config, &mut engine) };
+    assert!(!engine.is_null(), "sg_engine_new failed: {result:?}");
+    engine
+}
+
+/// [`admit_settle`] through the C ABI: `sg_admit`, then `sg_settle` of its permit.
+pub fn c_admit_settle(engine: *const sluicegate::sg_engine, account: &str, now: u64) {
+    let request = sluicegate::sg_request {
+        account: account.as_ptr(),
+        account_len: account.len(),
+        model: MODEL.as_ptr(),
+        model_len: MODEL.len(),
+        prompt_tokens: 1_200,
+        cached_tokens: 0,
+        max_tokens: 256,
+        expected_tokens: 0,
+        n: 1,
+        priority: 0,
+        fast: 0,
+    };
+    let usage = sluicegate::sg_usage { prompt_tokens: 1_200, cached_tokens: 0, generated_tokens: 180 };
+    let mut d = sluicegate::sg_decision::default();
+    // SAFETY: a live engine (the caller's), a valid request and out-pointers.
+    unsafe {
+        sluicegate::sg_admit(engine, &request, now, &mut d);
+        sluicegate::sg_settle(engine, &d.permit, &usage, 0, now);
+    }
+}
+
 fn huge() -> Quota {
     Quota::per_second(NonZeroU32::MAX)
 }

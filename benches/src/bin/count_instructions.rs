@@ -1,13 +1,13 @@
 //! A fixed number of admit + settle calls (or of governor `check_key` calls), for
 //! `valgrind --tool=callgrind`: instruction counts are repeatable where wall time is not.
 //!
-//! Usage: `count_instructions sluicegate|sluicegate-scope|sluicegate-admit|governor CALLS`
+//! Usage: `count_instructions sluicegate|sluicegate-scope|sluicegate-c|sluicegate-admit|governor CALLS`
 
 use std::hint::black_box;
 
 use sluicegate_benches::{
-    KEYS, MODEL, accounts, admit_settle, admit_settle_scope, engine, engine_with_permits, governor_keyed,
-    governor_keys, request, scopes,
+    KEYS, MODEL, accounts, admit_settle, admit_settle_scope, c_admit_settle, c_engine, engine,
+    engine_with_permits, governor_keyed, governor_keys, request, scopes,
 };
 use sluicegate_core::ScopeKey;
 
@@ -36,6 +36,15 @@ fn main() {
                 admit_settle_scope(&e, black_box(&handles[i % KEYS]), (KEYS + i) as u64 * 1_000);
             }
         }
+        "sluicegate-c" => {
+            let e = c_engine(KEYS);
+            for (i, name) in names.iter().enumerate() {
+                c_admit_settle(e, name, i as u64 * 1_000);
+            }
+            for i in 0..calls {
+                c_admit_settle(e, black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
+            }
+        }
         "sluicegate-admit" => {
             // Admits only: permits stay outstanding, so the ledger is sized for all of them.
             let e = engine_with_permits(KEYS, calls + 2 * KEYS);
@@ -59,7 +68,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: count_instructions sluicegate|sluicegate-scope|sluicegate-admit|governor CALLS"
+                "usage: count_instructions sluicegate|sluicegate-scope|sluicegate-c|sluicegate-admit|governor CALLS"
             );
             std::process::exit(2);
         }
