@@ -1,7 +1,7 @@
 //! `sluicegate._sluicegate`: the native module behind the `sluicegate` Python package.
 //!
 //! Arguments are converted while holding the GIL; the admission itself runs with the GIL
-//! released. The docstrings of `Engine` and `Decision` are those of the stubs
+//! released. The docstrings of `Engine`, `Decision` and `Scope` are those of the stubs
 //! (`python/sluicegate/_sluicegate.pyi`) word for word, so `help()` shows them too; a test
 //! (`test_runtime_docstrings_are_the_stubs`) keeps the two equal.
 
@@ -27,6 +27,7 @@ use sluicegate_core::{
 
 mod args;
 mod errors;
+mod scope;
 
 use args::{
     bytes_like, choice, count, count_u32, flag, key_bytes, kind, not_one_of, now, number, optional_count,
@@ -732,23 +733,27 @@ impl PyEngine {
         now_ns: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyDecision> {
         let (account, model) = (key_bytes("account", account)?, key_bytes("model", model)?);
-        let mut request = Request::new(optional_count("prompt_tokens", prompt_tokens)?.unwrap_or(0))
-            .cached_tokens(optional_count("cached_tokens", cached_tokens)?.unwrap_or(0))
-            .max_tokens(optional_count("max_tokens", max_tokens)?.unwrap_or(0))
-            .n(optional_count("n", n)?.unwrap_or(1))
-            .priority(optional_flag("priority", priority, false)?);
-        if let Some(e) = optional_count("expected_tokens", expected_tokens)? {
-            request = request.expected_tokens(e);
-        }
+        let request = request_of(prompt_tokens, cached_tokens, max_tokens, n, priority, expected_tokens)?;
         let at = now(now_ns)?;
         let key = ScopeKey { account: &account, model: &model, variant: variant(fast)? };
-        let decision = py.detach(|| self.core().admit(key, &request, at)).map_err(core_error)?;
-        Ok(PyDecision {
-            inner: decision,
-            now_ns: at,
-            dialect: self.dialect,
-            per_second: self.core().policy().per_second_headers,
-        })
+        self.decide(py, at, |core| core.admit(key, &request, at))
+    }
+
+    /// Resolves the scope of ``account`` and ``model`` (creating it if new) for :meth:`Scope.admit`.
+    ///
+    /// Keys, ``fast`` and ``now_ns`` are as for :meth:`admit`, and so are the exceptions:
+    /// :class:`InvalidKeyError` for an empty or too long key, :class:`TableFullError` when no
+    /// slot is free for a new one. Resolve once per API key and keep the scope.
+    #[pyo3(signature = (account, model, *, fast=None, now_ns=None))]
+    #[pyo3(text_signature = "(self, account, model, *, fast=False, now_ns=None)")]
+    fn scope(
+        slf: &Bound<'_, Self>,
+        account: &Bound<'_, PyAny>,
+        model: &Bound<'_, PyAny>,
+        fast: Option<&Bound<'_, PyAny>>,
+        now_ns: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<scope::PyScope> {
+        scope::PyScope::resolve(slf, account, model, fast, now_ns)
     }
 
     #[pyo3(signature = (decision, prompt_tokens=None, cached_tokens=None, generated_tokens=None, *, completion=None, now_ns=None))]
@@ -1195,7 +1200,45 @@ fn snapshot_of(engine: &CoreEngine<Backing>, now_ns: u64) -> Result<Vec<u8>, Sna
     }
 }
 
+/// The request `Engine.admit` and `Scope.admit` size and class (their keys aside), from their
+/// arguments: each count left out or None is 0, but `n` 1.
+fn request_of(
+    prompt_tokens: Option<&Bound<'_, PyAny>>,
+    cached_tokens: Option<&Bound<'_, PyAny>>,
+    max_tokens: Option<&Bound<'_, PyAny>>,
+    n: Option<&Bound<'_, PyAny>>,
+    priority: Option<&Bound<'_, PyAny>>,
+    expected_tokens: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Request> {
+    let mut request = Request::new(optional_count("prompt_tokens", prompt_tokens)?.unwrap_or(0))
+        .cached_tokens(optional_count("cached_tokens", cached_tokens)?.unwrap_or(0))
+        .max_tokens(optional_count("max_tokens", max_tokens)?.unwrap_or(0))
+        .n(optional_count("n", n)?.unwrap_or(1))
+        .priority(optional_flag("priority", priority, false)?);
+    if let Some(e) = optional_count("expected_tokens", expected_tokens)? {
+        request = request.expected_tokens(e);
+    }
+    Ok(request)
+}
+
 impl PyEngine {
+    /// An admission (`admit`, made with the GIL released on the engine in force) as a
+    /// `Decision` of this engine at `at`.
+    fn decide(
+        &self,
+        py: Python<'_>,
+        at: u64,
+        admit: impl FnOnce(&CoreEngine<Backing>) -> Result<Decision, CoreError> + Send,
+    ) -> PyResult<PyDecision> {
+        let decision = py.detach(|| admit(&self.core())).map_err(core_error)?;
+        Ok(PyDecision {
+            inner: decision,
+            now_ns: at,
+            dialect: self.dialect,
+            per_second: self.core().policy().per_second_headers,
+        })
+    }
+
     /// The engine in force (a restore swaps in another). While a shared engine's restore has it
     /// out, this waits for it: the restore needs no GIL and nothing this thread holds.
     fn core(&self) -> Current {
@@ -1289,6 +1332,7 @@ fn _sluicegate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PyEngine>()?;
     m.add_class::<PyDecision>()?;
+    m.add_class::<scope::PyScope>()?;
     // Not in `__all__` (which `add_function` would put it in): private, for pickle only.
     m.setattr("_decision", wrap_pyfunction!(_decision, m)?)?;
     m.add("Outcome", py.import("sluicegate._outcome")?.getattr("Outcome")?)?;

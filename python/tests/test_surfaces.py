@@ -431,13 +431,13 @@ def test_the_version_is_the_package_metadata_one():
 
 
 def _stub_docs():
-    """(class, member or None, docstring) for Engine, Decision and their public members in the stubs."""
+    """(class, member or None, docstring) for Engine, Decision, Scope and their public members in the stubs."""
     import ast
     import pathlib
 
     path = pathlib.Path(sluicegate._sluicegate.__file__).with_name("_sluicegate.pyi")
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ClassDef) and node.name in ("Engine", "Decision"):
+        if isinstance(node, ast.ClassDef) and node.name in ("Engine", "Decision", "Scope"):
             yield node.name, None, ast.get_docstring(node)
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and not item.name.startswith("_"):

@@ -37,7 +37,7 @@ from sluicegate._errors import (
     UnknownAccountError,
 )
 from sluicegate._outcome import Outcome
-from sluicegate._sluicegate import Decision, Engine, __version__
+from sluicegate._sluicegate import Decision, Engine, Scope, __version__
 
 PRESETS = ("fireworks_2024", "fireworks_2026", "together", "fixed")
 """Policy names accepted by :class:`Engine`."""
@@ -67,6 +67,7 @@ __all__ = [
     "PermitExpiredError",
     "PolicyError",
     "QuotaExceededError",
+    "Scope",
     "SharedRegionError",
     "SpendLimitAboveTierError",
     "StalePermitError",

@@ -48,6 +48,7 @@ __all__ = [
     "PermitExpiredError",
     "PolicyError",
     "QuotaExceededError",
+    "Scope",
     "SharedRegionError",
     "SpendLimitAboveTierError",
     "StalePermitError",
@@ -204,6 +205,13 @@ class Engine:
         variant. Counts are ints or anything with ``__index__``. Refusals are decisions, not
         exceptions; settle an admitted decision with :meth:`settle` (or :meth:`cancel`).
         """
+    def scope(self, account: _Key, model: _Key, *, fast: bool = False, now_ns: Optional[SupportsIndex] = None) -> Scope:
+        """Resolves the scope of ``account`` and ``model`` (creating it if new) for :meth:`Scope.admit`.
+
+        Keys, ``fast`` and ``now_ns`` are as for :meth:`admit`, and so are the exceptions:
+        :class:`InvalidKeyError` for an empty or too long key, :class:`TableFullError` when no
+        slot is free for a new one. Resolve once per API key and keep the scope.
+        """
     def settle(
         self,
         decision: Decision,
@@ -305,3 +313,43 @@ class Engine:
         raises :class:`EngineInUseError` and changes nothing. Calls made by other threads while it
         runs wait for it.
         """
+
+@final
+class Scope:
+    """A scope resolved by :meth:`Engine.scope`: admissions through it skip the key lookups of
+    :meth:`Engine.admit` and decide exactly as it does.
+
+    Resolve one per API key, keep it and share it between threads. It keeps its engine alive
+    (:attr:`engine`) and stays correct for the engine's whole life: if its scope was reclaimed
+    while idle for another key, or the engine restored, the next :meth:`admit` looks the key up
+    again. Settle its decisions with :meth:`Engine.settle`, as any other.
+    """
+
+    def admit(
+        self,
+        prompt_tokens: Optional[SupportsIndex] = None,
+        cached_tokens: Optional[SupportsIndex] = None,
+        max_tokens: Optional[SupportsIndex] = None,
+        n: Optional[SupportsIndex] = None,
+        priority: bool = False,
+        expected_tokens: Optional[SupportsIndex] = None,
+        now_ns: Optional[SupportsIndex] = None,
+    ) -> Decision:
+        """Decides as :meth:`Engine.admit` with the scope's key, without looking the key up.
+
+        The arguments, their defaults and their checks are :meth:`Engine.admit`'s. A scope whose
+        slot another key took while it was idle takes a slot again, and raises
+        :class:`TableFullError` if none is free, as :meth:`Engine.admit` would for its key.
+        """
+    @property
+    def engine(self) -> Engine:
+        """The engine the scope was resolved in (the scope keeps it alive)."""
+    @property
+    def account(self) -> _Key:
+        """The account key, as given to :meth:`Engine.scope` (``str`` or ``bytes``)."""
+    @property
+    def model(self) -> _Key:
+        """The model key, as given to :meth:`Engine.scope` (``str`` or ``bytes``)."""
+    @property
+    def fast(self) -> bool:
+        """Whether the scope is the model's fast variant."""
