@@ -94,7 +94,13 @@ impl<const WORDS: usize> KeyBytes<WORDS> {
         if self.len.load(Ordering::Relaxed) != key.len() as u64 {
             return false;
         }
-        key.chunks(8).zip(&self.words).all(|(c, w)| w.load(Ordering::Relaxed) == word_of(c))
+        // Whole words first, as loads; then the zero-padded tail, if any.
+        let mut words = self.words.iter().map(|w| w.load(Ordering::Relaxed));
+        let mut chunks = key.chunks_exact(8);
+        let whole =
+            (&mut chunks).zip(&mut words).all(|(c, w)| Some(w) == c.try_into().ok().map(u64::from_le_bytes));
+        let tail = chunks.remainder();
+        whole && (tail.is_empty() || words.next() == Some(word_of(tail)))
     }
 
     /// The stored key: its length and the words holding it (zero-padded).
