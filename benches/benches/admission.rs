@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluicegate_benches::{
-    KEYS, accounts, admit_settle, admit_settle_scope, backed_engine, c_admit_settle, c_engine, engine,
-    governor_direct, governor_keyed, governor_keys, scopes, shared_engine,
+    CEngine, KEYS, accounts, admit_settle, admit_settle_scope, backed_engine, engine, governor_direct,
+    governor_keyed, governor_keys, scopes, shared_engine,
 };
 
 /// A caller-supplied clock that moves 1 µs per call, so buckets refill as they would in life.
@@ -185,13 +185,20 @@ fn ffi_group(c: &mut Criterion) {
     let mut g = c.benchmark_group("ffi");
     g.throughput(Throughput::Elements(1));
     let names = accounts(KEYS);
-    let handle = c_engine(KEYS);
+    let c = CEngine::new(KEYS);
     let mut i = 0;
     let mut now = ticker();
     g.bench_function("sluicegate admit+settle through the C ABI", |b| {
         b.iter(|| {
             i = (i + 1) % KEYS;
-            c_admit_settle(handle, black_box(&names[i]), now());
+            c.admit_settle(black_box(&names[i]), now());
+        })
+    });
+    let c_scopes: Vec<_> = names.iter().map(|n| c.scope(n)).collect();
+    g.bench_function("sluicegate resolved scope admit+settle through the C ABI", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            c.admit_settle_scope(black_box(c_scopes[i]), now());
         })
     });
     let e = engine(KEYS);
@@ -202,8 +209,14 @@ fn ffi_group(c: &mut Criterion) {
             admit_settle(&e, &names[i], now());
         })
     });
-    // SAFETY: handle came from sg_engine_new and is freed once.
-    unsafe { sluicegate::sg_engine_free(handle) };
+    let handles = scopes(&e, &names);
+    g.bench_function("sluicegate resolved scope admit+settle in Rust", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            admit_settle_scope(&e, black_box(&handles[i]), now());
+        })
+    });
+    c_scopes.into_iter().for_each(|s| c.free_scope(s));
     g.finish();
 }
 

@@ -96,45 +96,99 @@ pub fn scopes<S: Storage>(engine: &Engine<S>, names: &[String]) -> Vec<ScopeHand
 }
 
 /// An engine made through the C API, as a C gateway makes it: the `fixed` preset with limits
-/// that never bind, room for `scopes` scopes. Free it with `sluicegate::sg_engine_free`.
-pub fn c_engine(scopes: usize) -> *mut sluicegate::sg_engine {
-    let mut config = std::mem::MaybeUninit::<sluicegate::sg_config>::uninit();
-    // SAFETY: sg_config_default fills every field.
-    let mut config = unsafe {
-        sluicegate::sg_config_default(config.as_mut_ptr());
-        config.assume_init()
-    };
-    config.preset = c"fixed".as_ptr();
-    config.floor = [1e12; 4];
-    config.scopes = 2 * scopes as u64;
-    let mut engine: *mut sluicegate::sg_engine = std::ptr::null_mut();
-    // SAFETY: a valid config and out-pointer.
-    let result = unsafe { sluicegate::sg_engine_new(&config, &mut engine) };
-    assert!(!engine.is_null(), "sg_engine_new failed: {result:?}");
-    engine
+/// that never bind. Freed when dropped.
+pub struct CEngine(*mut sluicegate::sg_engine);
+
+/// A scope resolved through the C API; free it with [`CEngine::free_scope`].
+#[derive(Clone, Copy)]
+pub struct CScope(*mut sluicegate::sg_scope);
+
+impl CEngine {
+    /// Room for `scopes` scopes.
+    pub fn new(scopes: usize) -> Self {
+        let mut config = std::mem::MaybeUninit::<sluicegate::sg_config>::uninit();
+        // SAFETY: sg_config_default fills every field.
+        let mut config = unsafe {
+            sluicegate::sg_config_default(config.as_mut_ptr());
+            config.assume_init()
+        };
+        config.preset = c"fixed".as_ptr();
+        config.floor = [1e12; 4];
+        config.scopes = 2 * scopes as u64;
+        let mut engine: *mut sluicegate::sg_engine = std::ptr::null_mut();
+        // SAFETY: a valid config and out-pointer.
+        let result = unsafe { sluicegate::sg_engine_new(&config, &mut engine) };
+        assert!(!engine.is_null(), "sg_engine_new failed: {result:?}");
+        CEngine(engine)
+    }
+
+    /// The resolved scope of `account`.
+    pub fn scope(&self, account: &str) -> CScope {
+        let mut scope = std::ptr::null_mut();
+        let (a, m) = (account.as_bytes(), MODEL);
+        // SAFETY: a live engine, key pointers valid for their lengths, an out-pointer.
+        unsafe {
+            sluicegate::sg_scope_resolve(self.0, a.as_ptr(), a.len(), m.as_ptr(), m.len(), 0, 0, &mut scope)
+        };
+        assert!(!scope.is_null(), "sg_scope_resolve failed");
+        CScope(scope)
+    }
+
+    /// Frees a scope this engine resolved; it must not be used again.
+    pub fn free_scope(&self, scope: CScope) {
+        // SAFETY: it came from sg_scope_resolve; the caller frees it once.
+        unsafe { sluicegate::sg_scope_free(scope.0) };
+    }
+
+    /// [`admit_settle`] through the C ABI: `sg_admit`, then `sg_settle` of its permit.
+    pub fn admit_settle(&self, account: &str, now: u64) {
+        self.settle(account, now, |request, d| {
+            // SAFETY: a live engine, a valid request and out-pointer.
+            unsafe { sluicegate::sg_admit(self.0, request, now, d) };
+        });
+    }
+
+    /// [`admit_settle_scope`] through the C ABI: `sg_admit_scope`, then `sg_settle`.
+    pub fn admit_settle_scope(&self, scope: CScope, now: u64) {
+        // The scope names the key: the request's is left empty.
+        self.settle("", now, |request, d| {
+            // SAFETY: a live engine and scope, a valid request and out-pointer.
+            unsafe { sluicegate::sg_admit_scope(self.0, scope.0, request, now, d) };
+        });
+    }
+
+    /// Runs `admit` on the benchmarks' request for `account` and settles what it admitted.
+    fn settle(
+        &self,
+        account: &str,
+        now: u64,
+        admit: impl FnOnce(&sluicegate::sg_request, &mut sluicegate::sg_decision),
+    ) {
+        let request = sluicegate::sg_request {
+            account: account.as_ptr(),
+            account_len: account.len(),
+            model: MODEL.as_ptr(),
+            model_len: MODEL.len(),
+            prompt_tokens: 1_200,
+            cached_tokens: 0,
+            max_tokens: 256,
+            expected_tokens: 0,
+            n: 1,
+            priority: 0,
+            fast: 0,
+        };
+        let usage = sluicegate::sg_usage { prompt_tokens: 1_200, cached_tokens: 0, generated_tokens: 180 };
+        let mut d = sluicegate::sg_decision::default();
+        admit(&request, &mut d);
+        // SAFETY: a live engine, valid permit and usage pointers.
+        unsafe { sluicegate::sg_settle(self.0, &d.permit, &usage, 0, now) };
+    }
 }
 
-/// [`admit_settle`] through the C ABI: `sg_admit`, then `sg_settle` of its permit.
-pub fn c_admit_settle(engine: *const sluicegate::sg_engine, account: &str, now: u64) {
-    let request = sluicegate::sg_request {
-        account: account.as_ptr(),
-        account_len: account.len(),
-        model: MODEL.as_ptr(),
-        model_len: MODEL.len(),
-        prompt_tokens: 1_200,
-        cached_tokens: 0,
-        max_tokens: 256,
-        expected_tokens: 0,
-        n: 1,
-        priority: 0,
-        fast: 0,
-    };
-    let usage = sluicegate::sg_usage { prompt_tokens: 1_200, cached_tokens: 0, generated_tokens: 180 };
-    let mut d = sluicegate::sg_decision::default();
-    // SAFETY: a live engine (the caller's), a valid request and out-pointers.
-    unsafe {
-        sluicegate::sg_admit(engine, &request, now, &mut d);
-        sluicegate::sg_settle(engine, &d.permit, &usage, 0, now);
+impl Drop for CEngine {
+    fn drop(&mut self) {
+        // SAFETY: it came from sg_engine_new and is freed once.
+        unsafe { sluicegate::sg_engine_free(self.0) };
     }
 }
 

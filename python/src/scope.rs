@@ -71,7 +71,6 @@ impl PyScope {
     /// :class:`TableFullError` if none is free, as :meth:`Engine.admit` would for its key.
     fn admit(
         &self,
-        py: Python<'_>,
         prompt_tokens: Option<&Bound<'_, PyAny>>,
         cached_tokens: Option<&Bound<'_, PyAny>>,
         max_tokens: Option<&Bound<'_, PyAny>>,
@@ -83,7 +82,7 @@ impl PyScope {
         let request = request_of(prompt_tokens, cached_tokens, max_tokens, n, priority, expected_tokens)?;
         let at = now(now_ns)?;
         let handle = &self.handle;
-        self.engine.get().decide(py, at, |core| core.admit_scope(handle, &request, at))
+        self.engine.get().decide(at, |core| core.admit_scope(handle, &request, at))
     }
 
     /// The engine the scope was resolved in (the scope keeps it alive).

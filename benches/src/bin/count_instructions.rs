@@ -6,8 +6,8 @@
 use std::hint::black_box;
 
 use sluicegate_benches::{
-    KEYS, MODEL, accounts, admit_settle, admit_settle_scope, c_admit_settle, c_engine, engine,
-    engine_with_permits, governor_keyed, governor_keys, request, scopes,
+    CEngine, KEYS, MODEL, accounts, admit_settle, admit_settle_scope, engine, engine_with_permits,
+    governor_keyed, governor_keys, request, scopes,
 };
 use sluicegate_core::ScopeKey;
 
@@ -37,12 +37,12 @@ fn main() {
             }
         }
         "sluicegate-c" => {
-            let e = c_engine(KEYS);
+            let e = CEngine::new(KEYS);
             for (i, name) in names.iter().enumerate() {
-                c_admit_settle(e, name, i as u64 * 1_000);
+                e.admit_settle(name, i as u64 * 1_000);
             }
             for i in 0..calls {
-                c_admit_settle(e, black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
+                e.admit_settle(black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
             }
         }
         "sluicegate-admit" => {
