@@ -165,6 +165,20 @@ pub(crate) unsafe fn out<'a, T>(p: *mut T) -> Result<&'a mut T, sg_result> {
     unsafe { p.as_mut() }.ok_or(SgErrNull)
 }
 
+/// Frees what `Box::into_raw` made, across the boundary; NULL is ignored.
+///
+/// # Safety
+/// `p` must be NULL or come from `Box::into_raw` and not have been freed.
+pub(crate) unsafe fn free_boxed<T>(p: *mut T) {
+    let _ = boundary(|| {
+        if !p.is_null() {
+            // SAFETY: the caller's contract: p came from Box::into_raw and is freed only once.
+            drop(unsafe { Box::from_raw(p) });
+        }
+        Ok(())
+    });
+}
+
 /// A byte string from a pointer and length; NULL is accepted only with length 0.
 ///
 /// # Safety

@@ -320,13 +320,8 @@ pub unsafe extern "C" fn sg_engine_new(config: *const sg_config, engine: *mut *m
 /// `engine` must be NULL or a pointer returned by `sg_engine_new` and not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sg_engine_free(engine: *mut sg_engine) {
-    let _ = boundary(|| {
-        if !engine.is_null() {
-            // SAFETY: engine came from Box::into_raw in sg_engine_new and is freed only once.
-            drop(unsafe { Box::from_raw(engine) });
-        }
-        Ok(())
-    });
+    // SAFETY: engine came from Box::into_raw in sg_engine_new and is freed only once.
+    unsafe { crate::boundary::free_boxed(engine) }
 }
 
 /// Nanoseconds from the OS monotonic clock (the same origin for the whole process): a `now_ns`

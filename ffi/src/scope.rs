@@ -89,11 +89,6 @@ pub unsafe extern "C" fn sg_admit_scope(
 /// `scope` must be NULL or a pointer returned by `sg_scope_resolve` and not yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sg_scope_free(scope: *mut sg_scope) {
-    let _ = boundary(|| {
-        if !scope.is_null() {
-            // SAFETY: scope came from Box::into_raw in sg_scope_resolve and is freed only once.
-            drop(unsafe { Box::from_raw(scope) });
-        }
-        Ok(())
-    });
+    // SAFETY: scope came from Box::into_raw in sg_scope_resolve and is freed only once.
+    unsafe { crate::boundary::free_boxed(scope) }
 }

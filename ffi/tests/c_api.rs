@@ -165,22 +165,8 @@ fn the_same_c_test_compiles_as_cpp17_and_passes() {
 
 #[test]
 fn asan_and_ubsan_find_no_error_and_no_leak_through_the_shared_library() {
-    let bin = binary("test_sluicegate_asan");
-    let dir = lib_dir().display().to_string();
-    let (search, rpath) = (format!("-L{dir}"), format!("-Wl,-rpath,{dir}"));
-    let mut args = vec![
-        "-std=c11",
-        "-g",
-        "-fsanitize=address,undefined",
-        "-fno-omit-frame-pointer",
-        "-fno-sanitize-recover=all",
-    ];
-    args.extend(STRICT);
-    args.extend(["ffi/tests/c/test_sluicegate.c", &search, "-lsluicegate", &rpath, "-o", &bin]);
-    compile("cc", &args);
     // Every engine the test creates is freed, so no suppression is needed: any leak is ours.
-    let env = [("ASAN_OPTIONS", "detect_leaks=1"), ("UBSAN_OPTIONS", "print_stacktrace=1")];
-    assert_all_passed(&run(&bin, None, &env));
+    assert_all_passed(&run_under_sanitizers("test_sluicegate_asan", "ffi/tests/c/test_sluicegate.c"));
 }
 
 #[test]
@@ -202,22 +188,7 @@ fn four_threads_admit_exactly_the_limit_and_settle_on_other_threads() {
 /// the handle's scope reclaimed for new keys between windows. ASan + UBSan, shared library.
 #[test]
 fn threads_sharing_one_resolved_scope_admit_exactly_the_limit() {
-    let bin = binary("scope_threads_asan");
-    let dir = lib_dir().display().to_string();
-    let (search, rpath) = (format!("-L{dir}"), format!("-Wl,-rpath,{dir}"));
-    let mut args = vec![
-        "-std=c11",
-        "-pthread",
-        "-g",
-        "-fsanitize=address,undefined",
-        "-fno-omit-frame-pointer",
-        "-fno-sanitize-recover=all",
-    ];
-    args.extend(STRICT);
-    args.extend(["ffi/tests/c/scope_threads.c", &search, "-lsluicegate", &rpath, "-o", &bin]);
-    compile("cc", &args);
-    let env = [("ASAN_OPTIONS", "detect_leaks=1"), ("UBSAN_OPTIONS", "print_stacktrace=1")];
-    let output = run(&bin, None, &env);
+    let output = run_under_sanitizers("scope_threads_asan", "ffi/tests/c/scope_threads.c");
     assert_eq!(assert_all_passed(&output), 14, "{output}");
     assert!(output.contains("phases: 3 of 3 windows admitted exactly the limit; 0 unexpected"), "{output}");
     assert!(
@@ -236,7 +207,16 @@ fn threads_sharing_one_resolved_scope_admit_exactly_the_limit() {
 /// not instrumented, so it runs at about the speed of a plain build: seconds).
 #[test]
 fn every_snapshot_of_an_engine_creating_accounts_on_two_threads_restores() {
-    let bin = binary("live_snapshot_asan");
+    let output = run_under_sanitizers("live_snapshot_asan", "ffi/tests/c/live_snapshot.c");
+    assert_eq!(assert_all_passed(&output), 5, "{output}");
+    assert!(output.contains("1000 of 1000 snapshots taken"), "{output}");
+    assert!(output.contains(", 1000 restored"), "{output}");
+}
+
+/// Compiles `source` (C11, pthreads) with ASan + UBSan against the shared library as `name`,
+/// runs it with leak detection on and returns its output.
+fn run_under_sanitizers(name: &str, source: &str) -> String {
+    let bin = binary(name);
     let dir = lib_dir().display().to_string();
     let (search, rpath) = (format!("-L{dir}"), format!("-Wl,-rpath,{dir}"));
     let mut args = vec![
@@ -248,13 +228,10 @@ fn every_snapshot_of_an_engine_creating_accounts_on_two_threads_restores() {
         "-fno-sanitize-recover=all",
     ];
     args.extend(STRICT);
-    args.extend(["ffi/tests/c/live_snapshot.c", &search, "-lsluicegate", &rpath, "-o", &bin]);
+    args.extend([source, &search, "-lsluicegate", &rpath, "-o", &bin]);
     compile("cc", &args);
     let env = [("ASAN_OPTIONS", "detect_leaks=1"), ("UBSAN_OPTIONS", "print_stacktrace=1")];
-    let output = run(&bin, None, &env);
-    assert_eq!(assert_all_passed(&output), 5, "{output}");
-    assert!(output.contains("1000 of 1000 snapshots taken"), "{output}");
-    assert!(output.contains(", 1000 restored"), "{output}");
+    run(&bin, None, &env)
 }
 
 /// Compiles `ffi/tests/c/shared.c` (C11, pthreads, static library) as `name`.
