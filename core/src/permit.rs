@@ -87,6 +87,7 @@ impl Permit {
     /// stale instead of refunding the wrong amounts. Distinct rotations make any one damaged bit
     /// change the fold; the multiply spreads it over the 32 bits kept.
     pub(crate) fn checksum(&self, seed: u64) -> u32 {
+        // Another mixing operator only mixes worse: an equivalent mutant (.cargo/mutants.toml).
         let r = self.reserved;
         let raw = self.to_raw().words;
         let fields = [
@@ -144,6 +145,7 @@ pub(crate) struct Owner {
 
 impl Owner {
     fn pack(self) -> u64 {
+        // Disjoint bit fields: `^` for `|` is the same, an equivalent mutant (.cargo/mutants.toml).
         let flags = u64::from(self.variant == Variant::Fast) | (u64::from(self.tracked) << 1);
         (self.slot as u64 & 0xFFFF_FFFF) | ((self.model as u64 & 0xFFFF) << 32) | (flags << 48)
     }
