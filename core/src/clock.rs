@@ -14,3 +14,15 @@ pub fn now_ns() -> u64 {
     let origin = *ORIGIN.get_or_init(Instant::now);
     u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The clock moves: a read after a sleep is later, by at least the sleep.
+    #[test]
+    fn the_clock_advances_with_time() {
+        let before = super::now_ns();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let after = super::now_ns();
+        assert!(after >= before + 2_000_000, "{before} then {after}");
+    }
+}
