@@ -6,8 +6,10 @@
  *
  * Thread safety: every function may be called from any number of threads at once on the same
  * engine, without a lock, except sg_engine_free and sg_restore, which need the engine to
- * themselves, and sg_scope_free, which needs the scope to itself. Nothing here allocates except
- * sg_engine_new and sg_scope_resolve; nothing blocks; nothing unwinds.
+ * themselves, and sg_scope_free, which needs the scope to itself. Only the functions that make an
+ * engine or a scope allocate (sg_engine_new, sg_engine_open_shared, sg_engine_in_region,
+ * sg_scope_resolve); only sg_engine_open_shared blocks, for at most 10 s while another process
+ * initialises the file; nothing unwinds.
  *
  * Link: cc app.c -Iinclude target/release/libsluicegate.a -lpthread -ldl -lm
  */
