@@ -843,6 +843,24 @@ mod tests {
         assert_eq!(levels.remaining(Metric::Requests), 59, "only b's own request is charged");
     }
 
+    /// While another holds a scope's tick lock, its word is read against now as long as its
+    /// epoch tag still reads correctly (a few ticks behind), and at its last tick once it is too
+    /// far behind (a day): never against a misread epoch, never after an endless wait.
+    #[test]
+    fn a_scope_behind_a_held_tick_lock_is_read_against_now_only_while_it_can_be() {
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let key = ScopeKey::new(b"a", b"m");
+        assert!(e.admit(key, &Request::new(0), 0).is_ok_and(|d| d.admitted()));
+        let at = e.locate(key, 0, false).ok().flatten().unwrap_or_else(|| panic!("a has a scope"));
+        assert!(e.tables().scopes.get(at.slot).unwrap_or_else(|| panic!("slot")).begin_exclusive());
+        let tick = e.policy.tick_ns;
+        let soon = 3 * tick + 7;
+        assert_eq!(e.tick(at, soon), soon, "three ticks behind: read against now");
+        let day = 24 * 60 * MINUTE;
+        let read = e.tick(at, day);
+        assert!(read < tick, "a day behind: read at its last tick (0), not at {read}");
+    }
+
     /// A process of a shared region killed while applying a scope's tick leaves its tick lock
     /// held. A day later the scope is too far behind to be read against now: calls neither wait
     /// forever for a tick nobody applies nor read the word against a misread epoch; they read
