@@ -366,6 +366,32 @@ pub(crate) mod lookups {
 mod tests {
     use crate::{Capacity, Completion, Engine, Metric, Policy, Request, ScopeKey, Usage, Variant};
 
+    /// A lookup whose slot was reclaimed and reused for another key between finding and pinning
+    /// it (the slot's id moved on) looks again: it never works on the reused slot.
+    #[test]
+    fn a_lookup_never_works_on_a_slot_reused_since_it_was_found() {
+        use crate::error::{Error, Table};
+        use crate::key::ACCOUNT_KEY_MAX;
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        for account in [b"a", b"b"] {
+            let d = e.admit(ScopeKey::new(account, b"m"), &Request::new(0), 0);
+            assert!(d.is_ok_and(|d| d.admitted()));
+        }
+        let slots = e.tables().accounts;
+        let found = |key: &[u8]| e.key_entry(slots, key, ACCOUNT_KEY_MAX, 0, None, 0).ok().flatten();
+        let (Some(a), Some(b)) = (found(b"a"), found(b"b")) else { panic!("both accounts exist") };
+        // "b"'s slot as a lookup found it before "b" took it: under an id the slot no longer has.
+        let stale = (b.0, b.1 ^ (1 << 2));
+        let lookups = core::cell::Cell::new(0);
+        let find = || {
+            lookups.set(lookups.get() + 1);
+            Ok(Some(if lookups.get() == 1 { stale } else { a }))
+        };
+        let ran_on = e.with_key(slots, &find, Table::Accounts, Error::UnknownAccount, |i, _| i);
+        assert_eq!(ran_on, Ok(a.0), "worked on the slot found again, not the reused one");
+        assert_eq!(lookups.get(), 2);
+    }
+
     /// Keys whose hashes collide (every `collide-…` key, see `key::collide`) share a tag: only
     /// the full-key comparison keeps the tenants apart.
     #[test]
