@@ -364,7 +364,73 @@ pub(crate) mod lookups {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::{Capacity, Completion, Engine, Metric, Policy, Request, ScopeKey, Usage, Variant};
+
+    const MINUTE: u64 = 60_000_000_000;
+
+    /// Creates the scope of ("a", "m") at 0, settled: idle a minute later.
+    fn idle_scope(e: &Engine<crate::Heap>) -> crate::engine::Located {
+        let key = ScopeKey::new(b"a", b"m");
+        let d = e.admit(key, &Request::new(0), 0).unwrap_or_else(|e| panic!("{e}"));
+        let p = *d.permit().unwrap_or_else(|| panic!("{d:?}"));
+        e.settle(&p, &Usage::new(0, 0), Completion::Success, 0).unwrap_or_else(|e| panic!("{e}"));
+        e.locate(key, 0, false).ok().flatten().unwrap_or_else(|| panic!("a has a scope"))
+    }
+
+    /// A reclaim that lost its scope's id to a rival (it looked under an id the slot no longer
+    /// has) leaves the scope as it was, not retired: it still admits.
+    #[test]
+    fn a_reclaim_that_lost_the_slot_leaves_the_scope_serving() {
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let at = idle_scope(&e);
+        // Brought up to date (its tick applied), so that only the id stands in the way.
+        assert!(e.limits(ScopeKey::new(b"a", b"m"), MINUTE).is_ok());
+        let stale = at.id ^ (1 << 2);
+        assert!(!e.take_idle_scope(at.slot, stale, crate::table::emptied(stale), MINUTE));
+        let d = e.admit(ScopeKey::new(b"a", b"m"), &Request::new(0), MINUTE);
+        assert!(d.is_ok_and(|d| d.admitted()), "the scope still serves");
+        let again = e.locate(ScopeKey::new(b"a", b"m"), MINUTE, false).ok().flatten();
+        assert_eq!(again.map(|at| (at.slot, at.id)), Some((at.slot, at.id)), "in its slot, as it was");
+    }
+
+    /// Letting a key go frees only that key's idle scopes, not an idle scope of another key.
+    #[test]
+    fn letting_a_key_go_frees_only_its_own_idle_scopes() {
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let at = idle_scope(&e);
+        let id = || e.tables().scopes.get(at.slot).map(|s| s.id.load(crate::sync::Ordering::SeqCst));
+        let other_account = at.account + 1;
+        e.free_idle_scope_of(at.slot, other_account, crate::scope::account_of, MINUTE);
+        assert_eq!(id(), Some(at.id), "another key's scope stays");
+        e.free_idle_scope_of(at.slot, at.account, crate::scope::account_of, MINUTE);
+        assert_ne!(id(), Some(at.id), "its own idle scope goes");
+    }
+
+    /// Inserting a scope for an account or model found before it was reclaimed and reused (its
+    /// slot's id moved on) publishes nothing: the caller looks again.
+    #[test]
+    fn a_scope_is_never_inserted_for_an_account_or_model_reused_since_found() {
+        use crate::key::MODEL_KEY_MAX;
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let init_account = |s: &AccountSlot| s.init(b"x", &e.policy.tiers);
+        let init_model = |s: &ModelSlot| s.init(b"m");
+        let t = e.tables();
+        let account = e.key_entry(t.accounts, b"x", ACCOUNT_KEY_MAX, 0, Some(&init_account), 0);
+        let model = e.key_entry(t.models, b"m", MODEL_KEY_MAX, MODEL_SALT, Some(&init_model), 0);
+        let (Ok(Some(account)), Ok(Some(model))) = (account, model) else { panic!("both made") };
+        let insert = |account: Found, model: Found| {
+            let identity = scope::identity(account.0, model.0, 0);
+            let always = |_: usize| true;
+            let hash = scope_hash(e.seed, identity);
+            let probe = Probe { hash, tag: identity, mask: scope::IDENTITY_MASK, matches: &always };
+            e.insert_scope(&probe, identity, account, model, 0)
+        };
+        let stale = |found: Found| (found.0, found.1 ^ (1 << 2));
+        assert_eq!(insert(stale(account), model), Ok(None), "a reused account");
+        assert_eq!(insert(account, stale(model)), Ok(None), "a reused model");
+        assert!(matches!(insert(account, model), Ok(Some(_))), "both current: inserted");
+    }
 
     /// A lookup whose slot was reclaimed and reused for another key between finding and pinning
     /// it (the slot's id moved on) looks again: it never works on the reused slot.
