@@ -36,7 +36,27 @@ impl Price {
         let pico = part(uncached, self.uncached_prompt)
             .saturating_add(part(cached, self.cached_prompt))
             .saturating_add(part(generated, self.generated));
-        // tokens × µ$/Mtok = 10^-12 $; a thousandth of that is a nano-dollar.
-        u64::try_from(pico / 1_000).unwrap_or(u64::MAX)
+        // tokens × µ$/Mtok = 10^-12 $; a thousandth of that is a nano-dollar. Dividing a u128 is
+        // a library call on the hot path; almost every sum fits 64 bits, where it is a multiply.
+        match u64::try_from(pico) {
+            Ok(pico) => pico / 1_000,
+            Err(_) => u64::try_from(pico / 1_000).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Price;
+
+    /// Costs past 64 bits of pico-dollars are still exact, and past 64 bits of nano-dollars
+    /// saturate.
+    #[test]
+    fn costs_past_64_bits_are_exact_then_saturate() {
+        let p = Price { uncached_prompt: 1 << 30, cached_prompt: 0, generated: 0 };
+        // 2^70 pico-dollars, a thousandth of it in nano-dollars.
+        assert_eq!(p.cost(1 << 40, 0, 0), 1_180_591_620_717_411_303);
+        assert_eq!(p.cost(u64::MAX, 0, 0), u64::MAX);
+        assert_eq!(p.cost(1_000, 0, 0), 1 << 30);
     }
 }
