@@ -167,6 +167,7 @@ impl AccountSlot {
         ] {
             a.store(0, Ordering::Relaxed);
         }
+        // Disjoint bits: `^` for `|` is the same, an equivalent mutant (.cargo/mutants.toml).
         self.settings.store(PAYMENT_METHOD | Tier::One as u64, Ordering::Relaxed);
         self.chosen_limit.store(u64::MAX, Ordering::Relaxed);
         for o in self.floor_override.iter().chain(&self.ceiling_override) {
@@ -184,6 +185,7 @@ impl AccountSlot {
     /// Historical spend counts as worth keeping: it is a customer's tier.
     pub(crate) fn holds_nothing(&self) -> bool {
         let zero = |a: &AtomicU64| a.load(Ordering::Acquire) == 0;
+        // Disjoint bits below: `^` for `|` is the same, an equivalent mutant (.cargo/mutants.toml).
         self.settings.load(Ordering::Acquire) == PAYMENT_METHOD | Tier::One as u64
             && self.chosen_limit.load(Ordering::Acquire) == u64::MAX
             && [

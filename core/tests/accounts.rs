@@ -99,6 +99,26 @@ fn a_new_billing_period_lifts_a_spend_limit_suspension() {
     assert_eq!(spend(&e, "a"), 1);
 }
 
+/// The two suspensions are independent: lifting one leaves the other, and the account's state
+/// reports each.
+#[test]
+fn lifting_one_suspension_leaves_the_other() {
+    let e = engine();
+    e.set_suspended(b"a", Suspension::Operator, true).unwrap();
+    e.set_suspended(b"a", Suspension::PaymentFailed, true).unwrap();
+    e.set_suspended(b"a", Suspension::PaymentFailed, false).unwrap();
+    let state = e.account(b"a").unwrap();
+    assert!(state.suspended_by_operator && !state.payment_failed, "{state:?}");
+    assert_eq!(run(&e, key("a"), 1, 0, 0), Outcome::RejectSpend(SpendRejection::AccountSuspended));
+    e.set_suspended(b"a", Suspension::PaymentFailed, true).unwrap();
+    e.set_suspended(b"a", Suspension::Operator, false).unwrap();
+    let state = e.account(b"a").unwrap();
+    assert!(!state.suspended_by_operator && state.payment_failed, "{state:?}");
+    assert_eq!(run(&e, key("a"), 1, 0, 0), Outcome::RejectSpend(SpendRejection::AccountSuspended));
+    e.set_suspended(b"a", Suspension::PaymentFailed, false).unwrap();
+    assert!(matches!(run(&e, key("a"), 1, 0, 0), Outcome::Admit(_)));
+}
+
 #[test]
 fn operator_and_failed_payment_suspensions_hold_until_lifted() {
     let e = engine();
