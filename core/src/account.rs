@@ -238,6 +238,8 @@ impl AccountSlot {
 
     /// Moves an unpinned account up to the tier its historical spend has earned.
     fn promote(&self, tiers: &Tiers) {
+        // Never below the earned tier when unpinned: see .cargo/mutants.toml for the mutants
+        // that only re-raise it to the tier it has.
         let earned = tiers.earned(self.historical.load(Ordering::Acquire) / NANOS_PER_MICRO);
         let raised = self.settings.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
             let current = Tier::from_index((s & TIER_MASK) as u8).unwrap_or(Tier::One);
