@@ -29,6 +29,11 @@ pub(crate) const SETTINGS_KNOWN: u64 = 0x0000_FFFF_FFFF_03FF;
 /// What pinning or un-pinning a tier leaves as it was: the payment method and the cap (tested).
 const KEPT_BY_PIN: u64 = 0x0000_FFFF_FFFF_0200;
 
+/// The tier a settings word records.
+fn tier_of(settings: u64) -> Tier {
+    Tier::from_index((settings & TIER_MASK) as u8).unwrap_or(Tier::One)
+}
+
 /// Why an operator suspends an account.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Suspension {
@@ -222,7 +227,7 @@ impl AccountSlot {
     }
 
     pub(crate) fn tier(&self) -> Tier {
-        Tier::from_index((self.settings.load(Ordering::Acquire) & TIER_MASK) as u8).unwrap_or(Tier::One)
+        tier_of(self.settings.load(Ordering::Acquire))
     }
 
     fn has_payment_method(&self) -> bool {
@@ -238,11 +243,11 @@ impl AccountSlot {
 
     /// Moves an unpinned account up to the tier its historical spend has earned.
     fn promote(&self, tiers: &Tiers) {
-        // Never below the earned tier when unpinned: see .cargo/mutants.toml for the mutants
-        // that only re-raise it to the tier it has.
+        // Unpinned, never above the earned tier: `>=` for `>` only re-raises it to the tier it
+        // has, an equivalent mutant (.cargo/mutants.toml), as is `^` for `|` on disjoint bits.
         let earned = tiers.earned(self.historical.load(Ordering::Acquire) / NANOS_PER_MICRO);
         let raised = self.settings.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-            let current = Tier::from_index((s & TIER_MASK) as u8).unwrap_or(Tier::One);
+            let current = tier_of(s);
             (s & PINNED == 0 && earned > current).then_some((s & !TIER_MASK) | earned as u64)
         });
         if raised.is_ok() {
