@@ -99,6 +99,25 @@ fn a_new_billing_period_lifts_a_spend_limit_suspension() {
     assert_eq!(spend(&e, "a"), 1);
 }
 
+/// An account's state reports its payment method, the suspension for lacking one, and a pin.
+#[test]
+fn the_state_reports_the_payment_method_its_lack_and_a_pinned_tier() {
+    let e = engine();
+    e.add_credits(b"a", DOLLAR).unwrap();
+    let a = e.account(b"a").unwrap();
+    assert!(a.payment_method && !a.no_payment_method && !a.tier_pinned, "{a:?}");
+    e.set_payment_method(b"a", false).unwrap();
+    let a = e.account(b"a").unwrap();
+    assert!(!a.payment_method && !a.no_payment_method, "credits left: not suspended yet: {a:?}");
+    e.set_price(MODEL, Variant::Regular, A_DOLLAR_A_TOKEN).unwrap();
+    run(&e, key("a"), 1, 0, 0);
+    let a = e.account(b"a").unwrap();
+    assert!(!a.payment_method && a.no_payment_method, "credits spent: {a:?}");
+    assert_eq!(a.refusal, Some(SpendRejection::AccountSuspended));
+    e.set_tier(b"a", Some(Tier::Two), 0).unwrap();
+    assert!(e.account(b"a").unwrap().tier_pinned);
+}
+
 /// The two suspensions are independent: lifting one leaves the other, and the account's state
 /// reports each.
 #[test]
