@@ -225,3 +225,24 @@ fn an_override_out_of_range_is_refused_with_a_message_that_names_it() {
         assert!(e.to_string().starts_with(message), "{e}");
     }
 }
+
+/// An operator's per-account override must be a usable limit: a NaN or below-one floor, a NaN
+/// ceiling or a floor above the ceiling is a typed error and changes nothing; a floor of
+/// exactly one request a minute is accepted.
+#[test]
+fn unusable_account_overrides_are_refused() {
+    let e = engine();
+    let set = |floor: f64, ceiling: f64| {
+        e.set_limits_override(b"a", Metric::Requests, Some(MetricLimits { floor, ceiling }), 0)
+    };
+    let limit = |e: &Engine<Heap>| e.limits(ScopeKey::new(b"a", b"m"), 0).unwrap().limit(Metric::Requests);
+    let before = limit(&e);
+    let bad = Err(Error::Policy(PolicyError::BadLimit(Metric::Requests)));
+    assert_eq!(set(f64::NAN, 100.0), bad);
+    assert_eq!(set(0.5, 100.0), bad);
+    assert_eq!(set(10.0, f64::NAN), bad);
+    assert_eq!(set(20.0, 10.0), Err(Error::Policy(PolicyError::FloorAboveCeiling(Metric::Requests))));
+    assert_eq!(limit(&e), before, "refused overrides change nothing");
+    assert_eq!(set(1.0, 1.0), Ok(()));
+    assert_eq!(limit(&e), 1, "a floor and ceiling of one request a minute");
+}
