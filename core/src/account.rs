@@ -423,6 +423,7 @@ impl AccountSlot {
         self.settings
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
                 let settings = match tier {
+                    // Disjoint bits: `^` for `|` is the same (.cargo/mutants.toml).
                     Some(t) => PINNED | t as u64,
                     None => tiers.earned(self.historical.load(Ordering::Acquire) / NANOS_PER_MICRO) as u64,
                 };
