@@ -735,3 +735,32 @@ fn a_lying_clients_overrun_settled_by_one_worker_is_owed_in_every_worker() {
     let repaid = 100 * 60 * SECOND;
     assert!(workers[1].admit(KEY, &Request::new(0).max_tokens(1), repaid).unwrap().admitted());
 }
+
+/// A second worker on the same file: a scope resolved by one worker admits through the other,
+/// both draw on one limit exactly, and a worker that resolved it and exits (dropped mid-way,
+/// permits left to expire) leaves the handle admitting its key in the survivor.
+#[test]
+fn a_scope_resolved_in_one_worker_admits_exactly_in_another() {
+    let path = TempPath::new("scope-workers");
+    let first = open(&path, policy(100.0)).unwrap();
+    let second = open(&path, policy(100.0)).unwrap();
+    let key = ScopeKey::new(b"acct", b"model");
+    let handle = first.scope(key, 0).unwrap();
+    let mut admitted = 0;
+    for i in 0..300 {
+        let e = if i % 2 == 0 { &first } else { &second };
+        let d = e.admit_scope(&handle, &Request::new(0), 0).unwrap();
+        if let Some(p) = d.permit() {
+            admitted += 1;
+            second.settle(p, &Usage::new(0, 0), Completion::Success, 0).unwrap();
+        }
+    }
+    assert_eq!(admitted, 100, "one limit across both workers");
+    // The first worker goes away holding a permit; the survivor's handle still serves the key.
+    assert!(first.admit_scope(&handle, &Request::new(0), 60_000_000_000).unwrap().admitted());
+    drop(first);
+    let d = second.admit_scope(&handle, &Request::new(0), 61_000_000_000).unwrap();
+    assert!(d.admitted());
+    // A request costs 0.6 s at 100 a minute: the one at 60 s is repaid by 61 s, this one is not.
+    assert_eq!(second.limits(key, 61_000_000_000).unwrap().used(Metric::Requests), 1);
+}
