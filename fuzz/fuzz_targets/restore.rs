@@ -16,12 +16,12 @@
 //! snapshots of the restored engine restore again. A failed assertion is a crash.
 //!
 //! The recipe decoder and the property are shared with the stable proptest
-//! (`core/tests/snapshot.rs`), which runs the same check on every CI build.
+//! (`core/tests/suite/snapshot.rs`), which runs the same check on every CI build.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../core/tests/snapshot_mutation/mod.rs"]
+#[path = "../../core/tests/suite/snapshot_mutation/mod.rs"]
 mod snapshot_mutation;
 
 fuzz_target!(|data: &[u8]| {

@@ -209,7 +209,7 @@ def test_arguments_are_admits_positional_and_keyword_ones_and_accept_index():
 
 
 def test_a_scope_whose_slot_was_reclaimed_admits_its_own_account():
-    # One scope slot (core/tests/handles.rs): "a" is resolved and used, then idle for minutes
+    # One scope slot (core/tests/suite/handles.rs): "a" is resolved and used, then idle for minutes
     # while "b" takes the slot. The scope never charges "b": while "b" is busy "a" finds no
     # room, as admit would; once "b" is idle "a" takes the slot back.
     e = sluicegate.Engine("fixed", capacity=1, accounts=4, models=1, permits=8)
@@ -279,7 +279,7 @@ def test_threads_sharing_a_scope_admit_exactly_the_limit(fast_thread_switches):
 
 
 def test_threads_sharing_a_scope_through_reclaims_admit_exactly_the_limit_each_time(fast_thread_switches):
-    # As core/tests/handles.rs: before each window, ten idle minutes apart, new keys reclaim
+    # As core/tests/suite/handles.rs: before each window, ten idle minutes apart, new keys reclaim
     # idle scopes (the shared scope's among them), so the threads find it moved at once.
     e = sluicegate.Engine("fixed", capacity=16, accounts=64, models=2, permits=256, requests_per_minute=50)
     scope = e.scope("hot", "m", now_ns=0)

@@ -10,7 +10,7 @@
  *   2. 20 windows a minute apart, 4 threads x 100 calls, 200 a minute; before each window the
  *      main thread restores the engine from its own snapshot (sg_restore moves every scope):
  *      exactly 200 admitted in each.
- *   3. As core/tests/handles.rs: 40 windows ten minutes apart on a 16-scope engine, 50 a
+ *   3. As core/tests/suite/handles.rs: 40 windows ten minutes apart on a 16-scope engine, 50 a
  *      minute; before each the main thread admits 12 new keys, which reclaim idle scopes,
  *      the handle's among them; then 2 threads x 50 calls through the handle while a third
  *      admits those keys: exactly 50 admitted through the handle in each.

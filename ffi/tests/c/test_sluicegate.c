@@ -1888,7 +1888,7 @@ static void test_scopes(void) {
     sg_engine_free(other);
     sg_scope_free(s);
 
-    /* Reclaimed (core/tests/handles.rs): one scope slot. "a" is resolved and used, then idle
+    /* Reclaimed (core/tests/suite/handles.rs): one scope slot. "a" is resolved and used, then idle
      * for minutes while "b" takes the slot; the handle then never charges "b": while "b" is
      * busy "a" finds no room (as sg_admit would), and once "b" is idle "a" takes the slot back. */
     sg_config cfg;

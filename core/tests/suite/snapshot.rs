@@ -1,7 +1,7 @@
 //! SPEC.md §10: state survives a restart; damaged or foreign snapshots change nothing.
 
-mod snapshot_mutation;
-
+use crate::snapshot_mutation;
+use crate::snapshot_mutation::{Bytes, Case, FLOATS, Mutation, Op, Section, Value};
 use proptest::prelude::*;
 use sluicegate_core::snapshot::{ACCOUNT_RECORD, SCOPE_RECORD};
 use sluicegate_core::tier::DOLLAR;
@@ -9,7 +9,6 @@ use sluicegate_core::{
     Capacity, Completion, Engine, Heap, Metric, MetricLimits, Policy, Price, Quota, Request, ScopeKey,
     SettleError, SnapshotError, Tier, Usage, Variant,
 };
-use snapshot_mutation::{Bytes, Case, FLOATS, Mutation, Op, Section, Value};
 
 const SECOND: u64 = 1_000_000_000;
 const MINUTE: u64 = 60 * SECOND;

@@ -1,13 +1,12 @@
 //! Multi-threaded linearizability spot check (Knossos-style, on small histories): 4 threads
 //! admit and settle on two scopes at one instant, logging each call's invocation and response
 //! order and its result. Some sequential order of the log that respects real time must give
-//! the same results in the reference model (`tests/model/`).
-
-mod model;
+//! the same results in the reference model (`tests/suite/model/`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use model::{Adapt, Config, Key, Model, Outcome, SettleResult};
+use crate::model;
+use crate::model::{Adapt, Config, Key, Model, Outcome, SettleResult};
 use sluicegate_core::{
     Capacity, Completion, Engine, Metric, MetricLimits, PerMetric, Permit, Policy, Request, ScopeKey,
     SettleError, Usage,

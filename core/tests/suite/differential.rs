@@ -1,10 +1,9 @@
-//! The engine against the reference model (`tests/model/`) on the same random operation
+//! The engine against the reference model (`tests/suite/model/`) on the same random operation
 //! sequences: outcomes must agree, and levels and limits may differ only by the documented
 //! rounding. `SLUICEGATE_DIFF_CASES` and `SLUICEGATE_DIFF_OPS` run more and longer cases.
 
-mod model;
-
-use model::{
+use crate::model;
+use crate::model::{
     Adapt, Config, Key, METRICS, MINUTE, Model, Outcome, QuotaCall, QuotaResult, SECOND, SettleResult,
 };
 use proptest::prelude::*;

@@ -1,5 +1,5 @@
 //! Structure-aware snapshot corruption (issue 20, "Fuzzing past the checksum"), shared by the
-//! stable proptest in `core/tests/snapshot.rs` and the `restore` fuzz target, which includes this
+//! stable proptest in `core/tests/suite/snapshot.rs` and the `restore` fuzz target, which includes this
 //! file by path.
 //!
 //! A [`Case`] builds a small engine from a few operations, snapshots it, mutates *fields* of the
