@@ -18,6 +18,7 @@ mod keys;
 mod linearizable;
 mod live_snapshot;
 mod messages;
+mod openai_request;
 mod responses;
 mod restore_leftovers;
 mod settle_timing;

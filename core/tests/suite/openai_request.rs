@@ -1,0 +1,494 @@
+//! The request-body scanner (`openai_request::scan`) and its JSON lexer: every rule the ASGI
+//! middleware applies, against an oracle that reads a document tree the way Python's `json`
+//! and `asgi.py` do; the lexer's verdict against serde_json's on damaged bodies; and the same
+//! events whatever the chunking.
+
+use proptest::prelude::*;
+use sluicegate_core::json::{Event, JsonError, Lexer, MAX_DEPTH, Number};
+use sluicegate_core::openai_request::{MAX_COUNT, ScanError, scan};
+
+fn chat(extra: &str) -> String {
+    format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "abcdefgh"}}]{extra}}}"#)
+}
+
+#[test]
+fn a_chat_body_gives_every_field() {
+    let body = r#"{"model": "llama-v3p1-8b-instruct", "max_tokens": 300, "n": 2, "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]}"#;
+    let f = scan(body.as_bytes()).unwrap();
+    assert_eq!(f.model(), b"llama-v3p1-8b-instruct");
+    assert_eq!((f.max_tokens, f.n, f.stream, f.include_usage), (Some(300), 2, true, true));
+    assert_eq!((f.prompt_chars, f.prompt_token_ids), (9 + 11, 0));
+    assert_eq!(f.prompt_tokens(), 5);
+}
+
+#[test]
+fn absent_and_null_counts_take_their_defaults() {
+    let f = scan(chat("").as_bytes()).unwrap();
+    assert_eq!((f.max_tokens, f.n, f.stream, f.include_usage), (None, 1, false, false));
+    let f = scan(chat(r#", "max_tokens": null, "n": null, "stream": null"#).as_bytes()).unwrap();
+    assert_eq!((f.max_tokens, f.n, f.stream), (None, 1, false));
+}
+
+#[test]
+fn max_completion_tokens_wins_over_max_tokens_unless_null() {
+    let f = scan(chat(r#", "max_tokens": 10, "max_completion_tokens": 20"#).as_bytes()).unwrap();
+    assert_eq!(f.max_tokens, Some(20));
+    let f = scan(chat(r#", "max_completion_tokens": 20, "max_tokens": 10"#).as_bytes()).unwrap();
+    assert_eq!(f.max_tokens, Some(20));
+    let f = scan(chat(r#", "max_completion_tokens": null, "max_tokens": 10"#).as_bytes()).unwrap();
+    assert_eq!(f.max_tokens, Some(10));
+    // An unusable max_completion_tokens is refused even beside a good max_tokens.
+    let e = scan(chat(r#", "max_completion_tokens": "20", "max_tokens": 10"#).as_bytes());
+    assert_eq!(e, Err(ScanError::InvalidMaxTokens));
+}
+
+#[test]
+fn counts_are_integers_from_one_to_two_to_the_32() {
+    for (value, ok) in [
+        ("1", true),
+        ("4294967296", true),
+        ("4294967297", false),
+        ("0", false),
+        ("-1", false),
+        ("1.0", false),
+        ("1e3", false),
+        ("true", false),
+        ("\"5\"", false),
+        ("[5]", false),
+        ("{}", false),
+        ("18446744073709551616", false),
+    ] {
+        let got = scan(chat(&format!(r#", "max_tokens": {value}"#)).as_bytes());
+        assert_eq!(got.is_ok(), ok, "max_tokens {value}: {got:?}");
+        if !ok {
+            assert_eq!(got, Err(ScanError::InvalidMaxTokens));
+        }
+        let got = scan(chat(&format!(r#", "n": {value}"#)).as_bytes());
+        assert_eq!(got.is_ok(), ok, "n {value}: {got:?}");
+        if ok {
+            assert!(got.unwrap().n <= MAX_COUNT);
+        } else {
+            assert_eq!(got, Err(ScanError::InvalidN));
+        }
+    }
+}
+
+#[test]
+fn the_last_of_duplicate_keys_wins_at_every_depth() {
+    let body = r#"{"model": "a", "n": 0, "n": 3, "stream": true, "stream": false, "model": "bb",
+        "stream_options": {"include_usage": true}, "stream_options": {"include_usage": false, "include_usage": true},
+        "prompt": "xxxxxxxx", "prompt": "yyyy",
+        "messages": [{"content": "1234567890", "content": "12"}]}"#;
+    let f = scan(body.as_bytes()).unwrap();
+    assert_eq!(f.model(), b"bb");
+    assert_eq!((f.n, f.stream, f.include_usage), (3, false, true));
+    assert_eq!(f.prompt_chars, 4 + 2);
+    // A later stream_options that is not an object turns include_usage off.
+    let f = scan(chat(r#", "stream_options": {"include_usage": true}, "stream_options": null"#).as_bytes())
+        .unwrap();
+    assert!(!f.include_usage);
+    // include_usage counts only directly in stream_options.
+    let f =
+        scan(chat(r#", "stream_options": {"x": {"include_usage": true}}, "include_usage": true"#).as_bytes())
+            .unwrap();
+    assert!(!f.include_usage);
+}
+
+#[test]
+fn the_prompt_is_every_prompt_field_through_arrays_and_text_fields() {
+    let body = r#"{"model": "m",
+        "system": "ab",
+        "instructions": "cd",
+        "prompt": ["ef", [1, 2, 3], -4, 5.5, true, null],
+        "input": [{"type": "function_call_output", "output": "gh", "call_id": "ignored"},
+                  {"arguments": "ij", "name": "ignored"}, {"text": {"content": "kl"}}],
+        "messages": [{"role": "user", "name": "ignored", "content": ["mn", {"text": "op"}, {"image_url": "ignored"}]}],
+        "metadata": {"text": "ignored", "content": "ignored"},
+        "tools": [{"content": "ignored"}]}"#;
+    let f = scan(body.as_bytes()).unwrap();
+    assert_eq!(f.prompt_chars, 16);
+    assert_eq!(f.prompt_token_ids, 4, "1, 2, 3 and -4 are token ids; 5.5 and true are not");
+    assert_eq!(f.prompt_tokens(), 4 + 4);
+}
+
+#[test]
+fn characters_are_unicode_scalars_however_written() {
+    let body = r#"{"model": "m", "prompt": "é😀\u00e9\ud83d\ude00\ud83d\n\u0041\"\\"}"#;
+    // é, 😀, é, 😀, a lone high surrogate, newline, A, quote, backslash.
+    assert_eq!(scan(body.as_bytes()).unwrap().prompt_chars, 9);
+    assert_eq!(scan(br#"{"model": "m"}"#).unwrap().prompt_tokens(), 1, "at least one token");
+}
+
+#[test]
+fn models_are_non_empty_unicode_of_at_most_128_bytes() {
+    let model = |m: &str| scan(format!(r#"{{"model": {m}}}"#).as_bytes()).map(|f| f.model().to_vec());
+    assert_eq!(model(r#""a\u00e9\/b""#), Ok("aé/b".as_bytes().to_vec()));
+    assert_eq!(model(&format!("\"{}\"", "x".repeat(128))), Ok(vec![b'x'; 128]));
+    assert_eq!(model(&format!("\"{}\"", "x".repeat(129))), Err(ScanError::InvalidModel));
+    assert_eq!(model(&format!("\"{}é\"", "x".repeat(127))), Err(ScanError::InvalidModel));
+    assert_eq!(model(r#""a\ud800b""#), Err(ScanError::InvalidModel));
+    assert_eq!(model(r#""a\udc00""#), Err(ScanError::InvalidModel));
+    assert_eq!(model(r#""\ud83d\ude00""#), Ok("😀".as_bytes().to_vec()));
+    for missing in [r#""""#, "null", "5", "[\"m\"]", "{\"m\": 1}"] {
+        assert_eq!(model(missing), Err(ScanError::MissingModel), "{missing}");
+    }
+    assert_eq!(scan(br#"{"models": "m"}"#).map(|_| ()), Err(ScanError::MissingModel));
+    assert_eq!(scan(br#"{"x": {"model": "m"}}"#).map(|_| ()), Err(ScanError::MissingModel));
+    // The later model decides, even when it is no string.
+    assert_eq!(scan(br#"{"model": "m", "model": 1}"#).map(|_| ()), Err(ScanError::MissingModel));
+}
+
+#[test]
+fn bodies_that_are_not_one_json_object_are_refused_with_where() {
+    let cases: [(&[u8], ScanError); 12] = [
+        (b"", ScanError::Json(JsonError::Truncated)),
+        (b"   ", ScanError::Json(JsonError::Truncated)),
+        (br#"{"model": "m""#, ScanError::Json(JsonError::Truncated)),
+        (br#"{"model": x}"#, ScanError::Json(JsonError::Malformed { offset: 10 })),
+        (br#"{"model": "m"} {}"#, ScanError::Json(JsonError::Malformed { offset: 15 })),
+        (br#"{"model": "m",}"#, ScanError::Json(JsonError::Malformed { offset: 14 })),
+        (b"{\"model\": \"a\x01\"}", ScanError::Json(JsonError::Malformed { offset: 12 })),
+        (b"{\"model\": \"a\xff\"}", ScanError::Json(JsonError::Malformed { offset: 12 })),
+        (b"\xef\xbb\xbf{\"model\": \"m\"}", ScanError::Json(JsonError::Malformed { offset: 0 })),
+        (br#"[{"model": "m"}]"#, ScanError::NotAnObject),
+        (br#""model""#, ScanError::NotAnObject),
+        (b"12", ScanError::NotAnObject),
+    ];
+    for (body, want) in cases {
+        assert_eq!(scan(body).map(|_| ()), Err(want), "{}", String::from_utf8_lossy(body));
+    }
+}
+
+#[test]
+fn nesting_is_bounded_at_64() {
+    let nested =
+        |depth: usize| format!(r#"{{"model": "m", "x": {}{}}}"#, "[".repeat(depth), "]".repeat(depth));
+    // The top-level object is one level.
+    assert!(scan(nested(MAX_DEPTH as usize - 1).as_bytes()).is_ok());
+    let too_deep = nested(MAX_DEPTH as usize);
+    let at = too_deep.find('[').unwrap() + MAX_DEPTH as usize - 1;
+    assert_eq!(
+        scan(too_deep.as_bytes()).map(|_| ()),
+        Err(ScanError::Json(JsonError::TooDeep { offset: at as u64 }))
+    );
+    // A megabyte of brackets is refused at the 65th, in constant memory.
+    let flood = "[".repeat(1 << 20);
+    assert_eq!(scan(flood.as_bytes()).map(|_| ()), Err(ScanError::Json(JsonError::TooDeep { offset: 64 })));
+}
+
+#[test]
+fn the_lexer_classifies_numbers_and_checks_their_grammar() {
+    let number = |text: &str| {
+        let mut got = None;
+        let mut lexer = Lexer::new();
+        let mut sink = |e: Event<'_>| {
+            if let Event::Number(n) = e {
+                got = Some(n)
+            }
+        };
+        lexer.feed(text.as_bytes(), &mut sink).and_then(|()| lexer.finish(&mut sink)).map(|()| got.unwrap())
+    };
+    assert_eq!(number("0"), Ok(Number::Count(0)));
+    assert_eq!(number("-0"), Ok(Number::Count(0)));
+    assert_eq!(number("18446744073709551615"), Ok(Number::Count(u64::MAX)));
+    assert_eq!(number("18446744073709551616"), Ok(Number::OtherInteger));
+    assert_eq!(number("-7"), Ok(Number::OtherInteger));
+    for fractional in ["0.5", "1e5", "1E+5", "-2.5e-3", "10.0"] {
+        assert_eq!(number(fractional), Ok(Number::Fractional), "{fractional}");
+    }
+    for bad in ["01", "-", "1.", ".5", "1e", "1e+", "+1", "0x1", "1.e3", "--1"] {
+        assert!(number(bad).is_err(), "{bad}");
+    }
+}
+
+/// A document tree that, unlike serde_json's, keeps duplicate keys.
+#[derive(Clone, Debug)]
+enum Doc {
+    Object(Vec<(String, Doc)>),
+    Array(Vec<Doc>),
+    String(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Null,
+}
+
+impl Doc {
+    fn get(&self, key: &str) -> Option<&Doc> {
+        match self {
+            Doc::Object(pairs) => pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    fn write(&self, out: &mut String, escape: bool) {
+        match self {
+            Doc::Object(pairs) => {
+                out.push('{');
+                for (i, (k, v)) in pairs.iter().enumerate() {
+                    out.push_str(if i > 0 { ", " } else { "" });
+                    write_string(k, out, escape);
+                    out.push_str(": ");
+                    v.write(out, escape);
+                }
+                out.push('}');
+            }
+            Doc::Array(items) => {
+                out.push('[');
+                for (i, v) in items.iter().enumerate() {
+                    out.push_str(if i > 0 { ",\n" } else { "" });
+                    v.write(out, escape);
+                }
+                out.push(']');
+            }
+            Doc::String(s) => write_string(s, out, escape),
+            Doc::Int(i) => out.push_str(&i.to_string()),
+            Doc::Float(f) => out.push_str(&format!("{f:?}")),
+            Doc::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Doc::Null => out.push_str("null"),
+        }
+    }
+}
+
+fn write_string(s: &str, out: &mut String, escape: bool) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || escape && !c.is_ascii_alphanumeric() => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Model, max_tokens, n, stream, include_usage, prompt characters and token ids.
+type Read = (String, Option<u64>, u64, bool, bool, u64, u64);
+
+/// What `asgi.py` reads from a body that `json.loads` parsed to `doc`.
+fn oracle(doc: &Doc) -> Result<Read, ScanError> {
+    let Doc::Object(_) = doc else { return Err(ScanError::NotAnObject) };
+    let model = match doc.get("model") {
+        Some(Doc::String(m)) if !m.is_empty() => m.clone(),
+        _ => return Err(ScanError::MissingModel),
+    };
+    if model.len() > 128 {
+        return Err(ScanError::InvalidModel);
+    }
+    let count = |d: Option<&Doc>| match d {
+        None | Some(Doc::Null) => Ok(None),
+        Some(Doc::Int(v)) if (1..=MAX_COUNT as i64).contains(v) => Ok(Some(*v as u64)),
+        Some(_) => Err(()),
+    };
+    let max = match doc.get("max_completion_tokens") {
+        None | Some(Doc::Null) => doc.get("max_tokens"),
+        given => given,
+    };
+    let max_tokens = count(max).map_err(|()| ScanError::InvalidMaxTokens)?;
+    let n = count(doc.get("n")).map_err(|()| ScanError::InvalidN)?.unwrap_or(1);
+    let stream = matches!(doc.get("stream"), Some(Doc::Bool(true)));
+    let include_usage =
+        matches!(doc.get("stream_options").and_then(|o| o.get("include_usage")), Some(Doc::Bool(true)));
+    fn size(d: &Doc) -> (u64, u64) {
+        match d {
+            Doc::String(s) => (s.chars().count() as u64, 0),
+            Doc::Int(_) => (0, 1),
+            Doc::Array(items) => items.iter().map(size).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+            Doc::Object(_) => ["text", "content", "output", "arguments"]
+                .iter()
+                .filter_map(|k| d.get(k))
+                .map(size)
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+            _ => (0, 0),
+        }
+    }
+    let (chars, ids) = ["messages", "prompt", "input", "instructions", "system"]
+        .iter()
+        .filter_map(|k| doc.get(k))
+        .map(size)
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    Ok((model, max_tokens, n, stream, include_usage, chars, ids))
+}
+
+const KEYS: [&str; 18] = [
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "stream",
+    "stream_options",
+    "include_usage",
+    "messages",
+    "prompt",
+    "input",
+    "instructions",
+    "system",
+    "text",
+    "content",
+    "output",
+    "arguments",
+    "role",
+    "modelx",
+];
+
+fn doc() -> impl Strategy<Value = Doc> {
+    let text = prop::collection::vec(
+        prop::sample::select(vec!['a', 'Z', '7', ' ', 'é', '😀', '"', '\\', '\n', '\u{1}', '/', '\u{7f}']),
+        0..6,
+    )
+    .prop_map(|cs| cs.into_iter().collect::<String>());
+    let leaf = prop_oneof![
+        text.clone().prop_map(Doc::String),
+        prop::sample::select(vec![0i64, 1, 2, 7, -1, -300, 4_294_967_296, 4_294_967_297, i64::MAX])
+            .prop_map(Doc::Int),
+        prop::sample::select(vec![0.5f64, 1.0, -2.25, 1e21]).prop_map(Doc::Float),
+        any::<bool>().prop_map(Doc::Bool),
+        Just(Doc::Null),
+    ];
+    let tree = leaf.prop_recursive(5, 48, 5, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Doc::Array),
+            prop::collection::vec((prop::sample::select(KEYS.to_vec()).prop_map(String::from), inner), 0..5)
+                .prop_map(Doc::Object),
+        ]
+    });
+    let top = prop::collection::vec(
+        (prop::sample::select(KEYS.to_vec()).prop_map(String::from), tree.clone()),
+        0..8,
+    );
+    let model = prop::option::of(prop_oneof![text.prop_map(Doc::String), Just(Doc::String("m".repeat(129)))]);
+    prop_oneof![
+        9 => (top, model).prop_map(|(mut pairs, model)| {
+            if let Some(m) = model {
+                pairs.push(("model".into(), m));
+            }
+            Doc::Object(pairs)
+        }),
+        1 => tree,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// On any document, written plainly or with every character escaped, the scanner reads what
+    /// `asgi.py` reads.
+    #[test]
+    fn the_scanner_reads_what_the_middleware_reads(doc in doc(), escape in any::<bool>()) {
+        let mut body = String::new();
+        doc.write(&mut body, escape);
+        let got = scan(body.as_bytes()).map(|f| {
+            let model = String::from_utf8(f.model().to_vec()).unwrap();
+            (model, f.max_tokens, f.n, f.stream, f.include_usage, f.prompt_chars, f.prompt_token_ids)
+        });
+        prop_assert_eq!(got, oracle(&doc), "{}", body);
+    }
+
+    /// Fed in any chunks, the lexer gives the same events (parts joined) and the same verdict.
+    #[test]
+    fn chunking_changes_nothing(doc in doc(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12), damage in prop::option::of((any::<prop::sample::Index>(), any::<u8>()))) {
+        let mut body = String::new();
+        doc.write(&mut body, false);
+        let mut body = body.into_bytes();
+        if let Some((at, byte)) = damage {
+            let at = at.index(body.len());
+            body[at] = byte;
+        }
+        let whole = lex(&body, &[]);
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(body.len() + 1)).collect();
+        cuts.sort();
+        prop_assert_eq!(lex(&body, &cuts), whole);
+    }
+
+    /// On damaged bodies the lexer accepts exactly what serde_json accepts (short of lone
+    /// surrogate escapes, which Python's json takes and serde_json refuses).
+    #[test]
+    fn the_lexer_accepts_what_serde_json_accepts(doc in doc(), damage in prop::collection::vec((any::<prop::sample::Index>(), prop::sample::select(b"{}[]\":,\\ u0e-.tfn1\x00\xc3\xa9\xff".to_vec())), 1..3)) {
+        let mut body = String::new();
+        doc.write(&mut body, false);
+        let mut body = body.into_bytes();
+        for (at, byte) in damage {
+            let at = at.index(body.len());
+            body[at] = byte;
+        }
+        let ours = lex(&body, &[]).1.is_ok();
+        let theirs = serde_json::from_slice::<serde_json::Value>(&body);
+        let surrogate = body.windows(3).any(|w| w[0] == b'\\' && w[1] == b'u') && theirs.as_ref().is_err_and(|e| e.to_string().contains("surrogate"));
+        if !surrogate {
+            prop_assert_eq!(ours, theirs.is_ok(), "{:?} serde: {:?}", String::from_utf8_lossy(&body), theirs.err());
+        }
+    }
+}
+
+/// The events of `body` fed in pieces cut at `cuts`, string and key parts joined, and the verdict.
+fn lex(body: &[u8], cuts: &[usize]) -> (Vec<String>, Result<(), JsonError>) {
+    let mut events: Vec<String> = Vec::new();
+    let mut text: Vec<u8> = Vec::new();
+    let mut sink = |e: Event<'_>| match e {
+        Event::KeyPart(p) | Event::StringPart(p) => text.extend_from_slice(p),
+        Event::KeyEnd | Event::StringEnd => {
+            events.push(format!("{e:?} {:?}", std::mem::take(&mut text)));
+        }
+        e => events.push(format!("{e:?}")),
+    };
+    let mut lexer = Lexer::new();
+    let mut from = 0;
+    let mut result = Ok(());
+    for &cut in cuts.iter().chain([body.len()].iter()) {
+        result = result.and_then(|()| lexer.feed(&body[from..cut], &mut sink));
+        from = cut;
+    }
+    let result = result.and_then(|()| lexer.finish(&mut sink));
+    (events, result)
+}
+
+proptest! {
+    /// A string's bytes are accepted exactly when they are UTF-8 (no overlong form, surrogate or
+    /// code point past U+10FFFF) with no control character, quote or backslash; split anywhere.
+    #[test]
+    fn strings_are_exactly_utf8(bytes in prop::collection::vec(prop_oneof![0x80u8..=0xFF, 0x20u8..=0x7E, Just(0x01u8)], 0..8), cut in any::<prop::sample::Index>()) {
+        let plain = bytes.iter().all(|b| *b >= 0x20 && *b != b'"' && *b != b'\\');
+        let want = plain && std::str::from_utf8(&bytes).is_ok();
+        let mut body = b"\"".to_vec();
+        body.extend_from_slice(&bytes);
+        body.push(b'"');
+        let (events, verdict) = lex(&body, &[cut.index(body.len() + 1)]);
+        prop_assert_eq!(verdict.is_ok(), want, "{:x?}", bytes);
+        if want {
+            prop_assert_eq!(events, vec![format!("StringEnd {:?}", bytes)]);
+        }
+    }
+}
+
+#[test]
+fn utf8_edges() {
+    for (bytes, ok) in [
+        (&b"\xf4\x8f\xbf\xbf"[..], true),
+        (b"\xf4\x90\x80\x80", false),
+        (b"\xf5\x80\x80\x80", false),
+        (b"\xed\x9f\xbf", true),
+        (b"\xed\xa0\x80", false),
+        (b"\xe0\xa0\x80", true),
+        (b"\xe0\x9f\xbf", false),
+        (b"\xf0\x90\x80\x80", true),
+        (b"\xf0\x8f\xbf\xbf", false),
+        (b"\xc2\x80", true),
+        (b"\xc1\xbf", false),
+        (b"\xe1\x80", false),
+    ] {
+        let mut body = b"\"".to_vec();
+        body.extend_from_slice(bytes);
+        body.push(b'"');
+        assert_eq!(lex(&body, &[]).1.is_ok(), ok, "{bytes:x?}");
+        assert_eq!(std::str::from_utf8(bytes).is_ok(), ok, "{bytes:x?}");
+    }
+}
