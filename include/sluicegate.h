@@ -17,6 +17,7 @@
 #ifndef SLUICEGATE_H
 #define SLUICEGATE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -36,6 +37,11 @@
  * (requests under "fireworks_2026").
  */
 #define SG_UNLIMITED UINT64_MAX
+
+/**
+ * Bytes of `sg_openai_request.model`: the longest model key.
+ */
+#define SG_MODEL_MAX 128
 
 /**
  * What every function returns. `SG_OK` is 0; `sg_result_str` describes each code.
@@ -196,6 +202,40 @@ enum sg_result
    * A restore of a shared engine while another process (or handle) has it open.
    */
   SG_ERR_SNAPSHOT_IN_USE = 36,
+  /**
+   * The request body is not JSON (`error_offset` says where): answer 400.
+   */
+  SG_ERR_JSON_MALFORMED = 37,
+  /**
+   * The request body nests deeper than 64 (`error_offset` says where): answer 400.
+   */
+  SG_ERR_JSON_TOO_DEEP = 38,
+  /**
+   * The request body ends before its JSON does, or is empty: answer 400.
+   */
+  SG_ERR_JSON_TRUNCATED = 39,
+  /**
+   * The request body is JSON but not an object: answer 400.
+   */
+  SG_ERR_BODY_NOT_AN_OBJECT = 40,
+  /**
+   * The request body has no `model`, or one that is not a non-empty string: answer 400.
+   */
+  SG_ERR_BODY_MISSING_MODEL = 41,
+  /**
+   * The model is longer than `SG_MODEL_MAX` bytes or not Unicode (a lone surrogate): answer
+   * 400.
+   */
+  SG_ERR_BODY_INVALID_MODEL = 42,
+  /**
+   * `max_completion_tokens` (or, without it, `max_tokens`) is not an integer from 1 to 2^32:
+   * answer 400.
+   */
+  SG_ERR_BODY_INVALID_MAX_TOKENS = 43,
+  /**
+   * `n` is not an integer from 1 to 2^32: answer 400.
+   */
+  SG_ERR_BODY_INVALID_N = 44,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -764,6 +804,56 @@ typedef struct sg_levels {
 } sg_levels;
 
 /**
+ * What a request body asks for, filled by `sg_openai_request_scan`.
+ */
+typedef struct sg_openai_request {
+  /**
+   * The model id (UTF-8, escapes decoded), `model_len` bytes; not NUL-terminated.
+   */
+  uint8_t model[SG_MODEL_MAX];
+  /**
+   * Bytes of `model` used: 1 to `SG_MODEL_MAX` on `SG_OK`.
+   */
+  size_t model_len;
+  /**
+   * `max_completion_tokens`, or else `max_tokens`; 0 when the body gives neither, and the
+   * gateway reserves its own default.
+   */
+  uint64_t max_tokens;
+  /**
+   * Completions asked for (`n`; 1 when absent).
+   */
+  uint64_t n;
+  /**
+   * `"stream": true`.
+   */
+  bool stream;
+  /**
+   * `"stream_options": {"include_usage": true}`: the stream ends with a usage chunk.
+   */
+  bool include_usage;
+  /**
+   * Characters of the prompt's text (in `messages`, `prompt`, `input`, `instructions`,
+   * `system`).
+   */
+  uint64_t prompt_chars;
+  /**
+   * Integers in the prompt: the token ids of a pre-tokenized prompt.
+   */
+  uint64_t prompt_token_ids;
+  /**
+   * The prompt's tokens as the ASGI middleware estimates them: `prompt_chars / 4 +
+   * prompt_token_ids`, at least 1 (for `sg_request.prompt_tokens`).
+   */
+  uint64_t prompt_tokens;
+  /**
+   * On `SG_ERR_JSON_MALFORMED` and `SG_ERR_JSON_TOO_DEEP`, the offset of the offending byte
+   * in `body`; 0 otherwise.
+   */
+  uint64_t error_offset;
+} sg_openai_request;
+
+/**
  * How to render: start from `sg_render_init`.
  */
 typedef struct sg_render {
@@ -1015,6 +1105,21 @@ sg_result sg_set_load(const struct sg_engine *engine, const uint8_t *model, size
  * `engine` must be a live engine; `model` valid for `model_len` bytes.
  */
 sg_result sg_set_model_capacity(const struct sg_engine *engine, const uint8_t *model, size_t model_len, uint32_t fast, uint32_t in_flight_capacity);
+
+/**
+ * Reads an OpenAI-compatible request body (Chat Completions or Completions) whole, in one pass
+ * and without allocating, by the ASGI middleware's rules: a later duplicate key wins, `null` is
+ * as absent, counts are integers from 1 to 2^32, nesting deeper than 64 is refused. On `SG_OK`
+ * `*out` holds what the body asks for. `SG_ERR_JSON_*` and `SG_ERR_BODY_*` mean the body is to
+ * be answered 400. On those and on `SG_ERR_NULL` for `body`, `*out` is zeroed except
+ * `error_offset`, so it never holds a stale request. `body` may be NULL only with `len` 0, an
+ * empty body (`SG_ERR_JSON_TRUNCATED`).
+ *
+ * # Safety
+ * `body` NULL (with `len` 0) or `len` readable bytes; `out` NULL or writable (its contents
+ * need not be initialised).
+ */
+sg_result sg_openai_request_scan(const uint8_t *body, size_t len, struct sg_openai_request *out);
 
 /**
  * Fills `render` for `dialect` with the engine's preferences (per-second limits under

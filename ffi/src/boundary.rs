@@ -88,6 +88,24 @@ pub enum sg_result {
     SgErrIo = 35,
     /// A restore of a shared engine while another process (or handle) has it open.
     SgErrSnapshotInUse = 36,
+    /// The request body is not JSON (`error_offset` says where): answer 400.
+    SgErrJsonMalformed = 37,
+    /// The request body nests deeper than 64 (`error_offset` says where): answer 400.
+    SgErrJsonTooDeep = 38,
+    /// The request body ends before its JSON does, or is empty: answer 400.
+    SgErrJsonTruncated = 39,
+    /// The request body is JSON but not an object: answer 400.
+    SgErrBodyNotAnObject = 40,
+    /// The request body has no `model`, or one that is not a non-empty string: answer 400.
+    SgErrBodyMissingModel = 41,
+    /// The model is longer than `SG_MODEL_MAX` bytes or not Unicode (a lone surrogate): answer
+    /// 400.
+    SgErrBodyInvalidModel = 42,
+    /// `max_completion_tokens` (or, without it, `max_tokens`) is not an integer from 1 to 2^32:
+    /// answer 400.
+    SgErrBodyInvalidMaxTokens = 43,
+    /// `n` is not an integer from 1 to 2^32: answer 400.
+    SgErrBodyInvalidN = 44,
 }
 
 use sg_result::*;
@@ -133,6 +151,14 @@ pub extern "C" fn sg_result_str(code: u32) -> *const c_char {
         34 => c"region not ready (initialisation did not finish)",
         35 => c"operating system error on the shared file",
         36 => c"snapshot restore refused: the shared engine is in use by another process",
+        37 => c"request body is not JSON",
+        38 => c"request body nested too deep",
+        39 => c"request body ends early (or is empty)",
+        40 => c"request body is not a JSON object",
+        41 => c"request body has no model",
+        42 => c"request body's model is too long or not Unicode",
+        43 => c"request body's max_tokens is not a positive integer",
+        44 => c"request body's n is not a positive integer",
         _ => c"unknown result code",
     };
     text.as_ptr()

@@ -10,6 +10,7 @@
 mod account;
 mod boundary;
 mod engine;
+mod openai;
 mod render;
 mod scope;
 #[cfg(unix)]
@@ -19,6 +20,7 @@ mod snapshot;
 pub use account::*;
 pub use boundary::*;
 pub use engine::*;
+pub use openai::*;
 pub use render::*;
 pub use scope::*;
 #[cfg(unix)]

@@ -17,7 +17,7 @@
  *
  * SG_ERR_PANIC is never expected: it means Rust code panicked, which is a bug to report, so no
  * check here accepts it. SG_ERR_REGION_NOT_LOCK_FREE cannot be returned on the machines these
- * tests run on (x86_64 and aarch64 have lock-free 16-byte atomics). Every other code (0..36
+ * tests run on (x86_64 and aarch64 have lock-free 16-byte atomics). Every other code (0..44
  * except 2 and 28) must be returned by at least one check below; main() verifies that.
  */
 #ifndef _DEFAULT_SOURCE
@@ -36,8 +36,8 @@
 
 #include "sluicegate.h"
 
-/* One past the highest result code (SG_ERR_SNAPSHOT_IN_USE). */
-#define CODES 37
+/* One past the highest result code (SG_ERR_BODY_INVALID_N). */
+#define CODES 45
 
 static int passed = 0;
 static int seen[CODES]; /* result codes some check expected and got */
@@ -1945,6 +1945,99 @@ static void test_scopes(void) {
     sg_engine_free(one);
 }
 
+/* *o filled with 0xFF bytes, as stale memory: every call must overwrite all of it. */
+static sg_result scan(const char *body, sg_openai_request *o) {
+    memset(o, 0xFF, sizeof *o);
+    return sg_openai_request_scan((const uint8_t *)body, strlen(body), o);
+}
+
+/* After a refusal: every field zero but error_offset, which is `offset`. */
+static int zero_but_offset(const sg_openai_request *o, uint64_t offset) {
+    for (size_t i = 0; i < SG_MODEL_MAX; i++) {
+        if (o->model[i] != 0) return 0;
+    }
+    return o->model_len == 0 && o->max_tokens == 0 && o->n == 0 && !o->stream && !o->include_usage &&
+           o->prompt_chars == 0 && o->prompt_token_ids == 0 && o->prompt_tokens == 0 &&
+           o->error_offset == offset;
+}
+
+/* The request-body scanner: a chat body's fields, admitted as they say; each 400 code, with
+ * *out zeroed but for the offset of a JSON error. */
+static void test_openai_request_scan(void) {
+    sg_openai_request o;
+    /* "brève" is 5 characters in 6 bytes: 11 + 20 characters, 7 tokens. */
+    EXPECT(scan("{\"model\": \"llama-v3p1-70b\", \"max_completion_tokens\": 300, \"max_tokens\": 100,"
+                " \"n\": 2, \"stream\": true, \"stream_options\": {\"include_usage\": true},"
+                " \"messages\": [{\"role\": \"system\", \"content\": \"Sois br\xc3\xa8ve.\"},"
+                " {\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"How far is the moon?\"}]}]}",
+                &o),
+           SG_OK);
+    CHECK(o.model_len == strlen(MODEL) && memcmp(o.model, MODEL, o.model_len) == 0);
+    CHECK(o.max_tokens == 300 && o.n == 2 && o.stream && o.include_usage);
+    CHECK(o.prompt_chars == 31 && o.prompt_token_ids == 0 && o.prompt_tokens == 7);
+    CHECK(o.error_offset == 0);
+
+    /* What it scanned is what a gateway admits. */
+    sg_engine *e = engine_with("fixed", 64);
+    sg_request r = request("acct-scan", o.prompt_tokens, o.max_tokens);
+    r.model = o.model;
+    r.model_len = o.model_len;
+    r.n = o.n;
+    sg_decision d;
+    EXPECT(sg_admit(e, &r, 0, &d), SG_OK);
+    CHECK(admitted(&d));
+    CHECK(d.cost[SG_METRIC_REQUESTS] == 2 && d.cost[SG_METRIC_PROMPT_TOKENS] == 7);
+    CHECK(d.cost[SG_METRIC_GENERATED_TOKENS] == 600);
+    settle_if_admitted(e, &d, 0);
+    sg_engine_free(e);
+
+    /* A pre-tokenized prompt; no max_tokens reads 0 (the gateway's default), no n 1. */
+    EXPECT(scan("{\"model\": \"m\", \"prompt\": [1, 2, 3], \"stream\": false}", &o), SG_OK);
+    CHECK(o.model_len == 1 && o.model[0] == 'm' && o.max_tokens == 0 && o.n == 1);
+    CHECK(!o.stream && !o.include_usage && o.prompt_chars == 0 && o.prompt_token_ids == 3 &&
+          o.prompt_tokens == 3);
+
+    char deep[200];
+    memset(deep, '[', 65);
+    memset(deep + 65, ']', 65);
+    deep[130] = '\0';
+    char long_model[200];
+    snprintf(long_model, sizeof long_model, "{\"model\": \"%0129d\"}", 0); /* 129 bytes */
+    EXPECT(scan("{\"model\": x}", &o), SG_ERR_JSON_MALFORMED);
+    CHECK(zero_but_offset(&o, 10));
+    EXPECT(scan(deep, &o), SG_ERR_JSON_TOO_DEEP);
+    CHECK(zero_but_offset(&o, 64)); /* the 65th '[' */
+    EXPECT(scan("{\"model\":\"m\"", &o), SG_ERR_JSON_TRUNCATED);
+    CHECK(zero_but_offset(&o, 0));
+    EXPECT(scan("[1]", &o), SG_ERR_BODY_NOT_AN_OBJECT);
+    CHECK(zero_but_offset(&o, 0));
+    EXPECT(scan("{\"messages\": []}", &o), SG_ERR_BODY_MISSING_MODEL);
+    CHECK(zero_but_offset(&o, 0));
+    EXPECT(scan(long_model, &o), SG_ERR_BODY_INVALID_MODEL);
+    CHECK(zero_but_offset(&o, 0));
+    snprintf(long_model, sizeof long_model, "{\"model\": \"%0128d\"}", 0); /* 128 bytes: fits */
+    EXPECT(scan(long_model, &o), SG_OK);
+    CHECK(o.model_len == SG_MODEL_MAX && o.model[0] == '0' && o.model[SG_MODEL_MAX - 1] == '0');
+    EXPECT(scan("{\"model\": \"m\", \"max_tokens\": 0}", &o), SG_ERR_BODY_INVALID_MAX_TOKENS);
+    CHECK(zero_but_offset(&o, 0));
+    EXPECT(scan("{\"model\": \"m\", \"n\": 1.5}", &o), SG_ERR_BODY_INVALID_N);
+    CHECK(zero_but_offset(&o, 0));
+
+    /* An empty body may come as NULL with length 0. */
+    memset(&o, 0xFF, sizeof o);
+    EXPECT(sg_openai_request_scan(NULL, 0, &o), SG_ERR_JSON_TRUNCATED);
+    CHECK(zero_but_offset(&o, 0));
+
+    const sg_result codes[] = {SG_ERR_JSON_MALFORMED,       SG_ERR_JSON_TOO_DEEP,
+                               SG_ERR_JSON_TRUNCATED,       SG_ERR_BODY_NOT_AN_OBJECT,
+                               SG_ERR_BODY_MISSING_MODEL,   SG_ERR_BODY_INVALID_MODEL,
+                               SG_ERR_BODY_INVALID_MAX_TOKENS, SG_ERR_BODY_INVALID_N};
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+        const char *text = sg_result_str((uint32_t)codes[i]);
+        CHECK(text != NULL && strcmp(text, "unknown result code") != 0);
+    }
+}
+
 static void test_null_pointers(void) {
     sg_engine *e = engine_with("fixed", 64);
     sg_config cfg;
@@ -2052,6 +2145,12 @@ static void test_null_pointers(void) {
     EXPECT(sg_restore(NULL, buf, sizeof buf, 0), SG_ERR_NULL);
     EXPECT(sg_restore(e, NULL, sizeof buf, 0), SG_ERR_NULL);
 
+    sg_openai_request scanned;
+    memset(&scanned, 0xFF, sizeof scanned);
+    EXPECT(sg_openai_request_scan(buf, 0, NULL), SG_ERR_NULL);
+    EXPECT(sg_openai_request_scan(NULL, 5, &scanned), SG_ERR_NULL);
+    CHECK(zero_but_offset(&scanned, 0)); /* no stale fields after a refusal */
+
     /* The shared engines: every failure sets *engine to NULL, and creates no file. */
     char path[256];
     shared_path(path, sizeof path, "null");
@@ -2105,6 +2204,7 @@ int main(void) {
     test_shared_file();
     test_region_in_host_memory();
     test_scopes();
+    test_openai_request_scan();
     test_null_pointers();
     /* Every code reachable from C was returned somewhere above (SG_ERR_PANIC never should be;
      * SG_ERR_REGION_NOT_LOCK_FREE only on a machine without lock-free 16-byte atomics, which
