@@ -1,6 +1,8 @@
 //! A push JSON lexer (RFC 8259): bytes in any chunking, events out, in constant memory and
 //! without allocation, so a gateway reads a request body or a streamed response as it arrives.
 //! Strings are checked as UTF-8 and handed out decoded; nesting is bounded by [`MAX_DEPTH`].
+//! As Python's `json` (and so the ASGI middleware and most OpenAI-compatible servers), it takes
+//! `NaN`, `Infinity` and `-Infinity` as numbers.
 //!
 //! ```
 //! use sluicegate_core::json::{Event, Lexer};
@@ -51,7 +53,7 @@ pub enum Number {
     Count(u64),
     /// Any other integer: negative, or past `u64::MAX`.
     OtherInteger,
-    /// A number with a fraction or an exponent.
+    /// A number with a fraction or an exponent, or `NaN`, `Infinity` or `-Infinity`.
     Fractional,
 }
 
@@ -163,6 +165,8 @@ enum Literal {
     True,
     False,
     Null,
+    NaN,
+    Infinity,
 }
 
 impl Literal {
@@ -171,6 +175,8 @@ impl Literal {
             Literal::True => b"true",
             Literal::False => b"false",
             Literal::Null => b"null",
+            Literal::NaN => b"NaN",
+            Literal::Infinity => b"Infinity",
         }
     }
 
@@ -179,6 +185,7 @@ impl Literal {
             Literal::True => Event::Bool(true),
             Literal::False => Event::Bool(false),
             Literal::Null => Event::Null,
+            Literal::NaN | Literal::Infinity => Event::Number(Number::Fractional),
         }
     }
 }
@@ -420,6 +427,11 @@ impl Lexer {
                 State::Number { phase, negative, value, overflow } => {
                     let digit = b.is_ascii_digit();
                     let next = match (phase, b) {
+                        (Phase::Minus, b'I') => {
+                            self.state = State::Literal { which: Literal::Infinity, matched: 1 };
+                            i += 1;
+                            continue;
+                        }
                         (Phase::Minus, b'0') => Phase::Zero,
                         (Phase::Minus, _) if digit => Phase::Int,
                         (Phase::Int, _) if digit => Phase::Int,
@@ -479,6 +491,8 @@ impl Lexer {
                     b't' => self.state = State::Literal { which: Literal::True, matched: 1 },
                     b'f' => self.state = State::Literal { which: Literal::False, matched: 1 },
                     b'n' => self.state = State::Literal { which: Literal::Null, matched: 1 },
+                    b'N' => self.state = State::Literal { which: Literal::NaN, matched: 1 },
+                    b'I' => self.state = State::Literal { which: Literal::Infinity, matched: 1 },
                     b']' if self.state == State::ValueOrEnd => self.close(sink),
                     _ => return Err(malformed),
                 },

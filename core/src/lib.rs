@@ -54,6 +54,7 @@ mod locate;
 pub mod metric;
 pub mod model;
 pub mod openai_request;
+pub mod openai_usage;
 pub mod overrides;
 pub mod permit;
 pub mod policy;

@@ -92,10 +92,16 @@ impl RequestFields {
     }
 
     /// The prompt's tokens, estimated as the ASGI middleware does: a quarter of its
-    /// characters plus its token ids, at least 1.
+    /// characters plus its token ids, from 1 to [`MAX_COUNT`].
     pub const fn prompt_tokens(&self) -> u64 {
         let tokens = (self.prompt_chars / 4).saturating_add(self.prompt_token_ids);
-        if tokens == 0 { 1 } else { tokens }
+        if tokens == 0 {
+            1
+        } else if tokens > MAX_COUNT {
+            MAX_COUNT
+        } else {
+            tokens
+        }
     }
 }
 
