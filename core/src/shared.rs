@@ -51,16 +51,23 @@ const INIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 fn lock(file: &File) -> Result<Opening, Error> {
     let deadline = std::time::Instant::now() + INIT_WAIT;
     loop {
-        // Blocks only while an initialiser holds the exclusive lock.
-        FileExt::lock_shared(file).map_err(io)?;
-        if !needs_initialising(file) {
-            return Ok(Opening::Attach);
+        // An initialiser or a restore holds the exclusive lock: wait for it, but no longer than
+        // the deadline. One that is stopped or hung while alive keeps its lock, and a blocking
+        // lock would hang every worker started after it.
+        match FileExt::try_lock_shared(file) {
+            Ok(()) => {
+                if !needs_initialising(file) {
+                    return Ok(Opening::Attach);
+                }
+                FileExt::unlock(file).map_err(io)?;
+                if FileExt::try_lock(file).is_ok() {
+                    return Ok(Opening::Exclusive);
+                }
+                // Another opener is between its locks.
+            }
+            Err(fs4::TryLockError::WouldBlock) => {}
+            Err(fs4::TryLockError::Error(e)) => return Err(io(e)),
         }
-        FileExt::unlock(file).map_err(io)?;
-        if FileExt::try_lock(file).is_ok() {
-            return Ok(Opening::Exclusive);
-        }
-        // Another opener is between its locks.
         if std::time::Instant::now() > deadline {
             return Err(Error::Region(RegionError::NotReady));
         }

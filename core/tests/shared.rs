@@ -200,6 +200,21 @@ fn a_restore_that_never_finished_leaves_a_region_the_next_opener_initialises() {
     assert_eq!(engine.limits(KEY, 0).unwrap().remaining(Metric::Requests), 600, "initialised afresh");
 }
 
+/// A restore that is stopped or hung, its process alive, keeps the file's exclusive lock: a new
+/// worker gets `NotReady` after its bounded wait instead of hanging, and opens once the restore
+/// is over.
+#[test]
+fn a_restore_stuck_in_a_live_process_makes_new_openers_not_ready_not_hung() {
+    let path = TempPath::new("stuck-restore");
+    let mut restoring = SharedFile::open(&path.0, &policy(600.0), capacity()).unwrap();
+    restoring.begin_restore().unwrap();
+    assert_eq!(region_error(open(&path, policy(600.0))), RegionError::NotReady);
+    let identity = restoring.identity().unwrap();
+    restoring.end_restore(identity);
+    let engine = open(&path, policy(600.0)).unwrap();
+    assert_eq!(engine.limits(KEY, 0).unwrap().remaining(Metric::Requests), 600);
+}
+
 #[test]
 fn a_region_outlives_its_processes_and_a_later_opener_sees_its_state() {
     let path = TempPath::new("outlive");
