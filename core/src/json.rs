@@ -263,11 +263,6 @@ impl Lexer {
         }
     }
 
-    /// Containers open now.
-    pub const fn depth(&self) -> u32 {
-        self.depth
-    }
-
     /// Lexes the next bytes of the input. After an error every call returns that error.
     pub fn feed(&mut self, chunk: &[u8], sink: &mut impl Sink) -> Result<(), JsonError> {
         if let Some(e) = self.failed {
@@ -298,7 +293,7 @@ impl Lexer {
     }
 
     fn in_object(&self) -> bool {
-        self.depth > 0 && (self.objects >> (self.depth - 1)) & 1 == 1
+        self.depth.checked_sub(1).is_some_and(|top| (self.objects >> top) & 1 == 1)
     }
 
     fn open(&mut self, object: bool, offset: u64, sink: &mut impl Sink) -> Result<(), JsonError> {

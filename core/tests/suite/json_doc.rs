@@ -60,8 +60,9 @@ fn write_string(s: &str, out: &mut String, escape: bool) {
             '\\' => out.push_str("\\\\"),
             c if (c as u32) < 0x20 || escape && !c.is_ascii_alphanumeric() => {
                 let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{u:04x}"));
+                for &mut u in c.encode_utf16(&mut units) {
+                    // Both cases of hex digit, by the unit's parity.
+                    out.push_str(&if u % 2 == 0 { format!("\\u{u:04x}") } else { format!("\\u{u:04X}") });
                 }
             }
             c => out.push(c),
@@ -72,7 +73,25 @@ fn write_string(s: &str, out: &mut String, escape: bool) {
 
 pub fn doc(keys: &'static [&'static str]) -> impl Strategy<Value = Doc> {
     let text = prop::collection::vec(
-        prop::sample::select(vec!['a', 'Z', '7', ' ', 'é', '😀', '"', '\\', '\n', '\u{1}', '/', '\u{7f}']),
+        prop::sample::select(vec![
+            'a',
+            'Z',
+            '7',
+            ' ',
+            'é',
+            '\u{7ff}',
+            '\u{800}',
+            '€',
+            '\u{fffd}',
+            '😀',
+            '\u{10ffff}',
+            '"',
+            '\\',
+            '\n',
+            '\u{1}',
+            '/',
+            '\u{7f}',
+        ]),
         0..6,
     )
     .prop_map(|cs| cs.into_iter().collect::<String>());

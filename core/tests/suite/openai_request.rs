@@ -426,3 +426,22 @@ fn utf8_edges() {
         assert_eq!(std::str::from_utf8(bytes).is_ok(), ok, "{bytes:x?}");
     }
 }
+
+#[test]
+fn errors_say_what_and_where() {
+    let said = |e: ScanError| e.to_string();
+    assert_eq!(
+        said(ScanError::Json(JsonError::Malformed { offset: 10 })),
+        "the body is not JSON: not JSON at byte 10"
+    );
+    assert_eq!(
+        said(ScanError::Json(JsonError::TooDeep { offset: 64 })),
+        "the body is not JSON: nested deeper than 64 at byte 64"
+    );
+    assert_eq!(said(ScanError::Json(JsonError::Truncated)), "the body is not JSON: the JSON ends early");
+    assert_eq!(said(ScanError::NotAnObject), "the body must be JSON with a model");
+    assert_eq!(said(ScanError::MissingModel), "the body must be JSON with a model");
+    assert_eq!(said(ScanError::InvalidModel), "the model must be 1 to 128 bytes of UTF-8");
+    assert_eq!(said(ScanError::InvalidMaxTokens), "max_tokens must be a positive integer");
+    assert_eq!(said(ScanError::InvalidN), "n must be a positive integer");
+}
