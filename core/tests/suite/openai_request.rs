@@ -445,3 +445,14 @@ fn errors_say_what_and_where() {
     assert_eq!(said(ScanError::InvalidMaxTokens), "max_tokens must be a positive integer");
     assert_eq!(said(ScanError::InvalidN), "n must be a positive integer");
 }
+
+#[test]
+fn every_short_escape_decodes() {
+    let (events, verdict) = lex(br#"["\b\f\n\r\t\/\\\"", "\u0041\u00e9\u20ac\ud83d\ude00"]"#, &[]);
+    assert_eq!(verdict, Ok(()));
+    assert_eq!(events[1], format!("StringEnd {:?}", b"\x08\x0c\n\r\t/\\\"".to_vec()));
+    assert_eq!(events[2], format!("StringEnd {:?}", "Aé€😀".as_bytes().to_vec()));
+    for bad in [r#""\a""#, r#""\x41""#, r#""\u00g1""#, r#""\u12""#, "\"\\\u{e9}\""] {
+        assert!(lex(bad.as_bytes(), &[]).1.is_err(), "{bad}");
+    }
+}
