@@ -44,6 +44,11 @@
 #define SG_MODEL_MAX 128
 
 /**
+ * 64-bit words of `sg_usage_scanner`.
+ */
+#define SG_USAGE_SCANNER_WORDS 512
+
+/**
  * What every function returns. `SG_OK` is 0; `sg_result_str` describes each code.
  */
 enum sg_result
@@ -236,6 +241,11 @@ enum sg_result
    * `n` is not an integer from 1 to 2^32: answer 400.
    */
   SG_ERR_BODY_INVALID_N = 44,
+  /**
+   * The `sg_usage_scanner` was never initialised by `sg_usage_scanner_init`, or was finished
+   * since (or a call on it panicked).
+   */
+  SG_ERR_SCANNER_NOT_INITIALISED = 45,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -854,6 +864,65 @@ typedef struct sg_openai_request {
 } sg_openai_request;
 
 /**
+ * A response-usage scanner in storage the caller owns (a local, or a request's memory pool):
+ * opaque, 8-byte aligned, `8 * SG_USAGE_SCANNER_WORDS` bytes. `sg_usage_scanner_init` must come
+ * first: the other functions check a magic number in the first word before reading the rest,
+ * and refuse a scanner never initialised (zeroed or garbage) or already finished with
+ * `SG_ERR_SCANNER_NOT_INITIALISED`. It owns no memory, so it may be discarded at any time
+ * without `sg_usage_scanner_finish`; one thread at a time may use it.
+ */
+typedef struct sg_usage_scanner {
+  /**
+   * Private to the library.
+   */
+  uint64_t opaque[SG_USAGE_SCANNER_WORDS];
+} sg_usage_scanner;
+
+/**
+ * What a whole response reported, filled by `sg_usage_scanner_finish`.
+ */
+typedef struct sg_response_usage {
+  /**
+   * `usage.prompt_tokens` of the last usable `usage`, when `has_prompt_tokens`; else 0.
+   */
+  uint64_t prompt_tokens;
+  /**
+   * `usage.prompt_tokens_details.cached_tokens` of the last usable `usage` (0 when absent):
+   * prompt tokens served from the cache.
+   */
+  uint64_t cached_tokens;
+  /**
+   * `usage.completion_tokens` of the last usable `usage`; 0 without `has_usage`.
+   */
+  uint64_t completion_tokens;
+  /**
+   * Characters of generated text: each choice's `text`, and the `content`,
+   * `reasoning_content`, `reasoning`, `refusal` and tool calls' `function.arguments` of its
+   * `delta` (a stream) or `message` (a body). Without usable usage, charge `generated_chars /
+   * 4` generated tokens.
+   */
+  uint64_t generated_chars;
+  /**
+   * JSON objects read: 1 for a body that is one, or the stream's events.
+   */
+  uint64_t objects;
+  /**
+   * The response had a usable `usage`: `completion_tokens`, and `prompt_tokens` and
+   * `cached_tokens` if given, each an integer from 0 to 2^32. The last usable one counts.
+   */
+  bool has_usage;
+  /**
+   * The last usable `usage` gave `prompt_tokens`.
+   */
+  bool has_prompt_tokens;
+  /**
+   * Some `usage` was there but unusable (a count that is not an integer from 0 to 2^32, a
+   * missing `completion_tokens`, or not an object); it was not used.
+   */
+  bool malformed_usage;
+} sg_response_usage;
+
+/**
  * How to render: start from `sg_render_init`.
  */
 typedef struct sg_render {
@@ -1120,6 +1189,53 @@ sg_result sg_set_model_capacity(const struct sg_engine *engine, const uint8_t *m
  * need not be initialised).
  */
 sg_result sg_openai_request_scan(const uint8_t *body, size_t len, struct sg_openai_request *out);
+
+/**
+ * Starts a scanner in `*scanner` for a response of server-sent events (`stream`: its
+ * `Content-Type` is `text/event-stream`, as the ASGI middleware decides) or for a JSON body,
+ * whatever `*scanner` held before (an initialised scanner starts again). Nothing is allocated.
+ * `SG_ERR_INVALID_ARGUMENT` if `scanner` is not 8-byte aligned.
+ *
+ * # Safety
+ * `scanner` NULL or writable (its contents need not be initialised).
+ */
+sg_result sg_usage_scanner_init(struct sg_usage_scanner *scanner, bool stream);
+
+/**
+ * Reads the next `len` bytes of the response body (decoded: any `Content-Encoding` undone), as
+ * they come, in any chunking. `bytes` may be NULL only with `len` 0 (nothing is read). A response that is not what the scanner expects
+ * is not an error: it reports nothing (a stream's lines that are not events are skipped). After
+ * `SG_ERR_PANIC` the scanner is as if finished.
+ *
+ * # Safety
+ * `scanner` NULL or valid and not used by another thread meanwhile; `bytes` NULL (with `len` 0)
+ * or `len` readable bytes.
+ */
+sg_result sg_usage_scanner_feed(struct sg_usage_scanner *scanner, const uint8_t *bytes, size_t len);
+
+/**
+ * Writes to `*chars` the generated characters of the response read so far (in a stream, those
+ * of complete events; a JSON body's count only at finish, so 0 until then), for charging a
+ * stream as it goes (`chars / 4` tokens). `*chars` is 0 on any error but `SG_ERR_NULL` for
+ * `chars`.
+ *
+ * # Safety
+ * `scanner` NULL or valid and not written by another thread meanwhile; `chars` NULL or
+ * writable.
+ */
+sg_result sg_usage_scanner_generated_chars(const struct sg_usage_scanner *scanner, uint64_t *chars);
+
+/**
+ * Ends the response (a stream's unterminated last line counts) and writes what it reported to
+ * `*out`. The scanner is finished: it must be initialised again before any other use (else
+ * `SG_ERR_SCANNER_NOT_INITIALISED`). On any error but `SG_ERR_NULL` for `out`, `*out` is
+ * zeroed; with `out` NULL the scanner is left as it was.
+ *
+ * # Safety
+ * `scanner` NULL or valid and not used by another thread meanwhile; `out` NULL or writable
+ * (its contents need not be initialised).
+ */
+sg_result sg_usage_scanner_finish(struct sg_usage_scanner *scanner, struct sg_response_usage *out);
 
 /**
  * Fills `render` for `dialect` with the engine's preferences (per-second limits under

@@ -106,6 +106,9 @@ pub enum sg_result {
     SgErrBodyInvalidMaxTokens = 43,
     /// `n` is not an integer from 1 to 2^32: answer 400.
     SgErrBodyInvalidN = 44,
+    /// The `sg_usage_scanner` was never initialised by `sg_usage_scanner_init`, or was finished
+    /// since (or a call on it panicked).
+    SgErrScannerNotInitialised = 45,
 }
 
 use sg_result::*;
@@ -159,6 +162,7 @@ pub extern "C" fn sg_result_str(code: u32) -> *const c_char {
         42 => c"request body's model is too long or not Unicode",
         43 => c"request body's max_tokens is not a positive integer",
         44 => c"request body's n is not a positive integer",
+        45 => c"usage scanner not initialised (or already finished)",
         _ => c"unknown result code",
     };
     text.as_ptr()

@@ -11,6 +11,7 @@ mod account;
 mod boundary;
 mod engine;
 mod openai;
+mod openai_usage;
 mod render;
 mod scope;
 #[cfg(unix)]
@@ -21,6 +22,7 @@ pub use account::*;
 pub use boundary::*;
 pub use engine::*;
 pub use openai::*;
+pub use openai_usage::*;
 pub use render::*;
 pub use scope::*;
 #[cfg(unix)]

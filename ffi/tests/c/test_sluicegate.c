@@ -17,7 +17,7 @@
  *
  * SG_ERR_PANIC is never expected: it means Rust code panicked, which is a bug to report, so no
  * check here accepts it. SG_ERR_REGION_NOT_LOCK_FREE cannot be returned on the machines these
- * tests run on (x86_64 and aarch64 have lock-free 16-byte atomics). Every other code (0..44
+ * tests run on (x86_64 and aarch64 have lock-free 16-byte atomics). Every other code (0..45
  * except 2 and 28) must be returned by at least one check below; main() verifies that.
  */
 #ifndef _DEFAULT_SOURCE
@@ -36,8 +36,8 @@
 
 #include "sluicegate.h"
 
-/* One past the highest result code (SG_ERR_BODY_INVALID_N). */
-#define CODES 45
+/* One past the highest result code (SG_ERR_SCANNER_NOT_INITIALISED). */
+#define CODES 46
 
 static int passed = 0;
 static int seen[CODES]; /* result codes some check expected and got */
@@ -2038,6 +2038,111 @@ static void test_openai_request_scan(void) {
     }
 }
 
+/* A streamed chat completion as OpenAI sends it with stream_options.include_usage: a role chunk,
+ * two content deltas (" w\xc3\xb6rld" is 6 characters in 7 bytes), a finish chunk, each with
+ * "usage": null, then the usage chunk and [DONE]. */
+static const char STREAMED[] =
+    "data: {\"id\":\"chatcmpl-9\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":"
+    "[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n"
+    "data: {\"id\":\"chatcmpl-9\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":"
+    "[{\"index\":0,\"delta\":{\"content\":\"Hello\"},\"finish_reason\":null}],\"usage\":null}\n\n"
+    "data: {\"id\":\"chatcmpl-9\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":"
+    "[{\"index\":0,\"delta\":{\"content\":\" w\xc3\xb6rld\"},\"finish_reason\":null}],\"usage\":null}\n\n"
+    "data: {\"id\":\"chatcmpl-9\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":"
+    "[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n"
+    "data: {\"id\":\"chatcmpl-9\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[],"
+    "\"usage\":{\"prompt_tokens\":1017,\"completion_tokens\":3,\"total_tokens\":1020,"
+    "\"prompt_tokens_details\":{\"cached_tokens\":1000}}}\n\n"
+    "data: [DONE]\n\n";
+
+static int usage_is_zero(const sg_response_usage *u) {
+    return u->prompt_tokens == 0 && u->cached_tokens == 0 && u->completion_tokens == 0 &&
+           u->generated_chars == 0 && u->objects == 0 && !u->has_usage && !u->has_prompt_tokens &&
+           !u->malformed_usage;
+}
+
+/* The response-usage scanner in caller-owned storage: a stream in 7-byte pieces, charged as it
+ * goes; a JSON body; unusable usage; refused before init and after finish. */
+static void test_usage_scanner(void) {
+    CHECK(sizeof(sg_usage_scanner) == 8 * SG_USAGE_SCANNER_WORDS);
+    sg_usage_scanner s; /* on the stack, uninitialised */
+    sg_response_usage u;
+    uint64_t chars = 99;
+    EXPECT(sg_usage_scanner_init(&s, true), SG_OK);
+    EXPECT(sg_usage_scanner_generated_chars(&s, &chars), SG_OK);
+    CHECK(chars == 0);
+    const size_t len = sizeof STREAMED - 1;
+    uint64_t last = 0;
+    int grew = 0;
+    for (size_t off = 0; off < len; off += 7) {
+        size_t n = len - off < 7 ? len - off : 7;
+        EXPECT(sg_usage_scanner_feed(&s, (const uint8_t *)STREAMED + off, n), SG_OK);
+        EXPECT(sg_usage_scanner_generated_chars(&s, &chars), SG_OK);
+        CHECK(chars >= last);
+        if (chars != last) {
+            grew++;
+            /* Counted when the event's line ends: the piece just fed holds that newline. */
+            CHECK(memchr(STREAMED + off, '\n', n) != NULL);
+            CHECK(chars == (grew == 1 ? 5u : 11u));
+        }
+        last = chars;
+    }
+    CHECK(grew == 2);
+    EXPECT(sg_usage_scanner_feed(&s, NULL, 0), SG_OK); /* nothing */
+    memset(&u, 0xFF, sizeof u);
+    EXPECT(sg_usage_scanner_finish(&s, &u), SG_OK);
+    CHECK(u.has_usage && u.has_prompt_tokens && !u.malformed_usage);
+    CHECK(u.prompt_tokens == 1017 && u.cached_tokens == 1000 && u.completion_tokens == 3);
+    CHECK(u.generated_chars == 11 && u.objects == 5);
+
+    /* Finished: refused until initialised again, *out and *chars zeroed. */
+    memset(&u, 0xFF, sizeof u);
+    EXPECT(sg_usage_scanner_finish(&s, &u), SG_ERR_SCANNER_NOT_INITIALISED);
+    CHECK(usage_is_zero(&u));
+    EXPECT(sg_usage_scanner_feed(&s, (const uint8_t *)"data", 4), SG_ERR_SCANNER_NOT_INITIALISED);
+    chars = 99;
+    EXPECT(sg_usage_scanner_generated_chars(&s, &chars), SG_ERR_SCANNER_NOT_INITIALISED);
+    CHECK(chars == 0);
+
+    /* Never initialised (zeroed): refused, and not written. */
+    sg_usage_scanner zero;
+    memset(&zero, 0, sizeof zero);
+    EXPECT(sg_usage_scanner_feed(&zero, (const uint8_t *)STREAMED, len), SG_ERR_SCANNER_NOT_INITIALISED);
+    EXPECT(sg_usage_scanner_finish(&zero, &u), SG_ERR_SCANNER_NOT_INITIALISED);
+    int untouched = 1;
+    for (size_t i = 0; i < SG_USAGE_SCANNER_WORDS; i++) {
+        if (zero.opaque[i] != 0) untouched = 0;
+    }
+    CHECK(untouched);
+
+    /* A JSON body (not a stream), in storage from the heap as a request pool would give it:
+     * "Bonjour \xc3\xa0 vous" is 14 characters. */
+    sg_usage_scanner *heap = (sg_usage_scanner *)malloc(sizeof *heap);
+    CHECK(heap != NULL);
+    const char *body =
+        "{\"id\": \"chatcmpl-1\", \"object\": \"chat.completion\", \"choices\": [{\"index\": 0,"
+        " \"message\": {\"role\": \"assistant\", \"content\": \"Bonjour \xc3\xa0 vous\"},"
+        " \"finish_reason\": \"stop\"}], \"usage\": {\"prompt_tokens\": 20, \"completion_tokens\": 9}}";
+    EXPECT(sg_usage_scanner_init(heap, false), SG_OK);
+    EXPECT(sg_usage_scanner_feed(heap, (const uint8_t *)body, strlen(body)), SG_OK);
+    EXPECT(sg_usage_scanner_finish(heap, &u), SG_OK);
+    CHECK(u.has_usage && u.has_prompt_tokens && !u.malformed_usage);
+    CHECK(u.prompt_tokens == 20 && u.cached_tokens == 0 && u.completion_tokens == 9);
+    CHECK(u.generated_chars == 14 && u.objects == 1);
+
+    /* Usage without completion_tokens is flagged and not used; the text still counts. */
+    const char *bad = "data: {\"choices\": [{\"delta\": {\"content\": \"abc\"}}], \"usage\": {\"prompt_tokens\": 4}}\n\n";
+    EXPECT(sg_usage_scanner_init(heap, true), SG_OK);
+    EXPECT(sg_usage_scanner_feed(heap, (const uint8_t *)bad, strlen(bad)), SG_OK);
+    EXPECT(sg_usage_scanner_finish(heap, &u), SG_OK);
+    CHECK(!u.has_usage && !u.has_prompt_tokens && u.malformed_usage);
+    CHECK(u.prompt_tokens == 0 && u.completion_tokens == 0 && u.generated_chars == 3 && u.objects == 1);
+    free(heap);
+
+    const char *text = sg_result_str(SG_ERR_SCANNER_NOT_INITIALISED);
+    CHECK(text != NULL && strcmp(text, "unknown result code") != 0);
+}
+
 static void test_null_pointers(void) {
     sg_engine *e = engine_with("fixed", 64);
     sg_config cfg;
@@ -2151,6 +2256,23 @@ static void test_null_pointers(void) {
     EXPECT(sg_openai_request_scan(NULL, 5, &scanned), SG_ERR_NULL);
     CHECK(zero_but_offset(&scanned, 0)); /* no stale fields after a refusal */
 
+    sg_usage_scanner scanner;
+    sg_response_usage ru;
+    uint64_t chars = 99;
+    EXPECT(sg_usage_scanner_init(NULL, true), SG_ERR_NULL);
+    EXPECT(sg_usage_scanner_init(&scanner, true), SG_OK);
+    EXPECT(sg_usage_scanner_feed(NULL, buf, 1), SG_ERR_NULL);
+    EXPECT(sg_usage_scanner_feed(&scanner, NULL, 5), SG_ERR_NULL);
+    EXPECT(sg_usage_scanner_generated_chars(NULL, &chars), SG_ERR_NULL);
+    CHECK(chars == 0);
+    EXPECT(sg_usage_scanner_generated_chars(&scanner, NULL), SG_ERR_NULL);
+    memset(&ru, 0xFF, sizeof ru);
+    EXPECT(sg_usage_scanner_finish(NULL, &ru), SG_ERR_NULL);
+    CHECK(usage_is_zero(&ru));
+    EXPECT(sg_usage_scanner_finish(&scanner, NULL), SG_ERR_NULL);
+    EXPECT(sg_usage_scanner_finish(&scanner, &ru), SG_OK); /* not finished by the NULL out */
+    CHECK(usage_is_zero(&ru));
+
     /* The shared engines: every failure sets *engine to NULL, and creates no file. */
     char path[256];
     shared_path(path, sizeof path, "null");
@@ -2205,6 +2327,7 @@ int main(void) {
     test_region_in_host_memory();
     test_scopes();
     test_openai_request_scan();
+    test_usage_scanner();
     test_null_pointers();
     /* Every code reachable from C was returned somewhere above (SG_ERR_PANIC never should be;
      * SG_ERR_REGION_NOT_LOCK_FREE only on a machine without lock-free 16-byte atomics, which
