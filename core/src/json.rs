@@ -381,7 +381,7 @@ impl Lexer {
                     self.state = State::String { key };
                 }
                 State::Unicode { key, high, digits, value } => {
-                    let value = (value << 4) | hex(b).ok_or(malformed)?;
+                    let value = value * 16 + hex(b).ok_or(malformed)?;
                     if digits < 3 {
                         self.state = State::Unicode { key, high, digits: digits + 1, value };
                     } else {

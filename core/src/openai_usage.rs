@@ -57,6 +57,8 @@ pub struct ResponseUsage {
 #[derive(Clone, Debug)]
 pub struct UsageScanner {
     stream: bool,
+    /// `finish` was called: what the response reported is final.
+    finished: bool,
     line: Line,
     lexer: Lexer,
     object: Object,
@@ -90,6 +92,7 @@ impl UsageScanner {
     pub fn new(stream: bool) -> Self {
         UsageScanner {
             stream,
+            finished: false,
             line: Line::Start,
             lexer: Lexer::new(),
             object: Object::new(stream),
@@ -97,8 +100,11 @@ impl UsageScanner {
         }
     }
 
-    /// Reads the next bytes of the response.
+    /// Reads the next bytes of the response; after `finish`, none.
     pub fn feed(&mut self, chunk: &[u8]) {
+        if self.finished {
+            return;
+        }
         if !self.stream {
             // A body that is not JSON reports nothing; the lexer remembers its error.
             self.lexer.feed(chunk, &mut self.object).ok();
@@ -124,8 +130,12 @@ impl UsageScanner {
         self.read.usage
     }
 
-    /// Ends the response (a stream's unterminated last line counts) and says what it reported.
+    /// Ends the response (a stream's unterminated last line counts) and says what it reported;
+    /// later calls say the same.
     pub fn finish(&mut self) -> ResponseUsage {
+        if core::mem::replace(&mut self.finished, true) {
+            return self.read;
+        }
         if self.stream {
             self.end_line();
         } else {

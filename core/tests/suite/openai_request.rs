@@ -121,6 +121,13 @@ fn characters_are_unicode_scalars_however_written() {
     let body = r#"{"model": "m", "prompt": "é😀\u00e9\ud83d\ude00\ud83d\n\u0041\"\\"}"#;
     // é, 😀, é, 😀, a lone high surrogate, newline, A, quote, backslash.
     assert_eq!(scan(body.as_bytes()).unwrap().prompt_chars, 9);
+    // A high surrogate followed by an escape that is no low one stays lone; the next may pair.
+    let model = |m: &str| scan(format!(r#"{{"model": "{m}"}}"#).as_bytes()).map(|f| f.model().to_vec());
+    assert_eq!(model(r"x\ud83d\u0041"), Err(ScanError::InvalidModel));
+    let (events, _) = lex(br#""\ud83d\u0041\ud83d\ud83d\ude00\udbff\udfff""#, &[]);
+    let mut want = vec![0xED, 0xA0, 0xBD, b'A', 0xED, 0xA0, 0xBD];
+    want.extend_from_slice("😀\u{10ffff}".as_bytes());
+    assert_eq!(events, vec![format!("StringEnd {want:?}")]);
     assert_eq!(scan(br#"{"model": "m"}"#).unwrap().prompt_tokens(), 1, "at least one token");
 }
 
@@ -219,6 +226,7 @@ fn the_lexer_classifies_numbers_and_checks_their_grammar() {
     }
     for bad in [
         "01",
+        "-01",
         "-",
         "1.",
         ".5",
@@ -452,7 +460,17 @@ fn every_short_escape_decodes() {
     assert_eq!(verdict, Ok(()));
     assert_eq!(events[1], format!("StringEnd {:?}", b"\x08\x0c\n\r\t/\\\"".to_vec()));
     assert_eq!(events[2], format!("StringEnd {:?}", "Aé€😀".as_bytes().to_vec()));
-    for bad in [r#""\a""#, r#""\x41""#, r#""\u00g1""#, r#""\u12""#, "\"\\\u{e9}\""] {
+    for bad in [
+        r#""\a""#,
+        r#""\x41""#,
+        r#""\u00g1""#,
+        r#""\u12""#,
+        "\"\\\u{e9}\"",
+        "[1,]",
+        r#"{"a":]"#,
+        "[,1]",
+        "{,}",
+    ] {
         assert!(lex(bad.as_bytes(), &[]).1.is_err(), "{bad}");
     }
 }

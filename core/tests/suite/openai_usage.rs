@@ -281,3 +281,20 @@ fn pieces<'a>(bytes: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
         })
         .collect()
 }
+
+#[test]
+fn finishing_again_reports_the_same_and_later_bytes_count_for_nothing() {
+    for stream in [false, true] {
+        let mut scanner = UsageScanner::new(stream);
+        let body: &[u8] = if stream {
+            b"data: {\"choices\": [{\"delta\": {\"content\": \"abc\"}}]}\n"
+        } else {
+            b"{\"choices\": [{\"message\": {\"content\": \"abc\"}}]}"
+        };
+        scanner.feed(body);
+        let first = scanner.finish();
+        assert_eq!((first.generated_chars, first.objects), (3, 1));
+        scanner.feed(body);
+        assert_eq!(scanner.finish(), first, "stream {stream}");
+    }
+}
