@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Mutation testing of the core (issue 24): cargo-mutants changes the core's code one small
 # mutation at a time and runs the WORKSPACE's tests against each (so the ffi, C and CLI suites
-# count too); then this prints the score, caught / (caught + missed + timeout).
+# count too); then this prints the score: detected / viable, where a mutant is detected when the
+# tests fail (caught) or hang past the timeout (as PIT and Stryker count it), and viable unless
+# it does not build.
 #
 #   scripts/mutants.sh                       every core mutant (hours on 2 cores)
 #   scripts/mutants.sh --shard 1/4           a quarter of them
@@ -52,10 +54,11 @@ viable=$((caught + missed + timeout))
 echo
 echo "caught $caught, missed $missed, timeout $timeout, unviable $unviable"
 if ((viable > 0)); then
+    detected=$((caught + timeout))
     # Tenths of a percent, in integer arithmetic.
-    permille=$((caught * 1000 / viable))
-    printf 'mutation score: %d/%d = %d.%d%% of viable mutants\n' \
-        "$caught" "$viable" $((permille / 10)) $((permille % 10))
+    permille=$((detected * 1000 / viable))
+    printf 'mutation score: %d/%d = %d.%d%% of viable mutants detected\n' \
+        "$detected" "$viable" $((permille / 10)) $((permille % 10))
 else
     echo "mutation score: no viable mutants"
 fi
