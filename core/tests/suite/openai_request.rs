@@ -415,6 +415,10 @@ proptest! {
 fn utf8_edges() {
     for (bytes, ok) in [
         (&b"\xf4\x8f\xbf\xbf"[..], true),
+        (b"\xf1\x80\x80\x80", true),
+        (b"\xf3\xbf\xbf\xbf", true),
+        (b"\xee\x80\x80", true),
+        (b"\xec\xbf\xbf", true),
         (b"\xf4\x90\x80\x80", false),
         (b"\xf5\x80\x80\x80", false),
         (b"\xed\x9f\xbf", true),
