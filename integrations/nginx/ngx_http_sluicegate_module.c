@@ -1968,12 +1968,17 @@ ngx_http_sluicegate_init(ngx_conf_t *cf)
 
     *h = ngx_http_sluicegate_handler;
 
+    /* First in the log phase: settled before the access log line is written, so a client that
+     * sees a request logged sees it settled. */
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;
     }
 
-    *h = ngx_http_sluicegate_log_handler;
+    h = cmcf->phases[NGX_HTTP_LOG_PHASE].handlers.elts;
+    ngx_memmove(&h[1], &h[0],
+                (cmcf->phases[NGX_HTTP_LOG_PHASE].handlers.nelts - 1) * sizeof(ngx_http_handler_pt));
+    h[0] = ngx_http_sluicegate_log_handler;
 
     ngx_http_next_header_filter = ngx_http_top_header_filter;
     ngx_http_top_header_filter = ngx_http_sluicegate_header_filter;
