@@ -255,8 +255,8 @@ ngx_http_sluicegate_get_ctx(ngx_http_request_t *r)
     ngx_http_sluicegate_ctx_t  *ctx;
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_sluicegate_module);
-    if (ctx != NULL) {
-        return ctx;
+    if (ctx != NULL || !r->internal) {
+        return ctx;     /* only a redirect clears module contexts */
     }
 
     for (cln = r->pool->cleanup; cln; cln = cln->next) {
@@ -703,8 +703,7 @@ ngx_http_sluicegate_handler(ngx_http_request_t *r)
 
     if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
         /* A chunked body past client_max_body_size (413, answered in JSON by the header
-         * filter), a timeout, an I/O error. */
-        ctx->state = NGX_HTTP_SLUICEGATE_ANSWERED;
+         * filter, as the state is still "reading"), a timeout, an I/O error. */
         return rc;
     }
 
@@ -838,7 +837,8 @@ ngx_http_sluicegate_body_handler(ngx_http_request_t *r)
     slcf = ngx_http_get_module_loc_conf(r, ngx_http_sluicegate_module);
 
     if (ctx == NULL || ctx->state != NGX_HTTP_SLUICEGATE_READING || slcf->shm_zone == NULL) {
-        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        /* Cannot happen; if it did, a 503 rather than a 500 from the limiter. */
+        ngx_http_finalize_request(r, ngx_http_sluicegate_unavailable(r, SG_ERR_INVALID_ARGUMENT));
         return;
     }
 
@@ -869,7 +869,7 @@ ngx_http_sluicegate_body_handler(ngx_http_request_t *r)
                 ? ngx_http_sluicegate_reject(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
                                              "The request body is too large.",
                                              "request_too_large")
-                : NGX_HTTP_INTERNAL_SERVER_ERROR);
+                : ngx_http_sluicegate_unavailable(r, SG_ERR_BUFFER_TOO_SMALL));
             return;
         }
 
@@ -977,14 +977,14 @@ ngx_http_sluicegate_delay(ngx_http_request_t *r)
 
     if (wev->delayed) {
         if (ngx_handle_write_event(wev, 0) != NGX_OK) {
-            ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+            ngx_http_finalize_request(r, NGX_HTTP_SERVICE_UNAVAILABLE);
         }
 
         return;
     }
 
     if (ngx_handle_read_event(r->connection->read, 0) != NGX_OK) {
-        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        ngx_http_finalize_request(r, NGX_HTTP_SERVICE_UNAVAILABLE);
         return;
     }
 
