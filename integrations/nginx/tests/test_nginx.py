@@ -680,3 +680,105 @@ def test_the_modules_own_body_cap(nginx):
         assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large", chunked.text
         assert client.post(url, content=body(10), headers=headers).status_code == 200
     assert_no_crash(nginx)
+
+
+# -- reloads and configuration errors --------------------------------------------------------------
+
+SMALL_CONF = """
+load_module {so};
+{user}
+worker_processes 2;
+daemon off;
+master_process on;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    {zone}
+    server {{
+        listen 127.0.0.1:{port};
+        location /v1/ {{
+            sluicegate z;
+            sluicegate_account "acct-reload";
+            proxy_pass http://127.0.0.1:{upstream}/v1/;
+        }}
+    }}
+}}
+"""
+
+
+def small_conf(module_so, tmp, port, upstream, zone):
+    user = f"user {pwd.getpwuid(0).pw_name};" if os.geteuid() == 0 else ""
+    return SMALL_CONF.format(so=module_so, user=user, tmp=tmp, port=port, upstream=upstream, zone=zone)
+
+
+def wait_for_log(path, text, count, deadline_s=20):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if read(path).count(text) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not {count} times in {path}:\n{read(path)[-3000:]}")
+
+
+def test_a_reload_keeps_the_engine_and_refuses_another_policy(module_so, upstream, tmp_path):
+    """A reload (SIGHUP) that keeps the zone keeps its limits: the new workers attach to the
+    engine the old ones used. A reload that changes the zone's policy but not its size is refused
+    with a message, and the old workers go on serving."""
+    import httpx
+
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(small_conf(module_so, tmp_path, port, upstream, "sluicegate_zone z size=1m policy=fixed requests=5;"))
+    log = tmp_path / "nginx.out"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for_port(port, process, log)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}
+        with httpx.Client(timeout=20) as client:
+            statuses = [client.post(url, json=body).status_code for _ in range(6)]
+            assert statuses == [200] * 5 + [429], statuses
+
+            error_log = tmp_path / "error.log"
+            process.send_signal(signal.SIGHUP)
+            wait_for_log(error_log, "start worker process", 4)  # 2 at start, 2 after the reload
+            answer = client.post(url, json=body, headers={"connection": "close"})
+            assert answer.status_code == 429, answer.text  # still spent: the same engine
+            assert answer.headers["x-ratelimit-limit-requests"] == "5"
+
+            conf.write_text(small_conf(module_so, tmp_path, port, upstream, "sluicegate_zone z size=1m policy=fixed requests=50;"))
+            process.send_signal(signal.SIGHUP)
+            wait_for_log(error_log, "cannot keep its engine across this reload", 1)
+            answer = client.post(url, json=body, headers={"connection": "close"})
+            assert answer.status_code == 429 and answer.headers["x-ratelimit-limit-requests"] == "5", answer.headers
+        assert "exited on signal" not in read(error_log)
+    finally:
+        stop(process)
+
+
+@pytest.mark.parametrize(
+    "zone, message",
+    [
+        ("sluicegate_zone z size=1m;", "needs policy="),
+        ("sluicegate_zone z policy=sometimes;", 'unknown policy "sometimes"'),
+        ("sluicegate_zone z size=64k policy=fixed scopes=100000;", "is too small for 100000 scopes"),
+        ("sluicegate_zone z policy=fixed requests=-3;", 'invalid parameter "requests=-3"'),
+        ("sluicegate_zone z policy=fixed colour=blue;", 'invalid parameter "colour=blue"'),
+        ("sluicegate_zone z policy=fixed requests=10 ceiling_requests=5;", 'sluicegate_zone "z": invalid policy'),
+        ("sluicegate_zone y policy=fixed;", 'zero size shared memory zone "z"'),
+    ],
+)
+def test_configuration_errors_are_named(module_so, tmp_path, zone, message):
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(small_conf(module_so, tmp_path, free_port(), free_port(), zone))
+    checked = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode != 0 and message in checked.stderr, checked.stderr
