@@ -93,15 +93,8 @@ impl RequestFields {
 
     /// The prompt's tokens, estimated as the ASGI middleware does: a quarter of its
     /// characters plus its token ids, from 1 to [`MAX_COUNT`].
-    pub const fn prompt_tokens(&self) -> u64 {
-        let tokens = (self.prompt_chars / 4).saturating_add(self.prompt_token_ids);
-        if tokens == 0 {
-            1
-        } else if tokens > MAX_COUNT {
-            MAX_COUNT
-        } else {
-            tokens
-        }
+    pub fn prompt_tokens(&self) -> u64 {
+        (self.prompt_chars / 4).saturating_add(self.prompt_token_ids).clamp(1, MAX_COUNT)
     }
 }
 
@@ -241,10 +234,8 @@ impl Scan {
     }
 
     fn classify(&self) -> Field {
+        // A key longer than the buffer reads as empty, which names no field.
         let key = self.key.get(..self.key_len).unwrap_or_default();
-        if self.key_len > KEY_MAX {
-            return Field::Other;
-        }
         if self.depth == 1 {
             if let Some(i) = PROMPT_FIELDS.iter().position(|f| *f == key) {
                 return Field::Prompt(i);

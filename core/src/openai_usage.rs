@@ -357,8 +357,8 @@ impl Object {
 
     /// The role, and the field slot, a value takes under the current key of an object in `role`.
     fn field(&self, role: Role) -> (Role, u8) {
-        let key =
-            if self.key_len > KEY_MAX { &[][..] } else { self.key.get(..self.key_len).unwrap_or_default() };
+        // A key longer than the buffer reads as empty, which names no field.
+        let key = self.key.get(..self.key_len).unwrap_or_default();
         match role {
             Role::Top if key == b"choices" => (Role::Choices, 0),
             Role::Top if key == b"usage" => (Role::Usage, 1),

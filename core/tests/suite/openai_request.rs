@@ -92,6 +92,15 @@ fn the_last_of_duplicate_keys_wins_at_every_depth() {
     let f = scan(chat(r#", "stream_options": {"include_usage": true}, "stream_options": null"#).as_bytes())
         .unwrap();
     assert!(!f.include_usage);
+    // Other keys of stream_options, and objects within it, leave include_usage as it is.
+    let f =
+        scan(chat(r#", "stream_options": {"include_usage": true, "x": false, "y": {"z": {}}}"#).as_bytes())
+            .unwrap();
+    assert!(f.include_usage);
+    // Keys longer than any field's name are no field, however they begin.
+    let f =
+        scan(chat(r#", "stream_options": {"include_usage_and_then_some_more": true}"#).as_bytes()).unwrap();
+    assert!(!f.include_usage);
     // include_usage counts only directly in stream_options.
     let f =
         scan(chat(r#", "stream_options": {"x": {"include_usage": true}}, "include_usage": true"#).as_bytes())

@@ -50,6 +50,7 @@ data: [DONE]\n\n";
         scanner.feed(std::slice::from_ref(b));
         seen.push(scanner.generated_chars());
     }
+    assert_eq!(scanner.usage(), whole.usage, "known before finish");
     assert_eq!(scanner.finish(), whole);
     let second_event_ends = stream.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     assert_eq!(seen[second_event_ends], 0, "not at its \\r");
