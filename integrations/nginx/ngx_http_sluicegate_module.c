@@ -28,22 +28,11 @@
 
 #include <sluicegate.h>
 
-
 #define NGX_HTTP_SLUICEGATE_DEFAULT_SCOPES      10000
 #define NGX_HTTP_SLUICEGATE_DEFAULT_MAX_TOKENS  256
 #define NGX_HTTP_SLUICEGATE_DEFAULT_MAX_BODY    (1024 * 1024)
 #define NGX_HTTP_SLUICEGATE_ACCOUNT_MAX         64
 #define NGX_HTTP_SLUICEGATE_HEADERS_BUF         2048
-
-
-/* The usage scanner (sg_usage_scanner_*) arrives in the header with its own commit; until then
- * a response is settled conservatively, with what was reserved. */
-#ifdef SG_USAGE_SCANNER_WORDS
-#define NGX_HTTP_SLUICEGATE_USAGE_SCANNER  1
-#else
-#define NGX_HTTP_SLUICEGATE_USAGE_SCANNER  0
-#endif
-
 
 typedef struct {
     ngx_str_t                  name;
@@ -55,7 +44,6 @@ typedef struct {
     uint64_t                   frozen_ns;
 } ngx_http_sluicegate_zone_t;
 
-
 typedef struct {
     ngx_shm_zone_t            *shm_zone;    /* NULL: off */
     ngx_http_complex_value_t  *account;
@@ -65,14 +53,12 @@ typedef struct {
     ngx_uint_t                 default_max_tokens;
 } ngx_http_sluicegate_loc_conf_t;
 
-
 typedef enum {
     NGX_HTTP_SLUICEGATE_READING = 1,   /* reading the body */
     NGX_HTTP_SLUICEGATE_ANSWERED,      /* answered by the module (a refusal, a 4xx, a 503) */
     NGX_HTTP_SLUICEGATE_WAITING,       /* admitted, waiting out the smoothing delay */
     NGX_HTTP_SLUICEGATE_ADMITTED       /* admitted and passed on */
 } ngx_http_sluicegate_state_e;
-
 
 typedef struct {
     ngx_uint_t                   state;
@@ -83,9 +69,7 @@ typedef struct {
     ngx_uint_t                   asked_stream;  /* the body's "stream": true */
     u_char                      *headers;       /* the rendered rate-limit headers */
     size_t                       headers_len;
-#if NGX_HTTP_SLUICEGATE_USAGE_SCANNER
     sg_usage_scanner            *scanner;
-#endif
     ngx_uint_t                   status;        /* of the response, as its header passed */
     uint64_t                     charged;       /* generated tokens charged while streaming */
 
@@ -101,7 +85,6 @@ typedef struct {
     unsigned                     replace:1;     /* nginx's own 413 page, replaced by JSON */
     unsigned                     replaced:1;
 } ngx_http_sluicegate_ctx_t;
-
 
 static ngx_int_t ngx_http_sluicegate_handler(ngx_http_request_t *r);
 static void ngx_http_sluicegate_body_handler(ngx_http_request_t *r);
@@ -120,7 +103,6 @@ static char *ngx_http_sluicegate_dialect(ngx_conf_t *cf, ngx_command_t *cmd, voi
 static void *ngx_http_sluicegate_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_sluicegate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child);
 static ngx_int_t ngx_http_sluicegate_init(ngx_conf_t *cf);
-
 
 static ngx_command_t  ngx_http_sluicegate_commands[] = {
 
@@ -176,7 +158,6 @@ static ngx_command_t  ngx_http_sluicegate_commands[] = {
       ngx_null_command
 };
 
-
 static ngx_http_module_t  ngx_http_sluicegate_module_ctx = {
     NULL,                                  /* preconfiguration */
     ngx_http_sluicegate_init,              /* postconfiguration */
@@ -190,7 +171,6 @@ static ngx_http_module_t  ngx_http_sluicegate_module_ctx = {
     ngx_http_sluicegate_create_loc_conf,   /* create location configuration */
     ngx_http_sluicegate_merge_loc_conf     /* merge location configuration */
 };
-
 
 ngx_module_t  ngx_http_sluicegate_module = {
     NGX_MODULE_V1,
@@ -207,10 +187,8 @@ ngx_module_t  ngx_http_sluicegate_module = {
     NGX_MODULE_V1_PADDING
 };
 
-
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
-
 
 static ngx_str_t  ngx_http_sluicegate_dialects[] = {
     ngx_string("fireworks"),               /* SG_DIALECT_FIREWORKS */
@@ -220,7 +198,6 @@ static ngx_str_t  ngx_http_sluicegate_dialects[] = {
     ngx_string("ietf"),                    /* SG_DIALECT_IETF */
     ngx_null_string
 };
-
 
 /* ---- the clock ------------------------------------------------------------------------------ */
 
@@ -1096,7 +1073,6 @@ ngx_http_sluicegate_header_filter(ngx_http_request_t *r)
         return ngx_http_next_header_filter(r);
     }
 
-#if NGX_HTTP_SLUICEGATE_USAGE_SCANNER
     ctx->scanner = ngx_palloc(r->pool, sizeof(sg_usage_scanner));
 
     if (ctx->scanner != NULL
@@ -1110,9 +1086,6 @@ ngx_http_sluicegate_header_filter(ngx_http_request_t *r)
     } else {
         ctx->unreadable = 1;
     }
-#else
-    ctx->unreadable = 1;
-#endif
 
     return ngx_http_next_header_filter(r);
 }
@@ -1127,10 +1100,8 @@ ngx_http_sluicegate_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     ngx_chain_t                *cl, out;
     ngx_uint_t                  last;
     ngx_http_sluicegate_ctx_t  *ctx;
-#if NGX_HTTP_SLUICEGATE_USAGE_SCANNER
     uint64_t                    chars, tokens;
     sg_result                   rc;
-#endif
 
     if (r != r->main || in == NULL) {
         return ngx_http_next_body_filter(r, in);
@@ -1195,7 +1166,6 @@ ngx_http_sluicegate_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
             ctx->complete = 1;
         }
 
-#if NGX_HTTP_SLUICEGATE_USAGE_SCANNER
         if (!ctx->scanning) {
             continue;
         }
@@ -1213,10 +1183,8 @@ ngx_http_sluicegate_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
             ctx->scanning = 0;
             ctx->unreadable = 1;
         }
-#endif
     }
 
-#if NGX_HTTP_SLUICEGATE_USAGE_SCANNER
     /* A stream is charged its generated text as it goes (four characters a token). */
     if (ctx->scanning && ctx->stream && ctx->charging && !ctx->expired
         && ctx->status >= 200 && ctx->status < 300
@@ -1242,7 +1210,6 @@ ngx_http_sluicegate_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
             }
         }
     }
-#endif
 
     return ngx_http_next_body_filter(r, in);
 }
@@ -1314,14 +1281,11 @@ ngx_http_sluicegate_cleanup(void *data)
 static void
 ngx_http_sluicegate_settle(ngx_http_sluicegate_ctx_t *ctx, ngx_uint_t gone, ngx_log_t *log)
 {
-    uint64_t       now;
-    sg_usage       usage, reserved;
-    sg_result      rc;
-    uint64_t       generated;
-    ngx_uint_t     read, failed, left, completion;
-#if NGX_HTTP_SLUICEGATE_USAGE_SCANNER
+    uint64_t           now, generated;
+    sg_usage           usage, reserved;
+    sg_result          rc;
+    ngx_uint_t         read, failed, left, completion;
     sg_response_usage  found;
-#endif
 
     ctx->settled = 1;
 
@@ -1341,7 +1305,6 @@ ngx_http_sluicegate_settle(ngx_http_sluicegate_ctx_t *ctx, ngx_uint_t gone, ngx_
     ngx_memzero(&usage, sizeof(sg_usage));
     read = 0;
 
-#if NGX_HTTP_SLUICEGATE_USAGE_SCANNER
     if (ctx->scanning) {
         ctx->scanning = 0;
 
@@ -1366,7 +1329,6 @@ ngx_http_sluicegate_settle(ngx_http_sluicegate_ctx_t *ctx, ngx_uint_t gone, ngx_
             }
         }
     }
-#endif
 
     if (!ctx->forwarded) {
         ngx_memzero(&usage, sizeof(sg_usage));
