@@ -242,7 +242,11 @@ fn line() -> impl Strategy<Value = (Option<Doc>, String)> {
             line.push_str(suffix);
             (Some(d), line)
         }),
-        1 => prop::sample::select(vec!["data: [DONE]", ": ping", "event: message", "", "id: 7", "retry: 10", "data:", "data: {", "dat: {}", "Data: {}"])
+        1 => prop::sample::select(vec![
+            "data: [DONE]", ": ping", "event: message", "", "id: 7", "retry: 10", "data:", "data: {", "dat: {}", "Data: {}",
+            // Lines that are no event, whatever they hold after their start.
+            ": data: {\"usage\": {\"completion_tokens\": 99}}", "id: data: {\"choices\": [{\"delta\": {\"content\": \"zz\"}}]}",
+        ])
             .prop_map(|l| (None, l.to_string())),
     ]
 }
@@ -298,4 +302,17 @@ fn finishing_again_reports_the_same_and_later_bytes_count_for_nothing() {
         scanner.feed(body);
         assert_eq!(scanner.finish(), first, "stream {stream}");
     }
+}
+
+#[test]
+fn a_line_that_is_no_event_stays_skipped_across_chunks() {
+    let r = read(
+        true,
+        &[
+            b": x",
+            b"x data: {\"usage\": {\"completion_tokens\": 99}}\n",
+            b"data: {\"usage\": {\"completion_tokens\": 1}}\n",
+        ],
+    );
+    assert_eq!((r.usage, r.objects), (usage(None, 0, 1), 1));
 }
