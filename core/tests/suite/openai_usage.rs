@@ -251,8 +251,116 @@ fn line() -> impl Strategy<Value = (Option<Doc>, String)> {
     ]
 }
 
+fn pairs(fields: Vec<BoxedStrategy<(String, Doc)>>) -> BoxedStrategy<Doc> {
+    prop::collection::vec(prop::strategy::Union::new(fields), 0..5).prop_map(Doc::Object).boxed()
+}
+
+fn field(key: &'static str, value: BoxedStrategy<Doc>) -> BoxedStrategy<(String, Doc)> {
+    value.prop_map(move |v| (key.to_string(), v)).boxed()
+}
+
+/// Responses shaped as OpenAI's, every level with wrong types and stray keys: the deep paths
+/// (a tool call's arguments, a text part's text) that random documents seldom reach.
+fn response() -> BoxedStrategy<Doc> {
+    let string =
+        prop::sample::select(vec!["", "ab", "é😀", "{\"a\": 1}"]).prop_map(|s| Doc::String(s.to_string()));
+    let stray =
+        prop_oneof![string.clone(), Just(Doc::Null), Just(Doc::Int(7)), Just(Doc::Bool(true))].boxed();
+    let part_text = pairs(vec![
+        field("text", string.clone().boxed()),
+        field("type", string.clone().boxed()),
+        field("x", stray.clone()),
+    ]);
+    let text = prop_oneof![
+        3 => string.clone(),
+        2 => prop::collection::vec(prop_oneof![string.clone(), part_text.clone(), Just(Doc::Int(3)), Just(Doc::Array(vec![Doc::String("no".into())]))], 0..4).prop_map(Doc::Array),
+        1 => part_text,
+        1 => stray.clone(),
+    ]
+    .boxed();
+    let function = pairs(vec![
+        field("arguments", text.clone()),
+        field("name", string.clone().boxed()),
+        field("x", stray.clone()),
+    ]);
+    let call = pairs(vec![
+        field("function", prop_oneof![3 => function.clone(), 1 => stray.clone()].boxed()),
+        field("id", stray.clone()),
+        field("arguments", text.clone()),
+        field("x", function.clone()),
+    ]);
+    let calls =
+        prop_oneof![3 => prop::collection::vec(call, 0..3).prop_map(Doc::Array), 1 => function.clone()]
+            .boxed();
+    let mut part_fields: Vec<_> = ["content", "reasoning_content", "reasoning", "refusal", "text"]
+        .iter()
+        .map(|k| field(k, text.clone()))
+        .collect();
+    part_fields.push(field("tool_calls", calls));
+    part_fields.push(field("function", function));
+    part_fields.push(field("role", string.clone().boxed()));
+    let part = pairs(part_fields);
+    let choice = pairs(vec![
+        field("text", text.clone()),
+        field("delta", prop_oneof![3 => part.clone(), 1 => stray.clone()].boxed()),
+        field("message", prop_oneof![3 => part.clone(), 1 => stray.clone()].boxed()),
+        field("content", text),
+        field("index", stray.clone()),
+    ]);
+    let count = prop::sample::select(vec![
+        Doc::Int(0),
+        Doc::Int(5),
+        Doc::Int(1 << 32),
+        Doc::Int((1 << 32) + 1),
+        Doc::Int(-1),
+        Doc::Float(1.0),
+        Doc::Null,
+        Doc::String("3".into()),
+    ])
+    .boxed();
+    let details = prop_oneof![3 => pairs(vec![field("cached_tokens", count.clone()), field("x", stray.clone())]), 1 => stray.clone()].boxed();
+    let usage = prop_oneof![
+        4 => pairs(vec![
+            field("prompt_tokens", count.clone()),
+            field("completion_tokens", count.clone()),
+            field("completion_tokens", count.clone()),
+            field("prompt_tokens_details", details),
+            field("total_tokens", count),
+        ]),
+        1 => stray.clone(),
+    ]
+    .boxed();
+    pairs(vec![
+        field(
+            "choices",
+            prop_oneof![4 => prop::collection::vec(choice.clone(), 0..3).prop_map(Doc::Array), 1 => choice]
+                .boxed(),
+        ),
+        field("usage", usage),
+        field("id", stray),
+    ])
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Responses shaped as OpenAI's, as bodies and as streams, read as `asgi.py` reads them.
+    #[test]
+    fn shaped_responses_read_as_the_middleware_reads_them(docs in prop::collection::vec(response(), 1..4), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6)) {
+        let mut body = String::new();
+        docs[0].write(&mut body, false);
+        prop_assert_eq!(read(false, &pieces(body.as_bytes(), &cuts)), oracle(&[&docs[0]], "message"), "{}", body);
+        let stream: String = docs
+            .iter()
+            .map(|d| {
+                let mut data = String::new();
+                d.write(&mut data, false);
+                format!("data: {}\n\n", data.replace('\n', " "))
+            })
+            .collect();
+        let all: Vec<&Doc> = docs.iter().collect();
+        prop_assert_eq!(read(true, &pieces(stream.as_bytes(), &cuts)), oracle(&all, "delta"), "{}", stream);
+    }
 
     /// A body, in any chunks, reads as `asgi.py` reads it.
     #[test]
@@ -315,4 +423,10 @@ fn a_line_that_is_no_event_stays_skipped_across_chunks() {
         ],
     );
     assert_eq!((r.usage, r.objects), (usage(None, 0, 1), 1));
+}
+
+#[test]
+fn only_a_tool_calls_function_holds_its_arguments() {
+    let body = br#"{"choices": [{"message": {"tool_calls": [{"x": {"arguments": "ab"}, "function": {"arguments": "cde"}}, {"id": {"arguments": "zz"}}]}}]}"#;
+    assert_eq!(read(false, &[body]).generated_chars, 3);
 }
