@@ -445,9 +445,10 @@ impl Sink for Object {
             Event::BeginObject | Event::BeginArray => {
                 let object = event == Event::BeginObject;
                 let role = self.role_here();
+                // A later `usage` (or its details) is read on its own, as Python's last key wins.
                 match role {
-                    Role::Usage if object => (self.counts, self.details) = (NO_COUNTS, None),
-                    Role::Details if object => self.counts.cached = Count::Absent,
+                    Role::Usage => (self.counts, self.details) = (NO_COUNTS, None),
+                    Role::Details => self.counts.cached = Count::Absent,
                     _ => {}
                 }
                 if let Some(frame) = self.frames.get_mut(self.depth) {

@@ -99,6 +99,10 @@ fn the_last_of_duplicate_keys_wins() {
         "choices": [{"message": {"content": "aaaa", "content": "b"}, "text": "cc", "text": 7}]}"#;
     let r = read(false, &[body]);
     assert_eq!((r.usage, r.generated_chars), (usage(None, 0, 3), 1));
+    // A later usage is read on its own: nothing of an earlier one carries over.
+    let body = br#"{"usage": {"completion_tokens": 1, "prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}},
+        "usage": {"completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 3}, "prompt_tokens_details": {}}}"#;
+    assert_eq!(read(false, &[body]).usage, usage(None, 0, 2));
     // A later null usage leaves none in that object.
     let r = read(false, &[br#"{"usage": {"completion_tokens": 1}, "usage": null}"#]);
     assert_eq!((r.usage, r.malformed_usage), (None, false));
