@@ -46,6 +46,7 @@ typedef struct {
 
 typedef struct {
     ngx_shm_zone_t            *shm_zone;    /* NULL: off */
+    ngx_shm_zone_t            *admin_zone;  /* sluicegate_admin: the zone it administers */
     ngx_http_complex_value_t  *account;
     ngx_http_complex_value_t  *tier;
     ngx_uint_t                 dialect;
@@ -99,6 +100,8 @@ static ngx_int_t ngx_http_sluicegate_body_filter(ngx_http_request_t *r,
 static ngx_int_t ngx_http_sluicegate_init_zone(ngx_shm_zone_t *shm_zone, void *data);
 static char *ngx_http_sluicegate_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_sluicegate(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_sluicegate_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_sluicegate_admin_handler(ngx_http_request_t *r);
 static char *ngx_http_sluicegate_dialect(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static void *ngx_http_sluicegate_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_sluicegate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child);
@@ -116,6 +119,13 @@ static ngx_command_t  ngx_http_sluicegate_commands[] = {
     { ngx_string("sluicegate"),
       NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_http_sluicegate,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("sluicegate_admin"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_sluicegate_admin,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
@@ -615,8 +625,8 @@ ngx_http_sluicegate_handler(ngx_http_request_t *r)
 
     slcf = ngx_http_get_module_loc_conf(r, ngx_http_sluicegate_module);
 
-    if (slcf->shm_zone == NULL) {
-        return NGX_DECLINED;
+    if (slcf->shm_zone == NULL || slcf->admin_zone != NULL) {
+        return NGX_DECLINED;       /* off, or the admin endpoint: never admitted */
     }
 
     if (r->method == NGX_HTTP_OPTIONS) {
@@ -1387,6 +1397,297 @@ ngx_http_sluicegate_settle(ngx_http_sluicegate_ctx_t *ctx, ngx_uint_t gone, ngx_
 }
 
 
+/* ---- the admin endpoint (sluicegate_admin) -------------------------------------------------- */
+
+/*
+ * A location's content handler, for operators (behind `allow 127.0.0.1; deny all;`):
+ *   PUT|POST ?model=M&load=PERMILLE[&capacity=N][&fast=1]   sg_set_load / sg_set_model_capacity,
+ *                                                            204
+ *   GET      ?account=A&model=M[&fast=1]                     200, the scope's levels (sg_limits)
+ * A bad request is 400 with a JSON error; an engine error 503. It never admits.
+ */
+
+static ngx_int_t
+ngx_http_sluicegate_admin_error(ngx_http_request_t *r, ngx_uint_t status, const char *message,
+    const char *code)
+{
+    u_char  *body;
+    size_t   len;
+
+    body = ngx_http_sluicegate_error_json(r->pool,
+                                          status == NGX_HTTP_BAD_REQUEST
+                                          ? "invalid_request_error" : "service_unavailable",
+                                          message, code, &len);
+    if (body == NULL) {
+        return NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+
+    return ngx_http_sluicegate_send(r, status, NULL, 0, body, len);
+}
+
+
+/* A query argument, percent-decoded into the pool: NGX_DECLINED when absent. */
+static ngx_int_t
+ngx_http_sluicegate_admin_arg(ngx_http_request_t *r, const char *name, ngx_str_t *value)
+{
+    u_char     *dst, *src;
+    ngx_str_t   raw;
+
+    if (ngx_http_arg(r, (u_char *) name, ngx_strlen(name), &raw) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    dst = ngx_pnalloc(r->pool, raw.len + 1);
+    if (dst == NULL) {
+        return NGX_ERROR;
+    }
+
+    value->data = dst;
+    src = raw.data;
+    ngx_unescape_uri(&dst, &src, raw.len, 0);
+    value->len = dst - value->data;
+
+    return NGX_OK;
+}
+
+
+/* An unsigned 32-bit number: NGX_ERROR when it is not one. */
+static ngx_int_t
+ngx_http_sluicegate_admin_u32(ngx_str_t *value, uint32_t *out)
+{
+    ngx_int_t  n;
+
+    if (value->len == 0 || value->len > 10) {
+        return NGX_ERROR;
+    }
+
+    n = ngx_atoi(value->data, value->len);
+    if (n == NGX_ERROR || (uint64_t) n > 0xffffffffULL) {
+        return NGX_ERROR;
+    }
+
+    *out = (uint32_t) n;
+    return NGX_OK;
+}
+
+
+/* A JSON number, or null for SG_UNLIMITED (a metric not enforced). */
+static u_char *
+ngx_http_sluicegate_admin_number(u_char *p, u_char *last, uint64_t n)
+{
+    if (n == SG_UNLIMITED) {
+        return ngx_slprintf(p, last, "null");
+    }
+
+    return ngx_slprintf(p, last, "%uL", n);
+}
+
+
+static ngx_int_t
+ngx_http_sluicegate_admin_handler(ngx_http_request_t *r)
+{
+    u_char                          *body, *p, *last;
+    uint32_t                         fast, load = 0, capacity = 0;
+    sg_result                        rc;
+    sg_levels                        levels;
+    ngx_str_t                        model, account, v;
+    ngx_int_t                        has_load, has_capacity;
+    ngx_uint_t                       m;
+    ngx_http_sluicegate_zone_t      *zone;
+    ngx_http_sluicegate_loc_conf_t  *slcf;
+
+    static const char  *metrics[] = {
+        "requests", "prompt_tokens", "uncached_prompt_tokens", "generated_tokens"
+    };
+
+    slcf = ngx_http_get_module_loc_conf(r, ngx_http_sluicegate_module);
+
+    if (slcf->admin_zone == NULL || slcf->admin_zone->data == NULL) {
+        return NGX_DECLINED;
+    }
+
+    zone = slcf->admin_zone->data;
+
+    if (zone->engine == NULL) {
+        return ngx_http_sluicegate_admin_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                               "The zone has no engine.",
+                                               "limiter_unavailable");
+    }
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_PUT|NGX_HTTP_POST))) {
+        if (ngx_http_discard_request_body(r) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        if (ngx_http_sluicegate_add_header(r, (u_char *) "Allow", 5,
+                                           (u_char *) "GET, PUT, POST", 14) != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    fast = 0;
+
+    switch (ngx_http_sluicegate_admin_arg(r, "fast", &v)) {
+    case NGX_OK:
+        if (v.len == 1 && (v.data[0] == '0' || v.data[0] == '1')) {
+            fast = v.data[0] - '0';
+            break;
+        }
+        return ngx_http_sluicegate_admin_error(r, NGX_HTTP_BAD_REQUEST,
+                                               "fast must be 0 or 1.", "invalid_fast");
+    case NGX_DECLINED:
+        break;
+    default:
+        return NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+
+    switch (ngx_http_sluicegate_admin_arg(r, "model", &model)) {
+    case NGX_OK:
+        if (model.len > 0 && model.len <= SG_MODEL_MAX) {
+            break;
+        }
+        /* fall through */
+    case NGX_DECLINED:
+        return ngx_http_sluicegate_admin_error(r, NGX_HTTP_BAD_REQUEST,
+                                               "model= must be 1 to 128 bytes.",
+                                               "invalid_model");
+    default:
+        return NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+
+    if (r->method == NGX_HTTP_GET) {
+        switch (ngx_http_sluicegate_admin_arg(r, "account", &account)) {
+        case NGX_OK:
+            if (account.len > 0 && account.len <= NGX_HTTP_SLUICEGATE_ACCOUNT_MAX) {
+                break;
+            }
+            /* fall through */
+        case NGX_DECLINED:
+            return ngx_http_sluicegate_admin_error(r, NGX_HTTP_BAD_REQUEST,
+                                                   "account= must be 1 to 64 bytes.",
+                                                   "invalid_account");
+        default:
+            return NGX_HTTP_SERVICE_UNAVAILABLE;
+        }
+
+        rc = sg_limits(zone->engine, account.data, account.len, model.data, model.len, fast,
+                       ngx_http_sluicegate_now(zone), &levels);
+
+        if (rc != SG_OK) {
+            return ngx_http_sluicegate_admin_error(r,
+                       (rc == SG_ERR_EMPTY_KEY || rc == SG_ERR_KEY_TOO_LONG
+                        || rc == SG_ERR_INVALID_ARGUMENT)
+                       ? NGX_HTTP_BAD_REQUEST : NGX_HTTP_SERVICE_UNAVAILABLE,
+                       sg_result_str(rc), "limits_failed");
+        }
+
+        body = ngx_pnalloc(r->pool, 1024);
+        if (body == NULL) {
+            return NGX_HTTP_SERVICE_UNAVAILABLE;
+        }
+
+        p = body;
+        last = body + 1024;
+        p = ngx_slprintf(p, last, "{\"fast\": %s", fast ? "true" : "false");
+
+        for (m = 0; m < 4; m++) {
+            p = ngx_slprintf(p, last, ", \"%s\": {\"limit\": ", metrics[m]);
+            p = ngx_http_sluicegate_admin_number(p, last, levels.limit[m]);
+            p = ngx_slprintf(p, last, ", \"remaining\": ");
+            p = ngx_http_sluicegate_admin_number(p, last, levels.remaining[m]);
+            p = ngx_slprintf(p, last, ", \"reset_ms\": %uL}",
+                             (levels.reset_ns[m] + 999999) / 1000000);
+        }
+
+        p = ngx_slprintf(p, last, "}\n");
+
+        return ngx_http_sluicegate_send(r, NGX_HTTP_OK, NULL, 0, body, p - body);
+    }
+
+    /* PUT or POST: the load, the capacity or both. */
+    has_load = ngx_http_sluicegate_admin_arg(r, "load", &v);
+
+    if (has_load == NGX_OK && ngx_http_sluicegate_admin_u32(&v, &load) != NGX_OK) {
+        return ngx_http_sluicegate_admin_error(r, NGX_HTTP_BAD_REQUEST,
+                                               "load= must be an integer from 0 to 4294967295 "
+                                               "(per mille of capacity).", "invalid_load");
+    }
+
+    has_capacity = ngx_http_sluicegate_admin_arg(r, "capacity", &v);
+
+    if (has_capacity == NGX_OK && ngx_http_sluicegate_admin_u32(&v, &capacity) != NGX_OK) {
+        return ngx_http_sluicegate_admin_error(r, NGX_HTTP_BAD_REQUEST,
+                                               "capacity= must be an integer from 0 to "
+                                               "4294967295 (0: off).", "invalid_capacity");
+    }
+
+    if (has_load == NGX_ERROR || has_capacity == NGX_ERROR) {
+        return NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+
+    if (has_load != NGX_OK && has_capacity != NGX_OK) {
+        return ngx_http_sluicegate_admin_error(r, NGX_HTTP_BAD_REQUEST,
+                                               "Name load= or capacity= (or both).",
+                                               "nothing_to_set");
+    }
+
+    rc = SG_OK;
+
+    if (has_capacity == NGX_OK) {
+        rc = sg_set_model_capacity(zone->engine, model.data, model.len, fast, capacity);
+    }
+
+    if (rc == SG_OK && has_load == NGX_OK) {
+        rc = sg_set_load(zone->engine, model.data, model.len, fast, load);
+    }
+
+    if (rc != SG_OK) {
+        return ngx_http_sluicegate_admin_error(r,
+                   (rc == SG_ERR_EMPTY_KEY || rc == SG_ERR_KEY_TOO_LONG
+                    || rc == SG_ERR_INVALID_ARGUMENT || rc == SG_ERR_BAD_CAPACITY)
+                   ? NGX_HTTP_BAD_REQUEST : NGX_HTTP_SERVICE_UNAVAILABLE,
+                   sg_result_str(rc), "set_failed");
+    }
+
+    ngx_log_error(NGX_LOG_NOTICE, r->connection->log, 0,
+                  "sluicegate_admin \"%V\": model \"%V\"%s: load %s, capacity %s",
+                  &zone->name, &model, fast ? " (fast)" : "",
+                  has_load == NGX_OK ? "set" : "kept",
+                  has_capacity == NGX_OK ? "set" : "kept");
+
+    return ngx_http_sluicegate_send(r, NGX_HTTP_NO_CONTENT, NULL, 0, NULL, 0);
+}
+
+
+static char *
+ngx_http_sluicegate_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_sluicegate_loc_conf_t  *slcf = conf;
+
+    ngx_str_t                 *value;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    if (slcf->admin_zone != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    slcf->admin_zone = ngx_shared_memory_add(cf, &value[1], 0, &ngx_http_sluicegate_module);
+    if (slcf->admin_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_sluicegate_admin_handler;
+
+    return NGX_CONF_OK;
+}
+
+
 /* ---- the zone ------------------------------------------------------------------------------- */
 
 static ngx_int_t
@@ -1850,6 +2151,7 @@ ngx_http_sluicegate_create_loc_conf(ngx_conf_t *cf)
      */
 
     conf->shm_zone = NGX_CONF_UNSET_PTR;
+    conf->admin_zone = NGX_CONF_UNSET_PTR;
     conf->dialect = NGX_CONF_UNSET_UINT;
     conf->max_body = NGX_CONF_UNSET_SIZE;
     conf->default_max_tokens = NGX_CONF_UNSET_UINT;
@@ -1867,6 +2169,10 @@ ngx_http_sluicegate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_core_loc_conf_t  *clcf;
 
     ngx_conf_merge_ptr_value(conf->shm_zone, prev->shm_zone, NULL);
+
+    if (conf->admin_zone == NGX_CONF_UNSET_PTR) {
+        conf->admin_zone = NULL;    /* not inherited: only the location that names it */
+    }
     ngx_conf_merge_uint_value(conf->dialect, prev->dialect, SG_DIALECT_FIREWORKS);
     ngx_conf_merge_size_value(conf->max_body, prev->max_body,
                               NGX_HTTP_SLUICEGATE_DEFAULT_MAX_BODY);
@@ -1892,7 +2198,7 @@ ngx_http_sluicegate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
-    if (conf->shm_zone != NULL) {
+    if (conf->shm_zone != NULL && conf->admin_zone == NULL) {
         if (conf->account == NULL) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "\"sluicegate\" needs \"sluicegate_account\" (a variable naming "

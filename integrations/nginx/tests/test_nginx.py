@@ -53,6 +53,8 @@ ACCOUNTS = {  # API key -> account id, as an operator's map would hold them
     "sk-hostile": "acct-hostile",
     "sk-small": "acct-small",
     "sk-smooth": "acct-smooth",
+    "sk-shed": "acct-shed",
+    "sk-load": "acct-load",
 }
 
 
@@ -180,6 +182,11 @@ http {{
     sluicegate_zone hostile size=2m policy=fireworks_2024;
     # Together's preset smooths bursts with waits of up to 2 s; a frozen clock, as test 2's.
     sluicegate_zone smooth policy=together scopes=1024 clock=frozen;
+    # The Fireworks 2024 preset, for shedding by a load set through the admin endpoint.
+    sluicegate_zone shed policy=fireworks_2024 scopes=1024;
+    # The load test (wrk): a limit that never binds, and one that binds hard.
+    sluicegate_zone open policy=fixed requests=1000000000 scopes=1024 permits=4096 max_in_flight=4096;
+    sluicegate_zone tight policy=fixed requests=60 scopes=1024;
 
     map $http_authorization $sg_account {{
 {accounts}
@@ -202,6 +209,18 @@ http {{
         sluicegate_account $sg_account;
 
 {locations}
+        # The shed zone's admin endpoint: operators only.
+        location = /admin/shed {{
+            allow 127.0.0.1;
+            deny all;
+            sluicegate_admin shed;
+        }}
+
+        # The load test's baseline: the same upstream, without the module.
+        location /plain/v1/ {{
+            proxy_pass http://mock/v1/;
+        }}
+
         # A smaller cap than nginx's own client_max_body_size: the module's 413.
         location /small/v1/ {{
             sluicegate hostile;
@@ -242,7 +261,7 @@ def nginx(module_so, upstream, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nginx")
     port = free_port()
     accounts = "\n".join(f'        "Bearer {key}" {acct};' for key, acct in ACCOUNTS.items())
-    locations = "".join(LOCATION.format(zone=z) for z in ("rpm", "usage", "exact", "hostile", "smooth"))
+    locations = "".join(LOCATION.format(zone=z) for z in ("rpm", "usage", "exact", "hostile", "smooth", "shed", "open", "tight"))
     user = f"user {pwd.getpwuid(0).pw_name};" if os.geteuid() == 0 else ""
     conf = CONF.format(so=module_so, user=user, tmp=tmp, usage=USAGE_LIMIT, accounts=accounts, upstream=upstream, port=port,
                        locations=locations)
@@ -488,6 +507,98 @@ def test_a_client_that_leaves_mid_stream_and_an_upstream_failure(nginx):
         drop = drops.take(failed.value.response.headers)
     dp, dg, refill = drop
     assert -refill <= dp <= 0 and -refill <= dg <= 0, drop
+
+
+def admin(nginx, method, **params):
+    """The shed zone's admin endpoint (sluicegate_admin), from 127.0.0.1."""
+    import httpx
+
+    return httpx.request(method, f"http://127.0.0.1:{nginx.port}/admin/shed", params=params, timeout=20)
+
+
+SHED_LOAD = 1100  # per mille: past in-limit default traffic's threshold (1.0, SPEC §6), short of priority's (1.2)
+
+
+def test_503_when_the_models_load_is_past_the_shedding_threshold(nginx):
+    """The load set through the admin endpoint past the Fireworks 2024 preset's threshold for
+    regular (in-limit default) requests: the openai client gets a 503 with retry-after; the load
+    set back to 0, the next request succeeds."""
+    import openai
+
+    client = openai_client(nginx, "shed", "sk-shed")
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8).usage.completion_tokens == COMPLETION_TOKENS
+
+    set_load = admin(nginx, "PUT", model=MODEL, load=SHED_LOAD)
+    assert set_load.status_code == 204, set_load.text
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8)
+    finally:
+        reset = admin(nginx, "POST", model=MODEL, load=0)
+    shed = caught.value
+    assert shed.status_code == 503, shed
+    headers = shed.response.headers
+    assert int(headers["retry-after"]) >= 1, headers
+    assert headers["content-type"] == "application/json"
+    assert "error" in shed.response.json(), shed.response.text
+    print(f"\nshed at load {SHED_LOAD}‰: {shed.status_code} retry-after={headers['retry-after']} "
+          f"retry-after-ms={headers.get('retry-after-ms')} body={shed.response.text}")
+
+    assert reset.status_code == 204, reset.text
+    done = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=8)
+    assert done.http_response.status_code == 200
+    assert_no_crash(nginx)
+
+
+def test_the_admin_endpoint(nginx):
+    """Bad arguments get 400 with a JSON error; a GET shows a scope's levels, the requests left
+    dropping by one after an admitted request. The endpoint itself admits nothing."""
+    import httpx
+
+    bad = [
+        ("PUT", {"model": MODEL, "load": "lots"}, "invalid_load"),
+        ("PUT", {"model": MODEL, "load": "-1"}, "invalid_load"),
+        ("PUT", {"model": MODEL, "load": "99999999999"}, "invalid_load"),
+        ("POST", {"model": MODEL, "capacity": "x"}, "invalid_capacity"),
+        ("PUT", {"load": "10"}, "invalid_model"),
+        ("PUT", {"model": MODEL}, "nothing_to_set"),
+        ("PUT", {"model": MODEL, "load": "10", "fast": "yes"}, "invalid_fast"),
+        ("GET", {"model": MODEL}, "invalid_account"),
+        ("GET", {"account": "acct-shed"}, "invalid_model"),
+        ("GET", {"account": "a" * 65, "model": MODEL}, "invalid_account"),
+    ]
+    for method, params, code in bad:
+        answer = admin(nginx, method, **params)
+        assert answer.status_code == 400, (method, params, answer.status_code, answer.text)
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["error"]["code"] == code, (method, params, answer.text)
+    assert admin(nginx, "DELETE", model=MODEL).status_code == 405
+
+    # A model of its own: a fresh scope, its bucket full.
+    probe = "admin-probe"
+    before = admin(nginx, "GET", account="acct-shed", model=probe)
+    assert before.status_code == 200, before.text
+    levels = before.json()
+    assert set(levels) == {"fast", "requests", "prompt_tokens", "uncached_prompt_tokens", "generated_tokens"}, levels
+    assert levels["requests"]["limit"] == 60 and levels["requests"]["remaining"] == 60, levels  # fireworks_2024
+    assert admin(nginx, "GET", account="acct-shed", model=probe).json() == levels  # reading admits nothing
+
+    with httpx.Client(timeout=20) as client:
+        answer = client.post(nginx.url("shed") + "/chat/completions", headers={"authorization": "Bearer sk-shed"},
+                             json={"model": probe, "messages": MESSAGES, "max_tokens": 8})
+    assert answer.status_code == 200, answer.text
+    after = admin(nginx, "GET", account="acct-shed", model=probe).json()
+    # One request a second refills; the GET comes well within that second.
+    assert after["requests"]["remaining"] == levels["requests"]["remaining"] - 1, (levels, after)
+    assert after["requests"]["limit"] == 60
+    assert after["generated_tokens"]["remaining"] < levels["generated_tokens"]["remaining"], (levels, after)
+    print(f"\nadmin GET before: {levels}\nadmin GET after one request: {after}")
+
+    # The fast variant and a capacity are accepted too.
+    assert admin(nginx, "GET", account="acct-shed", model=probe, fast=1).status_code == 200
+    assert admin(nginx, "PUT", model=probe, capacity=1000).status_code == 204
+    assert admin(nginx, "PUT", model=probe, capacity=0, load=0).status_code == 204
+    assert_no_crash(nginx)
 
 
 # -- 2. exactness across workers -------------------------------------------------------------------
