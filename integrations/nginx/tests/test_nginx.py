@@ -12,6 +12,12 @@ upstream are stopped at the end of the session.
    admit exactly 600 (the zone's clock is frozen, see ``test_exactly_the_limit_across_workers``).
 3. Hostile input: the stated 400/401/413 for each, a valid request right after each, and no
    worker crash in the error log.
+4. Load: wrk for 10 s without the module, with a limit that never binds and with one that binds
+   hard; no crash, no 5xx, steady worker memory; the figures printed and written to
+   ``$CARGO_TARGET_DIR/nginx-module/wrk.json`` (never asserted on).
+
+Also: the admin endpoint (``sluicegate_admin``) sets a model's load past the shedding threshold,
+and the openai client gets a 503.
 """
 
 import asyncio
@@ -791,6 +797,121 @@ def test_the_modules_own_body_cap(nginx):
         assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large", chunked.text
         assert client.post(url, content=body(10), headers=headers).status_code == 200
     assert_no_crash(nginx)
+
+
+# -- 4. load (wrk) ---------------------------------------------------------------------------------
+
+WRK_SECONDS = 10
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = BODY
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-load"
+
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {} end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("statuses")) do total[k] = (total[k] or 0) + v end
+  end
+  io.write("STATUSES")
+  for k, v in pairs(total) do io.write(" " .. k .. "=" .. v) end
+  io.write("\\n")
+end
+"""
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def parse_wrk(out):
+    """Requests/s, p50 and p99 (ms, from --latency), socket errors and statuses from wrk's output."""
+
+    def ms(text):
+        number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+        return round(float(number) * UNITS_MS[unit], 3)
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Socket errors: (.*)", out)
+    statuses = {int(k): int(v) for k, v in re.findall(r"(\d+)=(\d+)", re.search(r"^STATUSES(.*)$", out, re.M).group(1))}
+    return {"requests_per_s": rps, "p50_ms": p50, "p99_ms": p99, "requests": requests,
+            "socket_errors": errors.group(1).strip() if errors else None, "statuses": statuses}
+
+
+def worker_rss_kb(nginx):
+    """VmRSS of each nginx worker, by pid: the master's pid file, then its children."""
+    master = int((nginx.tmp / "nginx.pid").read_text().strip())
+    pids = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True, timeout=10).stdout.split()
+    rss = {}
+    for pid in pids:
+        status = read(f"/proc/{pid}/status")
+        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        if found:
+            rss[int(pid)] = int(found.group(1))
+    assert len(rss) == 4, (master, pids, rss)
+    return rss
+
+
+def test_load_with_wrk(nginx, tmp_path):
+    """wrk -t2 -c32 -d10s --latency, POSTing a small chat body, against (a) the same upstream
+    without the module, (b) the module with a limit that never binds, (c) the module with a limit
+    that binds hard (60 a minute: nearly every request a 429). Afterwards: no crash or alert in
+    the error log; no 5xx; (c) mostly 429s; each worker's memory after (c) within 20 MB of what
+    it was after (b). The figures (requests/s, p50, p99, and the latency the module adds over (a))
+    are printed and written, never asserted on."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 8})
+    script = tmp_path / "post.lua"
+    script.write_text(WRK_LUA.replace("BODY", json.dumps(body)))
+
+    def run(label, zone):
+        url = f"http://127.0.0.1:{nginx.port}/{zone}/v1/chat/completions"
+        done = subprocess.run(["wrk", "-t2", "-c32", f"-d{WRK_SECONDS}s", "--latency", "-s", str(script), url],
+                              capture_output=True, text=True, timeout=WRK_SECONDS + 15)
+        assert done.returncode == 0, done.stderr
+        (tmp_path / f"wrk-{label}.txt").write_text(done.stdout)
+        figures = parse_wrk(done.stdout)
+        assert not [s for s in figures["statuses"] if s >= 500], (label, figures)
+        return figures
+
+    runs = {"a_without_module": run("a", "plain")}
+    runs["b_module_never_binds"] = run("b", "open")
+    rss_b = worker_rss_kb(nginx)
+    runs["c_module_binds_hard"] = run("c", "tight")
+    rss_c = worker_rss_kb(nginx)
+
+    a, b, c = runs["a_without_module"], runs["b_module_never_binds"], runs["c_module_binds_hard"]
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wrk": f"wrk -t2 -c32 -d{WRK_SECONDS}s --latency, POST chat completions (max_tokens 8), 127.0.0.1, nginx 4 workers",
+        "cpus": os.cpu_count(),
+        "runs": runs,
+        "added_by_module_ms": {
+            "never_binds": {"p50": round(b["p50_ms"] - a["p50_ms"], 3), "p99": round(b["p99_ms"] - a["p99_ms"], 3)},
+            "binds_hard": {"p50": round(c["p50_ms"] - a["p50_ms"], 3), "p99": round(c["p99_ms"] - a["p99_ms"], 3)},
+        },
+        "worker_rss_kb": {"after_b": rss_b, "after_c": rss_c},
+    }
+    (tmp_path / "wrk.json").write_text(json.dumps(report, indent=2))
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "nginx-module"
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / "wrk.json", "a") as out:  # one JSON object a line, a line a run
+        out.write(json.dumps(report) + "\n")
+    print("\n" + "\n".join(f"{label:22} {r['requests_per_s']:9.1f} req/s  p50 {r['p50_ms']:8.3f} ms  p99 {r['p99_ms']:8.3f} ms  "
+                           f"statuses {r['statuses']}  socket errors: {r['socket_errors']}" for label, r in runs.items()))
+    print(f"added by the module (ms): {report['added_by_module_ms']}")
+    print(f"worker RSS (kB) after b: {rss_b}, after c: {rss_c}")
+
+    assert_no_crash(nginx)
+    assert b["statuses"].get(200, 0) == b["requests"], b  # the limit never binds
+    assert c["statuses"].get(429, 0) > 0.9 * c["requests"], c  # binds hard: nearly all 429
+    assert set(c["statuses"]) <= {200, 429}, c
+    for pid, kb in rss_c.items():
+        assert pid in rss_b, (rss_b, rss_c)  # the same workers: none died and was replaced
+        assert kb - rss_b[pid] < 20 * 1024, (pid, rss_b[pid], kb)  # memory is steady
 
 
 # -- reloads and configuration errors --------------------------------------------------------------
