@@ -387,8 +387,9 @@ impl Lexer {
                     } else {
                         match high {
                             Some(h) if (0xDC00..0xE000).contains(&value) => {
+                                // Each half carries 10 bits of the code point past U+FFFF.
                                 let code =
-                                    0x1_0000 + ((u32::from(h) - 0xD800) << 10) + (u32::from(value) - 0xDC00);
+                                    0x1_0000 + ((u32::from(h) & 0x3FF) << 10) + (u32::from(value) & 0x3FF);
                                 self.emit_code(key, code, sink);
                                 self.state = State::String { key };
                             }
