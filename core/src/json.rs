@@ -190,6 +190,55 @@ impl Literal {
     }
 }
 
+/// An object key gathered from its [`Event::KeyPart`]s, for a sink that looks keys up: a key
+/// longer than the buffer reads as empty, which names no field.
+#[derive(Clone, Copy, Debug)]
+pub struct Key {
+    bytes: [u8; KEY_MAX],
+    len: usize,
+}
+
+/// Bytes a [`Key`] holds: more than the longest field name any scanner reads.
+pub const KEY_MAX: usize = 24;
+
+impl Key {
+    /// No key yet.
+    pub const fn new() -> Self {
+        Key { bytes: [0; KEY_MAX], len: 0 }
+    }
+
+    /// Appends a part.
+    pub fn push(&mut self, part: &[u8]) {
+        let end = self.len.saturating_add(part.len());
+        if let Some(dst) = self.bytes.get_mut(self.len..end) {
+            dst.copy_from_slice(part);
+        }
+        self.len = end;
+    }
+
+    /// The key so far: empty if it outgrew the buffer.
+    pub fn get(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or_default()
+    }
+
+    /// Forgets the key, for the next one.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+impl Default for Key {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Characters (Unicode scalar values, a lone surrogate counting one) in decoded string parts:
+/// the bytes that do not continue a UTF-8 sequence.
+pub fn chars(part: &[u8]) -> u64 {
+    part.iter().filter(|b| **b & 0xC0 != 0x80).count() as u64
+}
+
 /// The lexer: 40-odd bytes of state, whatever the input's size.
 #[derive(Clone, Debug)]
 pub struct Lexer {

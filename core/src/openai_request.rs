@@ -21,7 +21,7 @@
 //! # Ok::<(), sluicegate_core::openai_request::ScanError>(())
 //! ```
 
-use crate::json::{Event, JsonError, Lexer, MAX_DEPTH, Number, Sink};
+use crate::json::{Event, JsonError, Key, Lexer, MAX_DEPTH, Number, Sink, chars};
 use crate::key::MODEL_KEY_MAX;
 
 /// The largest count a body may give (`max_tokens`, `n`).
@@ -139,8 +139,6 @@ enum Field {
 
 const PROMPT_FIELDS: [&[u8]; 5] = [b"messages", b"prompt", b"input", b"instructions", b"system"];
 const TEXT_FIELDS: [&[u8]; 4] = [b"text", b"content", b"output", b"arguments"];
-/// Longer keys mean nothing here.
-const KEY_MAX: usize = 24;
 
 /// A count field's last value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,8 +189,7 @@ const EMPTY_FRAME: Frame = Frame {
 struct Scan {
     depth: usize,
     frames: [Frame; MAX_DEPTH as usize],
-    key: [u8; KEY_MAX],
-    key_len: usize,
+    key: Key,
     chars: u64,
     top: Option<Value>,
     model: [u8; MODEL_KEY_MAX],
@@ -211,8 +208,7 @@ impl Scan {
         Scan {
             depth: 0,
             frames: [EMPTY_FRAME; MAX_DEPTH as usize],
-            key: [0; KEY_MAX],
-            key_len: 0,
+            key: Key::new(),
             chars: 0,
             top: None,
             model: [0; MODEL_KEY_MAX],
@@ -234,8 +230,7 @@ impl Scan {
     }
 
     fn classify(&self) -> Field {
-        // A key longer than the buffer reads as empty, which names no field.
-        let key = self.key.get(..self.key_len).unwrap_or_default();
+        let key = self.key.get();
         if self.depth == 1 {
             if let Some(i) = PROMPT_FIELDS.iter().position(|f| *f == key) {
                 return Field::Prompt(i);
@@ -358,10 +353,7 @@ impl Sink for Scan {
             Event::BeginArray => self.begin(false),
             Event::EndObject | Event::EndArray => self.end(),
             Event::KeyPart(part) => {
-                if let Some(dst) = self.key.get_mut(self.key_len..self.key_len + part.len()) {
-                    dst.copy_from_slice(part);
-                }
-                self.key_len = self.key_len.saturating_add(part.len());
+                self.key.push(part);
             }
             Event::KeyEnd => {
                 let field = self.classify();
@@ -371,12 +363,10 @@ impl Sink for Scan {
                 if let Some(frame) = self.depth.checked_sub(1).and_then(|d| self.frames.get_mut(d)) {
                     frame.key = field;
                 }
-                self.key_len = 0;
+                self.key.clear();
             }
             Event::StringPart(part) => {
-                // Characters are the bytes that do not continue a UTF-8 sequence.
-                self.chars =
-                    self.chars.saturating_add(part.iter().filter(|b| **b & 0xC0 != 0x80).count() as u64);
+                self.chars = self.chars.saturating_add(chars(part));
                 if self.key_at(1) == Some(Field::Model) {
                     match self.model.get_mut(self.model_len..self.model_len + part.len()) {
                         Some(dst) => {

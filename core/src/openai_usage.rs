@@ -25,7 +25,7 @@
 //! assert_eq!((usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens), (Some(9), 1, 0));
 //! ```
 
-use crate::json::{Event, Lexer, MAX_DEPTH, Number, Sink};
+use crate::json::{Event, Key, Lexer, MAX_DEPTH, Number, Sink, chars};
 use crate::openai_request::MAX_COUNT;
 
 /// A response's `usage`.
@@ -254,8 +254,6 @@ enum Role {
 }
 
 const PART_TEXTS: [&[u8]; 4] = [b"content", b"reasoning_content", b"reasoning", b"refusal"];
-/// Longer keys mean nothing here.
-const KEY_MAX: usize = 24;
 
 /// The usage counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,8 +303,7 @@ struct Object {
     part_key: &'static [u8],
     depth: usize,
     frames: [Frame; MAX_DEPTH as usize],
-    key: [u8; KEY_MAX],
-    key_len: usize,
+    key: Key,
     chars: u64,
     was_object: bool,
     /// The last `usage`: `None` while absent or null, `Some(true)` an object, `Some(false)`
@@ -324,8 +321,7 @@ impl Object {
             part_key: if stream { b"delta" } else { b"message" },
             depth: 0,
             frames: [EMPTY_FRAME; MAX_DEPTH as usize],
-            key: [0; KEY_MAX],
-            key_len: 0,
+            key: Key::new(),
             chars: 0,
             was_object: false,
             usage: None,
@@ -357,8 +353,7 @@ impl Object {
 
     /// The role, and the field slot, a value takes under the current key of an object in `role`.
     fn field(&self, role: Role) -> (Role, u8) {
-        // A key longer than the buffer reads as empty, which names no field.
-        let key = self.key.get(..self.key_len).unwrap_or_default();
+        let key = self.key.get();
         match role {
             Role::Top if key == b"choices" => (Role::Choices, 0),
             Role::Top if key == b"usage" => (Role::Usage, 1),
@@ -477,10 +472,7 @@ impl Sink for Object {
                 self.value(frame.role, chars, if frame.object { Kind::Object } else { Kind::Other });
             }
             Event::KeyPart(part) => {
-                if let Some(dst) = self.key.get_mut(self.key_len..self.key_len + part.len()) {
-                    dst.copy_from_slice(part);
-                }
-                self.key_len = self.key_len.saturating_add(part.len());
+                self.key.push(part);
             }
             Event::KeyEnd => {
                 if let Some(d) = self.depth.checked_sub(1) {
@@ -490,11 +482,10 @@ impl Sink for Object {
                         (frame.child, frame.slot) = (child, slot);
                     }
                 }
-                self.key_len = 0;
+                self.key.clear();
             }
             Event::StringPart(part) => {
-                self.chars =
-                    self.chars.saturating_add(part.iter().filter(|b| **b & 0xC0 != 0x80).count() as u64);
+                self.chars = self.chars.saturating_add(chars(part));
             }
             Event::StringEnd => {
                 let chars = core::mem::take(&mut self.chars);
