@@ -1098,8 +1098,9 @@ sg_result sg_engine_new(const struct sg_config *config, struct sg_engine **engin
 void sg_engine_free(struct sg_engine *engine);
 
 /**
- * Nanoseconds from the OS monotonic clock (the same origin for the whole process): a `now_ns`
- * for callers without their own clock.
+ * Nanoseconds from the OS monotonic clock (`CLOCK_MONOTONIC` on unix, whose origin every process
+ * on the host shares, as Python's `time.monotonic_ns()`): a `now_ns` for callers without their
+ * own clock, on which workers sharing one engine agree.
  */
 uint64_t sg_now_ns(void);
 

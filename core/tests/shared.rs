@@ -200,6 +200,37 @@ fn a_restore_that_never_finished_leaves_a_region_the_next_opener_initialises() {
     assert_eq!(engine.limits(KEY, 0).unwrap().remaining(Metric::Requests), 600, "initialised afresh");
 }
 
+/// Workers sharing an engine pass `clock::now_ns()` as the time, so theirs must be one clock: a
+/// child process's reading falls between two of the parent's.
+#[test]
+fn every_process_reads_the_same_clock() {
+    use std::process::Command;
+    // The parent's clock has run a while: a clock counting from each process's first read
+    // would put the child's reading, near zero, before it.
+    sluicegate_core::clock::now_ns();
+    thread::sleep(std::time::Duration::from_millis(20));
+    let before = sluicegate_core::clock::now_ns();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "child_prints_its_clock", "--nocapture"])
+        .output()
+        .unwrap();
+    let after = sluicegate_core::clock::now_ns();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let child: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("clock "))
+        .expect("the child printed its clock")
+        .parse()
+        .unwrap();
+    assert!(before <= child && child <= after, "{before} ≤ {child} ≤ {after}");
+}
+
+#[test]
+#[ignore = "run by every_process_reads_the_same_clock"]
+fn child_prints_its_clock() {
+    println!("clock {}", sluicegate_core::clock::now_ns());
+}
+
 /// A restore that is stopped or hung, its process alive, keeps the file's exclusive lock: a new
 /// worker gets `NotReady` after its bounded wait instead of hanging, and opens once the restore
 /// is over.

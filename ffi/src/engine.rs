@@ -324,8 +324,9 @@ pub unsafe extern "C" fn sg_engine_free(engine: *mut sg_engine) {
     unsafe { crate::boundary::free_boxed(engine) }
 }
 
-/// Nanoseconds from the OS monotonic clock (the same origin for the whole process): a `now_ns`
-/// for callers without their own clock.
+/// Nanoseconds from the OS monotonic clock (`CLOCK_MONOTONIC` on unix, whose origin every process
+/// on the host shares, as Python's `time.monotonic_ns()`): a `now_ns` for callers without their
+/// own clock, on which workers sharing one engine agree.
 #[unsafe(no_mangle)]
 pub extern "C" fn sg_now_ns() -> u64 {
     sluicegate_core::clock::now_ns()

@@ -150,15 +150,7 @@ pub(crate) fn bytes_like(name: &str, v: &Bound<'_, PyAny>) -> PyResult<PyBackedB
     Ok(bytes.cast_into::<PyBytes>().map_err(|_| not_bytes())?.into())
 }
 
-/// Python's `time.monotonic_ns()`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux and macOS.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
-}
-
-/// `now_ns`, by default `time.monotonic_ns()`.
+/// `now_ns`, by default `time.monotonic_ns()` (the core's clock reads the same CLOCK_MONOTONIC).
 pub(crate) fn now(now_ns: Option<&Bound<'_, PyAny>>) -> PyResult<u64> {
-    Ok(optional_count("now_ns", now_ns)?.unwrap_or_else(monotonic_ns))
+    Ok(optional_count("now_ns", now_ns)?.unwrap_or_else(sluicegate_core::clock::now_ns))
 }
