@@ -82,6 +82,11 @@ enum Line {
 
 const DATA: &[u8] = b"data:";
 
+/// Where the line at `from` ends in `bytes`: at its `\n`, or at the end of the chunk.
+fn line_end(bytes: &[u8], from: usize) -> usize {
+    bytes.get(from..).and_then(|rest| rest.iter().position(|&b| b == b'\n')).map_or(bytes.len(), |p| from + p)
+}
+
 /// Python's `bytes.strip()` whitespace.
 const fn is_blank(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | 0x0B | 0x0C)
@@ -170,10 +175,7 @@ impl UsageScanner {
                 Line::Blank | Line::Data => {
                     self.line = Line::Data;
                     // The data runs to the line's end, or the chunk's.
-                    let end = bytes
-                        .get(i..)
-                        .and_then(|r| r.iter().position(|&b| b == b'\n'))
-                        .map_or(bytes.len(), |p| i + p);
+                    let end = line_end(bytes, i);
                     let data = bytes.get(i..end).unwrap_or_default();
                     if self.lexer.feed(data, &mut self.object).is_err() {
                         self.line = Line::Skip;
@@ -182,11 +184,9 @@ impl UsageScanner {
                     continue;
                 }
                 Line::Skip => {
-                    let end = bytes.get(i..).and_then(|r| r.iter().position(|&b| b == b'\n'));
-                    return match end {
-                        Some(p) => (i + p + 1, true),
-                        None => (bytes.len(), false),
-                    };
+                    // On to the line's end, which the loop's top takes, or the chunk's.
+                    i = line_end(bytes, i);
+                    continue;
                 }
             }
             i += 1;
