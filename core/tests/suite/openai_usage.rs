@@ -434,3 +434,11 @@ fn only_a_tool_calls_function_holds_its_arguments() {
     let body = br#"{"choices": [{"message": {"tool_calls": [{"x": {"arguments": "ab"}, "function": {"arguments": "cde"}}, {"id": {"arguments": "zz"}}]}}]}"#;
     assert_eq!(read(false, &[body]).generated_chars, 3);
 }
+
+#[test]
+fn python_blanks_around_a_data_line_are_stripped_as_asgi_py_strips_them() {
+    // Vertical tab and form feed are not JSON whitespace, but bytes.strip() takes them.
+    let stream = b"\x0b\x0c data:\x0b\x0c {\"usage\": {\"completion_tokens\": 2}}\n";
+    let r = read(true, &[stream]);
+    assert_eq!((r.usage, r.objects), (usage(None, 0, 2), 1));
+}
