@@ -200,3 +200,23 @@ fn limits_past_the_unlimited_mark_have_no_bucket() {
     assert!(interval(UNLIMITED_F64 - 1.0) > 0);
     assert_eq!(interval(60.0), 1_000_000 << 32, "60 a minute: one every 10^6 quanta");
 }
+
+/// A cost past the hard band is too large whatever the debt; of equal such costs, the first
+/// metric binds, as requests win ties of excess.
+#[test]
+fn of_equal_too_large_costs_the_first_metric_binds() {
+    use sluicegate_core::Metric;
+    use sluicegate_core::bucket::{Bands, Fit, fit};
+    let bands = Bands { normal_q: 60, hard_q: 90, max_wait_q: 0 };
+    for (cost, binding) in [
+        ([100, 100, 0, 0], Metric::Requests),
+        ([0, 100, 100, 0], Metric::PromptTokens),
+        ([0, 100, 0, 200], Metric::GeneratedTokens),
+    ] {
+        assert_eq!(
+            fit([0; 4], cost, bands),
+            Fit::Exceeds { binding, retry_after_q: 0, too_large: true },
+            "{cost:?}"
+        );
+    }
+}
