@@ -997,6 +997,62 @@ def test_a_reload_keeps_the_engine_and_refuses_another_policy(module_so, upstrea
         stop(process)
 
 
+def test_workers_killed_mid_request_block_the_account_only_until_the_permit_ttl(module_so, upstream, tmp_path):
+    """Every worker is killed (SIGKILL) while one streams a response: its permit was never
+    settled, so the account's only place in flight stays taken (429) until the permit TTL (6 s), then
+    the respawned workers admit again. Nothing else crashes."""
+    import httpx
+
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    zone = "sluicegate_zone z size=1m policy=fixed requests=1000 max_in_flight=1 permit_ttl=6s;"
+    conf.write_text(small_conf(module_so, tmp_path, port, upstream, zone))
+    log = tmp_path / "nginx.out"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for_port(port, process, log)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}
+        slow = {**body, "max_tokens": 50, "stream": True, "seconds_per_word": 0.2}
+        error_log = tmp_path / "error.log"
+        with httpx.Client(timeout=20) as client:
+            with client.stream("POST", url, json=slow) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                next(lines)
+                master = int((tmp_path / "nginx.pid").read_text().strip())
+                workers = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True, timeout=10).stdout.split()
+                assert len(workers) == 2, workers
+                for pid in workers:
+                    os.kill(int(pid), signal.SIGKILL)
+                with pytest.raises(httpx.HTTPError):
+                    for _ in lines:
+                        pass
+            wait_for_log(error_log, "exited on signal 9", 2)
+            wait_for_log(error_log, "start worker process", 4)
+            killed_at = time.monotonic()
+            first = client.post(url, json=body, headers={"connection": "close"})
+            assert first.status_code == 429, first.text  # the dead worker's permit holds the place
+            assert time.monotonic() - killed_at < 6, "too slow to see the place still held"
+            deadline = time.monotonic() + 15
+            statuses = []
+            while time.monotonic() < deadline:
+                statuses.append(client.post(url, json=body, headers={"connection": "close"}).status_code)
+                if statuses[-1] == 200:
+                    break
+                time.sleep(0.25)
+            assert statuses[-1] == 200, statuses  # the permit expired: the place is free again
+            assert set(statuses[:-1]) <= {429}, statuses
+        errors = read(error_log)
+        # The two kills, and nothing else alarming: no other signal, no other alert.
+        alerts = [line for line in errors.splitlines() if "[alert]" in line or "[emerg]" in line]
+        assert len(alerts) == 2 and all("exited on signal 9" in line for line in alerts), alerts
+    finally:
+        stop(process)
+
+
 @pytest.mark.parametrize(
     "zone, message",
     [
