@@ -496,6 +496,36 @@ typedef uint32_t sg_suspension;
 #endif // __cplusplus
 
 /**
+ * Service tiers (SPEC §6), after OpenAI's `service_tier`, from shed first to shed last: `flex`,
+ * `default`, `priority`. An account's grant caps the tier a request is served at.
+ */
+enum sg_service_tier
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * The tier every account has unless granted another.
+   */
+  SG_SERVICE_TIER_DEFAULT = 0,
+  /**
+   * Sheddable batch traffic.
+   */
+  SG_SERVICE_TIER_FLEX = 1,
+  /**
+   * Shed last.
+   */
+  SG_SERVICE_TIER_PRIORITY = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum sg_service_tier sg_service_tier;
+#else
+typedef uint32_t sg_service_tier;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * An engine: opaque, created by `sg_engine_new`, freed by `sg_engine_free`.
  */
 typedef struct sg_engine sg_engine;
@@ -842,6 +872,16 @@ typedef struct sg_openai_request {
    * `"stream_options": {"include_usage": true}`: the stream ends with a usage chunk.
    */
   bool include_usage;
+  /**
+   * The body names a service tier (`"service_tier"` is `"flex"`, `"default"` or
+   * `"priority"`; OpenAI's `"auto"` and other values name none).
+   */
+  bool service_tier_given;
+  /**
+   * The `sg_service_tier` named, when `service_tier_given`; `SG_SERVICE_TIER_DEFAULT`
+   * otherwise. The account's grant caps it: a request is served at the lower of the two.
+   */
+  uint32_t service_tier;
   /**
    * Characters of the prompt's text (in `messages`, `prompt`, `input`, `instructions`,
    * `system`).

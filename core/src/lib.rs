@@ -66,6 +66,7 @@ mod repair;
 pub mod request;
 pub mod response;
 pub mod scope;
+pub mod service_tier;
 #[cfg(all(feature = "std", unix))]
 pub mod shared;
 pub mod shed;
@@ -103,6 +104,7 @@ pub use quota::{Quota, QuotaError};
 pub use region::{Opening, Region};
 pub use request::{Completion, InvalidRequest, Request, Usage};
 pub use scope::{ScopeAdaptation, ScopeSlot};
+pub use service_tier::ServiceTier;
 #[cfg(all(feature = "std", unix))]
 pub use shared::SharedFile;
 pub use shed::{LoadPermille, ShedThresholds};

@@ -1,10 +1,11 @@
 //! What an OpenAI-compatible request body (Chat Completions or Completions) asks for: the model,
-//! `max_completion_tokens` or `max_tokens`, `n`, `stream`, `stream_options.include_usage`, and
-//! the prompt's size. One pass, no allocation, and the rules of the ASGI middleware
+//! `max_completion_tokens` or `max_tokens`, `n`, `stream`, `stream_options.include_usage`,
+//! `service_tier`, and the prompt's size. One pass, no allocation, and the rules of the ASGI middleware
 //! (`python/python/sluicegate/asgi.py`), so every gateway reserves the same for the same body:
 //!
 //! - a later duplicate key wins, as in Python's `json`;
 //! - counts are integers from 1 to 2^32; `null` is as absent;
+//! - `service_tier` is `flex`, `default` or `priority`; any other value is as absent;
 //! - the prompt is the characters (Unicode scalar values, a lone surrogate escape counting one)
 //!   of the strings in `messages`, `prompt`, `input`, `instructions` and `system` — through
 //!   arrays, and through objects' `text`, `content`, `output` and `arguments` — plus one token per
@@ -23,6 +24,7 @@
 
 use crate::json::{Event, JsonError, Key, Lexer, MAX_DEPTH, Number, Sink, chars};
 use crate::key::MODEL_KEY_MAX;
+use crate::service_tier::ServiceTier;
 
 /// The largest count a body may give (`max_tokens`, `n`).
 pub const MAX_COUNT: u64 = 1 << 32;
@@ -83,6 +85,8 @@ pub struct RequestFields {
     pub prompt_chars: u64,
     /// Integers in the prompt: token ids of a pre-tokenized prompt.
     pub prompt_token_ids: u64,
+    /// The `service_tier` asked for; the account's grant caps it ([`ServiceTier::within`]).
+    pub service_tier: Option<ServiceTier>,
 }
 
 impl RequestFields {
@@ -129,6 +133,7 @@ enum Field {
     N,
     Stream,
     StreamOptions,
+    ServiceTier,
     /// One of the top level's prompt fields.
     Prompt(usize),
     /// One of an item's or content block's text fields.
@@ -201,7 +206,13 @@ struct Scan {
     n: Count,
     stream: bool,
     include_usage: bool,
+    tier_name: [u8; TIER_NAME_MAX],
+    tier_name_len: Option<usize>,
+    service_tier: Option<ServiceTier>,
 }
+
+/// The longest service tier's name (`priority`); a longer string names none.
+const TIER_NAME_MAX: usize = 8;
 
 impl Scan {
     fn new() -> Self {
@@ -220,6 +231,9 @@ impl Scan {
             n: Count::Absent,
             stream: false,
             include_usage: false,
+            tier_name: [0; TIER_NAME_MAX],
+            tier_name_len: Some(0),
+            service_tier: None,
         }
     }
 
@@ -242,6 +256,7 @@ impl Scan {
                 b"n" => Field::N,
                 b"stream" => Field::Stream,
                 b"stream_options" => Field::StreamOptions,
+                b"service_tier" => Field::ServiceTier,
                 _ => Field::Other,
             };
         }
@@ -278,6 +293,10 @@ impl Scan {
             Field::Stream => self.stream = value == Value::Bool(true),
             Field::StreamOptions if value != Value::Object => self.include_usage = false,
             Field::IncludeUsage if in_options => self.include_usage = value == Value::Bool(true),
+            Field::ServiceTier => {
+                let name = self.tier_name_len.and_then(|len| self.tier_name.get(..len));
+                self.service_tier = name.filter(|_| value == Value::String).and_then(ServiceTier::from_name);
+            }
             Field::StreamOptions | Field::IncludeUsage | Field::Other => {}
         }
     }
@@ -342,6 +361,7 @@ impl Scan {
             include_usage: self.include_usage,
             prompt_chars: prompt.chars,
             prompt_token_ids: prompt.ids,
+            service_tier: self.service_tier,
         })
     }
 }
@@ -357,8 +377,10 @@ impl Sink for Scan {
             }
             Event::KeyEnd => {
                 let field = self.classify();
-                if field == Field::Model {
-                    (self.model_len, self.model_too_long) = (0, false);
+                match field {
+                    Field::Model => (self.model_len, self.model_too_long) = (0, false),
+                    Field::ServiceTier => self.tier_name_len = Some(0),
+                    _ => {}
                 }
                 if let Some(frame) = self.depth.checked_sub(1).and_then(|d| self.frames.get_mut(d)) {
                     frame.key = field;
@@ -375,6 +397,12 @@ impl Sink for Scan {
                         }
                         None => self.model_too_long = true,
                     }
+                }
+                if self.key_at(1) == Some(Field::ServiceTier) {
+                    let end = self.tier_name_len.and_then(|len| len.checked_add(part.len()));
+                    let dst =
+                        self.tier_name_len.zip(end).and_then(|(len, end)| self.tier_name.get_mut(len..end));
+                    self.tier_name_len = dst.map(|dst| dst.copy_from_slice(part)).and(end);
                 }
             }
             Event::StringEnd => {

@@ -5,7 +5,7 @@ use core::ffi::{CStr, c_char};
 
 use sluicegate_core::{
     Backing, Capacity, Completion, Decision, Engine, Heap, Levels, Metric, Outcome, Overrides, Permit,
-    Policy, RawPermit, Request, ScopeKey, Usage, Variant, overrides,
+    Policy, RawPermit, Request, ScopeKey, ServiceTier, Usage, Variant, overrides,
 };
 
 use crate::boundary::{arg, boundary, bytes, out, sg_result, sg_result::*};
@@ -94,6 +94,28 @@ pub enum sg_outcome {
     /// 429 `concurrency_limited`: the account has `sg_decision.reason` permits outstanding, its
     /// cap (`sg_config.max_in_flight`, `sg_set_max_in_flight`).
     SgRejectConcurrency = 6,
+}
+
+/// Service tiers (SPEC §6), after OpenAI's `service_tier`, from shed first to shed last: `flex`,
+/// `default`, `priority`. An account's grant caps the tier a request is served at.
+#[repr(u32)]
+pub enum sg_service_tier {
+    /// The tier every account has unless granted another.
+    SgServiceTierDefault = 0,
+    /// Sheddable batch traffic.
+    SgServiceTierFlex = 1,
+    /// Shed last.
+    SgServiceTierPriority = 2,
+}
+
+impl sg_service_tier {
+    pub(crate) fn of(tier: ServiceTier) -> u32 {
+        (match tier {
+            ServiceTier::Default => sg_service_tier::SgServiceTierDefault,
+            ServiceTier::Flex => sg_service_tier::SgServiceTierFlex,
+            ServiceTier::Priority => sg_service_tier::SgServiceTierPriority,
+        }) as u32
+    }
 }
 
 /// How a request ended, for `sg_settle`.

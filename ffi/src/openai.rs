@@ -6,6 +6,7 @@ use sluicegate_core::key::MODEL_KEY_MAX;
 use sluicegate_core::openai_request::{RequestFields, ScanError, scan};
 
 use crate::boundary::{boundary, bytes, sg_result, sg_result::*};
+use crate::engine::sg_service_tier;
 
 /// Bytes of `sg_openai_request.model`: the longest model key.
 pub const SG_MODEL_MAX: usize = 128;
@@ -30,6 +31,12 @@ pub struct sg_openai_request {
     pub stream: bool,
     /// `"stream_options": {"include_usage": true}`: the stream ends with a usage chunk.
     pub include_usage: bool,
+    /// The body names a service tier (`"service_tier"` is `"flex"`, `"default"` or
+    /// `"priority"`; OpenAI's `"auto"` and other values name none).
+    pub service_tier_given: bool,
+    /// The `sg_service_tier` named, when `service_tier_given`; `SG_SERVICE_TIER_DEFAULT`
+    /// otherwise. The account's grant caps it: a request is served at the lower of the two.
+    pub service_tier: u32,
     /// Characters of the prompt's text (in `messages`, `prompt`, `input`, `instructions`,
     /// `system`).
     pub prompt_chars: u64,
@@ -50,6 +57,8 @@ const ZERO: sg_openai_request = sg_openai_request {
     n: 0,
     stream: false,
     include_usage: false,
+    service_tier_given: false,
+    service_tier: 0,
     prompt_chars: 0,
     prompt_token_ids: 0,
     prompt_tokens: 0,
@@ -85,6 +94,8 @@ fn request_of(f: &RequestFields) -> sg_openai_request {
         n: f.n,
         stream: f.stream,
         include_usage: f.include_usage,
+        service_tier_given: f.service_tier.is_some(),
+        service_tier: sg_service_tier::of(f.service_tier.unwrap_or_default()),
         prompt_chars: f.prompt_chars,
         prompt_token_ids: f.prompt_token_ids,
         prompt_tokens: f.prompt_tokens(),

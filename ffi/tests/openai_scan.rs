@@ -3,7 +3,9 @@
 
 use std::mem::{MaybeUninit, offset_of, size_of};
 
-use sluicegate::{SG_MODEL_MAX, sg_openai_request, sg_openai_request_scan, sg_result, sg_result_str};
+use sluicegate::{
+    SG_MODEL_MAX, sg_openai_request, sg_openai_request_scan, sg_result, sg_result_str, sg_service_tier,
+};
 
 /// Scans with `*out` first filled with 0xFF bytes, as stale or uninitialised C memory.
 fn scan_raw(body: *const u8, len: usize) -> (sg_result, sg_openai_request) {
@@ -16,7 +18,11 @@ fn scan_raw(body: *const u8, len: usize) -> (sg_result, sg_openai_request) {
     // SAFETY: body is NULL or `len` readable bytes (the callers'), out is writable.
     let rc = unsafe { sg_openai_request_scan(body, len, p) };
     // A bool left 0xFF would be an invalid value: check the bytes before reading the struct.
-    for off in [offset_of!(sg_openai_request, stream), offset_of!(sg_openai_request, include_usage)] {
+    for off in [
+        offset_of!(sg_openai_request, stream),
+        offset_of!(sg_openai_request, include_usage),
+        offset_of!(sg_openai_request, service_tier_given),
+    ] {
         // SAFETY: within `out`, and initialised (0xFF or written).
         let byte = unsafe { base.add(off).read() };
         assert!(byte <= 1, "bool at offset {off} not written: {byte:#x}");
@@ -37,6 +43,8 @@ fn zeroed(error_offset: u64) -> sg_openai_request {
         n: 0,
         stream: false,
         include_usage: false,
+        service_tier_given: false,
+        service_tier: 0,
         prompt_chars: 0,
         prompt_token_ids: 0,
         prompt_tokens: 0,
@@ -68,6 +76,23 @@ fn a_chat_body_gives_its_model_counts_flags_and_prompt_size() {
     // 11 + 20 characters (not bytes: "è" is two); "role" and "type" are not prompt text.
     assert_eq!((out.prompt_chars, out.prompt_token_ids, out.prompt_tokens), (31, 0, 7));
     assert_eq!(out.error_offset, 0);
+}
+
+#[test]
+fn the_service_tier_is_reported_with_whether_the_body_named_one() {
+    use sg_service_tier::*;
+    for (extra, given, tier) in [
+        ("", false, SgServiceTierDefault),
+        (r#", "service_tier": "auto""#, false, SgServiceTierDefault),
+        (r#", "service_tier": "flex""#, true, SgServiceTierFlex),
+        (r#", "service_tier": "default""#, true, SgServiceTierDefault),
+        (r#", "service_tier": "priority""#, true, SgServiceTierPriority),
+    ] {
+        let body = format!(r#"{{"model": "m"{extra}}}"#);
+        let (rc, out) = scan(body.as_bytes());
+        assert_eq!(rc, sg_result::SgOk, "{body}");
+        assert_eq!((out.service_tier_given, out.service_tier), (given, tier as u32), "{body}");
+    }
 }
 
 #[test]

@@ -33,6 +33,8 @@
 #define NGX_HTTP_SLUICEGATE_DEFAULT_MAX_BODY    (1024 * 1024)
 #define NGX_HTTP_SLUICEGATE_ACCOUNT_MAX         64
 #define NGX_HTTP_SLUICEGATE_HEADERS_BUF         2048
+#define NGX_HTTP_SLUICEGATE_FAST_SUFFIX         "-fast"
+#define NGX_HTTP_SLUICEGATE_FAST_SUFFIX_LEN     (sizeof(NGX_HTTP_SLUICEGATE_FAST_SUFFIX) - 1)
 
 typedef struct {
     ngx_str_t                  name;
@@ -49,6 +51,7 @@ typedef struct {
     ngx_shm_zone_t            *admin_zone;  /* sluicegate_admin: the zone it administers */
     ngx_http_complex_value_t  *account;
     ngx_http_complex_value_t  *tier;
+    ngx_http_complex_value_t  *variant;
     ngx_uint_t                 dialect;
     size_t                     max_body;
     ngx_uint_t                 default_max_tokens;
@@ -142,6 +145,13 @@ static ngx_command_t  ngx_http_sluicegate_commands[] = {
       ngx_http_set_complex_value_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_sluicegate_loc_conf_t, tier),
+      NULL },
+
+    { ngx_string("sluicegate_variant"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_sluicegate_loc_conf_t, variant),
       NULL },
 
     { ngx_string("sluicegate_dialect"),
@@ -766,6 +776,39 @@ ngx_http_sluicegate_body(ngx_http_request_t *r, size_t max, size_t *len, ngx_uin
 }
 
 
+/* An account's granted tier, from sluicegate_tier's value; anything else is default. */
+static uint32_t
+ngx_http_sluicegate_service_tier(ngx_str_t *name)
+{
+    if (name->len == sizeof("priority") - 1
+        && ngx_strncmp(name->data, "priority", name->len) == 0)
+    {
+        return SG_SERVICE_TIER_PRIORITY;
+    }
+
+    if (name->len == sizeof("flex") - 1 && ngx_strncmp(name->data, "flex", name->len) == 0) {
+        return SG_SERVICE_TIER_FLEX;
+    }
+
+    return SG_SERVICE_TIER_DEFAULT;
+}
+
+
+/* Tiers from shed first to shed last. */
+static ngx_uint_t
+ngx_http_sluicegate_tier_rank(uint32_t tier)
+{
+    switch (tier) {
+    case SG_SERVICE_TIER_FLEX:
+        return 0;
+    case SG_SERVICE_TIER_PRIORITY:
+        return 2;
+    default:
+        return 1;
+    }
+}
+
+
 static ngx_int_t
 ngx_http_sluicegate_scan_error(ngx_http_request_t *r, sg_result rc)
 {
@@ -814,8 +857,9 @@ ngx_http_sluicegate_body_handler(ngx_http_request_t *r)
     sg_result                        rc;
     sg_render                        render;
     sg_request                       req;
-    ngx_str_t                        account, tier;
+    ngx_str_t                        account, tier, variant;
     ngx_uint_t                       too_large;
+    uint32_t                         granted, served;
     sg_openai_request                scan;
     ngx_http_sluicegate_ctx_t       *ctx;
     ngx_http_sluicegate_loc_conf_t  *slcf;
@@ -868,6 +912,17 @@ ngx_http_sluicegate_body_handler(ngx_http_request_t *r)
 
         req.model = scan.model;
         req.model_len = scan.model_len;
+
+        /* "<model>-fast" is <model>'s fast variant, with its own limits (SPEC §1). */
+        if (scan.model_len > NGX_HTTP_SLUICEGATE_FAST_SUFFIX_LEN
+            && ngx_strncmp(scan.model + scan.model_len - NGX_HTTP_SLUICEGATE_FAST_SUFFIX_LEN,
+                           NGX_HTTP_SLUICEGATE_FAST_SUFFIX,
+                           NGX_HTTP_SLUICEGATE_FAST_SUFFIX_LEN) == 0)
+        {
+            req.model_len -= NGX_HTTP_SLUICEGATE_FAST_SUFFIX_LEN;
+            req.fast = 1;
+        }
+
         req.prompt_tokens = scan.prompt_tokens;
         req.max_tokens = scan.max_tokens ? scan.max_tokens : slcf->default_max_tokens;
         req.n = scan.n ? scan.n : 1;
@@ -878,13 +933,27 @@ ngx_http_sluicegate_body_handler(ngx_http_request_t *r)
         req.model_len = 1;
     }
 
-    if (slcf->tier != NULL
-        && ngx_http_complex_value(r, slcf->tier, &tier) == NGX_OK
-        && tier.len == sizeof("priority") - 1
-        && ngx_strncmp(tier.data, "priority", tier.len) == 0)
+    if (slcf->variant != NULL
+        && ngx_http_complex_value(r, slcf->variant, &variant) == NGX_OK
+        && variant.len == sizeof("fast") - 1
+        && ngx_strncmp(variant.data, "fast", variant.len) == 0)
     {
-        req.priority = 1;
+        req.fast = 1;
     }
+
+    /* The grant caps the tier: a body may ask for a lower one, never a higher one (SPEC §6). */
+    granted = SG_SERVICE_TIER_DEFAULT;
+    if (slcf->tier != NULL && ngx_http_complex_value(r, slcf->tier, &tier) == NGX_OK) {
+        granted = ngx_http_sluicegate_service_tier(&tier);
+    }
+    served = granted;
+    if (scan.service_tier_given
+        && ngx_http_sluicegate_tier_rank(scan.service_tier) < ngx_http_sluicegate_tier_rank(granted))
+    {
+        served = scan.service_tier;
+    }
+    /* The engine's classes today: priority is shed last; default and flex as regular. */
+    req.priority = served == SG_SERVICE_TIER_PRIORITY;
 
     ctx->prompt = req.prompt_tokens;
 
@@ -2148,6 +2217,7 @@ ngx_http_sluicegate_create_loc_conf(ngx_conf_t *cf)
      *
      *     conf->account = NULL;
      *     conf->tier = NULL;
+     *     conf->variant = NULL;
      */
 
     conf->shm_zone = NGX_CONF_UNSET_PTR;
@@ -2185,6 +2255,10 @@ ngx_http_sluicegate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     if (conf->tier == NULL) {
         conf->tier = prev->tier;
+    }
+
+    if (conf->variant == NULL) {
+        conf->variant = prev->variant;
     }
 
     if (conf->default_max_tokens == 0 || conf->default_max_tokens > ((ngx_uint_t) 1 << 32)) {

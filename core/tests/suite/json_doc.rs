@@ -97,6 +97,8 @@ pub fn doc(keys: &'static [&'static str]) -> impl Strategy<Value = Doc> {
     .prop_map(|cs| cs.into_iter().collect::<String>());
     let leaf = prop_oneof![
         text.clone().prop_map(Doc::String),
+        prop::sample::select(vec!["flex", "default", "priority", "auto", "priorityx", "Flex"])
+            .prop_map(|name| Doc::String(name.into())),
         prop::sample::select(vec![0i64, 1, 2, 7, -1, -300, 4_294_967_296, 4_294_967_297, i64::MAX])
             .prop_map(Doc::Int),
         prop::sample::select(vec![0.5f64, 1.0, -2.25, 1e21]).prop_map(Doc::Float),

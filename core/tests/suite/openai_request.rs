@@ -4,6 +4,7 @@
 //! events whatever the chunking.
 
 use proptest::prelude::*;
+use sluicegate_core::ServiceTier;
 use sluicegate_core::json::{Event, JsonError, Lexer, MAX_DEPTH, Number};
 use sluicegate_core::openai_request::{MAX_COUNT, ScanError, scan};
 
@@ -106,6 +107,35 @@ fn the_last_of_duplicate_keys_wins_at_every_depth() {
         scan(chat(r#", "stream_options": {"x": {"include_usage": true}}, "include_usage": true"#).as_bytes())
             .unwrap();
     assert!(!f.include_usage);
+}
+
+#[test]
+fn the_service_tier_is_one_of_three_names_or_none() {
+    let tier = |extra: &str| scan(chat(extra).as_bytes()).unwrap().service_tier;
+    assert_eq!(tier(""), None);
+    assert_eq!(tier(r#", "service_tier": "flex""#), Some(ServiceTier::Flex));
+    assert_eq!(tier(r#", "service_tier": "default""#), Some(ServiceTier::Default));
+    // An escape splits the string into parts, which are read whole.
+    assert_eq!(tier(r#", "service_tier": "\u0070rio\u0072ity""#), Some(ServiceTier::Priority));
+    // OpenAI's other names, other spellings, prefixes, longer strings and non-strings name none.
+    for other in [
+        r#""auto""#,
+        r#""scale""#,
+        r#""Flex""#,
+        r#""fle""#,
+        r#""priorityx""#,
+        r#""priority-plus""#,
+        "null",
+        "1",
+        r#"["flex"]"#,
+        r#"{"x": "flex"}"#,
+    ] {
+        assert_eq!(tier(&format!(r#", "service_tier": {other}"#)), None, "{other}");
+    }
+    // The last of duplicates wins, even when it names none; nested service_tier keys do not count.
+    assert_eq!(tier(r#", "service_tier": "flex", "service_tier": "auto""#), None);
+    assert_eq!(tier(r#", "service_tier": "auto", "service_tier": "priority""#), Some(ServiceTier::Priority));
+    assert_eq!(tier(r#", "metadata": {"service_tier": "flex"}"#), None);
 }
 
 #[test]
@@ -255,10 +285,11 @@ fn the_lexer_classifies_numbers_and_checks_their_grammar() {
     }
 }
 
-/// Model, max_tokens, n, stream, include_usage, prompt characters and token ids.
-type Read = (String, Option<u64>, u64, bool, bool, u64, u64);
+/// Model, max_tokens, n, stream, include_usage, prompt characters and token ids, service tier.
+type Read = (String, Option<u64>, u64, bool, bool, u64, u64, Option<ServiceTier>);
 
-const KEYS: [&str; 18] = [
+const KEYS: [&str; 19] = [
+    "service_tier",
     "model",
     "max_tokens",
     "max_completion_tokens",
@@ -321,7 +352,11 @@ fn oracle(doc: &Doc) -> Result<Read, ScanError> {
         .filter_map(|k| doc.get(k))
         .map(size)
         .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    Ok((model, max_tokens, n, stream, include_usage, chars, ids))
+    let service_tier = match doc.get("service_tier") {
+        Some(Doc::String(s)) => ServiceTier::ALL.into_iter().find(|t| t.name() == s),
+        _ => None,
+    };
+    Ok((model, max_tokens, n, stream, include_usage, chars, ids, service_tier))
 }
 
 proptest! {
@@ -335,7 +370,7 @@ proptest! {
         doc.write(&mut body, escape);
         let got = scan(body.as_bytes()).map(|f| {
             let model = String::from_utf8(f.model().to_vec()).unwrap();
-            (model, f.max_tokens, f.n, f.stream, f.include_usage, f.prompt_chars, f.prompt_token_ids)
+            (model, f.max_tokens, f.n, f.stream, f.include_usage, f.prompt_chars, f.prompt_token_ids, f.service_tier)
         });
         prop_assert_eq!(got, oracle(&doc), "{}", body);
     }

@@ -61,6 +61,8 @@ ACCOUNTS = {  # API key -> account id, as an operator's map would hold them
     "sk-smooth": "acct-smooth",
     "sk-shed": "acct-shed",
     "sk-load": "acct-load",
+    "sk-prio": "acct-prio",
+    "sk-fastlane": "acct-fastlane",
 }
 
 
@@ -199,6 +201,16 @@ http {{
         default "";
     }}
 
+    # Service tiers and the fast variant, granted per account by the operator (never the client).
+    map $sg_account $sg_tier {{
+        acct-prio priority;
+        default default;
+    }}
+    map $sg_account $sg_variant {{
+        acct-fastlane fast;
+        default "";
+    }}
+
     upstream mock {{
         server 127.0.0.1:{upstream};
         keepalive 64;
@@ -220,6 +232,14 @@ http {{
             allow 127.0.0.1;
             deny all;
             sluicegate_admin shed;
+        }}
+
+        # The shed zone again, with service tiers and the variant granted per account.
+        location /tiers/v1/ {{
+            sluicegate shed;
+            sluicegate_tier $sg_tier;
+            sluicegate_variant $sg_variant;
+            proxy_pass http://mock/v1/;
         }}
 
         # The load test's baseline: the same upstream, without the module.
@@ -554,6 +574,71 @@ def test_503_when_the_models_load_is_past_the_shedding_threshold(nginx):
     done = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=8)
     assert done.http_response.status_code == 200
     assert_no_crash(nginx)
+
+
+def test_the_granted_tier_caps_the_bodys_and_the_fast_variant_has_its_own_load(nginx):
+    """With the model's load past regular traffic's threshold and short of priority's: an
+    account granted priority is served; asking for default or flex in its body lowers it to a
+    503; a default account asking for priority is served at its grant (503). The fast variant,
+    selected by a `-fast` model or by sluicegate_variant, has its own load (none) and is served."""
+    import httpx
+
+    def status(key, model=MODEL, **extra):
+        with httpx.Client(timeout=20) as client:
+            answer = client.post(nginx.url("tiers") + "/chat/completions", headers={"authorization": f"Bearer {key}"},
+                                 json={"model": model, "messages": MESSAGES, "max_tokens": 8, **extra})
+        assert answer.status_code in (200, 503), answer.text
+        return answer.status_code
+
+    set_load = admin(nginx, "PUT", model=MODEL, load=SHED_LOAD)
+    assert set_load.status_code == 204, set_load.text
+    try:
+        seen = {
+            "priority, as granted": status("sk-prio"),
+            "priority, asking priority": status("sk-prio", service_tier="priority"),
+            "priority, asking auto": status("sk-prio", service_tier="auto"),
+            "priority, asking default": status("sk-prio", service_tier="default"),
+            "priority, asking flex": status("sk-prio", service_tier="flex"),
+            "default, as granted": status("sk-shed"),
+            "default, asking priority": status("sk-shed", service_tier="priority"),
+            "default, model -fast": status("sk-shed", model=MODEL + "-fast"),
+            "sluicegate_variant fast": status("sk-fastlane"),
+        }
+        fast_probe = admin(nginx, "GET", account="acct-fastlane", model=MODEL, fast=1).json()
+        regular_probe = admin(nginx, "GET", account="acct-fastlane", model=MODEL).json()
+    finally:
+        reset = admin(nginx, "POST", model=MODEL, load=0)
+    assert reset.status_code == 204, reset.text
+    print(f"\nat load {SHED_LOAD}‰: {seen}")
+    assert seen == {
+        "priority, as granted": 200,
+        "priority, asking priority": 200,
+        "priority, asking auto": 200,
+        "priority, asking default": 503,
+        "priority, asking flex": 503,
+        "default, as granted": 503,
+        "default, asking priority": 503,
+        "default, model -fast": 200,
+        "sluicegate_variant fast": 200,
+    }, seen
+    # The fastlane account's one request was charged to the fast variant's scope only.
+    assert fast_probe["requests"]["remaining"] == fast_probe["requests"]["limit"] - 1, fast_probe
+    assert regular_probe["requests"]["remaining"] == regular_probe["requests"]["limit"], regular_probe
+    assert_no_crash(nginx)
+
+
+def test_the_admin_endpoint_refuses_other_addresses(nginx):
+    """The admin location allows 127.0.0.1 only: from 127.0.0.2 it is 403, and the load it
+    would have set is not set."""
+    import httpx
+
+    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=20)
+    with other:
+        refused = other.put(f"http://127.0.0.1:{nginx.port}/admin/shed", params={"model": MODEL, "load": SHED_LOAD})
+        assert refused.status_code == 403, refused.text
+        served = other.post(nginx.url("shed") + "/chat/completions", headers={"authorization": "Bearer sk-shed"},
+                            json={"model": MODEL, "messages": MESSAGES, "max_tokens": 8})
+    assert served.status_code == 200, served.text
 
 
 def test_the_admin_endpoint(nginx):
