@@ -496,8 +496,9 @@ typedef uint32_t sg_suspension;
 #endif // __cplusplus
 
 /**
- * Service tiers (SPEC §6), after OpenAI's `service_tier`, from shed first to shed last: `flex`,
- * `default`, `priority`. An account's grant caps the tier a request is served at.
+ * Service tiers (SPEC §6), after OpenAI's `service_tier` (`sg_request.service_tier`,
+ * `sg_set_service_tier_grant`). Shed first to last: flex, default, priority. An account's grant
+ * caps the tier its requests are served at. (Priority is 1, as the `priority` flag it replaces.)
  */
 enum sg_service_tier
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -509,13 +510,13 @@ enum sg_service_tier
    */
   SG_SERVICE_TIER_DEFAULT = 0,
   /**
-   * Sheddable batch traffic.
-   */
-  SG_SERVICE_TIER_FLEX = 1,
-  /**
    * Shed last.
    */
-  SG_SERVICE_TIER_PRIORITY = 2,
+  SG_SERVICE_TIER_PRIORITY = 1,
+  /**
+   * Sheddable batch traffic: shed first.
+   */
+  SG_SERVICE_TIER_FLEX = 2,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -604,6 +605,11 @@ typedef struct sg_account {
    * (`sg_config.max_in_flight`).
    */
   uint32_t max_in_flight;
+  /**
+   * The `sg_service_tier` granted (`sg_set_service_tier_grant`; `SG_SERVICE_TIER_DEFAULT`
+   * unless granted another).
+   */
+  uint32_t service_tier_grant;
 } sg_account;
 
 /**
@@ -688,6 +694,13 @@ typedef struct sg_config {
    * account can take it all); above `UINT32_MAX` is no cap. Per account: `sg_set_max_in_flight`.
    */
   uint64_t max_in_flight;
+  /**
+   * The model load (‰ of capacity) at which each class of request is shed (SPEC §6), in
+   * shedding order: over-limit flex, in-limit flex, over-limit default, over-limit priority,
+   * in-limit default, in-limit priority. 0 keeps the preset's (600, 700, 800, 900, 1000,
+   * 1200); each must be at most the next, or `sg_engine_new` fails with `SG_ERR_POLICY`.
+   */
+  uint32_t shed_permille[6];
 } sg_config;
 
 /**
@@ -731,9 +744,10 @@ typedef struct sg_request {
    */
   uint64_t n;
   /**
-   * Non-zero for the priority tier.
+   * The `sg_service_tier` asked for (0: `SG_SERVICE_TIER_DEFAULT`); the account's grant
+   * (`sg_set_service_tier_grant`) caps it. Another value is `SG_ERR_INVALID_ARGUMENT`.
    */
-  uint32_t priority;
+  uint32_t service_tier;
   /**
    * Non-zero for the model's fast variant.
    */
@@ -1035,6 +1049,17 @@ sg_result sg_set_spend_limit(const struct sg_engine *engine, const uint8_t *acco
  * `engine` must be a live engine; `account` valid for `account_len` bytes.
  */
 sg_result sg_set_max_in_flight(const struct sg_engine *engine, const uint8_t *account, size_t account_len, uint64_t max);
+
+/**
+ * Grants an account an `sg_service_tier` (SPEC §6): its requests are served at the tier they
+ * ask for (`sg_request.service_tier`), or at the grant if they ask for more. Every account has
+ * `SG_SERVICE_TIER_DEFAULT` until granted another; a grant is kept in snapshots. Another value
+ * is `SG_ERR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `engine` must be a live engine; `account` valid for `account_len` bytes.
+ */
+sg_result sg_set_service_tier_grant(const struct sg_engine *engine, const uint8_t *account, size_t account_len, uint32_t service_tier);
 
 /**
  * Suspends (non-zero `suspended`) or lifts a suspension for an `sg_suspension` reason.

@@ -174,7 +174,7 @@ impl CEngine {
             max_tokens: 256,
             expected_tokens: 0,
             n: 1,
-            priority: 0,
+            service_tier: 0,
             fast: 0,
         };
         let usage = sluicegate::sg_usage { prompt_tokens: 1_200, cached_tokens: 0, generated_tokens: 180 };

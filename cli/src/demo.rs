@@ -2,7 +2,8 @@
 
 use sluicegate_core::response::{Dialect, Render};
 use sluicegate_core::{
-    Capacity, Completion, Engine, Heap, Metric, Outcome, Policy, Request, ScopeKey, Usage, Variant,
+    Capacity, Completion, Engine, Heap, Metric, Outcome, Policy, Request, ScopeKey, ServiceTier, Usage,
+    Variant,
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -100,35 +101,39 @@ fn burst() -> Result<()> {
 }
 
 fn overload() -> Result<()> {
-    println!("3. An overloaded model sheds regular traffic before priority (503)");
-    println!("   Load on the model rises; each class of request is shed past its threshold.\n");
-    println!(
-        "   {:>6}  {:>22}  {:>23}  {:>20}  {:>21}",
-        "load", "over-limit regular", "over-limit priority", "in-limit regular", "in-limit priority"
-    );
-    for load in [500u32, 800, 900, 1_000, 1_200] {
+    println!("3. An overloaded model sheds flex traffic first and in-limit priority last (503)");
+    println!("   Load on the model rises; each of six classes is shed past its threshold.");
+    println!("   (Accounts granted priority; each request asks for its column's service tier.)\n");
+    let tiers = [ServiceTier::Flex, ServiceTier::Default, ServiceTier::Priority];
+    // (over its limit?, tier), in the order they are shed.
+    let classes = [(true, 0), (false, 0), (true, 1), (true, 2), (false, 1), (false, 2)];
+    print!("   {:>6}", "load");
+    for (over, tier) in classes {
+        let band = if over { "over-limit" } else { "in-limit" };
+        print!("  {:>19}", format!("{band} {}", tiers[tier].name()));
+    }
+    println!();
+    for load in [500u32, 600, 700, 800, 900, 1_000, 1_200] {
         let e = engine(Policy::fireworks_2024())?;
-        let hot = ScopeKey::new(b"acct-hot", MODEL);
+        let (hot, fresh) = (ScopeKey::new(b"acct-hot", MODEL), ScopeKey::new(b"acct-fresh", MODEL));
+        for key in [hot, fresh] {
+            e.set_service_tier_grant(key.account, ServiceTier::Priority)?;
+        }
         for _ in 0..60 {
             e.admit(hot, &Request::new(1), 0)?;
         }
         e.set_load(MODEL, Variant::Regular, load)?;
-        let verdict = |key: ScopeKey<'_>, priority: bool| -> Result<&'static str> {
-            Ok(match e.admit(key, &Request::new(1).priority(priority), 0)?.outcome {
+        print!("   {:>5.1}x", f64::from(load) / 1000.0);
+        for (over, tier) in classes {
+            let key = if over { hot } else { fresh };
+            let verdict = match e.admit(key, &Request::new(1).service_tier(tiers[tier]), 0)?.outcome {
                 Outcome::Shed(_) => "503 shed",
                 Outcome::Admit(_) | Outcome::AdmitOverLimit(_) => "runs",
                 _ => "429",
-            })
-        };
-        let fresh = ScopeKey::new(b"acct-fresh", MODEL);
-        println!(
-            "   {:>5.1}x  {:>22}  {:>23}  {:>20}  {:>21}",
-            f64::from(load) / 1000.0,
-            verdict(hot, false)?,
-            verdict(hot, true)?,
-            verdict(fresh, false)?,
-            verdict(fresh, true)?
-        );
+            };
+            print!("  {verdict:>19}");
+        }
+        println!();
     }
     println!();
     Ok(())

@@ -2,7 +2,11 @@
 
 use sluicegate_core::headers::for_each_header;
 use sluicegate_core::response::Render;
-use sluicegate_core::{Completion, Engine, Heap, Metric, Outcome, Request, ScopeKey, Usage, Variant};
+use std::collections::HashSet;
+
+use sluicegate_core::{
+    Completion, Engine, Heap, Metric, Outcome, Request, ScopeKey, ServiceTier, Usage, Variant,
+};
 
 use crate::trace::TraceRequest;
 
@@ -33,7 +37,8 @@ pub struct Minute {
 }
 
 /// Replays `requests` (time-ordered) through `engine`; every admitted request is settled at once
-/// with its actual usage. `progress` is called with the number of requests done.
+/// with its actual usage. `progress` is called with the number of requests done. A trace records
+/// the tier each request ran at, so an account is granted priority the first time it asks.
 pub fn replay(
     engine: &Engine<Heap>,
     requests: &[TraceRequest],
@@ -42,7 +47,11 @@ pub fn replay(
 ) -> Result<Vec<Minute>, sluicegate_core::Error> {
     let mut minutes: Vec<Minute> = Vec::new();
     let mut scopes: Vec<(String, String, bool)> = Vec::new();
+    let mut granted: HashSet<&str> = HashSet::new();
     for (done, r) in requests.iter().enumerate() {
+        if r.service_tier == ServiceTier::Priority && granted.insert(&r.account) {
+            engine.set_service_tier_grant(r.account.as_bytes(), ServiceTier::Priority)?;
+        }
         let minute = r.t_ns / MINUTE_NS;
         while minutes.len() as u64 <= minute {
             close(engine, &scopes, minutes.last_mut());
@@ -57,7 +66,7 @@ pub fn replay(
             .cached_tokens(r.cached_tokens)
             .max_tokens(r.max_tokens)
             .n(r.n)
-            .priority(r.priority);
+            .service_tier(r.service_tier);
         let decision = engine.admit(key, &request, r.t_ns)?;
         let Some(m) = minutes.last_mut() else { continue };
         m.demanded += 1;

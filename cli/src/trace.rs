@@ -3,6 +3,8 @@
 
 use std::io::Read;
 
+use sluicegate_core::ServiceTier;
+
 /// One request of a trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceRequest {
@@ -14,8 +16,8 @@ pub struct TraceRequest {
     pub model: String,
     /// Fast variant.
     pub fast: bool,
-    /// Priority tier.
-    pub priority: bool,
+    /// The service tier asked for (the trace's `priority` column).
+    pub service_tier: ServiceTier,
     /// Choices.
     pub n: u64,
     /// Prompt tokens.
@@ -168,12 +170,13 @@ fn azure(fields: &[&str], line: u64, o: &Options) -> Result<(u64, TraceRequest),
     let generated_tokens = count(fields, 2, "GeneratedTokens")?;
     let account = format!("acct-{}", mix(line, 1) % o.accounts.max(1));
     let priority = (mix(line, 2) % 1_000_000) < (o.priority_share.clamp(0.0, 1.0) * 1e6) as u64;
+    let service_tier = if priority { ServiceTier::Priority } else { ServiceTier::Default };
     let request = TraceRequest {
         t_ns: 0,
         account,
         model: o.model.clone(),
         fast: false,
-        priority,
+        service_tier,
         n: 1,
         prompt_tokens,
         cached_tokens: 0,
@@ -192,17 +195,19 @@ fn own(fields: &[&str]) -> Result<(u64, TraceRequest), String> {
         "fast" => true,
         other => return Err(format!("variant must be regular or fast, not {other:?}")),
     };
-    let priority = match field(fields, 4, "priority")? {
-        "0" | "false" => false,
-        "1" | "true" => true,
-        other => return Err(format!("priority must be 0 or 1, not {other:?}")),
+    // The column kept its name from when there were two tiers: 0 and 1 still mean them.
+    let service_tier = match field(fields, 4, "priority")? {
+        "0" | "false" => ServiceTier::Default,
+        "1" | "true" => ServiceTier::Priority,
+        name => ServiceTier::from_name(name.as_bytes())
+            .ok_or_else(|| format!("priority must be 0, 1, flex, default or priority, not {name:?}"))?,
     };
     let request = TraceRequest {
         t_ns: 0,
         account: field(fields, 1, "account")?.to_string(),
         model: field(fields, 2, "model")?.to_string(),
         fast,
-        priority,
+        service_tier,
         n: count(fields, 5, "n")?,
         prompt_tokens: count(fields, 6, "prompt_tokens")?,
         cached_tokens: count(fields, 7, "cached_tokens")?,

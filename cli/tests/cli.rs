@@ -166,6 +166,35 @@ fn the_demo_tells_the_seeds_stories() {
     assert_eq!(two_hours.split_whitespace().nth(2), Some("1440"), "{stdout}");
     assert!(stdout.contains("60 admitted, 60 admitted over-limit"), "{stdout}");
     assert!(stdout.contains("HTTP 503") && stdout.contains("HTTP 429"), "{stdout}");
+    // Six classes of request: at 0.7 the two flex classes are shed, at 1.0 all but in-limit priority.
+    let at = |load: &str| -> Vec<String> {
+        let line = stdout.lines().find(|l| l.trim_start().starts_with(load)).unwrap_or_default();
+        line.split("  ").map(str::trim).filter(|c| !c.is_empty()).skip(1).map(String::from).collect()
+    };
+    let shed = |n: usize| -> Vec<String> {
+        (0..6).map(|i| if i < n { "503 shed" } else { "runs" }.to_string()).collect()
+    };
+    assert_eq!(at("0.5x"), shed(0), "{stdout}");
+    assert_eq!(at("0.7x"), shed(2), "{stdout}");
+    assert_eq!(at("1.0x"), shed(5), "{stdout}");
+    assert_eq!(at("1.2x"), shed(6), "{stdout}");
+}
+
+/// The `priority` column names a service tier: 0 and 1 as before, or flex, default, priority.
+#[test]
+fn the_priority_column_takes_service_tier_names() {
+    let rows = [
+        "0,a,m,regular,flex,1,10,0,5,5",
+        "1,a,m,regular,priority,1,10,0,5,5",
+        "2,b,m,regular,default,1,10,0,5,5",
+        "3,b,m,regular,1,1,10,0,5,5",
+        "4,b,m,regular,urgent,1,10,0,5,5",
+    ];
+    let out = sluicegate(&["replay", &trace_file("tiers.csv", &format!("{HEADER}{}\n", rows.join("\n")))]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("line 6: skipped: priority must be 0, 1, flex, default or priority"), "{stderr}");
+    assert!(text(&out.stdout).contains("1 bad rows skipped"), "{}", text(&out.stdout));
 }
 
 /// Issue 22: a value out of range is an error naming its parameter (`max_wait=nan` and

@@ -7,6 +7,7 @@ use crate::policy::MetricLimits;
 use crate::price::{NANOS_PER_MICRO, Nanos};
 use crate::quota::{Quota, QuotaCell};
 use crate::refs::Refs;
+use crate::service_tier::ServiceTier;
 use crate::sync::{AtomicU64, Ordering};
 use crate::table::{Keyed, Slot};
 use crate::tier::{Micros, Tier, Tiers};
@@ -17,21 +18,57 @@ const PAYMENT_FAILED: u64 = 2;
 const NO_PAYMENT_METHOD: u64 = 4;
 
 // Settings word: tier in bits 0..8, pinned by an operator (bit 8), payment method on file (bit 9),
-// the account's own cap on permits in flight in bits 16..48 (0: the policy's).
+// the service tier granted in bits 10..12 (0 default, 1 priority, 2 flex), the account's own cap
+// on permits in flight in bits 16..48 (0: the policy's).
 const TIER_MASK: u64 = 0xFF;
 const PINNED: u64 = 1 << 8;
 const PAYMENT_METHOD: u64 = 1 << 9;
+const GRANT_SHIFT: u32 = 10;
+pub(crate) const GRANT_MASK: u64 = 3 << GRANT_SHIFT;
 const IN_FLIGHT_CAP_SHIFT: u32 = 16;
 const IN_FLIGHT_CAP_MASK: u64 = 0xFFFF_FFFF << IN_FLIGHT_CAP_SHIFT;
 /// Every bit of the settings word that means something; a snapshot with others is refused.
 /// (Written out: the fields it covers are checked by a unit test.)
-pub(crate) const SETTINGS_KNOWN: u64 = 0x0000_FFFF_FFFF_03FF;
-/// What pinning or un-pinning a tier leaves as it was: the payment method and the cap (tested).
-const KEPT_BY_PIN: u64 = 0x0000_FFFF_FFFF_0200;
+pub(crate) const SETTINGS_KNOWN: u64 = 0x0000_FFFF_FFFF_0FFF;
+/// What pinning or un-pinning a tier leaves as it was: the payment method, the service tier
+/// granted and the cap (tested).
+const KEPT_BY_PIN: u64 = 0x0000_FFFF_FFFF_0E00;
 
 /// The tier a settings word records.
 fn tier_of(settings: u64) -> Tier {
     Tier::from_index((settings & TIER_MASK) as u8).unwrap_or(Tier::One)
+}
+
+/// An account's settings word, read once per admission.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings(u64);
+
+impl Settings {
+    /// The highest service tier the account's requests are served at.
+    pub(crate) fn service_tier_grant(self) -> ServiceTier {
+        match (self.0 & GRANT_MASK) >> GRANT_SHIFT {
+            1 => ServiceTier::Priority,
+            2 => ServiceTier::Flex,
+            _ => ServiceTier::Default,
+        }
+    }
+
+    /// The account's own cap on permits in flight, if an operator set one.
+    pub(crate) fn in_flight_cap(self) -> Option<u32> {
+        match (self.0 & IN_FLIGHT_CAP_MASK) >> IN_FLIGHT_CAP_SHIFT {
+            0 => None,
+            cap => u32::try_from(cap).ok(),
+        }
+    }
+}
+
+/// A service tier grant's bits in the settings word.
+const fn grant_bits(tier: ServiceTier) -> u64 {
+    (match tier {
+        ServiceTier::Default => 0,
+        ServiceTier::Priority => 1,
+        ServiceTier::Flex => 2,
+    }) << GRANT_SHIFT
 }
 
 /// Why an operator suspends an account.
@@ -108,6 +145,8 @@ pub struct AccountState {
     pub in_flight: u64,
     /// The account's own cap on permits in flight (`None`: the policy's).
     pub max_in_flight: Option<u32>,
+    /// The highest service tier its requests are served at (SPEC §6; `Default` unless granted).
+    pub service_tier_grant: ServiceTier,
     /// Payments and prepaid credits, ever.
     pub historical_spend: Micros,
     /// Prepaid credits left.
@@ -268,12 +307,19 @@ impl AccountSlot {
         self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).ok();
     }
 
-    /// The account's own cap on permits in flight, if an operator set one.
-    pub(crate) fn in_flight_cap(&self) -> Option<u32> {
-        match (self.settings.load(Ordering::Acquire) & IN_FLIGHT_CAP_MASK) >> IN_FLIGHT_CAP_SHIFT {
-            0 => None,
-            cap => u32::try_from(cap).ok(),
-        }
+    /// The settings word, as one admission reads it.
+    pub(crate) fn settings(&self) -> Settings {
+        Settings(self.settings.load(Ordering::Acquire))
+    }
+
+    /// Writes only a change: gateways that grant per request leave the cache line shared.
+    fn set_service_tier_grant(&self, tier: ServiceTier) {
+        let bits = grant_bits(tier);
+        self.settings
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s & GRANT_MASK != bits).then_some(s - (s & GRANT_MASK) + bits)
+            })
+            .ok();
     }
 
     fn set_in_flight_cap(&self, cap: Option<u32>) {
@@ -474,7 +520,8 @@ impl AccountSlot {
             spend_limit: if limit == u64::MAX { u64::MAX } else { limit / NANOS_PER_MICRO },
             period_spend: self.period_spend.load(Ordering::Acquire) / NANOS_PER_MICRO,
             in_flight: self.in_flight.load(Ordering::Acquire),
-            max_in_flight: self.in_flight_cap(),
+            max_in_flight: Settings(settings).in_flight_cap(),
+            service_tier_grant: Settings(settings).service_tier_grant(),
             reserved: self
                 .committed
                 .load(Ordering::Acquire)
@@ -567,6 +614,28 @@ impl<S: crate::storage::Storage> crate::engine::Engine<S> {
             )));
         }
         self.with_account(account, true, |_, a| a.set_in_flight_cap(max))
+    }
+
+    /// Grants an account a service tier (SPEC §6): its requests are served at the tier they ask
+    /// for, or at the grant if they ask for more. Every account has `Default` until granted
+    /// another; a grant keeps the account (it is not reclaimed while idle) and is in snapshots.
+    ///
+    /// ```
+    /// use sluicegate_core::{Capacity, Engine, Policy, Request, ScopeKey, ServiceTier};
+    /// let e = Engine::new(Policy::fixed(), Capacity::scopes(64))?;
+    /// let ask = Request::new(1).service_tier(ServiceTier::Priority);
+    /// let served = |e: &Engine<_>| e.admit(ScopeKey::new(b"acct", b"m"), &ask, 0).map(|d| d.permit().unwrap().service_tier());
+    /// assert_eq!(served(&e)?, ServiceTier::Default);
+    /// e.set_service_tier_grant(b"acct", ServiceTier::Priority)?;
+    /// assert_eq!(served(&e)?, ServiceTier::Priority);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_service_tier_grant(
+        &self,
+        account: &[u8],
+        tier: ServiceTier,
+    ) -> Result<(), crate::error::Error> {
+        self.with_account(account, true, |_, a| a.set_service_tier_grant(tier))
     }
 
     /// Suspends an account (`suspended = true`) or lifts that suspension. Every admission of a
@@ -686,13 +755,29 @@ mod tests {
 
     #[test]
     fn the_known_settings_are_the_tier_its_pin_the_payment_method_and_the_cap() {
-        assert_eq!(SETTINGS_KNOWN, TIER_MASK | PINNED | PAYMENT_METHOD | IN_FLIGHT_CAP_MASK);
-        for field in [TIER_MASK, PINNED, PAYMENT_METHOD, IN_FLIGHT_CAP_MASK] {
+        assert_eq!(SETTINGS_KNOWN, TIER_MASK | PINNED | PAYMENT_METHOD | GRANT_MASK | IN_FLIGHT_CAP_MASK);
+        for field in [TIER_MASK, PINNED, PAYMENT_METHOD, GRANT_MASK, IN_FLIGHT_CAP_MASK] {
             assert_eq!(SETTINGS_KNOWN & field, field);
         }
-        assert_eq!(SETTINGS_KNOWN & (1 << 10), 0);
+        assert_eq!(SETTINGS_KNOWN & (1 << 12), 0);
         assert_eq!(SETTINGS_KNOWN >> 48, 0);
-        assert_eq!(KEPT_BY_PIN, PAYMENT_METHOD | IN_FLIGHT_CAP_MASK);
+        assert_eq!(KEPT_BY_PIN, PAYMENT_METHOD | GRANT_MASK | IN_FLIGHT_CAP_MASK);
+    }
+
+    #[test]
+    fn granting_a_service_tier_keeps_every_other_setting() {
+        let a = AccountSlot::new();
+        let others = PINNED | PAYMENT_METHOD | 3 | (7 << IN_FLIGHT_CAP_SHIFT);
+        a.settings.store(others, Ordering::Relaxed);
+        assert_eq!(a.settings().service_tier_grant(), ServiceTier::Default);
+        for tier in [ServiceTier::Priority, ServiceTier::Flex, ServiceTier::Default, ServiceTier::Flex] {
+            a.set_service_tier_grant(tier);
+            assert_eq!(a.settings().service_tier_grant(), tier);
+            assert_eq!(a.settings.load(Ordering::Relaxed) & !GRANT_MASK, others);
+        }
+        // The unused fourth value reads as the default.
+        a.settings.store(others | GRANT_MASK, Ordering::Relaxed);
+        assert_eq!(a.settings().service_tier_grant(), ServiceTier::Default);
     }
 
     #[test]
@@ -701,7 +786,7 @@ mod tests {
         a.settings.store(PINNED | PAYMENT_METHOD | 3, Ordering::Relaxed);
         for cap in [Some(7), Some(u32::MAX), Some(1), None] {
             a.set_in_flight_cap(cap);
-            assert_eq!(a.in_flight_cap(), cap);
+            assert_eq!(a.settings().in_flight_cap(), cap);
             assert_eq!(a.settings.load(Ordering::Relaxed) & !IN_FLIGHT_CAP_MASK, PINNED | PAYMENT_METHOD | 3);
         }
     }

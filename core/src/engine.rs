@@ -10,6 +10,7 @@ use crate::permit::{self, Owner, Permit, Refusal, Reservation};
 use crate::policy::{MetricLimits, Policy};
 use crate::request::{Completion, Request, Usage};
 use crate::scope::{self, IN_FLIGHT_ONE, ScopeAdaptation, ScopeSlot};
+use crate::service_tier::ServiceTier;
 use crate::shed::{Class, LoadPermille};
 use crate::storage::{Capacity, Identity, Storage, Tables};
 use crate::sync::{Ordering, fence};
@@ -146,7 +147,7 @@ impl<S: Storage> Engine<S> {
             Ok(c) => c,
             Err(reason) => return Ok(Decision::invalid(reason)),
         };
-        self.admit_key(key, costs, request.priority, now_ns, |_| {})
+        self.admit_key(key, costs, request.service_tier, now_ns, |_| {})
     }
 
     /// Looks `key` up and admits there, telling `found` each place it was found.
@@ -154,7 +155,7 @@ impl<S: Storage> Engine<S> {
         &self,
         key: ScopeKey<'_>,
         costs: PerMetric<u64>,
-        priority: bool,
+        asked: ServiceTier,
         now_ns: u64,
         found: impl Fn(Located),
     ) -> Result<Decision, Error> {
@@ -164,7 +165,7 @@ impl<S: Storage> Engine<S> {
         for _ in 0..table::PATIENCE {
             let at = self.locate(key, now_ns, true)?.ok_or(Error::TableFull(Table::Scopes))?;
             found(at);
-            if let Attempt::Decided(d) = self.admit_at(at, costs, priority, now_ns)? {
+            if let Attempt::Decided(d) = self.admit_at(at, costs, asked, now_ns)? {
                 return Ok(d);
             }
         }
@@ -175,7 +176,7 @@ impl<S: Storage> Engine<S> {
         &self,
         at: Located,
         costs: PerMetric<u64>,
-        priority: bool,
+        asked: ServiceTier,
         now_ns: u64,
     ) -> Result<Attempt, Error> {
         let t = self.tables();
@@ -194,7 +195,9 @@ impl<S: Storage> Engine<S> {
         if let Some(reason) = account.refusal() {
             return refuse(reason);
         }
-        let cap = match account.in_flight_cap().or(self.policy.max_in_flight) {
+        let settings = account.settings();
+        let tier = asked.within(settings.service_tier_grant());
+        let cap = match settings.in_flight_cap().or(self.policy.max_in_flight) {
             Some(cap) => u64::from(cap),
             None => self.default_in_flight,
         };
@@ -236,7 +239,7 @@ impl<S: Storage> Engine<S> {
                 return Err(e);
             }
         };
-        let mut attempt = self.charge_bucket(slot, at, costs, priority, load, now_ns);
+        let mut attempt = self.charge_bucket(slot, at, costs, tier, load, now_ns);
         let ledger = t.permits.get(entry);
         match &mut attempt {
             Attempt::Decided(Decision {
@@ -267,7 +270,7 @@ impl<S: Storage> Engine<S> {
         slot: &ScopeSlot,
         at: Located,
         costs: PerMetric<u64>,
-        priority: bool,
+        tier: ServiceTier,
         load: LoadPermille,
         now_ns: u64,
     ) -> Attempt {
@@ -286,14 +289,14 @@ impl<S: Storage> Engine<S> {
             }
             let levels = |debt_q| Levels { debt_q, interval };
             let outcome = match bucket::fit(debts.debt, cost_q, self.bands) {
-                Fit::Fits { band, .. } if self.policy.shed.sheds(Class::of(band, priority), load) => {
+                Fit::Fits { band, .. } if self.policy.shed.sheds(Class::of(band, tier), load) => {
                     Outcome::Shed(Shed { band, load, retry_after_ns: self.policy.shed_retry_after_ns })
                 }
                 Fit::Fits { band, wait_q, debt } => {
                     let new = bucket::seal(debts.now_q, debt, word.version).pack();
                     match slot.bucket.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
-                            let permit = self.permit(at, costs, band, priority, wait_q, now_ns);
+                            let permit = self.permit(at, costs, band, tier, wait_q, now_ns);
                             let outcome = match band {
                                 bucket::Band::Normal => Outcome::Admit(permit),
                                 bucket::Band::OverLimit => Outcome::AdmitOverLimit(permit),
@@ -331,7 +334,7 @@ impl<S: Storage> Engine<S> {
         at: Located,
         costs: PerMetric<u64>,
         band: bucket::Band,
-        priority: bool,
+        service_tier: ServiceTier,
         wait_q: u64,
         now_ns: u64,
     ) -> Permit {
@@ -345,7 +348,7 @@ impl<S: Storage> Engine<S> {
             ticket: 0,
             incarnation: self.incarnation,
             tracked: false,
-            priority,
+            service_tier,
             band,
             wait_ns: wait_q.saturating_mul(QUANTUM_NS),
             deadline_s: permit::deadline_s(now_ns, self.policy.permit_ttl_ns),
@@ -837,7 +840,9 @@ mod tests {
         // Minutes later "a" is idle and "b" takes the only slot.
         assert!(e.admit(b, &Request::new(0), 5 * MINUTE).unwrap_or_else(|e| panic!("{e}")).admitted());
         let costs = Request::new(0).costs().unwrap_or_else(|e| panic!("{e:?}"));
-        let attempt = e.admit_at(stale, costs, false, 5 * MINUTE).unwrap_or_else(|e| panic!("{e}"));
+        let attempt = e
+            .admit_at(stale, costs, crate::ServiceTier::Default, 5 * MINUTE)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(attempt, Attempt::Moved));
         let levels = e.limits(b, 5 * MINUTE).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(levels.remaining(Metric::Requests), 59, "only b's own request is charged");

@@ -117,11 +117,11 @@ impl<S: Storage> Engine<S> {
         };
         let engine = self.handle_identity();
         if let Some(at) = scope.located(engine) {
-            if let Attempt::Decided(d) = self.admit_at(at, costs, request.priority, now_ns)? {
+            if let Attempt::Decided(d) = self.admit_at(at, costs, request.service_tier, now_ns)? {
                 return Ok(d);
             }
         }
-        self.admit_key(scope.key(), costs, request.priority, now_ns, |at| scope.remember(engine, at))
+        self.admit_key(scope.key(), costs, request.service_tier, now_ns, |at| scope.remember(engine, at))
     }
 
     /// What a handle records of the engine it was resolved in: a restore changes it.

@@ -6,9 +6,9 @@ use crate::error::PolicyError;
 use crate::metric::{Metric, PerMetric};
 use crate::policy::{Adaptation, MAX_TICK_NS, MetricLimits, Policy, UnknownParameter};
 
-/// Names accepted by [`Overrides::set`]: `<metric>_per_minute`, `<metric>_ceiling`, then the
-/// scalars.
-pub const NAMES: [&str; 13] = [
+/// Names accepted by [`Overrides::set`]: `<metric>_per_minute`, `<metric>_ceiling`, the scalars,
+/// then the six shedding thresholds in the order their classes are shed.
+pub const NAMES: [&str; 19] = [
     "requests_per_minute",
     "prompt_tokens_per_minute",
     "uncached_prompt_tokens_per_minute",
@@ -22,6 +22,12 @@ pub const NAMES: [&str; 13] = [
     "tick",
     "permit_ttl",
     "max_in_flight",
+    "shed_over_limit_flex",
+    "shed_in_limit_flex",
+    "shed_over_limit_default",
+    "shed_over_limit_priority",
+    "shed_in_limit_default",
+    "shed_in_limit_priority",
 ];
 
 const HARD_FACTOR: usize = 8;
@@ -29,6 +35,10 @@ const MAX_WAIT: usize = 9;
 const TICK: usize = 10;
 const PERMIT_TTL: usize = 11;
 const MAX_IN_FLIGHT: usize = 12;
+/// The first of the six shedding thresholds' names in [`NAMES`].
+pub const SHED: usize = 13;
+/// The highest shedding threshold, in units of capacity: a load in ‰ is a `u32`.
+const SHED_MAX: f64 = 4_000_000.0;
 
 /// Parameters set over a preset. What is set is what is enforced:
 /// - `<metric>_per_minute` is the metric's limit (its floor when limits adapt); `inf` turns the
@@ -39,6 +49,8 @@ const MAX_IN_FLIGHT: usize = 12;
 /// - `hard_factor` is ρ; `max_wait`, `tick` and `permit_ttl` are seconds (`max_wait = 0` turns
 ///   smoothing off, `permit_ttl = inf` lets permits live forever).
 /// - `max_in_flight` caps one account's outstanding permits (`inf`: no cap).
+/// - `shed_<class>` is the load (1 = the model at capacity) at which that class is shed (SPEC
+///   §6); the six must stay in shedding order, each at most the next.
 ///
 /// ```
 /// use sluicegate_core::{Metric, Overrides, Policy, PolicyError};
@@ -118,6 +130,21 @@ impl Overrides {
             // In range: a whole number from 1 to u32::MAX, or inf (saturates to no cap).
             policy.max_in_flight = Some(max as u32);
         }
+        let shed = &mut policy.shed;
+        let thresholds = [
+            &mut shed.over_limit_flex,
+            &mut shed.in_limit_flex,
+            &mut shed.over_limit_default,
+            &mut shed.over_limit_priority,
+            &mut shed.in_limit_default,
+            &mut shed.in_limit_priority,
+        ];
+        for (threshold, value) in thresholds.into_iter().zip(self.values.iter().skip(SHED)) {
+            if let Some(load) = value {
+                // In range: 0 to SHED_MAX, so the permille fits a u32.
+                *threshold = libm::round(load * 1000.0) as u32;
+            }
+        }
         policy.bands()?;
         Ok(policy)
     }
@@ -135,6 +162,7 @@ fn in_range(name: &str, v: f64) -> bool {
         "max_wait" => v.is_finite() && v >= 0.0,
         "tick" => v >= 0.001 && v * 1e9 <= MAX_TICK_NS as f64,
         "max_in_flight" => v >= 1.0 && (v.is_infinite() || (libm::trunc(v) == v && v <= f64::from(u32::MAX))),
+        n if n.starts_with("shed_") => (0.0..=SHED_MAX).contains(&v),
         // Limits, ceilings and permit_ttl: at least 1 (inf allowed: off, none, never).
         _ => v >= 1.0,
     }
@@ -148,6 +176,7 @@ pub(crate) fn rule(name: &str) -> &'static str {
         "tick" => "a number of seconds from 0.001 to 3600",
         "permit_ttl" => "a number of seconds of at least 1, or inf for never",
         "max_in_flight" => "a whole number of at least 1, or inf for no cap",
+        n if n.starts_with("shed_") => "a load from 0 to 4000000 (1 is the model at capacity)",
         n if n.ends_with("_ceiling") => "a number of at least 1, or inf for no ceiling",
         _ => "a number of at least 1, or inf to turn the metric off",
     }
@@ -213,6 +242,37 @@ mod tests {
         // A metric the preset had off, turned on: a fixed limit.
         let p = apply(Policy::fireworks_2026(), &[("requests_per_minute", 100.0)]).unwrap();
         assert_eq!(*p.limits.get(Metric::Requests), MetricLimits::fixed(100.0));
+    }
+
+    #[test]
+    fn the_shedding_thresholds_are_loads_in_shedding_order() {
+        let p =
+            apply(Policy::fireworks_2024(), &[("shed_in_limit_flex", 0.65), ("shed_over_limit_flex", 0.0)])
+                .unwrap();
+        let d = crate::ShedThresholds::DEFAULT;
+        assert_eq!(p.shed, crate::ShedThresholds { over_limit_flex: 0, in_limit_flex: 650, ..d });
+        let all = [0.1, 0.2, 0.3, 0.4, 0.5, 4_000_000.0];
+        let named: [(&str, f64); 6] = core::array::from_fn(|i| (NAMES[SHED + i], all[i]));
+        let p = apply(Policy::fixed(), &named).unwrap();
+        assert_eq!(
+            [p.shed.over_limit_flex, p.shed.in_limit_flex, p.shed.over_limit_default],
+            [100, 200, 300]
+        );
+        assert_eq!(
+            [p.shed.over_limit_priority, p.shed.in_limit_default, p.shed.in_limit_priority],
+            [400, 500, 4_000_000_000]
+        );
+        // Out of shedding order, out of range, not a number.
+        let refused = apply(Policy::fireworks_2024(), &[("shed_in_limit_default", 0.85)]);
+        assert_eq!(refused, Err(PolicyError::BadShedThresholds));
+        for (name, bad) in [
+            ("shed_in_limit_priority", 4_000_000.5),
+            ("shed_over_limit_flex", -0.1),
+            ("shed_in_limit_flex", f64::NAN),
+        ] {
+            assert_eq!(apply(Policy::fireworks_2024(), &[(name, bad)]), Err(PolicyError::BadParameter(name)));
+            assert!(rule(name).starts_with("a load"));
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::bucket::Band;
 use crate::key::Variant;
+use crate::service_tier::ServiceTier;
 use crate::sync::{AtomicU64, AtomicU128, Ordering};
 
 /// Amounts charged at admission, in requests and tokens.
@@ -32,7 +33,7 @@ pub struct Permit {
     pub(crate) ticket: u32,
     pub(crate) incarnation: u32,
     pub(crate) tracked: bool,
-    pub(crate) priority: bool,
+    pub(crate) service_tier: ServiceTier,
     pub(crate) band: Band,
     pub(crate) wait_ns: u64,
     /// The caller's clock second after which the permit has expired (SPEC §7).
@@ -61,9 +62,9 @@ impl Permit {
         self.wait_ns
     }
 
-    /// Whether the request was sent on the priority tier.
-    pub fn priority(&self) -> bool {
-        self.priority
+    /// The service tier the request was served at: asked for, capped by its account's grant.
+    pub fn service_tier(&self) -> ServiceTier {
+        self.service_tier
     }
 
     /// The model variant the permit is for.
@@ -175,6 +176,7 @@ const FAST: u64 = 1;
 const TRACKED: u64 = 2;
 const PRIORITY: u64 = 4;
 const OVER_LIMIT: u64 = 8;
+const FLEX: u64 = 16;
 
 impl Permit {
     /// The permit as plain integers.
@@ -182,7 +184,8 @@ impl Permit {
         let flag = |on: bool, bit: u64| if on { bit } else { 0 };
         let flags = flag(self.variant == Variant::Fast, FAST)
             | flag(self.tracked, TRACKED)
-            | flag(self.priority, PRIORITY)
+            | flag(self.service_tier == ServiceTier::Priority, PRIORITY)
+            | flag(self.service_tier == ServiceTier::Flex, FLEX)
             | flag(self.band == Band::OverLimit, OVER_LIMIT);
         let r = self.reserved;
         RawPermit {
@@ -205,9 +208,15 @@ impl Permit {
         let [a, scope_id, b, c, wait_ns, requests, prompt_tokens, uncached_prompt_tokens, generated_tokens] =
             raw.words;
         let flags = c >> 48;
-        if flags & !(FAST | TRACKED | PRIORITY | OVER_LIMIT) != 0 {
+        if flags & !(FAST | TRACKED | PRIORITY | OVER_LIMIT | FLEX) != 0 {
             return None;
         }
+        let service_tier = match (flags & PRIORITY != 0, flags & FLEX != 0) {
+            (false, false) => ServiceTier::Default,
+            (true, false) => ServiceTier::Priority,
+            (false, true) => ServiceTier::Flex,
+            (true, true) => return None,
+        };
         Some(Permit {
             slot: a as u32,
             scope_id,
@@ -217,7 +226,7 @@ impl Permit {
             ticket: b as u32,
             incarnation: c as u32,
             tracked: flags & TRACKED != 0,
-            priority: flags & PRIORITY != 0,
+            service_tier,
             band: if flags & OVER_LIMIT != 0 { Band::OverLimit } else { Band::Normal },
             wait_ns,
             deadline_s: (b >> 32) as u32,

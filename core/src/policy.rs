@@ -213,7 +213,7 @@ impl Policy {
     }
 
     /// Names accepted by [`Overrides::set`](crate::Overrides::set).
-    pub const OVERRIDES: [&'static str; 13] = crate::overrides::NAMES;
+    pub const OVERRIDES: [&'static str; 19] = crate::overrides::NAMES;
 
     /// The preset with `overrides` resolved and checked (see [`Overrides`](crate::Overrides)).
     ///

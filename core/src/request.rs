@@ -1,6 +1,7 @@
 //! What a caller tells the engine about a request, before and after it runs.
 
 use crate::metric::PerMetric;
+use crate::service_tier::ServiceTier;
 
 /// A request as the gateway sees it before forwarding (SPEC §2).
 ///
@@ -23,8 +24,8 @@ pub struct Request {
     pub n: u64,
     /// How many times the prompt is counted (default once, whatever `n`).
     pub prompt_copies: u64,
-    /// Sent on the priority tier: shed last on overload.
-    pub priority: bool,
+    /// The service tier asked for (SPEC §6); the account's grant caps it.
+    pub service_tier: ServiceTier,
 }
 
 /// Why a request is malformed (400).
@@ -59,7 +60,7 @@ impl Request {
             expected_tokens: None,
             n: 1,
             prompt_copies: 1,
-            priority: false,
+            service_tier: ServiceTier::Default,
         }
     }
 
@@ -78,9 +79,10 @@ impl Request {
         Request { n, ..self }
     }
 
-    /// Marks the request as priority tier.
-    pub const fn priority(self, priority: bool) -> Self {
-        Request { priority, ..self }
+    /// Asks for a service tier: `Flex` is shed first, `Priority` last. The account's grant
+    /// ([`crate::Engine::set_service_tier_grant`]) caps it; asking above it is served at it.
+    pub const fn service_tier(self, service_tier: ServiceTier) -> Self {
+        Request { service_tier, ..self }
     }
 
     /// Sets the expected generated tokens per choice.

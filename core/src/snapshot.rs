@@ -7,7 +7,7 @@
 //! nothing. Debts are stored relative to the snapshot's clock and re-based on the restoring
 //! engine's clock, so earned limits and bucket levels survive a restart.
 
-use crate::account::{AccountSlot, SETTINGS_KNOWN};
+use crate::account::{AccountSlot, GRANT_MASK, SETTINGS_KNOWN};
 use crate::adapt::MetricState;
 use crate::bucket::{self, OFFSET_MAX, QUANTUM_NS, Word};
 use crate::engine::{Engine, MODEL_SALT};
@@ -371,8 +371,9 @@ impl<S: Storage> Engine<S> {
             placed(key::hash(h.seed, key.as_slice()), cap.accounts, index)?;
             // Only the documented bits: an unknown suspension bit would refuse every request
             // with nothing able to lift it, an unknown setting keep the account forever.
-            let tier_ok =
-                Tier::from_index((settings & 0xFF) as u8).is_some() && settings & !SETTINGS_KNOWN == 0;
+            let tier_ok = Tier::from_index((settings & 0xFF) as u8).is_some()
+                && settings & !SETTINGS_KNOWN == 0
+                && settings & GRANT_MASK != GRANT_MASK;
             let suspension_ok = suspension & !ACCOUNT_SUSPENSION_BITS == 0;
             let quotas_ok = quotas.iter().all(|q| (q >> 32) <= (q & 0xFFFF_FFFF));
             if !tier_ok || !suspension_ok || !quotas_ok || !overrides_ok(&limits) {

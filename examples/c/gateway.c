@@ -4,6 +4,7 @@
  * Reads one request per line from stdin:
  *
  *     account model prompt_tokens max_tokens priority(0/1) [at_ms]
+ *   (priority 1: the account is granted the priority service tier, and the request asks for it)
  *
  * (whitespace separated; '#' starts a comment). Each request is admitted at simulated time
  * at_ms, or 100 ms after the previous request when the column is left out. For each one this
@@ -110,7 +111,12 @@ int main(void) {
         r.prompt_tokens = prompt;
         r.max_tokens = max_tokens;
         r.n = 1;
-        r.priority = priority != 0;
+        if (priority != 0) {
+            /* The operator's grant (SPEC §6): without it, asking for priority is served at default. */
+            rc = sg_set_service_tier_grant(engine, r.account, r.account_len, SG_SERVICE_TIER_PRIORITY);
+            if (rc != SG_OK) fprintf(stderr, "line %d: granting priority failed: %s\n", line_no, sg_result_str(rc));
+            r.service_tier = SG_SERVICE_TIER_PRIORITY;
+        }
 
         sg_decision d;
         rc = sg_admit(engine, &r, now_ns, &d);

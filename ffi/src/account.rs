@@ -3,7 +3,7 @@
 use sluicegate_core::{Metric, MetricLimits, Price, Quota, Suspension, Tier, Variant};
 
 use crate::boundary::{arg, boundary, bytes, out, sg_result, sg_result::*};
-use crate::engine::sg_engine;
+use crate::engine::{sg_engine, sg_service_tier};
 
 /// Spending tiers (`sg_account.tier`, `sg_set_tier`).
 #[repr(u32)]
@@ -88,6 +88,9 @@ pub struct sg_account {
     /// The account's own cap on permits in flight (`sg_set_max_in_flight`); 0: the engine's
     /// (`sg_config.max_in_flight`).
     pub max_in_flight: u32,
+    /// The `sg_service_tier` granted (`sg_set_service_tier_grant`; `SG_SERVICE_TIER_DEFAULT`
+    /// unless granted another).
+    pub service_tier_grant: u32,
 }
 
 macro_rules! account_call {
@@ -131,6 +134,7 @@ pub unsafe extern "C" fn sg_account_get(
             reserved: s.reserved,
             in_flight: s.in_flight,
             max_in_flight: s.max_in_flight.unwrap_or(0),
+            service_tier_grant: sg_service_tier::of(s.service_tier_grant),
         };
         Ok(())
     })
@@ -193,6 +197,25 @@ pub unsafe extern "C" fn sg_set_max_in_flight(
     account_call!(engine, account, account_len, |e, a| {
         let max = if max == 0 { None } else { Some(u32::try_from(max).map_err(|_| SgErrInvalidArgument)?) };
         Ok(e.inner.set_max_in_flight(a, max)?)
+    })
+}
+
+/// Grants an account an `sg_service_tier` (SPEC §6): its requests are served at the tier they
+/// ask for (`sg_request.service_tier`), or at the grant if they ask for more. Every account has
+/// `SG_SERVICE_TIER_DEFAULT` until granted another; a grant is kept in snapshots. Another value
+/// is `SG_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `engine` must be a live engine; `account` valid for `account_len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sg_set_service_tier_grant(
+    engine: *const sg_engine,
+    account: *const u8,
+    account_len: usize,
+    service_tier: u32,
+) -> sg_result {
+    account_call!(engine, account, account_len, |e, a| {
+        Ok(e.inner.set_service_tier_grant(a, sg_service_tier::parse(service_tier)?)?)
     })
 }
 

@@ -55,6 +55,11 @@ pub struct sg_config {
     /// `SG_REJECT_CONCURRENCY`. 0 keeps the preset's (a quarter of the permit ledger, so that no
     /// account can take it all); above `UINT32_MAX` is no cap. Per account: `sg_set_max_in_flight`.
     pub max_in_flight: u64,
+    /// The model load (‰ of capacity) at which each class of request is shed (SPEC §6), in
+    /// shedding order: over-limit flex, in-limit flex, over-limit default, over-limit priority,
+    /// in-limit default, in-limit priority. 0 keeps the preset's (600, 700, 800, 900, 1000,
+    /// 1200); each must be at most the next, or `sg_engine_new` fails with `SG_ERR_POLICY`.
+    pub shed_permille: [u32; 6],
 }
 
 /// `sg_config.max_wait_ns`: no smoothing wait, whatever the preset's.
@@ -96,16 +101,17 @@ pub enum sg_outcome {
     SgRejectConcurrency = 6,
 }
 
-/// Service tiers (SPEC §6), after OpenAI's `service_tier`, from shed first to shed last: `flex`,
-/// `default`, `priority`. An account's grant caps the tier a request is served at.
+/// Service tiers (SPEC §6), after OpenAI's `service_tier` (`sg_request.service_tier`,
+/// `sg_set_service_tier_grant`). Shed first to last: flex, default, priority. An account's grant
+/// caps the tier its requests are served at. (Priority is 1, as the `priority` flag it replaces.)
 #[repr(u32)]
 pub enum sg_service_tier {
     /// The tier every account has unless granted another.
     SgServiceTierDefault = 0,
-    /// Sheddable batch traffic.
-    SgServiceTierFlex = 1,
     /// Shed last.
-    SgServiceTierPriority = 2,
+    SgServiceTierPriority = 1,
+    /// Sheddable batch traffic: shed first.
+    SgServiceTierFlex = 2,
 }
 
 impl sg_service_tier {
@@ -115,6 +121,11 @@ impl sg_service_tier {
             ServiceTier::Flex => sg_service_tier::SgServiceTierFlex,
             ServiceTier::Priority => sg_service_tier::SgServiceTierPriority,
         }) as u32
+    }
+
+    /// The tier a C value names; `SG_ERR_INVALID_ARGUMENT` for any other value.
+    pub(crate) fn parse(value: u32) -> Result<ServiceTier, sg_result> {
+        ServiceTier::ALL.into_iter().find(|t| Self::of(*t) == value).ok_or(SgErrInvalidArgument)
     }
 }
 
@@ -151,8 +162,9 @@ pub struct sg_request {
     pub expected_tokens: u64,
     /// Choices (n); 0 is invalid.
     pub n: u64,
-    /// Non-zero for the priority tier.
-    pub priority: u32,
+    /// The `sg_service_tier` asked for (0: `SG_SERVICE_TIER_DEFAULT`); the account's grant
+    /// (`sg_set_service_tier_grant`) caps it. Another value is `SG_ERR_INVALID_ARGUMENT`.
+    pub service_tier: u32,
     /// Non-zero for the model's fast variant.
     pub fast: u32,
 }
@@ -250,6 +262,7 @@ pub unsafe extern "C" fn sg_config_default(config: *mut sg_config) -> sg_result 
             permit_ttl_ns: 0,
             seed: 0,
             max_in_flight: 0,
+            shed_permille: [0; 6],
         };
         Ok(())
     })
@@ -290,6 +303,11 @@ pub(crate) fn policy_of(config: &sg_config) -> Result<Policy, sg_result> {
     }
     if config.permit_ttl_ns != 0 {
         set("permit_ttl", seconds(config.permit_ttl_ns))?;
+    }
+    for (i, permille) in config.shed_permille.into_iter().enumerate() {
+        if permille != 0 {
+            set(overrides::NAMES[overrides::SHED + i], f64::from(permille) / 1000.0)?;
+        }
     }
     Ok(preset.with(&overrides)?)
 }
@@ -422,20 +440,20 @@ pub unsafe extern "C" fn sg_admit(
         // SAFETY: the request's pointers are valid for their lengths (contract).
         let (account, model) = unsafe { (bytes(r.account, r.account_len)?, bytes(r.model, r.model_len)?) };
         let key = ScopeKey { account, model, variant: variant(r.fast) };
-        *decision = decision_of(&engine.inner.admit(key, &request_of(r), now_ns)?);
+        *decision = decision_of(&engine.inner.admit(key, &request_of(r)?, now_ns)?);
         Ok(())
     })
 }
 
 /// The costs and class of an `sg_request` (its key aside), shared by `sg_admit` and
 /// `sg_admit_scope`.
-pub(crate) fn request_of(r: &sg_request) -> Request {
+pub(crate) fn request_of(r: &sg_request) -> Result<Request, sg_result> {
     let mut request = Request::new(r.prompt_tokens).cached_tokens(r.cached_tokens).max_tokens(r.max_tokens);
-    request = request.n(r.n).priority(r.priority != 0);
+    request = request.n(r.n).service_tier(sg_service_tier::parse(r.service_tier)?);
     if r.expected_tokens != 0 {
         request = request.expected_tokens(r.expected_tokens);
     }
-    request
+    Ok(request)
 }
 
 fn permit_of(p: &sg_permit) -> Result<Permit, sg_result> {

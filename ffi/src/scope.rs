@@ -76,7 +76,7 @@ pub unsafe extern "C" fn sg_admit_scope(
         // SAFETY: forwarded from this function's contract.
         let (engine, scope, r, decision) =
             unsafe { (arg(engine)?, arg(scope)?, arg(request)?, out(decision)?) };
-        *decision = decision_of(&engine.inner.admit_scope(&scope.inner, &request_of(r), now_ns)?);
+        *decision = decision_of(&engine.inner.admit_scope(&scope.inner, &request_of(r)?, now_ns)?);
         Ok(())
     })
 }

@@ -213,7 +213,8 @@ fuzz_target!(|data: &[u8]| {
             max_tokens: u64::from(byte(step, 2)) * 10,
             expected_tokens: 0,
             n: u64::from(byte(step, 3) % 4),
-            priority: u32::from(byte(step, 4) & 1),
+            // 3 is no tier: SG_ERR_INVALID_ARGUMENT, nothing charged.
+            service_tier: u32::from(byte(step, 4) & 3),
             fast,
         };
         let usage = sg_usage {

@@ -794,21 +794,6 @@ ngx_http_sluicegate_service_tier(ngx_str_t *name)
 }
 
 
-/* Tiers from shed first to shed last. */
-static ngx_uint_t
-ngx_http_sluicegate_tier_rank(uint32_t tier)
-{
-    switch (tier) {
-    case SG_SERVICE_TIER_FLEX:
-        return 0;
-    case SG_SERVICE_TIER_PRIORITY:
-        return 2;
-    default:
-        return 1;
-    }
-}
-
-
 static ngx_int_t
 ngx_http_sluicegate_scan_error(ngx_http_request_t *r, sg_result rc)
 {
@@ -859,7 +844,6 @@ ngx_http_sluicegate_body_handler(ngx_http_request_t *r)
     sg_request                       req;
     ngx_str_t                        account, tier, variant;
     ngx_uint_t                       too_large;
-    uint32_t                         granted, served;
     sg_openai_request                scan;
     ngx_http_sluicegate_ctx_t       *ctx;
     ngx_http_sluicegate_loc_conf_t  *slcf;
@@ -941,19 +925,20 @@ ngx_http_sluicegate_body_handler(ngx_http_request_t *r)
         req.fast = 1;
     }
 
-    /* The grant caps the tier: a body may ask for a lower one, never a higher one (SPEC §6). */
-    granted = SG_SERVICE_TIER_DEFAULT;
+    /*
+     * The account's grant lives in the engine, which caps every request at it (SPEC §6); a body
+     * may ask for a lower tier, and one that asks for none is served at the grant.
+     */
     if (slcf->tier != NULL && ngx_http_complex_value(r, slcf->tier, &tier) == NGX_OK) {
-        granted = ngx_http_sluicegate_service_tier(&tier);
+        rc = sg_set_service_tier_grant(ctx->engine, account.data, account.len,
+                                       ngx_http_sluicegate_service_tier(&tier));
+        if (rc != SG_OK) {
+            ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                          "sluicegate: granting \"%V\" its service tier failed: %s",
+                          &account, sg_result_str(rc));
+        }
     }
-    served = granted;
-    if (scan.service_tier_given
-        && ngx_http_sluicegate_tier_rank(scan.service_tier) < ngx_http_sluicegate_tier_rank(granted))
-    {
-        served = scan.service_tier;
-    }
-    /* The engine's classes today: priority is shed last; default and flex as regular. */
-    req.priority = served == SG_SERVICE_TIER_PRIORITY;
+    req.service_tier = scan.service_tier_given ? scan.service_tier : SG_SERVICE_TIER_PRIORITY;
 
     ctx->prompt = req.prompt_tokens;
 

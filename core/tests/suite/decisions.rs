@@ -1,7 +1,7 @@
 //! What a decision and its permit tell the gateway: the retry hint of each refusal, whether the
 //! scope is over its normal limit, and the permit's tier and variant.
 
-use sluicegate_core::{Capacity, Engine, Metric, Outcome, Policy, Request, ScopeKey, Variant};
+use sluicegate_core::{Capacity, Engine, Metric, Outcome, Policy, Request, ScopeKey, ServiceTier, Variant};
 
 const SECOND: u64 = 1_000_000_000;
 const KEY: ScopeKey<'static> = ScopeKey::new(b"acct", b"model");
@@ -56,15 +56,20 @@ fn every_retryable_refusal_says_when_and_nothing_else_does() {
     assert_eq!(concurrency.retry_after_ns(), Some(c.retry_after_ns));
 }
 
-/// A permit carries the tier and the variant it was admitted under.
+/// A permit carries the service tier it was served at and the variant it was admitted under.
 #[test]
-fn a_permit_knows_its_tier_and_variant() {
+fn a_permit_knows_its_service_tier_and_variant() {
     let e = engine(Policy::fireworks_2024());
     let regular = *e.admit(KEY, &Request::new(0), 0).unwrap().permit().unwrap();
-    assert!(!regular.priority());
+    assert_eq!(regular.service_tier(), ServiceTier::Default);
     assert_eq!(regular.variant(), Variant::Regular);
-    let fast = *e.admit(KEY.fast(), &Request::new(0).priority(true), 0).unwrap().permit().unwrap();
-    assert!(fast.priority());
+    e.set_service_tier_grant(KEY.account, ServiceTier::Priority).unwrap();
+    let fast = *e
+        .admit(KEY.fast(), &Request::new(0).service_tier(ServiceTier::Priority), 0)
+        .unwrap()
+        .permit()
+        .unwrap();
+    assert_eq!(fast.service_tier(), ServiceTier::Priority);
     assert_eq!(fast.variant(), Variant::Fast);
 }
 
@@ -106,11 +111,17 @@ fn a_tie_between_metrics_names_the_first() {
 fn a_raw_permit_round_trips_and_unknown_flags_are_refused() {
     use sluicegate_core::Permit;
     let e = engine(Policy::fireworks_2024());
-    let fast = *e.admit(KEY.fast(), &Request::new(0).priority(true), 0).unwrap().permit().unwrap();
-    for permit in [fast, *e.admit(KEY, &Request::new(0), 0).unwrap().permit().unwrap()] {
+    e.set_service_tier_grant(KEY.account, ServiceTier::Priority).unwrap();
+    let admit = |key, tier| *e.admit(key, &Request::new(0).service_tier(tier), 0).unwrap().permit().unwrap();
+    let permits = ServiceTier::ALL.map(|t| admit(KEY.fast(), t));
+    for permit in permits.into_iter().chain([admit(KEY, ServiceTier::Default)]) {
         let raw = permit.to_raw();
         assert_eq!(Permit::from_raw(&raw), Some(permit));
-        for bit in 52..64 {
+        // The priority and flex bits together are no tier.
+        let mut both = raw;
+        both.words[3] |= (4 | 16) << 48;
+        assert_eq!(Permit::from_raw(&both), None);
+        for bit in 53..64 {
             let mut forged = raw;
             forged.words[3] |= 1 << bit;
             assert_eq!(Permit::from_raw(&forged), None, "flag bit {bit}");

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as RunConfig, TestRunner};
 use sluicegate_core::{
     Adaptation, Capacity, Completion, Engine, Error, Metric, MetricLimits, Outcome as EngineOutcome, Permit,
-    Policy, Quota, QuotaError, Request, ScopeKey, SettleError, Tier, Usage, Variant,
+    Policy, Quota, QuotaError, Request, ScopeKey, ServiceTier, SettleError, Tier, Usage, Variant,
 };
 
 /// Debts below this are exact in the engine's bucket word (`bucket::MAX_HORIZON_Q`).
@@ -23,7 +23,7 @@ static SPEND_REFUSALS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atomi
 
 #[derive(Clone, Debug)]
 enum Op {
-    Admit { key: usize, prompt: u64, cached_pct: u64, max_tokens: u64, n: u64, priority: bool },
+    Admit { key: usize, prompt: u64, cached_pct: u64, max_tokens: u64, n: u64, tier: usize },
     Settle { which: usize, pct: u64, failed: bool },
     Charge { which: usize, tokens: u64 },
     Cancel { which: usize, pct: u64 },
@@ -31,6 +31,7 @@ enum Op {
     StepBack { ms: u64 },
     SetLoad { model: usize, fast: bool, permille: u64 },
     SetTier { account: usize, tier: Option<usize> },
+    SetGrant { account: usize, tier: usize },
     Override { account: usize, metric: usize, bounds: Option<(f64, f64)> },
     Restore,
     Quota { account: usize, quota: usize, call: QuotaCall },
@@ -45,8 +46,8 @@ fn tokens() -> impl Strategy<Value = u64> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0usize..12, tokens(), 0u64..=100, tokens(), prop_oneof![8 => Just(1u64), 1 => 2u64..5, 1 => Just(0)], any::<bool>())
-            .prop_map(|(key, prompt, cached_pct, max_tokens, n, priority)| Op::Admit { key, prompt, cached_pct, max_tokens, n, priority }),
+        6 => (0usize..12, tokens(), 0u64..=100, tokens(), prop_oneof![8 => Just(1u64), 1 => 2u64..5, 1 => Just(0)], 0usize..3)
+            .prop_map(|(key, prompt, cached_pct, max_tokens, n, tier)| Op::Admit { key, prompt, cached_pct, max_tokens, n, tier }),
         3 => (any::<usize>(), prop_oneof![4 => 0u64..300, 1 => 300u64..1_000_000], any::<bool>()).prop_map(|(which, pct, failed)| Op::Settle { which, pct, failed }),
         1 => (any::<usize>(), 0u64..20_000).prop_map(|(which, tokens)| Op::Charge { which, tokens }),
         1 => (any::<usize>(), 0u64..100).prop_map(|(which, pct)| Op::Cancel { which, pct }),
@@ -56,6 +57,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..2, any::<bool>(), prop::sample::select(vec![0u64, 500, 850, 950, 1_100, 1_300]))
             .prop_map(|(model, fast, permille)| Op::SetLoad { model, fast, permille }),
         1 => (0usize..3, prop::option::of(0usize..5)).prop_map(|(account, tier)| Op::SetTier { account, tier }),
+        1 => (0usize..3, 0usize..3).prop_map(|(account, tier)| Op::SetGrant { account, tier }),
         1 => (0usize..3, 0usize..METRICS, prop::option::of((prop::sample::select(vec![30.0, 600.0, 6_000.0, 120_000.0]), 1.0f64..4.0)))
             .prop_map(|(account, metric, b)| Op::Override { account, metric, bounds: b.map(|(f, k)| (f, (f * k).round())) }),
         1 => Just(Op::Restore),
@@ -112,8 +114,15 @@ fn config_of(p: &Policy, adapt: Adapt) -> Config {
         adapt,
         tick_ns: p.tick_ns,
         ttl_ns: p.permit_ttl_ns,
-        shed: [s.over_limit_regular, s.over_limit_priority, s.in_limit_regular, s.in_limit_priority]
-            .map(u64::from),
+        shed: [
+            s.over_limit_flex,
+            s.in_limit_flex,
+            s.over_limit_default,
+            s.over_limit_priority,
+            s.in_limit_default,
+            s.in_limit_priority,
+        ]
+        .map(u64::from),
     }
 }
 
@@ -190,19 +199,22 @@ fn run((policy, adapt): (Policy, Adapt), ops: &[Op]) -> Result<(), TestCaseError
         let mut touched = None;
         let mut resync_all = false;
         match *op {
-            Op::Admit { key, prompt, cached_pct, max_tokens, n, priority } => {
+            Op::Admit { key, prompt, cached_pct, max_tokens, n, tier } => {
                 touched = Some(key);
                 let (ek, mk) = key_of(key);
                 let cached = prompt / 100 * cached_pct.min(100);
-                let req =
-                    Request::new(prompt).cached_tokens(cached).max_tokens(max_tokens).n(n).priority(priority);
+                let req = Request::new(prompt)
+                    .cached_tokens(cached)
+                    .max_tokens(max_tokens)
+                    .n(n)
+                    .service_tier(ServiceTier::ALL[tier]);
                 let d = e.admit(ek, &req, now).unwrap();
                 let got = outcome_of(&d.outcome);
                 if got == Outcome::SpendLimitExceeded {
                     SPEND_REFUSALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 let before = m.clone_state();
-                let r = model::Request { prompt, cached, max_tokens, n, priority };
+                let r = model::Request { prompt, cached, max_tokens, n, tier };
                 let (want, permit) = m.admit(&mk, &r, now);
                 let tolerance = if adapt == Adapt::Fixed { 4 } else { 68 };
                 if !agree(got, &want, tolerance) {
@@ -270,6 +282,10 @@ fn run((policy, adapt): (Policy, Adapt), ops: &[Op]) -> Result<(), TestCaseError
                 e.set_tier(ACCOUNTS[account], tier.map(|t| Tier::ALL[t]), now).unwrap();
                 m.set_tier(ACCOUNTS[account], tier, now);
                 resync_all = behind;
+            }
+            Op::SetGrant { account, tier } => {
+                e.set_service_tier_grant(ACCOUNTS[account], ServiceTier::ALL[tier]).unwrap();
+                m.set_grant(ACCOUNTS[account], tier);
             }
             Op::Override { account, metric, bounds } => {
                 let limits = bounds.map(|(floor, ceiling)| MetricLimits { floor, ceiling });
@@ -418,7 +434,7 @@ fn the_model_handles_ten_thousand_operations() {
     let config = config_of(&Policy::fireworks_2024(), Adapt::Threshold);
     let mut m = Model::new(config);
     let (_, key) = key_of(0);
-    let r = model::Request { prompt: 100, cached: 0, max_tokens: 10, n: 1, priority: false };
+    let r = model::Request { prompt: 100, cached: 0, max_tokens: 10, n: 1, tier: model::DEFAULT };
     let mut admitted = 0;
     for i in 0..10_000u64 {
         let (d, p) = m.admit(&key, &r, i * SECOND);

@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sluicegate_core::{
-    Capacity, Completion, Decision, Engine, Error, Heap, Metric, Outcome, Policy, Request, ScopeKey, Table,
-    Usage,
+    Capacity, Completion, Decision, Engine, Error, Heap, Metric, Outcome, Policy, Request, ScopeKey,
+    ServiceTier, Table, Usage,
 };
 
 const MINUTE: u64 = 60_000_000_000;
@@ -53,7 +53,8 @@ fn a_handle_decides_exactly_as_the_key() {
             now += 10 * MINUTE;
         }
         let k = (next() % keys.len() as u64) as usize;
-        let request = Request::new(next() % 40_000).max_tokens(next() % 4_000).priority(i % 3 == 0);
+        let request =
+            Request::new(next() % 40_000).max_tokens(next() % 4_000).service_tier(ServiceTier::ALL[i % 3]);
         let (a, b) =
             (by_key.admit(keys[k], &request, now), by_handle.admit_scope(&handles[k], &request, now));
         let (a, b) = (a.unwrap(), b.unwrap());

@@ -70,8 +70,15 @@ fn model() -> Model {
         adapt: Adapt::Fixed,
         tick_ns: p.tick_ns,
         ttl_ns: p.permit_ttl_ns,
-        shed: [s.over_limit_regular, s.over_limit_priority, s.in_limit_regular, s.in_limit_priority]
-            .map(u64::from),
+        shed: [
+            s.over_limit_flex,
+            s.in_limit_flex,
+            s.over_limit_default,
+            s.over_limit_priority,
+            s.in_limit_default,
+            s.in_limit_priority,
+        ]
+        .map(u64::from),
     })
 }
 
@@ -197,7 +204,7 @@ impl Search<'_> {
         let ev = self.events[i];
         match ev.call {
             Call::Admit { key: k, max_tokens } => {
-                let r = model::Request { prompt: 0, cached: 0, max_tokens, n: 1, priority: false };
+                let r = model::Request { prompt: 0, cached: 0, max_tokens, n: 1, tier: model::DEFAULT };
                 let (d, p) = m.admit(&key(k), &r, NOW);
                 permits[i] = p;
                 let admitted = matches!(d.outcome, Outcome::Admit { .. });

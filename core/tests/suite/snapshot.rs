@@ -7,7 +7,7 @@ use sluicegate_core::snapshot::{ACCOUNT_RECORD, SCOPE_RECORD};
 use sluicegate_core::tier::DOLLAR;
 use sluicegate_core::{
     Capacity, Completion, Engine, Heap, Metric, MetricLimits, Policy, Price, Quota, Request, ScopeKey,
-    SettleError, SnapshotError, Tier, Usage, Variant,
+    ServiceTier, SettleError, SnapshotError, Tier, Usage, Variant,
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -279,18 +279,29 @@ fn a_key_restored_twice_is_refused() {
 fn unknown_suspension_or_setting_bits_are_refused() {
     let (_, good) = small(Policy::fireworks_2024());
     let (settings, suspension) = (ACCOUNTS_AT + 72, ACCOUNTS_AT + 112);
-    for (at, value) in [(suspension, 8u64), (suspension, u64::MAX), (settings, 1 << 10), (settings, 1 << 63)]
-    {
+    // Bit 12 is unused, and 3 in the service tier grant's two bits (10 and 11) names no tier.
+    for (at, value) in [
+        (suspension, 8u64),
+        (suspension, u64::MAX),
+        (settings, 1 << 12),
+        (settings, 3 << 10),
+        (settings, 1 << 63),
+    ] {
         let mut bad = good.clone();
         put(&mut bad, at, &value.to_le_bytes());
         corrupt_for_small(bad);
     }
-    // The documented bits are accepted: a suspended account, pinned to tier 3, no payment method.
-    let mut ok = good.clone();
-    put(&mut ok, suspension, &7u64.to_le_bytes());
-    put(&mut ok, settings, &((1u64 << 8) | 2).to_le_bytes());
-    let mut target = Engine::new(Policy::fireworks_2024(), SMALL).unwrap();
-    target.restore(&with_checksum(ok), 0).unwrap();
+    // The documented bits are accepted: a suspended account, pinned to tier 3, no payment method,
+    // granted each service tier in turn.
+    for (grant, tier) in [(0u64, ServiceTier::Default), (1, ServiceTier::Priority), (2, ServiceTier::Flex)] {
+        let mut ok = good.clone();
+        put(&mut ok, suspension, &7u64.to_le_bytes());
+        put(&mut ok, settings, &((grant << 10) | (1u64 << 8) | 2).to_le_bytes());
+        let mut target = Engine::new(Policy::fireworks_2024(), SMALL).unwrap();
+        target.restore(&with_checksum(ok), 0).unwrap();
+        let grants = [&b"a"[..], b"b"].map(|a| target.account(a).unwrap().service_tier_grant);
+        assert!(grants.contains(&tier), "{grants:?}");
+    }
 }
 
 /// A floor override of −0.0 compares equal to 0.0, so it passed as "no override"; the engine
@@ -374,15 +385,15 @@ fn tokens() -> impl Strategy<Value = u64> {
 fn op() -> impl Strategy<Value = Op> {
     let u8s = any::<u8>;
     let money = || prop_oneof![0u64..1_000_000_000, any::<u64>()];
-    let admit = (u8s(), u8s(), any::<bool>(), tokens(), tokens(), 0u64..4, any::<bool>()).prop_map(
-        |(account, model, fast, prompt, max_tokens, n, priority)| Op::Admit {
+    let admit = (u8s(), u8s(), any::<bool>(), tokens(), tokens(), 0u64..4, u8s()).prop_map(
+        |(account, model, fast, prompt, max_tokens, n, tier)| Op::Admit {
             account,
             model,
             fast,
             prompt,
             max_tokens,
             n,
-            priority,
+            tier,
         },
     );
     let settle = (u8s(), tokens(), tokens(), u8s()).prop_map(|(permit, prompt, generated, completion)| {
@@ -414,6 +425,7 @@ fn op() -> impl Strategy<Value = Op> {
             on
         }),
         (u8s(), any::<bool>()).prop_map(|(account, on)| Op::PaymentMethod { account, on }),
+        (u8s(), u8s()).prop_map(|(account, tier)| Op::Grant { account, tier }),
         Just(Op::BillingPeriod),
     ];
     let model = prop_oneof![

@@ -2,7 +2,7 @@
 
 use sluicegate_core::{
     Band, Capacity, Completion, Decision, Engine, Heap, InvalidRequest, Metric, MetricLimits, Outcome,
-    Permit, Policy, Request, ScopeKey, Usage, Variant,
+    Permit, Policy, Request, ScopeKey, ServiceTier, Usage, Variant,
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -71,9 +71,11 @@ fn fast_and_regular_variants_have_separate_limits() {
 }
 
 #[test]
-fn priority_and_regular_requests_share_the_same_limits() {
+fn every_service_tier_shares_the_same_limits() {
     let e = engine(Policy::fixed());
-    assert_eq!(burst(&e, key("a"), &one().priority(true), 30, 0), [30, 0, 0, 0]);
+    e.set_service_tier_grant(b"a", ServiceTier::Priority).unwrap();
+    assert_eq!(burst(&e, key("a"), &one().service_tier(ServiceTier::Priority), 20, 0), [20, 0, 0, 0]);
+    assert_eq!(burst(&e, key("a"), &one().service_tier(ServiceTier::Flex), 10, 0), [10, 0, 0, 0]);
     assert_eq!(burst(&e, key("a"), &one(), 31, 0), [30, 0, 1, 0]);
 }
 
@@ -419,9 +421,10 @@ fn ramping_faster_than_the_limit_grows_gives_over_limit_then_429() {
 fn limits_hold_instead_of_growing_while_the_model_is_loaded() {
     let e = engine(Policy::fireworks_2024());
     e.set_load(b"llama-v3p1-70b", Variant::Regular, 1_000).unwrap();
-    // In-limit regular traffic is shed at this load; priority traffic runs and would grow limits.
+    e.set_service_tier_grant(b"a", ServiceTier::Priority).unwrap();
+    // In-limit default traffic is shed at this load; priority traffic runs and would grow limits.
     for i in 0..60 {
-        let p = permit(&admit(&e, key("a"), &one().priority(true), i * SECOND));
+        let p = permit(&admit(&e, key("a"), &one().service_tier(ServiceTier::Priority), i * SECOND));
         e.settle(&p, &Usage::default(), Completion::Success, i * SECOND).unwrap();
     }
     assert_eq!(limit(&e, key("a"), Metric::Requests, MINUTE), 60);
@@ -471,27 +474,73 @@ fn missed_ticks_are_caught_up_by_the_next_caller_in_one_step() {
 // §6 Load shedding and priority
 
 #[test]
-fn overload_sheds_over_limit_regular_first_and_in_limit_priority_last() {
+fn overload_sheds_six_classes_flex_first_and_in_limit_priority_last() {
     let model = b"llama-v3p1-70b";
+    // [over-limit flex, in-limit flex, over-limit default, over-limit priority, in-limit default,
+    // in-limit priority], each account granted priority and asking for its tier.
     let classes = |load: u32| {
         let e = engine(Policy::fireworks_2024());
-        e.set_load(model, Variant::Regular, load).unwrap();
         let shed = |d: Decision| matches!(d.outcome, Outcome::Shed(_));
-        let in_regular = shed(admit(&e, key("in"), &one(), 0));
-        let in_priority = shed(admit(&e, key("in-p"), &one().priority(true), 0));
-        e.set_load(model, Variant::Regular, 0).unwrap();
-        burst(&e, key("over"), &one(), 60, 0);
-        burst(&e, key("over-p"), &one(), 60, 0);
+        let ask = |tier| one().service_tier(tier);
+        for name in ["in-f", "in-d", "in-p", "over-f", "over-d", "over-p"] {
+            e.set_service_tier_grant(name.as_bytes(), ServiceTier::Priority).unwrap();
+        }
+        for name in ["over-f", "over-d", "over-p"] {
+            burst(&e, key(name), &one(), 60, 0);
+        }
         e.set_load(model, Variant::Regular, load).unwrap();
-        let over_regular = shed(admit(&e, key("over"), &one(), 0));
-        let over_priority = shed(admit(&e, key("over-p"), &one().priority(true), 0));
-        [over_regular, over_priority, in_regular, in_priority]
+        [
+            shed(admit(&e, key("over-f"), &ask(ServiceTier::Flex), 0)),
+            shed(admit(&e, key("in-f"), &ask(ServiceTier::Flex), 0)),
+            shed(admit(&e, key("over-d"), &ask(ServiceTier::Default), 0)),
+            shed(admit(&e, key("over-p"), &ask(ServiceTier::Priority), 0)),
+            shed(admit(&e, key("in-d"), &ask(ServiceTier::Default), 0)),
+            shed(admit(&e, key("in-p"), &ask(ServiceTier::Priority), 0)),
+        ]
     };
-    assert_eq!(classes(0), [false; 4]);
-    assert_eq!(classes(800), [true, false, false, false]);
-    assert_eq!(classes(900), [true, true, false, false]);
-    assert_eq!(classes(1_000), [true, true, true, false]);
-    assert_eq!(classes(1_200), [true; 4]);
+    assert_eq!(classes(0), [false; 6]);
+    assert_eq!(classes(599), [false; 6]);
+    for (shed_classes, load) in [600, 700, 800, 900, 1_000, 1_200].into_iter().enumerate() {
+        let want: [bool; 6] = std::array::from_fn(|c| c <= shed_classes);
+        assert_eq!(classes(load), want, "load {load}");
+        let below: [bool; 6] = std::array::from_fn(|c| c < shed_classes);
+        assert_eq!(classes(load - 1), below, "load {}", load - 1);
+    }
+}
+
+#[test]
+fn a_request_is_served_at_the_lower_of_its_tier_and_its_accounts_grant() {
+    let model = b"llama-v3p1-70b";
+    let e = engine(Policy::fireworks_2024());
+    // In-limit default is shed at 1.0, in-limit priority at 1.2, in-limit flex at 0.7.
+    e.set_load(model, Variant::Regular, 1_000).unwrap();
+    let served = |account: &str, tier| {
+        let d = admit(&e, key(account), &one().service_tier(tier), 0);
+        d.permit().map(|p| p.service_tier())
+    };
+    // Never granted: asking for priority is served at default, and shed at 1.0 as default is.
+    assert_eq!(served("plain", ServiceTier::Priority), None);
+    assert_eq!(e.account(b"plain").unwrap().service_tier_grant, ServiceTier::Default);
+    e.set_service_tier_grant(b"plain", ServiceTier::Priority).unwrap();
+    assert_eq!(served("plain", ServiceTier::Priority), Some(ServiceTier::Priority));
+    // Asking for less than the grant is served at what was asked.
+    assert_eq!(served("plain", ServiceTier::Default), None);
+    // A flex grant caps every ask at flex: at 0.65 flex in limit runs, default would too.
+    e.set_service_tier_grant(b"batch", ServiceTier::Flex).unwrap();
+    e.set_load(model, Variant::Regular, 650).unwrap();
+    assert_eq!(served("batch", ServiceTier::Priority), Some(ServiceTier::Flex));
+    e.set_load(model, Variant::Regular, 700).unwrap();
+    assert_eq!(served("batch", ServiceTier::Priority), None);
+    assert_eq!(served("other", ServiceTier::Priority), Some(ServiceTier::Default));
+    // The grant is kept by a snapshot, and a grant back to default is a grant like any other.
+    let mut buf = vec![0; e.snapshot_size()];
+    let n = e.snapshot(&mut buf, 0).unwrap();
+    let mut restored = engine(Policy::fireworks_2024());
+    restored.restore(&buf[..n], 0).unwrap();
+    assert_eq!(restored.account(b"batch").unwrap().service_tier_grant, ServiceTier::Flex);
+    assert_eq!(restored.account(b"plain").unwrap().service_tier_grant, ServiceTier::Priority);
+    restored.set_service_tier_grant(b"plain", ServiceTier::Default).unwrap();
+    assert_eq!(restored.account(b"plain").unwrap().service_tier_grant, ServiceTier::Default);
 }
 
 #[test]

@@ -608,6 +608,83 @@ static void test_outcomes(void) {
     sg_engine_free(e);
 }
 
+/* Service tiers (SPEC §6): six classes shed in order; the account's grant caps the tier asked. */
+static void test_service_tiers(void) {
+    sg_engine *e = engine_with(NULL, 1000); /* fireworks_2024 */
+    sg_account a;
+    sg_decision x;
+    sg_request r = request("tiers", 10, 10);
+
+    EXPECT(sg_account_get(e, KEY("tiers"), &a), SG_ERR_UNKNOWN_ACCOUNT);
+    EXPECT(sg_set_service_tier_grant(e, KEY("tiers"), 3), SG_ERR_INVALID_ARGUMENT);
+    EXPECT(sg_set_service_tier_grant(e, NULL, 0, SG_SERVICE_TIER_FLEX), SG_ERR_EMPTY_KEY);
+
+    /* In-limit default is shed at 1.0, in-limit priority at 1.2. Never granted: asking for
+     * priority is served at default. */
+    EXPECT(sg_set_load(e, KEY(MODEL), 0, 1000), SG_OK);
+    r.service_tier = SG_SERVICE_TIER_PRIORITY;
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_SHED);
+    EXPECT(sg_set_service_tier_grant(e, KEY("tiers"), SG_SERVICE_TIER_PRIORITY), SG_OK);
+    EXPECT(sg_account_get(e, KEY("tiers"), &a), SG_OK);
+    CHECK(a.service_tier_grant == SG_SERVICE_TIER_PRIORITY);
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_ADMIT);
+    settle_if_admitted(e, &x, 0);
+    /* Asking below the grant is served as asked: default and flex are shed at 1.0. */
+    r.service_tier = SG_SERVICE_TIER_DEFAULT;
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_SHED);
+    /* In-limit flex at 0.7 is shed, at 0.69 runs. */
+    r.service_tier = SG_SERVICE_TIER_FLEX;
+    EXPECT(sg_set_load(e, KEY(MODEL), 0, 700), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_SHED);
+    EXPECT(sg_set_load(e, KEY(MODEL), 0, 699), SG_OK);
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_ADMIT);
+    settle_if_admitted(e, &x, 0);
+    /* A flex grant caps a priority ask at flex. */
+    EXPECT(sg_set_service_tier_grant(e, KEY("tiers"), SG_SERVICE_TIER_FLEX), SG_OK);
+    EXPECT(sg_set_load(e, KEY(MODEL), 0, 700), SG_OK);
+    r.service_tier = SG_SERVICE_TIER_PRIORITY;
+    EXPECT(sg_admit(e, &r, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_SHED);
+    /* An unknown tier is an argument error that charges nothing. */
+    EXPECT(sg_set_load(e, KEY(MODEL), 0, 0), SG_OK);
+    sg_levels before, after;
+    EXPECT(sg_limits(e, KEY("tiers"), KEY(MODEL), 0, 0, &before), SG_OK);
+    r.service_tier = 3;
+    EXPECT(sg_admit(e, &r, 0, &x), SG_ERR_INVALID_ARGUMENT);
+    r.service_tier = UINT32_MAX;
+    EXPECT(sg_admit(e, &r, 0, &x), SG_ERR_INVALID_ARGUMENT);
+    EXPECT(sg_limits(e, KEY("tiers"), KEY(MODEL), 0, 0, &after), SG_OK);
+    CHECK(memcmp(before.remaining, after.remaining, sizeof before.remaining) == 0);
+    sg_engine_free(e);
+
+    /* The thresholds are configurable: in-limit default shed at 0.5 instead of 1.0. */
+    sg_config cfg;
+    EXPECT(sg_config_default(&cfg), SG_OK);
+    cfg.scopes = 1000;
+    for (int i = 0; i < 5; i++) {
+        cfg.shed_permille[i] = 100 * (uint32_t)(i + 1);
+    }
+    sg_engine *custom = NULL;
+    EXPECT(sg_engine_new(&cfg, &custom), SG_OK);
+    sg_request plain = request("plain", 10, 10);
+    EXPECT(sg_set_load(custom, KEY(MODEL), 0, 500), SG_OK);
+    EXPECT(sg_admit(custom, &plain, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_SHED);
+    EXPECT(sg_set_load(custom, KEY(MODEL), 0, 499), SG_OK);
+    EXPECT(sg_admit(custom, &plain, 0, &x), SG_OK);
+    CHECK(x.outcome == SG_ADMIT);
+    settle_if_admitted(custom, &x, 0);
+    sg_engine_free(custom);
+    cfg.shed_permille[4] = 1300; /* above in-limit priority's 1200: out of order */
+    EXPECT(sg_engine_new(&cfg, &custom), SG_ERR_POLICY);
+    CHECK(custom == NULL);
+}
+
 static void test_keys_and_tables(void) {
     sg_engine *e = engine_with("fixed", 1000);
     sg_decision d;
@@ -2314,6 +2391,7 @@ int main(void) {
     test_off_and_fixed_enforcing_only_what_is_set();
     test_admit_settle_charge_cancel();
     test_outcomes();
+    test_service_tiers();
     test_keys_and_tables();
     test_accounts_prices_quotas();
     test_rendering();

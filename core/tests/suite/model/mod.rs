@@ -74,8 +74,9 @@ pub struct Config {
     pub adapt: Adapt,
     pub tick_ns: u64,
     pub ttl_ns: u64,
-    /// Shed thresholds, ‰: over-limit regular, over-limit priority, in-limit regular, in-limit priority.
-    pub shed: [u64; 4],
+    /// Shed thresholds, ‰, in shedding order: over-limit flex, in-limit flex, over-limit default,
+    /// over-limit priority, in-limit default, in-limit priority.
+    pub shed: [u64; 6],
     /// Each tier's monthly spend limit, µ$, Tier 1 first (`u64::MAX`: none).
     pub tier_spend_limit: [u64; 5],
 }
@@ -93,8 +94,14 @@ pub struct Request {
     pub cached: u64,
     pub max_tokens: u64,
     pub n: u64,
-    pub priority: bool,
+    /// The service tier asked for: [`FLEX`], [`DEFAULT`] or [`PRIORITY`].
+    pub tier: usize,
 }
+
+/// Service tiers, ordered: a request is served at the lower of its ask and its account's grant.
+pub const FLEX: usize = 0;
+pub const DEFAULT: usize = 1;
+pub const PRIORITY: usize = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -203,6 +210,8 @@ pub struct State {
 struct Account {
     /// The pinned tier (0 = Tier 1), if any; unpinned accounts here have earned Tier 1.
     tier: usize,
+    /// The service tier granted (`None`: [`DEFAULT`]).
+    grant: Option<usize>,
     /// Per-metric floor and ceiling overrides.
     overrides: [Option<(f64, f64)>; METRICS],
     /// (used, limit) per quota, once touched: deployed models, A100 GPUs, H100 GPUs.
@@ -326,7 +335,7 @@ impl Model {
     /// Returns the time it reads its buckets at.
     fn touch(&mut self, key: &Key, now: u64) -> u64 {
         let c = self.config();
-        let loaded = self.load_of(key) >= c.shed[2];
+        let loaded = self.load_of(key) >= c.shed[4];
         let bounds = self.bounds(&key.account);
         let s = self.scope(key, now);
         s.high_water = s.high_water.max(now);
@@ -369,6 +378,11 @@ impl Model {
     pub fn set_tier(&mut self, account: &[u8], tier: Option<usize>, now: u64) {
         self.accounts.entry(account.to_vec()).or_default().tier = tier.unwrap_or(0);
         self.reclamp(account, now);
+    }
+
+    /// Grants an account a service tier: its requests are served at no higher one.
+    pub fn set_grant(&mut self, account: &[u8], tier: usize) {
+        self.accounts.entry(account.to_vec()).or_default().grant = Some(tier);
     }
 
     /// Gives an account its own floor and ceiling on metric `m`, or returns it to the policy's.
@@ -498,11 +512,14 @@ impl Model {
             return (Decision { outcome, margin_us: margin, ties: ties_of(excesses) }, None);
         }
         let over_limit = worst.1 > wait;
-        let threshold = match (over_limit, r.priority) {
-            (true, false) => c.shed[0],
-            (true, true) => c.shed[1],
-            (false, false) => c.shed[2],
-            (false, true) => c.shed[3],
+        let grant = self.accounts.get(&key.account).and_then(|a| a.grant).unwrap_or(DEFAULT);
+        let threshold = match (over_limit, r.tier.min(grant)) {
+            (true, FLEX) => c.shed[0],
+            (false, FLEX) => c.shed[1],
+            (true, DEFAULT) => c.shed[2],
+            (true, _) => c.shed[3],
+            (false, DEFAULT) => c.shed[4],
+            (false, _) => c.shed[5],
         };
         if load >= threshold {
             let outcome = Outcome::Shed { over_limit };

@@ -18,7 +18,8 @@ use sluicegate_core::bucket::{self, EPOCH_Q, LINEAR_END, OFFSET_MAX};
 use sluicegate_core::snapshot::{ACCOUNT_RECORD, MODEL_RECORD, SCOPE_RECORD};
 use sluicegate_core::{
     Capacity, Completion, Decision, Engine, Heap, Levels, Metric, MetricLimits, Outcome, Permit, Policy,
-    Price, Quota, Request, ScopeKey, SettleError, SpendRejection, Suspension, Tier, Usage, Variant,
+    Price, Quota, Request, ScopeKey, ServiceTier, SettleError, SpendRejection, Suspension, Tier, Usage,
+    Variant,
 };
 
 /// Nanoseconds per second.
@@ -61,7 +62,7 @@ const HEADER: usize = 56;
 #[derive(Clone, Copy, Debug)]
 pub enum Op {
     /// Admits a request; an admitted permit is kept for later settles and charges.
-    Admit { account: u8, model: u8, fast: bool, prompt: u64, max_tokens: u64, n: u64, priority: bool },
+    Admit { account: u8, model: u8, fast: bool, prompt: u64, max_tokens: u64, n: u64, tier: u8 },
     /// Settles a kept permit (modulo their number) and forgets it.
     Settle { permit: u8, prompt: u64, generated: u64, completion: u8 },
     /// Charges streamed tokens to a kept permit.
@@ -86,6 +87,8 @@ pub enum Op {
     Suspend { account: u8, payment_failed: bool, on: bool },
     /// Records whether a payment method is on file.
     PaymentMethod { account: u8, on: bool },
+    /// Grants a service tier (index into `ServiceTier::ALL`).
+    Grant { account: u8, tier: u8 },
     /// Starts a new billing period.
     BillingPeriod,
     /// Moves the clock forward by `JUMPS[jump]`, plus `extra` ns.
@@ -270,8 +273,11 @@ pub fn apply(e: &Engine<Heap>, op: &Op, now: &mut u64, permits: &mut Vec<Permit>
     let account = |i: u8| pick(&ACCOUNTS, i);
     let model = |i: u8| pick(&MODELS, i);
     match *op {
-        Op::Admit { account: a, model: m, fast, prompt, max_tokens, n, priority } => {
-            let r = Request::new(prompt).max_tokens(max_tokens).n(n).priority(priority);
+        Op::Admit { account: a, model: m, fast, prompt, max_tokens, n, tier } => {
+            let r = Request::new(prompt)
+                .max_tokens(max_tokens)
+                .n(n)
+                .service_tier(ServiceTier::ALL[usize::from(tier % 3)]);
             if let Ok(d) = e.admit(key(account(a), model(m), fast), &r, *now) {
                 check_decision(&d);
                 if let Some(p) = d.permit() {
@@ -331,6 +337,9 @@ pub fn apply(e: &Engine<Heap>, op: &Op, now: &mut u64, permits: &mut Vec<Permit>
         }
         Op::PaymentMethod { account: a, on } => {
             let _ = e.set_payment_method(account(a), on);
+        }
+        Op::Grant { account: a, tier } => {
+            let _ = e.set_service_tier_grant(account(a), ServiceTier::ALL[usize::from(tier % 3)]);
         }
         Op::BillingPeriod => e.start_billing_period(*now),
         Op::Advance { jump, extra } => *now = now.saturating_add(pick(&JUMPS, jump) + u64::from(extra)),
@@ -885,7 +894,7 @@ impl<'a> Bytes<'a> {
                 prompt: self.tokens(),
                 max_tokens: self.tokens(),
                 n: u64::from(self.u8() % 4),
-                priority: self.bool(),
+                tier: self.u8(),
             },
             4 | 5 => Op::Settle {
                 permit: self.u8(),
@@ -920,6 +929,7 @@ impl<'a> Bytes<'a> {
             13 => Op::Suspend { account: self.u8(), payment_failed: self.bool(), on: self.bool() },
             14 => match self.u8() % 4 {
                 0 => Op::BillingPeriod,
+                1 => Op::Grant { account: self.u8(), tier: self.u8() },
                 _ => Op::PaymentMethod { account: self.u8(), on: self.bool() },
             },
             _ => Op::Advance { jump: self.u8(), extra: self.u32() },
