@@ -22,7 +22,7 @@ use sluicegate_core::{
     Backing, Band, Capacity, Completion, ConcurrencyLimited, Decision, Engine as CoreEngine,
     Error as CoreError, Heap, InvalidRequest, Levels, Metric, MetricLimits, Outcome as CoreOutcome,
     Overrides, PerMetric, Permit, Policy, Price, Quota, RateLimited, RawPermit, RegionError, Request,
-    ScopeKey, SharedFile, Shed, SnapshotError, SpendRejection, Suspension, Tier, Usage, Variant,
+    ScopeKey, ServiceTier, SharedFile, Shed, SnapshotError, SpendRejection, Suspension, Tier, Usage, Variant,
 };
 
 mod args;
@@ -45,6 +45,16 @@ fn metric(v: &Bound<'_, PyAny>) -> PyResult<Metric> {
 
 fn quota(v: &Bound<'_, PyAny>) -> PyResult<Quota> {
     choice("quota", v, &Quota::ALL.map(|q| (q.name(), q)))
+}
+
+/// A service tier by name (`service_tier=`, `set_service_tier_grant`); the error lists them all,
+/// also for a name given as bytes or any other type.
+fn service_tier(name: &str, v: &Bound<'_, PyAny>) -> PyResult<ServiceTier> {
+    let tiers = ServiceTier::ALL.map(|t| (t.name(), t));
+    if !v.is_instance_of::<PyString>() {
+        return Err(ArgumentTypeError::new_err(not_one_of(name, v, tiers.iter().map(|(n, _)| *n))));
+    }
+    choice(name, v, &tiers)
 }
 
 /// A flag left out or given as None is `default`.
@@ -286,6 +296,13 @@ impl PyDecision {
             CoreOutcome::Admit(p) | CoreOutcome::AdmitOverLimit(p) => p.over_limit(),
             _ => self.inner.levels.over_limit(),
         }
+    }
+
+    /// The service tier an admitted request is served at (the one asked for, capped by its
+    /// account's grant); None if not admitted.
+    #[getter]
+    fn service_tier(&self) -> Option<&'static str> {
+        self.inner.permit().map(|p| p.service_tier().name())
     }
 
     /// The HTTP status in the engine's dialect: 200, 400, 402, 429 or 503.
@@ -706,18 +723,26 @@ impl PyEngine {
         self.dialect.name()
     }
 
-    #[pyo3(signature = (account, model, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=None, fast=None, expected_tokens=None, now_ns=None))]
+    #[pyo3(signature = (account, model, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=None, fast=None, expected_tokens=None, now_ns=None, *, service_tier=None))]
     #[pyo3(
-        text_signature = "(self, account, model, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=False, fast=False, expected_tokens=None, now_ns=None)"
+        text_signature = "(self, account, model, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=False, fast=False, expected_tokens=None, now_ns=None, *, service_tier=None)"
     )]
     /// Decides whether a request may run now; reserves its costs only if it is admitted.
     ///
     /// ``prompt_tokens`` (of which ``cached_tokens`` are expected to hit the prompt cache),
     /// ``max_tokens`` per completion, ``n`` completions (default 1) and ``expected_tokens`` (the
-    /// completion length expected, if below ``max_tokens``) size the reservation. ``priority``
-    /// puts the request in the priority tier, shed last; ``fast`` selects the model's fast
-    /// variant. Counts are ints or anything with ``__index__``. Refusals are decisions, not
-    /// exceptions; settle an admitted decision with :meth:`settle` (or :meth:`cancel`).
+    /// completion length expected, if below ``max_tokens``) size the reservation; ``fast``
+    /// selects the model's fast variant. Counts are ints or anything with ``__index__``.
+    ///
+    /// ``service_tier`` (``"flex"``, ``"default"``, ``"priority"``; default ``"default"``) is
+    /// the tier asked for: under load, flex is shed first and priority last. The account's grant
+    /// (:meth:`set_service_tier_grant`, ``"default"`` until set) caps it: asking above the grant
+    /// is not refused, it is served at the grant (:attr:`Decision.service_tier`).
+    /// ``priority=True`` is ``service_tier="priority"``; with another ``service_tier`` it raises
+    /// :class:`ArgumentError`.
+    ///
+    /// Refusals are decisions, not exceptions; settle an admitted decision with :meth:`settle`
+    /// (or :meth:`cancel`).
     fn admit(
         &self,
         account: &Bound<'_, PyAny>,
@@ -730,9 +755,11 @@ impl PyEngine {
         fast: Option<&Bound<'_, PyAny>>,
         expected_tokens: Option<&Bound<'_, PyAny>>,
         now_ns: Option<&Bound<'_, PyAny>>,
+        service_tier: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyDecision> {
         let (account, model) = (key_bytes("account", account)?, key_bytes("model", model)?);
-        let request = request_of(prompt_tokens, cached_tokens, max_tokens, n, priority, expected_tokens)?;
+        let request =
+            request_of(prompt_tokens, cached_tokens, max_tokens, n, priority, service_tier, expected_tokens)?;
         let at = now(now_ns)?;
         let key = ScopeKey { account: &account, model: &model, variant: variant(fast)? };
         self.decide(at, |core| core.admit(key, &request, at))
@@ -904,7 +931,8 @@ impl PyEngine {
     /// outstanding permits, held against ``spend_limit`` (None: none) with ``period_spend`` until
     /// each is settled (then replaced by what it is billed) or expires (then billed).
     /// ``in_flight`` counts those permits; ``max_in_flight`` is the account's own cap on them
-    /// (None: the policy's).
+    /// (None: the policy's). ``service_tier_grant`` is the highest service tier its requests are
+    /// served at (:meth:`set_service_tier_grant`).
     fn account<'py>(&self, py: Python<'py>, account: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.core().account(&key_bytes("account", account)?).map_err(core_error)?;
         let d = PyDict::new(py);
@@ -916,6 +944,7 @@ impl PyEngine {
         d.set_item("reserved", s.reserved)?;
         d.set_item("in_flight", s.in_flight)?;
         d.set_item("max_in_flight", s.max_in_flight)?;
+        d.set_item("service_tier_grant", s.service_tier_grant.name())?;
         d.set_item("historical_spend", s.historical_spend)?;
         d.set_item("credits", s.credits)?;
         let refusal = s.refusal.map(|r| match r {
@@ -964,6 +993,21 @@ impl PyEngine {
     ) -> PyResult<()> {
         let max = if max_in_flight.is_none() { None } else { Some(in_flight_cap(max_in_flight)?) };
         self.core().set_max_in_flight(&key_bytes("account", account)?, max).map_err(core_error)
+    }
+
+    /// Grants an account a service tier: ``"flex"``, ``"default"`` (every account's until set)
+    /// or ``"priority"``.
+    ///
+    /// Its requests are served at the tier they ask for (:meth:`admit`'s ``service_tier``), or at
+    /// the grant if they ask for more: a flex grant makes all its traffic flex, shed first. The
+    /// grant keeps the account in its table (it is not reclaimed while idle) and is in snapshots.
+    fn set_service_tier_grant(
+        &self,
+        account: &Bound<'_, PyAny>,
+        service_tier: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let tier = self::service_tier("service_tier", service_tier)?;
+        self.core().set_service_tier_grant(&key_bytes("account", account)?, tier).map_err(core_error)
     }
 
     /// Suspends an account (or lifts the suspension).
@@ -1197,17 +1241,42 @@ fn request_of(
     max_tokens: Option<&Bound<'_, PyAny>>,
     n: Option<&Bound<'_, PyAny>>,
     priority: Option<&Bound<'_, PyAny>>,
+    service_tier: Option<&Bound<'_, PyAny>>,
     expected_tokens: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Request> {
     let mut request = Request::new(optional_count("prompt_tokens", prompt_tokens)?.unwrap_or(0))
         .cached_tokens(optional_count("cached_tokens", cached_tokens)?.unwrap_or(0))
         .max_tokens(optional_count("max_tokens", max_tokens)?.unwrap_or(0))
         .n(optional_count("n", n)?.unwrap_or(1))
-        .priority(optional_flag("priority", priority, false)?);
+        .service_tier(asked_tier(priority, service_tier)?);
     if let Some(e) = optional_count("expected_tokens", expected_tokens)? {
         request = request.expected_tokens(e);
     }
     Ok(request)
+}
+
+/// The tier `service_tier=` asks for, or `priority=True` (its older spelling; False or None
+/// asks for nothing); default `Default`. The two disagreeing is an error, not a silent choice.
+fn asked_tier(
+    priority: Option<&Bound<'_, PyAny>>,
+    service_tier: Option<&Bound<'_, PyAny>>,
+) -> PyResult<ServiceTier> {
+    let priority = optional_flag("priority", priority, false)?;
+    match service_tier.filter(|t| !t.is_none()) {
+        None if priority => Ok(ServiceTier::Priority),
+        None => Ok(ServiceTier::Default),
+        Some(t) => {
+            let tier = self::service_tier("service_tier", t)?;
+            if priority && tier != ServiceTier::Priority {
+                return Err(ArgumentError::new_err(format!(
+                    "priority=True asks for service_tier='priority', but service_tier='{}' was given; \
+                     pass only service_tier",
+                    tier.name()
+                )));
+            }
+            Ok(tier)
+        }
+    }
 }
 
 impl PyEngine {

@@ -60,9 +60,9 @@ impl PyScope {
 
 #[pymethods]
 impl PyScope {
-    #[pyo3(signature = (prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=None, expected_tokens=None, now_ns=None))]
+    #[pyo3(signature = (prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=None, expected_tokens=None, now_ns=None, *, service_tier=None))]
     #[pyo3(
-        text_signature = "(self, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=False, expected_tokens=None, now_ns=None)"
+        text_signature = "(self, prompt_tokens=None, cached_tokens=None, max_tokens=None, n=None, priority=False, expected_tokens=None, now_ns=None, *, service_tier=None)"
     )]
     /// Decides as :meth:`Engine.admit` with the scope's key, without looking the key up.
     ///
@@ -78,8 +78,10 @@ impl PyScope {
         priority: Option<&Bound<'_, PyAny>>,
         expected_tokens: Option<&Bound<'_, PyAny>>,
         now_ns: Option<&Bound<'_, PyAny>>,
+        service_tier: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyDecision> {
-        let request = request_of(prompt_tokens, cached_tokens, max_tokens, n, priority, expected_tokens)?;
+        let request =
+            request_of(prompt_tokens, cached_tokens, max_tokens, n, priority, service_tier, expected_tokens)?;
         let at = now(now_ns)?;
         let handle = &self.handle;
         self.engine.get().decide(at, |core| core.admit_scope(handle, &request, at))

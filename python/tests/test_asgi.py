@@ -319,6 +319,31 @@ def test_a_granted_tier_is_honoured_and_a_client_may_only_lower_it():
             create(s.client(key="acct-2"), extra_body={"service_tier": "priority"})
 
 
+def test_the_operators_grant_is_pushed_into_the_engine_and_a_body_may_lower_it_to_flex():
+    engine = sluicegate.Engine(capacity=1_000)
+    engine.set_load(MODEL, 0.75)  # sheds in-limit flex (0.7), not in-limit default (1.0)
+    granted = {ACCT: "priority"}
+    other = account_digest("acct-2", KEY)
+    with serve(engine, service_tier=lambda account: granted.get(account, "default")) as s:
+        assert create(s.client()).http_response.status_code == 200
+        assert engine.account(ACCT)["service_tier_grant"] == "priority"
+        with pytest.raises(openai.InternalServerError):
+            create(s.client(), extra_body={"service_tier": "flex"})
+        # Never granted: asking for priority is served at default, which runs at 0.75...
+        assert create(s.client(key="acct-2"), extra_body={"service_tier": "priority"}).http_response.status_code == 200
+        assert engine.account(other)["service_tier_grant"] == "default"
+        # ...and is shed at 1.1, where the granted account's priority runs.
+        engine.set_load(MODEL, 1.1)
+        with pytest.raises(openai.InternalServerError):
+            create(s.client(key="acct-2"), extra_body={"service_tier": "priority"})
+        assert create(s.client(), extra_body={"service_tier": "priority"}).http_response.status_code == 200
+        # Taken back: pushed at the account's next request, which is shed as default.
+        granted[ACCT] = "default"
+        with pytest.raises(openai.InternalServerError):
+            create(s.client())
+    assert engine.account(ACCT)["service_tier_grant"] == "default"
+
+
 def test_the_fast_variant_has_its_own_limits():
     engine = sluicegate.Engine(capacity=1_000)
     with serve(engine) as s:

@@ -88,7 +88,95 @@ def test_shed_and_priority():
     shed = e.admit("a", "m", now_ns=0)
     assert shed.outcome is Outcome.SHED and shed.status_code == 503
     assert "retry-after" in dict(shed.headers())
-    assert e.admit("a", "m", priority=True, now_ns=0).admitted
+    assert shed.service_tier is None
+    e.set_service_tier_grant("a", "priority")
+    d = e.admit("a", "m", service_tier="priority", now_ns=0)
+    assert d.admitted and d.service_tier == "priority"
+
+
+def test_a_tier_above_the_accounts_grant_is_served_at_the_grant():
+    e = sluicegate.Engine(capacity=100)
+    # Never granted: its grant is default, and asking for priority is served (not refused) at it.
+    d = e.admit("plain", "m", service_tier="priority", now_ns=0)
+    assert d.outcome is Outcome.ADMIT and d.service_tier == "default"
+    assert e.account("plain")["service_tier_grant"] == "default"
+    assert e.admit("plain", "m", now_ns=0).service_tier == "default"
+    assert e.admit("plain", "m", service_tier="flex", now_ns=0).service_tier == "flex"
+    # Shed as default is, at 1.0, where a priority grant would run.
+    e.set_load("m", 1.0)
+    assert e.admit("plain", "m", service_tier="priority", now_ns=0).outcome is Outcome.SHED
+    e.set_service_tier_grant("plain", "priority")
+    assert e.account("plain")["service_tier_grant"] == "priority"
+    assert e.admit("plain", "m", service_tier="priority", now_ns=0).service_tier == "priority"
+    # A flex grant caps every ask at flex.
+    e.set_load("m", 0.65)
+    e.set_service_tier_grant("batch", "flex")
+    assert e.admit("batch", "m", service_tier="priority", now_ns=0).service_tier == "flex"
+    e.set_load("m", 0.7)
+    assert e.admit("batch", "m", service_tier="priority", now_ns=0).outcome is Outcome.SHED
+    assert e.admit("other", "m", service_tier="priority", now_ns=0).service_tier == "default"
+
+
+def _classes(load):
+    """Whether each of the six classes is shed at ``load``: [over-limit flex, in-limit flex,
+    over-limit default, over-limit priority, in-limit default, in-limit priority], each account
+    granted priority and asking for its class's tier."""
+    e = sluicegate.Engine(capacity=100)
+    for name in ("in-f", "in-d", "in-p", "over-f", "over-d", "over-p"):
+        e.set_service_tier_grant(name, "priority")
+    for name in ("over-f", "over-d", "over-p"):
+        for _ in range(60):  # the whole floor: the next request is over the limit
+            assert e.admit(name, "m", now_ns=0).outcome is Outcome.ADMIT
+    e.set_load("m", load / 1000)
+    asks = [("over-f", "flex"), ("in-f", "flex"), ("over-d", "default"), ("over-p", "priority"), ("in-d", "default"), ("in-p", "priority")]
+    decisions = [e.admit(name, "m", service_tier=tier, now_ns=0) for name, tier in asks]
+    for d, (name, tier) in zip(decisions, asks):
+        assert d.outcome is Outcome.SHED or (d.service_tier == tier and d.over_limit == name.startswith("over")), (load, name)
+    return [d.outcome is Outcome.SHED for d in decisions]
+
+
+def test_overload_sheds_six_classes_flex_first_and_in_limit_priority_last():
+    assert _classes(0) == [False] * 6
+    assert _classes(599) == [False] * 6
+    for shed, load in enumerate((600, 700, 800, 900, 1_000, 1_200)):
+        assert _classes(load) == [c <= shed for c in range(6)], load
+        assert _classes(load - 1) == [c < shed for c in range(6)], load - 1
+
+
+def test_a_grant_survives_a_snapshot_and_a_restore():
+    old = sluicegate.Engine(capacity=100)
+    old.set_service_tier_grant("gold", "priority")
+    old.set_service_tier_grant("batch", "flex")
+    new = sluicegate.Engine(capacity=100)
+    new.restore(old.snapshot(now_ns=0), now_ns=0)
+    assert new.account("gold")["service_tier_grant"] == "priority"
+    assert new.account("batch")["service_tier_grant"] == "flex"
+    assert new.admit("gold", "m", service_tier="priority", now_ns=0).service_tier == "priority"
+    assert new.admit("batch", "m", now_ns=0).service_tier == "flex"
+    # A grant back to default is kept too.
+    new.set_service_tier_grant("gold", "default")
+    again = sluicegate.Engine(capacity=100)
+    again.restore(new.snapshot(now_ns=0), now_ns=0)
+    assert again.account("gold")["service_tier_grant"] == "default"
+    assert again.admit("gold", "m", service_tier="priority", now_ns=0).service_tier == "default"
+
+
+@pytest.mark.parametrize("bad, error", [("Priority", sluicegate.ArgumentError), ("auto", sluicegate.ArgumentError), ("", sluicegate.ArgumentError), (1, sluicegate.ArgumentTypeError), (b"flex", sluicegate.ArgumentTypeError), (True, sluicegate.ArgumentTypeError)])
+def test_a_service_tier_must_be_one_of_the_three_names(bad, error):
+    e = sluicegate.Engine(capacity=100)
+    for call in (
+        lambda: e.admit("a", "m", service_tier=bad, now_ns=0),
+        lambda: e.scope("a", "m", now_ns=0).admit(service_tier=bad, now_ns=0),
+        lambda: e.set_service_tier_grant("a", bad),
+    ):
+        with pytest.raises(error) as err:
+            call()
+        assert isinstance(err.value, sluicegate.Error)
+        assert str(err.value) == f"service_tier must be one of flex, default, priority; got {bad!r}"
+    # None is no opinion: the default tier.
+    assert e.admit("a", "m", service_tier=None, now_ns=0).service_tier == "default"
+    assert e.account("a")["service_tier_grant"] == "default"  # the refused grants changed nothing
+    assert e.remaining("a", "m", now_ns=0)["requests"] == 59  # nor were the refused admissions charged
 
 
 def test_accounts_spend_and_quotas():

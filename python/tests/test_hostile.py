@@ -685,6 +685,90 @@ def test_the_tier_callback_sees_the_account_and_the_body_may_only_lower_it():
     assert Exchange().run(middleware(json_app(completion()), e, service_tier=lambda a: "gold")).status == 503
 
 
+class Granting(Counting):
+    """The engine, recording the service tier grants pushed into it (``fail``: refusing them)."""
+
+    def __init__(self, engine, fail=False):
+        super().__init__(engine)
+        self.grants = []
+        self.fail = fail
+
+    def set_service_tier_grant(self, account, tier):
+        self.grants.append((account, tier))
+        if self.fail:
+            raise sluicegate.TableFullError("the accounts table is full")
+        self.engine.set_service_tier_grant(account, tier)
+
+
+def named(ids):
+    """An ``account`` callback naming the accounts of ``ids`` in turn."""
+    it = iter(ids)
+    return lambda scope, headers: next(it)
+
+
+def test_a_grant_is_pushed_once_and_again_only_when_it_changes():
+    e = Granting(sluicegate.Engine("fixed", capacity=1_000))
+    e.engine.set_load("m", 1.1)  # in-limit default is shed, in-limit priority is not
+    granted = {"gold": "priority", "batch": "flex"}
+    m = middleware(json_app(completion()), e, account=named(["gold", "batch"] * 3 + ["gold"]), service_tier=lambda a: granted.get(a, "default"))
+    assert [Exchange().run(m).status for _ in range(6)] == [200, 503] * 3
+    assert e.grants == [(b"gold", "priority"), (b"batch", "flex")]
+    assert e.engine.account("gold")["service_tier_grant"] == "priority"
+    assert e.engine.account("batch")["service_tier_grant"] == "flex"
+    # Taken back: pushed at the account's next request, which is served as default.
+    granted["gold"] = "default"
+    assert Exchange().run(m).status == 503
+    assert e.grants[-1] == (b"gold", "default") and e.engine.account("gold")["service_tier_grant"] == "default"
+    assert m._grants == {b"batch": "flex"}
+
+
+def test_made_up_accounts_granted_default_cost_no_memory_and_no_engine_call():
+    e = Granting(sluicegate.Engine("fixed", capacity=1_000))
+    m = middleware(json_app(completion()), e, account=named(f"made-up-{i}" for i in range(200)))
+    assert all(Exchange().run(m).status == 200 for _ in range(200))
+    assert e.grants == [] and m._grants == {}
+    assert e.engine.account("made-up-7")["service_tier_grant"] == "default"
+
+
+def test_the_accounts_remembered_are_bounded(monkeypatch):
+    monkeypatch.setattr(asgi, "_MAX_GRANTS", 2)
+    e = Granting(sluicegate.Engine("fixed", capacity=1_000))
+    e.engine.set_load("m", 1.1)
+    m = middleware(json_app(completion()), e, account=named(["a", "b", "c"] * 2), service_tier=lambda a: "priority")
+    assert [Exchange().run(m).status for _ in range(6)] == [200] * 6
+    # The third is not remembered: pushed at each of its requests, and served as granted.
+    assert len(m._grants) == 2 and e.grants.count((b"c", "priority")) == 2 and len(e.grants) == 4
+
+
+def test_a_grant_the_engine_refuses_is_logged_and_the_request_served_at_the_engines_grant(caplog):
+    e = Granting(sluicegate.Engine("fixed", capacity=1_000), fail=True)
+    with caplog.at_level(logging.DEBUG, logger="sluicegate.asgi"):
+        m = middleware(json_app(completion()), e, service_tier=lambda a: "priority")
+        assert Exchange().run(m).status == 200
+        e.engine.set_load("m", 1.1)
+        assert Exchange().run(m).status == 503  # served at default, the engine's grant
+    assert len(e.grants) == 2 and m._grants == {}  # tried again, since it did not take
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "could not grant" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    e.assert_settled_once()
+
+
+def test_a_grant_the_engine_lost_is_pushed_again():
+    e = Granting(sluicegate.Engine("fixed", capacity=1_000))
+    m = middleware(json_app(completion()), e, service_tier=lambda a: "priority")
+    assert Exchange().run(m).status == 200
+    # Another process (or a restore) leaves the engine at default: admitted below the tier asked.
+    e.engine.set_service_tier_grant(ACCT, "default")
+    assert Exchange().run(m).status == 200
+    assert Exchange().run(m).status == 200
+    assert e.grants == [(ACCT.encode(), "priority")] * 2
+    # Shed because of it: pushed again at the next request, which runs.
+    e.engine.set_service_tier_grant(ACCT, "default")
+    e.engine.set_load("m", 1.1)
+    assert [Exchange().run(m).status for _ in range(2)] == [503, 200]
+    assert len(e.grants) == 3 and e.engine.account(ACCT)["service_tier_grant"] == "priority"
+
+
 @pytest.mark.parametrize(
     "body, code",
     [

@@ -19,6 +19,7 @@ def shape(d):
     return (
         d.outcome,
         d.admitted,
+        d.service_tier,
         d.over_limit,
         d.status_code,
         d.retry_after_ns,
@@ -37,6 +38,8 @@ def shape(d):
 @pytest.mark.parametrize("policy", ["fixed", "fireworks_2024", "together"])
 def test_a_scope_decides_as_admit_on_a_twin_account_up_to_the_limit_and_past_it(policy):
     e = sluicegate.Engine(policy, capacity=100, dialect="openai")
+    for twin in ("twin-a", "twin-b"):
+        e.set_service_tier_grant(twin, "priority")
     scope = e.scope("twin-a", "llama", now_ns=0)
     assert e.remaining("twin-a", "llama", now_ns=0)["requests"] in (60, None)  # created, charged nothing
     seen = set()
@@ -48,7 +51,7 @@ def test_a_scope_decides_as_admit_on_a_twin_account_up_to_the_limit_and_past_it(
             "cached_tokens": (i * 37 % 3_000) // 3,
             "max_tokens": i * 53 % 700,
             "n": 1 + i % 3 // 2,
-            "priority": i % 5 == 0,
+            "service_tier": ("flex", "default", "priority", None)[i % 4],
             "expected_tokens": None if i % 4 else i * 11 % 200,
             "now_ns": now,
         }
@@ -174,6 +177,9 @@ BAD_ARGUMENTS = [
     {"max_tokens": Index(-1)},
     {"priority": "yes"},
     {"priority": 1.0},
+    {"service_tier": "auto"},
+    {"service_tier": b"flex"},
+    {"priority": True, "service_tier": "flex"},
     {"now_ns": -1},
     {"now_ns": 2**64},
     {"now_ns": 1.0},

@@ -405,6 +405,9 @@ def _every_outcome():
     c = sluicegate.Engine("fixed", capacity=64, max_in_flight=1)
     decisions += [c.admit("a", "m", now_ns=NOW) for _ in range(2)]
     decisions.append(e.admit("a", "m", n=0, now_ns=NOW))
+    # Each service tier a permit can carry.
+    e.set_service_tier_grant("tiers", "priority")
+    decisions += [e.admit("tiers", "m", service_tier=tier, now_ns=NOW) for tier in ("flex", "default", "priority")]
     return decisions
 
 
@@ -412,7 +415,8 @@ def test_every_outcome_pickles_as_itself():
     decisions = _every_outcome()
     assert {d.outcome for d in decisions} == set(Outcome)
     properties = ("outcome", "admitted", "over_limit", "status_code", "retry_after_ns", "wait", "binding_metric",
-                  "too_large", "reason", "limits", "remaining", "cost")
+                  "too_large", "reason", "limits", "remaining", "cost", "service_tier")
+    assert {d.service_tier for d in decisions} == {None, "flex", "default", "priority"}
     for d in decisions:
         copy = pickle.loads(pickle.dumps(d))
         for name in properties:

@@ -133,6 +133,12 @@ BAD_CALLS = [
     (lambda e, d: e.admit("a", "m", prompt_tokens=1.5), TypeError, "prompt_tokens"),
     (lambda e, d: e.admit("a", "m", prompt_tokens=2**64), OverflowError, "prompt_tokens"),
     (lambda e, d: e.admit("a", "m", priority="yes"), TypeError, "priority"),
+    (lambda e, d: e.admit("a", "m", service_tier="auto"), ValueError, "service_tier must be one of flex, default, priority"),
+    (lambda e, d: e.admit("a", "m", service_tier=2), TypeError, "service_tier must be one of flex, default, priority"),
+    (lambda e, d: e.admit("a", "m", priority=True, service_tier="default"), ValueError, "service_tier"),
+    (lambda e, d: e.set_service_tier_grant("a", "gold"), ValueError, "service_tier"),
+    (lambda e, d: e.set_service_tier_grant("a", None), TypeError, "service_tier"),
+    (lambda e, d: e.set_service_tier_grant("", "flex"), ValueError, "key"),
     (lambda e, d: e.admit("a", "m", fast=[]), TypeError, "fast"),
     (lambda e, d: e.admit(1, "m"), TypeError, "account"),
     (lambda e, d: e.admit("", "m"), ValueError, "key"),
@@ -185,11 +191,30 @@ def test_an_unknown_dialect_names_the_argument_and_the_valid_ones():
 
 def test_priority_and_fast_take_ints_as_flags():
     e = sluicegate.Engine("fixed", capacity=10)
+    e.set_service_tier_grant("a", "priority")
     assert e.admit("a", "m", priority=1, fast=0, now_ns=0).admitted
     e.set_load("m", 1.1)
     # Under load the priority class still runs where the standard one is shed.
     assert e.admit("a", "m", priority=1, now_ns=0).admitted
     assert e.admit("a", "m", priority=0, now_ns=0).outcome is sluicegate.Outcome.SHED
+
+
+def test_priority_is_an_alias_of_the_priority_service_tier_and_a_conflict_raises():
+    e = sluicegate.Engine("fixed", capacity=10)
+    e.set_service_tier_grant("a", "priority")
+    assert e.admit("a", "m", priority=True, now_ns=0).service_tier == "priority"
+    assert e.admit("a", "m", priority=True, service_tier="priority", now_ns=0).service_tier == "priority"
+    # False and None ask for nothing: the service tier given, else default.
+    for no_opinion in (False, 0, None):
+        assert e.admit("a", "m", priority=no_opinion, now_ns=0).service_tier == "default"
+        assert e.admit("a", "m", priority=no_opinion, service_tier="flex", now_ns=0).service_tier == "flex"
+    scope = e.scope("a", "m", now_ns=0)
+    for call in (lambda **kw: e.admit("a", "m", **kw), scope.admit):
+        for other in ("flex", "default"):
+            with pytest.raises(sluicegate.ArgumentError, match="priority=True") as err:
+                call(priority=True, service_tier=other, now_ns=0)
+            assert f"service_tier='{other}'" in str(err.value)
+    assert e.remaining("a", "m", now_ns=0)["requests"] == 60 - 8  # the refused calls charged nothing
 
 
 def _asgi_call(middleware):
@@ -460,6 +485,9 @@ def test_help_shows_signatures_with_their_real_defaults():
 
     admit = str(inspect.signature(sluicegate.Engine.admit))
     assert "prompt_tokens=None" in admit and "priority=False" in admit and "now_ns=None" in admit
+    assert admit.endswith("now_ns=None, *, service_tier=None)")
+    assert str(inspect.signature(sluicegate.Scope.admit)).endswith("now_ns=None, *, service_tier=None)")
+    assert str(inspect.signature(sluicegate.Engine.set_service_tier_grant)) == "(self, /, account, service_tier)"
     assert "completion='success'" in str(inspect.signature(sluicegate.Engine.settle))
     assert "policy='fireworks_2024'" in str(inspect.signature(sluicegate.Engine))
     assert "fast=False" in str(inspect.signature(sluicegate.Engine.limits))

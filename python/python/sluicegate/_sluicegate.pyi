@@ -31,6 +31,7 @@ _Key = Union[str, bytes]
 _Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
 _MetricName = Literal["requests", "prompt_tokens", "uncached_prompt_tokens", "generated_tokens"]
 _QuotaName = Literal["deployed_models", "a100_gpus", "h100_gpus"]
+_ServiceTier = Literal["flex", "default", "priority"]
 
 __all__ = [
     "AlreadySettledError",
@@ -74,6 +75,10 @@ class Decision:
     @property
     def over_limit(self) -> bool:
         """Whether it runs (or would run) over its limit, at lower priority."""
+    @property
+    def service_tier(self) -> Optional[_ServiceTier]:
+        """The service tier an admitted request is served at (the one asked for, capped by its
+        account's grant); None if not admitted."""
     @property
     def status_code(self) -> int:
         """The HTTP status in the engine's dialect: 200, 400, 402, 429 or 503."""
@@ -195,15 +200,25 @@ class Engine:
         fast: bool = False,
         expected_tokens: Optional[SupportsIndex] = None,
         now_ns: Optional[SupportsIndex] = None,
+        *,
+        service_tier: Optional[_ServiceTier] = None,
     ) -> Decision:
         """Decides whether a request may run now; reserves its costs only if it is admitted.
 
         ``prompt_tokens`` (of which ``cached_tokens`` are expected to hit the prompt cache),
         ``max_tokens`` per completion, ``n`` completions (default 1) and ``expected_tokens`` (the
-        completion length expected, if below ``max_tokens``) size the reservation. ``priority``
-        puts the request in the priority tier, shed last; ``fast`` selects the model's fast
-        variant. Counts are ints or anything with ``__index__``. Refusals are decisions, not
-        exceptions; settle an admitted decision with :meth:`settle` (or :meth:`cancel`).
+        completion length expected, if below ``max_tokens``) size the reservation; ``fast``
+        selects the model's fast variant. Counts are ints or anything with ``__index__``.
+
+        ``service_tier`` (``"flex"``, ``"default"``, ``"priority"``; default ``"default"``) is
+        the tier asked for: under load, flex is shed first and priority last. The account's grant
+        (:meth:`set_service_tier_grant`, ``"default"`` until set) caps it: asking above the grant
+        is not refused, it is served at the grant (:attr:`Decision.service_tier`).
+        ``priority=True`` is ``service_tier="priority"``; with another ``service_tier`` it raises
+        :class:`ArgumentError`.
+
+        Refusals are decisions, not exceptions; settle an admitted decision with :meth:`settle`
+        (or :meth:`cancel`).
         """
     def scope(self, account: _Key, model: _Key, *, fast: bool = False, now_ns: Optional[SupportsIndex] = None) -> Scope:
         """Resolves the scope of ``account`` and ``model`` (creating it if new) for :meth:`Scope.admit`.
@@ -262,7 +277,8 @@ class Engine:
         outstanding permits, held against ``spend_limit`` (None: none) with ``period_spend`` until
         each is settled (then replaced by what it is billed) or expires (then billed).
         ``in_flight`` counts those permits; ``max_in_flight`` is the account's own cap on them
-        (None: the policy's).
+        (None: the policy's). ``service_tier_grant`` is the highest service tier its requests are
+        served at (:meth:`set_service_tier_grant`).
         """
     def add_credits(self, account: _Key, micros: SupportsIndex) -> None:
         """Adds prepaid credits; they count toward historical spend and so the tier."""
@@ -276,6 +292,14 @@ class Engine:
         Beyond it, admission is ``Outcome.REJECT_CONCURRENCY`` (429 ``concurrency_limited``), e.g.
         more for an account that streams many slow completions. A cap below 1 raises
         :class:`ArgumentError`.
+        """
+    def set_service_tier_grant(self, account: _Key, service_tier: _ServiceTier) -> None:
+        """Grants an account a service tier: ``"flex"``, ``"default"`` (every account's until set)
+        or ``"priority"``.
+
+        Its requests are served at the tier they ask for (:meth:`admit`'s ``service_tier``), or at
+        the grant if they ask for more: a flex grant makes all its traffic flex, shed first. The
+        grant keeps the account in its table (it is not reclaimed while idle) and is in snapshots.
         """
     def set_suspended(self, account: _Key, reason: Literal["operator", "payment_failed"] = "operator", suspended: bool = True) -> None:
         """Suspends an account (or lifts the suspension)."""
@@ -334,6 +358,8 @@ class Scope:
         priority: bool = False,
         expected_tokens: Optional[SupportsIndex] = None,
         now_ns: Optional[SupportsIndex] = None,
+        *,
+        service_tier: Optional[_ServiceTier] = None,
     ) -> Decision:
         """Decides as :meth:`Engine.admit` with the scope's key, without looking the key up.
 

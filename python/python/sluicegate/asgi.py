@@ -73,9 +73,15 @@ for each reason, debug after). The app is asked for ``accept-encoding: identity`
 
 Service tiers (SPEC §6) are the operator's to grant: ``service_tier(account)`` names the tier an
 account may use (default ``"default"`` for everyone). A client may ask for a lower one with the
-body's ``"service_tier": "flex"`` (or ``"default"``), never a higher one; ``x-priority`` headers
-are ignored. The engine has two classes today: ``priority`` is admitted with ``priority=True``
-(shed last); ``default`` and ``flex`` are both admitted as regular requests.
+body's ``"service_tier": "flex"`` (or ``"default"``), never a higher one; other values (``"auto"``)
+ask for nothing, and ``x-priority`` headers are ignored. As a model's load rises the engine sheds
+six classes, flex first: over-limit flex (at 0.6), in-limit flex (0.7), over-limit default (0.8),
+over-limit priority (0.9), in-limit default (1.0), in-limit priority last (1.2). The engine also
+caps every request by its account's own grant (``Engine.set_service_tier_grant``, ``"default"``
+until set), so the middleware pushes each account's grant into the engine when it differs from
+what it last pushed (remembering only accounts granted another tier than ``"default"``: made-up
+accounts cost no memory). A push the engine refuses (a full account table) is logged, and the
+request is served at the engine's grant.
 
 The fast variant (SPEC §1) of a model has its own limits. By default a model named ``<model>-fast``
 or a request carrying ``x-sluicegate-variant: fast`` is admitted as ``<model>``'s fast variant;
@@ -112,6 +118,7 @@ from typing import (
     Set,
     Tuple,
     Union,
+    cast,
 )
 
 from sluicegate._errors import (
@@ -123,6 +130,7 @@ from sluicegate._errors import (
     StalePermitError,
     TableFullError,
 )
+from sluicegate._outcome import Outcome
 from sluicegate._sluicegate import Decision, Engine
 
 Scope = MutableMapping[str, Any]
@@ -139,6 +147,7 @@ if TYPE_CHECKING:
     _Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
     _Completion = Literal["success", "upstream_failure", "cancelled"]
     _UnknownPaths = Literal["limit_requests", "deny", "pass"]
+    _ServiceTier = Literal["flex", "default", "priority"]
 
 log = logging.getLogger("sluicegate.asgi")
 
@@ -188,6 +197,7 @@ _TAIL_BYTES = 64 * 1024  # of an oversized response, what is kept of its head an
 _DECODE_PIECE = 64 * 1024  # decompressed at a time
 _MAX_DECODED = 256 << 20  # decompressed per response at most: beyond, it is unreadable
 _MAX_COUNT = 1 << 32  # a usage count above this is not a count
+_MAX_GRANTS = 1 << 16  # accounts whose pushed grant is remembered; others are pushed every request
 
 
 # -- accounts -------------------------------------------------------------------------------------
@@ -872,13 +882,13 @@ class _Meter:
 class _Admission:
     """What the body asks for, checked, ready for ``admit``."""
 
-    __slots__ = ("account", "model", "fast", "prompt", "max_tokens", "n", "priority", "stream", "api")
+    __slots__ = ("account", "model", "fast", "prompt", "max_tokens", "n", "service_tier", "stream", "api")
 
     def __init__(
-        self, account: bytes, model: bytes, fast: bool, prompt: int, max_tokens: int, n: int, priority: bool, stream: bool, api: str = "chat"
+        self, account: bytes, model: bytes, fast: bool, prompt: int, max_tokens: int, n: int, service_tier: _ServiceTier, stream: bool, api: str = "chat"
     ) -> None:
         self.account, self.model, self.fast = account, model, fast
-        self.prompt, self.max_tokens, self.n, self.priority, self.stream = prompt, max_tokens, n, priority, stream
+        self.prompt, self.max_tokens, self.n, self.service_tier, self.stream = prompt, max_tokens, n, service_tier, stream
         self.api = api
 
 
@@ -903,6 +913,7 @@ class SluicegateMiddleware:
       limits then reset on restart and are not shared between workers).
     - ``service_tier(account)`` grants an account its service tier, ``"flex"``, ``"default"``
       (the default for all) or ``"priority"``; a request's ``service_tier`` may only lower it.
+      The grant is pushed into the engine (``Engine.set_service_tier_grant``) when it changes.
     - ``variant(model, headers) -> (model, fast)`` maps a requested model onto its scope (default
       :func:`fast_variant`: a ``-fast`` suffix or ``x-sluicegate-variant: fast``).
     - ``estimate_prompt_tokens(body)`` sizes the prompt (default :func:`chars_over_four`).
@@ -973,6 +984,8 @@ class SluicegateMiddleware:
         self.max_buffer_bytes = max_buffer_bytes
         self.error_retry_after = error_retry_after
         self._warned: Set[str] = set()
+        # The grants pushed into the engine, of accounts granted another tier than "default".
+        self._grants: Dict[bytes, _ServiceTier] = {}
 
     def digest(self, credential: Union[str, bytes]) -> str:
         """The default account id of a credential under this middleware's deployment key."""
@@ -1057,12 +1070,18 @@ class SluicegateMiddleware:
                 prompt_tokens=asked.prompt,
                 max_tokens=asked.max_tokens,
                 n=asked.n,
-                priority=asked.priority,
                 fast=asked.fast,
+                service_tier=asked.service_tier,
             )
         except Exception as exc:  # never a 500 from the limiter
             await _respond(send, *self._admit_failed(exc, voice))
             return
+        if asked.service_tier != "flex" and asked.account in self._grants and (
+            decision.outcome is Outcome.SHED or (decision.admitted and decision.service_tier != asked.service_tier)
+        ):
+            # Perhaps served below its grant (flex never is): the engine may have lost it (a
+            # restore, another middleware or process), so the next request pushes it again.
+            del self._grants[asked.account]
         if not decision.admitted:
             await _respond(send, *self._refusal(decision, voice))
             return
@@ -1126,7 +1145,7 @@ class SluicegateMiddleware:
             model_key = b""
         if not 0 < len(model_key) <= MODEL_ID_MAX_BYTES:
             model_key, fast = OTHER_MODEL.encode(), False
-        return _Admission(account, model_key, fast, 0, 0, 1, self._priority(account, {}), False, "other")
+        return _Admission(account, model_key, fast, 0, 0, 1, self._service_tier(account, {}), False, "other")
 
     def _read_request(self, scope: Scope, headers: Mapping[str, str], body: bytes, api: str, voice: _Voice) -> Union[_Admission, _Reply]:
         """Checks a request and says what to admit, or the 4xx to answer."""
@@ -1177,19 +1196,41 @@ class SluicegateMiddleware:
         except RecursionError:
             return too_deep
         stream = payload.get("stream") is True
-        return _Admission(account, model_key, fast, min(max(prompt, 0), _MAX_COUNT), max_tokens, n, self._priority(account, payload), stream, api)
+        return _Admission(account, model_key, fast, min(max(prompt, 0), _MAX_COUNT), max_tokens, n, self._service_tier(account, payload), stream, api)
 
-    def _priority(self, account: bytes, payload: Mapping[str, Any]) -> bool:
-        """The request's service tier, as the engine's priority flag: granted, lowered if asked."""
-        granted = self.service_tier(account.decode("utf-8"))
-        if granted not in SERVICE_TIERS:
-            self._note("tier", "sluicegate: service_tier() returned %r, not one of %s; using 'default'", granted, SERVICE_TIERS)
-            granted = "default"
+    def _service_tier(self, account: bytes, payload: Mapping[str, Any]) -> _ServiceTier:
+        """The service tier to ask the engine for: granted, lowered if the body asks. The grant is
+        pushed into the engine first, since the engine serves no request above its account's."""
+        named = self.service_tier(account.decode("utf-8"))
+        if named not in SERVICE_TIERS:
+            self._note("tier", "sluicegate: service_tier() returned %r, not one of %s; using 'default'", named, SERVICE_TIERS)
+            named = "default"
+        granted = cast("_ServiceTier", named)
+        self._push_grant(account, granted)
         asked = payload.get("service_tier")
-        tier = granted
-        if asked in SERVICE_TIERS and SERVICE_TIERS.index(asked) < SERVICE_TIERS.index(granted):
-            tier = asked
-        return tier == "priority"
+        if isinstance(asked, str) and asked in SERVICE_TIERS and SERVICE_TIERS.index(asked) < SERVICE_TIERS.index(granted):
+            return cast("_ServiceTier", asked)
+        return granted
+
+    def _push_grant(self, account: bytes, granted: _ServiceTier) -> None:
+        """Sets the engine's grant for ``account`` if it differs from what was last pushed.
+
+        Only accounts granted another tier than ``"default"`` are remembered (up to
+        ``_MAX_GRANTS``), so a flood of made-up accounts costs neither memory nor engine calls.
+        An engine left with a higher grant than the operator's is harmless: the tier asked for
+        is never above the operator's grant.
+        """
+        if self._grants.get(account, "default") == granted:
+            return
+        try:
+            self.engine.set_service_tier_grant(account, granted)
+        except Exception as exc:  # a full account table: served at the engine's grant
+            self._note("grant", "sluicegate: could not grant service tier %r in the engine (%s); served at the engine's grant", granted, exc)
+            return
+        if granted == "default":
+            self._grants.pop(account, None)
+        elif account in self._grants or len(self._grants) < _MAX_GRANTS:
+            self._grants[account] = granted
 
     def _admit_failed(self, exc: Exception, voice: _Voice) -> _Reply:
         if isinstance(exc, ArgumentError):
