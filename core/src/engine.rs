@@ -6,6 +6,7 @@ use crate::decision::{ConcurrencyLimited, Decision, Levels, Outcome, RateLimited
 use crate::error::{Error, SettleError, Table};
 use crate::key::{ScopeKey, Variant};
 use crate::metric::{Metric, PerMetric};
+use crate::metrics::{Counters, Event};
 use crate::permit::{self, Owner, Permit, Refusal, Reservation};
 use crate::policy::{MetricLimits, Policy};
 use crate::request::{Completion, Request, Usage};
@@ -47,6 +48,9 @@ pub struct Engine<S: Storage> {
     sweep_cursor: crate::sync::AtomicU64,
     /// Permits one account may hold when neither it nor the policy says otherwise.
     default_in_flight: u64,
+    /// Requests refused before any model was found: invalid, or a full table. Kept by each
+    /// process, as the engine handle is (a shared region holds only the models' counters).
+    pub(crate) unattributed: Counters,
 }
 
 /// `retry_after` of a request refused for too many requests in flight: a place frees when one
@@ -109,6 +113,7 @@ impl<S: Storage> Engine<S> {
             tick_cache: crate::sync::AtomicU64::new(0),
             sweep_cursor: crate::sync::AtomicU64::new(0),
             default_in_flight,
+            unattributed: Counters::new(),
         })
     }
 
@@ -145,7 +150,10 @@ impl<S: Storage> Engine<S> {
     pub fn admit(&self, key: ScopeKey<'_>, request: &Request, now_ns: u64) -> Result<Decision, Error> {
         let costs = match request.costs() {
             Ok(c) => c,
-            Err(reason) => return Ok(Decision::invalid(reason)),
+            Err(reason) => {
+                self.unattributed.add(key.variant, key.account.len(), request.service_tier, Event::Invalid);
+                return Ok(Decision::invalid(reason));
+            }
         };
         self.admit_key(key, costs, request.service_tier, now_ns, |_| {})
     }
@@ -162,14 +170,23 @@ impl<S: Storage> Engine<S> {
         // Each round that looks again found the scope being reclaimed; a slot that stays so for
         // `table::PATIENCE` rounds was left by a reclaimer that died (a process of a shared
         // region killed), and waiting on it would wait forever.
+        let full = |e: Error| {
+            if matches!(e, Error::TableFull(_)) {
+                self.unattributed.add(key.variant, key.account.len(), asked, Event::TableFull);
+            }
+            e
+        };
         for _ in 0..table::PATIENCE {
-            let at = self.locate(key, now_ns, true)?.ok_or(Error::TableFull(Table::Scopes))?;
+            let at = self
+                .locate(key, now_ns, true)
+                .map_err(full)?
+                .ok_or_else(|| full(Error::TableFull(Table::Scopes)))?;
             found(at);
             if let Attempt::Decided(d) = self.admit_at(at, costs, asked, now_ns)? {
                 return Ok(d);
             }
         }
-        Err(Error::TableFull(Table::Scopes))
+        Err(full(Error::TableFull(Table::Scopes)))
     }
 
     pub(crate) fn admit_at(
@@ -185,7 +202,11 @@ impl<S: Storage> Engine<S> {
         else {
             return Ok(Attempt::Moved);
         };
+        let settings = account.settings();
+        let tier = asked.within(settings.service_tier_grant());
+        let count = |event| model.counters.add(at.variant, at.slot, tier, event);
         let refuse = |reason| {
+            count(Event::SpendRefused);
             Ok(Attempt::Decided(Decision {
                 outcome: Outcome::RejectSpend(reason),
                 levels: Levels::default(),
@@ -195,8 +216,6 @@ impl<S: Storage> Engine<S> {
         if let Some(reason) = account.refusal() {
             return refuse(reason);
         }
-        let settings = account.settings();
-        let tier = asked.within(settings.service_tier_grant());
         let cap = match settings.in_flight_cap().or(self.policy.max_in_flight) {
             Some(cap) => u64::from(cap),
             None => self.default_in_flight,
@@ -213,6 +232,7 @@ impl<S: Storage> Engine<S> {
                 retry_after_ns: CONCURRENCY_RETRY_NS,
             };
             let outcome = Outcome::RejectConcurrency(limited);
+            count(Event::ConcurrencyLimited);
             return Ok(Attempt::Decided(Decision { outcome, levels: Levels::default(), cost: costs }));
         }
         // The worst case — every prompt token uncached, every reserved token generated — is held
@@ -236,10 +256,14 @@ impl<S: Storage> Engine<S> {
                 slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
                 account.release_reservation(money);
                 account.leave();
+                count(Event::TableFull);
                 return Err(e);
             }
         };
         let mut attempt = self.charge_bucket(slot, at, costs, tier, load, now_ns);
+        if let Attempt::Decided(d) = &attempt {
+            count(Event::of(&d.outcome));
+        }
         let ledger = t.permits.get(entry);
         match &mut attempt {
             Attempt::Decided(Decision {
@@ -392,10 +416,12 @@ impl<S: Storage> Engine<S> {
             }
             slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
         }
-        if owner.tracked {
-            if let Some(m) = t.models.get(owner.model) {
+        if let Some(m) = t.models.get(owner.model) {
+            if owner.tracked {
                 m.leave(owner.variant);
             }
+            m.counters.add(owner.variant, owner.slot, owner.service_tier, Event::Expired);
+            m.counters.add_spend(owner.variant, owner.slot, owner.service_tier, owner.money);
         }
     }
 
@@ -480,10 +506,12 @@ impl<S: Storage> Engine<S> {
             account.leave();
         }
         slot.tick.fetch_sub(IN_FLIGHT_ONE, Ordering::AcqRel);
-        if permit.tracked {
-            if let Some(m) = t.models.get(at.model) {
+        if let Some(m) = t.models.get(at.model) {
+            if permit.tracked {
                 m.leave(permit.variant);
             }
+            m.counters.add(permit.variant, at.slot, permit.service_tier, Event::settled(completion));
+            m.counters.add_spend(permit.variant, at.slot, permit.service_tier, billed);
         }
         Ok(())
     }

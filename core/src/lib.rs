@@ -52,6 +52,7 @@ pub mod json;
 pub mod key;
 mod locate;
 pub mod metric;
+pub mod metrics;
 pub mod model;
 pub mod openai_request;
 pub mod openai_usage;

@@ -1,6 +1,7 @@
 //! The model table: one slot per model id, holding the load signal of each variant (SPEC §6).
 
 use crate::key::{KeyBytes, MODEL_KEY_MAX, Variant};
+use crate::metrics::Counters;
 use crate::price::Price;
 use crate::refs::Refs;
 use crate::shed::LoadPermille;
@@ -22,6 +23,8 @@ pub struct ModelSlot {
     pub(crate) price: [[AtomicU64; 3]; 2],
     /// Scopes and operator calls using the model: while any is held it is never reclaimed.
     pub(crate) refs: Refs,
+    /// What its requests met (SPEC §12); restarted when the slot takes another model.
+    pub(crate) counters: Counters,
 }
 
 impl Default for ModelSlot {
@@ -41,6 +44,7 @@ impl ModelSlot {
             capacity: core::array::from_fn(|_| AtomicU64::new(0)),
             price: core::array::from_fn(|_| core::array::from_fn(|_| AtomicU64::new(0))),
             refs: Refs::new(),
+            counters: Counters::new(),
         }
     }
 
@@ -62,6 +66,7 @@ impl ModelSlot {
         {
             a.store(0, Ordering::Relaxed);
         }
+        self.counters.clear();
     }
 
     /// Whether the model holds nothing worth keeping: no load, capacity or prices (SPEC §1).

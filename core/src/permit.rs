@@ -114,6 +114,7 @@ impl Permit {
             model: self.model as usize,
             variant: self.variant,
             tracked: self.tracked,
+            service_tier: self.service_tier,
             money,
         }
     }
@@ -140,6 +141,7 @@ pub(crate) struct Owner {
     pub(crate) model: usize,
     pub(crate) variant: Variant,
     pub(crate) tracked: bool,
+    pub(crate) service_tier: ServiceTier,
     /// Nano-dollars reserved at admission (not packed: kept in the entry's own word).
     pub(crate) money: u64,
 }
@@ -147,7 +149,12 @@ pub(crate) struct Owner {
 impl Owner {
     fn pack(self) -> u64 {
         // Disjoint bit fields: `^` for `|` is the same, an equivalent mutant (.cargo/mutants.toml).
-        let flags = u64::from(self.variant == Variant::Fast) | (u64::from(self.tracked) << 1);
+        let tier = match self.service_tier {
+            ServiceTier::Default => 0,
+            ServiceTier::Priority => 1,
+            ServiceTier::Flex => 2,
+        };
+        let flags = u64::from(self.variant == Variant::Fast) | (u64::from(self.tracked) << 1) | (tier << 2);
         (self.slot as u64 & 0xFFFF_FFFF) | ((self.model as u64 & 0xFFFF) << 32) | (flags << 48)
     }
 
@@ -158,6 +165,11 @@ impl Owner {
             model: ((w >> 32) & 0xFFFF) as usize,
             variant: if flags & 1 != 0 { Variant::Fast } else { Variant::Regular },
             tracked: flags & 2 != 0,
+            service_tier: match (flags >> 2) & 3 {
+                1 => ServiceTier::Priority,
+                2 => ServiceTier::Flex,
+                _ => ServiceTier::Default,
+            },
             money,
         }
     }

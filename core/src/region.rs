@@ -20,7 +20,7 @@ use crate::sync::{AtomicU64, AtomicU128, Ordering};
 /// "SLUICEGR", little-endian: the first word of every region.
 const MAGIC: u64 = u64::from_le_bytes(*b"SLUICEGR");
 /// The layout this build reads and writes; any change to a slot's size or order bumps it.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// `state` of zeroed memory nobody has claimed.
 pub(crate) const EMPTY: u64 = 0;
 /// `state` while one opener writes the tables (or a restore replaces them).

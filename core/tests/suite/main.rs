@@ -19,6 +19,7 @@ mod keys;
 mod linearizable;
 mod live_snapshot;
 mod messages;
+mod metrics;
 mod openai_request;
 mod openai_usage;
 mod responses;

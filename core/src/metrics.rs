@@ -1,0 +1,443 @@
+//! What the operator sees (SPEC §12): counters per (model, variant, service tier, outcome) and
+//! per-model gauges, kept as striped relaxed counters that the hot path adds to once per admit
+//! and once per settle, and that readers sum without stopping it.
+//!
+//! ```
+//! use sluicegate_core::metrics::{Event, write_prometheus};
+//! use sluicegate_core::{Capacity, Engine, Policy, Request, ScopeKey, ServiceTier, Variant};
+//! let e = Engine::new(Policy::fixed(), Capacity::scopes(64))?;
+//! for _ in 0..61 {
+//!     e.admit(ScopeKey::new(b"acct", b"llama"), &Request::new(10), 0)?;
+//! }
+//! let metrics = e.metrics();
+//! let llama = metrics.model(b"llama", Variant::Regular).unwrap();
+//! assert_eq!(llama.count(ServiceTier::Default, Event::Admitted), 60);
+//! assert_eq!(llama.count(ServiceTier::Default, Event::RateLimitedRequests), 1);
+//! assert_eq!(llama.in_flight, 60);
+//! let mut text = String::new();
+//! write_prometheus(&metrics, &mut text)?;
+//! assert!(text.contains(
+//!     r#"sluicegate_requests_total{model="llama",variant="regular",service_tier="default",outcome="admitted"} 60"#
+//! ));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use crate::decision::Outcome;
+use crate::key::Variant;
+use crate::metric::Metric;
+use crate::request::Completion;
+use crate::service_tier::ServiceTier;
+use crate::sync::{AtomicU64, Ordering};
+
+/// Counters are striped by scope slot: threads on different scopes of one model rarely write
+/// the same cache line, and threads on one scope already share its bucket's.
+pub(crate) const STRIPES: usize = 4;
+
+/// What happened to a request; each is a counter per (model, variant, service tier).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// Admitted within its limits.
+    Admitted,
+    /// Admitted over a limit, at lower priority.
+    AdmittedOverLimit,
+    /// 429 on requests per minute.
+    RateLimitedRequests,
+    /// 429 on prompt tokens per minute.
+    RateLimitedPromptTokens,
+    /// 429 on uncached prompt tokens per minute.
+    RateLimitedUncachedPromptTokens,
+    /// 429 on generated tokens per minute.
+    RateLimitedGeneratedTokens,
+    /// 503: shed for the model's load.
+    Shed,
+    /// Refused for the account's spend (suspended, or over its spend limit).
+    SpendRefused,
+    /// 429: too many of the account's requests in flight.
+    ConcurrencyLimited,
+    /// 400: a malformed request (counted without a model: it is refused before any lookup).
+    Invalid,
+    /// Refused because a table was full (counted without a model).
+    TableFull,
+    /// A permit that was never settled, expired (SPEC §7).
+    Expired,
+    /// Settled: the request ran.
+    Succeeded,
+    /// Settled: the backend failed it.
+    UpstreamFailed,
+    /// Settled: the client went away.
+    Cancelled,
+}
+
+impl Event {
+    /// Every event, in the order of their counters.
+    pub const ALL: [Event; 15] = [
+        Event::Admitted,
+        Event::AdmittedOverLimit,
+        Event::RateLimitedRequests,
+        Event::RateLimitedPromptTokens,
+        Event::RateLimitedUncachedPromptTokens,
+        Event::RateLimitedGeneratedTokens,
+        Event::Shed,
+        Event::SpendRefused,
+        Event::ConcurrencyLimited,
+        Event::Invalid,
+        Event::TableFull,
+        Event::Expired,
+        Event::Succeeded,
+        Event::UpstreamFailed,
+        Event::Cancelled,
+    ];
+
+    /// The event of an admission's outcome.
+    pub const fn of(outcome: &Outcome) -> Event {
+        match outcome {
+            Outcome::Admit(_) => Event::Admitted,
+            Outcome::AdmitOverLimit(_) => Event::AdmittedOverLimit,
+            Outcome::RejectRateLimited(r) => Event::rate_limited(r.metric),
+            Outcome::Shed(_) => Event::Shed,
+            Outcome::RejectSpend(_) => Event::SpendRefused,
+            Outcome::RejectInvalid(_) => Event::Invalid,
+            Outcome::RejectConcurrency(_) => Event::ConcurrencyLimited,
+        }
+    }
+
+    /// The 429 of a binding metric.
+    pub const fn rate_limited(metric: Metric) -> Event {
+        match metric {
+            Metric::Requests => Event::RateLimitedRequests,
+            Metric::PromptTokens => Event::RateLimitedPromptTokens,
+            Metric::UncachedPromptTokens => Event::RateLimitedUncachedPromptTokens,
+            Metric::GeneratedTokens => Event::RateLimitedGeneratedTokens,
+        }
+    }
+
+    /// The event of a settle.
+    pub const fn settled(completion: Completion) -> Event {
+        match completion {
+            Completion::Success => Event::Succeeded,
+            Completion::UpstreamFailure => Event::UpstreamFailed,
+            Completion::Cancelled => Event::Cancelled,
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counter cells per tier: one per event, then spend.
+const CELLS: usize = Event::ALL.len() + 1;
+const SPEND: usize = Event::ALL.len();
+
+/// One stripe: every tier's cells, on lines of its own.
+#[derive(Debug)]
+#[repr(C, align(64))]
+struct Stripe([[AtomicU64; CELLS]; 3]);
+
+/// The counters of one model (or of the requests refused before any model was found).
+#[derive(Debug)]
+pub(crate) struct Counters([[Stripe; STRIPES]; 2]);
+
+/// Totals per tier: each event's count, then spend in nano-dollars.
+pub(crate) type Totals = [[u64; CELLS]; 3];
+
+const fn tier_index(tier: ServiceTier) -> usize {
+    match tier {
+        ServiceTier::Flex => 0,
+        ServiceTier::Default => 1,
+        ServiceTier::Priority => 2,
+    }
+}
+
+impl Counters {
+    pub(crate) fn new() -> Self {
+        Counters(core::array::from_fn(|_| {
+            core::array::from_fn(|_| {
+                Stripe(core::array::from_fn(|_| core::array::from_fn(|_| AtomicU64::new(0))))
+            })
+        }))
+    }
+
+    fn cell(&self, variant: Variant, stripe: usize, tier: ServiceTier, cell: usize) -> Option<&AtomicU64> {
+        let stripe = self.0.get(variant.index())?.get(stripe % STRIPES)?;
+        stripe.0.get(tier_index(tier))?.get(cell)
+    }
+
+    /// Counts one event; `stripe` is any number that tells callers apart (the scope's slot).
+    pub(crate) fn add(&self, variant: Variant, stripe: usize, tier: ServiceTier, event: Event) {
+        if let Some(c) = self.cell(variant, stripe, tier, event.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds nano-dollars billed.
+    pub(crate) fn add_spend(&self, variant: Variant, stripe: usize, tier: ServiceTier, nanos: u64) {
+        if nanos != 0 {
+            if let Some(c) = self.cell(variant, stripe, tier, SPEND) {
+                c.fetch_add(nanos, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The variant's totals, its stripes summed.
+    pub(crate) fn read(&self, variant: Variant) -> Totals {
+        let mut totals = [[0u64; CELLS]; 3];
+        for stripe in self.0.get(variant.index()).into_iter().flatten() {
+            for (total, cells) in totals.iter_mut().zip(&stripe.0) {
+                for (t, c) in total.iter_mut().zip(cells) {
+                    *t = t.wrapping_add(c.load(Ordering::Relaxed));
+                }
+            }
+        }
+        totals
+    }
+
+    /// Zeroes every counter (a slot taken by another model, a restore).
+    pub(crate) fn clear(&self) {
+        for c in self.0.iter().flatten().flat_map(|s| s.0.iter().flatten()) {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One model variant's counters and gauges, read at one moment (each counter exact; the set
+/// not one atomic snapshot).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelMetrics {
+    model: [u8; crate::key::MODEL_KEY_MAX],
+    model_len: usize,
+    /// The variant.
+    pub variant: Variant,
+    totals: Totals,
+    /// Permits outstanding: admitted and not yet settled or expired.
+    pub in_flight: u64,
+    /// The variant's load, ‰ of capacity.
+    pub load: u32,
+}
+
+impl ModelMetrics {
+    pub(crate) fn new(model: &[u8], variant: Variant, totals: Totals, load: u32) -> Self {
+        let mut key = [0; crate::key::MODEL_KEY_MAX];
+        let model_len = model.len().min(key.len());
+        if let (Some(dst), Some(src)) = (key.get_mut(..model_len), model.get(..model_len)) {
+            dst.copy_from_slice(src);
+        }
+        let sum = |events: &[Event]| -> u64 {
+            totals
+                .iter()
+                .flat_map(|t| events.iter().filter_map(|e| t.get(e.index())))
+                .fold(0, |a, v| a.wrapping_add(*v))
+        };
+        let admitted = sum(&[Event::Admitted, Event::AdmittedOverLimit]);
+        let ended = sum(&[Event::Succeeded, Event::UpstreamFailed, Event::Cancelled, Event::Expired]);
+        ModelMetrics {
+            model: key,
+            model_len,
+            variant,
+            totals,
+            in_flight: admitted.saturating_sub(ended),
+            load,
+        }
+    }
+
+    /// The model id; empty for requests refused before any model was found.
+    pub fn model(&self) -> &[u8] {
+        self.model.get(..self.model_len).unwrap_or_default()
+    }
+
+    /// How many requests of `tier` met `event`.
+    pub fn count(&self, tier: ServiceTier, event: Event) -> u64 {
+        self.totals.get(tier_index(tier)).and_then(|t| t.get(event.index())).copied().unwrap_or(0)
+    }
+
+    /// Micro-dollars billed to requests of `tier` (settled, or expired and billed their
+    /// reservation).
+    pub fn spend_micros(&self, tier: ServiceTier) -> u64 {
+        self.totals
+            .get(tier_index(tier))
+            .and_then(|t| t.get(SPEND))
+            .map_or(0, |n| n / crate::price::NANOS_PER_MICRO)
+    }
+}
+
+/// Every model variant's metrics, and the requests refused before any model was found (model
+/// id empty), as [`crate::Engine::metrics`] reads them.
+#[cfg(feature = "std")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Model variants with any counter or gauge above zero, in table order.
+    pub models: alloc::vec::Vec<ModelMetrics>,
+}
+
+#[cfg(feature = "std")]
+impl Metrics {
+    /// The metrics of one model variant, if it has any.
+    pub fn model(&self, model: &[u8], variant: Variant) -> Option<&ModelMetrics> {
+        self.models.iter().find(|m| m.model() == model && m.variant == variant)
+    }
+}
+
+impl<S: crate::storage::Storage> crate::Engine<S> {
+    /// Calls `each` with the metrics of every model variant that has any, then with those of
+    /// the requests refused before any model was found (model id empty). Reads relaxed counters
+    /// only: traffic is never stopped, and a shared region is only read.
+    pub fn for_each_model_metrics(&self, mut each: impl FnMut(&ModelMetrics)) {
+        for slot in self.tables().models {
+            if !crate::table::is_ready(crate::table::Slot::id(slot).load(Ordering::Acquire)) {
+                continue;
+            }
+            let (len, words) = slot.key.read();
+            let mut bytes = [0u8; crate::key::MODEL_KEY_MAX];
+            for (chunk, w) in bytes.chunks_mut(8).zip(words) {
+                chunk.copy_from_slice(&w.to_le_bytes());
+            }
+            let model = bytes.get(..len).unwrap_or_default();
+            for variant in [Variant::Regular, Variant::Fast] {
+                let m = ModelMetrics::new(model, variant, slot.counters.read(variant), slot.load(variant));
+                if m.in_flight != 0 || m.load != 0 || m.totals.iter().flatten().any(|v| *v != 0) {
+                    each(&m);
+                }
+            }
+        }
+        for variant in [Variant::Regular, Variant::Fast] {
+            let m = ModelMetrics::new(&[], variant, self.unattributed.read(variant), 0);
+            if m.totals.iter().flatten().any(|v| *v != 0) {
+                each(&m);
+            }
+        }
+    }
+
+    /// Every model variant's metrics ([`Engine::for_each_model_metrics`]), for
+    /// [`write_prometheus`].
+    ///
+    /// [`Engine::for_each_model_metrics`]: crate::Engine::for_each_model_metrics
+    #[cfg(feature = "std")]
+    pub fn metrics(&self) -> Metrics {
+        let mut models = alloc::vec::Vec::new();
+        self.for_each_model_metrics(|m| models.push(m.clone()));
+        Metrics { models }
+    }
+}
+
+const OUTCOMES: [(Event, &str); 7] = [
+    (Event::Admitted, "admitted"),
+    (Event::AdmittedOverLimit, "over_limit"),
+    (Event::Shed, "shed"),
+    (Event::SpendRefused, "spend_refused"),
+    (Event::ConcurrencyLimited, "concurrency_limited"),
+    (Event::Invalid, "invalid"),
+    (Event::TableFull, "table_full"),
+];
+
+const RATE_LIMITED: [(Event, &str); 4] = [
+    (Event::RateLimitedRequests, "requests"),
+    (Event::RateLimitedPromptTokens, "prompt_tokens"),
+    (Event::RateLimitedUncachedPromptTokens, "uncached_prompt_tokens"),
+    (Event::RateLimitedGeneratedTokens, "generated_tokens"),
+];
+
+const ENDINGS: [(Event, &str); 4] = [
+    (Event::Succeeded, "success"),
+    (Event::UpstreamFailed, "upstream_failure"),
+    (Event::Cancelled, "cancelled"),
+    (Event::Expired, "expired"),
+];
+
+/// Writes a label value: `\`, `"` and newlines escaped; bytes that are not UTF-8 as `\xNN`
+/// (the backslash escaped), so two models never share a label.
+fn label(out: &mut impl core::fmt::Write, value: &[u8]) -> core::fmt::Result {
+    for chunk in value.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.write_str("\\\\")?,
+                '"' => out.write_str("\\\"")?,
+                '\n' => out.write_str("\\n")?,
+                c => out.write_char(c)?,
+            }
+        }
+        for b in chunk.invalid() {
+            write!(out, "\\\\x{b:02x}")?;
+        }
+    }
+    Ok(())
+}
+
+fn series(
+    out: &mut impl core::fmt::Write,
+    name: &str,
+    m: &ModelMetrics,
+    tier: Option<ServiceTier>,
+    extra: Option<(&str, &str)>,
+) -> core::fmt::Result {
+    out.write_str(name)?;
+    out.write_str("{model=\"")?;
+    label(out, m.model())?;
+    let variant = match m.variant {
+        Variant::Regular => "regular",
+        Variant::Fast => "fast",
+    };
+    write!(out, "\",variant=\"{variant}\"")?;
+    if let Some(tier) = tier {
+        write!(out, ",service_tier=\"{}\"", tier.name())?;
+    }
+    if let Some((key, value)) = extra {
+        write!(out, ",{key}=\"{value}\"")?;
+    }
+    out.write_str("} ")
+}
+
+/// Writes `metrics` in the Prometheus text exposition format (version 0.0.4): `# HELP` and
+/// `# TYPE` for each family, counters ending in `_total`. Series that are zero are left out.
+#[cfg(feature = "std")]
+pub fn write_prometheus(metrics: &Metrics, out: &mut impl core::fmt::Write) -> core::fmt::Result {
+    write_families(&metrics.models, out)
+}
+
+/// [`write_prometheus`] over any list of model metrics.
+pub fn write_families(models: &[ModelMetrics], out: &mut impl core::fmt::Write) -> core::fmt::Result {
+    type Family<'a> = (&'a str, &'a str, &'a [(Event, &'a str)], &'a str);
+    let families: [Family<'_>; 3] = [
+        ("sluicegate_requests_total", "Admission outcomes other than 429.", &OUTCOMES, "outcome"),
+        ("sluicegate_rate_limited_total", "429s, by the metric that bound.", &RATE_LIMITED, "metric"),
+        ("sluicegate_permits_ended_total", "Permits settled, by how, or expired.", &ENDINGS, "completion"),
+    ];
+    for (name, help, events, key) in families {
+        let base = name.trim_end_matches("_total");
+        writeln!(out, "# HELP {base} {help}\n# TYPE {base} counter")?;
+        for m in models {
+            for tier in ServiceTier::ALL {
+                for (event, value) in events {
+                    let n = m.count(tier, *event);
+                    if n != 0 {
+                        series(out, name, m, Some(tier), Some((key, value)))?;
+                        writeln!(out, "{n}")?;
+                    }
+                }
+            }
+        }
+    }
+    writeln!(
+        out,
+        "# HELP sluicegate_spend_microdollars Micro-dollars billed.\n# TYPE sluicegate_spend_microdollars counter"
+    )?;
+    for m in models {
+        for tier in ServiceTier::ALL {
+            let spend = m.spend_micros(tier);
+            if spend != 0 {
+                series(out, "sluicegate_spend_microdollars_total", m, Some(tier), None)?;
+                writeln!(out, "{spend}")?;
+            }
+        }
+    }
+    writeln!(out, "# HELP sluicegate_in_flight Permits outstanding.\n# TYPE sluicegate_in_flight gauge")?;
+    for m in models.iter().filter(|m| !m.model().is_empty()) {
+        series(out, "sluicegate_in_flight", m, None, None)?;
+        writeln!(out, "{}", m.in_flight)?;
+    }
+    writeln!(out, "# HELP sluicegate_load The model's load, 1 at capacity.\n# TYPE sluicegate_load gauge")?;
+    for m in models.iter().filter(|m| !m.model().is_empty()) {
+        series(out, "sluicegate_load", m, None, None)?;
+        writeln!(out, "{}.{:03}", m.load / 1000, m.load % 1000)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! SPEC §12: the counters equal what was done to the engine, exactly — per model, variant,
+//! service tier and outcome, across threads, and across two handles of one shared region.
+
+use std::ptr::NonNull;
+
+use sluicegate_core::metrics::{Event, ModelMetrics, write_prometheus};
+use sluicegate_core::region::{Opening, region_size};
+use sluicegate_core::{
+    Capacity, Completion, Engine, Error, Heap, Policy, Price, Request, ScopeKey, ServiceTier, Suspension,
+    Usage, Variant,
+};
+
+const SECOND: u64 = 1_000_000_000;
+const M: &[u8] = b"llama";
+
+fn counts(m: &ModelMetrics, tier: ServiceTier) -> Vec<(Event, u64)> {
+    Event::ALL.into_iter().map(|e| (e, m.count(tier, e))).filter(|(_, n)| *n != 0).collect()
+}
+
+fn engine() -> Engine<Heap> {
+    let mut policy = Policy::fixed();
+    policy.hard_factor = 2.0;
+    Engine::new(policy, Capacity { permits: 1024, ..Capacity::scopes(64) }).unwrap()
+}
+
+/// Every outcome once or more, on known tiers; each counter is exactly what was done.
+#[test]
+fn a_known_mix_of_outcomes_is_counted_exactly() {
+    let e = engine();
+    let key = |a: &'static [u8]| ScopeKey::new(a, M);
+    e.set_service_tier_grant(b"prio", ServiceTier::Priority).unwrap();
+    e.set_price(
+        M,
+        Variant::Regular,
+        Price { uncached_prompt: 1_000_000, cached_prompt: 0, generated: 2_000_000 },
+    )
+    .unwrap();
+
+    // 60 in limit and 60 over (ρ = 2) on `a`, then a 429 on requests.
+    let mut permits = Vec::new();
+    for _ in 0..121 {
+        let d = e.admit(key(b"a"), &Request::new(10), 0).unwrap();
+        permits.extend(d.permit().copied());
+    }
+    assert_eq!(permits.len(), 120);
+    // A 429 on each token metric: costs above what one minute allows.
+    let huge = Request::new(10_000_000).max_tokens(0);
+    assert!(!e.admit(key(b"b"), &huge, 0).unwrap().admitted());
+    assert!(!e.admit(key(b"b"), &Request::new(0).max_tokens(10_000_000), 0).unwrap().admitted());
+    // Priority asked and granted: served at priority; flex asked: flex.
+    let p = *e
+        .admit(key(b"prio"), &Request::new(10).service_tier(ServiceTier::Priority), 0)
+        .unwrap()
+        .permit()
+        .unwrap();
+    let f =
+        *e.admit(key(b"c"), &Request::new(10).service_tier(ServiceTier::Flex), 0).unwrap().permit().unwrap();
+    // Shed: load 0.7 sheds in-limit flex (and default still runs).
+    e.set_load(M, Variant::Regular, 700).unwrap();
+    let shed = e.admit(key(b"s"), &Request::new(10).service_tier(ServiceTier::Flex), 0).unwrap();
+    assert!(matches!(shed.outcome, sluicegate_core::Outcome::Shed(_)), "{shed:?}");
+    e.set_load(M, Variant::Regular, 0).unwrap();
+    // Spend refusal, concurrency, invalid.
+    e.set_suspended(b"bad", Suspension::Operator, true).unwrap();
+    assert!(!e.admit(key(b"bad"), &Request::new(1), 0).unwrap().admitted());
+    e.set_max_in_flight(b"one", Some(1)).unwrap();
+    let one = *e.admit(key(b"one"), &Request::new(1), 0).unwrap().permit().unwrap();
+    assert!(!e.admit(key(b"one"), &Request::new(1), 0).unwrap().admitted());
+    assert!(!e.admit(key(b"a"), &Request::new(1).n(0), 0).unwrap().admitted());
+
+    // Settles: 100 successes, 10 upstream failures, 5 cancelled; the rest of `a`'s left to expire.
+    for p in &permits[..100] {
+        e.settle(p, &Usage::new(10, 5), Completion::Success, SECOND).unwrap();
+    }
+    for p in &permits[100..110] {
+        e.settle(p, &Usage::new(10, 5), Completion::UpstreamFailure, SECOND).unwrap();
+    }
+    for p in &permits[110..115] {
+        e.cancel(p, &Usage::new(10, 0), SECOND).unwrap();
+    }
+    e.settle(&p, &Usage::new(10, 5), Completion::Success, SECOND).unwrap();
+    e.settle(&f, &Usage::new(10, 5), Completion::Success, SECOND).unwrap();
+    e.settle(&one, &Usage::new(1, 0), Completion::Success, SECOND).unwrap();
+    let before_expiry = e.metrics();
+    let llama = before_expiry.model(M, Variant::Regular).unwrap();
+    assert_eq!(llama.in_flight, 5, "a's last five permits are outstanding");
+    // Past the TTL every unsettled permit expires (met by a settle of one of them).
+    let late = e.policy().permit_ttl_ns + 2 * SECOND;
+    assert!(e.settle(&permits[115], &Usage::new(10, 5), Completion::Success, late).is_err());
+    e.admit(key(b"z"), &Request::new(1), late).unwrap(); // a tick: the sweep meets the others
+
+    let metrics = e.metrics();
+    let llama = metrics.model(M, Variant::Regular).unwrap();
+    assert_eq!(
+        counts(llama, ServiceTier::Default),
+        vec![
+            (Event::Admitted, 60 + 1 + 1),
+            (Event::AdmittedOverLimit, 60),
+            (Event::RateLimitedRequests, 1),
+            (Event::RateLimitedPromptTokens, 1),
+            (Event::RateLimitedGeneratedTokens, 1),
+            (Event::SpendRefused, 1),
+            (Event::ConcurrencyLimited, 1),
+            (Event::Expired, 5),
+            (Event::Succeeded, 101),
+            (Event::UpstreamFailed, 10),
+            (Event::Cancelled, 5),
+        ]
+    );
+    assert_eq!(counts(llama, ServiceTier::Priority), vec![(Event::Admitted, 1), (Event::Succeeded, 1)]);
+    assert_eq!(
+        counts(llama, ServiceTier::Flex),
+        vec![(Event::Admitted, 1), (Event::Shed, 1), (Event::Succeeded, 1)]
+    );
+    assert_eq!(llama.in_flight, 1, "z's permit");
+    // Billed: successes and cancels at 1 µ$ per prompt token and 2 per generated token (per
+    // million: ×1e-6 µ$ each, so in n$); upstream failures free; expiries their reservation.
+    let success = 10 * 1_000 + 5 * 2_000; // n$
+    let cancelled = 10 * 1_000;
+    let one_success = 1_000;
+    let expired = 5 * 10 * 1_000; // max_tokens 0: the reservation is the prompt
+    let default_nanos = 100 * success + 5 * cancelled + one_success + expired;
+    assert_eq!(llama.spend_micros(ServiceTier::Default), default_nanos / 1_000);
+    assert_eq!(llama.spend_micros(ServiceTier::Priority), success / 1_000);
+    // The invalid request was refused before any model: counted without one.
+    let none = metrics.model(b"", Variant::Regular).unwrap();
+    assert_eq!(counts(none, ServiceTier::Default), vec![(Event::Invalid, 1)]);
+}
+
+/// A full scope table: each refusal is counted, without a model.
+#[test]
+fn table_full_refusals_are_counted() {
+    let e = Engine::new(Policy::fixed(), Capacity::scopes(4)).unwrap();
+    let mut full = 0;
+    for i in 0..64u32 {
+        let account = format!("acct-{i}");
+        if let Err(Error::TableFull(_)) = e.admit(ScopeKey::new(account.as_bytes(), M), &Request::new(1), 0) {
+            full += 1;
+        }
+    }
+    assert!(full > 0);
+    let metrics = e.metrics();
+    let counted: u64 = metrics.models.iter().map(|m| m.count(ServiceTier::Default, Event::TableFull)).sum();
+    assert_eq!(counted, full);
+}
+
+/// Four threads admit and settle on their own scopes and on one shared scope: every counter
+/// equals the outcomes the threads saw, and nothing is left in flight.
+#[test]
+fn counters_are_exact_under_four_threads() {
+    let e = Engine::new(Policy::fixed(), Capacity { permits: 4096, ..Capacity::scopes(256) }).unwrap();
+    let seen: Vec<[u64; 3]> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                let e = &e;
+                s.spawn(move || {
+                    let mut seen = [0u64; 3]; // admitted, over limit, 429
+                    let own = format!("own-{t}");
+                    for i in 0..2_000u64 {
+                        let account: &[u8] = if i % 2 == 0 { own.as_bytes() } else { b"shared" };
+                        let d = e.admit(ScopeKey::new(account, M), &Request::new(1), i * 1_000_000).unwrap();
+                        match d.outcome {
+                            sluicegate_core::Outcome::Admit(_) => seen[0] += 1,
+                            sluicegate_core::Outcome::AdmitOverLimit(_) => seen[1] += 1,
+                            _ => seen[2] += 1,
+                        }
+                        if let Some(p) = d.permit() {
+                            e.settle(p, &Usage::new(1, 0), Completion::Success, i * 1_000_000).unwrap();
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let total = |k: usize| seen.iter().map(|s| s[k]).sum::<u64>();
+    let metrics = e.metrics();
+    let llama = metrics.model(M, Variant::Regular).unwrap();
+    let tier = ServiceTier::Default;
+    assert_eq!(llama.count(tier, Event::Admitted), total(0));
+    assert_eq!(llama.count(tier, Event::AdmittedOverLimit), total(1));
+    assert_eq!(llama.count(tier, Event::RateLimitedRequests), total(2));
+    assert_eq!(llama.count(tier, Event::Succeeded), total(0) + total(1));
+    assert_eq!(llama.in_flight, 0);
+    assert_eq!(total(0) + total(1) + total(2), 8_000);
+}
+
+#[repr(C, align(128))]
+struct Line([u8; 128]);
+
+/// Two handles of one shared region (as two processes) count into the same counters, and a
+/// reader that only reads sees both.
+#[test]
+fn handles_of_one_region_share_the_counters() {
+    let capacity = Capacity::scopes(64);
+    let mut memory: Vec<Line> = (0..region_size(capacity).unwrap() / 128).map(|_| Line([0; 128])).collect();
+    let base = NonNull::new(memory.as_mut_ptr().cast::<u8>()).unwrap();
+    let len = memory.len() * 128;
+    // SAFETY: `memory` outlives the engines and holds nothing else.
+    let open =
+        |seed, opening| unsafe { Engine::in_region(base, len, Policy::fixed(), capacity, seed, opening) };
+    let first = open(7, Opening::InitialiseIfEmpty).unwrap();
+    let second = open(8, Opening::Attach).unwrap();
+    for e in [&first, &second] {
+        for _ in 0..40 {
+            e.admit(ScopeKey::new(b"acct", M), &Request::new(1), 0).unwrap();
+        }
+    }
+    let reader = open(9, Opening::Attach).unwrap();
+    let llama = reader.metrics().model(M, Variant::Regular).cloned().unwrap();
+    assert_eq!(llama.count(ServiceTier::Default, Event::Admitted), 60);
+    assert_eq!(llama.count(ServiceTier::Default, Event::RateLimitedRequests), 20);
+    assert_eq!(llama.in_flight, 60);
+}
+
+/// The exposition names every family, and escapes model ids so that none breaks a line or
+/// shares a label with another.
+#[test]
+fn the_exposition_is_prometheus_text_with_escaped_labels() {
+    let e = engine();
+    let odd: &[u8] = b"we\"ird\\model\nname\xff";
+    e.admit(ScopeKey::new(b"acct", odd), &Request::new(1), 0).unwrap();
+    e.set_load(M, Variant::Fast, 1_250).unwrap();
+    let mut text = String::new();
+    write_prometheus(&e.metrics(), &mut text).unwrap();
+    let line = r#"sluicegate_requests_total{model="we\"ird\\model\nname\\xff",variant="regular",service_tier="default",outcome="admitted"} 1"#;
+    assert!(text.lines().any(|l| l == line), "{text}");
+    assert!(text.lines().any(|l| l == r#"sluicegate_load{model="llama",variant="fast"} 1.250"#), "{text}");
+    for family in ["sluicegate_requests", "sluicegate_rate_limited", "sluicegate_permits_ended"] {
+        assert!(text.contains(&format!("# TYPE {family} counter\n")), "{family}");
+    }
+    assert!(text.contains("# TYPE sluicegate_in_flight gauge\n"));
+    // Every sample line is `name{labels} value`, with the value a number.
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let (_, value) = l.rsplit_once("} ").unwrap_or_else(|| panic!("{l}"));
+        value.parse::<f64>().unwrap_or_else(|_| panic!("{l}"));
+    }
+}
