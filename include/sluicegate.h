@@ -1242,6 +1242,22 @@ sg_result sg_set_load(const struct sg_engine *engine, const uint8_t *model, size
 sg_result sg_set_model_capacity(const struct sg_engine *engine, const uint8_t *model, size_t model_len, uint32_t fast, uint32_t in_flight_capacity);
 
 /**
+ * Writes the engine's metrics in the Prometheus text exposition format (version 0.0.4) into
+ * `buf`, without allocating: counters per model, variant, service tier and outcome
+ * (`sluicegate_requests_total`, `sluicegate_rate_limited_total`,
+ * `sluicegate_permits_ended_total`, `sluicegate_spend_microdollars_total`) and per-model gauges
+ * (`sluicegate_in_flight`, `sluicegate_load`). Only reads: traffic is never stopped, and a
+ * shared region is read as it is. `*written` receives the length, or on
+ * `SG_ERR_BUFFER_TOO_SMALL` the length needed; counters move meanwhile, so retry with room to
+ * spare. The text is not NUL-terminated.
+ *
+ * # Safety
+ * `engine` must be a live engine; `buf` NULL (with `len` 0) or `len` writable bytes; `written`
+ * NULL or writable.
+ */
+sg_result sg_metrics_render(const struct sg_engine *engine, uint8_t *buf, size_t len, size_t *written);
+
+/**
  * Reads an OpenAI-compatible request body (Chat Completions or Completions) whole, in one pass
  * and without allocating, by the ASGI middleware's rules: a later duplicate key wins, `null` is
  * as absent, counts are integers from 1 to 2^32, nesting deeper than 64 is refused. On `SG_OK`

@@ -345,7 +345,7 @@ const ENDINGS: [(Event, &str); 4] = [
 
 /// Writes a label value: `\`, `"` and newlines escaped; bytes that are not UTF-8 as `\xNN`
 /// (the backslash escaped), so two models never share a label.
-fn label(out: &mut impl core::fmt::Write, value: &[u8]) -> core::fmt::Result {
+fn label(out: &mut dyn core::fmt::Write, value: &[u8]) -> core::fmt::Result {
     for chunk in value.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
@@ -363,7 +363,7 @@ fn label(out: &mut impl core::fmt::Write, value: &[u8]) -> core::fmt::Result {
 }
 
 fn series(
-    out: &mut impl core::fmt::Write,
+    out: &mut dyn core::fmt::Write,
     name: &str,
     m: &ModelMetrics,
     tier: Option<ServiceTier>,
@@ -390,21 +390,51 @@ fn series(
 /// `# TYPE` for each family, counters ending in `_total`. Series that are zero are left out.
 #[cfg(feature = "std")]
 pub fn write_prometheus(metrics: &Metrics, out: &mut impl core::fmt::Write) -> core::fmt::Result {
-    write_families(&metrics.models, out)
+    write_from(&|each: &mut dyn FnMut(&ModelMetrics)| metrics.models.iter().for_each(each), out)
 }
 
-/// [`write_prometheus`] over any list of model metrics.
-pub fn write_families(models: &[ModelMetrics], out: &mut impl core::fmt::Write) -> core::fmt::Result {
-    type Family<'a> = (&'a str, &'a str, &'a [(Event, &'a str)], &'a str);
-    let families: [Family<'_>; 3] = [
+impl<S: crate::storage::Storage> crate::Engine<S> {
+    /// Writes the engine's metrics as [`write_prometheus`] does, into `buf`, without allocating:
+    /// the bytes written, or the size needed. Counters move meanwhile: retry a too-small buffer
+    /// with room to spare.
+    pub fn render_prometheus(&self, buf: &mut [u8]) -> Result<usize, crate::text::BufferTooSmall> {
+        let mut sink = crate::text::Sink::new(buf);
+        // The sink never fails: what does not fit is counted.
+        let _ =
+            write_from(&|each: &mut dyn FnMut(&ModelMetrics)| self.for_each_model_metrics(each), &mut sink);
+        sink.finish()
+    }
+}
+
+/// Calls its argument with each model variant's metrics.
+type Source<'a> = dyn Fn(&mut dyn FnMut(&ModelMetrics)) + 'a;
+
+/// Writes one family's lines: `line` for every model variant, stopping at the first error.
+fn family(
+    models: &Source<'_>,
+    out: &mut dyn core::fmt::Write,
+    line: &dyn Fn(&ModelMetrics, &mut dyn core::fmt::Write) -> core::fmt::Result,
+) -> core::fmt::Result {
+    let mut result = Ok(());
+    models(&mut |m| {
+        if result.is_ok() {
+            result = line(m, out);
+        }
+    });
+    result
+}
+
+fn write_from(models: &Source<'_>, out: &mut dyn core::fmt::Write) -> core::fmt::Result {
+    type Counted<'a> = (&'a str, &'a str, &'a [(Event, &'a str)], &'a str);
+    let counted: [Counted<'_>; 3] = [
         ("sluicegate_requests_total", "Admission outcomes other than 429.", &OUTCOMES, "outcome"),
         ("sluicegate_rate_limited_total", "429s, by the metric that bound.", &RATE_LIMITED, "metric"),
         ("sluicegate_permits_ended_total", "Permits settled, by how, or expired.", &ENDINGS, "completion"),
     ];
-    for (name, help, events, key) in families {
+    for (name, help, events, key) in counted {
         let base = name.trim_end_matches("_total");
         writeln!(out, "# HELP {base} {help}\n# TYPE {base} counter")?;
-        for m in models {
+        family(models, out, &|m, out| {
             for tier in ServiceTier::ALL {
                 for (event, value) in events {
                     let n = m.count(tier, *event);
@@ -414,13 +444,12 @@ pub fn write_families(models: &[ModelMetrics], out: &mut impl core::fmt::Write) 
                     }
                 }
             }
-        }
+            Ok(())
+        })?;
     }
-    writeln!(
-        out,
-        "# HELP sluicegate_spend_microdollars Micro-dollars billed.\n# TYPE sluicegate_spend_microdollars counter"
-    )?;
-    for m in models {
+    writeln!(out, "# HELP sluicegate_spend_microdollars Micro-dollars billed.")?;
+    writeln!(out, "# TYPE sluicegate_spend_microdollars counter")?;
+    family(models, out, &|m, out| {
         for tier in ServiceTier::ALL {
             let spend = m.spend_micros(tier);
             if spend != 0 {
@@ -428,16 +457,22 @@ pub fn write_families(models: &[ModelMetrics], out: &mut impl core::fmt::Write) 
                 writeln!(out, "{spend}")?;
             }
         }
-    }
+        Ok(())
+    })?;
     writeln!(out, "# HELP sluicegate_in_flight Permits outstanding.\n# TYPE sluicegate_in_flight gauge")?;
-    for m in models.iter().filter(|m| !m.model().is_empty()) {
+    family(models, out, &|m, out| {
+        if m.model().is_empty() {
+            return Ok(());
+        }
         series(out, "sluicegate_in_flight", m, None, None)?;
-        writeln!(out, "{}", m.in_flight)?;
-    }
+        writeln!(out, "{}", m.in_flight)
+    })?;
     writeln!(out, "# HELP sluicegate_load The model's load, 1 at capacity.\n# TYPE sluicegate_load gauge")?;
-    for m in models.iter().filter(|m| !m.model().is_empty()) {
+    family(models, out, &|m, out| {
+        if m.model().is_empty() {
+            return Ok(());
+        }
         series(out, "sluicegate_load", m, None, None)?;
-        writeln!(out, "{}.{:03}", m.load / 1000, m.load % 1000)?;
-    }
-    Ok(())
+        writeln!(out, "{}.{:03}", m.load / 1000, m.load % 1000)
+    })
 }

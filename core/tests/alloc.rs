@@ -1,6 +1,6 @@
 //! The hot path never allocates: a counting global allocator sees zero allocations across
 //! 100,000 admit + settle calls after construction (first-time keys, rejections and stream
-//! charges included).
+//! charges included), nor in rendering the metrics into a buffer.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -65,8 +65,12 @@ fn admit_and_settle_never_allocate() {
             engine.settle(p, &Usage::new(500, 120), Completion::Success, now).unwrap();
         }
     }
+    // So does rendering the metrics into a caller's buffer, as a C gateway's /metrics does.
+    let mut buf = [0u8; 1 << 16];
+    let rendered = engine.render_prometheus(&mut buf).unwrap();
     let allocations = COUNT.with(|c| c.replace(None)).unwrap_or(0);
     assert!(admitted > 50_000, "the test must exercise admissions: {admitted}");
+    assert!(rendered > 1_000, "the metrics must have been rendered: {rendered} bytes");
     assert_eq!(allocations, 0);
 }
 

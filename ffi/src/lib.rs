@@ -10,6 +10,7 @@
 mod account;
 mod boundary;
 mod engine;
+mod metrics;
 mod openai;
 mod openai_usage;
 mod render;
@@ -21,6 +22,7 @@ mod snapshot;
 pub use account::*;
 pub use boundary::*;
 pub use engine::*;
+pub use metrics::*;
 pub use openai::*;
 pub use openai_usage::*;
 pub use render::*;

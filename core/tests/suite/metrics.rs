@@ -237,3 +237,22 @@ fn the_exposition_is_prometheus_text_with_escaped_labels() {
         value.parse::<f64>().unwrap_or_else(|_| panic!("{l}"));
     }
 }
+
+/// Rendering into a caller's buffer writes what `write_prometheus` writes, without allocating;
+/// a buffer one byte short is refused with the size needed and nothing claimed written.
+#[test]
+fn rendering_into_a_buffer_matches_and_sizes() {
+    let e = engine();
+    for i in 0..70u64 {
+        let account = format!("acct-{}", i % 3);
+        e.admit(ScopeKey::new(account.as_bytes(), M), &Request::new(1), 0).unwrap();
+    }
+    let mut text = String::new();
+    write_prometheus(&e.metrics(), &mut text).unwrap();
+    let mut buf = vec![0u8; text.len()];
+    assert_eq!(e.render_prometheus(&mut buf), Ok(text.len()));
+    assert_eq!(std::str::from_utf8(&buf).unwrap(), text);
+    let short = e.render_prometheus(&mut buf[..text.len() - 1]).unwrap_err();
+    assert_eq!(short.needed, text.len());
+    assert_eq!(e.render_prometheus(&mut []).unwrap_err().needed, text.len());
+}

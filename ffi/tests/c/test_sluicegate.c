@@ -685,6 +685,44 @@ static void test_service_tiers(void) {
     CHECK(custom == NULL);
 }
 
+/* Metrics (SPEC §12): the Prometheus text, sized by a first call, counting what was done. */
+static void test_metrics(void) {
+    sg_engine *e = engine_with("fixed", 1000); /* 60 requests a minute */
+    sg_request r = request("metered", 10, 10);
+    sg_decision d;
+    for (int i = 0; i < 61; i++) {
+        EXPECT(sg_admit(e, &r, 0, &d), SG_OK);
+        if (d.outcome == SG_ADMIT) {
+            sg_usage used = {10, 0, 5};
+            EXPECT(sg_settle(e, &d.permit, &used, SG_COMPLETION_SUCCESS, 0), SG_OK);
+        }
+    }
+    size_t needed = 0;
+    EXPECT(sg_metrics_render(e, NULL, 0, &needed), SG_ERR_BUFFER_TOO_SMALL);
+    CHECK(needed > 100);
+    char *text = (char *)malloc(needed + 1);
+    CHECK(text != NULL);
+    size_t written = 0;
+    EXPECT(sg_metrics_render(e, (uint8_t *)text, needed - 1, &written), SG_ERR_BUFFER_TOO_SMALL);
+    CHECK(written == needed);
+    EXPECT(sg_metrics_render(e, (uint8_t *)text, needed, &written), SG_OK);
+    CHECK(written == needed);
+    text[written] = '\0';
+    CHECK(strstr(text, "# TYPE sluicegate_requests counter\n") != NULL);
+    CHECK(strstr(text, "sluicegate_requests_total{model=\"llama-v3p1-70b\",variant=\"regular\","
+                       "service_tier=\"default\",outcome=\"admitted\"} 60\n") != NULL);
+    CHECK(strstr(text, "sluicegate_rate_limited_total{model=\"llama-v3p1-70b\",variant=\"regular\","
+                       "service_tier=\"default\",metric=\"requests\"} 1\n") != NULL);
+    CHECK(strstr(text, "sluicegate_permits_ended_total{model=\"llama-v3p1-70b\",variant=\"regular\","
+                       "service_tier=\"default\",completion=\"success\"} 60\n") != NULL);
+    CHECK(strstr(text, "sluicegate_in_flight{model=\"llama-v3p1-70b\",variant=\"regular\"} 0\n") != NULL);
+    free(text);
+    EXPECT(sg_metrics_render(NULL, NULL, 0, &written), SG_ERR_NULL);
+    EXPECT(sg_metrics_render(e, NULL, 0, NULL), SG_ERR_NULL);
+    EXPECT(sg_metrics_render(e, NULL, 16, &written), SG_ERR_NULL);
+    sg_engine_free(e);
+}
+
 static void test_keys_and_tables(void) {
     sg_engine *e = engine_with("fixed", 1000);
     sg_decision d;
@@ -1634,12 +1672,12 @@ static void test_shared_file(void) {
     sg_engine_free(a);
     CHECK(access(path, F_OK) == 0); /* sg_engine_free never deletes the file */
 
-    /* The header (docs: little-endian words): magic, state ready, layout version 1, the
+    /* The header (docs: little-endian words): magic, state ready, layout version 2, the
      * capacities, and a checksum this test computes the same way. */
     uint8_t h[128], pristine[128];
     read_header(path, h);
     memcpy(pristine, h, sizeof h);
-    CHECK(memcmp(h, "SLUICEGR", 8) == 0 && get_le64(h + 8) == 0x5EAD4EAD5EAD0002ULL && get_le64(h + 16) == 1);
+    CHECK(memcmp(h, "SLUICEGR", 8) == 0 && get_le64(h + 8) == 0x5EAD4EAD5EAD0002ULL && get_le64(h + 16) == 2);
     CHECK(get_le64(h + 24) == 64 && get_le64(h + 32) == 64 && get_le64(h + 40) == 256 && get_le64(h + 48) == 1024);
     CHECK(get_le64(h + 80) == header_checksum(h));
 
@@ -1659,7 +1697,7 @@ static void test_shared_file(void) {
     write_header(path, h);
     expect_refused(path, &cfg, SG_ERR_REGION_CORRUPT);
     memcpy(h, pristine, sizeof h);
-    put_le64(h + 16, 2); /* layout version 2 */
+    put_le64(h + 16, 3); /* layout version 3 */
     put_le64(h + 80, header_checksum(h));
     write_header(path, h);
     expect_refused(path, &cfg, SG_ERR_REGION_UNSUPPORTED_VERSION);
@@ -2392,6 +2430,7 @@ int main(void) {
     test_admit_settle_charge_cancel();
     test_outcomes();
     test_service_tiers();
+    test_metrics();
     test_keys_and_tables();
     test_accounts_prices_quotas();
     test_rendering();
