@@ -3,6 +3,7 @@
 mod demo;
 mod plot;
 mod replay;
+mod top;
 mod trace;
 
 use std::fs::File;
@@ -28,6 +29,26 @@ enum Command {
     Replay(ReplayArgs),
     /// The providers' rate-limit stories, told by the engine.
     Demo,
+    /// Watch a shared-memory engine (a file under /dev/shm) without writing to it.
+    Top(TopArgs),
+}
+
+#[derive(clap::Args)]
+struct TopArgs {
+    /// The shared engine's file, e.g. /dev/shm/sluicegate.
+    path: String,
+    /// Print one snapshot and exit.
+    #[arg(long)]
+    once: bool,
+    /// With --once: print it as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Busiest scopes shown.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Refresh interval, milliseconds.
+    #[arg(long, default_value_t = 1_000)]
+    interval_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -231,11 +252,37 @@ fn print_table(trace: &trace::Trace, minutes: &[replay::Minute], name: &str, pol
     }
 }
 
+fn run_top(args: &TopArgs) -> Result<(), String> {
+    let region = top::Region::open(&args.path)?;
+    if !args.once {
+        return top::run(&region, std::time::Duration::from_millis(args.interval_ms.max(50)), args.limit);
+    }
+    let snapshot = region.read(sluicegate_core::clock::now_ns())?;
+    if args.json {
+        println!("{}", top::to_json(&snapshot, args.limit));
+    } else {
+        println!("{:<24} {:<24} {:<8} {:>9} {:>14}", "account", "model", "variant", "in flight", "requests");
+        for s in snapshot.scopes.iter().take(args.limit) {
+            let requests = sluicegate_core::Metric::Requests;
+            println!(
+                "{:<24} {:<24} {:<8} {:>9} {:>14}",
+                String::from_utf8_lossy(s.account()),
+                String::from_utf8_lossy(s.model()),
+                if s.variant == sluicegate_core::Variant::Fast { "fast" } else { "regular" },
+                s.in_flight,
+                format!("{}/{}", s.levels.remaining(requests), s.levels.limit(requests)),
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Replay(args) => run_replay(args),
         Command::Demo => demo::run().map_err(|e| e.to_string()),
+        Command::Top(args) => run_top(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

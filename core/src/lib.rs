@@ -48,6 +48,8 @@ pub mod error;
 pub mod error_body;
 pub mod handle;
 pub mod headers;
+#[cfg(not(loom))]
+pub mod inspect;
 pub mod json;
 pub mod key;
 mod locate;

@@ -282,23 +282,7 @@ impl<S: crate::storage::Storage> crate::Engine<S> {
     /// the requests refused before any model was found (model id empty). Reads relaxed counters
     /// only: traffic is never stopped, and a shared region is only read.
     pub fn for_each_model_metrics(&self, mut each: impl FnMut(&ModelMetrics)) {
-        for slot in self.tables().models {
-            if !crate::table::is_ready(crate::table::Slot::id(slot).load(Ordering::Acquire)) {
-                continue;
-            }
-            let (len, words) = slot.key.read();
-            let mut bytes = [0u8; crate::key::MODEL_KEY_MAX];
-            for (chunk, w) in bytes.chunks_mut(8).zip(words) {
-                chunk.copy_from_slice(&w.to_le_bytes());
-            }
-            let model = bytes.get(..len).unwrap_or_default();
-            for variant in [Variant::Regular, Variant::Fast] {
-                let m = ModelMetrics::new(model, variant, slot.counters.read(variant), slot.load(variant));
-                if m.in_flight != 0 || m.load != 0 || m.totals.iter().flatten().any(|v| *v != 0) {
-                    each(&m);
-                }
-            }
-        }
+        each_model(self.tables().models, &mut each);
         for variant in [Variant::Regular, Variant::Fast] {
             let m = ModelMetrics::new(&[], variant, self.unattributed.read(variant), 0);
             if m.totals.iter().flatten().any(|v| *v != 0) {
@@ -316,6 +300,27 @@ impl<S: crate::storage::Storage> crate::Engine<S> {
         let mut models = alloc::vec::Vec::new();
         self.for_each_model_metrics(|m| models.push(m.clone()));
         Metrics { models }
+    }
+}
+
+/// Calls `each` with the metrics of every model variant in `models` that has any.
+pub(crate) fn each_model(models: &[crate::model::ModelSlot], mut each: impl FnMut(&ModelMetrics)) {
+    for slot in models {
+        if !crate::table::is_ready(crate::table::Slot::id(slot).load(Ordering::Acquire)) {
+            continue;
+        }
+        let (len, words) = slot.key.read();
+        let mut bytes = [0u8; crate::key::MODEL_KEY_MAX];
+        for (chunk, w) in bytes.chunks_mut(8).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        let model = bytes.get(..len).unwrap_or_default();
+        for variant in [Variant::Regular, Variant::Fast] {
+            let m = ModelMetrics::new(model, variant, slot.counters.read(variant), slot.load(variant));
+            if m.in_flight != 0 || m.load != 0 || m.totals.iter().flatten().any(|v| *v != 0) {
+                each(&m);
+            }
+        }
     }
 }
 

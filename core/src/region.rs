@@ -233,6 +233,29 @@ impl<'a> Region<'a> {
         }
     }
 
+    /// A ready region of `capacity` (read from its header), checked by its checksum, for
+    /// [`crate::inspect::Inspector`]: nothing that reads through it writes.
+    ///
+    /// # Safety
+    /// `base..base + len` must be readable for `'a`, aligned to 128 bytes.
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn for_reading(
+        base: NonNull<u8>,
+        len: usize,
+        capacity: Capacity,
+    ) -> Result<Self, RegionError> {
+        capacity.check().map_err(|_| RegionError::Corrupt)?;
+        let layout = Layout::of(capacity).ok_or(RegionError::Corrupt)?;
+        if len < layout.size {
+            return Err(RegionError::TooSmall { needed: layout.size });
+        }
+        let region = Region { header: base.cast(), base, layout, capacity, memory: PhantomData };
+        if Self::checksum(&region.sealed()) != region.header().checksum.load(Ordering::Acquire) {
+            return Err(RegionError::Corrupt);
+        }
+        Ok(region)
+    }
+
     /// The region `other` opened, mapped again at `base` (by the same process).
     ///
     /// # Safety

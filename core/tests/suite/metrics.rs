@@ -186,6 +186,7 @@ fn counters_are_exact_under_four_threads() {
     assert_eq!(total(0) + total(1) + total(2), 8_000);
 }
 
+#[derive(Clone)]
 #[repr(C, align(128))]
 struct Line([u8; 128]);
 
@@ -255,4 +256,58 @@ fn rendering_into_a_buffer_matches_and_sizes() {
     let short = e.render_prometheus(&mut buf[..text.len() - 1]).unwrap_err();
     assert_eq!(short.needed, text.len());
     assert_eq!(e.render_prometheus(&mut []).unwrap_err().needed, text.len());
+}
+
+/// An inspector reads a region as it is, with no policy: each scope's keys, limits and levels
+/// equal what the engine reports, and the models' counters equal the engine's.
+#[test]
+fn an_inspector_reads_scopes_and_counters_without_the_policy() {
+    use sluicegate_core::Metric;
+    use sluicegate_core::inspect::Inspector;
+    let capacity = Capacity::scopes(64);
+    let mut memory: Vec<Line> = (0..region_size(capacity).unwrap() / 128).map(|_| Line([0; 128])).collect();
+    let base = NonNull::new(memory.as_mut_ptr().cast::<u8>()).unwrap();
+    let len = memory.len() * 128;
+    // SAFETY: `memory` outlives the engine and the inspector and holds nothing else.
+    let e = unsafe {
+        Engine::in_region(base, len, Policy::fireworks_2024(), capacity, 3, Opening::InitialiseIfEmpty)
+    }
+    .unwrap();
+    let now = 5 * SECOND;
+    for (account, n) in [(&b"busy"[..], 45), (b"quiet", 3)] {
+        for _ in 0..n {
+            e.admit(ScopeKey::new(account, M).fast(), &Request::new(100).max_tokens(10), now).unwrap();
+        }
+    }
+    // SAFETY: as above; the inspector only reads.
+    let inspector = unsafe { Inspector::open(base, len) }.unwrap();
+    assert_eq!(inspector.capacity(), e.capacity());
+    let mut seen = Vec::new();
+    inspector.for_each_scope(now, |s| seen.push(*s));
+    seen.sort_by_key(|s| s.account().to_vec());
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!((s.model(), s.variant), (M, Variant::Fast));
+        let want = e.limits(ScopeKey::new(s.account(), M).fast(), now).unwrap();
+        for metric in Metric::ALL {
+            assert_eq!(s.levels.limit(metric), want.limit(metric), "{metric:?}");
+            assert_eq!(s.levels.remaining(metric), want.remaining(metric), "{metric:?}");
+        }
+        assert_eq!(s.in_flight, if s.account() == b"busy" { 45 } else { 3 });
+    }
+    assert_eq!(seen[0].levels.remaining(Metric::Requests), 60 - 45);
+    let mut models = Vec::new();
+    inspector.for_each_model_metrics(|m| models.push(m.clone()));
+    assert_eq!(models, e.metrics().models);
+    assert_eq!(models[0].count(ServiceTier::Default, Event::Admitted), 48);
+    // Not a region, or one cut short: typed errors.
+    let mut zeros = vec![Line([0; 128]); 4];
+    let zbase = NonNull::new(zeros.as_mut_ptr().cast::<u8>()).unwrap();
+    // SAFETY: `zeros` is readable and outlives the call.
+    assert!(matches!(unsafe { Inspector::open(zbase, 512) }, Err(sluicegate_core::RegionError::NotARegion)));
+    // SAFETY: as for the first inspector, with a shorter length.
+    assert!(matches!(
+        unsafe { Inspector::open(base, 4096) },
+        Err(sluicegate_core::RegionError::TooSmall { .. })
+    ));
 }
