@@ -69,6 +69,14 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A model id as every surface names it (`metrics::write_model_text`).
+fn model_text(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = sluicegate_core::metrics::write_model_text(&mut out, bytes);
+    out
+}
+
 fn variant(v: Variant) -> &'static str {
     match v {
         Variant::Regular => "regular",
@@ -138,7 +146,7 @@ pub fn to_json(s: &Snapshot, limit: usize) -> Value {
         .map(|v| {
             json!({
                 "account": text(v.account()),
-                "model": text(v.model()),
+                "model": model_text(v.model()),
                 "variant": variant(v.variant),
                 "in_flight": v.in_flight,
                 "limits": per_metric(&|m| v.levels.limit(m)),
@@ -162,7 +170,7 @@ pub fn to_json(s: &Snapshot, limit: usize) -> Value {
                 })
                 .collect();
             json!({
-                "model": text(m.model()),
+                "model": model_text(m.model()),
                 "variant": variant(m.variant),
                 "in_flight": m.in_flight,
                 "load": f64::from(m.load) / 1000.0,
@@ -264,7 +272,7 @@ fn draw(
     let rows = s.scopes.iter().take(limit).map(|v| {
         Row::new([
             text(v.account()),
-            text(v.model()),
+            model_text(v.model()),
             variant(v.variant).to_string(),
             v.in_flight.to_string(),
             level(v, Metric::Requests),
@@ -303,7 +311,7 @@ fn draw(
         };
         let admitted: u64 = ServiceTier::ALL.iter().map(|t| m.count(*t, Event::Admitted)).sum();
         Row::new([
-            text(m.model()),
+            model_text(m.model()),
             variant(m.variant).to_string(),
             format!("{:.2}", f64::from(m.load) / 1000.0),
             m.in_flight.to_string(),

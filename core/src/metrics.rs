@@ -158,26 +158,38 @@ impl Counters {
         }))
     }
 
+    #[cfg(feature = "counters")]
     fn cell(&self, variant: Variant, stripe: usize, tier: ServiceTier, cell: usize) -> Option<&AtomicU64> {
         let stripe = self.0.get(variant.index())?.get(stripe % STRIPES)?;
         stripe.0.get(tier_index(tier))?.get(cell)
     }
 
     /// Counts one event; `stripe` is any number that tells callers apart (the scope's slot).
+    #[inline]
     pub(crate) fn add(&self, variant: Variant, stripe: usize, tier: ServiceTier, event: Event) {
-        if let Some(c) = self.cell(variant, stripe, tier, event.index()) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
+        self.add_to(variant, stripe, tier, event.index(), 1);
     }
 
     /// Adds nano-dollars billed.
+    #[inline]
     pub(crate) fn add_spend(&self, variant: Variant, stripe: usize, tier: ServiceTier, nanos: u64) {
         if nanos != 0 {
-            if let Some(c) = self.cell(variant, stripe, tier, SPEND) {
-                c.fetch_add(nanos, Ordering::Relaxed);
-            }
+            self.add_to(variant, stripe, tier, SPEND, nanos);
         }
     }
+
+    #[cfg(feature = "counters")]
+    #[inline]
+    fn add_to(&self, variant: Variant, stripe: usize, tier: ServiceTier, cell: usize, amount: u64) {
+        if let Some(c) = self.cell(variant, stripe, tier, cell) {
+            c.fetch_add(amount, Ordering::Relaxed);
+        }
+    }
+
+    /// Without the `counters` feature (measuring their cost), nothing is counted.
+    #[cfg(not(feature = "counters"))]
+    #[inline]
+    fn add_to(&self, _: Variant, _: usize, _: ServiceTier, _: usize, _: u64) {}
 
     /// The variant's totals, its stripes summed.
     pub(crate) fn read(&self, variant: Variant) -> Totals {
@@ -348,23 +360,50 @@ const ENDINGS: [(Event, &str); 4] = [
     (Event::Expired, "expired"),
 ];
 
-/// Writes a label value: `\`, `"` and newlines escaped; bytes that are not UTF-8 as `\xNN`
-/// (the backslash escaped), so two models never share a label.
-fn label(out: &mut dyn core::fmt::Write, value: &[u8]) -> core::fmt::Result {
-    for chunk in value.utf8_chunks() {
+/// Writes a model id as the text every surface names it by (the `model` label, Python's
+/// `metrics()`, `sluicegate top`): its UTF-8, each backslash doubled, each byte that is not
+/// UTF-8 as `\xNN`. Doubling keeps it one-to-one: the id `\xff` (text) is `\\xff`, the byte
+/// 0xFF is `\xff`, so two models never share a label.
+///
+/// ```
+/// let mut text = String::new();
+/// sluicegate_core::metrics::write_model_text(&mut text, b"a\\b\xff")?;
+/// assert_eq!(text, r"a\\b\xff");
+/// # Ok::<(), core::fmt::Error>(())
+/// ```
+pub fn write_model_text(out: &mut dyn core::fmt::Write, model: &[u8]) -> core::fmt::Result {
+    for chunk in model.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
                 '\\' => out.write_str("\\\\")?,
-                '"' => out.write_str("\\\"")?,
-                '\n' => out.write_str("\\n")?,
                 c => out.write_char(c)?,
             }
         }
         for b in chunk.invalid() {
-            write!(out, "\\\\x{b:02x}")?;
+            write!(out, "\\x{b:02x}")?;
         }
     }
     Ok(())
+}
+
+/// Writes a model's label value: its text ([`write_model_text`]) with the exposition's escapes
+/// (`\`, `"`, newline).
+fn label(out: &mut dyn core::fmt::Write, model: &[u8]) -> core::fmt::Result {
+    struct Escaped<'a>(&'a mut dyn core::fmt::Write);
+    impl core::fmt::Write for Escaped<'_> {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            for c in s.chars() {
+                match c {
+                    '\\' => self.0.write_str("\\\\")?,
+                    '"' => self.0.write_str("\\\"")?,
+                    '\n' => self.0.write_str("\\n")?,
+                    c => self.0.write_char(c)?,
+                }
+            }
+            Ok(())
+        }
+    }
+    write_model_text(&mut Escaped(out), model)
 }
 
 fn series(
@@ -436,9 +475,9 @@ fn write_from(models: &Source<'_>, out: &mut dyn core::fmt::Write) -> core::fmt:
         ("sluicegate_rate_limited_total", "429s, by the metric that bound.", &RATE_LIMITED, "metric"),
         ("sluicegate_permits_ended_total", "Permits settled, by how, or expired.", &ENDINGS, "completion"),
     ];
+    // Text format 0.0.4 names a family as its samples are named, `_total` included.
     for (name, help, events, key) in counted {
-        let base = name.trim_end_matches("_total");
-        writeln!(out, "# HELP {base} {help}\n# TYPE {base} counter")?;
+        writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter")?;
         family(models, out, &|m, out| {
             for tier in ServiceTier::ALL {
                 for (event, value) in events {
@@ -452,8 +491,8 @@ fn write_from(models: &Source<'_>, out: &mut dyn core::fmt::Write) -> core::fmt:
             Ok(())
         })?;
     }
-    writeln!(out, "# HELP sluicegate_spend_microdollars Micro-dollars billed.")?;
-    writeln!(out, "# TYPE sluicegate_spend_microdollars counter")?;
+    writeln!(out, "# HELP sluicegate_spend_microdollars_total Micro-dollars billed.")?;
+    writeln!(out, "# TYPE sluicegate_spend_microdollars_total counter")?;
     family(models, out, &|m, out| {
         for tier in ServiceTier::ALL {
             let spend = m.spend_micros(tier);

@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use arc_swap::{ArcSwapOption, Guard};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use sluicegate_core::error_body::write_error_body;
 use sluicegate_core::headers::for_each_header;
+use sluicegate_core::metrics::{Event, write_prometheus};
 use sluicegate_core::response::{Dialect, Render};
 use sluicegate_core::{
     Backing, Band, Capacity, Completion, ConcurrencyLimited, Decision, Engine as CoreEngine,
@@ -1117,6 +1118,65 @@ impl PyEngine {
             .map_err(core_error)
     }
 
+    /// Every model's admission counters and gauges (SPEC §12), read without stopping traffic.
+    ///
+    /// ``{"models": [...]}`` has an entry for each model variant with any counter or gauge above
+    /// zero: ``model`` (the id's text: each backslash doubled, each byte that is not UTF-8 as ``\xNN``),
+    /// ``variant`` (``"regular"`` or ``"fast"``), ``in_flight`` (permits outstanding), ``load``
+    /// (1.0 at capacity) and ``counts``, which maps each service tier (``"flex"``, ``"default"``,
+    /// ``"priority"``) to its requests' count of every event, zeros included: ``admitted``,
+    /// ``over_limit``, ``rate_limited_requests``, ``rate_limited_prompt_tokens``,
+    /// ``rate_limited_uncached_prompt_tokens``, ``rate_limited_generated_tokens``, ``shed``,
+    /// ``spend_refused``, ``concurrency_limited``, ``invalid``, ``table_full``, ``expired``,
+    /// ``succeeded``, ``upstream_failure``, ``cancelled``; and ``spend_microdollars`` billed.
+    /// Requests refused before any model was found (invalid, or no slot free for their key) are
+    /// counted under model ``""``.
+    ///
+    /// Each count is exact; the whole is not one atomic cut. Counts restart when a model's slot
+    /// is reclaimed for another model and when the engine is restored. :meth:`metrics_text`
+    /// writes them for Prometheus, as does ``sluicegate.prometheus.SluicegateCollector``.
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let metrics = py.detach(|| self.core().metrics());
+        let models = PyList::empty(py);
+        for m in &metrics.models {
+            let entry = PyDict::new(py);
+            entry.set_item("model", model_text(m.model()))?;
+            entry.set_item("variant", variant_name(m.variant))?;
+            entry.set_item("in_flight", m.in_flight)?;
+            entry.set_item("load", f64::from(m.load) / 1000.0)?;
+            let counts = PyDict::new(py);
+            for tier in ServiceTier::ALL {
+                let events = PyDict::new(py);
+                for (event, key) in EVENT_KEYS {
+                    events.set_item(key, m.count(tier, event))?;
+                }
+                events.set_item("spend_microdollars", m.spend_micros(tier))?;
+                counts.set_item(tier.name(), events)?;
+            }
+            entry.set_item("counts", counts)?;
+            models.append(entry)?;
+        }
+        let d = PyDict::new(py);
+        d.set_item("models", models)?;
+        Ok(d)
+    }
+
+    /// :meth:`metrics` in the Prometheus text exposition format (version 0.0.4), for a
+    /// ``/metrics`` endpoint.
+    ///
+    /// Counters ``sluicegate_requests_total`` (label ``outcome``),
+    /// ``sluicegate_rate_limited_total`` (``metric``), ``sluicegate_permits_ended_total``
+    /// (``completion``) and ``sluicegate_spend_microdollars_total``, each by ``model``,
+    /// ``variant`` and ``service_tier``; gauges ``sluicegate_in_flight`` and ``sluicegate_load``
+    /// by ``model`` and ``variant``. Counters that are zero are left out.
+    fn metrics_text(&self, py: Python<'_>) -> PyResult<String> {
+        let metrics = py.detach(|| self.core().metrics());
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        write_prometheus(&metrics, &mut text).map_err(|e| Error::new_err(e.to_string()))?;
+        Ok(text)
+    }
+
     /// The whole state as a versioned, checksummed byte string.
     ///
     /// Safe while other threads use the engine: each scope is read atomically (the snapshot is
@@ -1203,6 +1263,45 @@ impl PyEngine {
         out.push('>');
         out
     }
+}
+
+/// The key of each event in `Engine.metrics()`'s per-tier counts.
+const EVENT_KEYS: [(Event, &str); 15] = [
+    (Event::Admitted, "admitted"),
+    (Event::AdmittedOverLimit, "over_limit"),
+    (Event::RateLimitedRequests, "rate_limited_requests"),
+    (Event::RateLimitedPromptTokens, "rate_limited_prompt_tokens"),
+    (Event::RateLimitedUncachedPromptTokens, "rate_limited_uncached_prompt_tokens"),
+    (Event::RateLimitedGeneratedTokens, "rate_limited_generated_tokens"),
+    (Event::Shed, "shed"),
+    (Event::SpendRefused, "spend_refused"),
+    (Event::ConcurrencyLimited, "concurrency_limited"),
+    (Event::Invalid, "invalid"),
+    (Event::TableFull, "table_full"),
+    (Event::Expired, "expired"),
+    (Event::Succeeded, "succeeded"),
+    (Event::UpstreamFailed, "upstream_failure"),
+    (Event::Cancelled, "cancelled"),
+];
+// An event the core adds must get its key here (and in the stubs' `_TierCounts`).
+const _: () = assert!(EVENT_KEYS.len() == Event::ALL.len());
+
+/// A variant as `Engine.metrics()` and the Prometheus labels name it.
+fn variant_name(v: Variant) -> &'static str {
+    match v {
+        Variant::Regular => "regular",
+        Variant::Fast => "fast",
+    }
+}
+
+/// A model id as text, as the Prometheus exposition's label and `sluicegate top` name it
+/// (`sluicegate_core::metrics::write_model_text`: backslashes doubled, bytes that are not UTF-8
+/// as `\xNN`).
+fn model_text(id: &[u8]) -> String {
+    let mut out = String::with_capacity(id.len());
+    // Writing into a String cannot fail.
+    let _ = sluicegate_core::metrics::write_model_text(&mut out, id);
+    out
 }
 
 /// What `settle(completion=...)` accepts.

@@ -225,10 +225,15 @@ fn the_exposition_is_prometheus_text_with_escaped_labels() {
     e.set_load(M, Variant::Fast, 1_250).unwrap();
     let mut text = String::new();
     write_prometheus(&e.metrics(), &mut text).unwrap();
-    let line = r#"sluicegate_requests_total{model="we\"ird\\model\nname\\xff",variant="regular",service_tier="default",outcome="admitted"} 1"#;
+    let line = r#"sluicegate_requests_total{model="we\"ird\\\\model\nname\\xff",variant="regular",service_tier="default",outcome="admitted"} 1"#;
     assert!(text.lines().any(|l| l == line), "{text}");
     assert!(text.lines().any(|l| l == r#"sluicegate_load{model="llama",variant="fast"} 1.250"#), "{text}");
-    for family in ["sluicegate_requests", "sluicegate_rate_limited", "sluicegate_permits_ended"] {
+    for family in [
+        "sluicegate_requests_total",
+        "sluicegate_rate_limited_total",
+        "sluicegate_permits_ended_total",
+        "sluicegate_spend_microdollars_total",
+    ] {
         assert!(text.contains(&format!("# TYPE {family} counter\n")), "{family}");
     }
     assert!(text.contains("# TYPE sluicegate_in_flight gauge\n"));

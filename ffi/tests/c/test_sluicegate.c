@@ -708,7 +708,7 @@ static void test_metrics(void) {
     EXPECT(sg_metrics_render(e, (uint8_t *)text, needed, &written), SG_OK);
     CHECK(written == needed);
     text[written] = '\0';
-    CHECK(strstr(text, "# TYPE sluicegate_requests counter\n") != NULL);
+    CHECK(strstr(text, "# TYPE sluicegate_requests_total counter\n") != NULL);
     CHECK(strstr(text, "sluicegate_requests_total{model=\"llama-v3p1-70b\",variant=\"regular\","
                        "service_tier=\"default\",outcome=\"admitted\"} 60\n") != NULL);
     CHECK(strstr(text, "sluicegate_rate_limited_total{model=\"llama-v3p1-70b\",variant=\"regular\","

@@ -1,7 +1,7 @@
 """Type stubs and documentation of the native module ``sluicegate._sluicegate``."""
 
 import os
-from typing import Literal, Optional, SupportsIndex, Union
+from typing import Literal, Optional, SupportsIndex, TypedDict, Union
 
 from typing_extensions import final
 
@@ -32,6 +32,47 @@ _Dialect = Literal["fireworks", "together", "openai", "anthropic", "ietf"]
 _MetricName = Literal["requests", "prompt_tokens", "uncached_prompt_tokens", "generated_tokens"]
 _QuotaName = Literal["deployed_models", "a100_gpus", "h100_gpus"]
 _ServiceTier = Literal["flex", "default", "priority"]
+
+class _TierCounts(TypedDict):
+    """One service tier's counts of each event, and its spend, in :meth:`Engine.metrics`."""
+
+    admitted: int
+    over_limit: int
+    rate_limited_requests: int
+    rate_limited_prompt_tokens: int
+    rate_limited_uncached_prompt_tokens: int
+    rate_limited_generated_tokens: int
+    shed: int
+    spend_refused: int
+    concurrency_limited: int
+    invalid: int
+    table_full: int
+    expired: int
+    succeeded: int
+    upstream_failure: int
+    cancelled: int
+    spend_microdollars: int
+
+class _Counts(TypedDict):
+    """Each service tier's counts, in :meth:`Engine.metrics`."""
+
+    flex: _TierCounts
+    default: _TierCounts
+    priority: _TierCounts
+
+class _ModelMetrics(TypedDict):
+    """One model variant's entry in :meth:`Engine.metrics`."""
+
+    model: str
+    variant: Literal["regular", "fast"]
+    in_flight: int
+    load: float
+    counts: _Counts
+
+class _Metrics(TypedDict):
+    """What :meth:`Engine.metrics` returns."""
+
+    models: list[_ModelMetrics]
 
 __all__ = [
     "AlreadySettledError",
@@ -318,6 +359,35 @@ class Engine:
         """Releases units of a quota; returns (used, limit)."""
     def set_quota_limit(self, account: _Key, quota: _QuotaName, limit: SupportsIndex) -> tuple[int, int]:
         """Sets a quota's limit (not below use); returns (used, limit)."""
+    def metrics(self) -> _Metrics:
+        """Every model's admission counters and gauges (SPEC §12), read without stopping traffic.
+
+        ``{"models": [...]}`` has an entry for each model variant with any counter or gauge above
+        zero: ``model`` (the id's text: each backslash doubled, each byte that is not UTF-8 as ``\\xNN``),
+        ``variant`` (``"regular"`` or ``"fast"``), ``in_flight`` (permits outstanding), ``load``
+        (1.0 at capacity) and ``counts``, which maps each service tier (``"flex"``, ``"default"``,
+        ``"priority"``) to its requests' count of every event, zeros included: ``admitted``,
+        ``over_limit``, ``rate_limited_requests``, ``rate_limited_prompt_tokens``,
+        ``rate_limited_uncached_prompt_tokens``, ``rate_limited_generated_tokens``, ``shed``,
+        ``spend_refused``, ``concurrency_limited``, ``invalid``, ``table_full``, ``expired``,
+        ``succeeded``, ``upstream_failure``, ``cancelled``; and ``spend_microdollars`` billed.
+        Requests refused before any model was found (invalid, or no slot free for their key) are
+        counted under model ``""``.
+
+        Each count is exact; the whole is not one atomic cut. Counts restart when a model's slot
+        is reclaimed for another model and when the engine is restored. :meth:`metrics_text`
+        writes them for Prometheus, as does ``sluicegate.prometheus.SluicegateCollector``.
+        """
+    def metrics_text(self) -> str:
+        """:meth:`metrics` in the Prometheus text exposition format (version 0.0.4), for a
+        ``/metrics`` endpoint.
+
+        Counters ``sluicegate_requests_total`` (label ``outcome``),
+        ``sluicegate_rate_limited_total`` (``metric``), ``sluicegate_permits_ended_total``
+        (``completion``) and ``sluicegate_spend_microdollars_total``, each by ``model``,
+        ``variant`` and ``service_tier``; gauges ``sluicegate_in_flight`` and ``sluicegate_load``
+        by ``model`` and ``variant``. Counters that are zero are left out.
+        """
     def snapshot(self, *, now_ns: Optional[SupportsIndex] = None) -> bytes:
         """The whole state as a versioned, checksummed byte string.
 
