@@ -49,6 +49,7 @@ typedef struct {
 typedef struct {
     ngx_shm_zone_t            *shm_zone;    /* NULL: off */
     ngx_shm_zone_t            *admin_zone;  /* sluicegate_admin: the zone it administers */
+    ngx_shm_zone_t            *metrics_zone; /* sluicegate_metrics: the zone it exposes */
     ngx_http_complex_value_t  *account;
     ngx_http_complex_value_t  *tier;
     ngx_http_complex_value_t  *variant;
@@ -105,6 +106,8 @@ static char *ngx_http_sluicegate_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *
 static char *ngx_http_sluicegate(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_sluicegate_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static ngx_int_t ngx_http_sluicegate_admin_handler(ngx_http_request_t *r);
+static char *ngx_http_sluicegate_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_sluicegate_metrics_handler(ngx_http_request_t *r);
 static char *ngx_http_sluicegate_dialect(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static void *ngx_http_sluicegate_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_sluicegate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child);
@@ -129,6 +132,13 @@ static ngx_command_t  ngx_http_sluicegate_commands[] = {
     { ngx_string("sluicegate_admin"),
       NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_http_sluicegate_admin,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("sluicegate_metrics"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_sluicegate_metrics,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
@@ -1742,6 +1752,123 @@ ngx_http_sluicegate_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* ---- metrics -------------------------------------------------------------------------------- */
+
+/*
+ * GET: the zone's counters in the Prometheus text format (SPEC §12), as sg_metrics_render writes
+ * them. They live in the shared zone, so any worker answers for all of them.
+ */
+static ngx_int_t
+ngx_http_sluicegate_metrics_handler(ngx_http_request_t *r)
+{
+    u_char                          *text;
+    size_t                           size, written;
+    ngx_int_t                        rc;
+    ngx_buf_t                       *b;
+    ngx_uint_t                       tries;
+    ngx_chain_t                      out;
+    sg_result                        result;
+    ngx_http_sluicegate_zone_t      *zone;
+    ngx_http_sluicegate_loc_conf_t  *slcf;
+
+    slcf = ngx_http_get_module_loc_conf(r, ngx_http_sluicegate_module);
+
+    if (slcf->metrics_zone == NULL || slcf->metrics_zone->data == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    zone = slcf->metrics_zone->data;
+
+    if (zone->engine == NULL) {
+        return NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+
+    /* Counters move between the sizing call and the rendering: room to spare, and retries. */
+    size = 0;
+    written = 0;
+    text = NULL;
+    result = sg_metrics_render(zone->engine, NULL, 0, &size);
+
+    for (tries = 0; tries < 4 && result == SG_ERR_BUFFER_TOO_SMALL; tries++) {
+        size += size / 4 + 4096;
+        text = ngx_pnalloc(r->pool, size);
+        if (text == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        result = sg_metrics_render(zone->engine, text, size, &written);
+        size = written;
+    }
+
+    if (result != SG_OK) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "sluicegate: rendering the metrics failed: %s", sg_result_str(result));
+        return NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    r->headers_out.status = NGX_HTTP_OK;
+    r->headers_out.content_length_n = written;
+    ngx_str_set(&r->headers_out.content_type, "text/plain; version=0.0.4; charset=utf-8");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+
+    rc = ngx_http_send_header(r);
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    b->pos = text;
+    b->last = text + written;
+    b->memory = 1;
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+static char *
+ngx_http_sluicegate_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_sluicegate_loc_conf_t  *slcf = conf;
+
+    ngx_str_t                 *value;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    if (slcf->metrics_zone != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    slcf->metrics_zone = ngx_shared_memory_add(cf, &value[1], 0, &ngx_http_sluicegate_module);
+    if (slcf->metrics_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_sluicegate_metrics_handler;
+
+    return NGX_CONF_OK;
+}
+
+
 /* ---- the zone ------------------------------------------------------------------------------- */
 
 static ngx_int_t
@@ -2207,6 +2334,7 @@ ngx_http_sluicegate_create_loc_conf(ngx_conf_t *cf)
 
     conf->shm_zone = NGX_CONF_UNSET_PTR;
     conf->admin_zone = NGX_CONF_UNSET_PTR;
+    conf->metrics_zone = NGX_CONF_UNSET_PTR;
     conf->dialect = NGX_CONF_UNSET_UINT;
     conf->max_body = NGX_CONF_UNSET_SIZE;
     conf->default_max_tokens = NGX_CONF_UNSET_UINT;
@@ -2224,6 +2352,10 @@ ngx_http_sluicegate_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_core_loc_conf_t  *clcf;
 
     ngx_conf_merge_ptr_value(conf->shm_zone, prev->shm_zone, NULL);
+
+    if (conf->metrics_zone == NGX_CONF_UNSET_PTR) {
+        conf->metrics_zone = NULL;  /* not inherited, as sluicegate_admin */
+    }
 
     if (conf->admin_zone == NGX_CONF_UNSET_PTR) {
         conf->admin_zone = NULL;    /* not inherited: only the location that names it */

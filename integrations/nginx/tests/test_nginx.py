@@ -242,6 +242,13 @@ http {{
             proxy_pass http://mock/v1/;
         }}
 
+        # The exact zone's counters, for Prometheus: operators only.
+        location = /metrics/exact {{
+            allow 127.0.0.1;
+            deny all;
+            sluicegate_metrics exact;
+        }}
+
         # The load test's baseline: the same upstream, without the module.
         location /plain/v1/ {{
             proxy_pass http://mock/v1/;
@@ -775,6 +782,29 @@ def test_exactly_the_limit_across_workers(nginx):
     assert tally == {200: 600, 429: 1_400}, report
     assert all(int(headers.get("retry-after-ms", 0)) > 0 for status, headers, _ in answers if status == 429), report
     assert None not in pids and len(pids) >= 2, report
+
+    # The zone's counters (sluicegate_metrics), read through any one worker, count all four's
+    # admissions and refusals, as Prometheus' own parser reads them; every permit has ended.
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = httpx.get(f"http://127.0.0.1:{nginx.port}/metrics/exact", timeout=20)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(answer.text):
+        assert family.type in ("counter", "gauge"), family
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if labels.get("model") == MODEL:
+                key = labels.get("outcome") or labels.get("metric") or labels.get("completion") or ""
+                samples[(sample.name, key)] = sample.value
+    print(f"metrics of the exact zone: {samples}")
+    assert samples[("sluicegate_requests_total", "admitted")] == 600, samples
+    assert samples[("sluicegate_rate_limited_total", "requests")] == 1_400, samples
+    assert samples[("sluicegate_permits_ended_total", "success")] == 600, samples
+    assert samples[("sluicegate_in_flight", "")] == 0, samples
+    assert httpx.post(f"http://127.0.0.1:{nginx.port}/metrics/exact", timeout=20).status_code == 405
     assert_no_crash(nginx)
 
 
