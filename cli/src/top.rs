@@ -84,27 +84,6 @@ fn variant(v: Variant) -> &'static str {
     }
 }
 
-/// The snake-case name of an event, as in `engine.metrics()` from Python.
-fn event_name(e: Event) -> &'static str {
-    match e {
-        Event::Admitted => "admitted",
-        Event::AdmittedOverLimit => "over_limit",
-        Event::RateLimitedRequests => "rate_limited_requests",
-        Event::RateLimitedPromptTokens => "rate_limited_prompt_tokens",
-        Event::RateLimitedUncachedPromptTokens => "rate_limited_uncached_prompt_tokens",
-        Event::RateLimitedGeneratedTokens => "rate_limited_generated_tokens",
-        Event::Shed => "shed",
-        Event::SpendRefused => "spend_refused",
-        Event::ConcurrencyLimited => "concurrency_limited",
-        Event::Invalid => "invalid",
-        Event::TableFull => "table_full",
-        Event::Expired => "expired",
-        Event::Succeeded => "succeeded",
-        Event::UpstreamFailed => "upstream_failure",
-        Event::Cancelled => "cancelled",
-    }
-}
-
 /// Every event's count over tiers and models.
 fn totals(models: &[ModelMetrics]) -> Vec<(Event, u64)> {
     Event::ALL
@@ -161,10 +140,8 @@ pub fn to_json(s: &Snapshot, limit: usize) -> Value {
             let counts: serde_json::Map<String, Value> = ServiceTier::ALL
                 .iter()
                 .map(|t| {
-                    let mut tier: serde_json::Map<String, Value> = Event::ALL
-                        .iter()
-                        .map(|e| (event_name(*e).to_string(), json!(m.count(*t, *e))))
-                        .collect();
+                    let mut tier: serde_json::Map<String, Value> =
+                        Event::ALL.iter().map(|e| (e.name().to_string(), json!(m.count(*t, *e)))).collect();
                     tier.insert("spend_microdollars".into(), json!(m.spend_micros(*t)));
                     (t.name().to_string(), Value::Object(tier))
                 })
@@ -179,7 +156,7 @@ pub fn to_json(s: &Snapshot, limit: usize) -> Value {
         })
         .collect();
     let totals: serde_json::Map<String, Value> =
-        totals(&s.models).into_iter().map(|(e, n)| (event_name(e).to_string(), json!(n))).collect();
+        totals(&s.models).into_iter().map(|(e, n)| (e.name().to_string(), json!(n))).collect();
     json!({ "scopes": scopes, "scope_count": s.scopes.len(), "models": models, "totals": totals })
 }
 

@@ -120,6 +120,33 @@ impl Event {
         }
     }
 
+    /// The event's name in `sluicegate top --json` and Python's `Engine.metrics()`.
+    ///
+    /// ```
+    /// use sluicegate_core::metrics::Event;
+    /// assert_eq!(Event::AdmittedOverLimit.name(), "over_limit");
+    /// assert_eq!(Event::RateLimitedGeneratedTokens.name(), "rate_limited_generated_tokens");
+    /// ```
+    pub const fn name(self) -> &'static str {
+        match self {
+            Event::Admitted => "admitted",
+            Event::AdmittedOverLimit => "over_limit",
+            Event::RateLimitedRequests => "rate_limited_requests",
+            Event::RateLimitedPromptTokens => "rate_limited_prompt_tokens",
+            Event::RateLimitedUncachedPromptTokens => "rate_limited_uncached_prompt_tokens",
+            Event::RateLimitedGeneratedTokens => "rate_limited_generated_tokens",
+            Event::Shed => "shed",
+            Event::SpendRefused => "spend_refused",
+            Event::ConcurrencyLimited => "concurrency_limited",
+            Event::Invalid => "invalid",
+            Event::TableFull => "table_full",
+            Event::Expired => "expired",
+            Event::Succeeded => "succeeded",
+            Event::UpstreamFailed => "upstream_failure",
+            Event::Cancelled => "cancelled",
+        }
+    }
+
     const fn index(self) -> usize {
         self as usize
     }

@@ -92,6 +92,8 @@ typedef struct {
 } ngx_http_sluicegate_ctx_t;
 
 static ngx_int_t ngx_http_sluicegate_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_sluicegate_send_typed(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, u_char *headers, size_t headers_len, u_char *body, size_t body_len);
 static void ngx_http_sluicegate_body_handler(ngx_http_request_t *r);
 static void ngx_http_sluicegate_delay(ngx_http_request_t *r);
 static ngx_int_t ngx_http_sluicegate_log_handler(ngx_http_request_t *r);
@@ -415,6 +417,17 @@ static ngx_int_t
 ngx_http_sluicegate_send(ngx_http_request_t *r, ngx_uint_t status, u_char *headers,
     size_t headers_len, u_char *body, size_t body_len)
 {
+    ngx_str_t  json = ngx_string("application/json");
+
+    return ngx_http_sluicegate_send_typed(r, status, &json, headers, headers_len, body, body_len);
+}
+
+
+/* Answers with `status`, the rendered `headers` and `body` of type `type`. */
+static ngx_int_t
+ngx_http_sluicegate_send_typed(ngx_http_request_t *r, ngx_uint_t status, ngx_str_t *type,
+    u_char *headers, size_t headers_len, u_char *body, size_t body_len)
+{
     ngx_int_t    rc;
     ngx_buf_t   *b;
     ngx_chain_t  out;
@@ -431,8 +444,8 @@ ngx_http_sluicegate_send(ngx_http_request_t *r, ngx_uint_t status, u_char *heade
 
     r->headers_out.status = status;
     r->headers_out.content_length_n = body_len;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type = *type;
+    r->headers_out.content_type_len = type->len;
     r->headers_out.content_type_lowcase = NULL;
 
     if (headers_len
@@ -1763,10 +1776,8 @@ ngx_http_sluicegate_metrics_handler(ngx_http_request_t *r)
 {
     u_char                          *text;
     size_t                           size, written;
-    ngx_int_t                        rc;
-    ngx_buf_t                       *b;
+    ngx_str_t                        type = ngx_string("text/plain; version=0.0.4; charset=utf-8");
     ngx_uint_t                       tries;
-    ngx_chain_t                      out;
     sg_result                        result;
     ngx_http_sluicegate_zone_t      *zone;
     ngx_http_sluicegate_loc_conf_t  *slcf;
@@ -1810,36 +1821,7 @@ ngx_http_sluicegate_metrics_handler(ngx_http_request_t *r)
         return NGX_HTTP_SERVICE_UNAVAILABLE;
     }
 
-    rc = ngx_http_discard_request_body(r);
-    if (rc != NGX_OK) {
-        return rc;
-    }
-
-    r->headers_out.status = NGX_HTTP_OK;
-    r->headers_out.content_length_n = written;
-    ngx_str_set(&r->headers_out.content_type, "text/plain; version=0.0.4; charset=utf-8");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-
-    rc = ngx_http_send_header(r);
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    b = ngx_calloc_buf(r->pool);
-    if (b == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    b->pos = text;
-    b->last = text + written;
-    b->memory = 1;
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_sluicegate_send_typed(r, NGX_HTTP_OK, &type, NULL, 0, text, written);
 }
 
 

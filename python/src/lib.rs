@@ -1147,8 +1147,8 @@ impl PyEngine {
             let counts = PyDict::new(py);
             for tier in ServiceTier::ALL {
                 let events = PyDict::new(py);
-                for (event, key) in EVENT_KEYS {
-                    events.set_item(key, m.count(tier, event))?;
+                for event in Event::ALL {
+                    events.set_item(event.name(), m.count(tier, event))?;
                 }
                 events.set_item("spend_microdollars", m.spend_micros(tier))?;
                 counts.set_item(tier.name(), events)?;
@@ -1264,27 +1264,6 @@ impl PyEngine {
         out
     }
 }
-
-/// The key of each event in `Engine.metrics()`'s per-tier counts.
-const EVENT_KEYS: [(Event, &str); 15] = [
-    (Event::Admitted, "admitted"),
-    (Event::AdmittedOverLimit, "over_limit"),
-    (Event::RateLimitedRequests, "rate_limited_requests"),
-    (Event::RateLimitedPromptTokens, "rate_limited_prompt_tokens"),
-    (Event::RateLimitedUncachedPromptTokens, "rate_limited_uncached_prompt_tokens"),
-    (Event::RateLimitedGeneratedTokens, "rate_limited_generated_tokens"),
-    (Event::Shed, "shed"),
-    (Event::SpendRefused, "spend_refused"),
-    (Event::ConcurrencyLimited, "concurrency_limited"),
-    (Event::Invalid, "invalid"),
-    (Event::TableFull, "table_full"),
-    (Event::Expired, "expired"),
-    (Event::Succeeded, "succeeded"),
-    (Event::UpstreamFailed, "upstream_failure"),
-    (Event::Cancelled, "cancelled"),
-];
-// An event the core adds must get its key here (and in the stubs' `_TierCounts`).
-const _: () = assert!(EVENT_KEYS.len() == Event::ALL.len());
 
 /// A variant as `Engine.metrics()` and the Prometheus labels name it.
 fn variant_name(v: Variant) -> &'static str {

@@ -102,7 +102,8 @@ fn policy() -> impl Strategy<Value = (Policy, Adapt)> {
     ]
 }
 
-fn config_of(p: &Policy, adapt: Adapt) -> Config {
+/// The reference model's configuration of a policy (also `linearizable.rs`'s).
+pub(crate) fn config_of(p: &Policy, adapt: Adapt) -> Config {
     let s = p.shed;
     Config {
         floor: p.limits.0.map(|l| if l.is_limited() { l.floor } else { f64::INFINITY }),

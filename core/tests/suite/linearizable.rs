@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::model;
-use crate::model::{Adapt, Config, Key, Model, Outcome, SettleResult};
+use crate::model::{Adapt, Key, Model, Outcome, SettleResult};
 use sluicegate_core::{
     Capacity, Completion, Engine, Metric, MetricLimits, PerMetric, Permit, Policy, Request, ScopeKey,
     SettleError, Usage,
@@ -58,28 +58,7 @@ fn policy() -> Policy {
 }
 
 fn model() -> Model {
-    let p = policy();
-    let s = p.shed;
-    Model::new(Config {
-        floor: p.limits.0.map(|l| if l.is_limited() { l.floor } else { f64::INFINITY }),
-        ceiling: p.limits.0.map(|l| if l.is_limited() { l.ceiling } else { f64::INFINITY }),
-        hard: p.hard_factor,
-        max_wait_ns: p.max_wait_ns,
-        tier_scale: p.tiers.0.map(|t| t.ceiling_scale),
-        tier_spend_limit: p.tiers.0.map(|t| t.monthly_spend_limit),
-        adapt: Adapt::Fixed,
-        tick_ns: p.tick_ns,
-        ttl_ns: p.permit_ttl_ns,
-        shed: [
-            s.over_limit_flex,
-            s.in_limit_flex,
-            s.over_limit_default,
-            s.over_limit_priority,
-            s.in_limit_default,
-            s.in_limit_priority,
-        ]
-        .map(u64::from),
-    })
+    Model::new(crate::differential::config_of(&policy(), Adapt::Fixed))
 }
 
 fn key(k: usize) -> Key {
