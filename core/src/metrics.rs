@@ -547,3 +547,19 @@ fn write_from(models: &Source<'_>, out: &mut dyn core::fmt::Write) -> core::fmt:
         writeln!(out, "{}.{:03}", m.load / 1000, m.load % 1000)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_has_its_own_snake_case_name() {
+        let names = Event::ALL.map(Event::name);
+        for (i, name) in names.iter().enumerate() {
+            assert!(!name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{name}");
+            assert!(!names[..i].contains(name), "{name} twice");
+        }
+        assert_eq!(names[0], "admitted");
+        assert_eq!(names[14], "cancelled");
+    }
+}
