@@ -29,9 +29,11 @@ use crate::request::Completion;
 use crate::service_tier::ServiceTier;
 use crate::sync::{AtomicU64, Ordering};
 
-/// Counters are striped by scope slot: threads on different scopes of one model rarely write
-/// the same cache line, and threads on one scope already share its bucket's.
-pub(crate) const STRIPES: usize = 4;
+/// Counters are striped by scope slot: threads on different scopes of one model write the same
+/// cache line half as often, and threads on one scope already share its bucket's. Two stripes,
+/// not more: each is 768 bytes a model (both variants), and a model table holds a quarter as many
+/// models as scopes.
+pub(crate) const STRIPES: usize = 2;
 
 /// What happened to a request; each is a counter per (model, variant, service tier).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

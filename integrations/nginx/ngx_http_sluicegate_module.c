@@ -1975,6 +1975,12 @@ ngx_http_sluicegate_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         "requests", "prompt_tokens", "uncached_prompt_tokens", "generated_tokens"
     };
 
+    /* sg_config.shed_permille's order. */
+    static const char  *shed_classes[] = {
+        "shed_over_limit_flex", "shed_in_limit_flex", "shed_over_limit_default",
+        "shed_over_limit_priority", "shed_in_limit_default", "shed_in_limit_priority"
+    };
+
     value = cf->args->elts;
     name = value[1];
 
@@ -2103,6 +2109,26 @@ ngx_http_sluicegate_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                     zone->cfg.max_in_flight = (uint64_t) n;
                 }
             }
+            continue;
+        }
+
+        /* The load (1 = at capacity) at which each class is shed, in shedding order (SPEC §6). */
+        for (m = 0; m < 6; m++) {
+            size_t  l = ngx_strlen(shed_classes[m]);
+
+            if (value[i].len > l + 1 && ngx_strncmp(value[i].data, shed_classes[m], l) == 0
+                && value[i].data[l] == '=')
+            {
+                n = ngx_atofp(value[i].data + l + 1, value[i].len - l - 1, 3);
+                if (n == NGX_ERROR || n < 1 || n > 4000000) {
+                    goto invalid;
+                }
+                zone->cfg.shed_permille[m] = (uint32_t) n;
+                break;
+            }
+        }
+
+        if (m < 6) {
             continue;
         }
 

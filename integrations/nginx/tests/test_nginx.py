@@ -190,8 +190,9 @@ http {{
     sluicegate_zone hostile size=2m policy=fireworks_2024;
     # Together's preset smooths bursts with waits of up to 2 s; a frozen clock, as test 2's.
     sluicegate_zone smooth policy=together scopes=1024 clock=frozen;
-    # The Fireworks 2024 preset, for shedding by a load set through the admin endpoint.
-    sluicegate_zone shed policy=fireworks_2024 scopes=1024;
+    # The Fireworks 2024 preset, for shedding by a load set through the admin endpoint; in-limit
+    # priority shed at 1.25 instead of 1.2.
+    sluicegate_zone shed policy=fireworks_2024 scopes=1024 shed_in_limit_priority=1.25;
     # The load test (wrk): a limit that never binds, and one that binds hard.
     sluicegate_zone open policy=fixed requests=1000000000 scopes=1024 permits=4096 max_in_flight=4096;
     sluicegate_zone tight policy=fixed requests=60 scopes=1024;
@@ -613,6 +614,11 @@ def test_the_granted_tier_caps_the_bodys_and_the_fast_variant_has_its_own_load(n
         }
         fast_probe = admin(nginx, "GET", account="acct-fastlane", model=MODEL, fast=1).json()
         regular_probe = admin(nginx, "GET", account="acct-fastlane", model=MODEL).json()
+        # The zone sheds in-limit priority at 1.25 (shed_in_limit_priority), not the preset's 1.2.
+        assert admin(nginx, "PUT", model=MODEL, load=1_220).status_code == 204
+        seen["priority at 1.22"] = status("sk-prio")
+        assert admin(nginx, "PUT", model=MODEL, load=1_250).status_code == 204
+        seen["priority at 1.25"] = status("sk-prio")
     finally:
         reset = admin(nginx, "POST", model=MODEL, load=0)
     assert reset.status_code == 204, reset.text
@@ -627,6 +633,8 @@ def test_the_granted_tier_caps_the_bodys_and_the_fast_variant_has_its_own_load(n
         "default, asking priority": 503,
         "default, model -fast": 200,
         "sluicegate_variant fast": 200,
+        "priority at 1.22": 200,
+        "priority at 1.25": 503,
     }, seen
     # The fastlane account's one request was charged to the fast variant's scope only.
     assert fast_probe["requests"]["remaining"] == fast_probe["requests"]["limit"] - 1, fast_probe
@@ -1176,6 +1184,8 @@ def test_workers_killed_mid_request_block_the_account_only_until_the_permit_ttl(
         ("sluicegate_zone z size=64k policy=fixed scopes=100000;", "is too small for 100000 scopes"),
         ("sluicegate_zone z policy=fixed requests=-3;", 'invalid parameter "requests=-3"'),
         ("sluicegate_zone z policy=fixed colour=blue;", 'invalid parameter "colour=blue"'),
+        ("sluicegate_zone z policy=fixed shed_in_limit_flex=lots;", 'invalid parameter "shed_in_limit_flex=lots"'),
+        ("sluicegate_zone z policy=fixed shed_in_limit_default=0.5;", 'sluicegate_zone "z": invalid policy'),
         ("sluicegate_zone z policy=fixed requests=10 ceiling_requests=5;", 'sluicegate_zone "z": invalid policy'),
         ("sluicegate_zone y policy=fixed;", 'zero size shared memory zone "z"'),
     ],
