@@ -316,3 +316,21 @@ fn an_inspector_reads_scopes_and_counters_without_the_policy() {
         Err(sluicegate_core::RegionError::TooSmall { .. })
     ));
 }
+
+/// A restore starts the counters again: permits from before it are stale, so counts kept from
+/// before would leave them in flight forever.
+#[test]
+fn a_restore_starts_the_counters_again() {
+    let mut e = engine();
+    for _ in 0..5 {
+        e.admit(ScopeKey::new(b"acct", M), &Request::new(1), 0).unwrap();
+    }
+    assert_eq!(e.metrics().model(M, Variant::Regular).unwrap().in_flight, 5);
+    let mut buf = vec![0; e.snapshot_size()];
+    let n = e.snapshot(&mut buf, 0).unwrap();
+    e.restore(&buf[..n], 0).unwrap();
+    assert_eq!(e.metrics().model(M, Variant::Regular), None, "{:?}", e.metrics());
+    e.admit(ScopeKey::new(b"acct", M), &Request::new(1), 0).unwrap();
+    let llama = e.metrics().model(M, Variant::Regular).cloned().unwrap();
+    assert_eq!((llama.count(ServiceTier::Default, Event::Admitted), llama.in_flight), (1, 1));
+}
