@@ -334,3 +334,48 @@ fn a_restore_starts_the_counters_again() {
     let llama = e.metrics().model(M, Variant::Regular).cloned().unwrap();
     assert_eq!((llama.count(ServiceTier::Default, Event::Admitted), llama.in_flight), (1, 1));
 }
+
+/// Spend is written for the tiers that were billed and no other; a permit that expires is
+/// counted under the tier it was served at (kept in its ledger entry), with its reservation billed.
+#[test]
+fn spend_and_expiries_are_counted_under_their_tier() {
+    let e = engine();
+    e.set_price(M, Variant::Regular, Price { uncached_prompt: 1_000_000, cached_prompt: 0, generated: 0 })
+        .unwrap();
+    e.set_service_tier_grant(b"vip", ServiceTier::Priority).unwrap();
+    let ask = |account: &'static [u8], tier| {
+        *e.admit(ScopeKey::new(account, M), &Request::new(1_000).service_tier(tier), 0)
+            .unwrap()
+            .permit()
+            .unwrap()
+    };
+    let (vip, batch) = (ask(b"vip", ServiceTier::Priority), ask(b"batch", ServiceTier::Flex));
+    let settled = ask(b"vip", ServiceTier::Priority);
+    e.settle(&settled, &Usage::new(2_000, 0), Completion::Success, SECOND).unwrap();
+    let mut text = String::new();
+    write_prometheus(&e.metrics(), &mut text).unwrap();
+    let spend = |tier: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("sluicegate_spend_microdollars_total{") && l.contains(&format!("\"{tier}\""))
+            })
+            .map(|l| l.rsplit_once(' ').unwrap().1.to_string())
+    };
+    assert_eq!(spend("priority").as_deref(), Some("2000"), "{text}");
+    assert_eq!((spend("flex"), spend("default")), (None, None), "{text}");
+
+    // Past the TTL both unsettled permits expire, each under its own tier, billed 1,000 µ$.
+    let late = e.policy().permit_ttl_ns + 2 * SECOND;
+    assert!(e.settle(&vip, &Usage::new(1, 0), Completion::Success, late).is_err());
+    assert!(e.settle(&batch, &Usage::new(1, 0), Completion::Success, late).is_err());
+    let metrics = e.metrics();
+    let llama = metrics.model(M, Variant::Regular).unwrap();
+    assert_eq!(llama.count(ServiceTier::Priority, Event::Expired), 1);
+    assert_eq!(llama.count(ServiceTier::Flex, Event::Expired), 1);
+    assert_eq!(llama.count(ServiceTier::Default, Event::Expired), 0);
+    assert_eq!(
+        (llama.spend_micros(ServiceTier::Priority), llama.spend_micros(ServiceTier::Flex)),
+        (3_000, 1_000)
+    );
+    assert_eq!(llama.in_flight, 0);
+}
