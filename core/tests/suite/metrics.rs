@@ -343,14 +343,13 @@ fn spend_and_expiries_are_counted_under_their_tier() {
     e.set_price(M, Variant::Regular, Price { uncached_prompt: 1_000_000, cached_prompt: 0, generated: 0 })
         .unwrap();
     e.set_service_tier_grant(b"vip", ServiceTier::Priority).unwrap();
-    let ask = |account: &'static [u8], tier| {
-        *e.admit(ScopeKey::new(account, M), &Request::new(1_000).service_tier(tier), 0)
-            .unwrap()
-            .permit()
-            .unwrap()
+    let ask = |account: &'static [u8], tier, prompt| {
+        let request = Request::new(prompt).service_tier(tier);
+        *e.admit(ScopeKey::new(account, M), &request, 0).unwrap().permit().unwrap()
     };
-    let (vip, batch) = (ask(b"vip", ServiceTier::Priority), ask(b"batch", ServiceTier::Flex));
-    let settled = ask(b"vip", ServiceTier::Priority);
+    // Reservations of different sizes, so that a mix-up of the two tiers shows in their spend.
+    let (vip, batch) = (ask(b"vip", ServiceTier::Priority, 1_000), ask(b"batch", ServiceTier::Flex, 5_000));
+    let settled = ask(b"vip", ServiceTier::Priority, 1_000);
     e.settle(&settled, &Usage::new(2_000, 0), Completion::Success, SECOND).unwrap();
     let mut text = String::new();
     write_prometheus(&e.metrics(), &mut text).unwrap();
@@ -364,7 +363,7 @@ fn spend_and_expiries_are_counted_under_their_tier() {
     assert_eq!(spend("priority").as_deref(), Some("2000"), "{text}");
     assert_eq!((spend("flex"), spend("default")), (None, None), "{text}");
 
-    // Past the TTL both unsettled permits expire, each under its own tier, billed 1,000 µ$.
+    // Past the TTL both unsettled permits expire, each under its own tier, billed its reservation.
     let late = e.policy().permit_ttl_ns + 2 * SECOND;
     assert!(e.settle(&vip, &Usage::new(1, 0), Completion::Success, late).is_err());
     assert!(e.settle(&batch, &Usage::new(1, 0), Completion::Success, late).is_err());
@@ -375,7 +374,7 @@ fn spend_and_expiries_are_counted_under_their_tier() {
     assert_eq!(llama.count(ServiceTier::Default, Event::Expired), 0);
     assert_eq!(
         (llama.spend_micros(ServiceTier::Priority), llama.spend_micros(ServiceTier::Flex)),
-        (3_000, 1_000)
+        (3_000, 5_000)
     );
     assert_eq!(llama.in_flight, 0);
 }
