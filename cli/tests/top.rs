@@ -28,6 +28,65 @@ fn serve_into_a_shared_engine() {
     }
 }
 
+const HANG: &str = "SLUICEGATE_TOP_HANG";
+
+/// The process killed mid-request: run as a child with `HANG` set to the file, it admits 20
+/// requests, says so on stdout, and waits (holding its permits) to be killed.
+#[test]
+fn serve_then_hang() {
+    let Ok(path) = std::env::var(HANG) else { return };
+    let engine = Engine::open_shared(&path, Policy::fixed(), Capacity::scopes(256)).unwrap();
+    for _ in 0..20 {
+        let d = engine.admit(
+            ScopeKey::new(b"acct-killed", MODEL),
+            &Request::new(1),
+            sluicegate_core::clock::now_ns(),
+        );
+        assert!(d.unwrap().admitted());
+    }
+    println!("serving");
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+/// A worker killed (SIGKILL) while its 20 requests run: `top` shows them in flight; once another
+/// process's clock is past their TTL and its next tick sweeps the ledger, they are counted
+/// expired and nothing is left in flight but that process's own request.
+#[test]
+fn top_counts_a_killed_workers_permits_expired_after_their_ttl() {
+    use std::io::BufRead;
+    let path = format!("{}/top-killed-{}.region", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_file(&path);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "serve_then_hang", "--test-threads", "1", "--nocapture"])
+        .env(HANG, &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains("serving")), "the child never served");
+    child.kill().unwrap(); // SIGKILL: no settle, no drop
+    child.wait().unwrap();
+
+    let read = || -> serde_json::Value {
+        let out = sluicegate(&["top", &path, "--once", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let before = read();
+    assert_eq!(before["scopes"][0]["in_flight"], 20, "{before}");
+    assert_eq!(before["totals"]["expired"], 0);
+
+    let survivor = Engine::open_shared(&path, Policy::fixed(), Capacity::scopes(256)).unwrap();
+    let later = sluicegate_core::clock::now_ns() + survivor.policy().permit_ttl_ns + 120_000_000_000;
+    assert!(survivor.admit(ScopeKey::new(b"acct-alive", MODEL), &Request::new(1), later).unwrap().admitted());
+    let after = read();
+    assert_eq!(after["totals"]["expired"], 20, "{after}");
+    assert_eq!(after["totals"]["admitted"], 21);
+    assert_eq!(after["models"][0]["in_flight"], 1, "{after}");
+    drop(survivor);
+    let _ = std::fs::remove_file(&path);
+}
+
 fn sluicegate(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_sluicegate")).args(args).output().unwrap()
 }

@@ -378,3 +378,43 @@ fn spend_and_expiries_are_counted_under_their_tier() {
     );
     assert_eq!(llama.in_flight, 0);
 }
+
+/// A week of hourly traffic, some of it abandoned: the counters stay exact, every abandoned
+/// permit is counted expired once, and nothing is left in flight.
+#[test]
+fn a_week_of_uptime_keeps_every_count_exact() {
+    let e = engine();
+    let hour = 3_600 * SECOND;
+    let (mut admitted, mut settled, mut abandoned, mut refused) = (0u64, 0u64, 0u64, 0u64);
+    for h in 0..7 * 24u64 {
+        let now = h * hour;
+        for i in 0..30u64 {
+            let account = format!("acct-{}", (h + i) % 5);
+            let d = e.admit(ScopeKey::new(account.as_bytes(), M), &Request::new(10), now).unwrap();
+            match d.permit() {
+                Some(p) if i % 10 == 9 => abandoned += u64::from(p.reserved().requests),
+                Some(p) => {
+                    e.settle(p, &Usage::new(10, 0), Completion::Success, now + SECOND).unwrap();
+                    settled += 1;
+                }
+                None => refused += 1,
+            }
+            admitted += u64::from(d.admitted());
+        }
+    }
+    // Past the last abandoned permit's TTL, a tick sweeps the ledger.
+    e.admit(ScopeKey::new(b"late", M), &Request::new(10), 8 * 24 * hour).unwrap();
+    let metrics = e.metrics();
+    let llama = metrics.model(M, Variant::Regular).unwrap();
+    let tier = ServiceTier::Default;
+    assert!(abandoned > 400, "{abandoned}");
+    assert_eq!(admitted, settled + abandoned);
+    assert_eq!(
+        llama.count(tier, Event::Admitted) + llama.count(tier, Event::AdmittedOverLimit),
+        admitted + 1
+    );
+    assert_eq!(llama.count(tier, Event::Succeeded), settled);
+    assert_eq!(llama.count(tier, Event::Expired), abandoned);
+    assert_eq!(llama.count(tier, Event::RateLimitedRequests), refused);
+    assert_eq!(llama.in_flight, 1, "only the late permit");
+}
