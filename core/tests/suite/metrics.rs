@@ -392,7 +392,7 @@ fn a_week_of_uptime_keeps_every_count_exact() {
             let account = format!("acct-{}", (h + i) % 5);
             let d = e.admit(ScopeKey::new(account.as_bytes(), M), &Request::new(10), now).unwrap();
             match d.permit() {
-                Some(p) if i % 10 == 9 => abandoned += u64::from(p.reserved().requests),
+                Some(p) if i % 10 == 9 => abandoned += p.reserved().requests,
                 Some(p) => {
                     e.settle(p, &Usage::new(10, 0), Completion::Success, now + SECOND).unwrap();
                     settled += 1;
