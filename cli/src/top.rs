@@ -86,27 +86,21 @@ fn variant(v: Variant) -> &'static str {
 
 /// Every event's count over tiers and models.
 fn totals(models: &[ModelMetrics]) -> Vec<(Event, u64)> {
-    Event::ALL
-        .into_iter()
-        .map(|e| (e, models.iter().flat_map(|m| ServiceTier::ALL.map(|t| m.count(t, e))).sum()))
-        .collect()
+    Event::ALL.into_iter().map(|e| (e, models.iter().map(|m| m.total(&[e])).sum())).collect()
 }
+
+/// The four 429s.
+const RATE_LIMITED: [Event; 4] = [
+    Event::RateLimitedRequests,
+    Event::RateLimitedPromptTokens,
+    Event::RateLimitedUncachedPromptTokens,
+    Event::RateLimitedGeneratedTokens,
+];
 
 /// Requests refused (429, 503, spend, concurrency) and admitted over limit, over tiers.
 fn refused_and_over(m: &ModelMetrics) -> (u64, u64) {
-    let refusals = [
-        Event::RateLimitedRequests,
-        Event::RateLimitedPromptTokens,
-        Event::RateLimitedUncachedPromptTokens,
-        Event::RateLimitedGeneratedTokens,
-        Event::Shed,
-        Event::SpendRefused,
-        Event::ConcurrencyLimited,
-    ];
-    let sum = |events: &[Event]| -> u64 {
-        ServiceTier::ALL.iter().flat_map(|t| events.iter().map(|e| m.count(*t, *e))).sum()
-    };
-    (sum(&refusals), sum(&[Event::AdmittedOverLimit]))
+    let others = [Event::Shed, Event::SpendRefused, Event::ConcurrencyLimited];
+    (m.total(&RATE_LIMITED) + m.total(&others), m.total(&[Event::AdmittedOverLimit]))
 }
 
 /// One snapshot as JSON, for scripts (`--once --json`).
@@ -215,26 +209,16 @@ fn draw(
     let [head, scopes, models] =
         Layout::vertical([Constraint::Length(3), Constraint::Fill(2), Constraint::Fill(1)])
             .areas(frame.area());
-    let totals = totals(&s.models);
-    let total = |e: Event| totals.iter().find(|(x, _)| *x == e).map_or(0, |(_, n)| *n);
-    let rate_limited: u64 = [
-        Event::RateLimitedRequests,
-        Event::RateLimitedPromptTokens,
-        Event::RateLimitedUncachedPromptTokens,
-        Event::RateLimitedGeneratedTokens,
-    ]
-    .into_iter()
-    .map(total)
-    .sum();
+    let total = |events: &[Event]| -> u64 { s.models.iter().map(|m| m.total(events)).sum() };
     let line = format!(
         "{} scopes · admitted {} · over limit {} · 429 {} · 503 {} · spend/concurrency refused {} · expired {}   (q quits)",
         s.scopes.len(),
-        total(Event::Admitted),
-        total(Event::AdmittedOverLimit),
-        rate_limited,
-        total(Event::Shed),
-        total(Event::SpendRefused) + total(Event::ConcurrencyLimited),
-        total(Event::Expired),
+        total(&[Event::Admitted]),
+        total(&[Event::AdmittedOverLimit]),
+        total(&RATE_LIMITED),
+        total(&[Event::Shed]),
+        total(&[Event::SpendRefused, Event::ConcurrencyLimited]),
+        total(&[Event::Expired]),
     );
     frame.render_widget(Paragraph::new(line).block(Block::bordered().title(" sluicegate top ")), head);
 
@@ -286,7 +270,7 @@ fn draw(
             }
             None => ("-".into(), "-".into()),
         };
-        let admitted: u64 = ServiceTier::ALL.iter().map(|t| m.count(*t, Event::Admitted)).sum();
+        let admitted = m.total(&[Event::Admitted]);
         Row::new([
             model_text(m.model()),
             variant(m.variant).to_string(),

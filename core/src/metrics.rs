@@ -154,6 +154,9 @@ impl Event {
     }
 }
 
+/// The events that end a permit.
+const ENDED: [Event; 4] = [Event::Succeeded, Event::UpstreamFailed, Event::Cancelled, Event::Expired];
+
 /// Counter cells per tier: one per event, then spend.
 const CELLS: usize = Event::ALL.len() + 1;
 const SPEND: usize = Event::ALL.len();
@@ -263,27 +266,21 @@ impl ModelMetrics {
         if let (Some(dst), Some(src)) = (key.get_mut(..model_len), model.get(..model_len)) {
             dst.copy_from_slice(src);
         }
-        let sum = |events: &[Event]| -> u64 {
-            totals
-                .iter()
-                .flat_map(|t| events.iter().filter_map(|e| t.get(e.index())))
-                .fold(0, |a, v| a.wrapping_add(*v))
-        };
-        let admitted = sum(&[Event::Admitted, Event::AdmittedOverLimit]);
-        let ended = sum(&[Event::Succeeded, Event::UpstreamFailed, Event::Cancelled, Event::Expired]);
-        ModelMetrics {
-            model: key,
-            model_len,
-            variant,
-            totals,
-            in_flight: admitted.saturating_sub(ended),
-            load,
-        }
+        let mut m = ModelMetrics { model: key, model_len, variant, totals, in_flight: 0, load };
+        let admitted = m.total(&[Event::Admitted, Event::AdmittedOverLimit]);
+        m.in_flight = admitted.saturating_sub(m.total(&ENDED));
+        m
     }
 
     /// The model id; empty for requests refused before any model was found.
     pub fn model(&self) -> &[u8] {
         self.model.get(..self.model_len).unwrap_or_default()
+    }
+
+    /// How many requests of every tier met any of `events`.
+    pub fn total(&self, events: &[Event]) -> u64 {
+        let counts = ServiceTier::ALL.iter().flat_map(|t| events.iter().map(|e| self.count(*t, *e)));
+        counts.fold(0, u64::wrapping_add)
     }
 
     /// How many requests of `tier` met `event`.
