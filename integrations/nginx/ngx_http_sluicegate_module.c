@@ -106,9 +106,8 @@ static ngx_int_t ngx_http_sluicegate_body_filter(ngx_http_request_t *r,
 static ngx_int_t ngx_http_sluicegate_init_zone(ngx_shm_zone_t *shm_zone, void *data);
 static char *ngx_http_sluicegate_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_sluicegate(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
-static char *ngx_http_sluicegate_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_sluicegate_serve_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static ngx_int_t ngx_http_sluicegate_admin_handler(ngx_http_request_t *r);
-static char *ngx_http_sluicegate_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static ngx_int_t ngx_http_sluicegate_metrics_handler(ngx_http_request_t *r);
 static char *ngx_http_sluicegate_dialect(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static void *ngx_http_sluicegate_create_loc_conf(ngx_conf_t *cf);
@@ -133,17 +132,17 @@ static ngx_command_t  ngx_http_sluicegate_commands[] = {
 
     { ngx_string("sluicegate_admin"),
       NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_sluicegate_admin,
+      ngx_http_sluicegate_serve_zone,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
+      offsetof(ngx_http_sluicegate_loc_conf_t, admin_zone),
+      (void *) ngx_http_sluicegate_admin_handler },
 
     { ngx_string("sluicegate_metrics"),
       NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_sluicegate_metrics,
+      ngx_http_sluicegate_serve_zone,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
+      offsetof(ngx_http_sluicegate_loc_conf_t, metrics_zone),
+      (void *) ngx_http_sluicegate_metrics_handler },
 
     { ngx_string("sluicegate_account"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -1739,27 +1738,32 @@ ngx_http_sluicegate_admin_handler(ngx_http_request_t *r)
 }
 
 
+/*
+ * sluicegate_admin and sluicegate_metrics: the location serves zone NAME (stored at the
+ * command's offset) with the content handler in the command's `post`.
+ */
 static char *
-ngx_http_sluicegate_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+ngx_http_sluicegate_serve_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
-    ngx_http_sluicegate_loc_conf_t  *slcf = conf;
-
     ngx_str_t                 *value;
+    ngx_shm_zone_t           **zone;
     ngx_http_core_loc_conf_t  *clcf;
 
-    if (slcf->admin_zone != NGX_CONF_UNSET_PTR) {
+    zone = (ngx_shm_zone_t **) ((u_char *) conf + cmd->offset);
+
+    if (*zone != NGX_CONF_UNSET_PTR) {
         return "is duplicate";
     }
 
     value = cf->args->elts;
 
-    slcf->admin_zone = ngx_shared_memory_add(cf, &value[1], 0, &ngx_http_sluicegate_module);
-    if (slcf->admin_zone == NULL) {
+    *zone = ngx_shared_memory_add(cf, &value[1], 0, &ngx_http_sluicegate_module);
+    if (*zone == NULL) {
         return NGX_CONF_ERROR;
     }
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = ngx_http_sluicegate_admin_handler;
+    clcf->handler = (ngx_http_handler_pt) cmd->post;
 
     return NGX_CONF_OK;
 }
@@ -1822,32 +1826,6 @@ ngx_http_sluicegate_metrics_handler(ngx_http_request_t *r)
     }
 
     return ngx_http_sluicegate_send_typed(r, NGX_HTTP_OK, &type, NULL, 0, text, written);
-}
-
-
-static char *
-ngx_http_sluicegate_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_sluicegate_loc_conf_t  *slcf = conf;
-
-    ngx_str_t                 *value;
-    ngx_http_core_loc_conf_t  *clcf;
-
-    if (slcf->metrics_zone != NGX_CONF_UNSET_PTR) {
-        return "is duplicate";
-    }
-
-    value = cf->args->elts;
-
-    slcf->metrics_zone = ngx_shared_memory_add(cf, &value[1], 0, &ngx_http_sluicegate_module);
-    if (slcf->metrics_zone == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = ngx_http_sluicegate_metrics_handler;
-
-    return NGX_CONF_OK;
 }
 
 

@@ -21,6 +21,7 @@ and the openai client gets a 503.
 """
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -290,6 +291,20 @@ class Nginx:
         return read(self.tmp / "access.log")
 
 
+@contextlib.contextmanager
+def running_nginx(tmp, conf, port):
+    """nginx on `conf` with `tmp` as its prefix, once `port` answers; stopped on the way out."""
+    log = tmp / "nginx.out"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for_port(port, process, log)
+        yield process
+    finally:
+        stop(process)
+
+
 @pytest.fixture(scope="session")
 def nginx(module_so, upstream, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nginx")
@@ -302,15 +317,8 @@ def nginx(module_so, upstream, tmp_path_factory):
     (tmp / "nginx.conf").write_text(conf)
     checked = subprocess.run(["nginx", "-t", "-p", str(tmp), "-c", str(tmp / "nginx.conf")], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stderr
-    log = tmp / "nginx.out"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf")], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        wait_for_port(port, process, log)
+    with running_nginx(tmp, tmp / "nginx.conf", port) as process:
         yield Nginx(port, tmp, process)
-    finally:
-        stop(process)
 
 
 def openai_client(nginx, zone, key, retries=0):
@@ -1091,12 +1099,7 @@ def test_a_reload_keeps_the_engine_and_refuses_another_policy(module_so, upstrea
     port = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(small_conf(module_so, tmp_path, port, upstream, "sluicegate_zone z size=1m policy=fixed requests=5;"))
-    log = tmp_path / "nginx.out"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        wait_for_port(port, process, log)
+    with running_nginx(tmp_path, conf, port) as process:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}
         with httpx.Client(timeout=20) as client:
@@ -1116,8 +1119,6 @@ def test_a_reload_keeps_the_engine_and_refuses_another_policy(module_so, upstrea
             answer = client.post(url, json=body, headers={"connection": "close"})
             assert answer.status_code == 429 and answer.headers["x-ratelimit-limit-requests"] == "5", answer.headers
         assert "exited on signal" not in read(error_log)
-    finally:
-        stop(process)
 
 
 def test_workers_killed_mid_request_block_the_account_only_until_the_permit_ttl(module_so, upstream, tmp_path):
@@ -1130,12 +1131,7 @@ def test_workers_killed_mid_request_block_the_account_only_until_the_permit_ttl(
     conf = tmp_path / "nginx.conf"
     zone = "sluicegate_zone z size=1m policy=fixed requests=1000 max_in_flight=1 permit_ttl=6s;"
     conf.write_text(small_conf(module_so, tmp_path, port, upstream, zone))
-    log = tmp_path / "nginx.out"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        wait_for_port(port, process, log)
+    with running_nginx(tmp_path, conf, port) as process:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}
         slow = {**body, "max_tokens": 50, "stream": True, "seconds_per_word": 0.2}
@@ -1172,8 +1168,6 @@ def test_workers_killed_mid_request_block_the_account_only_until_the_permit_ttl(
         # The two kills, and nothing else alarming: no other signal, no other alert.
         alerts = [line for line in errors.splitlines() if "[alert]" in line or "[emerg]" in line]
         assert len(alerts) == 2 and all("exited on signal 9" in line for line in alerts), alerts
-    finally:
-        stop(process)
 
 
 @pytest.mark.parametrize(
