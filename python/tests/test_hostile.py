@@ -706,38 +706,29 @@ def named(ids):
     return lambda scope, headers: next(it)
 
 
-def test_a_grant_is_pushed_once_and_again_only_when_it_changes():
+def test_the_operators_grant_is_written_at_each_request_and_a_change_takes_at_once():
     e = Granting(sluicegate.Engine("fixed", capacity=1_000))
     e.engine.set_load("m", 1.1)  # in-limit default is shed, in-limit priority is not
     granted = {"gold": "priority", "batch": "flex"}
     m = middleware(json_app(completion()), e, account=named(["gold", "batch"] * 3 + ["gold"]), service_tier=lambda a: granted.get(a, "default"))
     assert [Exchange().run(m).status for _ in range(6)] == [200, 503] * 3
-    assert e.grants == [(b"gold", "priority"), (b"batch", "flex")]
+    assert e.grants == [(b"gold", "priority"), (b"batch", "flex")] * 3
     assert e.engine.account("gold")["service_tier_grant"] == "priority"
     assert e.engine.account("batch")["service_tier_grant"] == "flex"
-    # Taken back: pushed at the account's next request, which is served as default.
+    # Taken back: written at the account's next request, which is served as default.
     granted["gold"] = "default"
     assert Exchange().run(m).status == 503
     assert e.grants[-1] == (b"gold", "default") and e.engine.account("gold")["service_tier_grant"] == "default"
-    assert m._grants == {b"batch": "flex"}
 
 
-def test_made_up_accounts_granted_default_cost_no_memory_and_no_engine_call():
+def test_made_up_accounts_are_granted_default_and_the_middleware_keeps_nothing_of_them():
     e = Granting(sluicegate.Engine("fixed", capacity=1_000))
     m = middleware(json_app(completion()), e, account=named(f"made-up-{i}" for i in range(200)))
+    before = dict(vars(m))
     assert all(Exchange().run(m).status == 200 for _ in range(200))
-    assert e.grants == [] and m._grants == {}
+    assert vars(m).keys() == before.keys() and all(vars(m)[k] is before[k] for k in before if k != "_warned")
+    assert e.grants == [(f"made-up-{i}".encode(), "default") for i in range(200)]
     assert e.engine.account("made-up-7")["service_tier_grant"] == "default"
-
-
-def test_the_accounts_remembered_are_bounded(monkeypatch):
-    monkeypatch.setattr(asgi, "_MAX_GRANTS", 2)
-    e = Granting(sluicegate.Engine("fixed", capacity=1_000))
-    e.engine.set_load("m", 1.1)
-    m = middleware(json_app(completion()), e, account=named(["a", "b", "c"] * 2), service_tier=lambda a: "priority")
-    assert [Exchange().run(m).status for _ in range(6)] == [200] * 6
-    # The third is not remembered: pushed at each of its requests, and served as granted.
-    assert len(m._grants) == 2 and e.grants.count((b"c", "priority")) == 2 and len(e.grants) == 4
 
 
 def test_a_grant_the_engine_refuses_is_logged_and_the_request_served_at_the_engines_grant(caplog):
@@ -747,26 +738,23 @@ def test_a_grant_the_engine_refuses_is_logged_and_the_request_served_at_the_engi
         assert Exchange().run(m).status == 200
         e.engine.set_load("m", 1.1)
         assert Exchange().run(m).status == 503  # served at default, the engine's grant
-    assert len(e.grants) == 2 and m._grants == {}  # tried again, since it did not take
+    assert len(e.grants) == 2  # tried again, since it did not take
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "could not grant" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     e.assert_settled_once()
 
 
-def test_a_grant_the_engine_lost_is_pushed_again():
+def test_a_grant_the_engine_lost_is_written_again_at_the_next_request():
     e = Granting(sluicegate.Engine("fixed", capacity=1_000))
     m = middleware(json_app(completion()), e, service_tier=lambda a: "priority")
     assert Exchange().run(m).status == 200
-    # Another process (or a restore) leaves the engine at default: admitted below the tier asked.
-    e.engine.set_service_tier_grant(ACCT, "default")
-    assert Exchange().run(m).status == 200
-    assert Exchange().run(m).status == 200
-    assert e.grants == [(ACCT.encode(), "priority")] * 2
-    # Shed because of it: pushed again at the next request, which runs.
+    # Another process (or a restore) leaves the engine at default; at load 1.1 the next request
+    # would be shed as default, but it writes the grant back first and runs as priority.
     e.engine.set_service_tier_grant(ACCT, "default")
     e.engine.set_load("m", 1.1)
-    assert [Exchange().run(m).status for _ in range(2)] == [503, 200]
-    assert len(e.grants) == 3 and e.engine.account(ACCT)["service_tier_grant"] == "priority"
+    assert Exchange().run(m).status == 200
+    assert e.engine.account(ACCT)["service_tier_grant"] == "priority"
+    assert e.grants == [(ACCT.encode(), "priority")] * 2
 
 
 @pytest.mark.parametrize(

@@ -78,9 +78,9 @@ ask for nothing, and ``x-priority`` headers are ignored. As a model's load rises
 six classes, flex first: over-limit flex (at 0.6), in-limit flex (0.7), over-limit default (0.8),
 over-limit priority (0.9), in-limit default (1.0), in-limit priority last (1.2). The engine also
 caps every request by its account's own grant (``Engine.set_service_tier_grant``, ``"default"``
-until set), so the middleware pushes each account's grant into the engine when it differs from
-what it last pushed (remembering only accounts granted another tier than ``"default"``: made-up
-accounts cost no memory). A push the engine refuses (a full account table) is logged, and the
+until set), so the middleware writes each request's account grant into the engine before
+admitting it; the engine writes only a change, and a grant it lost (a restore, another process)
+is back at the next request. A push the engine refuses (a full account table) is logged, and the
 request is served at the engine's grant.
 
 The fast variant (SPEC §1) of a model has its own limits. By default a model named ``<model>-fast``
@@ -130,7 +130,6 @@ from sluicegate._errors import (
     StalePermitError,
     TableFullError,
 )
-from sluicegate._outcome import Outcome
 from sluicegate._sluicegate import Decision, Engine
 
 Scope = MutableMapping[str, Any]
@@ -197,7 +196,6 @@ _TAIL_BYTES = 64 * 1024  # of an oversized response, what is kept of its head an
 _DECODE_PIECE = 64 * 1024  # decompressed at a time
 _MAX_DECODED = 256 << 20  # decompressed per response at most: beyond, it is unreadable
 _MAX_COUNT = 1 << 32  # a usage count above this is not a count
-_MAX_GRANTS = 1 << 16  # accounts whose pushed grant is remembered; others are pushed every request
 
 
 # -- accounts -------------------------------------------------------------------------------------
@@ -913,7 +911,7 @@ class SluicegateMiddleware:
       limits then reset on restart and are not shared between workers).
     - ``service_tier(account)`` grants an account its service tier, ``"flex"``, ``"default"``
       (the default for all) or ``"priority"``; a request's ``service_tier`` may only lower it.
-      The grant is pushed into the engine (``Engine.set_service_tier_grant``) when it changes.
+      The grant is written into the engine (``Engine.set_service_tier_grant``) at each request.
     - ``variant(model, headers) -> (model, fast)`` maps a requested model onto its scope (default
       :func:`fast_variant`: a ``-fast`` suffix or ``x-sluicegate-variant: fast``).
     - ``estimate_prompt_tokens(body)`` sizes the prompt (default :func:`chars_over_four`).
@@ -984,8 +982,6 @@ class SluicegateMiddleware:
         self.max_buffer_bytes = max_buffer_bytes
         self.error_retry_after = error_retry_after
         self._warned: Set[str] = set()
-        # The grants pushed into the engine, of accounts granted another tier than "default".
-        self._grants: Dict[bytes, _ServiceTier] = {}
 
     def digest(self, credential: Union[str, bytes]) -> str:
         """The default account id of a credential under this middleware's deployment key."""
@@ -1076,12 +1072,6 @@ class SluicegateMiddleware:
         except Exception as exc:  # never a 500 from the limiter
             await _respond(send, *self._admit_failed(exc, voice))
             return
-        if asked.service_tier != "flex" and asked.account in self._grants and (
-            decision.outcome is Outcome.SHED or (decision.admitted and decision.service_tier != asked.service_tier)
-        ):
-            # Perhaps served below its grant (flex never is): the engine may have lost it (a
-            # restore, another middleware or process), so the next request pushes it again.
-            del self._grants[asked.account]
         if not decision.admitted:
             await _respond(send, *self._refusal(decision, voice))
             return
@@ -1213,24 +1203,11 @@ class SluicegateMiddleware:
         return granted
 
     def _push_grant(self, account: bytes, granted: _ServiceTier) -> None:
-        """Sets the engine's grant for ``account`` if it differs from what was last pushed.
-
-        Only accounts granted another tier than ``"default"`` are remembered (up to
-        ``_MAX_GRANTS``), so a flood of made-up accounts costs neither memory nor engine calls.
-        An engine left with a higher grant than the operator's is harmless: the tier asked for
-        is never above the operator's grant.
-        """
-        if self._grants.get(account, "default") == granted:
-            return
+        """Writes the operator's grant for ``account`` into the engine, which writes only a change."""
         try:
             self.engine.set_service_tier_grant(account, granted)
         except Exception as exc:  # a full account table: served at the engine's grant
             self._note("grant", "sluicegate: could not grant service tier %r in the engine (%s); served at the engine's grant", granted, exc)
-            return
-        if granted == "default":
-            self._grants.pop(account, None)
-        elif account in self._grants or len(self._grants) < _MAX_GRANTS:
-            self._grants[account] = granted
 
     def _admit_failed(self, exc: Exception, voice: _Voice) -> _Reply:
         if isinstance(exc, ArgumentError):
