@@ -1,8 +1,10 @@
 //! `sluicegate`: replay real traffic through a policy before turning it on, or watch the demo.
 
+mod backend;
 mod demo;
 mod plot;
 mod replay;
+mod report;
 mod top;
 mod trace;
 
@@ -12,8 +14,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use sluicegate_core::response::{Dialect, Render};
-use sluicegate_core::{Adaptation, Capacity, Engine, Metric, Overrides, Policy};
+use sluicegate_core::response::Dialect;
+use sluicegate_core::{Overrides, Policy};
+
+use crate::backend::Backend;
 
 /// Adaptive admission control for LLM gateways: replay traces, watch the demo.
 #[derive(Parser)]
@@ -63,19 +67,36 @@ struct ReplayArgs {
     /// the limits set are enforced.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Replay under each of these policies instead of --policy and compare them side by side:
+    /// comma-separated, each a preset with its own overrides after colons, e.g.
+    /// fireworks_2024,together,fixed:requests_per_minute=600 (--set applies to all).
+    #[arg(long, value_name = "POLICY[:KEY=VALUE...],...")]
+    compare: Option<String>,
     /// Spread requests that name no account over N accounts.
     #[arg(long, default_value_t = 1)]
     accounts: u64,
+    /// Skew that spread like real tenants: account k gets a share proportional to 1/(k+1)^S
+    /// (0: uniform; around 1 is typical).
+    #[arg(long, value_name = "S")]
+    accounts_zipf: Option<f64>,
     /// Fraction of requests sent on the priority tier.
     #[arg(long, default_value_t = 0.0)]
     priority_share: f64,
     /// The model for traces that name none.
     #[arg(long, default_value = "llama-v3p1-70b-instruct")]
     model: String,
+    /// Model a backend with N concurrent slots per model variant; its load (requests in flight,
+    /// queued included, per slot) feeds the engine, so overload sheds (503) by class.
+    #[arg(long, value_name = "N")]
+    capacity: Option<u32>,
+    /// With --capacity: generated tokens per second per request; a request holds its slot for
+    /// generated / rate + prompt / (20 x rate) seconds.
+    #[arg(long, default_value_t = 50.0)]
+    tokens_per_second: f64,
     /// Write the per-minute table as CSV to this file ("-": stdout, and nothing else there).
     #[arg(long)]
     csv: Option<String>,
-    /// Draw limits and outcomes against time into this SVG file.
+    /// Draw, per metric that binds, demand by outcome against the limit into this SVG file.
     #[arg(long)]
     plot: Option<String>,
     /// Show the headers of each minute's last decision in this dialect.
@@ -86,24 +107,34 @@ struct ReplayArgs {
     strict: bool,
 }
 
-const COLUMNS: [&str; 10] = [
-    "minute",
-    "demanded",
-    "admitted",
-    "over_limit",
-    "rate_limited",
-    "shed",
-    "limit_requests",
-    "limit_prompt_tokens",
-    "limit_uncached_prompt_tokens",
-    "limit_generated_tokens",
-];
+/// Why a command stopped early.
+enum Stop {
+    /// An error to report.
+    Failed(String),
+    /// The reader of stdout went away (`| head`): stop quietly, as Unix tools do.
+    PipeClosed,
+}
 
-fn policy_of(args: &ReplayArgs) -> Result<Policy, String> {
-    let preset = Policy::preset(&args.policy)
-        .ok_or_else(|| format!("unknown policy {:?}; expected one of {:?}", args.policy, Policy::PRESETS))?;
+impl From<String> for Stop {
+    fn from(message: String) -> Self {
+        Stop::Failed(message)
+    }
+}
+
+impl From<io::Error> for Stop {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::BrokenPipe { Stop::PipeClosed } else { Stop::Failed(e.to_string()) }
+    }
+}
+
+/// `spec` is a preset, optionally followed by `:KEY=VALUE` overrides; `sets` apply first.
+fn policy_of(spec: &str, sets: &[String]) -> Result<Policy, String> {
+    let mut parts = spec.split(':');
+    let name = parts.next().unwrap_or_default();
+    let preset = Policy::preset(name)
+        .ok_or_else(|| format!("unknown policy {name:?}; expected one of {:?}", Policy::PRESETS))?;
     let mut overrides = Overrides::default();
-    for assignment in &args.set {
+    for assignment in sets.iter().map(String::as_str).chain(parts) {
         let (key, value) =
             assignment.split_once('=').ok_or_else(|| format!("--set {assignment:?}: expected KEY=VALUE"))?;
         let value: f64 = match value {
@@ -114,44 +145,47 @@ fn policy_of(args: &ReplayArgs) -> Result<Policy, String> {
             format!("--set {key}: unknown parameter; expected one of {:?}", Policy::OVERRIDES)
         })?;
     }
-    preset.with(&overrides).map_err(|e| format!("invalid policy: {e}"))
+    preset.with(&overrides).map_err(|e| format!("invalid policy {spec:?}: {e}"))
 }
 
-/// The limits in force, for the replay's header line: `requests 300/min` for a fixed limit,
-/// `requests 60 to 2000/min` for one that adapts, `requests off` for a metric not enforced; then
-/// the hard factor and the longest smoothing wait.
-fn in_force(policy: &Policy) -> String {
-    let fixed = matches!(policy.adaptation, Adaptation::Fixed);
-    let limits = Metric::ALL.map(|m| {
-        let (name, l) = (m.name(), policy.limits.get(m));
-        if !l.is_limited() {
-            format!("{name} off")
-        } else if fixed || l.floor == l.ceiling {
-            format!("{name} {}/min", l.floor)
-        } else if l.ceiling.is_finite() {
-            format!("{name} {} to {}/min", l.floor, l.ceiling)
-        } else {
-            format!("{name} {}/min and up", l.floor)
-        }
-    });
-    let max_wait = policy.max_wait_ns as f64 / 1e9;
-    format!("{}; hard_factor {}, max_wait {max_wait} s", limits.join(", "), policy.hard_factor)
+/// Creates `path` for writing, or says which path could not be written.
+fn create(path: &str) -> Result<File, String> {
+    File::create(path).map_err(|e| format!("cannot write {path}: {e}"))
 }
 
-fn shown(limit: u64) -> String {
-    if limit == u64::MAX { "-".to_string() } else { limit.to_string() }
-}
-
-fn run_replay(args: &ReplayArgs) -> Result<(), String> {
-    let policy = policy_of(args)?;
-    let mut render = match &args.headers {
-        Some(name) => {
-            Some(Render::new(Dialect::from_name(name).ok_or_else(|| format!("unknown dialect {name:?}"))?))
-        }
+fn run_replay(args: &ReplayArgs) -> Result<(), Stop> {
+    let specs: Vec<&str> = match &args.compare {
+        Some(list) => list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
+        None => vec![args.policy.as_str()],
+    };
+    if specs.is_empty() {
+        return Err(Stop::Failed("--compare: no policies given".into()));
+    }
+    let policies = specs.iter().map(|s| policy_of(s, &args.set)).collect::<Result<Vec<_>, _>>()?;
+    let dialect = match &args.headers {
+        Some(name) => Some(Dialect::from_name(name).ok_or_else(|| format!("unknown dialect {name:?}"))?),
         None => None,
     };
+    let backend = match args.capacity {
+        Some(slots) => Some(Backend::new(slots, args.tokens_per_second)?),
+        None => None,
+    };
+    if let Some(s) = args.accounts_zipf.filter(|s| !(s.is_finite() && *s >= 0.0)) {
+        return Err(Stop::Failed(format!("--accounts-zipf must be a number at least 0, not {s}")));
+    }
+    // Outputs are opened before the replay, so a bad path fails at once.
+    let to_stdout = args.csv.as_deref() == Some("-");
+    let csv_file = match args.csv.as_deref() {
+        Some(path) if !to_stdout => Some(create(path)?),
+        _ => None,
+    };
+    if let Some(path) = &args.plot {
+        create(path)?;
+    }
+
     let options = trace::Options {
         accounts: args.accounts.max(1),
+        accounts_zipf: args.accounts_zipf,
         priority_share: args.priority_share,
         model: args.model.clone(),
         strict: args.strict,
@@ -159,119 +193,91 @@ fn run_replay(args: &ReplayArgs) -> Result<(), String> {
     let file = File::open(&args.trace).map_err(|e| format!("cannot open {}: {e}", args.trace))?;
     let trace =
         trace::read(io::BufReader::new(file), &options).map_err(|e| format!("{}: {e}", args.trace))?;
-    for bad in trace.bad.iter().take(20) {
-        eprintln!("{}: line {}: skipped: {}", args.trace, bad.line, bad.reason);
-    }
-    if trace.bad.len() > 20 {
-        eprintln!("{}: {} more bad rows skipped", args.trace, trace.bad.len() - 20);
-    }
+    report::skipped(&args.trace, "skipped", &trace.bad);
     // Dated resets (Anthropic's) read in the trace's own time, or today's for undated traces.
-    if let Some(render) = &mut render {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        render.unix_ns = trace.start_unix_ns.unwrap_or(now.as_nanos() as u64);
-        render.monotonic_at = 0;
-    }
-    let scopes = (trace.requests.len() as u64).min(args.accounts.saturating_mul(8)).max(64) as usize;
-    let engine = Engine::new(policy, Capacity::scopes(scopes * 2)).map_err(|e| e.to_string())?;
-    let bar = ProgressBar::new(trace.requests.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} requests").map_err(|e| e.to_string())?);
-    let minutes = replay::replay(&engine, &trace.requests, render, |done| {
-        if done % 4_096 == 0 {
-            bar.set_position(done);
-        }
-    })
-    .map_err(|e| e.to_string())?;
-    bar.finish_and_clear();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let unix_ns = trace.start_unix_ns.unwrap_or(now.as_nanos() as u64);
 
-    let to_stdout = args.csv.as_deref() == Some("-");
-    if let Some(path) = &args.csv {
-        let out: Box<dyn Write> = if to_stdout {
-            Box::new(io::stdout())
-        } else {
-            Box::new(File::create(path).map_err(|e| e.to_string())?)
+    let mut runs = Vec::new();
+    for (spec, policy) in specs.iter().zip(policies) {
+        let bar = ProgressBar::new(trace.requests.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} requests").map_err(|e| e.to_string())?,
+        );
+        let setup = replay::Setup {
+            policy: policy.clone(),
+            headers: dialect.map(|d| (d, unix_ns)),
+            backend,
+            strict: args.strict,
         };
-        let mut w = csv::Writer::from_writer(out);
-        w.write_record(COLUMNS).map_err(|e| e.to_string())?;
-        for m in &minutes {
-            let [r, p, u, g] = m.limits.map(shown);
-            let row = [m.minute, m.demanded, m.admitted, m.over_limit, m.rate_limited, m.shed]
-                .map(|v| v.to_string());
-            w.write_record(row.iter().map(String::as_str).chain([
-                r.as_str(),
-                p.as_str(),
-                u.as_str(),
-                g.as_str(),
-            ]))
-            .map_err(|e| e.to_string())?;
-        }
-        w.flush().map_err(|e| e.to_string())?;
+        let run = replay::replay(&trace, setup, |done| {
+            if done % 4_096 == 0 {
+                bar.set_position(done);
+            }
+        })
+        .map_err(|bad| format!("{}: line {}: {}", args.trace, bad.line, bad.reason))?;
+        bar.finish_and_clear();
+        report::skipped(&args.trace, "counted invalid", &run.errors);
+        runs.push(report::Run { name: spec.to_string(), policy, replay: run });
+    }
+
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let compare = args.compare.is_some();
+    if to_stdout {
+        report::write_csv(&mut out, &runs, compare)?;
+    } else if let (Some(file), Some(path)) = (csv_file, &args.csv) {
+        let mut file = io::BufWriter::new(file);
+        let written = report::write_csv(&mut file, &runs, compare).and_then(|()| file.flush());
+        written.map_err(|e| format!("cannot write {path}: {e}"))?;
     }
     if !to_stdout {
-        print_table(&trace, &minutes, &args.policy, &policy);
+        if !compare {
+            for run in &runs {
+                report::print_minutes(&mut out, &trace, run)?;
+            }
+        }
+        report::print_summary(&mut out, &trace, &runs)?;
     }
     if let Some(path) = &args.plot {
-        let title = format!("{} under {}", args.trace.rsplit('/').next().unwrap_or(&args.trace), args.policy);
-        plot::draw(&minutes, &title, path).map_err(|e| format!("plot: {e}"))?;
+        let title = args.trace.rsplit('/').next().unwrap_or(&args.trace);
+        let panels: Vec<_> = runs.iter().map(report::minutes).collect();
+        plot::draw(&panels, title, path).map_err(|e| format!("cannot write {path}: {e}"))?;
         eprintln!("wrote {path}");
     }
     Ok(())
 }
 
-fn print_table(trace: &trace::Trace, minutes: &[replay::Minute], name: &str, policy: &Policy) {
-    let total: u64 = minutes.iter().map(|m| m.demanded).sum();
-    println!(
-        "{} requests ({} trace, {} bad rows skipped) under {name}: {}",
-        total,
-        trace.format,
-        trace.bad.len(),
-        in_force(policy)
-    );
-    println!(
-        "{:>6} {:>9} {:>9} {:>10} {:>7} {:>6} {:>7} {:>10} {:>12} {:>14} {:>15}",
-        "minute",
-        "demanded",
-        "admitted",
-        "over_limit",
-        "429",
-        "503",
-        "400/402",
-        "limit_rpm",
-        "limit_prompt",
-        "limit_uncached",
-        "limit_generated"
-    );
-    for m in minutes {
-        let [r, p, u, g] = m.limits.map(shown);
-        println!(
-            "{:>6} {:>9} {:>9} {:>10} {:>7} {:>6} {:>7} {r:>10} {p:>12} {u:>14} {g:>15}",
-            m.minute, m.demanded, m.admitted, m.over_limit, m.rate_limited, m.shed, m.refused
-        );
-        for (name, value) in &m.headers {
-            println!("         {name}: {value}");
-        }
-    }
-}
-
-fn run_top(args: &TopArgs) -> Result<(), String> {
+fn run_top(args: &TopArgs) -> Result<(), Stop> {
     let region = top::Region::open(&args.path)?;
     if !args.once {
-        return top::run(&region, std::time::Duration::from_millis(args.interval_ms.max(50)), args.limit);
+        return Ok(top::run(
+            &region,
+            std::time::Duration::from_millis(args.interval_ms.max(50)),
+            args.limit,
+        )?);
     }
     let snapshot = region.read(sluicegate_core::clock::now_ns())?;
+    let mut out = io::stdout().lock();
     if args.json {
-        println!("{}", top::to_json(&snapshot, args.limit));
+        writeln!(out, "{}", top::to_json(&snapshot, args.limit))?;
     } else {
-        println!("{:<24} {:<24} {:<8} {:>9} {:>14}", "account", "model", "variant", "in flight", "requests");
+        writeln!(
+            out,
+            "{:<24} {:<24} {:<8} {:>9} {:>14}",
+            "account", "model", "variant", "in flight", "requests"
+        )?;
         for s in snapshot.scopes.iter().take(args.limit) {
             let requests = sluicegate_core::Metric::Requests;
-            println!(
+            writeln!(
+                out,
                 "{:<24} {:<24} {:<8} {:>9} {:>14}",
                 String::from_utf8_lossy(s.account()),
                 String::from_utf8_lossy(s.model()),
                 if s.variant == sluicegate_core::Variant::Fast { "fast" } else { "regular" },
                 s.in_flight,
                 format!("{}/{}", s.levels.remaining(requests), s.levels.limit(requests)),
-            );
+            )?;
         }
     }
     Ok(())
@@ -281,12 +287,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Replay(args) => run_replay(args),
-        Command::Demo => demo::run().map_err(|e| e.to_string()),
+        Command::Demo => demo::run(&mut io::stdout().lock()).map_err(|e| match e.downcast::<io::Error>() {
+            Ok(io) => Stop::from(*io),
+            Err(other) => Stop::Failed(other.to_string()),
+        }),
         Command::Top(args) => run_top(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(()) | Err(Stop::PipeClosed) => ExitCode::SUCCESS,
+        Err(Stop::Failed(e)) => {
             eprintln!("sluicegate: {e}");
             ExitCode::FAILURE
         }

@@ -8,10 +8,11 @@ use crate::replay::Minute;
 type Layer = (&'static str, RGBColor, fn(&Minute) -> u64);
 
 /// Draws `minutes` into an SVG file at `path`.
-pub fn draw(minutes: &[Minute], title: &str, path: &str) -> Result<(), Box<dyn std::error::Error>> {
+pub fn draw(runs: &[(&str, &[Minute])], title: &str, path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let minutes = runs.first().map_or(&[][..], |r| r.1);
     let root = SVGBackend::new(path, (1000, 520)).into_drawing_area();
     root.fill(&WHITE)?;
-    let last = minutes.len().max(1) as u64;
+    let last = minutes.last().map_or(1, |m| m.minute + 1);
     let limit = |m: &Minute| m.limits[0].min(1 << 40);
     let top = minutes.iter().map(|m| m.demanded.max(limit(m))).max().unwrap_or(1).max(1) as f64 * 1.1;
     let mut chart = ChartBuilder::on(&root)
@@ -29,10 +30,10 @@ pub fn draw(minutes: &[Minute], title: &str, path: &str) -> Result<(), Box<dyn s
 
     // Stacked from the bottom: what ran normally, over-limit, then what was refused.
     let layers: [Layer; 4] = [
-        ("admitted", RGBColor(44, 160, 44), |m| m.admitted),
-        ("over limit (lower priority)", RGBColor(255, 187, 40), |m| m.over_limit),
-        ("rate limited (429)", RGBColor(214, 39, 40), |m| m.rate_limited),
-        ("shed (503)", RGBColor(148, 103, 189), |m| m.shed),
+        ("admitted (in limit)", RGBColor(44, 160, 44), |m| m.fates[0]),
+        ("over limit (lower priority)", RGBColor(255, 187, 40), |m| m.fates[1]),
+        ("rate limited (429)", RGBColor(214, 39, 40), |m| m.fates[2]),
+        ("shed (503)", RGBColor(148, 103, 189), |m| m.fates[3]),
     ];
     for depth in (0..layers.len()).rev() {
         let (name, color, _) = layers[depth];

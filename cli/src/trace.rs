@@ -1,6 +1,8 @@
 //! Traces: the Azure LLM inference trace 2023 and sluicegate's own CSV, told apart by their
 //! header line (format: `docs/trace-format.md`).
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::io::Read;
 
 use sluicegate_core::ServiceTier;
@@ -8,12 +10,14 @@ use sluicegate_core::ServiceTier;
 /// One request of a trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceRequest {
+    /// The line of the file the row starts on (the header is line 1).
+    pub line: u64,
     /// Time since the trace's first request, ns.
     pub t_ns: u64,
-    /// Account id.
-    pub account: String,
-    /// Model id.
-    pub model: String,
+    /// Account: an index into [`Trace::accounts`].
+    pub account: u32,
+    /// Model: an index into [`Trace::models`].
+    pub model: u32,
     /// Fast variant.
     pub fast: bool,
     /// The service tier asked for (the trace's `priority` column).
@@ -44,6 +48,8 @@ pub struct BadRow {
 pub struct Options {
     /// Spread requests that name no account over this many accounts, by a stable hash.
     pub accounts: u64,
+    /// Skew that spread: account k (from 0) gets a share ∝ 1/(k+1)^s; `None` or 0 is uniform.
+    pub accounts_zipf: Option<f64>,
     /// Fraction of requests sent on the priority tier, by a stable hash.
     pub priority_share: f64,
     /// The model for traces that name none.
@@ -57,6 +63,10 @@ pub struct Options {
 pub struct Trace {
     /// The usable requests, in time order.
     pub requests: Vec<TraceRequest>,
+    /// Account ids, each once, in order of first appearance.
+    pub accounts: Vec<String>,
+    /// Model ids, each once, in order of first appearance.
+    pub models: Vec<String>,
     /// Rows skipped.
     pub bad: Vec<BadRow>,
     /// "azure" or "sluicegate".
@@ -100,6 +110,33 @@ fn mix(x: u64, salt: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Names, each stored once, numbered in order of first appearance.
+#[derive(Default)]
+struct Names {
+    index: HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Names {
+    fn id(&mut self, name: &str) -> Result<u32, String> {
+        if let Some(&id) = self.index.get(name) {
+            return Ok(id);
+        }
+        let id = u32::try_from(self.names.len()).map_err(|_| "more than 2^32 distinct names".to_string())?;
+        self.index.insert(name.to_string(), id);
+        self.names.push(name.to_string());
+        Ok(id)
+    }
+}
+
+/// A parsed row before its names are numbered and its time made relative.
+struct Row<'a> {
+    t_ns: u64,
+    account: Cow<'a, str>,
+    model: Cow<'a, str>,
+    request: TraceRequest,
+}
+
 /// Reads a trace from `input`.
 pub fn read(input: impl Read, options: &Options) -> Result<Trace, TraceError> {
     let mut reader =
@@ -111,18 +148,32 @@ pub fn read(input: impl Read, options: &Options) -> Result<Trace, TraceError> {
         OWN_HEADER => "sluicegate",
         _ => return Err(TraceError::UnknownFormat(header)),
     };
-    let mut trace = Trace { requests: Vec::new(), bad: Vec::new(), format, start_unix_ns: None };
+    let mut trace = Trace {
+        requests: Vec::new(),
+        accounts: Vec::new(),
+        models: Vec::new(),
+        bad: Vec::new(),
+        format,
+        start_unix_ns: None,
+    };
+    let (mut accounts, mut models) = (Names::default(), Names::default());
     let mut origin = None;
     let mut last = 0u64;
-    for (i, record) in reader.records().enumerate() {
-        let line = i as u64 + 2;
-        let row = record.map_err(|e| e.to_string()).and_then(|r| {
-            let fields: Vec<&str> = r.iter().collect();
-            if format == "azure" { azure(&fields, line, options) } else { own(&fields) }
-        });
-        let parsed = row.and_then(|(t, request)| {
-            let origin = *origin.get_or_insert(t);
-            let t_ns = t.checked_sub(origin).ok_or("timestamp before the first request")?;
+    let mut record = csv::StringRecord::new();
+    loop {
+        let more = reader.read_record(&mut record);
+        let line = record.position().map_or(0, csv::Position::line);
+        let parsed = match more {
+            Ok(false) => break,
+            Ok(true) => {
+                let fields: Vec<&str> = record.iter().collect();
+                if format == "azure" { azure(&fields, line, options) } else { own(&fields, line) }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let parsed = parsed.and_then(|row| {
+            let origin = *origin.get_or_insert(row.t_ns);
+            let t_ns = row.t_ns.checked_sub(origin).ok_or("timestamp before the first request")?;
             if t_ns < last {
                 return Err(format!(
                     "timestamp out of order ({} ms after {} ms)",
@@ -130,7 +181,9 @@ pub fn read(input: impl Read, options: &Options) -> Result<Trace, TraceError> {
                     last / 1_000_000
                 ));
             }
-            Ok(TraceRequest { t_ns, ..request })
+            let account = accounts.id(&row.account)?;
+            let model = models.id(&row.model)?;
+            Ok(TraceRequest { t_ns, account, model, ..row.request })
         });
         match parsed {
             Ok(r) => {
@@ -147,6 +200,8 @@ pub fn read(input: impl Read, options: &Options) -> Result<Trace, TraceError> {
         }
     }
     trace.start_unix_ns = origin.filter(|_| format == "azure");
+    trace.accounts = accounts.names;
+    trace.models = models.names;
     Ok(trace)
 }
 
@@ -164,17 +219,18 @@ fn count(fields: &[&str], i: usize, name: &str) -> Result<u64, String> {
 
 /// An Azure row: `2023-11-16 18:15:46.6805900,374,44`. It names no account or model and no
 /// max_tokens; the generated count is used as the reservation.
-fn azure(fields: &[&str], line: u64, o: &Options) -> Result<(u64, TraceRequest), String> {
+fn azure<'a>(fields: &[&'a str], line: u64, o: &'a Options) -> Result<Row<'a>, String> {
     let t = timestamp_ns(field(fields, 0, "TIMESTAMP")?)?;
     let prompt_tokens = count(fields, 1, "ContextTokens")?;
     let generated_tokens = count(fields, 2, "GeneratedTokens")?;
-    let account = format!("acct-{}", mix(line, 1) % o.accounts.max(1));
+    let account = Cow::Owned(format!("acct-{}", mix(line, 1) % o.accounts.max(1)));
     let priority = (mix(line, 2) % 1_000_000) < (o.priority_share.clamp(0.0, 1.0) * 1e6) as u64;
     let service_tier = if priority { ServiceTier::Priority } else { ServiceTier::Default };
     let request = TraceRequest {
+        line,
         t_ns: 0,
-        account,
-        model: o.model.clone(),
+        account: 0,
+        model: 0,
         fast: false,
         service_tier,
         n: 1,
@@ -183,11 +239,11 @@ fn azure(fields: &[&str], line: u64, o: &Options) -> Result<(u64, TraceRequest),
         max_tokens: generated_tokens,
         generated_tokens,
     };
-    Ok((t, request))
+    Ok(Row { t_ns: t, account, model: Cow::Borrowed(&o.model), request })
 }
 
 /// A row of sluicegate's own format.
-fn own(fields: &[&str]) -> Result<(u64, TraceRequest), String> {
+fn own<'a>(fields: &[&'a str], line: u64) -> Result<Row<'a>, String> {
     let t_ms = count(fields, 0, "t_ms")?;
     let variant = field(fields, 3, "variant")?;
     let fast = match variant {
@@ -203,9 +259,10 @@ fn own(fields: &[&str]) -> Result<(u64, TraceRequest), String> {
             .ok_or_else(|| format!("priority must be 0, 1, flex, default or priority, not {name:?}"))?,
     };
     let request = TraceRequest {
+        line,
         t_ns: 0,
-        account: field(fields, 1, "account")?.to_string(),
-        model: field(fields, 2, "model")?.to_string(),
+        account: 0,
+        model: 0,
         fast,
         service_tier,
         n: count(fields, 5, "n")?,
@@ -214,7 +271,8 @@ fn own(fields: &[&str]) -> Result<(u64, TraceRequest), String> {
         max_tokens: count(fields, 8, "max_tokens")?,
         generated_tokens: count(fields, 9, "generated_tokens")?,
     };
-    Ok((t_ms.saturating_mul(1_000_000), request))
+    let (account, model) = (field(fields, 1, "account")?, field(fields, 2, "model")?);
+    Ok(Row { t_ns: t_ms.saturating_mul(1_000_000), account: account.into(), model: model.into(), request })
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.fraction]` as ns since the Unix epoch (UTC).

@@ -67,13 +67,31 @@ fn every_request_of_every_minute_is_accounted_for() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let mut checked = 0;
-    for line in stdout.lines().skip(2) {
-        let v: Vec<u64> = line.split_whitespace().take(7).map(|x| x.parse().unwrap()).collect();
-        let [_, demanded, admitted, over, limited, shed, refused] = v[..] else { panic!("{line}") };
-        assert_eq!(admitted + over + limited + shed + refused, demanded, "{line}");
+    for line in stdout.lines().skip(2).take_while(|l| !l.is_empty()) {
+        let v: Vec<u64> = line.split_whitespace().take(8).map(|x| x.parse().unwrap()).collect();
+        let [_, demanded, admitted, over, limited, shed, spend, invalid] = v[..] else { panic!("{line}") };
+        assert_eq!(admitted + over + limited + shed + spend + invalid, demanded, "{line}");
         checked += demanded;
     }
     assert_eq!(checked, 3_000);
+    // The summary's shares add up to the whole, and the 429s' bindings to the 429s.
+    let summary = |label: &str| -> u64 {
+        let line =
+            stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{label}: {stdout}"));
+        line.split_whitespace().find_map(|t| t.parse().ok()).unwrap()
+    };
+    let fates =
+        ["admitted (in limit)", "over limit", "rate limited (429)", "shed (503)", "spend refused", "invalid"];
+    assert_eq!(fates.iter().map(|f| summary(f)).sum::<u64>(), 3_000, "{stdout}");
+    assert_eq!(summary("invalid (400)"), 31, "{stdout}"); // n = 0 on every 97th row
+    let bindings = [
+        "  bound by requests",
+        "  bound by prompt_tokens",
+        "  bound by uncached",
+        "  bound by generated",
+        "  bound by concurrency",
+    ];
+    assert_eq!(bindings.iter().map(|b| summary(b)).sum::<u64>(), summary("rate limited (429)"), "{stdout}");
 }
 
 #[test]
@@ -164,7 +182,7 @@ fn the_demo_tells_the_seeds_stories() {
     let stdout = text(&out.stdout);
     let two_hours = stdout.lines().find(|l| l.trim_start().starts_with("2 h")).unwrap_or_default();
     assert_eq!(two_hours.split_whitespace().nth(2), Some("1440"), "{stdout}");
-    assert!(stdout.contains("60 admitted, 60 admitted over-limit"), "{stdout}");
+    assert!(stdout.contains("60 admitted in limit, 60 over limit"), "{stdout}");
     assert!(stdout.contains("HTTP 503") && stdout.contains("HTTP 429"), "{stdout}");
     // Six classes of request: at 0.7 the two flex classes are shed, at 1.0 all but in-limit priority.
     let at = |load: &str| -> Vec<String> {
