@@ -163,14 +163,15 @@ impl Ord for Running {
     }
 }
 
-/// Room for everything the trace names, sized by one pass over it.
+/// Room for everything the trace names, sized by one pass over it: tables are hashed into
+/// windows near each key's home slot, so each gets twice what it holds.
 fn capacity_for(trace: &Trace, scopes: usize, backend: Option<&Backend>) -> Capacity {
     let most = Capacity::scopes(usize::MAX);
     let in_flight = backend.map_or(0, |b| b.slots as usize * 2 * trace.models.len().max(1) * 2);
     Capacity {
-        scopes: (scopes + scopes / 3 + 64).min(u32::MAX as usize),
-        accounts: (trace.accounts.len() + 64).min(most.accounts),
-        models: (trace.models.len() + 16).clamp(256, most.models),
+        scopes: scopes.saturating_mul(2).saturating_add(64).min(u32::MAX as usize),
+        accounts: (trace.accounts.len().saturating_mul(2) + 64).min(most.accounts),
+        models: (trace.models.len().saturating_mul(2) + 16).clamp(256, most.models),
         permits: (in_flight + 1_024).min(most.permits),
     }
 }

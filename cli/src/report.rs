@@ -66,12 +66,20 @@ fn shown(limit: u64) -> String {
     if limit == u64::MAX { "-".to_string() } else { limit.to_string() }
 }
 
+/// A CSV error as the I/O error behind it, so a closed pipe stays one.
+fn io_error(e: csv::Error) -> io::Error {
+    match e.into_kind() {
+        csv::ErrorKind::Io(e) => e,
+        other => io::Error::other(format!("{other:?}")),
+    }
+}
+
 /// The minutes as CSV; with `compare`, each row starts with its policy (column `policy`).
 /// Minutes without requests have no row.
 pub fn write_csv(out: &mut impl Write, runs: &[Run], compare: bool) -> io::Result<()> {
     let mut w = csv::Writer::from_writer(out);
     let policy_column = if compare { Some("policy") } else { None };
-    w.write_record(policy_column.into_iter().chain(COLUMNS))?;
+    w.write_record(policy_column.into_iter().chain(COLUMNS)).map_err(io_error)?;
     for run in runs {
         for m in &run.replay.minutes {
             let counts = [
@@ -84,7 +92,7 @@ pub fn write_csv(out: &mut impl Write, runs: &[Run], compare: bool) -> io::Resul
             ];
             let fields = counts.into_iter().map(|v| v.to_string()).chain(m.limits.map(shown));
             let name = if compare { Some(run.name.clone()) } else { None };
-            w.write_record(name.into_iter().chain(fields))?;
+            w.write_record(name.into_iter().chain(fields)).map_err(io_error)?;
         }
     }
     w.flush()

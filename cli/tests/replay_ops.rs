@@ -1,0 +1,225 @@
+//! `sluicegate replay` on the traces operators really have: many tenants, bad keys, gaps of
+//! years, a reader that goes away, outputs that cannot be written, an overloaded backend, and
+//! several policies to choose from.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Output, Stdio};
+
+fn sluicegate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn trace_file(name: &str, body: &str) -> String {
+    let path = format!("{}/{name}", env!("CARGO_TARGET_TMPDIR"));
+    std::fs::File::create(&path).unwrap().write_all(body.as_bytes()).unwrap();
+    path
+}
+
+const HEADER: &str =
+    "t_ms,account,model,variant,priority,n,prompt_tokens,cached_tokens,max_tokens,generated_tokens\n";
+
+/// The first count on the summary line starting with `label`, under the first policy.
+fn summary(stdout: &str, label: &str) -> u64 {
+    let line = stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{label}: {stdout}"));
+    line[label.len()..].split_whitespace().find_map(|t| t.parse().ok()).unwrap()
+}
+
+#[test]
+fn tables_are_sized_from_the_trace_not_from_accounts() {
+    // 1,200 accounts on 3 models: far more scopes than the default --accounts 1 would size for.
+    let mut body = String::from(HEADER);
+    for i in 0..3_600u64 {
+        body.push_str(&format!("{},tenant-{},model-{},regular,0,1,100,0,10,10\n", i * 10, i % 1_200, i % 3));
+    }
+    let out = sluicegate(&["replay", &trace_file("tenants.csv", &body)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(summary(&stdout, "requests"), 3_600);
+    assert_eq!(summary(&stdout, "admitted (in limit)"), 3_600, "{stdout}");
+    assert_eq!(summary(&stdout, "invalid (400)"), 0, "{stdout}");
+}
+
+#[test]
+fn a_row_the_engine_refuses_is_one_invalid_request_on_its_line() {
+    let long = "a".repeat(65);
+    let body = format!(
+        "{HEADER}0,a,m,regular,0,1,10,0,5,5\n\n10,{long},m,regular,0,1,10,0,5,5\n20,a,m,regular,0,1,10,0,5,5\n"
+    );
+    let path = trace_file("long_key.csv", &body);
+    let out = sluicegate(&["replay", &path]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    // Line 4: the header, a row and a blank line come first.
+    assert!(stderr.contains("line 4: counted invalid: key longer than 64 bytes"), "{stderr}");
+    let stdout = text(&out.stdout);
+    assert_eq!(summary(&stdout, "requests"), 3, "{stdout}");
+    assert_eq!(summary(&stdout, "admitted (in limit)"), 2, "{stdout}");
+    assert_eq!(summary(&stdout, "invalid (400)"), 1, "{stdout}");
+    let strict = sluicegate(&["replay", &path, "--strict"]);
+    assert!(!strict.status.success());
+    assert!(text(&strict.stderr).contains("line 4: key longer than 64 bytes"), "{}", text(&strict.stderr));
+}
+
+#[test]
+fn a_gap_of_decades_between_rows_costs_nothing() {
+    let body = format!("{HEADER}0,a,m,regular,0,1,10,0,5,5\n1700000000000,a,m,regular,0,1,10,0,5,5\n");
+    let path = trace_file("gap.csv", &body);
+    let out = sluicegate(&["replay", &path, "--csv", "-"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<String> = text(&out.stdout).lines().skip(1).map(String::from).collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows[0].starts_with("0,1,1,0,0,0,"), "{rows:?}");
+    assert!(rows[1].starts_with("28333333,1,1,0,0,0,"), "{rows:?}");
+    // Idle decades shrank the limit back to its floor.
+    assert!(rows[1].ends_with(",60,60000,60000,6000"), "{rows:?}");
+    let table = sluicegate(&["replay", &path]);
+    assert!(text(&table.stdout).contains("idle for 28333332 minutes"), "{}", text(&table.stdout));
+}
+
+/// Starts `args` with its stdout a pipe whose reader reads `lines` lines and goes away.
+fn reader_leaves_after(args: &[&str], lines: usize) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    for _ in 0..lines {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0);
+    }
+    drop(reader);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    // 3,000 minutes of table: more than a pipe holds, so the writer meets the closed pipe.
+    let mut body = String::from(HEADER);
+    for minute in 0..3_000u64 {
+        body.push_str(&format!("{},a,m,regular,0,1,10,0,5,5\n", minute * 60_000));
+    }
+    let path = trace_file("long_table.csv", &body);
+    for (args, lines) in [
+        (vec!["replay", path.as_str()], 2),
+        (vec!["replay", path.as_str(), "--csv", "-"], 2),
+        (vec!["demo"], 0),
+        (vec!["demo"], 1),
+    ] {
+        let out = reader_leaves_after(&args, lines);
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn headers_are_rendered_as_the_policy_sends_them() {
+    let body = format!("{HEADER}0,a,m,regular,0,1,1000,0,50,50\n");
+    let path = trace_file("per_second.csv", &body);
+    let out = sluicegate(&["replay", &path, "--policy", "fireworks_2026", "--headers", "fireworks"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // fireworks_2026 publishes per-second limits: 3.6M prompt tokens a minute is 60,000 a second.
+    assert!(stdout.contains("x-ratelimit-limit-tokens-prompt: 60000"), "{stdout}");
+    assert!(stdout.contains("x-ratelimit-limit-tokens-cache-adjusted-prompt: 15000"), "{stdout}");
+    let per_minute = sluicegate(&["replay", &path, "--policy", "fireworks_2024", "--headers", "fireworks"]);
+    assert!(text(&per_minute.stdout).contains("x-ratelimit-limit-tokens-prompt: 60000\n"));
+    assert!(!text(&per_minute.stdout).contains("cache-adjusted"));
+}
+
+#[test]
+fn an_output_that_cannot_be_written_is_named_before_the_replay() {
+    let trace = "../data/azure_llm_2023_conv.csv";
+    for flag in ["--csv", "--plot"] {
+        let path = "/nonexistent-dir/out.file";
+        let out = sluicegate(&["replay", trace, flag, path]);
+        assert!(!out.status.success(), "{flag}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(&format!("cannot write {path}")), "{flag}: {stderr}");
+        assert!(out.stdout.is_empty(), "{flag}: the replay ran: {}", text(&out.stdout));
+    }
+}
+
+#[test]
+fn an_overloaded_backend_sheds_flex_first_and_priority_last() {
+    // Three tenants, one per tier, each sending 10 requests a second for two minutes at a backend
+    // of 8 slots that finishes about one request a second: far more than it can serve.
+    let mut body = String::from(HEADER);
+    for i in 0..3_600u64 {
+        let tier = ["flex", "default", "priority"][(i % 3) as usize];
+        body.push_str(&format!("{},{tier}-tenant,m,regular,{tier},1,100,0,100,100\n", i * 100 / 3));
+    }
+    let path = trace_file("overload.csv", &body);
+    let base = ["replay", path.as_str(), "--policy", "fixed", "--set", "requests_per_minute=1000000"];
+    let loaded = sluicegate(&[&base[..], &["--capacity", "8", "--tokens-per-second", "10"]].concat());
+    assert!(loaded.status.success(), "{}", text(&loaded.stderr));
+    let stdout = text(&loaded.stdout);
+    let shed = summary(&stdout, "shed (503)");
+    assert!(shed > 3_000, "{stdout}");
+    assert_eq!(summary(&stdout, "rate limited (429)"), 0, "{stdout}");
+    let most = stdout.lines().find(|l| l.starts_with("Most refused accounts")).unwrap();
+    let refused = |tenant: &str| -> u64 {
+        let at = most.find(tenant).unwrap_or_else(|| panic!("{tenant}: {most}"));
+        most[at + tenant.len()..].split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty()).unwrap().parse().unwrap()
+    };
+    let (flex, default, priority) = (refused("flex-tenant "), refused("default-tenant "), refused("priority-tenant "));
+    assert!(flex > default && default > priority, "{most}");
+    assert_eq!(flex + default + priority, shed);
+    // Without a backend nothing is loaded and nothing is shed.
+    let unloaded = sluicegate(&base);
+    assert_eq!(summary(&text(&unloaded.stdout), "shed (503)"), 0);
+    let bad = sluicegate(&[&base[..], &["--capacity", "0"]].concat());
+    assert!(!bad.status.success() && text(&bad.stderr).contains("--capacity"));
+    let bad = sluicegate(&[&base[..], &["--capacity", "8", "--tokens-per-second", "0"]].concat());
+    assert!(!bad.status.success() && text(&bad.stderr).contains("--tokens-per-second"));
+}
+
+#[test]
+fn policies_are_compared_side_by_side() {
+    let svg = format!("{}/compare.svg", env!("CARGO_TARGET_TMPDIR"));
+    let policies = "fireworks_2024,together,fixed:requests_per_minute=200";
+    let out = sluicegate(&[
+        "replay",
+        "../data/azure_llm_2023_conv.csv",
+        "--compare",
+        policies,
+        "--plot",
+        &svg,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let heading = stdout.lines().find(|l| l.starts_with("policy")).unwrap();
+    let names: Vec<&str> = heading.split_whitespace().skip(1).collect();
+    assert_eq!(names, ["fireworks_2024", "together", "fixed:requests_per_minute=200"]);
+    let requests = stdout.lines().find(|l| l.starts_with("requests")).unwrap();
+    assert_eq!(requests.split_whitespace().skip(1).collect::<Vec<_>>(), ["19366"; 3]);
+    // The fixed 200 a minute refuses what the trace's ~330 a minute exceeds, all bound by requests.
+    let limited = stdout.lines().find(|l| l.starts_with("rate limited (429)")).unwrap();
+    let fixed_429: u64 = limited.split_whitespace().filter_map(|t| t.parse().ok()).last().unwrap();
+    let by_requests = stdout.lines().find(|l| l.starts_with("  bound by requests")).unwrap();
+    let fixed_by_requests: u64 = by_requests.split_whitespace().filter_map(|t| t.parse().ok()).last().unwrap();
+    assert!(fixed_429 > 1_000 && fixed_429 == fixed_by_requests, "{stdout}");
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    for name in names {
+        assert!(drawn.contains(&format!("{name}: requests")), "{name}");
+    }
+    // The CSV of a comparison starts each row with its policy.
+    let csv = sluicegate(&["replay", "../data/azure_llm_2023_conv.csv", "--compare", policies, "--csv", "-"]);
+    let csv = text(&csv.stdout);
+    assert!(csv.starts_with("policy,minute,demanded,admitted,over_limit,"), "{csv}");
+    assert_eq!(csv.lines().filter(|l| l.starts_with("together,")).count(), 59);
+    let unknown = sluicegate(&["replay", "../data/azure_llm_2023_conv.csv", "--compare", "fixed,sideways"]);
+    assert!(!unknown.status.success() && text(&unknown.stderr).contains("unknown policy \"sideways\""));
+}
