@@ -204,12 +204,8 @@ fn run_replay(args: &ReplayArgs) -> Result<(), Stop> {
         bar.set_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} requests").map_err(|e| e.to_string())?,
         );
-        let setup = replay::Setup {
-            policy: policy.clone(),
-            headers: dialect.map(|d| (d, unix_ns)),
-            backend,
-            strict: args.strict,
-        };
+        let setup =
+            replay::Setup { policy, headers: dialect.map(|d| (d, unix_ns)), backend, strict: args.strict };
         let run = replay::replay(&trace, setup, |done| {
             if done % 4_096 == 0 {
                 bar.set_position(done);

@@ -172,9 +172,15 @@ fn an_overloaded_backend_sheds_flex_first_and_priority_last() {
     let most = stdout.lines().find(|l| l.starts_with("Most refused accounts")).unwrap();
     let refused = |tenant: &str| -> u64 {
         let at = most.find(tenant).unwrap_or_else(|| panic!("{tenant}: {most}"));
-        most[at + tenant.len()..].split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty()).unwrap().parse().unwrap()
+        most[at + tenant.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .find(|s| !s.is_empty())
+            .unwrap()
+            .parse()
+            .unwrap()
     };
-    let (flex, default, priority) = (refused("flex-tenant "), refused("default-tenant "), refused("priority-tenant "));
+    let (flex, default, priority) =
+        (refused("flex-tenant "), refused("default-tenant "), refused("priority-tenant "));
     assert!(flex > default && default > priority, "{most}");
     assert_eq!(flex + default + priority, shed);
     // Without a backend nothing is loaded and nothing is shed.
@@ -190,14 +196,8 @@ fn an_overloaded_backend_sheds_flex_first_and_priority_last() {
 fn policies_are_compared_side_by_side() {
     let svg = format!("{}/compare.svg", env!("CARGO_TARGET_TMPDIR"));
     let policies = "fireworks_2024,together,fixed:requests_per_minute=200";
-    let out = sluicegate(&[
-        "replay",
-        "../data/azure_llm_2023_conv.csv",
-        "--compare",
-        policies,
-        "--plot",
-        &svg,
-    ]);
+    let out =
+        sluicegate(&["replay", "../data/azure_llm_2023_conv.csv", "--compare", policies, "--plot", &svg]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let heading = stdout.lines().find(|l| l.starts_with("policy")).unwrap();
@@ -207,9 +207,10 @@ fn policies_are_compared_side_by_side() {
     assert_eq!(requests.split_whitespace().skip(1).collect::<Vec<_>>(), ["19366"; 3]);
     // The fixed 200 a minute refuses what the trace's ~330 a minute exceeds, all bound by requests.
     let limited = stdout.lines().find(|l| l.starts_with("rate limited (429)")).unwrap();
-    let fixed_429: u64 = limited.split_whitespace().filter_map(|t| t.parse().ok()).last().unwrap();
+    let fixed_429: u64 = limited.split_whitespace().filter_map(|t| t.parse().ok()).next_back().unwrap();
     let by_requests = stdout.lines().find(|l| l.starts_with("  bound by requests")).unwrap();
-    let fixed_by_requests: u64 = by_requests.split_whitespace().filter_map(|t| t.parse().ok()).last().unwrap();
+    let fixed_by_requests: u64 =
+        by_requests.split_whitespace().filter_map(|t| t.parse().ok()).next_back().unwrap();
     assert!(fixed_429 > 1_000 && fixed_429 == fixed_by_requests, "{stdout}");
     let drawn = std::fs::read_to_string(&svg).unwrap();
     for name in names {
