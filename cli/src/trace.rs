@@ -2,8 +2,8 @@
 //! header line (format: `docs/trace-format.md`).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::io::Read;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
 
 use sluicegate_core::ServiceTier;
 
@@ -67,11 +67,11 @@ pub struct Trace {
     pub accounts: Vec<String>,
     /// Model ids, each once, in order of first appearance.
     pub models: Vec<String>,
-    /// Rows skipped.
+    /// Rows skipped, in line order.
     pub bad: Vec<BadRow>,
     /// "azure" or "sluicegate".
     pub format: &'static str,
-    /// Unix time of the first request, when the trace gives dates (Azure's do).
+    /// Unix time of the first request (the first row kept), when the trace gives dates (Azure's do).
     pub start_unix_ns: Option<u64>,
 }
 
@@ -82,8 +82,10 @@ pub enum TraceError {
     Io(String),
     /// The header line is neither format's.
     UnknownFormat(String),
-    /// `--strict` and a bad row.
+    /// `--strict` and a bad row (the first in the file).
     Bad(BadRow),
+    /// The options cannot be applied to this trace.
+    Options(String),
 }
 
 impl std::fmt::Display for TraceError {
@@ -95,6 +97,7 @@ impl std::fmt::Display for TraceError {
                 "unknown trace format (header {h:?}); expected TIMESTAMP,ContextTokens,GeneratedTokens or {OWN_HEADER}"
             ),
             TraceError::Bad(b) => write!(f, "line {}: {}", b.line, b.reason),
+            TraceError::Options(e) => f.write_str(e),
         }
     }
 }
@@ -129,18 +132,125 @@ impl Names {
     }
 }
 
-/// A parsed row before its names are numbered and its time made relative.
+/// A parsed row before its names are numbered.
 struct Row<'a> {
-    t_ns: u64,
     account: Cow<'a, str>,
     model: Cow<'a, str>,
+    /// Its `t_ns` is still the row's absolute time.
     request: TraceRequest,
 }
 
+/// How rows that name no account (Azure's) are spread over `--accounts`, by a stable hash of
+/// a number of their own (csv's line count where they begin).
+enum Spread {
+    /// Each of this many accounts alike.
+    Uniform(u64),
+    /// Account k's share ∝ 1/(k+1)^s: the running sum of the shares, the last 1.
+    Zipf(Vec<f64>),
+}
+
+/// The most accounts `--accounts-zipf` spreads over (a table of 8 bytes each).
+const MAX_ZIPF_ACCOUNTS: u64 = 1 << 24;
+
+impl Spread {
+    fn new(options: &Options) -> Result<Spread, TraceError> {
+        let accounts = options.accounts.max(1);
+        let s = match options.accounts_zipf {
+            Some(s) if s > 0.0 => s,
+            _ => return Ok(Spread::Uniform(accounts)),
+        };
+        if accounts > MAX_ZIPF_ACCOUNTS {
+            return Err(TraceError::Options(format!(
+                "--accounts-zipf spreads over at most {MAX_ZIPF_ACCOUNTS} accounts, not {accounts}"
+            )));
+        }
+        let mut sum = 0.0;
+        let mut cumulative: Vec<f64> = (0..accounts)
+            .map(|k| {
+                sum += ((k + 1) as f64).powf(-s);
+                sum
+            })
+            .collect();
+        for c in &mut cumulative {
+            *c /= sum;
+        }
+        if let Some(last) = cumulative.last_mut() {
+            *last = 1.0;
+        }
+        Ok(Spread::Zipf(cumulative))
+    }
+
+    /// The account (from 0) of the row `key` names.
+    fn account(&self, key: u64) -> u64 {
+        match self {
+            Spread::Uniform(accounts) => mix(key, 1) % accounts,
+            Spread::Zipf(cumulative) => {
+                // u uniform in [0, 1), then the inverse of the shares' distribution.
+                let u = (mix(key, 1) >> 11) as f64 / (1u64 << 53) as f64;
+                cumulative.partition_point(|&c| c <= u).min(cumulative.len() - 1) as u64
+            }
+        }
+    }
+}
+
+/// `inner`, noting where its lines start as csv reads it, to tell the line a record starts on:
+/// csv's own position for a record is where the one before ended, before any blank lines and,
+/// after a CRLF, before its LF.
+struct LineStarts<R> {
+    inner: R,
+    /// Bytes read so far.
+    offset: u64,
+    /// The line being read: 1 + the LFs read so far (as csv counts).
+    line: u64,
+    /// Whether the last byte read was a CR or an LF (or none was read).
+    after_newline: bool,
+    /// (offset, line) of the first byte of each line read that is not blank, from the first one
+    /// after the last record asked about: only what csv has read ahead, a buffer's worth.
+    starts: VecDeque<(u64, u64)>,
+}
+
+impl<R> LineStarts<R> {
+    fn new(inner: R) -> Self {
+        LineStarts { inner, offset: 0, line: 1, after_newline: true, starts: VecDeque::new() }
+    }
+
+    /// The line of the first byte at or after `offset` that is not a CR or an LF: the line of a
+    /// record that csv says starts at `offset`. Forgets the lines before it.
+    fn line_at(&mut self, offset: u64) -> Option<u64> {
+        while self.starts.front().is_some_and(|&(start, _)| start < offset) {
+            self.starts.pop_front();
+        }
+        self.starts.front().map(|&(_, line)| line)
+    }
+}
+
+impl<R: Read> Read for LineStarts<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for (i, &b) in buf[..n].iter().enumerate() {
+            let newline = b == b'\n' || b == b'\r';
+            if self.after_newline && !newline {
+                self.starts.push_back((self.offset + i as u64, self.line));
+            }
+            self.line += u64::from(b == b'\n');
+            self.after_newline = newline;
+        }
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
 /// Reads a trace from `input`.
+///
+/// Every row is parsed first; then the rows kept are the longest run (not necessarily
+/// contiguous) whose times never decrease, so that one mistyped timestamp costs its own row
+/// only. The others are reported as out of order.
 pub fn read(input: impl Read, options: &Options) -> Result<Trace, TraceError> {
-    let mut reader =
-        csv::ReaderBuilder::new().has_headers(true).flexible(true).trim(csv::Trim::All).from_reader(input);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(LineStarts::new(input));
     let header =
         reader.headers().map_err(|e| TraceError::Io(e.to_string()))?.iter().collect::<Vec<_>>().join(",");
     let format = match header.as_str() {
@@ -148,61 +258,126 @@ pub fn read(input: impl Read, options: &Options) -> Result<Trace, TraceError> {
         OWN_HEADER => "sluicegate",
         _ => return Err(TraceError::UnknownFormat(header)),
     };
-    let mut trace = Trace {
-        requests: Vec::new(),
-        accounts: Vec::new(),
-        models: Vec::new(),
-        bad: Vec::new(),
-        format,
-        start_unix_ns: None,
-    };
+    let spread = if format == "azure" { Spread::new(options)? } else { Spread::Uniform(1) };
     let (mut accounts, mut models) = (Names::default(), Names::default());
-    let mut origin = None;
-    let mut last = 0u64;
+    // Rows with their absolute times, in the file's order.
+    let mut rows = Vec::new();
+    let mut bad = Vec::new();
     let mut record = csv::StringRecord::new();
     loop {
         let more = reader.read_record(&mut record);
-        let line = record.position().map_or(0, csv::Position::line);
+        let position = record.position();
+        // csv's count, where the record before ended: still what rows are spread by, so that
+        // spreads don't change; `line` is the row's real line.
+        let csv_line = position.map_or(0, csv::Position::line);
+        let line = position.and_then(|p| reader.get_mut().line_at(p.byte())).unwrap_or(csv_line);
         let parsed = match more {
             Ok(false) => break,
             Ok(true) => {
                 let fields: Vec<&str> = record.iter().collect();
-                if format == "azure" { azure(&fields, line, options) } else { own(&fields, line) }
+                if format == "azure" {
+                    azure(&fields, line, csv_line, &spread, options)
+                } else {
+                    own(&fields, line)
+                }
             }
             Err(e) => Err(e.to_string()),
         };
         let parsed = parsed.and_then(|row| {
-            let origin = *origin.get_or_insert(row.t_ns);
-            let t_ns = row.t_ns.checked_sub(origin).ok_or("timestamp before the first request")?;
-            if t_ns < last {
-                return Err(format!(
-                    "timestamp out of order ({} ms after {} ms)",
-                    t_ns / 1_000_000,
-                    last / 1_000_000
-                ));
-            }
             let account = accounts.id(&row.account)?;
             let model = models.id(&row.model)?;
-            Ok(TraceRequest { t_ns, account, model, ..row.request })
+            Ok(TraceRequest { account, model, ..row.request })
         });
         match parsed {
-            Ok(r) => {
-                last = r.t_ns;
-                trace.requests.push(r);
-            }
-            Err(reason) => {
-                let bad = BadRow { line, reason };
-                if options.strict {
-                    return Err(TraceError::Bad(bad));
-                }
-                trace.bad.push(bad);
-            }
+            Ok(r) => rows.push(r),
+            Err(reason) => bad.push(BadRow { line, reason }),
         }
     }
-    trace.start_unix_ns = origin.filter(|_| format == "azure");
-    trace.accounts = accounts.names;
-    trace.models = models.names;
-    Ok(trace)
+    if rows.len() >= END as usize {
+        return Err(TraceError::Io(format!("more than {} rows", END - 1)));
+    }
+
+    let (first, next) = in_time_order(&rows, |r| r.t_ns);
+    let origin = rows.get(first as usize).map(|r| r.t_ns);
+    let start = origin.unwrap_or(0);
+    // Kept rows move to the front, their times made relative; the others are reported with
+    // the kept rows around them.
+    let (mut kept, mut upcoming, mut previous) = (0, first, None);
+    let mut out_of_order = Vec::new();
+    for i in 0..rows.len() {
+        if i == upcoming as usize {
+            let t_ns = rows[i].t_ns - start;
+            rows[i].t_ns = t_ns;
+            rows.swap(kept, i);
+            kept += 1;
+            previous = Some(t_ns);
+            upcoming = next[i];
+        } else {
+            let after = rows.get(upcoming as usize).map(|r| r.t_ns - start);
+            let reason = out_of_order_reason(rows[i].t_ns, start, previous, after);
+            out_of_order.push(BadRow { line: rows[i].line, reason });
+        }
+    }
+    rows.truncate(kept);
+    bad.append(&mut out_of_order);
+    bad.sort_by_key(|b| b.line);
+    if options.strict && !bad.is_empty() {
+        return Err(TraceError::Bad(bad.swap_remove(0)));
+    }
+    Ok(Trace {
+        requests: rows,
+        accounts: accounts.names,
+        models: models.names,
+        bad,
+        format,
+        start_unix_ns: origin.filter(|_| format == "azure"),
+    })
+}
+
+/// No row: the end of a chain of rows.
+const END: u32 = u32::MAX;
+
+/// The longest subsequence of `rows` whose times never decrease (equal times are in order),
+/// as a chain: the index of its first row, and for each row of the chain the index of the next
+/// (`END` after the last; the links of rows off the chain mean nothing). Of several such
+/// subsequences, the one that keeps the earliest rows. `rows` holds fewer than `END` rows.
+///
+/// Patience sorting from the last row back, in O(n log n) time and 4 bytes a row (8 at most):
+/// `best[k]` is the row, among those seen, that starts an ordered run of k + 1 rows with the
+/// latest time; those times never increase with k. A row starts a run one longer than the
+/// rows of `best` whose times are not before its own, and links to the last of them. Two rows
+/// starting equally long runs are in decreasing time order (else the earlier one would start a
+/// longer run), so the row linked to, the latest in time, is also the earliest in the file.
+fn in_time_order<T>(rows: &[T], time: impl Fn(&T) -> u64) -> (u32, Vec<u32>) {
+    let mut next = vec![END; rows.len()];
+    let mut best: Vec<u32> = Vec::new();
+    for (i, row) in rows.iter().enumerate().rev() {
+        let t = time(row);
+        let p = best.partition_point(|&j| time(&rows[j as usize]) >= t);
+        if p > 0 {
+            next[i] = best[p - 1];
+        }
+        if p == best.len() {
+            best.push(i as u32);
+        } else {
+            best[p] = i as u32;
+        }
+    }
+    (best.last().copied().unwrap_or(END), next)
+}
+
+/// Why a row at `t_ns` (absolute) is out of order, given the times (relative to `origin`) of
+/// the kept rows before and after it.
+fn out_of_order_reason(t_ns: u64, origin: u64, before: Option<u64>, after: Option<u64>) -> String {
+    let ms = |ns: i128| ns.div_euclid(1_000_000);
+    let t = ms(i128::from(t_ns) - i128::from(origin));
+    let (before, after) = (before.map(|b| ms(b.into())), after.map(|a| ms(a.into())));
+    match (before, after) {
+        (Some(b), Some(a)) => format!("timestamp out of order ({t} ms, between rows at {b} ms and {a} ms)"),
+        (None, Some(a)) => format!("timestamp out of order ({t} ms, before the row at {a} ms)"),
+        (Some(b), None) => format!("timestamp out of order ({t} ms, after the row at {b} ms)"),
+        (None, None) => format!("timestamp out of order ({t} ms)"),
+    }
 }
 
 fn field<'a>(fields: &[&'a str], i: usize, name: &str) -> Result<&'a str, String> {
@@ -218,17 +393,23 @@ fn count(fields: &[&str], i: usize, name: &str) -> Result<u64, String> {
 }
 
 /// An Azure row: `2023-11-16 18:15:46.6805900,374,44`. It names no account or model and no
-/// max_tokens; the generated count is used as the reservation.
-fn azure<'a>(fields: &[&'a str], line: u64, o: &'a Options) -> Result<Row<'a>, String> {
-    let t = timestamp_ns(field(fields, 0, "TIMESTAMP")?)?;
+/// max_tokens; the generated count is used as the reservation. `key` picks its account and tier.
+fn azure<'a>(
+    fields: &[&'a str],
+    line: u64,
+    key: u64,
+    spread: &Spread,
+    o: &'a Options,
+) -> Result<Row<'a>, String> {
+    let t_ns = timestamp_ns(field(fields, 0, "TIMESTAMP")?)?;
     let prompt_tokens = count(fields, 1, "ContextTokens")?;
     let generated_tokens = count(fields, 2, "GeneratedTokens")?;
-    let account = Cow::Owned(format!("acct-{}", mix(line, 1) % o.accounts.max(1)));
-    let priority = (mix(line, 2) % 1_000_000) < (o.priority_share.clamp(0.0, 1.0) * 1e6) as u64;
+    let account = Cow::Owned(format!("acct-{}", spread.account(key)));
+    let priority = (mix(key, 2) % 1_000_000) < (o.priority_share.clamp(0.0, 1.0) * 1e6) as u64;
     let service_tier = if priority { ServiceTier::Priority } else { ServiceTier::Default };
     let request = TraceRequest {
         line,
-        t_ns: 0,
+        t_ns,
         account: 0,
         model: 0,
         fast: false,
@@ -239,7 +420,7 @@ fn azure<'a>(fields: &[&'a str], line: u64, o: &'a Options) -> Result<Row<'a>, S
         max_tokens: generated_tokens,
         generated_tokens,
     };
-    Ok(Row { t_ns: t, account, model: Cow::Borrowed(&o.model), request })
+    Ok(Row { account, model: Cow::Borrowed(&o.model), request })
 }
 
 /// A row of sluicegate's own format.
@@ -260,7 +441,7 @@ fn own<'a>(fields: &[&'a str], line: u64) -> Result<Row<'a>, String> {
     };
     let request = TraceRequest {
         line,
-        t_ns: 0,
+        t_ns: t_ms.saturating_mul(1_000_000),
         account: 0,
         model: 0,
         fast,
@@ -272,7 +453,7 @@ fn own<'a>(fields: &[&'a str], line: u64) -> Result<Row<'a>, String> {
         generated_tokens: count(fields, 9, "generated_tokens")?,
     };
     let (account, model) = (field(fields, 1, "account")?, field(fields, 2, "model")?);
-    Ok(Row { t_ns: t_ms.saturating_mul(1_000_000), account: account.into(), model: model.into(), request })
+    Ok(Row { account: account.into(), model: model.into(), request })
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.fraction]` as ns since the Unix epoch (UTC).
@@ -312,5 +493,283 @@ mod tests {
         assert_eq!(b - a, 4_314_579_000);
         assert_eq!(a / 1_000_000_000, 1_700_158_546);
         assert!(timestamp_ns("yesterday").is_err());
+    }
+
+    fn options() -> Options {
+        Options { accounts: 1, accounts_zipf: None, priority_share: 0.0, model: "m".into(), strict: false }
+    }
+
+    /// The indices of the rows `in_time_order` keeps.
+    fn kept(times: &[u64]) -> Vec<usize> {
+        let (first, next) = in_time_order(times, |&t| t);
+        let mut chain = Vec::new();
+        let mut i = first;
+        while i != END {
+            chain.push(i as usize);
+            i = next[i as usize];
+        }
+        chain
+    }
+
+    /// A sluicegate-format trace with these `t_ms`, one row each.
+    fn own_trace(times_ms: &[u64], options: &Options) -> Result<Trace, TraceError> {
+        let mut body = format!("{OWN_HEADER}\n");
+        for t in times_ms {
+            body.push_str(&format!("{t},a,m,regular,0,1,10,0,5,5\n"));
+        }
+        read(body.as_bytes(), options)
+    }
+
+    fn lines_kept(trace: &Trace) -> Vec<u64> {
+        trace.requests.iter().map(|r| r.line).collect()
+    }
+
+    #[test]
+    fn a_far_future_typo_in_the_middle_costs_only_its_row() {
+        assert_eq!(kept(&[0, 100, 200, 9_999_999_999, 300, 400]), [0, 1, 2, 4, 5]);
+        let trace = own_trace(&[0, 100, 200, 9_999_999_999, 300, 400], &options()).unwrap();
+        // The header is line 1: the typo is on line 5.
+        assert_eq!(lines_kept(&trace), [2, 3, 4, 6, 7]);
+        let times: Vec<u64> = trace.requests.iter().map(|r| r.t_ns / 1_000_000).collect();
+        assert_eq!(times, [0, 100, 200, 300, 400]);
+        assert_eq!(
+            trace.bad,
+            [BadRow {
+                line: 5,
+                reason: "timestamp out of order (9999999999 ms, between rows at 200 ms and 300 ms)".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_too_early_typo_costs_only_its_row() {
+        assert_eq!(kept(&[1_000, 1_100, 5, 1_200, 1_300]), [0, 1, 3, 4]);
+        let trace = own_trace(&[1_000, 1_100, 5, 1_200, 1_300], &options()).unwrap();
+        assert_eq!(lines_kept(&trace), [2, 3, 5, 6]);
+        assert_eq!(trace.requests[0].t_ns, 0);
+        assert_eq!(trace.bad.len(), 1);
+        assert_eq!(trace.bad[0].line, 4);
+        assert_eq!(
+            trace.bad[0].reason,
+            "timestamp out of order (-995 ms, between rows at 100 ms and 200 ms)"
+        );
+    }
+
+    #[test]
+    fn a_typo_in_the_first_row_is_not_the_origin() {
+        assert_eq!(kept(&[9_999_999_999, 0, 100, 200]), [1, 2, 3]);
+        let trace = own_trace(&[9_999_999_999, 50, 150, 250], &options()).unwrap();
+        assert_eq!(lines_kept(&trace), [3, 4, 5]);
+        let times: Vec<u64> = trace.requests.iter().map(|r| r.t_ns / 1_000_000).collect();
+        assert_eq!(times, [0, 100, 200]);
+        assert_eq!(trace.bad.len(), 1);
+        assert_eq!(trace.bad[0].line, 2);
+        assert_eq!(trace.bad[0].reason, "timestamp out of order (9999999949 ms, before the row at 0 ms)");
+    }
+
+    #[test]
+    fn a_typo_in_the_last_row_is_reported_after_the_row_before() {
+        let trace = own_trace(&[0, 100, 200, 300, 7], &options()).unwrap();
+        assert_eq!(lines_kept(&trace), [2, 3, 4, 5]);
+        assert_eq!(
+            trace.bad[0],
+            BadRow { line: 6, reason: "timestamp out of order (7 ms, after the row at 300 ms)".into() }
+        );
+    }
+
+    #[test]
+    fn an_azure_typo_in_the_first_row_does_not_date_the_trace() {
+        let body = "TIMESTAMP,ContextTokens,GeneratedTokens\n\
+                    2032-11-16 18:15:46.0,1,1\n\
+                    2023-11-16 18:15:46.5,1,1\n\
+                    2023-11-16 18:15:47.0,1,1\n\
+                    2023-11-16 18:15:48.0,1,1\n";
+        let trace = read(body.as_bytes(), &options()).unwrap();
+        assert_eq!(lines_kept(&trace), [3, 4, 5]);
+        assert_eq!(trace.start_unix_ns, Some(timestamp_ns("2023-11-16 18:15:46.5").unwrap()));
+        assert_eq!(trace.requests[2].t_ns, 1_500_000_000);
+        assert_eq!(trace.bad.len(), 1);
+        assert_eq!(trace.bad[0].line, 2);
+        assert!(trace.bad[0].reason.starts_with("timestamp out of order ("), "{:?}", trace.bad);
+    }
+
+    #[test]
+    fn a_real_gap_and_equal_timestamps_are_kept() {
+        assert_eq!(kept(&[0, 1_700_000_000_000]), [0, 1]);
+        let trace = own_trace(&[0, 1_700_000_000_000, 1_700_000_000_000, 1_700_000_000_001], &options());
+        let trace = trace.unwrap();
+        assert!(trace.bad.is_empty(), "{:?}", trace.bad);
+        assert_eq!(trace.requests[3].t_ns, 1_700_000_000_001 * 1_000_000);
+        assert_eq!(kept(&[5, 5, 5, 7, 7, 9]), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(kept(&[]), Vec::<usize>::new());
+        assert_eq!(kept(&[3]), [0]);
+    }
+
+    #[test]
+    fn a_million_rows_with_a_typo_in_a_thousand_lose_only_the_typos() {
+        let times: Vec<u64> = (0..1_000_000u64)
+            .map(|i| match (i % 1_000, i / 1_000 % 2) {
+                (500, 0) => u64::MAX / 2 + mix(i, 3) / 2, // far in the future
+                (500, _) => mix(i, 3) % (i * 7),          // earlier
+                _ => i * 7,
+            })
+            .collect();
+        let kept = kept(&times);
+        assert_eq!(kept.len(), 999_000);
+        assert!(kept.iter().all(|&i| i % 1_000 != 500));
+    }
+
+    #[test]
+    fn of_equally_long_orders_the_earliest_rows_are_kept() {
+        assert_eq!(kept(&[0, 500, 100, 600]), [0, 1, 3]);
+        assert_eq!(kept(&[0, 9_999, 100]), [0, 1]);
+        assert_eq!(kept(&[9_999, 0]), [0]);
+        assert_eq!(kept(&[3, 2, 1]), [0]);
+    }
+
+    /// Against brute force: every subset of up to 10 rows with times from a small range (many ties).
+    #[test]
+    fn the_rows_kept_are_the_longest_ordered_run_with_the_earliest_rows() {
+        for case in 0..3_000u64 {
+            let n = (mix(case, 7) % 11) as usize;
+            let times: Vec<u64> = (0..n as u64).map(|i| mix(case * 16 + i, 9) % 5).collect();
+            // Subsets as bit masks, row 0 the highest bit: the largest mask of the longest ordered
+            // subsets is the one with the earliest rows.
+            let ordered = |mask: u32| {
+                let rows: Vec<usize> = (0..n).filter(|&i| mask >> (n - 1 - i) & 1 == 1).collect();
+                rows.windows(2).all(|w| times[w[0]] <= times[w[1]])
+            };
+            let best = (0..1u32 << n)
+                .filter(|&m| ordered(m))
+                .max_by_key(|&m| (m.count_ones(), m))
+                .unwrap_or_default();
+            let want: Vec<usize> = (0..n).filter(|&i| best >> (n - 1 - i) & 1 == 1).collect();
+            assert_eq!(kept(&times), want, "{times:?}");
+        }
+    }
+
+    #[test]
+    fn bad_rows_are_in_line_order_and_strict_returns_the_first() {
+        let body = format!(
+            "{OWN_HEADER}\n0,a,m,regular,0,1,10,0,5,5\n100,a,m\n9999999,a,m,regular,0,1,10,0,5,5\n\
+             200,a,m,regular,0,1,10,0,5,5\n300,a,m,regular,0,-1,10,0,5,5\n400,a,m,regular,0,1,10,0,5,5\n"
+        );
+        let trace = read(body.as_bytes(), &options()).unwrap();
+        let lines: Vec<u64> = trace.bad.iter().map(|b| b.line).collect();
+        assert_eq!(lines, [3, 4, 6], "{:?}", trace.bad);
+        assert!(trace.bad[1].reason.starts_with("timestamp out of order"), "{:?}", trace.bad);
+        assert_eq!(lines_kept(&trace), [2, 5, 7]);
+        let strict = Options { strict: true, ..options() };
+        match read(body.as_bytes(), &strict) {
+            Err(TraceError::Bad(b)) => assert_eq!(b.line, 3, "{b:?}"),
+            other => panic!("{other:?}"),
+        }
+        // An out-of-order row before the first unreadable one is the one returned.
+        match own_trace(&[0, 9_999_999, 100, 200], &strict) {
+            Err(TraceError::Bad(b)) => {
+                assert_eq!(b.line, 3);
+                assert!(b.reason.starts_with("timestamp out of order"), "{}", b.reason);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(own_trace(&[0, 100, 100, 200], &strict).is_ok());
+    }
+
+    /// Reads at most 3 bytes at a time.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(3).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn rows_are_numbered_by_their_real_lines() {
+        let row = "0,a,m,regular,0,1,10,0,5,5";
+        // Blank lines, a quoted field over two lines (an extra column: rows are flexible).
+        let body = format!("{OWN_HEADER}\n{row}\n\n\n{row},\"two\nlines\"\n\n0,a,m\n{row}\n");
+        let trace = read(body.as_bytes(), &options()).unwrap();
+        assert_eq!(lines_kept(&trace), [2, 5, 9]);
+        assert_eq!(trace.bad, [BadRow { line: 8, reason: "missing field variant".into() }]);
+        // CRLF line ends, blank lines among them, no line end at the end.
+        let body = format!("{OWN_HEADER}\r\n{row}\r\n\r\n0,a,m\r\n{row}\r\n\r\n\r\n{row}");
+        let trace = read(body.as_bytes(), &options()).unwrap();
+        assert_eq!(lines_kept(&trace), [2, 5, 8]);
+        assert_eq!(trace.bad[0].line, 4);
+        // Lines of any length, read a few bytes at a time.
+        let long = format!("{row},\"{}\"", "x\n".repeat(10_000));
+        let body = format!("{OWN_HEADER}\n{long}\n\n0,a,m\n{row}\n");
+        let trace = read(Trickle(body.as_bytes()), &options()).unwrap();
+        assert_eq!(lines_kept(&trace), [2, 10_005]);
+        assert_eq!(trace.bad[0].line, 10_004);
+    }
+
+    fn azure_conversations(options: &Options) -> Trace {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/azure_llm_2023_conv.csv");
+        read(std::fs::File::open(path).unwrap(), options).unwrap()
+    }
+
+    /// Rows per account index (of `acct-{k}`), over `accounts`.
+    fn rows_per_account(trace: &Trace, accounts: usize) -> Vec<u64> {
+        let mut counts = vec![0; accounts];
+        for r in &trace.requests {
+            let name = &trace.accounts[r.account as usize];
+            counts[name.strip_prefix("acct-").unwrap().parse::<usize>().unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn accounts_zipf_skews_the_spread_by_the_shares() {
+        let zipf = Options { accounts: 10, accounts_zipf: Some(1.2), ..options() };
+        let trace = azure_conversations(&zipf);
+        assert_eq!(trace.requests.len(), 19_366);
+        let counts = rows_per_account(&trace, 10);
+        let weights: Vec<f64> = (1..=10).map(|k| f64::from(k).powf(-1.2)).collect();
+        let total: f64 = weights.iter().sum();
+        for (k, (&n, w)) in counts.iter().zip(&weights).enumerate() {
+            let (got, want) = (n as f64 / 19_366.0, w / total);
+            assert!((got - want).abs() < 0.02, "acct-{k}: {got:.3} of the rows, not {want:.3}: {counts:?}");
+        }
+        assert!(counts[1..].iter().all(|&n| n < counts[0]), "{counts:?}");
+        assert!(counts[0] > 19_366 * 35 / 100, "{counts:?}"); // ~40.5%; uniform would be 10%
+        // A steeper skew gives account 0 more.
+        let steeper = azure_conversations(&Options { accounts_zipf: Some(3.0), ..zipf });
+        assert!(rows_per_account(&steeper, 10)[0] > 19_366 * 80 / 100);
+    }
+
+    #[test]
+    fn no_skew_or_a_skew_of_zero_spreads_as_before() {
+        let uniform = Options { accounts: 7, ..options() };
+        for o in [uniform.clone(), Options { accounts_zipf: Some(0.0), ..uniform }] {
+            let trace = azure_conversations(&o);
+            // As before real lines were counted: the file has CRLF line ends, so csv counted
+            // one line less.
+            for r in &trace.requests {
+                assert_eq!(trace.accounts[r.account as usize], format!("acct-{}", mix(r.line - 1, 1) % 7));
+            }
+            let counts = rows_per_account(&trace, 7);
+            assert!(counts.iter().all(|&n| (n as f64 / 19_366.0 - 1.0 / 7.0).abs() < 0.02), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn the_zipf_table_is_the_running_sum_of_the_shares() {
+        let Spread::Zipf(cumulative) =
+            Spread::new(&Options { accounts: 4, accounts_zipf: Some(1.0), ..options() }).unwrap()
+        else {
+            panic!("not zipf");
+        };
+        let total = 1.0 + 0.5 + 1.0 / 3.0 + 0.25;
+        let want = [1.0 / total, 1.5 / total, (1.5 + 1.0 / 3.0) / total, 1.0];
+        assert!(cumulative.iter().zip(want).all(|(c, w)| (c - w).abs() < 1e-12), "{cumulative:?}");
+        let one = Spread::new(&Options { accounts: 1, accounts_zipf: Some(2.0), ..options() }).unwrap();
+        assert!((0..1_000).all(|line| one.account(line) == 0));
+        let huge = Options { accounts: MAX_ZIPF_ACCOUNTS + 1, accounts_zipf: Some(1.0), ..options() };
+        assert!(matches!(Spread::new(&huge), Err(TraceError::Options(_))));
     }
 }
