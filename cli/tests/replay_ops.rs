@@ -224,3 +224,23 @@ fn policies_are_compared_side_by_side() {
     let unknown = sluicegate(&["replay", "../data/azure_llm_2023_conv.csv", "--compare", "fixed,sideways"]);
     assert!(!unknown.status.success() && text(&unknown.stderr).contains("unknown policy \"sideways\""));
 }
+
+#[test]
+fn the_walk_through_in_docs_shows_what_the_replay_prints() {
+    let doc = std::fs::read_to_string("../docs/replay.md").unwrap();
+    let block = doc.split("```text\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
+    let out = sluicegate(&[
+        "replay",
+        "../data/azure_llm_2023_conv.csv",
+        "--accounts",
+        "8",
+        "--accounts-zipf",
+        "1",
+        "--compare",
+        "fireworks_2024,together,fixed:requests_per_minute=600",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let summary = &stdout[stdout.find("Summary\n").unwrap()..];
+    assert_eq!(summary, block, "docs/replay.md is out of date");
+}
