@@ -164,7 +164,7 @@ pub fn print_summary(out: &mut impl Write, trace: &Trace, runs: &[Run]) -> io::R
         .iter()
         .map(|r| (r.replay.fates(), r.replay.bound(), r.replay.minutes.iter().map(|m| m.demanded).sum()))
         .collect();
-    writeln!(out, "Summary")?;
+    writeln!(out, "Summary ({} trace, {} bad rows skipped)", trace.format, trace.bad.len())?;
     row(out, "policy", &mut runs.iter().map(|r| r.name.clone()))?;
     row(out, "requests", &mut totals.iter().map(|t| t.2.to_string()))?;
     for fate in Fate::ALL {

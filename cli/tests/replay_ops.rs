@@ -241,6 +241,6 @@ fn the_walk_through_in_docs_shows_what_the_replay_prints() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    let summary = &stdout[stdout.find("Summary\n").unwrap()..];
+    let summary = &stdout[stdout.find("Summary (").unwrap()..];
     assert_eq!(summary, block, "docs/replay.md is out of date");
 }
