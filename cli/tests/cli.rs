@@ -1,28 +1,10 @@
 //! The `sluicegate` binary, run as a user would.
 
-use std::io::Write;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn sluicegate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluicegate"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
+mod common;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn trace_file(name: &str, body: &str) -> String {
-    let path = format!("{}/{name}", env!("CARGO_TARGET_TMPDIR"));
-    std::fs::File::create(&path).unwrap().write_all(body.as_bytes()).unwrap();
-    path
-}
-
-const HEADER: &str =
-    "t_ms,account,model,variant,priority,n,prompt_tokens,cached_tokens,max_tokens,generated_tokens\n";
+use common::{HEADER, sluicegate, text, trace_file};
 
 /// Rows of (minute, demanded, admitted, over_limit, 429, 503, limits…) from `--csv -`.
 fn csv_rows(out: &Output) -> Vec<Vec<u64>> {

@@ -2,29 +2,12 @@
 //! years, a reader that goes away, outputs that cannot be written, an overloaded backend, and
 //! several policies to choose from.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 
-fn sluicegate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluicegate"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
+mod common;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn trace_file(name: &str, body: &str) -> String {
-    let path = format!("{}/{name}", env!("CARGO_TARGET_TMPDIR"));
-    std::fs::File::create(&path).unwrap().write_all(body.as_bytes()).unwrap();
-    path
-}
-
-const HEADER: &str =
-    "t_ms,account,model,variant,priority,n,prompt_tokens,cached_tokens,max_tokens,generated_tokens\n";
+use common::{HEADER, sluicegate, text, trace_file};
 
 /// The first count on the summary line starting with `label`, under the first policy.
 fn summary(stdout: &str, label: &str) -> u64 {

@@ -1,29 +1,9 @@
 //! Defects in traces, through the `sluicegate` binary: a mistyped timestamp costs its own row
 //! only, bad rows are reported on their real lines, and `--accounts-zipf` skews the spread.
 
-use std::io::Write;
-use std::process::{Command, Output};
+mod common;
 
-fn sluicegate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluicegate"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn trace_file(name: &str, body: &str) -> String {
-    let path = format!("{}/{name}", env!("CARGO_TARGET_TMPDIR"));
-    std::fs::File::create(&path).unwrap().write_all(body.as_bytes()).unwrap();
-    path
-}
-
-const HEADER: &str =
-    "t_ms,account,model,variant,priority,n,prompt_tokens,cached_tokens,max_tokens,generated_tokens\n";
+use common::{HEADER, sluicegate, text, trace_file};
 
 /// 1,000 rows 100 ms apart on three accounts; the row at index 500 (line 502, the header is line
 /// 1) has a timestamp from far in the future.
