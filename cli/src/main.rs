@@ -2,9 +2,11 @@
 
 mod backend;
 mod demo;
+mod line_starts;
 mod plot;
 mod replay;
 mod report;
+mod time_order;
 mod top;
 mod trace;
 

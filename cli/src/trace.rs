@@ -2,10 +2,13 @@
 //! header line (format: `docs/trace-format.md`).
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read};
+use std::collections::HashMap;
+use std::io::Read;
 
 use sluicegate_core::ServiceTier;
+
+use crate::line_starts::LineStarts;
+use crate::time_order::{END, in_time_order};
 
 /// One request of a trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -193,53 +196,6 @@ impl Spread {
     }
 }
 
-/// `inner`, noting where its lines start as csv reads it, to tell the line a record starts on:
-/// csv's own position for a record is where the one before ended, before any blank lines and,
-/// after a CRLF, before its LF.
-struct LineStarts<R> {
-    inner: R,
-    /// Bytes read so far.
-    offset: u64,
-    /// The line being read: 1 + the LFs read so far (as csv counts).
-    line: u64,
-    /// Whether the last byte read was a CR or an LF (or none was read).
-    after_newline: bool,
-    /// (offset, line) of the first byte of each line read that is not blank, from the first one
-    /// after the last record asked about: only what csv has read ahead, a buffer's worth.
-    starts: VecDeque<(u64, u64)>,
-}
-
-impl<R> LineStarts<R> {
-    fn new(inner: R) -> Self {
-        LineStarts { inner, offset: 0, line: 1, after_newline: true, starts: VecDeque::new() }
-    }
-
-    /// The line of the first byte at or after `offset` that is not a CR or an LF: the line of a
-    /// record that csv says starts at `offset`. Forgets the lines before it.
-    fn line_at(&mut self, offset: u64) -> Option<u64> {
-        while self.starts.front().is_some_and(|&(start, _)| start < offset) {
-            self.starts.pop_front();
-        }
-        self.starts.front().map(|&(_, line)| line)
-    }
-}
-
-impl<R: Read> Read for LineStarts<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        for (i, &b) in buf[..n].iter().enumerate() {
-            let newline = b == b'\n' || b == b'\r';
-            if self.after_newline && !newline {
-                self.starts.push_back((self.offset + i as u64, self.line));
-            }
-            self.line += u64::from(b == b'\n');
-            self.after_newline = newline;
-        }
-        self.offset += n as u64;
-        Ok(n)
-    }
-}
-
 /// Reads a trace from `input`.
 ///
 /// Every row is parsed first; then the rows kept are the longest run (not necessarily
@@ -332,38 +288,6 @@ pub fn read(input: impl Read, options: &Options) -> Result<Trace, TraceError> {
         format,
         start_unix_ns: origin.filter(|_| format == "azure"),
     })
-}
-
-/// No row: the end of a chain of rows.
-const END: u32 = u32::MAX;
-
-/// The longest subsequence of `rows` whose times never decrease (equal times are in order),
-/// as a chain: the index of its first row, and for each row of the chain the index of the next
-/// (`END` after the last; the links of rows off the chain mean nothing). Of several such
-/// subsequences, the one that keeps the earliest rows. `rows` holds fewer than `END` rows.
-///
-/// Patience sorting from the last row back, in O(n log n) time and 4 bytes a row (8 at most):
-/// `best[k]` is the row, among those seen, that starts an ordered run of k + 1 rows with the
-/// latest time; those times never increase with k. A row starts a run one longer than the
-/// rows of `best` whose times are not before its own, and links to the last of them. Two rows
-/// starting equally long runs are in decreasing time order (else the earlier one would start a
-/// longer run), so the row linked to, the latest in time, is also the earliest in the file.
-fn in_time_order<T>(rows: &[T], time: impl Fn(&T) -> u64) -> (u32, Vec<u32>) {
-    let mut next = vec![END; rows.len()];
-    let mut best: Vec<u32> = Vec::new();
-    for (i, row) in rows.iter().enumerate().rev() {
-        let t = time(row);
-        let p = best.partition_point(|&j| time(&rows[j as usize]) >= t);
-        if p > 0 {
-            next[i] = best[p - 1];
-        }
-        if p == best.len() {
-            best.push(i as u32);
-        } else {
-            best[p] = i as u32;
-        }
-    }
-    (best.last().copied().unwrap_or(END), next)
 }
 
 /// Why a row at `t_ns` (absolute) is out of order, given the times (relative to `origin`) of
@@ -679,7 +603,7 @@ mod tests {
     struct Trickle<'a>(&'a [u8]);
 
     impl Read for Trickle<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
             let n = buf.len().min(3).min(self.0.len());
             buf[..n].copy_from_slice(&self.0[..n]);
             self.0 = &self.0[n..];
