@@ -64,3 +64,58 @@ impl Slots {
         finish
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluicegate_core::ServiceTier;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn request(t_ns: u64, prompt_tokens: u64, generated_tokens: u64) -> TraceRequest {
+        TraceRequest {
+            line: 2,
+            t_ns,
+            account: 0,
+            model: 0,
+            fast: false,
+            service_tier: ServiceTier::Default,
+            n: 1,
+            prompt_tokens,
+            cached_tokens: 0,
+            max_tokens: generated_tokens,
+            generated_tokens,
+        }
+    }
+
+    #[test]
+    fn a_request_holds_its_slot_for_its_decode_and_its_prefill() {
+        let backend = Backend::new(4, 50.0).unwrap();
+        // 100 generated at 50/s is 2 s; 2,000 prompt tokens at 20 × 50/s is 2 s more.
+        assert_eq!(backend.service_ns(&request(0, 2_000, 100)), 4 * SECOND);
+        assert_eq!(backend.service_ns(&request(0, 0, 25)), SECOND / 2);
+        assert_eq!(backend.service_ns(&request(0, 0, 0)), 0);
+    }
+
+    #[test]
+    fn requests_beyond_the_slots_wait_for_the_first_to_free() {
+        let mut slots = Slots::new(Backend::new(2, 10.0).unwrap());
+        // Three 1 s requests at once on 2 slots: the third starts when the first finishes.
+        assert_eq!(slots.serve(&request(0, 0, 10)), SECOND);
+        assert_eq!(slots.serve(&request(0, 0, 20)), 2 * SECOND);
+        assert_eq!(slots.serve(&request(0, 0, 10)), 2 * SECOND);
+        // One arriving after every slot is free starts at once.
+        assert_eq!(slots.serve(&request(5 * SECOND, 0, 10)), 6 * SECOND);
+        // Another model variant has slots of its own.
+        let fast = TraceRequest { fast: true, ..request(0, 0, 10) };
+        assert_eq!(slots.serve(&fast), SECOND);
+    }
+
+    #[test]
+    fn a_backend_needs_a_slot_and_a_positive_rate() {
+        assert!(Backend::new(0, 50.0).unwrap_err().contains("--capacity"));
+        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(Backend::new(1, rate).unwrap_err().contains("--tokens-per-second"), "{rate}");
+        }
+    }
+}
