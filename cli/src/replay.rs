@@ -196,8 +196,7 @@ pub fn replay(trace: &Trace, setup: Setup, mut progress: impl FnMut(u64)) -> Res
         .collect();
     let engine = Engine::new(setup.policy, capacity_for(trace, keys.len(), setup.backend.as_ref()))
         .map_err(|e| BadRow { line: 0, reason: e.to_string() })?;
-    let render =
-        setup.headers.map(|(dialect, unix_ns)| Render { unix_ns, monotonic_at: 0, ..engine.render(dialect) });
+    let render = setup.headers.map(|(dialect, unix_ns)| Render { unix_ns, ..engine.render(dialect) });
     if let Some(backend) = &setup.backend {
         for model in &trace.models {
             for variant in [Variant::Regular, Variant::Fast] {

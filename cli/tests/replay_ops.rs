@@ -137,12 +137,12 @@ fn an_output_that_cannot_be_written_is_named_before_the_replay() {
 
 #[test]
 fn an_overloaded_backend_sheds_flex_first_and_priority_last() {
-    // Three tenants, one per tier, each sending 10 requests a second for two minutes at a backend
-    // of 8 slots that finishes about one request a second: far more than it can serve.
+    // Three tenants, one per tier, sending 1.7 requests a second in all for 18 minutes at a
+    // backend of 8 slots that finishes about 0.76 a second (10.5 s a request): overloaded 2.2×.
     let mut body = String::from(HEADER);
-    for i in 0..3_600u64 {
+    for i in 0..1_800u64 {
         let tier = ["flex", "default", "priority"][(i % 3) as usize];
-        body.push_str(&format!("{},{tier}-tenant,m,regular,{tier},1,100,0,100,100\n", i * 100 / 3));
+        body.push_str(&format!("{},{tier}-tenant,m,regular,{tier},1,100,0,100,100\n", i * 600));
     }
     let path = trace_file("overload.csv", &body);
     let base = ["replay", path.as_str(), "--policy", "fixed", "--set", "requests_per_minute=1000000"];
@@ -150,22 +150,20 @@ fn an_overloaded_backend_sheds_flex_first_and_priority_last() {
     assert!(loaded.status.success(), "{}", text(&loaded.stderr));
     let stdout = text(&loaded.stdout);
     let shed = summary(&stdout, "shed (503)");
-    assert!(shed > 3_000, "{stdout}");
     assert_eq!(summary(&stdout, "rate limited (429)"), 0, "{stdout}");
     let most = stdout.lines().find(|l| l.starts_with("Most refused accounts")).unwrap();
     let refused = |tenant: &str| -> u64 {
-        let at = most.find(tenant).unwrap_or_else(|| panic!("{tenant}: {most}"));
-        most[at + tenant.len()..]
-            .split(|c: char| !c.is_ascii_digit())
-            .find(|s| !s.is_empty())
-            .unwrap()
-            .parse()
-            .unwrap()
+        most.find(tenant).map_or(0, |at| {
+            let digits =
+                most[at + tenant.len()..].split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty());
+            digits.unwrap().parse().unwrap()
+        })
     };
     let (flex, default, priority) =
         (refused("flex-tenant "), refused("default-tenant "), refused("priority-tenant "));
-    assert!(flex > default && default > priority, "{most}");
     assert_eq!(flex + default + priority, shed);
+    // Flex absorbs the overload first, the default tier the rest; priority rides through.
+    assert!(flex >= 570 && (100..500).contains(&default) && priority <= 6, "{most}");
     // Without a backend nothing is loaded and nothing is shed.
     let unloaded = sluicegate(&base);
     assert_eq!(summary(&text(&unloaded.stdout), "shed (503)"), 0);
@@ -226,4 +224,52 @@ fn the_walk_through_in_docs_shows_what_the_replay_prints() {
     let stdout = text(&out.stdout);
     let summary = &stdout[stdout.find("Summary (").unwrap()..];
     assert_eq!(summary, block, "docs/replay.md is out of date");
+}
+
+#[test]
+fn an_account_at_its_in_flight_cap_gets_429s_bound_by_concurrency() {
+    // 2 slots, 10 s a request, one request a second from one account capped at 3 in flight.
+    let mut body = String::from(HEADER);
+    for i in 0..120u64 {
+        body.push_str(&format!("{},a,m,regular,priority,1,0,0,100,100\n", i * 1_000));
+    }
+    let path = trace_file("concurrency.csv", &body);
+    let out = sluicegate(&[
+        "replay",
+        &path,
+        "--policy",
+        "fixed",
+        "--set",
+        "requests_per_minute=1000000",
+        "--set",
+        "max_in_flight=3",
+        "--capacity",
+        "2",
+        "--tokens-per-second",
+        "10",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let limited = summary(&stdout, "rate limited (429)");
+    assert!(limited > 60, "{stdout}");
+    assert_eq!(summary(&stdout, "  bound by concurrency"), limited, "{stdout}");
+    assert_eq!(summary(&stdout, "  bound by requests"), 0, "{stdout}");
+}
+
+#[test]
+fn twenty_bad_rows_are_listed_and_more_are_counted() {
+    for (bad, more) in [(20, None), (21, Some("1 more rows skipped")), (25, Some("5 more rows skipped"))] {
+        let mut body = String::from(HEADER);
+        for i in 0..bad {
+            body.push_str(&format!("{i},a,m,sideways,0,1,10,0,5,5\n"));
+        }
+        body.push_str("100,a,m,regular,0,1,10,0,5,5\n");
+        let out = sluicegate(&["replay", &trace_file("many_bad.csv", &body)]);
+        let stderr = text(&out.stderr);
+        assert_eq!(stderr.lines().filter(|l| l.contains(": skipped: variant must be")).count(), 20.min(bad));
+        assert_eq!(
+            stderr.lines().find(|l| l.contains("more rows")).map(|l| l.rsplit(": ").next().unwrap()),
+            more
+        );
+    }
 }
