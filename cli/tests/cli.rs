@@ -335,3 +335,14 @@ fn dated_resets_read_in_the_traces_time_or_todays() {
         stdout.lines().find(|l| l.contains("anthropic-ratelimit-requests-reset: ")).unwrap_or_default();
     assert!(reset.contains(": 20") && !reset.contains("1970"), "{stdout}");
 }
+
+/// An adaptive limit pinned by its ceiling reads as one number; the smoothing wait in seconds.
+#[test]
+fn the_header_line_gives_a_pinned_limit_and_the_wait_as_set() {
+    let path = trace_file("pinned.csv", &format!("{HEADER}0,a,m,regular,0,1,10,0,5,5\n"));
+    let out = sluicegate(&["replay", &path, "--set", "requests_ceiling=60", "--set", "max_wait=2.5"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let first = text(&out.stdout).lines().next().unwrap_or_default().to_string();
+    assert!(first.contains(": requests 60/min, prompt_tokens 60000 to 2000000/min"), "{first}");
+    assert!(first.ends_with("hard_factor 2, max_wait 2.5 s"), "{first}");
+}
