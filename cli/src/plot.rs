@@ -396,5 +396,6 @@ mod tests {
         assert_eq!(short(950.0), "950");
         assert_eq!(short(12_500.0), "12.5k");
         assert_eq!(short(3_000_000.0), "3M");
+        assert_eq!(short(4_200_000_000.0), "4.2G");
     }
 }

@@ -273,3 +273,19 @@ fn twenty_bad_rows_are_listed_and_more_are_counted() {
         );
     }
 }
+
+#[test]
+fn csv_to_stdout_writes_no_file_named_dash() {
+    let dir = format!("{}/dash", env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(format!("{dir}/-"));
+    let trace = trace_file("dash.csv", &format!("{HEADER}0,a,m,regular,0,1,10,0,5,5\n"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+        .args(["replay", &trace, "--csv", "-"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("minute,demanded,"));
+    assert!(!std::path::Path::new(&format!("{dir}/-")).exists());
+}
