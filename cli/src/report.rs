@@ -152,11 +152,12 @@ fn share(part: u64, whole: u64) -> String {
 /// Totals side by side, one column per policy: each fate with its share of the requests, the 429s
 /// by what bound them, then each policy's most refused accounts.
 pub fn print_summary(out: &mut impl Write, trace: &Trace, runs: &[Run]) -> io::Result<()> {
-    let width = runs.iter().map(|r| r.name.len()).max().unwrap_or(0).max(16);
+    // Each policy's column as wide as its name, and at least as a count with its share.
+    let widths: Vec<usize> = runs.iter().map(|r| r.name.len().max(14)).collect();
     let row = |out: &mut dyn Write, label: &str, cells: &mut dyn Iterator<Item = String>| {
         write!(out, "{label:<34}")?;
-        for cell in cells {
-            write!(out, " {cell:>width$}")?;
+        for (cell, width) in cells.zip(&widths) {
+            write!(out, "  {cell:>width$}")?;
         }
         writeln!(out)
     };
