@@ -177,7 +177,7 @@ fn capacity_for(trace: &Trace, scopes: usize, backend: Option<&Backend>) -> Capa
 }
 
 /// Replays `trace` (time-ordered). `progress` is called with the number of requests done. A trace
-/// records the tier each request ran at, so an account is granted priority the first time it
+/// records the tier each request ran at, so an account is granted priority when it
 /// asks. A row the engine refuses as an error is counted invalid and reported in
 /// [`Replay::errors`], or ends the replay under `strict`.
 pub fn replay(trace: &Trace, setup: Setup, mut progress: impl FnMut(u64)) -> Result<Replay, BadRow> {
@@ -213,7 +213,6 @@ pub fn replay(trace: &Trace, setup: Setup, mut progress: impl FnMut(u64)) -> Res
         running: BinaryHeap::new(),
         seen_in: vec![u64::MAX; keys.len()],
         active: Vec::new(),
-        granted: vec![false; trace.accounts.len()],
         replay: Replay {
             minutes: Vec::new(),
             errors: Vec::new(),
@@ -254,7 +253,6 @@ struct Run<'a> {
     seen_in: Vec<u64>,
     /// Scopes that made requests in the current minute.
     active: Vec<u32>,
-    granted: Vec<bool>,
     replay: Replay,
 }
 
@@ -276,9 +274,8 @@ impl<'a> Run<'a> {
         headers: Option<&Render>,
     ) -> Result<(), sluicegate_core::Error> {
         let key = self.key(scope).ok_or(sluicegate_core::Error::TableFull(sluicegate_core::Table::Scopes))?;
-        let asks_first = r.service_tier == ServiceTier::Priority
-            && self.granted.get_mut(r.account as usize).is_some_and(|g| !std::mem::replace(g, true));
-        if asks_first {
+        // The engine writes a grant only when it changes, so granting at every ask is cheap.
+        if r.service_tier == ServiceTier::Priority {
             self.engine.set_service_tier_grant(key.account, ServiceTier::Priority)?;
         }
         let request = Request::new(r.prompt_tokens)
