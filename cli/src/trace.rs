@@ -648,6 +648,17 @@ mod tests {
     }
 
     #[test]
+    fn priority_share_sends_that_fraction_on_the_priority_tier() {
+        for share in [0.0, 0.2, 0.5, 1.0] {
+            let trace = azure_conversations(&Options { priority_share: share, ..options() });
+            let priority =
+                trace.requests.iter().filter(|r| r.service_tier == ServiceTier::Priority).count() as f64;
+            let got = priority / trace.requests.len() as f64;
+            assert!((got - share).abs() < 0.02, "{share}: {got}");
+        }
+    }
+
+    #[test]
     fn accounts_zipf_skews_the_spread_by_the_shares() {
         let zipf = Options { accounts: 10, accounts_zipf: Some(1.2), ..options() };
         let trace = azure_conversations(&zipf);

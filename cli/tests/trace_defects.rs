@@ -133,3 +133,18 @@ fn accounts_zipf_puts_the_most_traffic_and_refusals_on_account_0() {
     // A skew of 0 is the uniform spread, exactly.
     assert_eq!(refused(&["--accounts-zipf", "0"]), uniform);
 }
+
+/// Each model is a scope of its own: one account's 60 RPM floor holds per model.
+#[test]
+fn each_model_has_limits_of_its_own() {
+    let mut body = String::from(HEADER);
+    for i in 0..120u64 {
+        body.push_str(&format!("{},acct,model-{},regular,0,1,10,0,5,5\n", i * 400, i % 2));
+    }
+    let out = sluicegate(&["replay", &trace_file("two_models.csv", &body), "--csv", "-"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let row: Vec<&str> = stdout.lines().nth(1).unwrap().split(',').collect();
+    // demanded 120, all within the two scopes' limits, summed: 2 × 60 RPM.
+    assert_eq!(row[1..7], ["120", "120", "0", "0", "0", "120"], "{stdout}");
+}
