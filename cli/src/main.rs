@@ -175,6 +175,10 @@ fn run_replay(args: &ReplayArgs) -> Result<(), Stop> {
     if let Some(s) = args.accounts_zipf.filter(|s| !(s.is_finite() && *s >= 0.0)) {
         return Err(Stop::Failed(format!("--accounts-zipf must be a number at least 0, not {s}")));
     }
+    if !(0.0..=1.0).contains(&args.priority_share) {
+        let share = args.priority_share;
+        return Err(Stop::Failed(format!("--priority-share must be a fraction from 0 to 1, not {share}")));
+    }
     // Outputs are opened before the replay, so a bad path fails at once.
     let to_stdout = args.csv.as_deref() == Some("-");
     let csv_file = match args.csv.as_deref() {

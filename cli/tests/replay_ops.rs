@@ -289,3 +289,14 @@ fn csv_to_stdout_writes_no_file_named_dash() {
     assert!(text(&out.stdout).starts_with("minute,demanded,"));
     assert!(!std::path::Path::new(&format!("{dir}/-")).exists());
 }
+
+#[test]
+fn a_priority_share_outside_zero_to_one_is_refused() {
+    for share in ["1.5", "-0.1", "NaN"] {
+        let out =
+            sluicegate(&["replay", "../data/azure_llm_2023_conv.csv", &format!("--priority-share={share}")]);
+        assert!(!out.status.success(), "{share}");
+        assert!(text(&out.stderr).contains("--priority-share must be a fraction from 0 to 1"), "{share}");
+        assert!(out.stdout.is_empty());
+    }
+}
