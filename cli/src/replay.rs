@@ -69,8 +69,6 @@ pub const BINDINGS: [&str; 5] =
 pub struct Minute {
     /// Minutes since the trace's first request.
     pub minute: u64,
-    /// Requests that arrived.
-    pub demanded: u64,
     /// Requests by [`Fate`], in [`Fate::ALL`] order.
     pub fates: [u64; 6],
     /// 429s by [`BINDINGS`].
@@ -90,6 +88,11 @@ impl Minute {
     pub fn count(&self, fate: Fate) -> u64 {
         self.fates[fate as usize]
     }
+
+    /// Requests that arrived: every one meets exactly one fate.
+    pub fn demanded(&self) -> u64 {
+        self.fates.iter().sum()
+    }
 }
 
 /// A whole replay.
@@ -106,12 +109,16 @@ pub struct Replay {
 impl Replay {
     /// Requests by fate over the whole trace.
     pub fn fates(&self) -> [u64; 6] {
-        self.minutes.iter().fold([0; 6], |sum, m| core::array::from_fn(|i| sum[i] + m.fates[i]))
+        self.total(|m| m.fates)
     }
 
     /// 429s by binding over the whole trace.
     pub fn bound(&self) -> [u64; 5] {
-        self.minutes.iter().fold([0; 5], |sum, m| core::array::from_fn(|i| sum[i] + m.bound[i]))
+        self.total(|m| m.bound)
+    }
+
+    fn total<const N: usize>(&self, counts: impl Fn(&Minute) -> [u64; N]) -> [u64; N] {
+        self.minutes.iter().map(counts).fold([0; N], |sum, c| core::array::from_fn(|i| sum[i] + c[i]))
     }
 
     /// The `n` accounts most refused, most first (ties by account index): (index, refusals).
@@ -317,7 +324,6 @@ impl<'a> Run<'a> {
 
     fn count(&mut self, r: &TraceRequest, fate: Fate, bound: Option<usize>) {
         let Some(m) = self.replay.minutes.last_mut() else { return };
-        m.demanded += 1;
         m.fates[fate as usize] += 1;
         if let Some(b) = bound.and_then(|b| m.bound.get_mut(b)) {
             *b += 1;

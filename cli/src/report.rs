@@ -84,7 +84,7 @@ pub fn write_csv(out: &mut impl Write, runs: &[Run], compare: bool) -> io::Resul
         for m in &run.replay.minutes {
             let counts = [
                 m.minute,
-                m.demanded,
+                m.demanded(),
                 m.count(Fate::Admitted),
                 m.count(Fate::OverLimit),
                 m.count(Fate::RateLimited),
@@ -100,7 +100,7 @@ pub fn write_csv(out: &mut impl Write, runs: &[Run], compare: bool) -> io::Resul
 
 /// The per-minute table, idle stretches as one line.
 pub fn print_minutes(out: &mut impl Write, trace: &Trace, run: &Run) -> io::Result<()> {
-    let total: u64 = run.replay.minutes.iter().map(|m| m.demanded).sum();
+    let total: u64 = run.replay.fates().iter().sum();
     writeln!(
         out,
         "{total} requests ({} trace, {} bad rows skipped) under {}: {}",
@@ -136,7 +136,8 @@ pub fn print_minutes(out: &mut impl Write, trace: &Trace, run: &Run) -> io::Resu
         writeln!(
             out,
             "{:>6} {:>9} {admitted:>9} {over:>10} {limited:>7} {shed:>6} {spend:>5} {invalid:>5} {r:>10} {p:>12} {u:>14} {g:>15}",
-            m.minute, m.demanded
+            m.minute,
+            m.demanded()
         )?;
         for (name, value) in &m.headers {
             writeln!(out, "         {name}: {value}")?;
@@ -161,10 +162,8 @@ pub fn print_summary(out: &mut impl Write, trace: &Trace, runs: &[Run]) -> io::R
         }
         writeln!(out)
     };
-    let totals: Vec<([u64; 6], [u64; 5], u64)> = runs
-        .iter()
-        .map(|r| (r.replay.fates(), r.replay.bound(), r.replay.minutes.iter().map(|m| m.demanded).sum()))
-        .collect();
+    let totals: Vec<([u64; 6], [u64; 5], u64)> =
+        runs.iter().map(|r| (r.replay.fates(), r.replay.bound(), r.replay.fates().iter().sum())).collect();
     writeln!(out, "Summary ({} trace, {} bad rows skipped)", trace.format, trace.bad.len())?;
     row(out, "policy", &mut runs.iter().map(|r| r.name.clone()))?;
     row(out, "requests", &mut totals.iter().map(|t| t.2.to_string()))?;
