@@ -300,3 +300,46 @@ fn a_priority_share_outside_zero_to_one_is_refused() {
         assert!(out.stdout.is_empty());
     }
 }
+
+/// Lying and absurd token counts: a max_tokens far below what is generated is charged at
+/// settle until the account is refused; counts at u64::MAX are refused, never a crash.
+#[test]
+fn lying_and_absurd_token_counts_are_charged_or_refused() {
+    let mut body = String::from(HEADER);
+    for i in 0..600u64 {
+        // Reserves 1 generated token, generates 5,000: fireworks_2024 allows 6,000 a minute.
+        body.push_str(&format!("{},liar,m,regular,0,1,10,0,1,5000\n", i * 100));
+    }
+    body.push_str("60000,huge,m,regular,0,18446744073709551615,18446744073709551615,0,18446744073709551615,18446744073709551615\n");
+    let path = trace_file("liars.csv", &body);
+    let out = sluicegate(&["replay", &path]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(summary(&stdout, "requests"), 601, "{stdout}");
+    // The overrun is charged: the liar's requests are refused on generated tokens.
+    assert!(summary(&stdout, "  bound by generated_tokens") > 590, "{stdout}");
+    assert!(stdout.contains("huge 1"), "{stdout}");
+    // Behind a backend of 4 slots, each 100 s lie holds a slot: the rest is shed, none crash.
+    let out = sluicegate(&["replay", &path, "--capacity", "4"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(summary(&stdout, "shed (503)") > 590, "{stdout}");
+    assert!(stdout.contains("huge 1"), "{stdout}");
+}
+
+/// A week of traffic, one request every ten minutes: one row per minute that saw one, every
+/// request admitted in limit, and the limits at their floors after idling between requests.
+#[test]
+fn a_week_of_sparse_traffic_replays_exactly() {
+    let mut body = String::from(HEADER);
+    for i in 0..(7 * 24 * 6u64) {
+        body.push_str(&format!("{},a,m,regular,0,1,100,0,10,10\n", i * 600_000));
+    }
+    let out = sluicegate(&["replay", &trace_file("week.csv", &body), "--csv", "-"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let rows: Vec<&str> = stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1_008);
+    assert!(rows.iter().all(|r| r.ends_with(",1,1,0,0,0,60,60000,60000,6000")), "{stdout}");
+    assert_eq!(rows.last().unwrap().split(',').next(), Some("10070"));
+}
