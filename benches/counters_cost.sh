@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
-rounds=${ROUNDS:-8}
+rounds=${ROUNDS:-10}
 out=$target/counters-cost
 rm -rf "$out"
 mkdir -p "$out"
