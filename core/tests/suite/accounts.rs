@@ -367,11 +367,14 @@ fn spend_accounting_is_exact_to_the_micro_dollar_under_concurrency() {
     // drift apart, so settled overruns would otherwise build real debt).
     let mut policy = Policy::fixed();
     policy.limits = sluicegate_core::PerMetric([MetricLimits::UNLIMITED; 4]);
+    let threads = 4u64;
+    let per_thread = 2_000u64;
+    // A thread may run a whole run ahead of another (a loaded machine): a TTL longer than the
+    // run keeps its sweeps from expiring a permit another thread holds between admit and settle.
+    policy.permit_ttl_ns = 2 * per_thread * SECOND;
     let e = Engine::new(policy, Capacity::scopes(64)).unwrap();
     let price = Price { uncached_prompt: 1_234_567, cached_prompt: 345_678, generated: 9_876_543 };
     e.set_price(MODEL, Variant::Regular, price).unwrap();
-    let threads = 4u64;
-    let per_thread = 2_000u64;
     let expected_nanos: u64 = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
