@@ -7,8 +7,12 @@ cd "$(dirname "$0")/.."
 # governor's map hashes with a random seed, so its set-up differs between the two runs: at 20,000
 # calls that moved its figure between 240 and 670; at 100,000 it holds within a few percent.
 calls=${CALLS:-100000}
-cargo build --release -q -p sluicegate-benches --bin count_instructions
-bin=${CARGO_TARGET_DIR:-target}/release/count_instructions
+# COUNT_BIN: a harness built elsewhere (counters_cost.sh builds one without the counters);
+# arguments: the harnesses to count, all of them by default.
+if [[ -z ${COUNT_BIN:-} ]]; then
+    cargo build --release -q -p sluicegate-benches --bin count_instructions
+fi
+bin=${COUNT_BIN:-${CARGO_TARGET_DIR:-target}/release/count_instructions}
 
 refs() {
     valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$2" 2>&1 |
@@ -16,7 +20,9 @@ refs() {
 }
 
 printf '%-44s %s\n' "measure" "instructions per call"
-for which in sluicegate sluicegate-scope sluicegate-c sluicegate-admit governor; do
+harnesses=("$@")
+((${#harnesses[@]})) || harnesses=(sluicegate sluicegate-scope sluicegate-c sluicegate-admit governor)
+for which in "${harnesses[@]}"; do
     small=$(refs "$which" "$calls")
     large=$(refs "$which" $((2 * calls)))
     case $which in

@@ -44,17 +44,12 @@ for round in $(seq "$rounds"); do
     done
 done
 
-refs() {
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null "$1" "$2" "$3" 2>&1 |
-        sed -n 's/.*I[[:space:]]*refs:[[:space:]]*//p' | tr -d ,
-}
-calls=100000
+harnesses=(sluicegate sluicegate-scope sluicegate-c)
 for variant in without with; do
-    for which in sluicegate sluicegate-scope sluicegate-c; do
-        small=$(refs "$out/count-$variant" "$which" "$calls")
-        large=$(refs "$out/count-$variant" "$which" $((2 * calls)))
-        printf '%s\t%s\t%d\n' "$variant" "$which" $(((large - small) / calls))
-    done
+    # callgrind.sh prints a header, then one line per harness ending in its count.
+    COUNT_BIN="$out/count-$variant" bash benches/callgrind.sh "${harnesses[@]}" | tail -n +2 |
+        awk -v variant="$variant" -v names="${harnesses[*]}" \
+            'BEGIN { split(names, n, " ") } { printf "%s\t%s\t%d\n", variant, n[NR], $NF }'
 done >"$out/instructions.tsv"
 
 python3 - "$out" "$rounds" <<'EOF'
