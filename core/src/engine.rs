@@ -5,6 +5,7 @@ use crate::bucket::{self, Bands, EPOCH_RANGE_Q, Fit, QUANTUM_NS, Word};
 use crate::decision::{ConcurrencyLimited, Decision, Levels, Outcome, RateLimited, Shed};
 use crate::error::{Error, SettleError, Table};
 use crate::key::{ScopeKey, Variant};
+use crate::lease::{Grant, Lease, LeasedScope};
 use crate::metric::{Metric, PerMetric};
 use crate::metrics::{Counters, Event};
 use crate::permit::{self, Owner, Permit, Refusal, Reservation};
@@ -79,6 +80,14 @@ impl Located {
         Located { slot, id, account: scope::account_of(id), model, variant }
     }
 }
+
+/// Decides and charges one admission on a located scope: its buckets, or a lease.
+pub(crate) trait Charge:
+    Fn(&ScopeSlot, Located, PerMetric<u64>, ServiceTier, LoadPermille, u64) -> Attempt
+{
+}
+
+impl<F: Fn(&ScopeSlot, Located, PerMetric<u64>, ServiceTier, LoadPermille, u64) -> Attempt> Charge for F {}
 
 /// How one attempt on the bucket word ended.
 pub(crate) enum Attempt {
@@ -155,7 +164,73 @@ impl<S: Storage> Engine<S> {
                 return Ok(Decision::invalid(reason));
             }
         };
-        self.admit_key(key, costs, request.service_tier, now_ns, |_| {})
+        self.admit_key(key, costs, request.service_tier, now_ns, |_| {}, self.own_buckets())
+    }
+
+    /// Admission from the scopes' own buckets.
+    pub(crate) fn own_buckets(&self) -> impl Charge + '_ {
+        |slot: &ScopeSlot, at, costs, tier, load, now_ns| {
+            self.charge_bucket(slot, at, costs, tier, load, now_ns)
+        }
+    }
+
+    /// [`Engine::admit`], taking the costs from `lease` instead of the scope's buckets (SPEC §11,
+    /// many hosts): everything else — validation, spend, concurrency caps, shedding, the permit
+    /// and its ledger entry — is the engine's. Settle its permits with [`Engine::settle_leased`].
+    ///
+    /// ```
+    /// use sluicegate_core::lease::{Grant, Lease, LeasedScope};
+    /// use sluicegate_core::{Band, Capacity, Completion, Engine, Levels, PerMetric, Policy, Request, ScopeKey, Usage};
+    /// use std::sync::atomic::{AtomicI64, Ordering};
+    ///
+    /// /// A lease of requests only: tokens are not limited.
+    /// struct Requests(AtomicI64);
+    /// impl Lease for Requests {
+    ///     fn take(&self, _: LeasedScope, _: ScopeKey<'_>, cost: PerMetric<u64>, _: u64) -> (Grant, Levels) {
+    ///         let n = cost.0[0] as i64;
+    ///         let taken = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| (left >= n).then(|| left - n));
+    ///         let grant = match taken {
+    ///             Ok(_) => Grant::Taken(Band::Normal),
+    ///             Err(_) => Grant::Refused(sluicegate_core::RateLimited {
+    ///                 metric: sluicegate_core::Metric::Requests,
+    ///                 retry_after_ns: 1_000_000_000,
+    ///                 too_large: false,
+    ///             }),
+    ///         };
+    ///         (grant, Levels::default())
+    ///     }
+    ///     fn adjust(&self, _: LeasedScope, delta: [i128; 4], _: u64) {
+    ///         self.0.fetch_sub(delta[0] as i64, Ordering::AcqRel);
+    ///     }
+    /// }
+    ///
+    /// let engine = Engine::new(Policy::fixed(), Capacity::scopes(64))?;
+    /// let lease = Requests(AtomicI64::new(1));
+    /// let key = ScopeKey::new(b"acct", b"model");
+    /// let first = engine.admit_leased(key, &Request::new(10), 0, &lease)?;
+    /// assert!(first.admitted());
+    /// assert!(!engine.admit_leased(key, &Request::new(10), 0, &lease)?.admitted(), "the lease is spent");
+    /// engine.settle_leased(first.permit().unwrap(), &Usage::new(10, 0), Completion::Success, 0, &lease)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn admit_leased<L: Lease>(
+        &self,
+        key: ScopeKey<'_>,
+        request: &Request,
+        now_ns: u64,
+        lease: &L,
+    ) -> Result<Decision, Error> {
+        let costs = match request.costs() {
+            Ok(c) => c,
+            Err(reason) => {
+                self.unattributed.add(key.variant, key.account.len(), request.service_tier, Event::Invalid);
+                return Ok(Decision::invalid(reason));
+            }
+        };
+        let leased = |slot: &ScopeSlot, at, costs, tier, load, now_ns| {
+            self.charge_lease(lease, key, slot, at, costs, tier, load, now_ns)
+        };
+        self.admit_key(key, costs, request.service_tier, now_ns, |_| {}, leased)
     }
 
     /// Looks `key` up and admits there, telling `found` each place it was found.
@@ -166,6 +241,7 @@ impl<S: Storage> Engine<S> {
         asked: ServiceTier,
         now_ns: u64,
         found: impl Fn(Located),
+        charge: impl Charge,
     ) -> Result<Decision, Error> {
         // Each round that looks again found the scope being reclaimed; a slot that stays so for
         // `table::PATIENCE` rounds was left by a reclaimer that died (a process of a shared
@@ -182,7 +258,7 @@ impl<S: Storage> Engine<S> {
                 .map_err(full)?
                 .ok_or_else(|| full(Error::TableFull(Table::Scopes)))?;
             found(at);
-            if let Attempt::Decided(d) = self.admit_at(at, costs, asked, now_ns)? {
+            if let Attempt::Decided(d) = self.admit_at(at, costs, asked, now_ns, &charge)? {
                 return Ok(d);
             }
         }
@@ -195,6 +271,7 @@ impl<S: Storage> Engine<S> {
         costs: PerMetric<u64>,
         asked: ServiceTier,
         now_ns: u64,
+        charge: &impl Charge,
     ) -> Result<Attempt, Error> {
         let t = self.tables();
         let (Some(slot), Some(model), Some(account)) =
@@ -260,7 +337,7 @@ impl<S: Storage> Engine<S> {
                 return Err(e);
             }
         };
-        let mut attempt = self.charge_bucket(slot, at, costs, tier, load, now_ns);
+        let mut attempt = charge(slot, at, costs, tier, load, now_ns);
         if let Attempt::Decided(d) = &attempt {
             count(Event::of(&d.outcome));
         }
@@ -351,6 +428,42 @@ impl<S: Storage> Engine<S> {
             }
             w = again;
         }
+    }
+
+    /// [`Engine::charge_bucket`]'s decision, with the costs taken from a lease.
+    #[allow(clippy::too_many_arguments)]
+    fn charge_lease(
+        &self,
+        lease: &impl Lease,
+        key: ScopeKey<'_>,
+        slot: &ScopeSlot,
+        at: Located,
+        costs: PerMetric<u64>,
+        tier: ServiceTier,
+        load: LoadPermille,
+        now_ns: u64,
+    ) -> Attempt {
+        if bucket::is_retired(slot.bucket.load(Ordering::Acquire)) || slot.id.load(Ordering::Acquire) != at.id
+        {
+            return Attempt::Moved;
+        }
+        let scope = LeasedScope { slot: at.slot, id: at.id };
+        let (grant, levels) = lease.take(scope, key, costs, now_ns);
+        let outcome = match grant {
+            Grant::Refused(limited) => Outcome::RejectRateLimited(limited),
+            Grant::Taken(band) if self.policy.shed.sheds(Class::of(band, tier), load) => {
+                lease.adjust(scope, costs.0.map(|c| -i128::from(c)), now_ns);
+                Outcome::Shed(Shed { band, load, retry_after_ns: self.policy.shed_retry_after_ns })
+            }
+            Grant::Taken(band) => {
+                let permit = self.permit(at, costs, band, tier, 0, now_ns);
+                match band {
+                    bucket::Band::Normal => Outcome::Admit(permit),
+                    bucket::Band::OverLimit => Outcome::AdmitOverLimit(permit),
+                }
+            }
+        };
+        Attempt::Decided(Decision { outcome, levels, cost: costs })
     }
 
     fn permit(
@@ -478,6 +591,34 @@ impl<S: Storage> Engine<S> {
         completion: Completion,
         now_ns: u64,
     ) -> Result<(), SettleError> {
+        self.settle_with(permit, usage, completion, now_ns, |slot, delta, now_ns| {
+            self.correct(slot, delta, now_ns)
+        })
+    }
+
+    /// [`Engine::settle`] of a permit from [`Engine::admit_leased`]: the token corrections go to
+    /// `lease` instead of the scope's buckets.
+    pub fn settle_leased(
+        &self,
+        permit: &Permit,
+        usage: &Usage,
+        completion: Completion,
+        now_ns: u64,
+        lease: &impl Lease,
+    ) -> Result<(), SettleError> {
+        self.settle_with(permit, usage, completion, now_ns, |_, delta, now_ns| {
+            Self::correct_lease(lease, permit, delta, now_ns)
+        })
+    }
+
+    fn settle_with(
+        &self,
+        permit: &Permit,
+        usage: &Usage,
+        completion: Completion,
+        now_ns: u64,
+        correct: impl FnOnce(&ScopeSlot, [i128; 4], u64),
+    ) -> Result<(), SettleError> {
         let actual = usage.tokens().ok_or(SettleError::InvalidUsage)?;
         let slot = self.valid_slot(permit, now_ns)?;
         let t = self.tables();
@@ -492,7 +633,7 @@ impl<S: Storage> Engine<S> {
         for ((d, a), b) in delta.iter_mut().skip(1).zip(actual).zip(billed) {
             *d = i128::from(a) - i128::from(b);
         }
-        self.correct(slot, delta, now_ns);
+        correct(slot, delta, now_ns);
         let mut billed = 0;
         if completion.counts() {
             let [prompt, uncached, generated] = actual;
@@ -524,6 +665,32 @@ impl<S: Storage> Engine<S> {
     /// Records `generated_tokens` more tokens of a streaming response. Tokens beyond the
     /// reservation are charged at once, so a long stream pushes its bucket into debt as it goes.
     pub fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), SettleError> {
+        self.charge_with(permit, generated_tokens, now_ns, |slot, delta, now_ns| {
+            self.correct(slot, delta, now_ns)
+        })
+    }
+
+    /// [`Engine::charge`] of a permit from [`Engine::admit_leased`]: tokens beyond the
+    /// reservation are charged to `lease`.
+    pub fn charge_leased(
+        &self,
+        permit: &Permit,
+        generated_tokens: u64,
+        now_ns: u64,
+        lease: &impl Lease,
+    ) -> Result<(), SettleError> {
+        self.charge_with(permit, generated_tokens, now_ns, |_, delta, now_ns| {
+            Self::correct_lease(lease, permit, delta, now_ns)
+        })
+    }
+
+    fn charge_with(
+        &self,
+        permit: &Permit,
+        generated_tokens: u64,
+        now_ns: u64,
+        correct: impl FnOnce(&ScopeSlot, [i128; 4], u64),
+    ) -> Result<(), SettleError> {
         let slot = self.valid_slot(permit, now_ns)?;
         let entry = self.tables().permits.get(permit.entry as usize).ok_or(SettleError::StalePermit)?;
         let (before, after) = entry
@@ -531,7 +698,7 @@ impl<S: Storage> Engine<S> {
             .map_err(|r| self.refused(r))?;
         let extra = after.saturating_sub(permit.reserved.generated_tokens.max(before));
         let now_ns = self.tick(Located::of_id(permit.slot as usize, permit.scope_id), now_ns);
-        self.correct(slot, [0, 0, 0, i128::from(extra)], now_ns);
+        correct(slot, [0, 0, 0, i128::from(extra)], now_ns);
         Ok(())
     }
 
@@ -546,6 +713,13 @@ impl<S: Storage> Engine<S> {
             return Err(SettleError::StalePermit);
         }
         Ok(slot)
+    }
+
+    /// Hands a permit's token corrections to its lease, if there are any.
+    fn correct_lease(lease: &impl Lease, permit: &Permit, delta: [i128; 4], now_ns: u64) {
+        if delta.iter().any(|d| *d != 0) {
+            lease.adjust(LeasedScope { slot: permit.slot as usize, id: permit.scope_id }, delta, now_ns);
+        }
     }
 
     /// Applies token corrections to the buckets; writes nothing when there are none.
@@ -869,7 +1043,7 @@ mod tests {
         assert!(e.admit(b, &Request::new(0), 5 * MINUTE).unwrap_or_else(|e| panic!("{e}")).admitted());
         let costs = Request::new(0).costs().unwrap_or_else(|e| panic!("{e:?}"));
         let attempt = e
-            .admit_at(stale, costs, crate::ServiceTier::Default, 5 * MINUTE)
+            .admit_at(stale, costs, crate::ServiceTier::Default, 5 * MINUTE, &e.own_buckets())
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(attempt, Attempt::Moved));
         let levels = e.limits(b, 5 * MINUTE).unwrap_or_else(|e| panic!("{e}"));

@@ -116,12 +116,13 @@ impl<S: Storage> Engine<S> {
             Err(reason) => return Ok(Decision::invalid(reason)),
         };
         let engine = self.handle_identity();
+        let own = self.own_buckets();
         if let Some(at) = scope.located(engine) {
-            if let Attempt::Decided(d) = self.admit_at(at, costs, request.service_tier, now_ns)? {
+            if let Attempt::Decided(d) = self.admit_at(at, costs, request.service_tier, now_ns, &own)? {
                 return Ok(d);
             }
         }
-        self.admit_key(scope.key(), costs, request.service_tier, now_ns, |at| scope.remember(engine, at))
+        self.admit_key(scope.key(), costs, request.service_tier, now_ns, |at| scope.remember(engine, at), own)
     }
 
     /// What a handle records of the engine it was resolved in: a restore changes it.

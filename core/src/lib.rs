@@ -52,6 +52,7 @@ pub mod headers;
 pub mod inspect;
 pub mod json;
 pub mod key;
+pub mod lease;
 mod locate;
 pub mod metric;
 pub mod metrics;

@@ -16,6 +16,7 @@ mod hostile;
 mod invariants;
 mod json_doc;
 mod keys;
+mod lease;
 mod linearizable;
 mod live_snapshot;
 mod messages;
