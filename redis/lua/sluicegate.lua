@@ -1,0 +1,125 @@
+#!lua name=sluicegate_v1
+-- sluicegate's Redis functions (SPEC §11, many hosts). One hash per scope holds its four buckets;
+-- replicas lease shares of them and give back what they did not use. Only bucket and lease
+-- arithmetic lives here: adaptation keeps its one implementation, the Rust one.
+--
+-- The version is in the library's and the functions' names. A replica loads this file with
+-- FUNCTION LOAD REPLACE, and again whenever Redis answers that a function is missing (a restart
+-- that lost its data, a FUNCTION FLUSH).
+--
+-- A bucket is kept as a debt in µs, as the engine keeps it: a request of n units costs
+-- n × interval (µs per unit), the debt drains at one µs per µs, and a bucket with a debt over
+-- `window` is over its limit, over `hard` it refuses. Lua numbers are doubles: µs since the epoch
+-- (~1.8e15) are exact in them.
+
+-- A number read from the hash or the arguments, or `default` if it is not a finite number:
+-- a damaged field never stops a scope, and never lets it admit more.
+local function num(text, default)
+  local n = tonumber(text)
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then
+    return default
+  end
+  return n
+end
+
+local function clock(given)
+  if given ~= '' then
+    return num(given, 0)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- KEYS[1]: the scope's hash.
+-- ARGV[1]: the caller's clock in µs, or '' for Redis TIME (the caller's clock is for tests that
+--          run hours of adaptation in seconds).
+-- ARGV[2]: window, µs. ARGV[3]: hard, µs (window × the policy's hard factor).
+-- ARGV[4]: how long an untouched hash lives, ms.
+-- Then per metric m = 0..3, four arguments from ARGV[5 + 4m]:
+--   interval  µs per unit of the metric's limit (0: not limited), used while the hash has none;
+--   delta     units to settle first: positive charges usage beyond what was leased, negative
+--             gives back (unused leases, refunds); a refund stops at a full bucket;
+--   need      the least grant worth having: unless every limited metric can grant its need,
+--             nothing is granted (a lease is all-or-nothing across metrics);
+--   want      what the replica would like, sized from its recent rate.
+-- Returns { now, over, then per metric: grant, debt (µs, after), interval (ns per unit) }; `over` is 1 when
+-- some bucket is past its window, so what was granted runs over its limit.
+local function lease(keys, args)
+  local key = keys[1]
+  local now = clock(args[1])
+  local window = num(args[2], 0)
+  local hard = num(args[3], window)
+  local ttl = math.floor(num(args[4], 3600000))
+  local last = num(redis.call('HGET', key, 't'), now)
+  local elapsed = now - last
+  if elapsed < 0 then
+    elapsed = 0
+  end
+  local debt, interval, need, want = {}, {}, {}, {}
+  local fits = true
+  for m = 0, 3 do
+    local at = 5 + 4 * m
+    local fields = redis.call('HMGET', key, 'd' .. m, 'i' .. m)
+    interval[m] = num(fields[2], num(args[at], 0))
+    if interval[m] < 0 then
+      interval[m] = 0
+    end
+    -- A missing debt is a full bucket; a damaged one is an empty bucket, which refills.
+    local d = hard
+    if fields[1] == false then
+      d = 0
+    else
+      d = num(fields[1], hard)
+    end
+    d = d - elapsed
+    d = d + num(args[at + 1], 0) * interval[m]
+    if d < 0 then
+      d = 0
+    end
+    debt[m] = d
+    need[m] = math.max(0, math.floor(num(args[at + 2], 0)))
+    want[m] = math.max(need[m], math.floor(num(args[at + 3], 0)))
+    if interval[m] > 0 and math.floor((hard - d) / interval[m]) < need[m] then
+      fits = false
+    end
+  end
+  local answer = { now, 0 }
+  local over = 0
+  for m = 0, 3 do
+    local grant = 0
+    if fits and interval[m] > 0 then
+      local available = math.floor((hard - debt[m]) / interval[m])
+      -- A quarter of the bucket while it is at least half full, a quarter of what is left after.
+      local cap = math.floor(window / interval[m] / 4)
+      if debt[m] > window / 2 then
+        cap = math.floor(available / 4)
+      end
+      grant = math.min(available, math.max(need[m], math.min(want[m], cap)))
+      debt[m] = debt[m] + grant * interval[m]
+    end
+    if interval[m] > 0 and debt[m] > window then
+      over = 1
+    end
+    redis.call('HSET', key, 'd' .. m, debt[m], 'i' .. m, interval[m])
+    answer[3 + 3 * m] = grant
+    answer[4 + 3 * m] = math.floor(debt[m])
+    answer[5 + 3 * m] = math.floor(interval[m] * 1000)
+  end
+  answer[2] = over
+  redis.call('HSET', key, 't', now)
+  redis.call('PEXPIRE', key, ttl)
+  return answer
+end
+
+-- KEYS[1]: the replicas' sorted set. ARGV[1]: the caller's clock in µs, or ''.
+-- ARGV[2]: this replica's id. ARGV[3]: how long the heartbeat counts, µs.
+-- Returns how many replicas have a heartbeat that still counts, this one included.
+local function heartbeat(keys, args)
+  local now = clock(args[1])
+  redis.call('ZADD', keys[1], now + num(args[3], 0), args[2])
+  redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
+  return redis.call('ZCARD', keys[1])
+end
+
+redis.register_function('sg_lease_v1', lease)
+redis.register_function('sg_heartbeat_v1', heartbeat)

@@ -1,0 +1,177 @@
+//! The Redis function library (`lua/sluicegate.lua`) and the calls into it: loaded with
+//! `FUNCTION LOAD REPLACE`, and again by itself whenever Redis answers that a function is missing.
+
+use std::time::Duration;
+
+use redis::{Connection, Value};
+
+use crate::error::Error;
+
+/// The library's source; its version is in its functions' names.
+pub const LIBRARY: &str = include_str!("../lua/sluicegate.lua");
+/// The lease function of this version of the library.
+pub const LEASE: &str = "sg_lease_v1";
+/// The heartbeat function of this version of the library.
+pub const HEARTBEAT: &str = "sg_heartbeat_v1";
+
+/// What one metric's bucket is asked for in a lease call.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MetricAsk {
+    /// µs per unit of the metric's limit (0: not limited); the level the hash starts at.
+    pub interval_us: f64,
+    /// Units to settle first: positive charges usage beyond what was leased, negative gives back.
+    pub delta: i64,
+    /// The least grant worth having.
+    pub need: u64,
+    /// The grant wanted.
+    pub want: u64,
+}
+
+/// One lease call: settle the deltas, then grant.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LeaseCall {
+    /// The caller's clock in µs, or `None` for Redis `TIME`.
+    pub now_us: Option<u64>,
+    /// µs of use a bucket holds within its limit.
+    pub window_us: u64,
+    /// µs of use a bucket holds at all (window × hard factor).
+    pub hard_us: u64,
+    /// How long an untouched scope's hash lives, ms.
+    pub ttl_ms: u64,
+    /// Per metric.
+    pub metrics: [MetricAsk; 4],
+}
+
+/// One metric's part of a lease answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetricGrant {
+    /// Units granted.
+    pub grant: u64,
+    /// The global bucket's debt after the call, µs.
+    pub debt_us: u64,
+    /// ns per unit of the global limit (0: not limited).
+    pub interval_ns: u64,
+}
+
+/// What a lease call answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseAnswer {
+    /// The function's clock, µs.
+    pub now_us: u64,
+    /// Some global bucket is past its window: what was granted runs over its limit.
+    pub over: bool,
+    /// Per metric.
+    pub metrics: [MetricGrant; 4],
+}
+
+/// A connection to Redis with the library loaded, and timeouts on every read and write.
+pub struct Functions {
+    connection: Connection,
+}
+
+impl Functions {
+    /// Connects to `url` (`redis://host:port/db`) within `timeout`, which also bounds each call,
+    /// and loads the library.
+    pub fn connect(url: &str, timeout: Duration) -> Result<Self, Error> {
+        let client = redis::Client::open(url).map_err(Error::from_redis)?;
+        let connection = client.get_connection_with_timeout(timeout).map_err(Error::from_redis)?;
+        connection.set_read_timeout(Some(timeout)).map_err(Error::from_redis)?;
+        connection.set_write_timeout(Some(timeout)).map_err(Error::from_redis)?;
+        let mut functions = Functions { connection };
+        functions.load()?;
+        Ok(functions)
+    }
+
+    /// Loads (or replaces) the library.
+    pub fn load(&mut self) -> Result<(), Error> {
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(LIBRARY)
+            .query::<Value>(&mut self.connection)
+            .map_err(Error::from_redis)
+            .map(drop)
+    }
+
+    /// Leases from the hash `key` (see the library for the arithmetic).
+    pub fn lease(&mut self, key: &[u8], call: &LeaseCall) -> Result<LeaseAnswer, Error> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(LEASE).arg(1).arg(key);
+        cmd.arg(call.now_us.map_or(String::new(), |n| n.to_string()));
+        cmd.arg(call.window_us).arg(call.hard_us).arg(call.ttl_ms);
+        for m in &call.metrics {
+            cmd.arg(m.interval_us).arg(m.delta).arg(m.need).arg(m.want);
+        }
+        let value = self.call(&cmd)?;
+        parse_lease(&value)
+    }
+
+    /// Records this replica's heartbeat in the set `key` for `ttl_us` and counts the replicas
+    /// whose heartbeat still counts.
+    pub fn heartbeat(
+        &mut self,
+        key: &[u8],
+        now_us: Option<u64>,
+        replica: &str,
+        ttl_us: u64,
+    ) -> Result<u64, Error> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(HEARTBEAT).arg(1).arg(key);
+        cmd.arg(now_us.map_or(String::new(), |n| n.to_string())).arg(replica).arg(ttl_us);
+        match self.call(&cmd)? {
+            Value::Int(n) => u64::try_from(n).map_err(|_| Error::Answer("a negative replica count")),
+            _ => Err(Error::Answer("a heartbeat answer that is not an integer")),
+        }
+    }
+
+    /// Runs `cmd`, loading the library and trying once more if Redis no longer has it.
+    fn call(&mut self, cmd: &redis::Cmd) -> Result<Value, Error> {
+        match cmd.query::<Value>(&mut self.connection) {
+            Err(e) if is_missing_function(&e) => {
+                self.load()?;
+                cmd.query::<Value>(&mut self.connection).map_err(Error::from_redis)
+            }
+            other => other.map_err(Error::from_redis),
+        }
+    }
+
+    /// The connection, for tests and tools that read the hashes.
+    pub fn connection(&mut self) -> &mut Connection {
+        &mut self.connection
+    }
+}
+
+fn is_missing_function(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+/// Reads a lease answer: `{now, over, then grant, debt, interval per metric}`, every one a
+/// non-negative integer.
+pub fn parse_lease(value: &Value) -> Result<LeaseAnswer, Error> {
+    let Value::Array(items) = value else {
+        return Err(Error::Answer("a lease answer that is not an array"));
+    };
+    if items.len() != 14 {
+        return Err(Error::Answer("a lease answer of the wrong length"));
+    }
+    let mut numbers = [0u64; 14];
+    for (n, item) in numbers.iter_mut().zip(items) {
+        *n = match item {
+            Value::Int(i) => {
+                u64::try_from(*i).map_err(|_| Error::Answer("a negative number in a lease answer"))?
+            }
+            _ => return Err(Error::Answer("a lease answer holding something other than integers")),
+        };
+    }
+    let [now_us, over, rest @ ..] = numbers;
+    if over > 1 {
+        return Err(Error::Answer("a lease answer whose band flag is neither 0 nor 1"));
+    }
+    let mut metrics = [MetricGrant::default(); 4];
+    for (m, chunk) in metrics.iter_mut().zip(rest.chunks_exact(3)) {
+        if let [grant, debt_us, interval_ns] = *chunk {
+            *m = MetricGrant { grant, debt_us, interval_ns };
+        }
+    }
+    Ok(LeaseAnswer { now_us, over: over == 1, metrics })
+}

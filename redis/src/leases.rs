@@ -1,0 +1,348 @@
+//! Each scope's lease on this replica, kept per slot of the local engine's scope table: units
+//! per metric taken on the hot path with one compare-exchange, filled and emptied by the lease
+//! thread (`crate::replica`).
+
+use std::cell::Cell;
+
+use portable_atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU128, Ordering};
+use sluicegate_core::lease::{Grant, Lease, LeasedScope};
+use sluicegate_core::{Band, Levels, Metric, PerMetric, RateLimited, ScopeKey, Variant};
+
+use crate::functions::LeaseAnswer;
+
+const ACCOUNT_MAX: usize = sluicegate_core::key::ACCOUNT_KEY_MAX;
+const MODEL_MAX: usize = sluicegate_core::key::MODEL_KEY_MAX;
+const KEY_WORDS: usize = (ACCOUNT_MAX + MODEL_MAX) / 8;
+
+/// A slot's owner word: the scope id in the low half, its state in the high half.
+const FREE: u128 = 0;
+const WRITING: u128 = 1;
+const READY: u128 = 2;
+
+fn owner(id: u64, state: u128) -> u128 {
+    (state << 64) | u128::from(id)
+}
+
+/// A lease's units left, four 32-bit counts in one word.
+fn unpack(w: u128) -> [u64; 4] {
+    [0, 1, 2, 3].map(|m| ((w >> (32 * m)) & u128::from(u32::MAX)) as u64)
+}
+
+fn pack(units: [u64; 4]) -> u128 {
+    units.iter().enumerate().fold(0, |w, (m, u)| w | (u128::from((*u).min(u64::from(u32::MAX))) << (32 * m)))
+}
+
+thread_local! {
+    /// The scope this thread was last refused for because it had no lease yet: the replica
+    /// fetches one at once instead of answering 429 to a scope's first request.
+    static COLD: Cell<Option<LeasedScope>> = const { Cell::new(None) };
+}
+
+/// Takes the scope this thread was last refused for for want of any lease.
+pub(crate) fn take_cold() -> Option<LeasedScope> {
+    COLD.with(Cell::take)
+}
+
+/// One scope's lease.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    owner: AtomicU128,
+    /// Units left per metric.
+    left: AtomicU128,
+    /// Which metrics the lease limits (bit per metric); the others are not limited globally.
+    limited: AtomicU64,
+    /// Units owed to Redis per metric: positive charges, negative gives back.
+    delta: [AtomicI64; 4],
+    /// Units taken since the lease thread last looked, per metric: the recent rate.
+    taken: [AtomicU64; 4],
+    /// The largest request refused since the lease thread last looked, per metric.
+    need: [AtomicU64; 4],
+    /// The global buckets at the last answer: debt µs and interval ns per unit, per metric, and when.
+    debt_us: [AtomicU64; 4],
+    interval_ns: [AtomicU64; 4],
+    answered_ns: AtomicU64,
+    /// The lease can be used until this time (caller's clock, ns).
+    expires_ns: AtomicU64,
+    /// What was granted runs over its limit.
+    over: AtomicBool,
+    /// The engine gave this slot to another scope while it held a lease: the lease thread
+    /// gives the old lease back, then frees the slot.
+    evict: AtomicBool,
+    /// Account bytes, then model bytes, in words; `shape` holds their lengths and the variant.
+    key: [AtomicU64; KEY_WORDS],
+    shape: AtomicU64,
+}
+
+/// A slot's key, as the lease thread reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct OwnedKey {
+    pub(crate) account: Vec<u8>,
+    pub(crate) model: Vec<u8>,
+    pub(crate) variant: Variant,
+}
+
+impl Slot {
+    fn write_key(&self, key: ScopeKey<'_>) {
+        let mut bytes = [0u8; ACCOUNT_MAX + MODEL_MAX];
+        bytes.iter_mut().zip(key.account.iter().chain(key.model)).for_each(|(d, s)| *d = *s);
+        for (word, chunk) in self.key.iter().zip(bytes.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            word.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+        let variant = u64::from(key.variant == Variant::Fast);
+        let shape = key.account.len() as u64 | (key.model.len() as u64) << 16 | variant << 32;
+        self.shape.store(shape, Ordering::Relaxed);
+    }
+
+    fn read_key(&self) -> OwnedKey {
+        let mut bytes = Vec::with_capacity(ACCOUNT_MAX + MODEL_MAX);
+        self.key.iter().for_each(|w| bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes()));
+        let shape = self.shape.load(Ordering::Relaxed);
+        let account_len = (shape & 0xffff) as usize;
+        let model_len = ((shape >> 16) & 0xffff) as usize;
+        let model = bytes.get(account_len..account_len + model_len).unwrap_or_default().to_vec();
+        bytes.truncate(account_len);
+        let variant = if shape >> 32 & 1 == 1 { Variant::Fast } else { Variant::Regular };
+        OwnedKey { account: bytes, model, variant }
+    }
+
+    /// The scope id this slot's lease is for, once its key is written.
+    pub(crate) fn ready_id(&self) -> Option<u64> {
+        let o = self.owner.load(Ordering::Acquire);
+        (o >> 64 == READY).then_some(o as u64)
+    }
+
+    pub(crate) fn key(&self) -> OwnedKey {
+        self.read_key()
+    }
+
+    /// Takes the units taken and the largest refused request since last asked, per metric.
+    pub(crate) fn drain_use(&self) -> ([u64; 4], [u64; 4]) {
+        (
+            self.taken.each_ref().map(|t| t.swap(0, Ordering::AcqRel)),
+            self.need.each_ref().map(|n| n.swap(0, Ordering::AcqRel)),
+        )
+    }
+
+    /// Takes the corrections owed to Redis.
+    pub(crate) fn drain_delta(&self) -> [i64; 4] {
+        self.delta.each_ref().map(|d| d.swap(0, Ordering::AcqRel))
+    }
+
+    /// Puts back corrections a failed call could not deliver.
+    pub(crate) fn restore_delta(&self, delta: [i64; 4]) {
+        self.delta.iter().zip(delta).for_each(|(d, v)| {
+            d.fetch_add(v, Ordering::AcqRel);
+        });
+    }
+
+    /// Takes every unit left (the lease expired, or its scope went idle or moved).
+    pub(crate) fn drain_left(&self) -> [u64; 4] {
+        unpack(self.left.swap(0, Ordering::AcqRel))
+    }
+
+    pub(crate) fn left(&self) -> [u64; 4] {
+        unpack(self.left.load(Ordering::Acquire))
+    }
+
+    /// Takes units beyond `keep` per metric back out of the lease.
+    pub(crate) fn trim(&self, keep: [u64; 4]) -> [u64; 4] {
+        let mut w = self.left.load(Ordering::Acquire);
+        loop {
+            let left = unpack(w);
+            let kept: [u64; 4] = std::array::from_fn(|m| left[m].min(keep[m]));
+            match self.left.compare_exchange(w, pack(kept), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return std::array::from_fn(|m| left[m] - kept[m]),
+                Err(cur) => w = cur,
+            }
+        }
+    }
+
+    /// Adds granted units and records the global buckets the answer saw.
+    pub(crate) fn fill(&self, answer: &LeaseAnswer, now_ns: u64, expires_ns: u64) {
+        let mut limited = 0;
+        for (m, g) in answer.metrics.iter().enumerate() {
+            self.debt_us[m].store(g.debt_us, Ordering::Relaxed);
+            self.interval_ns[m].store(g.interval_ns, Ordering::Relaxed);
+            if g.interval_ns > 0 {
+                limited |= 1 << m;
+            }
+        }
+        self.add(answer.metrics.map(|g| g.grant));
+        self.limited.store(limited, Ordering::Relaxed);
+        self.over.store(answer.over, Ordering::Relaxed);
+        self.answered_ns.store(now_ns, Ordering::Relaxed);
+        self.expires_ns.store(expires_ns, Ordering::Release);
+    }
+
+    /// Adds units to the lease (an answer's grant, or an outage share).
+    pub(crate) fn add(&self, units: [u64; 4]) {
+        let mut w = self.left.load(Ordering::Acquire);
+        loop {
+            let left = unpack(w);
+            let sum = std::array::from_fn(|m| left[m].saturating_add(units[m]));
+            match self.left.compare_exchange(w, pack(sum), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(cur) => w = cur,
+            }
+        }
+    }
+
+    /// Lets the lease be used until `expires_ns`, without an answer (an outage share).
+    pub(crate) fn extend(&self, expires_ns: u64) {
+        self.expires_ns.store(expires_ns, Ordering::Release);
+    }
+
+    /// Which metrics are limited, and their global levels (ns per unit) at the last answer.
+    pub(crate) fn levels(&self) -> (u64, [u64; 4]) {
+        (self.limited.load(Ordering::Relaxed), self.interval_ns.each_ref().map(|i| i.load(Ordering::Relaxed)))
+    }
+
+    pub(crate) fn expires_ns(&self) -> u64 {
+        self.expires_ns.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn evicting(&self) -> bool {
+        self.evict.load(Ordering::Acquire)
+    }
+
+    /// Frees the slot for the next scope; the caller gave back what it held.
+    pub(crate) fn free(&self) {
+        self.left.store(0, Ordering::Release);
+        self.limited.store(0, Ordering::Relaxed);
+        self.expires_ns.store(0, Ordering::Release);
+        self.evict.store(false, Ordering::Release);
+        self.owner.store(FREE, Ordering::Release);
+    }
+
+    /// The headers' view: the global buckets at the last answer, drained since.
+    fn header_levels(&self, now_ns: u64) -> Levels {
+        let elapsed_us = now_ns.saturating_sub(self.answered_ns.load(Ordering::Relaxed)) / 1_000;
+        let debt = self.debt_us.each_ref().map(|d| d.load(Ordering::Relaxed).saturating_sub(elapsed_us));
+        let interval = self
+            .interval_ns
+            .each_ref()
+            .map(|i| ((u128::from(i.load(Ordering::Relaxed)) << 32) / 1_000) as u64);
+        Levels::from_raw(debt, interval)
+    }
+}
+
+/// The leases of every scope slot of a replica's engine.
+#[derive(Debug)]
+pub(crate) struct Leases {
+    slots: Box<[Slot]>,
+    /// µs of use a global bucket holds at all (window × hard factor).
+    hard_us: u64,
+    /// A refusal's shortest `retry_after`: about when the lease thread brings more.
+    retry_floor_ns: u64,
+}
+
+impl Leases {
+    pub(crate) fn new(scopes: usize, hard_us: u64, retry_floor_ns: u64) -> Self {
+        Leases { slots: (0..scopes).map(|_| Slot::default()).collect(), hard_us, retry_floor_ns }
+    }
+
+    pub(crate) fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    pub(crate) fn slot(&self, index: usize) -> Option<&Slot> {
+        self.slots.get(index)
+    }
+
+    fn refuse(
+        &self,
+        slot: Option<&Slot>,
+        cost: PerMetric<u64>,
+        short: Metric,
+        now_ns: u64,
+    ) -> (Grant, Levels) {
+        let levels = slot.map_or_else(Levels::default, |s| s.header_levels(now_ns));
+        let (debt, interval) = levels.to_raw();
+        let m = short as usize;
+        let cost_us = (u128::from(cost.0[m]) * u128::from(interval[m])) >> 32;
+        let too_large = interval[m] != 0 && cost_us > u128::from(self.hard_us);
+        let wait_us = (u128::from(debt[m]) + cost_us).saturating_sub(u128::from(self.hard_us));
+        let retry_after_ns = u64::try_from(wait_us * 1_000).unwrap_or(u64::MAX).max(self.retry_floor_ns);
+        (Grant::Refused(RateLimited { metric: short, retry_after_ns, too_large }), levels)
+    }
+
+    fn cold(&self, scope: LeasedScope, cost: PerMetric<u64>, now_ns: u64) -> (Grant, Levels) {
+        COLD.with(|c| c.set(Some(scope)));
+        self.refuse(None, cost, Metric::Requests, now_ns)
+    }
+}
+
+impl Lease for Leases {
+    fn take(
+        &self,
+        scope: LeasedScope,
+        key: ScopeKey<'_>,
+        cost: PerMetric<u64>,
+        now_ns: u64,
+    ) -> (Grant, Levels) {
+        let Some(slot) = self.slots.get(scope.slot) else {
+            return self.refuse(None, cost, Metric::Requests, now_ns);
+        };
+        let o = slot.owner.load(Ordering::Acquire);
+        if o != owner(scope.id, READY) {
+            if o == FREE
+                && slot
+                    .owner
+                    .compare_exchange(FREE, owner(scope.id, WRITING), Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                slot.write_key(key);
+                slot.owner.store(owner(scope.id, READY), Ordering::Release);
+                return self.cold(scope, cost, now_ns);
+            }
+            if o >> 64 == READY {
+                slot.evict.store(true, Ordering::Release);
+            }
+            return self.refuse(None, cost, Metric::Requests, now_ns);
+        }
+        if now_ns >= slot.expires_ns() {
+            let short = Metric::Requests;
+            slot.need[short as usize].fetch_max(cost.0[short as usize], Ordering::AcqRel);
+            return self.refuse(Some(slot), cost, short, now_ns);
+        }
+        let limited = slot.limited.load(Ordering::Relaxed);
+        let charged = cost.0.map(|c| c.min(u64::from(u32::MAX)));
+        let mut w = slot.left.load(Ordering::Acquire);
+        loop {
+            let left = unpack(w);
+            let short = (0..4).find(|m| limited >> m & 1 == 1 && (left[*m] < cost.0[*m]));
+            if let Some(m) = short {
+                slot.need.iter().zip(cost.0).for_each(|(n, c)| {
+                    n.fetch_max(c, Ordering::AcqRel);
+                });
+                return self.refuse(Some(slot), cost, Metric::ALL[m], now_ns);
+            }
+            let after =
+                std::array::from_fn(|m| if limited >> m & 1 == 1 { left[m] - charged[m] } else { left[m] });
+            match slot.left.compare_exchange_weak(w, pack(after), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(cur) => w = cur,
+            }
+        }
+        slot.taken.iter().zip(cost.0).for_each(|(t, c)| {
+            t.fetch_add(c, Ordering::Relaxed);
+        });
+        let band = if slot.over.load(Ordering::Relaxed) { Band::OverLimit } else { Band::Normal };
+        (Grant::Taken(band), slot.header_levels(now_ns))
+    }
+
+    fn adjust(&self, scope: LeasedScope, delta: [i128; 4], _now_ns: u64) {
+        let Some(slot) = self.slots.get(scope.slot) else { return };
+        if slot.owner.load(Ordering::Acquire) != owner(scope.id, READY) {
+            return;
+        }
+        slot.delta.iter().zip(delta).for_each(|(d, v)| {
+            d.fetch_add(
+                i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX }),
+                Ordering::AcqRel,
+            );
+        });
+    }
+}

@@ -1,0 +1,561 @@
+//! A replica: a local engine that admits from leases of the global buckets in Redis, and the
+//! background thread that keeps those leases (SPEC §11).
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sluicegate_core::lease::LeasedScope;
+use sluicegate_core::{
+    Capacity, Completion, Decision, Engine, Error as CoreError, Heap, Outcome, PerMetric, Permit, Policy,
+    Request, ScopeKey, SettleError, Usage, Variant,
+};
+
+use crate::error::Error;
+use crate::functions::{Functions, LeaseCall, MetricAsk};
+use crate::leases::{self, Leases, OwnedKey, Slot};
+
+/// What a replica admits once Redis has been unreachable for longer than its leases last.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Outage {
+    /// Its share of each global limit: L / the replicas whose heartbeat still counts.
+    #[default]
+    Split,
+    /// Each global limit whole: no request refused for the outage, at the risk of L × replicas.
+    Open,
+    /// Nothing: every request is refused until Redis answers again.
+    Closed,
+}
+
+/// Where a replica's admissions come from now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Leases from Redis.
+    Leased,
+    /// Redis does not answer: leases are used until they expire.
+    Riding,
+    /// Redis has not answered for longer than a lease lasts: the outage share.
+    Outage,
+}
+
+/// A clock in ns: the one the caller passes to `admit` and `settle`.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// How a replica talks to Redis.
+#[derive(Clone)]
+pub struct Options {
+    /// Bounds every connect, read and write.
+    pub timeout: Duration,
+    /// How often the lease thread looks at every lease.
+    pub refresh: Duration,
+    /// How long a lease may be used without a word from Redis.
+    pub lease_ttl: Duration,
+    /// How long a heartbeat counts a replica as live.
+    pub heartbeat_ttl: Duration,
+    /// What to admit once leases have expired in an outage.
+    pub outage: Outage,
+    /// The clock the caller passes to `admit` and `settle`, ns.
+    pub clock: Clock,
+    /// For tests only: the Redis function reads `clock` (as µs since its origin) instead of
+    /// Redis `TIME`, so that hours of adaptation run in seconds. Every replica must then share
+    /// one clock.
+    pub function_clock: bool,
+    /// Prefix of every Redis key, so engines with different policies can share a Redis.
+    pub namespace: String,
+    /// This replica's name in the heartbeat set (default: process id and a random part).
+    pub replica_id: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let nonce = sluicegate_core::clock::now_ns() ^ u64::from(std::process::id()).rotate_left(40);
+        Options {
+            timeout: Duration::from_millis(200),
+            refresh: Duration::from_millis(10),
+            lease_ttl: Duration::from_secs(2),
+            heartbeat_ttl: Duration::from_secs(3),
+            outage: Outage::Split,
+            clock: Arc::new(sluicegate_core::clock::now_ns),
+            function_clock: false,
+            namespace: "sg1".into(),
+            replica_id: format!("{}-{nonce:016x}", std::process::id()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("timeout", &self.timeout)
+            .field("refresh", &self.refresh)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("heartbeat_ttl", &self.heartbeat_ttl)
+            .field("outage", &self.outage)
+            .field("function_clock", &self.function_clock)
+            .field("namespace", &self.namespace)
+            .field("replica_id", &self.replica_id)
+            .finish_non_exhaustive()
+    }
+}
+
+const WINDOW_US: u64 = 60_000_000;
+const LEASED: u8 = 0;
+const RIDING: u8 = 1;
+const OUTAGE: u8 = 2;
+
+struct Shared {
+    engine: Engine<Heap>,
+    leases: Leases,
+    options: Options,
+    url: String,
+    hard_us: u64,
+    /// µs per unit of each metric's starting limit (0: not limited).
+    floors_us: [f64; 4],
+    stop: AtomicBool,
+    mode: AtomicU8,
+    live: AtomicU64,
+    calls: AtomicU64,
+    /// A connection for a scope's first request, which has no lease yet.
+    cold: Mutex<Option<Functions>>,
+}
+
+/// A replica of a gateway behind a load balancer: admits locally, from leases of each scope's
+/// global buckets kept in Redis, so every replica together admits what one engine would.
+///
+/// The hot path is the local engine's ([`Engine::admit_leased`]); a background thread leases
+/// and gives back. A scope's first request on a replica waits for one lease call.
+pub struct Replica {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica").field("options", &self.shared.options).field("mode", &self.mode()).finish()
+    }
+}
+
+impl Replica {
+    /// Connects to Redis at `url` (`redis://host:port/db`), loads the function library, and
+    /// starts the lease thread. `policy` must be the same on every replica.
+    pub fn connect(
+        url: &str,
+        policy: Policy,
+        capacity: Capacity,
+        options: Options,
+    ) -> Result<Replica, Error> {
+        let functions = Functions::connect(url, options.timeout)?;
+        let engine = Engine::new(policy, capacity)?;
+        let hard_us = (WINDOW_US as f64 * policy.hard_factor.max(1.0)) as u64;
+        let floors_us =
+            policy.limits.0.map(|l| if l.is_limited() { WINDOW_US as f64 / l.floor } else { 0.0 });
+        let leases = Leases::new(capacity.scopes, hard_us, duration_ns(options.refresh));
+        let shared = Arc::new(Shared {
+            engine,
+            leases,
+            options,
+            url: url.to_owned(),
+            hard_us,
+            floors_us,
+            stop: AtomicBool::new(false),
+            mode: AtomicU8::new(LEASED),
+            live: AtomicU64::new(1),
+            calls: AtomicU64::new(0),
+            cold: Mutex::new(None),
+        });
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("sluicegate-leases".into())
+            .spawn(move || LeaseThread::new(worker, functions).run())
+            .map_err(Error::Thread)?;
+        Ok(Replica { shared, thread: Some(thread) })
+    }
+
+    /// [`Engine::admit`] on this replica: decided locally, from the scope's lease.
+    pub fn admit(&self, key: ScopeKey<'_>, request: &Request, now_ns: u64) -> Result<Decision, CoreError> {
+        let s = &self.shared;
+        let d = s.engine.admit_leased(key, request, now_ns, &s.leases)?;
+        if let (Outcome::RejectRateLimited(_), Some(scope)) = (&d.outcome, leases::take_cold()) {
+            if self.fetch_cold(scope, d.cost, now_ns) {
+                return s.engine.admit_leased(key, request, now_ns, &s.leases);
+            }
+        }
+        Ok(d)
+    }
+
+    /// [`Engine::settle`]: the corrections go back to Redis with the next lease call.
+    pub fn settle(
+        &self,
+        permit: &Permit,
+        usage: &Usage,
+        completion: Completion,
+        now_ns: u64,
+    ) -> Result<(), SettleError> {
+        self.shared.engine.settle_leased(permit, usage, completion, now_ns, &self.shared.leases)
+    }
+
+    /// [`Engine::cancel`].
+    pub fn cancel(&self, permit: &Permit, usage: &Usage, now_ns: u64) -> Result<(), SettleError> {
+        self.settle(permit, usage, Completion::Cancelled, now_ns)
+    }
+
+    /// [`Engine::charge`]: streamed tokens beyond the reservation are charged to the lease.
+    pub fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), SettleError> {
+        self.shared.engine.charge_leased(permit, generated_tokens, now_ns, &self.shared.leases)
+    }
+
+    /// The local engine: accounts, spend, prices, load and metrics are configured there.
+    pub fn engine(&self) -> &Engine<Heap> {
+        &self.shared.engine
+    }
+
+    /// Where admissions come from now.
+    pub fn mode(&self) -> Mode {
+        match self.shared.mode.load(Ordering::Acquire) {
+            LEASED => Mode::Leased,
+            RIDING => Mode::Riding,
+            _ => Mode::Outage,
+        }
+    }
+
+    /// Replicas whose heartbeat counted at the last heartbeat (this one included).
+    pub fn live_replicas(&self) -> u64 {
+        self.shared.live.load(Ordering::Acquire)
+    }
+
+    /// Redis calls made so far (lease and heartbeat calls, and loads of the library).
+    pub fn redis_calls(&self) -> u64 {
+        self.shared.calls.load(Ordering::Relaxed)
+    }
+
+    /// Leases a scope's first request its need, unless Redis is known to be down.
+    fn fetch_cold(&self, scope: LeasedScope, cost: PerMetric<u64>, now_ns: u64) -> bool {
+        let s = &self.shared;
+        if s.mode.load(Ordering::Acquire) != LEASED {
+            return false;
+        }
+        let Some(slot) = s.leases.slot(scope.slot) else { return false };
+        if slot.ready_id() != Some(scope.id) {
+            return false;
+        }
+        let Ok(mut cold) = s.cold.lock() else { return false };
+        if cold.is_none() {
+            *cold = Functions::connect(&s.url, s.options.timeout).ok();
+        }
+        let Some(functions) = cold.as_mut() else { return false };
+        let want = cost.0.map(|c| c.saturating_mul(4));
+        let call = s.call(now_ns, [0; 4], cost.0, want);
+        s.calls.fetch_add(1, Ordering::Relaxed);
+        match functions.lease(&s.hash(&slot.key()), &call) {
+            Ok(answer) => {
+                slot.fill(&answer, now_ns, now_ns.saturating_add(duration_ns(s.options.lease_ttl)));
+                true
+            }
+            Err(_) => {
+                *cold = None;
+                false
+            }
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            // The thread gives back every lease before it ends.
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        (self.options.clock)()
+    }
+
+    /// The name of a scope's hash: the namespace, then account, model and variant, hex-encoded
+    /// so that no two keys share a name.
+    fn hash(&self, key: &OwnedKey) -> Vec<u8> {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let variant = if key.variant == Variant::Fast { "fast" } else { "regular" };
+        format!("{}:scope:{}:{}:{variant}", self.options.namespace, hex(&key.account), hex(&key.model))
+            .into_bytes()
+    }
+
+    fn call(&self, now_ns: u64, delta: [i64; 4], need: [u64; 4], want: [u64; 4]) -> LeaseCall {
+        let metrics = std::array::from_fn(|m| MetricAsk {
+            interval_us: self.floors_us[m],
+            delta: delta[m],
+            need: need[m],
+            want: want[m],
+        });
+        LeaseCall {
+            now_us: self.options.function_clock.then_some(now_ns / 1_000),
+            window_us: WINDOW_US,
+            hard_us: self.hard_us,
+            // An idle scope's hash outlives its longest adaptation memory.
+            ttl_ms: 3 * 60 * 60 * 1_000,
+            metrics,
+        }
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What the lease thread keeps about one slot.
+#[derive(Clone, Copy, Debug, Default)]
+struct Book {
+    /// Units per second taken, smoothed.
+    rate: [f64; 4],
+    /// Units of the outage share accrued but not yet granted.
+    credit: [f64; 4],
+    /// Units admitted from the outage share, charged to Redis once it answers.
+    owed: [i64; 4],
+    /// The lease holds outage-share units, which Redis never granted.
+    local: bool,
+    /// When the slot was last looked at, ns.
+    seen_ns: u64,
+}
+
+struct LeaseThread {
+    shared: Arc<Shared>,
+    functions: Option<Functions>,
+    books: Vec<Book>,
+    /// When Redis last answered, ns.
+    answered_ns: u64,
+    next_heartbeat_ns: u64,
+}
+
+impl LeaseThread {
+    fn new(shared: Arc<Shared>, functions: Functions) -> Self {
+        let books = vec![Book::default(); shared.leases.slots().len()];
+        let now = shared.now();
+        LeaseThread { shared, functions: Some(functions), books, answered_ns: now, next_heartbeat_ns: 0 }
+    }
+
+    fn run(mut self) {
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let now = self.shared.now();
+            self.heartbeat(now);
+            for index in 0..self.books.len() {
+                self.look_after(index, now);
+            }
+            self.settle_mode(now);
+            std::thread::sleep(self.shared.options.refresh);
+        }
+        self.give_back_all();
+    }
+
+    fn connected(&mut self) -> Option<&mut Functions> {
+        if self.functions.is_none() {
+            self.shared.calls.fetch_add(1, Ordering::Relaxed);
+            self.functions = Functions::connect(&self.shared.url, self.shared.options.timeout).ok();
+        }
+        self.functions.as_mut()
+    }
+
+    fn heartbeat(&mut self, now: u64) {
+        if now < self.next_heartbeat_ns {
+            return;
+        }
+        let s = Arc::clone(&self.shared);
+        let ttl_ns = duration_ns(s.options.heartbeat_ttl);
+        self.next_heartbeat_ns = now.saturating_add(ttl_ns / 3);
+        let key = format!("{}:replicas", s.options.namespace);
+        let now_us = s.options.function_clock.then_some(now / 1_000);
+        let Some(f) = self.connected() else { return };
+        s.calls.fetch_add(1, Ordering::Relaxed);
+        match f.heartbeat(key.as_bytes(), now_us, &s.options.replica_id, ttl_ns / 1_000) {
+            Ok(live) => {
+                s.live.store(live.max(1), Ordering::Release);
+                self.answered_ns = now;
+            }
+            Err(_) => self.functions = None,
+        }
+    }
+
+    /// Whether Redis answers, and whether leases still carry the replica through an outage.
+    fn settle_mode(&self, now: u64) {
+        let silent = now.saturating_sub(self.answered_ns);
+        let mode = if silent
+            <= 2 * duration_ns(self.shared.options.refresh) + duration_ns(self.shared.options.timeout)
+        {
+            LEASED
+        } else if silent < duration_ns(self.shared.options.lease_ttl) {
+            RIDING
+        } else {
+            OUTAGE
+        };
+        self.shared.mode.store(mode, Ordering::Release);
+    }
+
+    fn look_after(&mut self, index: usize, now: u64) {
+        let s = Arc::clone(&self.shared);
+        let Some(slot) = s.leases.slot(index) else { return };
+        let Some(book) = self.books.get_mut(index) else { return };
+        let Some(_) = slot.ready_id() else {
+            *book = Book::default();
+            return;
+        };
+        let (taken, need) = slot.drain_use();
+        let dt_s = (now.saturating_sub(book.seen_ns) as f64 / 1e9).clamp(1e-3, 10.0);
+        book.seen_ns = now;
+        for ((rate, owed), t) in book.rate.iter_mut().zip(&mut book.owed).zip(taken) {
+            // Smoothed over about ten looks, or a second.
+            *rate += (t as f64 / dt_s - *rate) * dt_s.clamp(0.1, 1.0);
+            if book.local {
+                *owed = owed.saturating_add(i64::try_from(t).unwrap_or(i64::MAX));
+            }
+        }
+        let evicting = slot.evicting();
+        let expired = now >= slot.expires_ns();
+        // What a lease should hold: enough for a few looks at the recent rate.
+        let horizon_s = 4.0 * s.options.refresh.as_secs_f64() + s.options.timeout.as_secs_f64();
+        let keep: [u64; 4] = std::array::from_fn(|m| (book.rate[m] * horizon_s).ceil() as u64);
+        let idle = taken.iter().all(|t| *t == 0) && need.iter().all(|n| *n == 0);
+        let give_back = if evicting || expired || (idle && book.rate.iter().all(|r| *r < 0.5)) {
+            slot.drain_left()
+        } else {
+            slot.trim(keep.map(|k| k.saturating_mul(2)))
+        };
+        let left = slot.left();
+        let want: [u64; 4] =
+            std::array::from_fn(|m| if evicting { 0 } else { keep[m].saturating_sub(left[m]) });
+        let need = if evicting { [0; 4] } else { need };
+        let mut delta = slot.drain_delta();
+        if !book.local {
+            delta
+                .iter_mut()
+                .zip(give_back)
+                .for_each(|(d, g)| *d = d.saturating_sub(i64::try_from(g).unwrap_or(i64::MAX)));
+        }
+        let renew = !evicting
+            && left.iter().any(|l| *l > 0)
+            && slot.expires_ns() < now.saturating_add(duration_ns(s.options.lease_ttl) / 2);
+        let asks =
+            want.iter().chain(&need).any(|w| *w > 0) || delta.iter().any(|d| *d != 0) || renew || book.local;
+        if !asks {
+            if evicting {
+                slot.free();
+                *book = Book::default();
+            }
+            return;
+        }
+        if book.local {
+            // Back from an outage: what the outage share admitted is charged, its units dropped.
+            delta.iter_mut().zip(book.owed).for_each(|(d, o)| *d = d.saturating_add(o));
+        }
+        let call = s.call(now, delta, need, want);
+        let hash = s.hash(&slot.key());
+        let answer = match self.connected() {
+            Some(f) => {
+                s.calls.fetch_add(1, Ordering::Relaxed);
+                f.lease(&hash, &call)
+            }
+            None => Err(Error::Unreachable("not connected".into())),
+        };
+        match answer {
+            Ok(answer) => {
+                self.answered_ns = now;
+                let book = &mut self.books[index];
+                if book.local {
+                    slot.drain_left();
+                    book.local = false;
+                    book.owed = [0; 4];
+                    book.credit = [0.0; 4];
+                }
+                if evicting {
+                    slot.free();
+                    *book = Book::default();
+                } else {
+                    slot.fill(&answer, now, now.saturating_add(duration_ns(s.options.lease_ttl)));
+                }
+            }
+            Err(e) => {
+                if matches!(e, Error::Unreachable(_)) {
+                    self.functions = None;
+                }
+                let book = &mut self.books[index];
+                if book.local {
+                    delta.iter_mut().zip(book.owed).for_each(|(d, o)| *d = d.saturating_sub(o));
+                }
+                slot.restore_delta(delta);
+                self.outage_share(index, slot, now);
+            }
+        }
+    }
+
+    /// Past its lease in an outage, a slot gets the configured share of its last known limits,
+    /// accrued at their rate; what it admits from it is owed to Redis.
+    fn outage_share(&mut self, index: usize, slot: &Slot, now: u64) {
+        let s = Arc::clone(&self.shared);
+        let silent = now.saturating_sub(self.answered_ns);
+        if silent < duration_ns(s.options.lease_ttl) || now < slot.expires_ns() {
+            return;
+        }
+        let Some(book) = self.books.get_mut(index) else { return };
+        let factor = match s.options.outage {
+            Outage::Split => 1.0 / s.live.load(Ordering::Acquire).max(1) as f64,
+            Outage::Open => 1.0,
+            Outage::Closed => 0.0,
+        };
+        let (limited, interval_ns) = slot.levels();
+        let dt_us = duration_ns(s.options.refresh) as f64 / 1e3;
+        if !book.local {
+            slot.drain_left();
+            book.local = true;
+        }
+        let mut grant = [0u64; 4];
+        for m in 0..4 {
+            if limited >> m & 1 == 0 || interval_ns[m] == 0 {
+                continue;
+            }
+            let per_us = 1e3 / interval_ns[m] as f64;
+            // At most a quarter of a window's share in hand, as a lease would hold.
+            let cap = WINDOW_US as f64 * per_us * factor / 4.0;
+            book.credit[m] = (book.credit[m] + dt_us * per_us * factor).min(cap.max(1.0));
+            let left = slot.left()[m] as f64;
+            let units = (book.credit[m].min(cap - left)).max(0.0).floor();
+            book.credit[m] -= units;
+            grant[m] = units as u64;
+        }
+        slot.add(grant);
+        slot.extend(now.saturating_add(2 * duration_ns(s.options.refresh)));
+    }
+
+    /// On shutdown: every lease's unused units and pending corrections go back to Redis.
+    fn give_back_all(&mut self) {
+        let s = Arc::clone(&self.shared);
+        let now = s.now();
+        for index in 0..self.books.len() {
+            let Some(slot) = s.leases.slot(index) else { continue };
+            if slot.ready_id().is_none() {
+                continue;
+            }
+            let left = slot.drain_left();
+            let mut delta = slot.drain_delta();
+            let book = self.books[index];
+            if book.local {
+                delta.iter_mut().zip(book.owed).for_each(|(d, o)| *d = d.saturating_add(o));
+            } else {
+                delta
+                    .iter_mut()
+                    .zip(left)
+                    .for_each(|(d, l)| *d = d.saturating_sub(i64::try_from(l).unwrap_or(i64::MAX)));
+            }
+            if delta.iter().all(|d| *d == 0) {
+                continue;
+            }
+            let call = s.call(now, delta, [0; 4], [0; 4]);
+            let hash = s.hash(&slot.key());
+            if let Some(f) = self.connected() {
+                s.calls.fetch_add(1, Ordering::Relaxed);
+                let _ = f.lease(&hash, &call);
+            }
+        }
+    }
+}
