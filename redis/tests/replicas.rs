@@ -1,0 +1,151 @@
+//! Replicas sharing one scope's limits through a real redis-server (issue 18's proofs).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::RedisServer;
+use sluicegate_core::{
+    Capacity, Completion, Metric, MetricLimits, Outcome, PerMetric, Policy, Request, ScopeKey, Usage,
+};
+use sluicegate_redis::{Mode, Options, Replica};
+
+const KEY: ScopeKey<'static> = ScopeKey::new(b"acct", b"model");
+
+/// 600 requests per minute, no over-limit band, tokens not limited.
+fn policy_600_rpm() -> Policy {
+    let mut p = Policy::fixed();
+    p.limits = PerMetric([
+        MetricLimits::fixed(600.0),
+        MetricLimits::UNLIMITED,
+        MetricLimits::UNLIMITED,
+        MetricLimits::UNLIMITED,
+    ]);
+    p.hard_factor = 1.0;
+    p
+}
+
+fn now() -> u64 {
+    sluicegate_core::clock::now_ns()
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Admits through `replica` until `until`, settling each admission at once; counts admissions.
+fn hammer(replica: &Replica, until: Instant) -> u64 {
+    let mut admitted = 0;
+    while Instant::now() < until {
+        let d = replica.admit(KEY, &Request::new(0).max_tokens(0), now()).unwrap();
+        match d.outcome {
+            Outcome::Admit(p) => {
+                admitted += 1;
+                replica.settle(&p, &Usage::new(0, 0), Completion::Success, now()).unwrap();
+            }
+            Outcome::RejectRateLimited(r) => {
+                assert_eq!(r.metric, Metric::Requests);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    admitted
+}
+
+/// A scope's first request on a replica is served at once (its lease is fetched for it).
+#[test]
+fn a_scopes_first_request_is_admitted() {
+    let server = RedisServer::start();
+    let replica =
+        Replica::connect(&server.url(), policy_600_rpm(), Capacity::scopes(64), Options::default()).unwrap();
+    let d = replica.admit(KEY, &Request::new(0), now()).unwrap();
+    assert!(matches!(d.outcome, Outcome::Admit(_)), "{d:?}");
+    assert_eq!(replica.mode(), Mode::Leased);
+}
+
+/// One replica process of `four_replica_processes_admit_the_global_limit_and_no_more`.
+#[test]
+fn child_replica() {
+    let (Ok(url), Ok(start), Ok(seconds)) = (
+        std::env::var("SG_CHILD_URL"),
+        std::env::var("SG_CHILD_START_MS"),
+        std::env::var("SG_CHILD_SECONDS"),
+    ) else {
+        return;
+    };
+    let replica = Replica::connect(&url, policy_600_rpm(), Capacity::scopes(64), Options::default()).unwrap();
+    let start: u64 = start.parse().unwrap();
+    while epoch_ms() < start {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let began = Instant::now();
+    let admitted = hammer(&replica, began + Duration::from_secs(seconds.parse().unwrap()));
+    let calls_per_s = replica.redis_calls() as f64 / began.elapsed().as_secs_f64();
+    println!("admitted {admitted} calls_per_s {calls_per_s:.1}");
+}
+
+/// Proof 1: four replica processes hammer one scope limited to 600 RPM for 20 s. Together they
+/// admit at most 600 + 600 × 20/60 (E = 0: requests are reserved exactly), and at least 95 %
+/// of it: the limit is neither exceeded nor starved.
+#[test]
+fn four_replica_processes_admit_the_global_limit_and_no_more() {
+    let server = RedisServer::start();
+    let seconds = 20;
+    let start = epoch_ms() + 1_500;
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "child_replica", "--nocapture", "--test-threads", "1"])
+                .env("SG_CHILD_URL", server.url())
+                .env("SG_CHILD_START_MS", start.to_string())
+                .env("SG_CHILD_SECONDS", seconds.to_string())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut total = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find_map(|l| l.split_once("admitted ")).unwrap_or_else(|| panic!("{text}")).1;
+        let admitted: u64 = line.split_whitespace().next().unwrap().parse().unwrap();
+        println!("replica: {line}");
+        total += admitted;
+    }
+    let bound = 600 + 600 * seconds / 60;
+    println!("global total {total} of at most {bound}");
+    assert!(total <= bound, "{total} admitted, more than {bound}");
+    assert!(total * 100 >= bound * 95, "{total} admitted, less than 95 % of {bound}");
+}
+
+/// Proof 4: Redis restarts with its data lost. The replica reloads the function library by
+/// itself and carries on; the scope's hash is written again in the new server.
+#[test]
+fn a_restarted_redis_is_used_again_without_help() {
+    let mut server = RedisServer::start();
+    let replica =
+        Replica::connect(&server.url(), policy_600_rpm(), Capacity::scopes(64), Options::default()).unwrap();
+    assert!(hammer(&replica, Instant::now() + Duration::from_millis(300)) > 0);
+    redis::cmd("SET").arg("marker").arg(1).query::<()>(&mut server.connection()).unwrap();
+    server.restart();
+    let mut c = server.connection();
+    let marker = redis::cmd("EXISTS").arg("marker").query::<u64>(&mut c).unwrap();
+    assert_eq!(marker, 0, "the data was lost");
+    let exists = |c: &mut redis::Connection| {
+        redis::cmd("KEYS").arg("sg1:scope:*").query::<Vec<String>>(c).map(|k| k.len()).unwrap_or(0)
+    };
+    let mut admitted = hammer(&replica, Instant::now() + Duration::from_millis(500));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && (exists(&mut c) == 0 || replica.mode() != Mode::Leased) {
+        admitted += hammer(&replica, Instant::now() + Duration::from_millis(50));
+    }
+    assert_eq!(replica.mode(), Mode::Leased);
+    assert_eq!(exists(&mut c), 1, "the scope's hash is back");
+    let libraries = redis::cmd("FUNCTION").arg("LIST").query::<redis::Value>(&mut c).unwrap();
+    assert!(format!("{libraries:?}").contains("sluicegate_v1"));
+    assert!(admitted > 0);
+}
