@@ -35,31 +35,45 @@ end
 --          run hours of adaptation in seconds).
 -- ARGV[2]: window, µs. ARGV[3]: hard, µs (window × the policy's hard factor).
 -- ARGV[4]: how long an untouched hash lives, ms.
--- Then per metric m = 0..3, four arguments from ARGV[5 + 4m]:
+-- ARGV[5]: the caller: a replica's lease of this scope, named once per lease it starts.
+-- ARGV[6]: the caller's call number, rising. A call whose number is not above the last one
+--          applied (a call that timed out, then arrived late) changes nothing and grants nothing.
+-- ARGV[7]: 1 if the caller is done: its counts here are deleted after this call.
+-- Then per metric m = 0..3, five arguments from ARGV[8 + 5m]:
 --   interval  µs per unit of the metric's limit (0: not limited), used while the hash has none;
---   delta     units to settle first: positive charges usage beyond what was leased, negative
---             gives back (unused leases, refunds); a refund stops at a full bucket;
+--   sent      every correction the caller has ever sent, summed: positive charges usage beyond
+--             what was leased, negative gives back (unused leases, refunds). What this hash has
+--             not applied of it yet is applied now, so a call that timed out is made good by the
+--             next, never counted twice. A refund stops at a full bucket;
+--   received  every unit the caller has received in answers, summed: what was granted beyond
+--             it was lost with an answer that never arrived, and goes back into the bucket;
 --   need      the least grant worth having: unless every limited metric can grant its need,
 --             nothing is granted (a lease is all-or-nothing across metrics);
 --   want      what the replica would like, sized from its recent rate.
--- Returns { now, over, then per metric: grant, debt (µs, after), interval (ns per unit) }; `over` is 1 when
--- some bucket is past its window, so what was granted runs over its limit.
+-- The hash also counts, per metric, the net units used ('u0'..'u3'): granted and received, less
+-- given back, plus charged.
+-- Returns { now, over, then per metric: grant, debt (µs, after), interval (ns per unit) }; `over`
+-- is 1 when some bucket is past its window, so what was granted runs over its limit.
 local function lease(keys, args)
   local key = keys[1]
   local now = clock(args[1])
   local window = num(args[2], 0)
   local hard = num(args[3], window)
   local ttl = math.floor(num(args[4], 3600000))
+  local caller = args[5]
+  local seq = num(args[6], 0)
+  local done = args[7] == '1'
   local last = num(redis.call('HGET', key, 't'), now)
   local elapsed = now - last
   if elapsed < 0 then
     elapsed = 0
   end
-  local debt, interval, need, want = {}, {}, {}, {}
-  local fits = true
+  local fresh = seq > num(redis.call('HGET', key, 'q:' .. caller), 0)
+  local debt, interval, sent, received, need, want = {}, {}, {}, {}, {}, {}
+  local fits = fresh
   for m = 0, 3 do
-    local at = 5 + 4 * m
-    local fields = redis.call('HMGET', key, 'd' .. m, 'i' .. m)
+    local at = 8 + 5 * m
+    local fields = redis.call('HMGET', key, 'd' .. m, 'i' .. m, 'c' .. m .. ':' .. caller, 'g' .. m .. ':' .. caller)
     interval[m] = num(fields[2], num(args[at], 0))
     if interval[m] < 0 then
       interval[m] = 0
@@ -71,14 +85,23 @@ local function lease(keys, args)
     else
       d = num(fields[1], hard)
     end
-    d = d - elapsed
-    d = d + num(args[at + 1], 0) * interval[m]
+    sent[m] = math.floor(num(args[at + 1], 0))
+    received[m] = math.floor(num(args[at + 2], 0))
+    local change = 0
+    if fresh then
+      local lost = math.max(0, num(fields[4], 0) - received[m])
+      change = sent[m] - num(fields[3], 0) - lost
+    end
+    d = d - elapsed + change * interval[m]
     if d < 0 then
       d = 0
     end
     debt[m] = d
-    need[m] = math.max(0, math.floor(num(args[at + 2], 0)))
-    want[m] = math.max(need[m], math.floor(num(args[at + 3], 0)))
+    if change ~= 0 then
+      redis.call('HINCRBY', key, 'u' .. m, change)
+    end
+    need[m] = math.max(0, math.floor(num(args[at + 3], 0)))
+    want[m] = math.max(need[m], math.floor(num(args[at + 4], 0)))
     if interval[m] > 0 and math.floor((hard - d) / interval[m]) < need[m] then
       fits = false
     end
@@ -96,16 +119,29 @@ local function lease(keys, args)
       end
       grant = math.min(available, math.max(need[m], math.min(want[m], cap)))
       debt[m] = debt[m] + grant * interval[m]
+      redis.call('HINCRBY', key, 'u' .. m, grant)
     end
     if interval[m] > 0 and debt[m] > window then
       over = 1
     end
     redis.call('HSET', key, 'd' .. m, debt[m], 'i' .. m, interval[m])
+    if fresh then
+      redis.call('HSET', key, 'c' .. m .. ':' .. caller, sent[m], 'g' .. m .. ':' .. caller, received[m] + grant)
+    end
     answer[3 + 3 * m] = grant
     answer[4 + 3 * m] = math.floor(debt[m])
     answer[5 + 3 * m] = math.floor(interval[m] * 1000)
   end
   answer[2] = over
+  if fresh then
+    redis.call('HSET', key, 'q:' .. caller, seq)
+  end
+  if done then
+    redis.call('HDEL', key, 'q:' .. caller)
+    for m = 0, 3 do
+      redis.call('HDEL', key, 'c' .. m .. ':' .. caller, 'g' .. m .. ':' .. caller)
+    end
+  end
   redis.call('HSET', key, 't', now)
   redis.call('PEXPIRE', key, ttl)
   return answer

@@ -19,16 +19,21 @@ pub const HEARTBEAT: &str = "sg_heartbeat_v1";
 pub struct MetricAsk {
     /// µs per unit of the metric's limit (0: not limited); the level the hash starts at.
     pub interval_us: f64,
-    /// Units to settle first: positive charges usage beyond what was leased, negative gives back.
-    pub delta: i64,
+    /// Every correction the caller has sent, summed (positive charges usage beyond what was
+    /// leased, negative gives back): the hash applies what it has not applied yet, so a call
+    /// that timed out is made good by the next and nothing counts twice.
+    pub sent: i64,
+    /// Every unit the caller has received in answers, summed: units granted beyond it were lost
+    /// with an answer that never arrived, and go back into the bucket.
+    pub received: u64,
     /// The least grant worth having.
     pub need: u64,
     /// The grant wanted.
     pub want: u64,
 }
 
-/// One lease call: settle the deltas, then grant.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// One lease call: settle the corrections, then grant.
+#[derive(Clone, Debug, PartialEq)]
 pub struct LeaseCall {
     /// The caller's clock in µs, or `None` for Redis `TIME`.
     pub now_us: Option<u64>,
@@ -38,6 +43,12 @@ pub struct LeaseCall {
     pub hard_us: u64,
     /// How long an untouched scope's hash lives, ms.
     pub ttl_ms: u64,
+    /// Who calls: one name per lease a replica starts on a scope.
+    pub caller: String,
+    /// The caller's call number, rising: a late call (one that timed out) changes nothing.
+    pub seq: u64,
+    /// The caller is done with this scope: its counts are deleted (ask for no grant then).
+    pub done: bool,
     /// Per metric.
     pub metrics: [MetricAsk; 4],
 }
@@ -99,8 +110,9 @@ impl Functions {
         cmd.arg(LEASE).arg(1).arg(key);
         cmd.arg(call.now_us.map_or(String::new(), |n| n.to_string()));
         cmd.arg(call.window_us).arg(call.hard_us).arg(call.ttl_ms);
+        cmd.arg(&call.caller).arg(call.seq).arg(u8::from(call.done));
         for m in &call.metrics {
-            cmd.arg(m.interval_us).arg(m.delta).arg(m.need).arg(m.want);
+            cmd.arg(m.interval_us).arg(m.sent).arg(m.received).arg(m.need).arg(m.want);
         }
         let value = self.call(&cmd)?;
         parse_lease(&value)

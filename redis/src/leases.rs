@@ -3,6 +3,7 @@
 //! thread (`crate::replica`).
 
 use std::cell::Cell;
+use std::sync::Mutex;
 
 use portable_atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU128, Ordering};
 use sluicegate_core::lease::{Grant, Lease, LeasedScope};
@@ -68,9 +69,27 @@ pub(crate) struct Slot {
     /// The engine gave this slot to another scope while it held a lease: the lease thread
     /// gives the old lease back, then frees the slot.
     evict: AtomicBool,
+    /// Which lease of this replica the slot holds: a new one each time a scope claims it.
+    epoch: AtomicU64,
+    /// The lease's side of the exactly-once protocol with Redis, held across each call.
+    caller: Mutex<Caller>,
     /// Account bytes, then model bytes, in words; `shape` holds their lengths and the variant.
     key: [AtomicU64; KEY_WORDS],
     shape: AtomicU64,
+}
+
+/// One lease's running sums with Redis (`lua/sluicegate.lua`): a call that timed out is made
+/// good by the next one, and nothing counts twice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Caller {
+    /// The lease this is for.
+    pub(crate) epoch: u64,
+    /// Calls made.
+    pub(crate) seq: u64,
+    /// Corrections sent, summed.
+    pub(crate) sent: [i64; 4],
+    /// Units received in answers, summed.
+    pub(crate) received: [u64; 4],
 }
 
 /// A slot's key, as the lease thread reads it.
@@ -117,6 +136,17 @@ impl Slot {
         self.read_key()
     }
 
+    /// The slot's lease's caller state, held for the duration of one call; a new lease starts
+    /// its sums afresh.
+    pub(crate) fn caller(&self) -> std::sync::MutexGuard<'_, Caller> {
+        let mut caller = self.caller.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if caller.epoch != epoch {
+            *caller = Caller { epoch, ..Caller::default() };
+        }
+        caller
+    }
+
     /// Takes the units taken and the largest refused request since last asked, per metric.
     pub(crate) fn drain_use(&self) -> ([u64; 4], [u64; 4]) {
         (
@@ -130,8 +160,8 @@ impl Slot {
         self.delta.each_ref().map(|d| d.swap(0, Ordering::AcqRel))
     }
 
-    /// Puts back corrections a failed call could not deliver.
-    pub(crate) fn restore_delta(&self, delta: [i64; 4]) {
+    /// Owes Redis more corrections (units of an expired lease, given back once it answers).
+    pub(crate) fn add_delta(&self, delta: [i64; 4]) {
         self.delta.iter().zip(delta).for_each(|(d, v)| {
             d.fetch_add(v, Ordering::AcqRel);
         });
@@ -189,9 +219,17 @@ impl Slot {
         }
     }
 
-    /// Lets the lease be used until `expires_ns`, without an answer (an outage share).
-    pub(crate) fn extend(&self, expires_ns: u64) {
+    /// Adds an outage share: units Redis did not grant, of the metrics `limited` limits, usable
+    /// until `expires_ns`.
+    pub(crate) fn share(&self, units: [u64; 4], limited: u64, expires_ns: u64) {
+        self.limited.store(limited, Ordering::Relaxed);
+        self.add(units);
         self.expires_ns.store(expires_ns, Ordering::Release);
+    }
+
+    /// Whether Redis ever answered for this slot's lease.
+    pub(crate) fn answered(&self) -> bool {
+        self.answered_ns.load(Ordering::Relaxed) != 0
     }
 
     /// Which metrics are limited, and their global levels (ns per unit) at the last answer.
@@ -210,6 +248,7 @@ impl Slot {
     /// Frees the slot for the next scope; the caller gave back what it held.
     pub(crate) fn free(&self) {
         self.left.store(0, Ordering::Release);
+        self.answered_ns.store(0, Ordering::Relaxed);
         self.limited.store(0, Ordering::Relaxed);
         self.expires_ns.store(0, Ordering::Release);
         self.evict.store(false, Ordering::Release);
@@ -236,11 +275,22 @@ pub(crate) struct Leases {
     hard_us: u64,
     /// A refusal's shortest `retry_after`: about when the lease thread brings more.
     retry_floor_ns: u64,
+    /// Leases started: each slot claim takes the next number.
+    epochs: AtomicU64,
 }
 
 impl Leases {
     pub(crate) fn new(scopes: usize, hard_us: u64, retry_floor_ns: u64) -> Self {
-        Leases { slots: (0..scopes).map(|_| Slot::default()).collect(), hard_us, retry_floor_ns }
+        let slots = (0..scopes).map(|_| Slot::default()).collect();
+        Leases { slots, hard_us, retry_floor_ns, epochs: AtomicU64::new(0) }
+    }
+
+    /// Units held in leases, per metric, over every slot.
+    pub(crate) fn held(&self) -> [u64; 4] {
+        self.slots.iter().fold([0; 4], |sum, s| {
+            let left = s.left();
+            std::array::from_fn(|m| sum[m].saturating_add(left[m]))
+        })
     }
 
     pub(crate) fn slots(&self) -> &[Slot] {
@@ -294,6 +344,7 @@ impl Lease for Leases {
                     .is_ok()
             {
                 slot.write_key(key);
+                slot.epoch.store(self.epochs.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Release);
                 slot.owner.store(owner(scope.id, READY), Ordering::Release);
                 return self.cold(scope, cost, now_ns);
             }

@@ -219,6 +219,12 @@ impl Replica {
         }
     }
 
+    /// Units held in leases (or, in an outage, in outage shares) per metric, over every scope:
+    /// what this replica may still admit without asking Redis.
+    pub fn held(&self) -> PerMetric<u64> {
+        PerMetric(self.shared.leases.held())
+    }
+
     /// Replicas whose heartbeat counted at the last heartbeat (this one included).
     pub fn live_replicas(&self) -> u64 {
         self.shared.live.load(Ordering::Acquire)
@@ -245,18 +251,11 @@ impl Replica {
         }
         let Some(functions) = cold.as_mut() else { return false };
         let want = cost.0.map(|c| c.saturating_mul(4));
-        let call = s.call(now_ns, [0; 4], cost.0, want);
-        s.calls.fetch_add(1, Ordering::Relaxed);
-        match functions.lease(&s.hash(&slot.key()), &call) {
-            Ok(answer) => {
-                slot.fill(&answer, now_ns, now_ns.saturating_add(duration_ns(s.options.lease_ttl)));
-                true
-            }
-            Err(_) => {
-                *cold = None;
-                false
-            }
+        let fetched = s.exchange(functions, slot, now_ns, [0; 4], (cost.0, want), false).is_ok();
+        if !fetched {
+            *cold = None;
         }
+        fetched
     }
 }
 
@@ -284,21 +283,51 @@ impl Shared {
             .into_bytes()
     }
 
-    fn call(&self, now_ns: u64, delta: [i64; 4], need: [u64; 4], want: [u64; 4]) -> LeaseCall {
+    /// One lease call for `slot` on `functions`: sends `delta` (with whatever earlier calls
+    /// could not deliver), asks for `need` and `want`, and fills the lease with the grant. With
+    /// `done`, the lease ends: nothing is asked, and Redis forgets its sums.
+    fn exchange(
+        &self,
+        functions: &mut Functions,
+        slot: &Slot,
+        now_ns: u64,
+        delta: [i64; 4],
+        ask: ([u64; 4], [u64; 4]),
+        done: bool,
+    ) -> Result<(), Error> {
+        let (need, want) = ask;
+        let mut caller = slot.caller();
+        caller.seq += 1;
+        for (sent, d) in caller.sent.iter_mut().zip(delta) {
+            *sent = sent.saturating_add(d);
+        }
         let metrics = std::array::from_fn(|m| MetricAsk {
             interval_us: self.floors_us[m],
-            delta: delta[m],
+            sent: caller.sent[m],
+            received: caller.received[m],
             need: need[m],
             want: want[m],
         });
-        LeaseCall {
+        let call = LeaseCall {
             now_us: self.options.function_clock.then_some(now_ns / 1_000),
             window_us: WINDOW_US,
             hard_us: self.hard_us,
             // An idle scope's hash outlives its longest adaptation memory.
             ttl_ms: 3 * 60 * 60 * 1_000,
+            caller: format!("{}:{}", self.options.replica_id, caller.epoch),
+            seq: caller.seq,
+            done,
             metrics,
+        };
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let answer = functions.lease(&self.hash(&slot.key()), &call)?;
+        for (received, g) in caller.received.iter_mut().zip(answer.metrics) {
+            *received = received.saturating_add(g.grant);
         }
+        if !done {
+            slot.fill(&answer, now_ns, now_ns.saturating_add(duration_ns(self.options.lease_ttl)));
+        }
+        Ok(())
     }
 }
 
@@ -317,6 +346,8 @@ struct Book {
     owed: [i64; 4],
     /// The lease holds outage-share units, which Redis never granted.
     local: bool,
+    /// Up to when the outage share has accrued, ns.
+    accrued_ns: u64,
     /// When the slot was last looked at, ns.
     seen_ns: u64,
 }
@@ -328,13 +359,22 @@ struct LeaseThread {
     /// When Redis last answered, ns.
     answered_ns: u64,
     next_heartbeat_ns: u64,
+    /// The last call failed: until a heartbeat gets through, no lease call is tried.
+    down: bool,
 }
 
 impl LeaseThread {
     fn new(shared: Arc<Shared>, functions: Functions) -> Self {
         let books = vec![Book::default(); shared.leases.slots().len()];
         let now = shared.now();
-        LeaseThread { shared, functions: Some(functions), books, answered_ns: now, next_heartbeat_ns: 0 }
+        LeaseThread {
+            shared,
+            functions: Some(functions),
+            books,
+            answered_ns: now,
+            next_heartbeat_ns: 0,
+            down: false,
+        }
     }
 
     fn run(mut self) {
@@ -358,34 +398,50 @@ impl LeaseThread {
         self.functions.as_mut()
     }
 
+    /// Counts this replica live, every third of the heartbeat's TTL; while Redis is down, it is
+    /// also the probe that finds it back (at most one per timeout).
     fn heartbeat(&mut self, now: u64) {
         if now < self.next_heartbeat_ns {
             return;
         }
         let s = Arc::clone(&self.shared);
         let ttl_ns = duration_ns(s.options.heartbeat_ttl);
-        self.next_heartbeat_ns = now.saturating_add(ttl_ns / 3);
+        let probe_ns = duration_ns(s.options.timeout).max(duration_ns(s.options.refresh));
         let key = format!("{}:replicas", s.options.namespace);
         let now_us = s.options.function_clock.then_some(now / 1_000);
-        let Some(f) = self.connected() else { return };
-        s.calls.fetch_add(1, Ordering::Relaxed);
-        match f.heartbeat(key.as_bytes(), now_us, &s.options.replica_id, ttl_ns / 1_000) {
+        let answer = match self.connected() {
+            Some(f) => {
+                s.calls.fetch_add(1, Ordering::Relaxed);
+                f.heartbeat(key.as_bytes(), now_us, &s.options.replica_id, ttl_ns / 1_000)
+            }
+            None => Err(Error::Unreachable("not connected".into())),
+        };
+        match answer {
             Ok(live) => {
                 s.live.store(live.max(1), Ordering::Release);
                 self.answered_ns = now;
+                self.down = false;
+                self.next_heartbeat_ns = now.saturating_add(ttl_ns / 3);
             }
-            Err(_) => self.functions = None,
+            Err(e) => self.failed(&e, now.saturating_add(probe_ns)),
         }
+    }
+
+    fn failed(&mut self, e: &Error, next_probe_ns: u64) {
+        if matches!(e, Error::Unreachable(_)) {
+            self.functions = None;
+        }
+        self.down = true;
+        self.next_heartbeat_ns = next_probe_ns;
     }
 
     /// Whether Redis answers, and whether leases still carry the replica through an outage.
     fn settle_mode(&self, now: u64) {
         let silent = now.saturating_sub(self.answered_ns);
-        let mode = if silent
-            <= 2 * duration_ns(self.shared.options.refresh) + duration_ns(self.shared.options.timeout)
-        {
+        let o = &self.shared.options;
+        let mode = if !self.down {
             LEASED
-        } else if silent < duration_ns(self.shared.options.lease_ttl) {
+        } else if silent < duration_ns(o.lease_ttl) {
             RIDING
         } else {
             OUTAGE
@@ -397,10 +453,10 @@ impl LeaseThread {
         let s = Arc::clone(&self.shared);
         let Some(slot) = s.leases.slot(index) else { return };
         let Some(book) = self.books.get_mut(index) else { return };
-        let Some(_) = slot.ready_id() else {
+        if slot.ready_id().is_none() {
             *book = Book::default();
             return;
-        };
+        }
         let (taken, need) = slot.drain_use();
         let dt_s = (now.saturating_sub(book.seen_ns) as f64 / 1e9).clamp(1e-3, 10.0);
         book.seen_ns = now;
@@ -411,123 +467,136 @@ impl LeaseThread {
                 *owed = owed.saturating_add(i64::try_from(t).unwrap_or(i64::MAX));
             }
         }
+        if !self.down {
+            match self.lease(index, slot, taken, need, now) {
+                Ok(()) => return,
+                Err(e) => {
+                    let probe = now
+                        .saturating_add(duration_ns(s.options.timeout).max(duration_ns(s.options.refresh)));
+                    self.failed(&e, probe);
+                }
+            }
+        }
+        self.outage_share(index, slot, now);
+    }
+
+    /// One lease call for a slot: gives back what the lease holds beyond its need, settles the
+    /// corrections, and asks for what the recent rate wants. An outage share is dropped, and
+    /// what it admitted charged.
+    fn lease(
+        &mut self,
+        index: usize,
+        slot: &Slot,
+        taken: [u64; 4],
+        need: [u64; 4],
+        now: u64,
+    ) -> Result<(), Error> {
+        let s = Arc::clone(&self.shared);
+        let Some(book) = self.books.get(index).copied() else { return Ok(()) };
         let evicting = slot.evicting();
         let expired = now >= slot.expires_ns();
         // What a lease should hold: enough for a few looks at the recent rate.
         let horizon_s = 4.0 * s.options.refresh.as_secs_f64() + s.options.timeout.as_secs_f64();
         let keep: [u64; 4] = std::array::from_fn(|m| (book.rate[m] * horizon_s).ceil() as u64);
-        let idle = taken.iter().all(|t| *t == 0) && need.iter().all(|n| *n == 0);
-        let give_back = if evicting || expired || (idle && book.rate.iter().all(|r| *r < 0.5)) {
+        let idle = taken.iter().chain(&need).all(|t| *t == 0) && book.rate.iter().all(|r| *r < 0.5);
+        let give_back = if book.local {
+            // Units of an outage share were never leased: they are dropped, not given back.
+            slot.drain_left();
+            [0; 4]
+        } else if evicting || expired || idle {
             slot.drain_left()
         } else {
             slot.trim(keep.map(|k| k.saturating_mul(2)))
         };
         let left = slot.left();
-        let want: [u64; 4] =
-            std::array::from_fn(|m| if evicting { 0 } else { keep[m].saturating_sub(left[m]) });
-        let need = if evicting { [0; 4] } else { need };
+        let (want, need) = if evicting {
+            ([0; 4], [0; 4])
+        } else {
+            (std::array::from_fn(|m| keep[m].saturating_sub(left[m])), need)
+        };
         let mut delta = slot.drain_delta();
-        if !book.local {
-            delta
-                .iter_mut()
-                .zip(give_back)
-                .for_each(|(d, g)| *d = d.saturating_sub(i64::try_from(g).unwrap_or(i64::MAX)));
+        let owed = if book.local { book.owed } else { [0; 4] };
+        for ((d, g), o) in delta.iter_mut().zip(give_back).zip(owed) {
+            *d = d.saturating_sub(i64::try_from(g).unwrap_or(i64::MAX)).saturating_add(o);
         }
-        let renew = !evicting
-            && left.iter().any(|l| *l > 0)
-            && slot.expires_ns() < now.saturating_add(duration_ns(s.options.lease_ttl) / 2);
+        if let Some(book) = self.books.get_mut(index) {
+            // Sent from now on, whether this call gets through or a later one does.
+            book.owed = [0; 4];
+        }
+        let held = left.iter().any(|l| *l > 0);
+        let renew = held && slot.expires_ns() < now.saturating_add(duration_ns(s.options.lease_ttl) / 2);
         let asks =
-            want.iter().chain(&need).any(|w| *w > 0) || delta.iter().any(|d| *d != 0) || renew || book.local;
-        if !asks {
+            want.iter().chain(&need).any(|w| *w > 0) || delta.iter().any(|d| *d != 0) || renew || evicting;
+        if asks {
+            let Some(f) = self.connected() else {
+                slot.add_delta(delta);
+                return Err(Error::Unreachable("not connected".into()));
+            };
+            s.exchange(f, slot, now, delta, (need, want), evicting)?;
+            self.answered_ns = now;
+        }
+        if let Some(book) = self.books.get_mut(index) {
             if evicting {
                 slot.free();
                 *book = Book::default();
-            }
-            return;
-        }
-        if book.local {
-            // Back from an outage: what the outage share admitted is charged, its units dropped.
-            delta.iter_mut().zip(book.owed).for_each(|(d, o)| *d = d.saturating_add(o));
-        }
-        let call = s.call(now, delta, need, want);
-        let hash = s.hash(&slot.key());
-        let answer = match self.connected() {
-            Some(f) => {
-                s.calls.fetch_add(1, Ordering::Relaxed);
-                f.lease(&hash, &call)
-            }
-            None => Err(Error::Unreachable("not connected".into())),
-        };
-        match answer {
-            Ok(answer) => {
-                self.answered_ns = now;
-                let book = &mut self.books[index];
-                if book.local {
-                    slot.drain_left();
-                    book.local = false;
-                    book.owed = [0; 4];
-                    book.credit = [0.0; 4];
-                }
-                if evicting {
-                    slot.free();
-                    *book = Book::default();
-                } else {
-                    slot.fill(&answer, now, now.saturating_add(duration_ns(s.options.lease_ttl)));
-                }
-            }
-            Err(e) => {
-                if matches!(e, Error::Unreachable(_)) {
-                    self.functions = None;
-                }
-                let book = &mut self.books[index];
-                if book.local {
-                    delta.iter_mut().zip(book.owed).for_each(|(d, o)| *d = d.saturating_sub(o));
-                }
-                slot.restore_delta(delta);
-                self.outage_share(index, slot, now);
+            } else if book.local {
+                book.local = false;
+                book.credit = [0.0; 4];
             }
         }
+        Ok(())
     }
 
-    /// Past its lease in an outage, a slot gets the configured share of its last known limits,
-    /// accrued at their rate; what it admits from it is owed to Redis.
+    /// Past its lease in an outage, a slot gets the configured share of its last known limits
+    /// (the policy's floors if it never had a lease), accrued at their rate; what it admits from
+    /// the share is owed to Redis.
     fn outage_share(&mut self, index: usize, slot: &Slot, now: u64) {
         let s = Arc::clone(&self.shared);
         let silent = now.saturating_sub(self.answered_ns);
-        if silent < duration_ns(s.options.lease_ttl) || now < slot.expires_ns() {
+        let Some(book) = self.books.get_mut(index) else { return };
+        if !book.local && (silent < duration_ns(s.options.lease_ttl) || now < slot.expires_ns()) {
             return;
         }
-        let Some(book) = self.books.get_mut(index) else { return };
         let factor = match s.options.outage {
             Outage::Split => 1.0 / s.live.load(Ordering::Acquire).max(1) as f64,
             Outage::Open => 1.0,
             Outage::Closed => 0.0,
         };
-        let (limited, interval_ns) = slot.levels();
-        let dt_us = duration_ns(s.options.refresh) as f64 / 1e3;
+        let (mut limited, mut interval_ns) = slot.levels();
+        if !slot.answered() {
+            interval_ns = s.floors_us.map(|f| (f * 1e3) as u64);
+            limited = (0..4).filter(|m| interval_ns[*m] > 0).fold(0, |mask, m| mask | 1 << m);
+        }
+        let dt_us = now
+            .saturating_sub(book.accrued_ns.max(now.saturating_sub(duration_ns(s.options.lease_ttl))))
+            as f64
+            / 1e3;
+        book.accrued_ns = now;
         if !book.local {
-            slot.drain_left();
+            let left = slot.drain_left();
+            // An expired lease's units go back once Redis answers.
+            slot.add_delta(left.map(|l| -i64::try_from(l).unwrap_or(i64::MAX)));
             book.local = true;
         }
         let mut grant = [0u64; 4];
+        let left = slot.left();
         for m in 0..4 {
             if limited >> m & 1 == 0 || interval_ns[m] == 0 {
                 continue;
             }
             let per_us = 1e3 / interval_ns[m] as f64;
             // At most a quarter of a window's share in hand, as a lease would hold.
-            let cap = WINDOW_US as f64 * per_us * factor / 4.0;
-            book.credit[m] = (book.credit[m] + dt_us * per_us * factor).min(cap.max(1.0));
-            let left = slot.left()[m] as f64;
-            let units = (book.credit[m].min(cap - left)).max(0.0).floor();
+            let cap = (WINDOW_US as f64 * per_us * factor / 4.0).max(1.0);
+            book.credit[m] = (book.credit[m] + dt_us * per_us * factor).min(cap);
+            let units = book.credit[m].min(cap - left[m] as f64).max(0.0).floor();
             book.credit[m] -= units;
             grant[m] = units as u64;
         }
-        slot.add(grant);
-        slot.extend(now.saturating_add(2 * duration_ns(s.options.refresh)));
+        slot.share(grant, limited, now.saturating_add(duration_ns(s.options.lease_ttl)));
     }
 
-    /// On shutdown: every lease's unused units and pending corrections go back to Redis.
+    /// On shutdown: every lease's unused units and pending corrections go back to Redis, and
+    /// Redis forgets this replica's sums.
     fn give_back_all(&mut self) {
         let s = Arc::clone(&self.shared);
         let now = s.now();
@@ -536,25 +605,16 @@ impl LeaseThread {
             if slot.ready_id().is_none() {
                 continue;
             }
+            let (taken, _) = slot.drain_use();
             let left = slot.drain_left();
+            let book = self.books.get(index).copied().unwrap_or_default();
             let mut delta = slot.drain_delta();
-            let book = self.books[index];
-            if book.local {
-                delta.iter_mut().zip(book.owed).for_each(|(d, o)| *d = d.saturating_add(o));
-            } else {
-                delta
-                    .iter_mut()
-                    .zip(left)
-                    .for_each(|(d, l)| *d = d.saturating_sub(i64::try_from(l).unwrap_or(i64::MAX)));
+            for (((d, o), t), l) in delta.iter_mut().zip(book.owed).zip(taken).zip(left) {
+                let [t, l] = [t, l].map(|u| i64::try_from(u).unwrap_or(i64::MAX));
+                *d = if book.local { d.saturating_add(o).saturating_add(t) } else { d.saturating_sub(l) };
             }
-            if delta.iter().all(|d| *d == 0) {
-                continue;
-            }
-            let call = s.call(now, delta, [0; 4], [0; 4]);
-            let hash = s.hash(&slot.key());
             if let Some(f) = self.connected() {
-                s.calls.fetch_add(1, Ordering::Relaxed);
-                let _ = f.lease(&hash, &call);
+                let _ = s.exchange(f, slot, now, delta, ([0; 4], [0; 4]), true);
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::RedisServer;
 use redis::Value;
 use sluicegate_redis::Error;
-use sluicegate_redis::functions::{Functions, LeaseCall, MetricAsk, parse_lease};
+use sluicegate_redis::functions::{Functions, LeaseAnswer, LeaseCall, MetricAsk, parse_lease};
 
 const T0: u64 = 1_000_000_000_000;
 const WINDOW: u64 = 60_000_000;
@@ -19,16 +19,56 @@ fn connect(server: &RedisServer) -> Functions {
     Functions::connect(&server.url(), Duration::from_secs(2)).unwrap()
 }
 
-/// A call limiting requests only (tokens unlimited), at `now_us`.
-fn ask(now_us: u64, delta: i64, need: u64, want: u64) -> LeaseCall {
-    let requests = MetricAsk { interval_us: RPM_600, delta, need, want };
-    LeaseCall {
-        now_us: Some(now_us),
-        window_us: WINDOW,
-        hard_us: WINDOW,
-        ttl_ms: 60_000,
-        metrics: [requests, MetricAsk::default(), MetricAsk::default(), MetricAsk::default()],
+/// One lease's side of the protocol: its call numbers and running sums.
+struct Lessee {
+    name: &'static str,
+    seq: u64,
+    sent: i64,
+    received: u64,
+}
+
+impl Lessee {
+    fn new(name: &'static str) -> Self {
+        Lessee { name, seq: 0, sent: 0, received: 0 }
     }
+
+    /// The next call, limiting requests only (tokens unlimited), at `now_us`.
+    fn call(&mut self, now_us: u64, delta: i64, need: u64, want: u64) -> LeaseCall {
+        self.seq += 1;
+        self.sent += delta;
+        let requests =
+            MetricAsk { interval_us: RPM_600, sent: self.sent, received: self.received, need, want };
+        LeaseCall {
+            now_us: Some(now_us),
+            window_us: WINDOW,
+            hard_us: WINDOW,
+            ttl_ms: 60_000,
+            caller: self.name.into(),
+            seq: self.seq,
+            done: false,
+            metrics: [requests, MetricAsk::default(), MetricAsk::default(), MetricAsk::default()],
+        }
+    }
+
+    /// Sends `call` and takes in its answer.
+    fn send(&mut self, f: &mut Functions, call: &LeaseCall) -> LeaseAnswer {
+        let a = f.lease(b"s", call).unwrap();
+        self.received += a.metrics[0].grant;
+        a
+    }
+
+    fn lease(&mut self, f: &mut Functions, now_us: u64, delta: i64, need: u64, want: u64) -> LeaseAnswer {
+        let call = self.call(now_us, delta, need, want);
+        self.send(f, &call)
+    }
+
+    fn grant(&mut self, f: &mut Functions, now_us: u64, delta: i64, need: u64, want: u64) -> u64 {
+        self.lease(f, now_us, delta, need, want).metrics[0].grant
+    }
+}
+
+fn used(server: &RedisServer) -> i64 {
+    redis::cmd("HGET").arg("s").arg("u0").query::<Option<i64>>(&mut server.connection()).unwrap().unwrap_or(0)
 }
 
 /// A full bucket of 600 is granted in shrinking slices, never a unit more than it holds;
@@ -37,22 +77,26 @@ fn ask(now_us: u64, delta: i64, need: u64, want: u64) -> LeaseCall {
 fn leases_grant_exactly_what_the_bucket_holds() {
     let server = RedisServer::start();
     let mut f = connect(&server);
+    let mut a = Lessee::new("a");
     let mut granted = Vec::new();
     loop {
-        let a = f.lease(b"s", &ask(T0, 0, 1, 1_000)).unwrap();
-        if a.metrics[0].grant == 0 {
+        let g = a.grant(&mut f, T0, 0, 1, 1_000);
+        if g == 0 {
             break;
         }
-        granted.push(a.metrics[0].grant);
+        granted.push(g);
     }
     assert_eq!(granted.iter().sum::<u64>(), 600);
     assert_eq!(granted[..3], [150, 150, 150], "a quarter of the bucket while it is half full or more");
     assert!(granted[3] < 150 && granted.windows(2).all(|w| w[1] <= w[0]), "{granted:?}");
-    let later = f.lease(b"s", &ask(T0 + 1_000_000, 0, 1, 1_000)).unwrap();
-    assert_eq!(later.metrics[0].grant, 2, "a quarter of the ten units back, or the need");
-    let rest = f.lease(b"s", &ask(T0 + 1_000_000, 0, 8, 8)).unwrap();
-    assert_eq!(rest.metrics[0].grant, 8);
-    assert_eq!(f.lease(b"s", &ask(T0 + 1_000_000, 0, 1, 1)).unwrap().metrics[0].grant, 0);
+    assert_eq!(
+        a.grant(&mut f, T0 + 1_000_000, 0, 1, 1_000),
+        2,
+        "a quarter of the ten units back, or the need"
+    );
+    assert_eq!(a.grant(&mut f, T0 + 1_000_000, 0, 8, 8), 8);
+    assert_eq!(a.grant(&mut f, T0 + 1_000_000, 0, 1, 1), 0);
+    assert_eq!(used(&server), 610);
 }
 
 /// Giving back frees units for others, but never more than a full bucket; usage beyond a lease
@@ -61,15 +105,16 @@ fn leases_grant_exactly_what_the_bucket_holds() {
 fn returns_stop_at_a_full_bucket_and_overruns_go_into_debt() {
     let server = RedisServer::start();
     let mut f = connect(&server);
-    assert_eq!(f.lease(b"s", &ask(T0, 0, 150, 150)).unwrap().metrics[0].grant, 150);
-    let back = f.lease(b"s", &ask(T0, -10_000, 0, 0)).unwrap();
+    let mut a = Lessee::new("a");
+    assert_eq!(a.grant(&mut f, T0, 0, 150, 150), 150);
+    let back = a.lease(&mut f, T0, -10_000, 0, 0);
     assert_eq!(back.metrics[0].debt_us, 0, "a refund stops at a full bucket");
-    let charged = f.lease(b"s", &ask(T0, 700, 1, 1)).unwrap();
+    let charged = a.lease(&mut f, T0, 700, 1, 1);
     assert_eq!((charged.metrics[0].grant, charged.metrics[0].debt_us), (0, 70_000_000));
     assert!(charged.over, "past its window");
     // 10 s later the debt is 60 s: the bucket is exactly empty.
-    assert_eq!(f.lease(b"s", &ask(T0 + 10_000_000, 0, 1, 1)).unwrap().metrics[0].grant, 0);
-    assert_eq!(f.lease(b"s", &ask(T0 + 10_100_000, 0, 1, 1)).unwrap().metrics[0].grant, 1);
+    assert_eq!(a.grant(&mut f, T0 + 10_000_000, 0, 1, 1), 0);
+    assert_eq!(a.grant(&mut f, T0 + 10_100_000, 0, 1, 1), 1);
 }
 
 /// A lease is all-or-nothing across metrics: requests to spare are not granted when the
@@ -78,12 +123,14 @@ fn returns_stop_at_a_full_bucket_and_overruns_go_into_debt() {
 fn a_lease_grants_nothing_unless_every_metric_meets_its_need() {
     let server = RedisServer::start();
     let mut f = connect(&server);
-    let mut call = ask(T0, 0, 1, 10);
+    let mut lessee = Lessee::new("a");
+    let mut call = lessee.call(T0, 0, 1, 10);
     // 1,000 prompt tokens per minute, and a request needing 1,001.
-    call.metrics[1] = MetricAsk { interval_us: 60_000.0, delta: 0, need: 1_001, want: 1_001 };
+    call.metrics[1] = MetricAsk { interval_us: 60_000.0, sent: 0, received: 0, need: 1_001, want: 1_001 };
     let a = f.lease(b"s", &call).unwrap();
     assert_eq!(a.metrics.map(|m| m.grant), [0; 4]);
     call.metrics[1].need = 250;
+    call.seq += 1;
     let a = f.lease(b"s", &call).unwrap();
     assert_eq!(a.metrics.map(|m| m.grant), [10, 250, 0, 0]);
     assert_eq!(a.metrics.map(|m| m.interval_ns), [100_000_000, 60_000_000, 0, 0]);
@@ -94,9 +141,10 @@ fn a_lease_grants_nothing_unless_every_metric_meets_its_need() {
 fn a_flushed_library_is_loaded_again_by_itself() {
     let server = RedisServer::start();
     let mut f = connect(&server);
-    assert_eq!(f.lease(b"s", &ask(T0, 0, 1, 1)).unwrap().metrics[0].grant, 1);
+    let mut a = Lessee::new("a");
+    assert_eq!(a.grant(&mut f, T0, 0, 1, 1), 1);
     redis::cmd("FUNCTION").arg("FLUSH").query::<()>(&mut server.connection()).unwrap();
-    assert_eq!(f.lease(b"s", &ask(T0, 0, 1, 1)).unwrap().metrics[0].grant, 1);
+    assert_eq!(a.grant(&mut f, T0, 0, 1, 1), 1);
     let live = f.heartbeat(b"replicas", Some(T0), "a", 1_000_000).unwrap();
     assert_eq!(live, 1);
 }
@@ -118,11 +166,14 @@ fn garbage_fields_read_as_an_empty_bucket() {
         .arg("inf")
         .query::<()>(&mut c)
         .unwrap();
-    let a = f.lease(b"s", &ask(T0, 0, 1, 1)).unwrap();
+    let mut lessee = Lessee::new("a");
+    let a = lessee.lease(&mut f, T0, 0, 1, 1);
     assert_eq!((a.metrics[0].grant, a.metrics[0].interval_ns), (0, 100_000_000));
-    assert_eq!(f.lease(b"s", &ask(T0 + 100_000, 0, 1, 1)).unwrap().metrics[0].grant, 1, "it refills");
+    assert_eq!(lessee.grant(&mut f, T0 + 100_000, 0, 1, 1), 1, "it refills");
+    redis::cmd("HSET").arg("s").arg("q:a").arg("garbage").arg("c0:a").arg("x").query::<()>(&mut c).unwrap();
+    assert_eq!(lessee.grant(&mut f, T0 + 200_000, 0, 1, 1), 1, "damaged sums read as none");
     redis::cmd("SET").arg("t").arg("a string, not a hash").query::<()>(&mut c).unwrap();
-    match f.lease(b"t", &ask(T0, 0, 1, 1)) {
+    match f.lease(b"t", &lessee.call(T0, 0, 1, 1)) {
         Err(Error::Redis(e)) => assert!(e.contains("WRONGTYPE"), "{e}"),
         other => panic!("{other:?}"),
     }
@@ -142,7 +193,7 @@ fn answers_of_the_wrong_shape_are_typed_errors() {
         .arg(impostor)
         .query::<String>(&mut server.connection())
         .unwrap();
-    assert!(matches!(f.lease(b"s", &ask(T0, 0, 1, 1)), Err(Error::Answer(_))));
+    assert!(matches!(f.lease(b"s", &Lessee::new("a").call(T0, 0, 1, 1)), Err(Error::Answer(_))));
     assert!(matches!(f.heartbeat(b"r", None, "a", 1), Err(Error::Answer(_))));
 
     let ints = |v: &[i64]| Value::Array(v.iter().map(|i| Value::Int(*i)).collect());
@@ -179,4 +230,34 @@ fn heartbeats_count_the_live_replicas() {
     assert_eq!(f.heartbeat(b"r", Some(T0 + 1_000_000), "b", 3_000_000).unwrap(), 2);
     assert_eq!(f.heartbeat(b"r", Some(T0 + 2_000_000), "a", 3_000_000).unwrap(), 2);
     assert_eq!(f.heartbeat(b"r", Some(T0 + 4_500_000), "a", 3_000_000).unwrap(), 1, "b fell silent");
+}
+
+/// A call that timed out may still arrive, late: it then changes nothing. Its corrections are
+/// made good by the next call, once; the units it granted, whose answer never arrived, go back
+/// into the bucket; and Redis counts exactly what was used.
+#[test]
+fn a_late_call_counts_once_and_a_lost_grant_goes_back() {
+    let server = RedisServer::start();
+    let mut f = connect(&server);
+    let mut a = Lessee::new("a");
+    assert_eq!(a.grant(&mut f, T0, 0, 100, 100), 100);
+    // Call 2 gives back 40 and is granted 100 more, but its answer is lost.
+    let lost = a.call(T0, -40, 100, 100);
+    assert_eq!(f.lease(b"s", &lost).unwrap().metrics[0].grant, 100);
+    // Call 3 carries the sums again (40 given back) and takes 10 more.
+    let next = a.lease(&mut f, T0, 0, 10, 10);
+    assert_eq!(next.metrics[0].grant, 10);
+    assert_eq!(next.metrics[0].debt_us, (100 - 40 + 10) * 100_000, "the 40 once, the lost 100 back");
+    // Call 2 arrives again, late: nothing changes, nothing is granted.
+    let late = f.lease(b"s", &lost).unwrap();
+    assert_eq!((late.metrics[0].grant, late.metrics[0].debt_us), (0, next.metrics[0].debt_us));
+    assert_eq!(used(&server), 70);
+    // Done: the lessee's sums are forgotten, so the next lease of that name starts afresh.
+    let mut done = a.call(T0, -70, 0, 0);
+    done.done = true;
+    a.send(&mut f, &done);
+    assert_eq!(used(&server), 0);
+    let fields = redis::cmd("HKEYS").arg("s").query::<Vec<String>>(&mut server.connection()).unwrap();
+    assert!(fields.iter().all(|k| !k.ends_with(":a")), "{fields:?}");
+    assert_eq!(Lessee::new("a").grant(&mut f, T0, 0, 1, 1), 1);
 }

@@ -26,6 +26,19 @@ fn policy_600_rpm() -> Policy {
     p
 }
 
+/// The scope's hash: namespace, hex account, hex model, variant.
+const HASH: &str = "sg1:scope:61636374:6d6f64656c:regular";
+
+/// Net requests the global bucket counts as used.
+fn used_globally(server: &RedisServer) -> i64 {
+    redis::cmd("HGET")
+        .arg(HASH)
+        .arg("u0")
+        .query::<Option<i64>>(&mut server.connection())
+        .unwrap()
+        .unwrap_or(0)
+}
+
 fn now() -> u64 {
     sluicegate_core::clock::now_ns()
 }
@@ -118,6 +131,11 @@ fn four_replica_processes_admit_the_global_limit_and_no_more() {
     }
     let bound = 600 + 600 * seconds / 60;
     println!("global total {total} of at most {bound}");
+    assert_eq!(
+        used_globally(&server),
+        total as i64,
+        "every unleased unit given back, every admission counted once"
+    );
     assert!(total <= bound, "{total} admitted, more than {bound}");
     assert!(total * 100 >= bound * 95, "{total} admitted, less than 95 % of {bound}");
 }
@@ -148,4 +166,54 @@ fn a_restarted_redis_is_used_again_without_help() {
     let libraries = redis::cmd("FUNCTION").arg("LIST").query::<redis::Value>(&mut c).unwrap();
     assert!(format!("{libraries:?}").contains("sluicegate_v1"));
     assert!(admitted > 0);
+}
+
+/// Proof 3: Redis stops answering for 10 s (`SIGSTOP`), then answers again. The replicas serve
+/// from their leases, then from their split share (600 RPM / 2 replicas); over the outage they
+/// admit at most the limit's 10 s (100) plus what their leases held when it began; after it,
+/// Redis counts exactly what they admitted, nothing twice.
+#[test]
+fn an_outage_is_ridden_out_on_leases_then_the_split_share_and_counted_after() {
+    let server = RedisServer::start();
+    let options = || Options {
+        heartbeat_ttl: Duration::from_secs(3),
+        lease_ttl: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let replicas: Vec<Replica> = (0..2)
+        .map(|_| Replica::connect(&server.url(), policy_600_rpm(), Capacity::scopes(64), options()).unwrap())
+        .collect();
+    let both = |until: Instant| -> u64 {
+        std::thread::scope(|s| {
+            let runs: Vec<_> = replicas.iter().map(|r| s.spawn(move || hammer(r, until))).collect();
+            runs.into_iter().map(|r| r.join().unwrap()).sum()
+        })
+    };
+    let mut total = both(Instant::now() + Duration::from_secs(4));
+    assert!(replicas.iter().all(|r| r.live_replicas() == 2));
+    let held_at_stop: u64 = replicas.iter().map(|r| r.held().0[0]).sum();
+    server.signal("-STOP");
+    let stopped = Instant::now();
+    let riding = both(stopped + Duration::from_secs(1));
+    assert!(
+        replicas.iter().all(|r| r.mode() == Mode::Riding),
+        "{:?}",
+        replicas.iter().map(Replica::mode).collect::<Vec<_>>()
+    );
+    let during = riding + both(stopped + Duration::from_secs(10));
+    assert!(replicas.iter().all(|r| r.mode() == Mode::Outage));
+    server.signal("-CONT");
+    let bound = 600 * 10 / 60 + held_at_stop;
+    println!("admitted during the outage {during} of at most {bound} (held at stop {held_at_stop})");
+    assert!(during <= bound, "{during} admitted during the outage, more than {bound}");
+    assert!(during >= 600 * 7 / 60, "{during}: the split share kept serving");
+    total += during;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replicas.iter().any(|r| r.mode() != Mode::Leased) && Instant::now() < deadline {
+        total += both(Instant::now() + Duration::from_millis(100));
+    }
+    assert!(replicas.iter().all(|r| r.mode() == Mode::Leased));
+    total += both(Instant::now() + Duration::from_secs(1));
+    drop(replicas);
+    assert_eq!(used_globally(&server), total as i64, "after recovery Redis counts what was admitted");
 }

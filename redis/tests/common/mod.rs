@@ -1,4 +1,5 @@
 //! A real redis-server of our own on a free loopback port, stopped when dropped.
+#![allow(dead_code)] // Each test binary uses a part of it.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -20,6 +21,13 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the server: an outage where connections stay
+    /// open and nothing answers.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().map(Child::id).unwrap().to_string();
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
     }
 
     /// Kills the server (its data is lost: nothing is saved) and starts another on its port.
