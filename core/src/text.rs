@@ -51,3 +51,16 @@ impl fmt::Write for Sink<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::string::ToString;
+
+    /// The error says how many bytes the caller's buffer needed.
+    #[test]
+    fn a_too_small_buffer_says_what_it_needed() {
+        let e = super::BufferTooSmall { needed: 1234 };
+        assert_eq!(e.to_string(), "buffer too small: 1234 bytes needed");
+    }
+}

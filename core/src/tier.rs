@@ -119,3 +119,15 @@ impl Tiers {
         }) && self.0.iter().all(|t| t.ceiling_scale >= 1.0 && t.ceiling_scale.is_finite())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Tier;
+
+    /// The names every surface shows (C, Python, metrics labels): distinct, and as documented.
+    #[test]
+    fn tiers_have_their_documented_names() {
+        let names = Tier::ALL.map(Tier::name);
+        assert_eq!(names, ["tier_1", "tier_2", "tier_3", "tier_4", "unlimited"]);
+    }
+}
