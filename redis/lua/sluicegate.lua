@@ -30,7 +30,7 @@ local function clock(given)
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
--- KEYS[1]: the scope's hash.
+-- KEYS[1]: the scope's hash. KEYS[2]: the set of every scope's hash, which the leader ticks.
 -- ARGV[1]: the caller's clock in µs, or '' for Redis TIME (the caller's clock is for tests that
 --          run hours of adaptation in seconds).
 -- ARGV[2]: window, µs. ARGV[3]: hard, µs (window × the policy's hard factor).
@@ -144,6 +144,7 @@ local function lease(keys, args)
   end
   redis.call('HSET', key, 't', now)
   redis.call('PEXPIRE', key, ttl)
+  redis.call('SADD', keys[2], key)
   return answer
 end
 
@@ -157,5 +158,53 @@ local function heartbeat(keys, args)
   return redis.call('ZCARD', keys[1])
 end
 
+-- KEYS[1]: the leader key. ARGV[1]: this replica's id. ARGV[2]: how long the lead lasts, ms.
+-- Takes the lead if nobody holds it, or keeps it if this replica does. Returns 1 if it leads.
+local function lead(keys, args)
+  local holder = redis.call('GET', keys[1])
+  if holder == false or holder == args[1] then
+    redis.call('SET', keys[1], args[1], 'PX', math.max(1, math.floor(num(args[2], 1))))
+    return 1
+  end
+  return 0
+end
+
+-- KEYS[1]: a scope's hash. KEYS[2]: the set of every scope's hash.
+-- ARGV[1]: the caller's clock in µs, or ''. ARGV[2]: the tick index these limits are for; a tick
+-- not above the last one applied changes nothing (two leaders for a moment tick once).
+-- Then per metric m = 0..3, from ARGV[3 + 4m]: the new interval (µs per unit, 0: not limited),
+-- the adaptive state's limit and memory (Rust's `adapt::MetricState`), and the usage mark (the
+-- hash's 'u' count the tick consumed). Each bucket is rescaled so its level in units stays.
+-- Returns 1 if applied, 0 if not (stale tick, or the scope's hash expired: it is forgotten).
+local function tick(keys, args)
+  local key = keys[1]
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('SREM', keys[2], key)
+    return 0
+  end
+  local index = num(args[2], 0)
+  if index <= num(redis.call('HGET', key, 'k'), -1) then
+    return 0
+  end
+  local now = clock(args[1])
+  local elapsed = math.max(0, now - num(redis.call('HGET', key, 't'), now))
+  for m = 0, 3 do
+    local at = 3 + 4 * m
+    local new = math.max(0, num(args[at], 0))
+    local fields = redis.call('HMGET', key, 'd' .. m, 'i' .. m)
+    local old = num(fields[2], 0)
+    local d = math.max(0, num(fields[1], 0) - elapsed)
+    if old > 0 and new > 0 then
+      d = d * new / old
+    end
+    redis.call('HSET', key, 'd' .. m, d, 'i' .. m, new, 'l' .. m, num(args[at + 1], 0),
+      'm' .. m, num(args[at + 2], 0), 'w' .. m, num(args[at + 3], 0))
+  end
+  redis.call('HSET', key, 'k', index, 't', now)
+  return 1
+end
+
 redis.register_function('sg_lease_v1', lease)
+redis.register_function('sg_lead_v1', lead)
+redis.register_function('sg_tick_v1', tick)
 redis.register_function('sg_heartbeat_v1', heartbeat)

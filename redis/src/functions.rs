@@ -13,6 +13,10 @@ pub const LIBRARY: &str = include_str!("../lua/sluicegate.lua");
 pub const LEASE: &str = "sg_lease_v1";
 /// The heartbeat function of this version of the library.
 pub const HEARTBEAT: &str = "sg_heartbeat_v1";
+/// The leader election function of this version of the library.
+pub const LEAD: &str = "sg_lead_v1";
+/// The adaptation tick function of this version of the library.
+pub const TICK: &str = "sg_tick_v1";
 
 /// What one metric's bucket is asked for in a lease call.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -75,6 +79,34 @@ pub struct LeaseAnswer {
     pub metrics: [MetricGrant; 4],
 }
 
+/// A scope's adaptation, as its hash holds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Adaptive {
+    /// Net units used ever, per metric.
+    pub used: [Option<f64>; 4],
+    /// `used` at the last tick applied.
+    pub mark: [Option<f64>; 4],
+    /// The adaptive limit per minute.
+    pub limit: [Option<f64>; 4],
+    /// The adaptive memory (peak or average).
+    pub memory: [Option<f64>; 4],
+    /// The last tick applied.
+    pub tick: Option<f64>,
+}
+
+/// One metric of an adaptation tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MetricTick {
+    /// µs per unit of the new limit (0: not limited).
+    pub interval_us: f64,
+    /// The new adaptive limit per minute.
+    pub limit: f64,
+    /// The new adaptive memory.
+    pub memory: f64,
+    /// The usage count this tick consumed.
+    pub mark: f64,
+}
+
 /// A connection to Redis with the library loaded, and timeouts on every read and write.
 pub struct Functions {
     connection: Connection,
@@ -104,10 +136,11 @@ impl Functions {
             .map(drop)
     }
 
-    /// Leases from the hash `key` (see the library for the arithmetic).
-    pub fn lease(&mut self, key: &[u8], call: &LeaseCall) -> Result<LeaseAnswer, Error> {
+    /// Leases from the hash `key`, listed in the set `registry` (see the library for the
+    /// arithmetic).
+    pub fn lease(&mut self, key: &[u8], registry: &[u8], call: &LeaseCall) -> Result<LeaseAnswer, Error> {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(LEASE).arg(1).arg(key);
+        cmd.arg(LEASE).arg(2).arg(key).arg(registry);
         cmd.arg(call.now_us.map_or(String::new(), |n| n.to_string()));
         cmd.arg(call.window_us).arg(call.hard_us).arg(call.ttl_ms);
         cmd.arg(&call.caller).arg(call.seq).arg(u8::from(call.done));
@@ -133,6 +166,89 @@ impl Functions {
         match self.call(&cmd)? {
             Value::Int(n) => u64::try_from(n).map_err(|_| Error::Answer("a negative replica count")),
             _ => Err(Error::Answer("a heartbeat answer that is not an integer")),
+        }
+    }
+
+    /// Takes or keeps the lead (the key `key`) for `ttl_ms`; true if this replica leads.
+    pub fn lead(&mut self, key: &[u8], replica: &str, ttl_ms: u64) -> Result<bool, Error> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(LEAD).arg(1).arg(key).arg(replica).arg(ttl_ms);
+        match self.call(&cmd)? {
+            Value::Int(n @ (0 | 1)) => Ok(n == 1),
+            _ => Err(Error::Answer("a lead answer that is neither 0 nor 1")),
+        }
+    }
+
+    /// The hashes listed in the set `registry`.
+    pub fn scopes(&mut self, registry: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+        match redis::cmd("SMEMBERS")
+            .arg(registry)
+            .query::<Value>(&mut self.connection)
+            .map_err(Error::from_redis)?
+        {
+            Value::Array(items) | Value::Set(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::BulkString(b) => Ok(b),
+                    _ => Err(Error::Answer("a scope name that is not a string")),
+                })
+                .collect(),
+            _ => Err(Error::Answer("a scope set that is not an array")),
+        }
+    }
+
+    /// A scope's adaptation as its hash holds it; a missing or damaged field reads as `None`.
+    pub fn adaptation(&mut self, key: &[u8]) -> Result<Adaptive, Error> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key);
+        for field in ["u", "w", "l", "m"] {
+            (0..4).for_each(|m| {
+                cmd.arg(format!("{field}{m}"));
+            });
+        }
+        cmd.arg("k");
+        let Value::Array(items) = cmd.query::<Value>(&mut self.connection).map_err(Error::from_redis)? else {
+            return Err(Error::Answer("an HMGET answer that is not an array"));
+        };
+        let numbers: Vec<Option<f64>> = items
+            .iter()
+            .map(|v| match v {
+                Value::BulkString(b) => {
+                    std::str::from_utf8(b).ok().and_then(|t| t.parse::<f64>().ok()).filter(|x| x.is_finite())
+                }
+                _ => None,
+            })
+            .collect();
+        let [u @ .., k] = numbers.as_slice() else { return Err(Error::Answer("a short HMGET answer")) };
+        let at = |i: usize| u.get(i).copied().flatten();
+        Ok(Adaptive {
+            used: std::array::from_fn(at),
+            mark: std::array::from_fn(|m| at(4 + m)),
+            limit: std::array::from_fn(|m| at(8 + m)),
+            memory: std::array::from_fn(|m| at(12 + m)),
+            tick: *k,
+        })
+    }
+
+    /// Writes a scope's adaptation for tick `index`; false if it was not applied (a stale tick,
+    /// or a hash that expired, which is then dropped from `registry`).
+    pub fn tick(
+        &mut self,
+        key: &[u8],
+        registry: &[u8],
+        now_us: Option<u64>,
+        index: u64,
+        metrics: &[MetricTick; 4],
+    ) -> Result<bool, Error> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(TICK).arg(2).arg(key).arg(registry);
+        cmd.arg(now_us.map_or(String::new(), |n| n.to_string())).arg(index);
+        for m in metrics {
+            cmd.arg(m.interval_us).arg(m.limit).arg(m.memory).arg(m.mark);
+        }
+        match self.call(&cmd)? {
+            Value::Int(n @ (0 | 1)) => Ok(n == 1),
+            _ => Err(Error::Answer("a tick answer that is neither 0 nor 1")),
         }
     }
 

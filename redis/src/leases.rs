@@ -19,6 +19,7 @@ const KEY_WORDS: usize = (ACCOUNT_MAX + MODEL_MAX) / 8;
 const FREE: u128 = 0;
 const WRITING: u128 = 1;
 const READY: u128 = 2;
+const EVICTING: u128 = 3;
 
 fn owner(id: u64, state: u128) -> u128 {
     (state << 64) | u128::from(id)
@@ -245,6 +246,38 @@ impl Slot {
         self.evict.load(Ordering::Acquire)
     }
 
+    /// Starts giving back the lease of scope `id` for another key: no request adopts it from
+    /// now on. False if one did meanwhile (the engine brought the key back into the slot).
+    pub(crate) fn begin_eviction(&self, id: u64) -> bool {
+        let won = self
+            .owner
+            .compare_exchange(owner(id, READY), owner(id, EVICTING), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !won {
+            self.evict.store(false, Ordering::Release);
+        }
+        won
+    }
+
+    /// The give-back failed: the slot keeps its lease, still to be evicted.
+    pub(crate) fn abort_eviction(&self, id: u64) {
+        self.owner.store(owner(id, READY), Ordering::Release);
+    }
+
+    /// Whether the slot's key is `key`.
+    fn key_equals(&self, key: ScopeKey<'_>) -> bool {
+        let shape = self.shape.load(Ordering::Relaxed);
+        let variant = u64::from(key.variant == Variant::Fast);
+        if shape != key.account.len() as u64 | (key.model.len() as u64) << 16 | variant << 32 {
+            return false;
+        }
+        let mut bytes = key.account.iter().chain(key.model);
+        self.key.iter().all(|w| {
+            let stored = w.load(Ordering::Relaxed).to_le_bytes();
+            stored.iter().all(|b| *b == bytes.next().copied().unwrap_or(0))
+        })
+    }
+
     /// Frees the slot for the next scope; the caller gave back what it held.
     pub(crate) fn free(&self) {
         self.left.store(0, Ordering::Release);
@@ -348,10 +381,21 @@ impl Lease for Leases {
                 slot.owner.store(owner(scope.id, READY), Ordering::Release);
                 return self.cold(scope, cost, now_ns);
             }
-            if o >> 64 == READY {
-                slot.evict.store(true, Ordering::Release);
+            // The engine forgot an idle scope and made it again (a new id) in the same slot: the
+            // lease is the key's, so it carries on. Another key's lease is given back first.
+            let adopted = o >> 64 == READY
+                && !slot.evicting()
+                && slot.key_equals(key)
+                && slot
+                    .owner
+                    .compare_exchange(o, owner(scope.id, READY), Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+            if !adopted {
+                if o >> 64 == READY {
+                    slot.evict.store(true, Ordering::Release);
+                }
+                return self.refuse(None, cost, Metric::Requests, now_ns);
             }
-            return self.refuse(None, cost, Metric::Requests, now_ns);
         }
         if now_ns >= slot.expires_ns() {
             let short = Metric::Requests;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use sluicegate_core::adapt::{self, MetricState, Period};
 use sluicegate_core::lease::LeasedScope;
 use sluicegate_core::{
     Capacity, Completion, Decision, Engine, Error as CoreError, Heap, Outcome, PerMetric, Permit, Policy,
@@ -13,7 +14,7 @@ use sluicegate_core::{
 };
 
 use crate::error::Error;
-use crate::functions::{Functions, LeaseCall, MetricAsk};
+use crate::functions::{Functions, LeaseCall, MetricAsk, MetricTick};
 use crate::leases::{self, Leases, OwnedKey, Slot};
 
 /// What a replica admits once Redis has been unreachable for longer than its leases last.
@@ -63,13 +64,13 @@ pub struct Options {
     pub function_clock: bool,
     /// Prefix of every Redis key, so engines with different policies can share a Redis.
     pub namespace: String,
-    /// This replica's name in the heartbeat set (default: process id and a random part).
+    /// A label for this replica in Redis (default: the host name's stand-in, the process id).
+    /// Each replica adds a part of its own, so replicas made from one `Options` stay apart.
     pub replica_id: String,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        let nonce = sluicegate_core::clock::now_ns() ^ u64::from(std::process::id()).rotate_left(40);
         Options {
             timeout: Duration::from_millis(200),
             refresh: Duration::from_millis(10),
@@ -79,7 +80,7 @@ impl Default for Options {
             clock: Arc::new(sluicegate_core::clock::now_ns),
             function_clock: false,
             namespace: "sg1".into(),
-            replica_id: format!("{}-{nonce:016x}", std::process::id()),
+            replica_id: format!("pid{}", std::process::id()),
         }
     }
 }
@@ -100,6 +101,8 @@ impl std::fmt::Debug for Options {
 }
 
 const WINDOW_US: u64 = 60_000_000;
+/// A lease unused for this long is given back.
+const IDLE_NS: u64 = 1_000_000_000;
 const LEASED: u8 = 0;
 const RIDING: u8 = 1;
 const OUTAGE: u8 = 2;
@@ -108,6 +111,8 @@ struct Shared {
     engine: Engine<Heap>,
     leases: Leases,
     options: Options,
+    /// This replica's name in Redis: its label and a part no other replica has.
+    name: String,
     url: String,
     hard_us: u64,
     /// µs per unit of each metric's starting limit (0: not limited).
@@ -154,6 +159,7 @@ impl Replica {
         let shared = Arc::new(Shared {
             engine,
             leases,
+            name: format!("{}-{:016x}", options.replica_id, unique()),
             options,
             url: url.to_owned(),
             hard_us,
@@ -274,6 +280,11 @@ impl Shared {
         (self.options.clock)()
     }
 
+    /// The name of one of the namespace's own keys.
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.options.namespace)
+    }
+
     /// The name of a scope's hash: the namespace, then account, model and variant, hex-encoded
     /// so that no two keys share a name.
     fn hash(&self, key: &OwnedKey) -> Vec<u8> {
@@ -314,13 +325,13 @@ impl Shared {
             hard_us: self.hard_us,
             // An idle scope's hash outlives its longest adaptation memory.
             ttl_ms: 3 * 60 * 60 * 1_000,
-            caller: format!("{}:{}", self.options.replica_id, caller.epoch),
+            caller: format!("{}:{}", self.name, caller.epoch),
             seq: caller.seq,
             done,
             metrics,
         };
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let answer = functions.lease(&self.hash(&slot.key()), &call)?;
+        let answer = functions.lease(&self.hash(&slot.key()), self.key("scopes").as_bytes(), &call)?;
         for (received, g) in caller.received.iter_mut().zip(answer.metrics) {
             *received = received.saturating_add(g.grant);
         }
@@ -329,6 +340,16 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// A number no other replica of this process, and almost surely of any other, has.
+fn unique() -> u64 {
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let made = MADE.fetch_add(1, Ordering::Relaxed);
+    let mixed = sluicegate_core::clock::now_ns()
+        ^ u64::from(std::process::id()).rotate_left(32)
+        ^ made.rotate_left(48);
+    mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 fn duration_ns(d: Duration) -> u64 {
@@ -350,6 +371,16 @@ struct Book {
     accrued_ns: u64,
     /// When the slot was last looked at, ns.
     seen_ns: u64,
+    /// Seconds between the last two looks.
+    look_s: f64,
+    /// Units taken since the rate last moved.
+    pending: [u64; 4],
+    /// What the lease was last sized to hold.
+    asked: [u64; 4],
+    /// When the lease was last used or wanted, ns.
+    used_ns: u64,
+    /// The caller's clock moved since the look before this one.
+    moved: bool,
 }
 
 struct LeaseThread {
@@ -361,12 +392,15 @@ struct LeaseThread {
     next_heartbeat_ns: u64,
     /// The last call failed: until a heartbeat gets through, no lease call is tried.
     down: bool,
+    /// The last adaptation tick this replica looked at (as leader or not).
+    ticked: u64,
 }
 
 impl LeaseThread {
     fn new(shared: Arc<Shared>, functions: Functions) -> Self {
         let books = vec![Book::default(); shared.leases.slots().len()];
         let now = shared.now();
+        let ticked = now / shared.engine.policy().tick_ns.max(1);
         LeaseThread {
             shared,
             functions: Some(functions),
@@ -374,6 +408,7 @@ impl LeaseThread {
             answered_ns: now,
             next_heartbeat_ns: 0,
             down: false,
+            ticked,
         }
     }
 
@@ -381,6 +416,7 @@ impl LeaseThread {
         while !self.shared.stop.load(Ordering::Acquire) {
             let now = self.shared.now();
             self.heartbeat(now);
+            self.adapt(now);
             for index in 0..self.books.len() {
                 self.look_after(index, now);
             }
@@ -407,12 +443,12 @@ impl LeaseThread {
         let s = Arc::clone(&self.shared);
         let ttl_ns = duration_ns(s.options.heartbeat_ttl);
         let probe_ns = duration_ns(s.options.timeout).max(duration_ns(s.options.refresh));
-        let key = format!("{}:replicas", s.options.namespace);
+        let key = s.key("replicas");
         let now_us = s.options.function_clock.then_some(now / 1_000);
         let answer = match self.connected() {
             Some(f) => {
                 s.calls.fetch_add(1, Ordering::Relaxed);
-                f.heartbeat(key.as_bytes(), now_us, &s.options.replica_id, ttl_ns / 1_000)
+                f.heartbeat(key.as_bytes(), now_us, &s.name, ttl_ns / 1_000)
             }
             None => Err(Error::Unreachable("not connected".into())),
         };
@@ -433,6 +469,63 @@ impl LeaseThread {
         }
         self.down = true;
         self.next_heartbeat_ns = next_probe_ns;
+    }
+
+    /// Adaptation on global usage (SPEC §5, §11): at each tick, the replica that holds the lead
+    /// applies the tick to every scope's hash, with the engine's own rules (`adapt::next`) on
+    /// the usage Redis counted from every replica. A lead outlives its holder by two ticks.
+    fn adapt(&mut self, now: u64) {
+        let s = Arc::clone(&self.shared);
+        let policy = *s.engine.policy();
+        let tick_ns = policy.tick_ns.max(1);
+        let index = now / tick_ns;
+        if index <= self.ticked || self.down {
+            return;
+        }
+        let rid = s.name.clone();
+        let lead_ms = (2 * tick_ns / 1_000_000).max(1);
+        let registry = s.key("scopes");
+        let now_us = s.options.function_clock.then_some(now / 1_000);
+        let Some(f) = self.connected() else { return };
+        s.calls.fetch_add(1, Ordering::Relaxed);
+        let outcome = f.lead(s.key("leader").as_bytes(), &rid, lead_ms).and_then(|leads| {
+            if !leads {
+                return Ok(());
+            }
+            for hash in f.scopes(registry.as_bytes())? {
+                let held = f.adaptation(&hash)?;
+                let last = held.tick.map_or(index.saturating_sub(1), |k| k as u64);
+                if index <= last {
+                    continue;
+                }
+                let duration_ns = (index - last).saturating_mul(tick_ns);
+                let metrics = std::array::from_fn(|m| {
+                    let bounds = policy.limits.0[m];
+                    let fresh = MetricState::fresh(&policy.adaptation, bounds);
+                    let state = MetricState {
+                        limit: held.limit[m].unwrap_or(fresh.limit),
+                        memory: held.memory[m].unwrap_or(fresh.memory),
+                    };
+                    let used = held.used[m].unwrap_or(0.0);
+                    let usage = (used - held.mark[m].unwrap_or(0.0)).max(0.0) as u64;
+                    let next = adapt::next(
+                        &policy.adaptation,
+                        state,
+                        bounds,
+                        Period { usage, duration_ns, loaded: false },
+                    );
+                    let interval_us = if bounds.is_limited() { WINDOW_US as f64 / next.limit } else { 0.0 };
+                    MetricTick { interval_us, limit: next.limit, memory: next.memory, mark: used }
+                });
+                s.calls.fetch_add(2, Ordering::Relaxed);
+                f.tick(&hash, registry.as_bytes(), now_us, index, &metrics)?;
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => self.ticked = index,
+            Err(e) => self.failed(&e, now.saturating_add(duration_ns(s.options.timeout))),
+        }
     }
 
     /// Whether Redis answers, and whether leases still carry the replica through an outage.
@@ -458,17 +551,30 @@ impl LeaseThread {
             return;
         }
         let (taken, need) = slot.drain_use();
-        let dt_s = (now.saturating_sub(book.seen_ns) as f64 / 1e9).clamp(1e-3, 10.0);
-        book.seen_ns = now;
-        for ((rate, owed), t) in book.rate.iter_mut().zip(&mut book.owed).zip(taken) {
-            // Smoothed over about ten looks, or a second.
-            *rate += (t as f64 / dt_s - *rate) * dt_s.clamp(0.1, 1.0);
+        if taken.iter().chain(&need).any(|t| *t > 0) {
+            book.used_ns = now;
+        }
+        for ((pending, owed), t) in book.pending.iter_mut().zip(&mut book.owed).zip(taken) {
+            *pending = pending.saturating_add(t);
             if book.local {
                 *owed = owed.saturating_add(i64::try_from(t).unwrap_or(i64::MAX));
             }
         }
+        // The rate moves on only with the caller's clock (a test's may stand still between looks).
+        let elapsed_ns = now.saturating_sub(book.seen_ns);
+        if elapsed_ns >= 1_000_000 {
+            let dt_s = (elapsed_ns as f64 / 1e9).min(10.0);
+            for (rate, pending) in book.rate.iter_mut().zip(&mut book.pending) {
+                // Smoothed over about ten looks, or a second.
+                *rate += (*pending as f64 / dt_s - *rate) * dt_s.clamp(0.1, 1.0);
+                *pending = 0;
+            }
+            book.seen_ns = now;
+            book.look_s = dt_s;
+        }
+        book.moved = elapsed_ns >= 1_000_000;
         if !self.down {
-            match self.lease(index, slot, taken, need, now) {
+            match self.lease(index, slot, need, now) {
                 Ok(()) => return,
                 Err(e) => {
                     let probe = now
@@ -483,30 +589,37 @@ impl LeaseThread {
     /// One lease call for a slot: gives back what the lease holds beyond its need, settles the
     /// corrections, and asks for what the recent rate wants. An outage share is dropped, and
     /// what it admitted charged.
-    fn lease(
-        &mut self,
-        index: usize,
-        slot: &Slot,
-        taken: [u64; 4],
-        need: [u64; 4],
-        now: u64,
-    ) -> Result<(), Error> {
+    fn lease(&mut self, index: usize, slot: &Slot, need: [u64; 4], now: u64) -> Result<(), Error> {
         let s = Arc::clone(&self.shared);
         let Some(book) = self.books.get(index).copied() else { return Ok(()) };
-        let evicting = slot.evicting();
+        let Some(id) = slot.ready_id() else { return Ok(()) };
+        let evicting = slot.evicting() && slot.begin_eviction(id);
         let expired = now >= slot.expires_ns();
-        // What a lease should hold: enough for a few looks at the recent rate.
-        let horizon_s = 4.0 * s.options.refresh.as_secs_f64() + s.options.timeout.as_secs_f64();
-        let keep: [u64; 4] = std::array::from_fn(|m| (book.rate[m] * horizon_s).ceil() as u64);
-        let idle = taken.iter().chain(&need).all(|t| *t == 0) && book.rate.iter().all(|r| *r < 0.5);
+        // What a lease should hold: enough for a few looks at the recent rate (looks apart on the
+        // caller's clock, which a test may run faster than real time).
+        let horizon_s =
+            4.0 * book.look_s.max(s.options.refresh.as_secs_f64()) + s.options.timeout.as_secs_f64();
+        // A lease that refused requests since the last look doubles what it asks for, so a
+        // replica whose traffic jumped catches up in a few looks rather than a smoothing time.
+        let starved = need.iter().any(|n| *n > 0);
+        let keep: [u64; 4] = std::array::from_fn(|m| {
+            let steady = (book.rate[m] * horizon_s).ceil() as u64;
+            if starved { steady.max(book.asked[m].saturating_mul(2)).max(need[m]) } else { steady }
+        });
+        // Idle scopes hold no lease: one unused for a second gives back what it holds.
+        let idle = now.saturating_sub(book.used_ns) >= IDLE_NS;
         let give_back = if book.local {
             // Units of an outage share were never leased: they are dropped, not given back.
             slot.drain_left();
             [0; 4]
-        } else if evicting || expired || idle {
+        } else if evicting || expired || (idle && book.moved) {
             slot.drain_left()
-        } else {
+        } else if book.moved {
             slot.trim(keep.map(|k| k.saturating_mul(2)))
+        } else {
+            // The caller's clock has not moved since the last look: what was just granted has
+            // had no time to be used, and stays.
+            [0; 4]
         };
         let left = slot.left();
         let (want, need) = if evicting {
@@ -514,6 +627,10 @@ impl LeaseThread {
         } else {
             (std::array::from_fn(|m| keep[m].saturating_sub(left[m])), need)
         };
+        if let Some(book) = self.books.get_mut(index) {
+            // What a lease asks for shrinks by halves, so one quiet look does not undo the doubling.
+            book.asked = std::array::from_fn(|m| keep[m].max(book.asked[m] / 2));
+        }
         let mut delta = slot.drain_delta();
         let owed = if book.local { book.owed } else { [0; 4] };
         for ((d, g), o) in delta.iter_mut().zip(give_back).zip(owed) {
@@ -528,11 +645,20 @@ impl LeaseThread {
         let asks =
             want.iter().chain(&need).any(|w| *w > 0) || delta.iter().any(|d| *d != 0) || renew || evicting;
         if asks {
-            let Some(f) = self.connected() else {
-                slot.add_delta(delta);
-                return Err(Error::Unreachable("not connected".into()));
+            let sent = match self.connected() {
+                Some(f) => s.exchange(f, slot, now, delta, (need, want), evicting),
+                None => {
+                    // Never sent: owed again.
+                    slot.add_delta(delta);
+                    Err(Error::Unreachable("not connected".into()))
+                }
             };
-            s.exchange(f, slot, now, delta, (need, want), evicting)?;
+            if let Err(e) = sent {
+                if evicting {
+                    slot.abort_eviction(id);
+                }
+                return Err(e);
+            }
             self.answered_ns = now;
         }
         if let Some(book) = self.books.get_mut(index) {

@@ -52,7 +52,7 @@ impl Lessee {
 
     /// Sends `call` and takes in its answer.
     fn send(&mut self, f: &mut Functions, call: &LeaseCall) -> LeaseAnswer {
-        let a = f.lease(b"s", call).unwrap();
+        let a = f.lease(b"s", b"scopes", call).unwrap();
         self.received += a.metrics[0].grant;
         a
     }
@@ -127,11 +127,11 @@ fn a_lease_grants_nothing_unless_every_metric_meets_its_need() {
     let mut call = lessee.call(T0, 0, 1, 10);
     // 1,000 prompt tokens per minute, and a request needing 1,001.
     call.metrics[1] = MetricAsk { interval_us: 60_000.0, sent: 0, received: 0, need: 1_001, want: 1_001 };
-    let a = f.lease(b"s", &call).unwrap();
+    let a = f.lease(b"s", b"scopes", &call).unwrap();
     assert_eq!(a.metrics.map(|m| m.grant), [0; 4]);
     call.metrics[1].need = 250;
     call.seq += 1;
-    let a = f.lease(b"s", &call).unwrap();
+    let a = f.lease(b"s", b"scopes", &call).unwrap();
     assert_eq!(a.metrics.map(|m| m.grant), [10, 250, 0, 0]);
     assert_eq!(a.metrics.map(|m| m.interval_ns), [100_000_000, 60_000_000, 0, 0]);
 }
@@ -173,7 +173,7 @@ fn garbage_fields_read_as_an_empty_bucket() {
     redis::cmd("HSET").arg("s").arg("q:a").arg("garbage").arg("c0:a").arg("x").query::<()>(&mut c).unwrap();
     assert_eq!(lessee.grant(&mut f, T0 + 200_000, 0, 1, 1), 1, "damaged sums read as none");
     redis::cmd("SET").arg("t").arg("a string, not a hash").query::<()>(&mut c).unwrap();
-    match f.lease(b"t", &lessee.call(T0, 0, 1, 1)) {
+    match f.lease(b"t", b"scopes", &lessee.call(T0, 0, 1, 1)) {
         Err(Error::Redis(e)) => assert!(e.contains("WRONGTYPE"), "{e}"),
         other => panic!("{other:?}"),
     }
@@ -193,7 +193,7 @@ fn answers_of_the_wrong_shape_are_typed_errors() {
         .arg(impostor)
         .query::<String>(&mut server.connection())
         .unwrap();
-    assert!(matches!(f.lease(b"s", &Lessee::new("a").call(T0, 0, 1, 1)), Err(Error::Answer(_))));
+    assert!(matches!(f.lease(b"s", b"scopes", &Lessee::new("a").call(T0, 0, 1, 1)), Err(Error::Answer(_))));
     assert!(matches!(f.heartbeat(b"r", None, "a", 1), Err(Error::Answer(_))));
 
     let ints = |v: &[i64]| Value::Array(v.iter().map(|i| Value::Int(*i)).collect());
@@ -243,13 +243,13 @@ fn a_late_call_counts_once_and_a_lost_grant_goes_back() {
     assert_eq!(a.grant(&mut f, T0, 0, 100, 100), 100);
     // Call 2 gives back 40 and is granted 100 more, but its answer is lost.
     let lost = a.call(T0, -40, 100, 100);
-    assert_eq!(f.lease(b"s", &lost).unwrap().metrics[0].grant, 100);
+    assert_eq!(f.lease(b"s", b"scopes", &lost).unwrap().metrics[0].grant, 100);
     // Call 3 carries the sums again (40 given back) and takes 10 more.
     let next = a.lease(&mut f, T0, 0, 10, 10);
     assert_eq!(next.metrics[0].grant, 10);
     assert_eq!(next.metrics[0].debt_us, (100 - 40 + 10) * 100_000, "the 40 once, the lost 100 back");
     // Call 2 arrives again, late: nothing changes, nothing is granted.
-    let late = f.lease(b"s", &lost).unwrap();
+    let late = f.lease(b"s", b"scopes", &lost).unwrap();
     assert_eq!((late.metrics[0].grant, late.metrics[0].debt_us), (0, next.metrics[0].debt_us));
     assert_eq!(used(&server), 70);
     // Done: the lessee's sums are forgotten, so the next lease of that name starts afresh.
