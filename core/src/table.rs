@@ -340,6 +340,31 @@ mod tests {
         assert_eq!(table[3], claiming(TAG), "with no room to publish beside it, it is left as it was");
     }
 
+    /// Of two claims of one key, the one farther from home is killed — marked dead with the
+    /// key's tag, so others still see a rival there — and the nearer one goes on to publish.
+    #[test]
+    fn a_rival_claim_farther_from_home_is_killed_with_its_tag() {
+        let table = slots([claiming(TAG), 0, claiming(TAG), 0, 0, 0, 0, 0]);
+        let probe = Probe { hash: 0, tag: TAG, mask: u64::MAX, matches: &|_| true };
+        assert!(!lost_to_rival(&table, &probe, 0, false), "the claim nearer home wins");
+        assert_eq!(table[2].0.load(Ordering::SeqCst), (TAG << 2) | DEAD);
+        assert!(lost_to_rival(&table, &probe, 2, false), "the farther one sees the nearer and backs out");
+    }
+
+    /// A key lives within the probe window from its home, and never past the table's end.
+    #[test]
+    fn the_window_starts_at_home_and_ends_in_the_table() {
+        // Hash 0 has home 0 in any table.
+        let len = 2 * PROBE_WINDOW;
+        assert!(in_window(0, len, 0));
+        assert!(in_window(0, len, PROBE_WINDOW - 1));
+        assert!(!in_window(0, len, PROBE_WINDOW), "one past the window");
+        assert!(!in_window(0, len, len), "past the table's end");
+        // In a table smaller than the window, every slot is in it.
+        assert!((0..8).all(|i| in_window(u64::MAX, 8, i)));
+        assert!(!in_window(u64::MAX, 8, 8));
+    }
+
     /// A published copy of the key is found, however many dead claims surround it.
     #[test]
     fn dead_claims_never_hide_a_published_key() {

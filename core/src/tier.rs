@@ -122,7 +122,26 @@ impl Tiers {
 
 #[cfg(test)]
 mod tests {
-    use super::Tier;
+    use super::{Tier, TierSpec, Tiers};
+
+    /// Each tier's spend limit, qualifying spend and ceiling scale rise (or stay) with the tier,
+    /// and scales are finite and at least 1: any one out of order makes the table refused.
+    #[test]
+    fn a_tier_table_out_of_order_is_refused() {
+        let ordered = Tiers::FIREWORKS;
+        assert!(ordered.is_ordered());
+        let with = |i: usize, f: &dyn Fn(&mut TierSpec)| {
+            let mut t = ordered;
+            f(&mut t.0[i]);
+            t.is_ordered()
+        };
+        assert!(!with(1, &|t| t.monthly_spend_limit = 0), "a spend limit below the tier's under it");
+        assert!(!with(0, &|t| t.qualifying_spend = u64::MAX), "a qualifying spend above the next tier's");
+        assert!(!with(1, &|t| t.ceiling_scale = 1.5 * 2.0 * 2.0), "a scale above the next tier's");
+        assert!(!with(0, &|t| t.ceiling_scale = 0.5), "a scale below 1");
+        assert!(!with(4, &|t| t.ceiling_scale = f64::INFINITY), "an infinite scale");
+        assert!(with(4, &|t| t.ceiling_scale = ordered.0[3].ceiling_scale), "equal neighbours are in order");
+    }
 
     /// The names every surface shows (C, Python, metrics labels): distinct, and as documented.
     #[test]
