@@ -246,6 +246,11 @@ enum sg_result
    * since (or a call on it panicked).
    */
   SG_ERR_SCANNER_NOT_INITIALISED = 45,
+  /**
+   * Redis could not be reached within the timeout, refused, answered an error, or answered
+   * something that is not sluicegate's (`sg_engine_connect_redis`).
+   */
+  SG_ERR_REDIS = 46,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -527,7 +532,8 @@ typedef uint32_t sg_service_tier;
 #endif // __cplusplus
 
 /**
- * An engine: opaque, created by `sg_engine_new`, freed by `sg_engine_free`.
+ * An engine: opaque, created by `sg_engine_new` (or `sg_engine_open_shared`,
+ * `sg_engine_in_region`, `sg_engine_connect_redis`), freed by `sg_engine_free`.
  */
 typedef struct sg_engine sg_engine;
 
@@ -1318,6 +1324,31 @@ sg_result sg_usage_scanner_generated_chars(const struct sg_usage_scanner *scanne
  * (its contents need not be initialised).
  */
 sg_result sg_usage_scanner_finish(struct sg_usage_scanner *scanner, struct sg_response_usage *out);
+
+/**
+ * Creates an engine that is one replica of many: every replica connected to the same Redis
+ * with the same configuration shares each scope's limits, as one engine would. `url` is
+ * `redis://host:port/db` (Redis 7 or later). The call loads sluicegate's Redis functions and
+ * starts a background thread that leases shares of each busy scope's buckets; `sg_admit`
+ * and `sg_settle` stay local and never wait for Redis (a scope's first request on a replica
+ * waits for one lease call). If Redis stops answering, leases are used until they expire, then
+ * each replica admits its share of the limits (the limit / the replicas still heard from).
+ * Free it with `sg_engine_free`, which gives back what its leases hold.
+ *
+ * Redis unreachable (within 200 ms), answering an error, or answering what sluicegate's
+ * functions would not is `SG_ERR_REDIS`; `*engine` is then NULL.
+ *
+ * ```c
+ * sg_engine *engine;
+ * sg_config cfg;
+ * sg_config_default(&cfg);
+ * if (sg_engine_connect_redis("redis://10.0.0.5:6379/0", &cfg, &engine) != SG_OK) return 1;
+ * ```
+ *
+ * # Safety
+ * `url` must be NULL or NUL-terminated; `config` NULL or valid; `engine` NULL or writable.
+ */
+sg_result sg_engine_connect_redis(const char *url, const struct sg_config *config, struct sg_engine **engine);
 
 /**
  * Fills `render` for `dialect` with the engine's preferences (per-second limits under

@@ -109,6 +109,9 @@ pub enum sg_result {
     /// The `sg_usage_scanner` was never initialised by `sg_usage_scanner_init`, or was finished
     /// since (or a call on it panicked).
     SgErrScannerNotInitialised = 45,
+    /// Redis could not be reached within the timeout, refused, answered an error, or answered
+    /// something that is not sluicegate's (`sg_engine_connect_redis`).
+    SgErrRedis = 46,
 }
 
 use sg_result::*;
@@ -163,6 +166,7 @@ pub extern "C" fn sg_result_str(code: u32) -> *const c_char {
         43 => c"request body's max_tokens is not a positive integer",
         44 => c"request body's n is not a positive integer",
         45 => c"usage scanner not initialised (or already finished)",
+        46 => c"redis unreachable, or its answer an error or not sluicegate's",
         _ => c"unknown result code",
     };
     text.as_ptr()

@@ -10,9 +10,57 @@ use sluicegate_core::{
 
 use crate::boundary::{arg, boundary, bytes, out, sg_result, sg_result::*};
 
-/// An engine: opaque, created by `sg_engine_new`, freed by `sg_engine_free`.
+/// An engine: opaque, created by `sg_engine_new` (or `sg_engine_open_shared`,
+/// `sg_engine_in_region`, `sg_engine_connect_redis`), freed by `sg_engine_free`.
 pub struct sg_engine {
     pub(crate) inner: Engine<Backing>,
+    /// A replica's leases of the global buckets in Redis (`sg_engine_connect_redis`).
+    #[cfg(feature = "redis")]
+    pub(crate) hosts: Option<sluicegate_redis::Hosts>,
+}
+
+impl sg_engine {
+    /// An engine that admits from its own buckets.
+    pub(crate) fn local(inner: Engine<Backing>) -> Self {
+        sg_engine {
+            inner,
+            #[cfg(feature = "redis")]
+            hosts: None,
+        }
+    }
+
+    /// Admits from the scope's own buckets, or, for a replica, from its lease.
+    pub(crate) fn admit(&self, key: ScopeKey<'_>, request: &Request, now_ns: u64) -> Result<Decision, sluicegate_core::Error> {
+        #[cfg(feature = "redis")]
+        if let Some(hosts) = &self.hosts {
+            return hosts.admit(&self.inner, key, request, now_ns);
+        }
+        self.inner.admit(key, request, now_ns)
+    }
+
+    pub(crate) fn settle(&self, permit: &Permit, usage: &Usage, completion: Completion, now_ns: u64) -> Result<(), sluicegate_core::SettleError> {
+        #[cfg(feature = "redis")]
+        if let Some(hosts) = &self.hosts {
+            return hosts.settle(&self.inner, permit, usage, completion, now_ns);
+        }
+        self.inner.settle(permit, usage, completion, now_ns)
+    }
+
+    pub(crate) fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), sluicegate_core::SettleError> {
+        #[cfg(feature = "redis")]
+        if let Some(hosts) = &self.hosts {
+            return hosts.charge(&self.inner, permit, generated_tokens, now_ns);
+        }
+        self.inner.charge(permit, generated_tokens, now_ns)
+    }
+
+    /// Whether admissions come from leases of a Redis's global buckets.
+    pub(crate) fn is_replica(&self) -> bool {
+        #[cfg(feature = "redis")]
+        return self.hosts.is_some();
+        #[cfg(not(feature = "redis"))]
+        false
+    }
 }
 
 /// How to build an engine: a preset and overrides. Every zero (or NULL) field keeps the preset's
@@ -348,7 +396,7 @@ pub unsafe extern "C" fn sg_engine_new(config: *const sg_config, engine: *mut *m
         let capacity = capacity_of(config)?;
         let seed = if config.seed == 0 { sluicegate_core::storage::random_seed() } else { config.seed };
         let inner = Engine::with_storage(policy, Backing::Heap(Heap::new(capacity)?), seed)?;
-        *engine = Box::into_raw(Box::new(sg_engine { inner }));
+        *engine = Box::into_raw(Box::new(sg_engine::local(inner)));
         Ok(())
     })
 }
@@ -440,7 +488,7 @@ pub unsafe extern "C" fn sg_admit(
         // SAFETY: the request's pointers are valid for their lengths (contract).
         let (account, model) = unsafe { (bytes(r.account, r.account_len)?, bytes(r.model, r.model_len)?) };
         let key = ScopeKey { account, model, variant: variant(r.fast) };
-        *decision = decision_of(&engine.inner.admit(key, &request_of(r)?, now_ns)?);
+        *decision = decision_of(&engine.admit(key, &request_of(r)?, now_ns)?);
         Ok(())
     })
 }
@@ -492,7 +540,7 @@ pub unsafe extern "C" fn sg_settle(
             2 => Completion::Cancelled,
             _ => return Err(SgErrInvalidArgument),
         };
-        Ok(engine.inner.settle(&permit_of(permit)?, &usage_of(usage), completion, now_ns)?)
+        Ok(engine.settle(&permit_of(permit)?, &usage_of(usage), completion, now_ns)?)
     })
 }
 
@@ -526,7 +574,7 @@ pub unsafe extern "C" fn sg_charge(
     boundary(|| {
         // SAFETY: forwarded from this function's contract.
         let (engine, permit) = unsafe { (arg(engine)?, arg(permit)?) };
-        Ok(engine.inner.charge(&permit_of(permit)?, generated_tokens, now_ns)?)
+        Ok(engine.charge(&permit_of(permit)?, generated_tokens, now_ns)?)
     })
 }
 

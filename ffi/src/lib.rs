@@ -13,6 +13,8 @@ mod engine;
 mod metrics;
 mod openai;
 mod openai_usage;
+#[cfg(feature = "redis")]
+mod redis;
 mod render;
 mod scope;
 #[cfg(unix)]
@@ -25,6 +27,8 @@ pub use engine::*;
 pub use metrics::*;
 pub use openai::*;
 pub use openai_usage::*;
+#[cfg(feature = "redis")]
+pub use redis::*;
 pub use render::*;
 pub use scope::*;
 #[cfg(unix)]

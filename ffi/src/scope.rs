@@ -76,7 +76,13 @@ pub unsafe extern "C" fn sg_admit_scope(
         // SAFETY: forwarded from this function's contract.
         let (engine, scope, r, decision) =
             unsafe { (arg(engine)?, arg(scope)?, arg(request)?, out(decision)?) };
-        *decision = decision_of(&engine.inner.admit_scope(&scope.inner, &request_of(r)?, now_ns)?);
+        // A replica's admissions come from its leases, found by key.
+        let decided = if engine.is_replica() {
+            engine.admit(scope.inner.key(), &request_of(r)?, now_ns)?
+        } else {
+            engine.inner.admit_scope(&scope.inner, &request_of(r)?, now_ns)?
+        };
+        *decision = decision_of(&decided);
         Ok(())
     })
 }

@@ -44,7 +44,7 @@ pub unsafe extern "C" fn sg_engine_open_shared(
         let policy = policy_of(config)?;
         let file = SharedFile::open(path.as_ref(), &policy, capacity_of(config)?)?;
         let inner = Engine::with_storage(policy, Backing::Shared(file), 0)?;
-        *engine = Box::into_raw(Box::new(sg_engine { inner }));
+        *engine = Box::into_raw(Box::new(sg_engine::local(inner)));
         Ok(())
     })
 }
@@ -96,7 +96,7 @@ pub unsafe extern "C" fn sg_engine_in_region(
         // until the engine is freed.
         let region = unsafe { Region::open(base, len, &policy, capacity_of(config)?, seed, opening) }?;
         let inner = Engine::with_storage(policy, Backing::Region(region), 0)?;
-        *engine = Box::into_raw(Box::new(sg_engine { inner }));
+        *engine = Box::into_raw(Box::new(sg_engine::local(inner)));
         Ok(())
     })
 }

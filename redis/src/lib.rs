@@ -36,4 +36,4 @@ mod leases;
 mod replica;
 
 pub use error::Error;
-pub use replica::{Clock, Mode, Options, Outage, Replica};
+pub use replica::{Clock, Hosts, Mode, Options, Outage, Replica};

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use sluicegate_core::adapt::{self, MetricState, Period};
 use sluicegate_core::lease::LeasedScope;
+use sluicegate_core::storage::Storage;
 use sluicegate_core::{
     Capacity, Completion, Decision, Engine, Error as CoreError, Heap, Outcome, PerMetric, Permit, Policy,
     Request, ScopeKey, SettleError, Usage, Variant,
@@ -108,7 +109,7 @@ const RIDING: u8 = 1;
 const OUTAGE: u8 = 2;
 
 struct Shared {
-    engine: Engine<Heap>,
+    policy: Policy,
     leases: Leases,
     options: Options,
     /// This replica's name in Redis: its label and a part no other replica has.
@@ -125,39 +126,33 @@ struct Shared {
     cold: Mutex<Option<Functions>>,
 }
 
-/// A replica of a gateway behind a load balancer: admits locally, from leases of each scope's
-/// global buckets kept in Redis, so every replica together admits what one engine would.
-///
-/// The hot path is the local engine's ([`Engine::admit_leased`]); a background thread leases
-/// and gives back. A scope's first request on a replica waits for one lease call.
-pub struct Replica {
+/// The many-hosts side of a replica: each scope's lease of the global buckets kept in Redis,
+/// and the background thread that keeps them. An engine admits through it
+/// ([`Hosts::admit`]) instead of from its own buckets; [`Replica`] pairs it with a heap engine,
+/// and the C API and Python with theirs.
+pub struct Hosts {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl std::fmt::Debug for Replica {
+impl std::fmt::Debug for Hosts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replica").field("options", &self.shared.options).field("mode", &self.mode()).finish()
+        f.debug_struct("Hosts").field("options", &self.shared.options).field("mode", &self.mode()).finish()
     }
 }
 
-impl Replica {
+impl Hosts {
     /// Connects to Redis at `url` (`redis://host:port/db`), loads the function library, and
-    /// starts the lease thread. `policy` must be the same on every replica.
-    pub fn connect(
-        url: &str,
-        policy: Policy,
-        capacity: Capacity,
-        options: Options,
-    ) -> Result<Replica, Error> {
+    /// starts the lease thread, for an engine of `policy` with `scopes` scope slots. `policy`
+    /// must be the same on every replica.
+    pub fn connect(url: &str, policy: &Policy, scopes: usize, options: Options) -> Result<Hosts, Error> {
         let functions = Functions::connect(url, options.timeout)?;
-        let engine = Engine::new(policy, capacity)?;
         let hard_us = (WINDOW_US as f64 * policy.hard_factor.max(1.0)) as u64;
         let floors_us =
             policy.limits.0.map(|l| if l.is_limited() { WINDOW_US as f64 / l.floor } else { 0.0 });
-        let leases = Leases::new(capacity.scopes, hard_us, duration_ns(options.refresh));
+        let leases = Leases::new(scopes, hard_us, duration_ns(options.refresh));
         let shared = Arc::new(Shared {
-            engine,
+            policy: *policy,
             leases,
             name: format!("{}-{:016x}", options.replica_id, unique()),
             options,
@@ -175,45 +170,49 @@ impl Replica {
             .name("sluicegate-leases".into())
             .spawn(move || LeaseThread::new(worker, functions).run())
             .map_err(Error::Thread)?;
-        Ok(Replica { shared, thread: Some(thread) })
+        Ok(Hosts { shared, thread: Some(thread) })
     }
 
-    /// [`Engine::admit`] on this replica: decided locally, from the scope's lease.
-    pub fn admit(&self, key: ScopeKey<'_>, request: &Request, now_ns: u64) -> Result<Decision, CoreError> {
-        let s = &self.shared;
-        let d = s.engine.admit_leased(key, request, now_ns, &s.leases)?;
+    /// [`Engine::admit`] of `engine`, decided locally from the scope's lease. `engine` must be
+    /// the one this was connected for (its policy, its scope slots).
+    pub fn admit<S: Storage>(
+        &self,
+        engine: &Engine<S>,
+        key: ScopeKey<'_>,
+        request: &Request,
+        now_ns: u64,
+    ) -> Result<Decision, CoreError> {
+        let leases = &self.shared.leases;
+        let d = engine.admit_leased(key, request, now_ns, leases)?;
         if let (Outcome::RejectRateLimited(_), Some(scope)) = (&d.outcome, leases::take_cold()) {
             if self.fetch_cold(scope, d.cost, now_ns) {
-                return s.engine.admit_leased(key, request, now_ns, &s.leases);
+                return engine.admit_leased(key, request, now_ns, leases);
             }
         }
         Ok(d)
     }
 
     /// [`Engine::settle`]: the corrections go back to Redis with the next lease call.
-    pub fn settle(
+    pub fn settle<S: Storage>(
         &self,
+        engine: &Engine<S>,
         permit: &Permit,
         usage: &Usage,
         completion: Completion,
         now_ns: u64,
     ) -> Result<(), SettleError> {
-        self.shared.engine.settle_leased(permit, usage, completion, now_ns, &self.shared.leases)
-    }
-
-    /// [`Engine::cancel`].
-    pub fn cancel(&self, permit: &Permit, usage: &Usage, now_ns: u64) -> Result<(), SettleError> {
-        self.settle(permit, usage, Completion::Cancelled, now_ns)
+        engine.settle_leased(permit, usage, completion, now_ns, &self.shared.leases)
     }
 
     /// [`Engine::charge`]: streamed tokens beyond the reservation are charged to the lease.
-    pub fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), SettleError> {
-        self.shared.engine.charge_leased(permit, generated_tokens, now_ns, &self.shared.leases)
-    }
-
-    /// The local engine: accounts, spend, prices, load and metrics are configured there.
-    pub fn engine(&self) -> &Engine<Heap> {
-        &self.shared.engine
+    pub fn charge<S: Storage>(
+        &self,
+        engine: &Engine<S>,
+        permit: &Permit,
+        generated_tokens: u64,
+        now_ns: u64,
+    ) -> Result<(), SettleError> {
+        engine.charge_leased(permit, generated_tokens, now_ns, &self.shared.leases)
     }
 
     /// Where admissions come from now.
@@ -265,13 +264,77 @@ impl Replica {
     }
 }
 
-impl Drop for Replica {
+impl Drop for Hosts {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             // The thread gives back every lease before it ends.
             let _ = t.join();
         }
+    }
+}
+
+/// A replica of a gateway behind a load balancer: a heap engine that admits from leases of
+/// each scope's global buckets kept in Redis, so every replica together admits what one engine
+/// would.
+///
+/// The hot path is the local engine's ([`Engine::admit_leased`]); a background thread leases
+/// and gives back. A scope's first request on a replica waits for one lease call.
+#[derive(Debug)]
+pub struct Replica {
+    // Dropped first: the lease thread gives back every lease before the engine goes.
+    hosts: Hosts,
+    engine: Engine<Heap>,
+}
+
+impl Replica {
+    /// Connects to Redis at `url` (`redis://host:port/db`), loads the function library, and
+    /// starts the lease thread. `policy` must be the same on every replica.
+    pub fn connect(
+        url: &str,
+        policy: Policy,
+        capacity: Capacity,
+        options: Options,
+    ) -> Result<Replica, Error> {
+        let engine = Engine::new(policy, capacity)?;
+        let hosts = Hosts::connect(url, &policy, capacity.scopes, options)?;
+        Ok(Replica { hosts, engine })
+    }
+
+    /// [`Engine::admit`] on this replica: decided locally, from the scope's lease.
+    pub fn admit(&self, key: ScopeKey<'_>, request: &Request, now_ns: u64) -> Result<Decision, CoreError> {
+        self.hosts.admit(&self.engine, key, request, now_ns)
+    }
+
+    /// [`Engine::settle`]: the corrections go back to Redis with the next lease call.
+    pub fn settle(
+        &self,
+        permit: &Permit,
+        usage: &Usage,
+        completion: Completion,
+        now_ns: u64,
+    ) -> Result<(), SettleError> {
+        self.hosts.settle(&self.engine, permit, usage, completion, now_ns)
+    }
+
+    /// [`Engine::cancel`].
+    pub fn cancel(&self, permit: &Permit, usage: &Usage, now_ns: u64) -> Result<(), SettleError> {
+        self.settle(permit, usage, Completion::Cancelled, now_ns)
+    }
+
+    /// [`Engine::charge`]: streamed tokens beyond the reservation are charged to the lease.
+    pub fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), SettleError> {
+        self.hosts.charge(&self.engine, permit, generated_tokens, now_ns)
+    }
+
+    /// The local engine: accounts, spend, prices, load and metrics are configured there.
+    pub fn engine(&self) -> &Engine<Heap> {
+        &self.engine
+    }
+
+    /// The many-hosts side: mode, leases held, live replicas, Redis calls.
+    pub fn hosts(&self) -> &Hosts {
+        &self.hosts
     }
 }
 
@@ -400,7 +463,7 @@ impl LeaseThread {
     fn new(shared: Arc<Shared>, functions: Functions) -> Self {
         let books = vec![Book::default(); shared.leases.slots().len()];
         let now = shared.now();
-        let ticked = now / shared.engine.policy().tick_ns.max(1);
+        let ticked = now / shared.policy.tick_ns.max(1);
         LeaseThread {
             shared,
             functions: Some(functions),
@@ -476,7 +539,7 @@ impl LeaseThread {
     /// the usage Redis counted from every replica. A lead outlives its holder by two ticks.
     fn adapt(&mut self, now: u64) {
         let s = Arc::clone(&self.shared);
-        let policy = *s.engine.policy();
+        let policy = s.policy;
         let tick_ns = policy.tick_ns.max(1);
         let index = now / tick_ns;
         if index <= self.ticked || self.down {

@@ -77,7 +77,7 @@ fn a_scopes_first_request_is_admitted() {
         Replica::connect(&server.url(), policy_600_rpm(), Capacity::scopes(64), Options::default()).unwrap();
     let d = replica.admit(KEY, &Request::new(0), now()).unwrap();
     assert!(matches!(d.outcome, Outcome::Admit(_)), "{d:?}");
-    assert_eq!(replica.mode(), Mode::Leased);
+    assert_eq!(replica.hosts().mode(), Mode::Leased);
 }
 
 /// One replica process of `four_replica_processes_admit_the_global_limit_and_no_more`.
@@ -97,7 +97,7 @@ fn child_replica() {
     }
     let began = Instant::now();
     let admitted = hammer(&replica, began + Duration::from_secs(seconds.parse().unwrap()));
-    let calls_per_s = replica.redis_calls() as f64 / began.elapsed().as_secs_f64();
+    let calls_per_s = replica.hosts().redis_calls() as f64 / began.elapsed().as_secs_f64();
     println!("admitted {admitted} calls_per_s {calls_per_s:.1}");
 }
 
@@ -160,10 +160,10 @@ fn a_restarted_redis_is_used_again_without_help() {
     };
     let mut admitted = hammer(&replica, Instant::now() + Duration::from_millis(500));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && (exists(&mut c) == 0 || replica.mode() != Mode::Leased) {
+    while Instant::now() < deadline && (exists(&mut c) == 0 || replica.hosts().mode() != Mode::Leased) {
         admitted += hammer(&replica, Instant::now() + Duration::from_millis(50));
     }
-    assert_eq!(replica.mode(), Mode::Leased);
+    assert_eq!(replica.hosts().mode(), Mode::Leased);
     assert_eq!(exists(&mut c), 1, "the scope's hash is back");
     let libraries = redis::cmd("FUNCTION").arg("LIST").query::<redis::Value>(&mut c).unwrap();
     assert!(format!("{libraries:?}").contains("sluicegate_v1"));
@@ -192,18 +192,18 @@ fn an_outage_is_ridden_out_on_leases_then_the_split_share_and_counted_after() {
         })
     };
     let mut total = both(Instant::now() + Duration::from_secs(4));
-    assert!(replicas.iter().all(|r| r.live_replicas() == 2));
-    let held_at_stop: u64 = replicas.iter().map(|r| r.held().0[0]).sum();
+    assert!(replicas.iter().all(|r| r.hosts().live_replicas() == 2));
+    let held_at_stop: u64 = replicas.iter().map(|r| r.hosts().held().0[0]).sum();
     server.signal("-STOP");
     let stopped = Instant::now();
     let riding = both(stopped + Duration::from_secs(1));
     assert!(
-        replicas.iter().all(|r| r.mode() == Mode::Riding),
+        replicas.iter().all(|r| r.hosts().mode() == Mode::Riding),
         "{:?}",
-        replicas.iter().map(Replica::mode).collect::<Vec<_>>()
+        replicas.iter().map(|r| r.hosts().mode()).collect::<Vec<_>>()
     );
     let during = riding + both(stopped + Duration::from_secs(10));
-    assert!(replicas.iter().all(|r| r.mode() == Mode::Outage));
+    assert!(replicas.iter().all(|r| r.hosts().mode() == Mode::Outage));
     server.signal("-CONT");
     let bound = 600 * 10 / 60 + held_at_stop;
     println!("admitted during the outage {during} of at most {bound} (held at stop {held_at_stop})");
@@ -211,10 +211,10 @@ fn an_outage_is_ridden_out_on_leases_then_the_split_share_and_counted_after() {
     assert!(during >= 600 * 7 / 60, "{during}: the split share kept serving");
     total += during;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while replicas.iter().any(|r| r.mode() != Mode::Leased) && Instant::now() < deadline {
+    while replicas.iter().any(|r| r.hosts().mode() != Mode::Leased) && Instant::now() < deadline {
         total += both(Instant::now() + Duration::from_millis(100));
     }
-    assert!(replicas.iter().all(|r| r.mode() == Mode::Leased));
+    assert!(replicas.iter().all(|r| r.hosts().mode() == Mode::Leased));
     total += both(Instant::now() + Duration::from_secs(1));
     drop(replicas);
     assert_eq!(used_globally(&server), total as i64, "after recovery Redis counts what was admitted");

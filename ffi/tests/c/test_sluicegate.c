@@ -36,8 +36,8 @@
 
 #include "sluicegate.h"
 
-/* One past the highest result code (SG_ERR_SCANNER_NOT_INITIALISED). */
-#define CODES 46
+/* One past the highest result code (SG_ERR_REDIS). */
+#define CODES 47
 
 static int passed = 0;
 static int seen[CODES]; /* result codes some check expected and got */
@@ -124,6 +124,64 @@ static void settle_if_admitted(sg_engine *e, const sg_decision *d, uint64_t now)
         sg_usage u = usage(d->cost[SG_METRIC_PROMPT_TOKENS], 0, d->cost[SG_METRIC_GENERATED_TOKENS]);
         EXPECT(sg_settle(e, &d->permit, &u, SG_COMPLETION_SUCCESS, now), SG_OK);
     }
+}
+
+/* Issue 18: replicas sharing limits through Redis. Without Redis, typed errors; with a real
+ * redis-server (SG_REDIS_URL, started by the Rust harness), two engines connected to it admit
+ * the limit between them, not the limit each. */
+static void test_redis(void) {
+    sg_config cfg;
+    sg_engine *e = (sg_engine *)&cfg;
+    EXPECT(sg_config_default(&cfg), SG_OK);
+    cfg.preset = "fixed";
+    cfg.floor[SG_METRIC_REQUESTS] = 60.0;
+    cfg.ceiling[SG_METRIC_REQUESTS] = 60.0;
+    cfg.hard_factor = 1.0;
+    EXPECT(sg_engine_connect_redis(NULL, &cfg, &e), SG_ERR_NULL);
+    CHECK(e == NULL);
+    e = (sg_engine *)&cfg;
+    /* Nothing listens on port 1: refused at once. */
+    EXPECT(sg_engine_connect_redis("redis://127.0.0.1:1/0", &cfg, &e), SG_ERR_REDIS);
+    CHECK(e == NULL);
+    EXPECT(sg_engine_connect_redis("not a url", &cfg, &e), SG_ERR_REDIS);
+    sg_config bad = cfg;
+    bad.hard_factor = 0.5;
+    EXPECT(sg_engine_connect_redis("redis://127.0.0.1:1/0", &bad, &e), SG_ERR_POLICY);
+    const char *url = getenv("SG_REDIS_URL");
+    if (url == NULL) {
+        return;
+    }
+    sg_engine *replicas[2] = {NULL, NULL};
+    EXPECT(sg_engine_connect_redis(url, &cfg, &replicas[0]), SG_OK);
+    EXPECT(sg_engine_connect_redis(url, &cfg, &replicas[1]), SG_OK);
+    sg_request r;
+    memset(&r, 0, sizeof r);
+    r.account = (const uint8_t *)"acct";
+    r.account_len = 4;
+    r.model = (const uint8_t *)"model";
+    r.model_len = 5;
+    r.n = 1;
+    int admitted[2] = {0, 0};
+    /* Two seconds of requests, alternating replicas: the bucket holds 60 and refills 1 a second. */
+    for (int i = 0; i < 2000; i++) {
+        sg_decision d;
+        int which = i % 2;
+        EXPECT(sg_admit(replicas[which], &r, sg_now_ns(), &d), SG_OK);
+        if (d.outcome == SG_ADMIT || d.outcome == SG_ADMIT_OVER_LIMIT) {
+            admitted[which]++;
+            sg_usage u = {0, 0, 0};
+            EXPECT(sg_settle(replicas[which], &d.permit, &u, SG_COMPLETION_SUCCESS, sg_now_ns()), SG_OK);
+        } else {
+            CHECK(d.outcome == SG_REJECT_RATE_LIMITED);
+        }
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+    int total = admitted[0] + admitted[1];
+    CHECK(total >= 60 && total <= 63);
+    CHECK(admitted[0] > 0 && admitted[1] > 0);
+    sg_engine_free(replicas[0]);
+    sg_engine_free(replicas[1]);
 }
 
 static void test_result_strings(void) {
@@ -2446,6 +2504,7 @@ int main(void) {
     test_openai_request_scan();
     test_usage_scanner();
     test_null_pointers();
+    test_redis();
     /* Every code reachable from C was returned somewhere above (SG_ERR_PANIC never should be;
      * SG_ERR_REGION_NOT_LOCK_FREE only on a machine without lock-free 16-byte atomics, which
      * x86_64 and aarch64 are not). */
