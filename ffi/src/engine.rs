@@ -30,7 +30,12 @@ impl sg_engine {
     }
 
     /// Admits from the scope's own buckets, or, for a replica, from its lease.
-    pub(crate) fn admit(&self, key: ScopeKey<'_>, request: &Request, now_ns: u64) -> Result<Decision, sluicegate_core::Error> {
+    pub(crate) fn admit(
+        &self,
+        key: ScopeKey<'_>,
+        request: &Request,
+        now_ns: u64,
+    ) -> Result<Decision, sluicegate_core::Error> {
         #[cfg(feature = "redis")]
         if let Some(hosts) = &self.hosts {
             return hosts.admit(&self.inner, key, request, now_ns);
@@ -38,7 +43,13 @@ impl sg_engine {
         self.inner.admit(key, request, now_ns)
     }
 
-    pub(crate) fn settle(&self, permit: &Permit, usage: &Usage, completion: Completion, now_ns: u64) -> Result<(), sluicegate_core::SettleError> {
+    pub(crate) fn settle(
+        &self,
+        permit: &Permit,
+        usage: &Usage,
+        completion: Completion,
+        now_ns: u64,
+    ) -> Result<(), sluicegate_core::SettleError> {
         #[cfg(feature = "redis")]
         if let Some(hosts) = &self.hosts {
             return hosts.settle(&self.inner, permit, usage, completion, now_ns);
@@ -46,7 +57,12 @@ impl sg_engine {
         self.inner.settle(permit, usage, completion, now_ns)
     }
 
-    pub(crate) fn charge(&self, permit: &Permit, generated_tokens: u64, now_ns: u64) -> Result<(), sluicegate_core::SettleError> {
+    pub(crate) fn charge(
+        &self,
+        permit: &Permit,
+        generated_tokens: u64,
+        now_ns: u64,
+    ) -> Result<(), sluicegate_core::SettleError> {
         #[cfg(feature = "redis")]
         if let Some(hosts) = &self.hosts {
             return hosts.charge(&self.inner, permit, generated_tokens, now_ns);

@@ -63,5 +63,3 @@ pub unsafe extern "C" fn sg_engine_connect_redis(
         Ok(())
     })
 }
-
-
