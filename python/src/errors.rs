@@ -23,6 +23,15 @@ pyo3::import_exception!(sluicegate._errors, PermitExpiredError);
 pyo3::import_exception!(sluicegate._errors, CorruptSnapshotError);
 pyo3::import_exception!(sluicegate._errors, SharedRegionError);
 pyo3::import_exception!(sluicegate._errors, EngineInUseError);
+pyo3::import_exception!(sluicegate._errors, RedisError);
+
+/// A replica's failure to start as its Python exception.
+pub(crate) fn redis_error(e: sluicegate_redis::Error) -> PyErr {
+    match e {
+        sluicegate_redis::Error::Engine(e) => core_error(e),
+        e => RedisError::new_err(e.to_string()),
+    }
+}
 
 /// A core error as its Python exception.
 pub(crate) fn core_error(e: CoreError) -> PyErr {

@@ -25,6 +25,7 @@ use sluicegate_core::{
     Overrides, PerMetric, Permit, Policy, Price, Quota, RateLimited, RawPermit, RegionError, Request,
     ScopeKey, ServiceTier, SharedFile, Shed, SnapshotError, SpendRejection, Suspension, Tier, Usage, Variant,
 };
+use sluicegate_redis::{Hosts, Options};
 
 mod args;
 mod errors;
@@ -476,6 +477,14 @@ impl PyDecision {
 /// inside a call may leave a count one off until every process has closed the file: the
 /// next opener, alone, recounts the region first. ``seed``
 /// cannot be given with ``shared``: the region keeps the seed of the process that created it.
+///
+/// ``redis`` (a URL, ``redis://host:port/db``; default None) makes the engine one replica of
+/// many behind a load balancer: every engine connected to the same Redis 7 with the same
+/// policy and overrides shares each scope's limits, as one engine would. Admissions stay local,
+/// from leases of the global buckets a background thread keeps (a scope's first request waits
+/// for one Redis call); if Redis stops answering, leases run out, then each replica admits its
+/// share of the limits (the limit / replicas still heard from). Redis unreachable (within
+/// 200 ms) raises :class:`RedisError`. ``redis`` cannot be given with ``shared``.
 #[pyclass(module = "sluicegate._sluicegate", name = "Engine", frozen)]
 struct PyEngine {
     /// `restore` builds a new engine and swaps it in whole; every other call works on the engine
@@ -490,6 +499,8 @@ struct PyEngine {
     policy_name: String,
     /// The file of a shared engine, as given.
     shared: Option<PathBuf>,
+    /// A replica's leases of the global buckets in Redis, and its URL as given.
+    hosts: Option<(Hosts, String)>,
     /// The process that opened the file: a process forked from it shares its file lock, so
     /// cannot tell whether others use the region.
     opener: u32,
@@ -638,9 +649,9 @@ fn per_minute(v: f64) -> String {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (policy=None, capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect=None, shared=None, **overrides))]
+    #[pyo3(signature = (policy=None, capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect=None, shared=None, redis=None, **overrides))]
     #[pyo3(
-        text_signature = "(policy='fireworks_2024', capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect='fireworks', shared=None, **overrides)"
+        text_signature = "(policy='fireworks_2024', capacity=None, *, accounts=None, models=None, permits=None, seed=None, dialect='fireworks', shared=None, redis=None, **overrides)"
     )]
     fn new(
         py: Python<'_>,
@@ -652,6 +663,7 @@ impl PyEngine {
         seed: Option<&Bound<'_, PyAny>>,
         dialect: Option<&Bound<'_, PyAny>>,
         shared: Option<&Bound<'_, PyAny>>,
+        redis: Option<String>,
         overrides: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let dialect = match dialect.filter(|d| !d.is_none()) {
@@ -692,12 +704,27 @@ impl PyEngine {
             }
         }
         .map_err(core_error)?;
+        let hosts = match redis {
+            Some(_) if path.is_some() => {
+                return Err(ArgumentError::new_err(
+                    "redis cannot be given with shared: a replica's engine is in its own memory",
+                ));
+            }
+            // Connecting waits for Redis (at most its timeout).
+            Some(url) => Some((
+                py.detach(|| Hosts::connect(&url, &p, cap.scopes, Options::default()))
+                    .map_err(redis_error)?,
+                url,
+            )),
+            None => None,
+        };
         Ok(PyEngine {
             core: ArcSwapOption::from_pointee(inner),
             restoring: Mutex::new(()),
             dialect,
             policy_name: policy,
             shared: path,
+            hosts,
             opener: std::process::id(),
         })
     }
@@ -710,6 +737,12 @@ impl PyEngine {
             .map(|p| p.as_os_str().into_pyobject(py))
             .transpose()
             .map_err(|never| match never {})
+    }
+
+    /// The Redis of a replica's engine (``Engine(redis=...)``), as given; None for a standalone one.
+    #[getter]
+    fn redis(&self) -> Option<&str> {
+        self.hosts.as_ref().map(|(_, url)| url.as_str())
     }
 
     /// The preset the engine was built from.
@@ -763,7 +796,7 @@ impl PyEngine {
             request_of(prompt_tokens, cached_tokens, max_tokens, n, priority, service_tier, expected_tokens)?;
         let at = now(now_ns)?;
         let key = ScopeKey { account: &account, model: &model, variant: variant(fast)? };
-        self.decide(at, |core| core.admit(key, &request, at))
+        self.decide(at, |core| self.admit_key(core, key, &request, at))
     }
 
     /// Resolves the scope of ``account`` and ``model`` (creating it if new) for :meth:`Scope.admit`.
@@ -836,7 +869,11 @@ impl PyEngine {
         let permit = decision_of(decision)?.permit()?;
         let tokens = count("generated_tokens", generated_tokens)?;
         let at = now(now_ns)?;
-        py.detach(|| self.core().charge(&permit, tokens, at)).map_err(settle_error)
+        py.detach(|| match &self.hosts {
+            Some((hosts, _)) => hosts.charge(&self.core(), &permit, tokens, at),
+            None => self.core().charge(&permit, tokens, at),
+        })
+        .map_err(settle_error)
     }
 
     /// Each metric's current limit per minute for a scope, None when not enforced (the scope is not created).
@@ -1361,6 +1398,25 @@ impl PyEngine {
     /// An admission (`admit`, on the engine in force) as a `Decision` of this engine at `at`.
     /// The GIL stays held: an admission takes a few hundred nanoseconds and never blocks, less
     /// than letting the GIL go and taking it back costs.
+    /// Admits `key` from its scope's buckets, or, for a replica, from its lease.
+    pub(crate) fn admit_key(
+        &self,
+        core: &CoreEngine<Backing>,
+        key: ScopeKey<'_>,
+        request: &Request,
+        at: u64,
+    ) -> Result<Decision, CoreError> {
+        match &self.hosts {
+            Some((hosts, _)) => hosts.admit(core, key, request, at),
+            None => core.admit(key, request, at),
+        }
+    }
+
+    /// Whether admissions come from leases of a Redis's global buckets.
+    pub(crate) fn is_replica(&self) -> bool {
+        self.hosts.is_some()
+    }
+
     fn decide(
         &self,
         at: u64,
@@ -1460,7 +1516,12 @@ impl PyEngine {
         };
         let at = now(now_ns)?;
         // With the GIL held, as for admissions.
-        self.core().settle(&permit, &usage, completion, at).map_err(settle_error)
+        let core = self.core();
+        match &self.hosts {
+            Some((hosts, _)) => hosts.settle(&core, &permit, &usage, completion, at),
+            None => core.settle(&permit, &usage, completion, at),
+        }
+        .map_err(settle_error)
     }
 }
 
@@ -1492,6 +1553,7 @@ fn _sluicegate(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "PermitExpiredError",
         "CorruptSnapshotError",
         "SharedRegionError",
+        "RedisError",
         "EngineInUseError",
     ] {
         m.add(name, errors.getattr(name)?)?;

@@ -83,8 +83,15 @@ impl PyScope {
         let request =
             request_of(prompt_tokens, cached_tokens, max_tokens, n, priority, service_tier, expected_tokens)?;
         let at = now(now_ns)?;
-        let handle = &self.handle;
-        self.engine.get().decide(at, |core| core.admit_scope(handle, &request, at))
+        let (handle, engine) = (&self.handle, self.engine.get());
+        engine.decide(at, |core| {
+            // A replica's admissions come from its leases, found by key.
+            if engine.is_replica() {
+                engine.admit_key(core, handle.key(), &request, at)
+            } else {
+                core.admit_scope(handle, &request, at)
+            }
+        })
     }
 
     /// The engine the scope was resolved in (the scope keeps it alive).

@@ -52,6 +52,11 @@ class SharedRegionError(Error):
     The file is left as it was."""
 
 
+class RedisError(Error):
+    """A replica's engine (``redis=``) could not start: Redis did not answer within its timeout,
+    refused, answered an error, or answered what sluicegate's functions would not."""
+
+
 class EngineInUseError(Error):
     """A restore of a shared engine while another process (or engine object) has it open."""
 
@@ -105,6 +110,7 @@ ERRORS = (
     StalePermitError,
     PermitExpiredError,
     SharedRegionError,
+    RedisError,
     EngineInUseError,
 )
 """Every sluicegate exception class."""

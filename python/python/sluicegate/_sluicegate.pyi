@@ -18,6 +18,7 @@ from sluicegate._errors import PermitExpiredError as PermitExpiredError
 from sluicegate._errors import PolicyError as PolicyError
 from sluicegate._errors import QuotaExceededError as QuotaExceededError
 from sluicegate._errors import SharedRegionError as SharedRegionError
+from sluicegate._errors import RedisError as RedisError
 from sluicegate._errors import SpendLimitAboveTierError as SpendLimitAboveTierError
 from sluicegate._errors import StalePermitError as StalePermitError
 from sluicegate._errors import TableFullError as TableFullError
@@ -92,6 +93,7 @@ __all__ = [
     "QuotaExceededError",
     "Scope",
     "SharedRegionError",
+    "RedisError",
     "SpendLimitAboveTierError",
     "StalePermitError",
     "TableFullError",
@@ -205,6 +207,14 @@ class Engine:
     inside a call may leave a count one off until every process has closed the file: the
     next opener, alone, recounts the region first. ``seed``
     cannot be given with ``shared``: the region keeps the seed of the process that created it.
+
+    ``redis`` (a URL, ``redis://host:port/db``; default None) makes the engine one replica of
+    many behind a load balancer: every engine connected to the same Redis 7 with the same
+    policy and overrides shares each scope's limits, as one engine would. Admissions stay local,
+    from leases of the global buckets a background thread keeps (a scope's first request waits
+    for one Redis call); if Redis stops answering, leases run out, then each replica admits its
+    share of the limits (the limit / replicas still heard from). Redis unreachable (within
+    200 ms) raises :class:`RedisError`. ``redis`` cannot be given with ``shared``.
     """
 
     def __new__(
@@ -218,11 +228,15 @@ class Engine:
         seed: Optional[SupportsIndex] = None,
         dialect: _Dialect = "fireworks",
         shared: Union[str, os.PathLike[str], None] = None,
+        redis: Optional[str] = None,
         **overrides: Optional[float],
     ) -> Engine: ...
     @property
     def shared(self) -> Optional[str]:
         """The file of a shared engine (``Engine(shared=...)``), as given; None for this process's memory."""
+    @property
+    def redis(self) -> Optional[str]:
+        """The Redis of a replica's engine (``Engine(redis=...)``), as given; None for a standalone one."""
     @property
     def policy(self) -> str:
         """The preset the engine was built from."""
