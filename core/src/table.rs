@@ -351,6 +351,35 @@ mod tests {
         assert!(lost_to_rival(&table, &probe, 2, false), "the farther one sees the nearer and backs out");
     }
 
+    /// A rival is a claim (or dying claim) with the key's tag, or a published copy of the very
+    /// key; an empty slot, another tag, or another key that only shares the tag is none.
+    #[test]
+    fn rivals_are_claims_of_the_tag_or_the_key_published() {
+        let key = Probe { hash: 0, tag: TAG, mask: u64::MAX, matches: &|_| true };
+        let other_key = Probe { hash: 0, tag: TAG, mask: u64::MAX, matches: &|_| false };
+        assert!(!is_rival(&key, 0, 0), "an empty slot");
+        assert!(!is_rival(&key, 0, TAG << 2), "an emptied slot of the tag");
+        assert!(is_rival(&other_key, 0, claiming(TAG)), "a claim of the tag");
+        assert!(is_rival(&other_key, 0, (TAG << 2) | DEAD), "a dying claim of the tag");
+        assert!(is_rival(&key, 0, ready(TAG)), "the key, published");
+        assert!(!is_rival(&other_key, 0, ready(TAG)), "another key sharing the tag");
+        assert!(!is_rival(&key, 0, claiming(TAG + 1)), "another tag's claim");
+    }
+
+    /// With no room, a rival claim is waited for, unless the insert is impatient (its owner may
+    /// be dead); a published copy is always waited for: it will be found.
+    #[test]
+    fn a_full_window_waits_for_a_rival_claim_only_while_patient() {
+        let mut ids = [1u64, 2, 3, 4, 5, 6, 7, 8].map(ready);
+        ids[5] = claiming(TAG);
+        let table = slots(ids);
+        let probe = Probe { hash: 0, tag: TAG, mask: u64::MAX, matches: &|_| true };
+        assert!(matches!(take_slot(&table, &probe, &Insert, false), Taken::RivalClaiming(5)));
+        assert!(matches!(take_slot(&table, &probe, &Insert, true), Taken::Full));
+        table[5].0.store(ready(TAG), Ordering::SeqCst);
+        assert!(matches!(take_slot(&table, &probe, &Insert, true), Taken::RivalClaiming(5)));
+    }
+
     /// A key lives within the probe window from its home, and never past the table's end.
     #[test]
     fn the_window_starts_at_home_and_ends_in_the_table() {
