@@ -408,13 +408,17 @@ pub unsafe extern "C" fn sg_engine_new(config: *const sg_config, engine: *mut *m
         *engine = core::ptr::null_mut();
         // SAFETY: forwarded from this function's contract.
         let config = unsafe { arg(config)? };
-        let policy = policy_of(config)?;
-        let capacity = capacity_of(config)?;
-        let seed = if config.seed == 0 { sluicegate_core::storage::random_seed() } else { config.seed };
-        let inner = Engine::with_storage(policy, Backing::Heap(Heap::new(capacity)?), seed)?;
-        *engine = Box::into_raw(Box::new(sg_engine::local(inner)));
+        *engine = Box::into_raw(Box::new(sg_engine::local(heap_engine(config)?)));
         Ok(())
     })
+}
+
+/// An engine of `config` in this process's memory (its seed random unless `config` gives one).
+pub(crate) fn heap_engine(config: &sg_config) -> Result<Engine<Backing>, sg_result> {
+    let policy = policy_of(config)?;
+    let capacity = capacity_of(config)?;
+    let seed = if config.seed == 0 { sluicegate_core::storage::random_seed() } else { config.seed };
+    Ok(Engine::with_storage(policy, Backing::Heap(Heap::new(capacity)?), seed)?)
 }
 
 /// Frees an engine. NULL is ignored. Freeing twice, or using the engine afterwards, is

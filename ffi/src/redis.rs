@@ -3,11 +3,10 @@
 
 use core::ffi::{CStr, c_char};
 
-use sluicegate_core::{Backing, Engine, Heap};
 use sluicegate_redis::{Hosts, Options};
 
 use crate::boundary::{arg, boundary, out, sg_result, sg_result::*};
-use crate::engine::{capacity_of, policy_of, sg_config, sg_engine};
+use crate::engine::{heap_engine, sg_config, sg_engine};
 
 impl From<sluicegate_redis::Error> for sg_result {
     fn from(e: sluicegate_redis::Error) -> Self {
@@ -54,11 +53,8 @@ pub unsafe extern "C" fn sg_engine_connect_redis(
         let (config, url) = unsafe { (arg(config)?, arg(url)?) };
         // SAFETY: url is NUL-terminated (contract).
         let url = unsafe { CStr::from_ptr(url) }.to_str().map_err(|_| SgErrInvalidArgument)?;
-        let policy = policy_of(config)?;
-        let capacity = capacity_of(config)?;
-        let seed = if config.seed == 0 { sluicegate_core::storage::random_seed() } else { config.seed };
-        let inner = Engine::with_storage(policy, Backing::Heap(Heap::new(capacity)?), seed)?;
-        let hosts = Hosts::connect(url, &policy, capacity.scopes, Options::default())?;
+        let inner = heap_engine(config)?;
+        let hosts = Hosts::connect(url, inner.policy(), inner.capacity().scopes, Options::default())?;
         *engine = Box::into_raw(Box::new(sg_engine { inner, hosts: Some(hosts) }));
         Ok(())
     })
