@@ -1048,6 +1048,33 @@ mod tests {
         assert!(matches!(attempt, Attempt::Moved));
         let levels = e.limits(b, 5 * MINUTE).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(levels.remaining(Metric::Requests), 59, "only b's own request is charged");
+        // Nor is a lease asked for it: the lease would charge the scope the slot holds now.
+        let lease = Takes(core::cell::Cell::new(0));
+        let leased = |slot: &crate::scope::ScopeSlot, at, costs, tier, load, now| {
+            e.charge_lease(&lease, a, slot, at, costs, tier, load, now)
+        };
+        let attempt = e
+            .admit_at(stale, costs, crate::ServiceTier::Default, 5 * MINUTE, &leased)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(attempt, Attempt::Moved));
+        assert_eq!(lease.0.get(), 0);
+    }
+
+    /// A lease that counts what it is asked for and grants everything.
+    struct Takes(core::cell::Cell<u32>);
+
+    impl crate::lease::Lease for Takes {
+        fn take(
+            &self,
+            _: crate::lease::LeasedScope,
+            _: ScopeKey<'_>,
+            _: crate::PerMetric<u64>,
+            _: u64,
+        ) -> (crate::lease::Grant, crate::Levels) {
+            self.0.set(self.0.get() + 1);
+            (crate::lease::Grant::Taken(crate::Band::Normal), crate::Levels::default())
+        }
+        fn adjust(&self, _: crate::lease::LeasedScope, _: [i128; 4], _: u64) {}
     }
 
     /// While another holds a scope's tick lock, its word is read against now as long as its
