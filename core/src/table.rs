@@ -380,6 +380,16 @@ mod tests {
         assert!(matches!(take_slot(&table, &probe, &Insert, true), Taken::RivalClaiming(5)));
     }
 
+    /// An emptied slot keeps its tag, so the next claim of the slot moves its generation on and
+    /// an id seen before the slot was emptied never matches the next scope there.
+    #[test]
+    fn an_emptied_slot_keeps_its_tag() {
+        assert_eq!(emptied(ready(TAG)), TAG << 2);
+        assert_eq!(emptied(claiming(TAG)), TAG << 2);
+        assert_eq!(abandoned(claiming(TAG)), Some(TAG << 2));
+        assert_eq!(abandoned(ready(TAG)), None);
+    }
+
     /// A key lives within the probe window from its home, and never past the table's end.
     #[test]
     fn the_window_starts_at_home_and_ends_in_the_table() {
