@@ -7,9 +7,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluicegate_benches::{
-    CEngine, KEYS, accounts, admit_settle, admit_settle_scope, backed_engine, engine, governor_direct,
-    governor_keyed, governor_keys, scopes, shared_engine,
+    CEngine, KEYS, MODEL, accounts, admit_settle, admit_settle_scope, backed_engine, capacity, engine,
+    governor_direct, governor_keyed, governor_keys, policy, request, scopes, shared_engine,
 };
+
+#[path = "../../redis/tests/common/mod.rs"]
+mod redis_server;
 
 /// A caller-supplied clock that moves 1 µs per call, so buckets refill as they would in life.
 fn ticker() -> impl FnMut() -> u64 {
@@ -260,6 +263,41 @@ fn shared_group(c: &mut Criterion) {
     g.finish();
 }
 
+/// Issue 18's cost: a replica's admit+settle stays the local engine's, from its lease; Redis is
+/// called in the background. The global limits never bind here, as the local engine's do not.
+fn many_hosts_group(c: &mut Criterion) {
+    let mut g = c.benchmark_group("many_hosts");
+    g.throughput(Throughput::Elements(1));
+    let names = accounts(KEYS);
+    let local = engine(KEYS);
+    let server = redis_server::RedisServer::start();
+    let replica =
+        sluicegate_redis::Replica::connect(&server.url(), policy(), capacity(KEYS, 4096), Default::default())
+            .unwrap_or_else(|e| panic!("replica: {e}"));
+    let mut i = 0usize;
+    let mut now = ticker();
+    g.bench_function("local engine admit+settle", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            admit_settle(&local, black_box(&names[i]), now());
+        })
+    });
+    g.bench_function("replica admit+settle, leased from Redis", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            let key = sluicegate_core::ScopeKey::new(black_box(names[i].as_bytes()), MODEL);
+            let at = now();
+            if let Ok(d) = replica.admit(key, &request(), at) {
+                if let Some(p) = d.permit() {
+                    let usage = sluicegate_core::Usage::new(1_200, 180);
+                    let _ = replica.settle(p, &usage, sluicegate_core::Completion::Success, at);
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     admit_settle_group,
@@ -267,6 +305,7 @@ criterion_group!(
     threads_group,
     adapt_group,
     ffi_group,
-    shared_group
+    shared_group,
+    many_hosts_group
 );
 criterion_main!(benches);

@@ -38,7 +38,8 @@ pub fn backed_engine(scopes: usize) -> Engine<Backing> {
     Engine::with_storage(policy(), Backing::Heap(heap), 0x5eed_5eed).unwrap_or_else(|e| panic!("engine: {e}"))
 }
 
-fn policy() -> Policy {
+/// The benchmarks' policy: the fixed preset with limits no benchmark reaches.
+pub fn policy() -> Policy {
     let mut policy = Policy::fixed();
     for m in Metric::ALL {
         policy = policy.with_fixed_limit(m, 1e12);
@@ -46,7 +47,8 @@ fn policy() -> Policy {
     policy
 }
 
-fn capacity(scopes: usize, permits: usize) -> Capacity {
+/// Tables for `scopes` scopes (room to spare) and `permits` outstanding permits.
+pub fn capacity(scopes: usize, permits: usize) -> Capacity {
     Capacity { scopes: 2 * scopes + 64, accounts: 2 * scopes + 64, models: 16, permits }
 }
 

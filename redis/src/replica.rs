@@ -688,7 +688,10 @@ impl LeaseThread {
         let (want, need) = if evicting {
             ([0; 4], [0; 4])
         } else {
-            (std::array::from_fn(|m| keep[m].saturating_sub(left[m])), need)
+            // Topped up once below half of what it should hold (or when a request went without),
+            // so a steady stream costs a call per few looks, not one per look.
+            let low = |m: usize| starved || left[m].saturating_mul(2) < keep[m];
+            (std::array::from_fn(|m| if low(m) { keep[m].saturating_sub(left[m]) } else { 0 }), need)
         };
         if let Some(book) = self.books.get_mut(index) {
             // What a lease asks for shrinks by halves, so one quiet look does not undo the doubling.

@@ -289,3 +289,38 @@ fn four_replicas_together_earn_the_published_ramp() {
     }
     assert!(admitted.iter().all(|a| *a > 0), "every replica served: {admitted:?}");
 }
+
+/// Proof 6's call rate: at 10,000 admissions a second on one busy scope, far under its limit, a
+/// replica calls Redis only in the background, a few dozen times a second, never per request.
+#[test]
+fn ten_thousand_admissions_a_second_need_few_redis_calls() {
+    let server = RedisServer::start();
+    let mut p = policy_600_rpm();
+    p.limits.0[0] = MetricLimits::fixed(6_000_000.0);
+    let replica = Replica::connect(&server.url(), p, Capacity::scopes(64), Options::default()).unwrap();
+    // Warm the lease (its first sizing) before counting.
+    hammer(&replica, Instant::now() + Duration::from_millis(200));
+    let calls_before = replica.hosts().redis_calls();
+    let began = Instant::now();
+    let mut admitted = 0u64;
+    for i in 0..20_000u64 {
+        // Paced: request i is due at i × 100 µs.
+        while began.elapsed() < Duration::from_micros(100 * i) {
+            std::hint::spin_loop();
+        }
+        let d = replica.admit(KEY, &Request::new(0).max_tokens(0), now()).unwrap();
+        if let Some(p) = d.permit() {
+            admitted += 1;
+            replica.settle(p, &Usage::new(0, 0), Completion::Success, now()).unwrap();
+        }
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    let calls = replica.hosts().redis_calls() - calls_before;
+    println!(
+        "{:.0} admissions/s, {:.1} Redis calls/s, {admitted} of 20000 admitted",
+        20_000.0 / seconds,
+        calls as f64 / seconds
+    );
+    assert!(admitted >= 19_900, "a limit far above the traffic refuses nothing much: {admitted}");
+    assert!(calls * 50 < admitted, "{calls} Redis calls for {admitted} admissions");
+}
