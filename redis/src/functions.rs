@@ -262,11 +262,6 @@ impl Functions {
             other => other.map_err(Error::from_redis),
         }
     }
-
-    /// The connection, for tests and tools that read the hashes.
-    pub fn connection(&mut self) -> &mut Connection {
-        &mut self.connection
-    }
 }
 
 fn is_missing_function(e: &redis::RedisError) -> bool {

@@ -115,7 +115,8 @@ impl Slot {
         self.shape.store(shape, Ordering::Relaxed);
     }
 
-    fn read_key(&self) -> OwnedKey {
+    /// The slot's key, as `write_key` wrote it.
+    pub(crate) fn key(&self) -> OwnedKey {
         let mut bytes = Vec::with_capacity(ACCOUNT_MAX + MODEL_MAX);
         self.key.iter().for_each(|w| bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes()));
         let shape = self.shape.load(Ordering::Relaxed);
@@ -131,10 +132,6 @@ impl Slot {
     pub(crate) fn ready_id(&self) -> Option<u64> {
         let o = self.owner.load(Ordering::Acquire);
         (o >> 64 == READY).then_some(o as u64)
-    }
-
-    pub(crate) fn key(&self) -> OwnedKey {
-        self.read_key()
     }
 
     /// The slot's lease's caller state, held for the duration of one call; a new lease starts
