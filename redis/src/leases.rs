@@ -55,8 +55,11 @@ pub(crate) struct Slot {
     limited: AtomicU64,
     /// Units owed to Redis per metric: positive charges, negative gives back.
     delta: [AtomicI64; 4],
-    /// Units taken since the lease thread last looked, per metric: the recent rate.
-    taken: [AtomicU64; 4],
+    /// Units ever put into the lease and taken out of it other than by requests, per metric:
+    /// with what is left they tell the lease thread what requests took, so the hot path counts
+    /// nothing.
+    supplied: [AtomicU64; 4],
+    removed: [AtomicU64; 4],
     /// The largest request refused since the lease thread last looked, per metric.
     need: [AtomicU64; 4],
     /// The global buckets at the last answer: debt µs and interval ns per unit, per metric, and when.
@@ -145,12 +148,32 @@ impl Slot {
         caller
     }
 
-    /// Takes the units taken and the largest refused request since last asked, per metric.
-    pub(crate) fn drain_use(&self) -> ([u64; 4], [u64; 4]) {
-        (
-            self.taken.each_ref().map(|t| t.swap(0, Ordering::AcqRel)),
-            self.need.each_ref().map(|n| n.swap(0, Ordering::AcqRel)),
-        )
+    /// Takes the largest request refused since last asked, per metric.
+    pub(crate) fn drain_need(&self) -> [u64; 4] {
+        self.need.each_ref().map(|n| n.swap(0, Ordering::AcqRel))
+    }
+
+    /// Units requests have taken from the lease since it started, per metric: what was put in,
+    /// less what was taken back out and what is left. Read while another thread changes the
+    /// lease it may lag by that change, never run ahead (additions are counted after they land,
+    /// removals before; this reads in the order that keeps it so), and the next read catches up.
+    pub(crate) fn taken_ever(&self) -> [u64; 4] {
+        let supplied = self.supplied.each_ref().map(|s| s.load(Ordering::Acquire));
+        let left = self.left();
+        let removed = self.removed.each_ref().map(|r| r.load(Ordering::Acquire));
+        std::array::from_fn(|m| supplied[m].saturating_sub(removed[m]).saturating_sub(left[m]))
+    }
+
+    fn record(counters: &[AtomicU64; 4], units: [u64; 4]) {
+        counters.iter().zip(units).for_each(|(c, u)| {
+            c.fetch_add(u, Ordering::AcqRel);
+        });
+    }
+
+    fn unrecord(counters: &[AtomicU64; 4], units: [u64; 4]) {
+        counters.iter().zip(units).for_each(|(c, u)| {
+            c.fetch_sub(u, Ordering::AcqRel);
+        });
     }
 
     /// Takes the corrections owed to Redis.
@@ -167,7 +190,7 @@ impl Slot {
 
     /// Takes every unit left (the lease expired, or its scope went idle or moved).
     pub(crate) fn drain_left(&self) -> [u64; 4] {
-        unpack(self.left.swap(0, Ordering::AcqRel))
+        self.trim([0; 4])
     }
 
     pub(crate) fn left(&self) -> [u64; 4] {
@@ -180,9 +203,15 @@ impl Slot {
         loop {
             let left = unpack(w);
             let kept: [u64; 4] = std::array::from_fn(|m| left[m].min(keep[m]));
+            let trimmed = std::array::from_fn(|m| left[m] - kept[m]);
+            // Counted before it lands, so `taken_ever` never runs ahead.
+            Self::record(&self.removed, trimmed);
             match self.left.compare_exchange(w, pack(kept), Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return std::array::from_fn(|m| left[m] - kept[m]),
-                Err(cur) => w = cur,
+                Ok(_) => return trimmed,
+                Err(cur) => {
+                    Self::unrecord(&self.removed, trimmed);
+                    w = cur;
+                }
             }
         }
     }
@@ -209,9 +238,14 @@ impl Slot {
         let mut w = self.left.load(Ordering::Acquire);
         loop {
             let left = unpack(w);
-            let sum = std::array::from_fn(|m| left[m].saturating_add(units[m]));
-            match self.left.compare_exchange(w, pack(sum), Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return,
+            let sum = pack(std::array::from_fn(|m| left[m].saturating_add(units[m])));
+            match self.left.compare_exchange(w, sum, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    // Counted after it landed, so `taken_ever` never runs ahead.
+                    let after = unpack(sum);
+                    Self::record(&self.supplied, std::array::from_fn(|m| after[m] - left[m]));
+                    return;
+                }
                 Err(cur) => w = cur,
             }
         }
@@ -278,6 +312,7 @@ impl Slot {
     /// Frees the slot for the next scope; the caller gave back what it held.
     pub(crate) fn free(&self) {
         self.left.store(0, Ordering::Release);
+        self.supplied.iter().chain(&self.removed).for_each(|c| c.store(0, Ordering::Release));
         self.answered_ns.store(0, Ordering::Relaxed);
         self.limited.store(0, Ordering::Relaxed);
         self.expires_ns.store(0, Ordering::Release);
@@ -418,9 +453,6 @@ impl Lease for Leases {
                 Err(cur) => w = cur,
             }
         }
-        slot.taken.iter().zip(cost.0).for_each(|(t, c)| {
-            t.fetch_add(c, Ordering::Relaxed);
-        });
         let band = if slot.over.load(Ordering::Relaxed) { Band::OverLimit } else { Band::Normal };
         (Grant::Taken(band), slot.header_levels(now_ns))
     }

@@ -419,9 +419,21 @@ fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+impl Book {
+    /// Units requests took from `slot`'s lease since the last call, per metric.
+    fn took(&mut self, slot: &Slot) -> [u64; 4] {
+        let ever = slot.taken_ever();
+        let taken = std::array::from_fn(|m| ever[m].saturating_sub(self.taken_ever[m]));
+        self.taken_ever = std::array::from_fn(|m| ever[m].max(self.taken_ever[m]));
+        taken
+    }
+}
+
 /// What the lease thread keeps about one slot.
 #[derive(Clone, Copy, Debug, Default)]
 struct Book {
+    /// Units requests had taken from the lease at the last look (`Slot::taken_ever`).
+    taken_ever: [u64; 4],
     /// Units per second taken, smoothed.
     rate: [f64; 4],
     /// Units of the outage share accrued but not yet granted.
@@ -613,7 +625,8 @@ impl LeaseThread {
             *book = Book::default();
             return;
         }
-        let (taken, need) = slot.drain_use();
+        let need = slot.drain_need();
+        let taken = book.took(slot);
         if taken.iter().chain(&need).any(|t| *t > 0) {
             book.used_ns = now;
         }
@@ -797,9 +810,9 @@ impl LeaseThread {
             if slot.ready_id().is_none() {
                 continue;
             }
-            let (taken, _) = slot.drain_use();
+            let mut book = self.books.get(index).copied().unwrap_or_default();
+            let taken = book.took(slot);
             let left = slot.drain_left();
-            let book = self.books.get(index).copied().unwrap_or_default();
             let mut delta = slot.drain_delta();
             for (((d, o), t), l) in delta.iter_mut().zip(book.owed).zip(taken).zip(left) {
                 let [t, l] = [t, l].map(|u| i64::try_from(u).unwrap_or(i64::MAX));
