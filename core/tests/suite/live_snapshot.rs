@@ -13,7 +13,7 @@ const THREADS: usize = 2;
 const ACCOUNTS: usize = 1_000;
 const LIMIT: u64 = 1_000;
 /// Snapshots the first test takes: `SLUICEGATE_LIVE_SNAPSHOTS`, 200 unless set (mutation runs
-/// take fewer).
+/// take fewer); the key-churn test takes five times as many.
 fn snapshots() -> usize {
     std::env::var("SLUICEGATE_LIVE_SNAPSHOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
 }
@@ -160,7 +160,7 @@ fn snapshots_under_key_churn_always_restore() {
     let mut restored = Engine::new(policy, capacity).unwrap();
     let clock = AtomicU64::new(SECOND);
     let stop = AtomicBool::new(false);
-    let (snapshots, mut taken) = (1_000, 0);
+    let (snapshots, mut taken) = (5 * self::snapshots(), 0);
     std::thread::scope(|s| {
         for t in 0..THREADS {
             let (source, stop, clock) = (&source, &stop, &clock);
