@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluicegate_benches::{
-    CEngine, KEYS, MODEL, accounts, admit_settle, admit_settle_scope, backed_engine, capacity, engine,
+    AtomicFloor, CEngine, KEYS, MODEL, accounts, admit_settle, admit_settle_scope, backed_engine, capacity, engine,
     governor_direct, governor_keyed, governor_keys, policy, request, scopes, shared_engine,
 };
 
@@ -48,6 +48,10 @@ fn admit_settle_group(c: &mut Criterion) {
             i = (i + 1) % KEYS;
             admit_settle_scope(&e, black_box(&handles[i]), now());
         })
+    });
+    let floor = AtomicFloor::default();
+    g.bench_function("the 12 atomic read-modify-writes of a resolved admit+settle alone", |b| {
+        b.iter(|| black_box(&floor).admit_settle())
     });
     let direct = governor_direct();
     g.bench_function("governor direct check()", |b| b.iter(|| black_box(direct.check())));

@@ -3,6 +3,9 @@
 
 use std::num::NonZeroU32;
 
+mod floor;
+pub use floor::AtomicFloor;
+
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sluicegate_core::{
     Backing, Capacity, Engine, Heap, Metric, Policy, Request, ScopeHandle, ScopeKey, SharedFile, Storage,
