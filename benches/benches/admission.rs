@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluicegate_benches::{
-    AtomicFloor, CEngine, KEYS, MODEL, accounts, admit_settle, admit_settle_scope, backed_engine, capacity, engine,
-    governor_direct, governor_keyed, governor_keys, policy, request, scopes, shared_engine,
+    AtomicFloor, CEngine, KEYS, MODEL, accounts, admit_settle, admit_settle_scope, backed_engine, capacity,
+    engine, governor_direct, governor_keyed, governor_keys, policy, request, scopes, shared_engine,
 };
 
 #[path = "../../redis/tests/common/mod.rs"]
