@@ -380,6 +380,68 @@ mod tests {
         assert!(matches!(take_slot(&table, &probe, &Insert, true), Taken::RivalClaiming(5)));
     }
 
+    /// A slot whose id, after `after` looks at it, is published with the key: a rival claim
+    /// whose owner is alive and publishes while the insert waits.
+    struct Publishing {
+        id: AtomicU64,
+        looks: core::sync::atomic::AtomicUsize,
+        after: usize,
+    }
+
+    impl Slot for Publishing {
+        fn id(&self) -> &AtomicU64 {
+            if self.looks.fetch_add(1, Ordering::SeqCst) + 1 == self.after {
+                self.id.store(ready(TAG), Ordering::SeqCst);
+            }
+            &self.id
+        }
+    }
+
+    /// An insert that finds its key being claimed by another in a full window starts patient:
+    /// it waits for the rival, which publishes, and finds the key there. Starting impatient
+    /// would give up on a live rival at once and call the table full.
+    #[test]
+    fn a_live_rival_claim_in_a_full_window_is_waited_for_until_it_publishes() {
+        let found = returns(|| {
+            let table = [1u64, 2, 3, 0, 5, 6, 7, 8].map(|t| Publishing {
+                id: AtomicU64::new(if t == 0 { claiming(TAG) } else { ready(t) }),
+                looks: core::sync::atomic::AtomicUsize::new(0),
+                after: if t == 0 { 20 } else { usize::MAX },
+            });
+            let probe = Probe { hash: 0, tag: TAG, mask: u64::MAX, matches: &|i| i == 3 };
+            find_or_insert(&table, &probe, &Insert)
+        });
+        assert_eq!(found, Some((3, ready(TAG))));
+    }
+
+    /// Records the slots an insert offers to reclaim, and takes none.
+    struct Offered(std::sync::Mutex<std::vec::Vec<usize>>);
+
+    impl Claim for Offered {
+        fn tag(&self, _: u64) -> u64 {
+            TAG
+        }
+        fn init(&self, _: usize) {}
+        fn reclaim(&self, index: usize, _: u64, _: u64) -> bool {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(index);
+            false
+        }
+    }
+
+    /// Only slots published under another tag are offered for reclaim: never another insert's
+    /// claim in progress, a dying claim, or a published key that shares the tag.
+    #[test]
+    fn only_published_slots_of_other_tags_are_offered_for_reclaim() {
+        let table = slots([claiming(1), (2 << 2) | DEAD, ready(TAG), ready(4), ready(5), 0, 0, 0]);
+        for slot in &table[5..] {
+            slot.0.store(ready(9), Ordering::SeqCst);
+        }
+        let probe = Probe { hash: 0, tag: TAG, mask: u64::MAX, matches: &|_| false };
+        let offered = Offered(std::sync::Mutex::new(std::vec::Vec::new()));
+        assert!(matches!(take_slot(&table, &probe, &offered, false), Taken::Full));
+        assert_eq!(offered.0.into_inner().unwrap_or_else(|e| e.into_inner()), [3, 4, 5, 6, 7]);
+    }
+
     /// An emptied slot keeps its tag, so the next claim of the slot moves its generation on and
     /// an id seen before the slot was emptied never matches the next scope there.
     #[test]
