@@ -49,8 +49,18 @@ fn epoch_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
+/// How a replica is driven: flat out, or one request per `pace`; with `report`, printing its
+/// count after each admission (so a process killed mid-run has said it).
+#[derive(Clone, Copy)]
+struct Drive {
+    pace: Duration,
+    report: bool,
+}
+
+const FLAT_OUT: Drive = Drive { pace: Duration::ZERO, report: false };
+
 /// Admits through `replica` until `until`, settling each admission at once; counts admissions.
-fn hammer(replica: &Replica, until: Instant) -> u64 {
+fn hammer(replica: &Replica, until: Instant, drive: Drive) -> u64 {
     let mut admitted = 0;
     while Instant::now() < until {
         let d = replica.admit(KEY, &Request::new(0).max_tokens(0), now()).unwrap();
@@ -58,6 +68,10 @@ fn hammer(replica: &Replica, until: Instant) -> u64 {
             Outcome::Admit(p) => {
                 admitted += 1;
                 replica.settle(&p, &Usage::new(0, 0), Completion::Success, now()).unwrap();
+                if drive.report {
+                    println!("admitted {admitted}");
+                }
+                std::thread::sleep(drive.pace);
             }
             Outcome::RejectRateLimited(r) => {
                 assert_eq!(r.metric, Metric::Requests);
@@ -80,7 +94,8 @@ fn a_scopes_first_request_is_admitted() {
     assert_eq!(replica.hosts().mode(), Mode::Leased);
 }
 
-/// One replica process of `four_replica_processes_admit_the_global_limit_and_no_more`.
+/// One replica process of the multi-process tests, driven as `SG_CHILD_PACE_MS` and
+/// `SG_CHILD_REPORT` say.
 #[test]
 fn child_replica() {
     let (Ok(url), Ok(start), Ok(seconds)) = (
@@ -96,9 +111,37 @@ fn child_replica() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let began = Instant::now();
-    let admitted = hammer(&replica, began + Duration::from_secs(seconds.parse().unwrap()));
+    let drive = Drive {
+        pace: Duration::from_millis(std::env::var("SG_CHILD_PACE_MS").map_or(0, |p| p.parse().unwrap())),
+        report: std::env::var_os("SG_CHILD_REPORT").is_some(),
+    };
+    let admitted = hammer(&replica, began + Duration::from_secs(seconds.parse().unwrap()), drive);
     let calls_per_s = replica.hosts().redis_calls() as f64 / began.elapsed().as_secs_f64();
     println!("admitted {admitted} calls_per_s {calls_per_s:.1}");
+}
+
+/// Starts a `child_replica` process driving the scope for `seconds` from `start_ms`.
+fn child(server: &RedisServer, start_ms: u64, seconds: u64, drive: Drive) -> std::process::Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["--exact", "child_replica", "--nocapture", "--test-threads", "1"])
+        .env("SG_CHILD_URL", server.url())
+        .env("SG_CHILD_START_MS", start_ms.to_string())
+        .env("SG_CHILD_SECONDS", seconds.to_string())
+        .stdout(Stdio::piped());
+    if drive.report {
+        command.env("SG_CHILD_REPORT", "1");
+    }
+    command.env("SG_CHILD_PACE_MS", drive.pace.as_millis().to_string());
+    command.spawn().unwrap()
+}
+
+/// The last admission count a child printed (0 if none).
+fn last_count(stdout: &[u8]) -> u64 {
+    let text = String::from_utf8_lossy(stdout);
+    let line = text.lines().rev().find_map(|l| l.split_once("admitted ")).map_or("0", |(_, rest)| rest);
+    println!("replica: {line}");
+    line.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 /// Proof 1: four replica processes hammer one scope limited to 600 RPM for 20 s. Together they
@@ -109,27 +152,12 @@ fn four_replica_processes_admit_the_global_limit_and_no_more() {
     let server = RedisServer::start();
     let seconds = 20;
     let start = epoch_ms() + 1_500;
-    let children: Vec<_> = (0..4)
-        .map(|_| {
-            Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "child_replica", "--nocapture", "--test-threads", "1"])
-                .env("SG_CHILD_URL", server.url())
-                .env("SG_CHILD_START_MS", start.to_string())
-                .env("SG_CHILD_SECONDS", seconds.to_string())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children: Vec<_> = (0..4).map(|_| child(&server, start, seconds, FLAT_OUT)).collect();
     let mut total = 0;
     for child in children {
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success());
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find_map(|l| l.split_once("admitted ")).unwrap_or_else(|| panic!("{text}")).1;
-        let admitted: u64 = line.split_whitespace().next().unwrap().parse().unwrap();
-        println!("replica: {line}");
-        total += admitted;
+        total += last_count(&out.stdout);
     }
     let bound = 600 + 600 * seconds / 60;
     println!("global total {total} of at most {bound}");
@@ -142,6 +170,40 @@ fn four_replica_processes_admit_the_global_limit_and_no_more() {
     assert!(total * 100 >= bound * 95, "{total} admitted, less than 95 % of {bound}");
 }
 
+/// A replica process killed (`SIGKILL`) while it holds a lease: it serves 10 requests a second
+/// for 5 s on a nearly full bucket, and dies. The units it had leased and not used stay counted
+/// as used — what its rate asked for, never more than a quarter of the 600-request bucket — so
+/// the limit holds; a second replica then hammers the scope for 20 s and takes everything else
+/// (the full bucket, 20 s of refill), so the kill does not starve it.
+#[test]
+fn a_replica_killed_holding_a_lease_neither_breaks_nor_starves_the_limit() {
+    let server = RedisServer::start();
+    let start = epoch_ms() + 1_500;
+    let paced = Drive { pace: Duration::from_millis(100), report: true };
+    let mut doomed = child(&server, start, 60, paced);
+    std::thread::sleep(Duration::from_millis(start + 5_000 - epoch_ms()));
+    doomed.kill().unwrap();
+    let doomed = doomed.wait_with_output().unwrap();
+    assert!(!doomed.status.success(), "killed, not finished");
+    let killed_admitted = last_count(&doomed.stdout);
+    let seconds = 20;
+    let survivor = child(&server, epoch_ms(), seconds, FLAT_OUT).wait_with_output().unwrap();
+    assert!(survivor.status.success());
+    let survivor_admitted = last_count(&survivor.stdout);
+    let elapsed_s = (epoch_ms() - start) / 1_000 + 1;
+    let used = used_globally(&server) as u64;
+    let lost = used - survivor_admitted - killed_admitted;
+    let bound = 600 + 600 * elapsed_s / 60;
+    println!(
+        "killed after {killed_admitted}, holding {lost} unused; survivor {survivor_admitted}; used {used} of {bound}"
+    );
+    assert!(killed_admitted >= 40, "the killed replica was serving: {killed_admitted}");
+    assert!(lost <= 600 / 4, "{lost} units lost with the killed replica, more than a lease");
+    assert!(used <= bound, "{used} units granted, more than {bound}");
+    let achievable = killed_admitted + 600 + 600 * seconds / 60;
+    assert!(used * 100 >= achievable * 95, "{used} used, {achievable} could be: the survivor was starved");
+}
+
 /// Proof 4: Redis restarts with its data lost. The replica reloads the function library by
 /// itself and carries on; the scope's hash is written again in the new server.
 #[test]
@@ -149,7 +211,7 @@ fn a_restarted_redis_is_used_again_without_help() {
     let mut server = RedisServer::start();
     let replica =
         Replica::connect(&server.url(), policy_600_rpm(), Capacity::scopes(64), Options::default()).unwrap();
-    assert!(hammer(&replica, Instant::now() + Duration::from_millis(300)) > 0);
+    assert!(hammer(&replica, Instant::now() + Duration::from_millis(300), FLAT_OUT) > 0);
     redis::cmd("SET").arg("marker").arg(1).query::<()>(&mut server.connection()).unwrap();
     server.restart();
     let mut c = server.connection();
@@ -158,10 +220,10 @@ fn a_restarted_redis_is_used_again_without_help() {
     let exists = |c: &mut redis::Connection| {
         redis::cmd("KEYS").arg("sg1:scope:*").query::<Vec<String>>(c).map(|k| k.len()).unwrap_or(0)
     };
-    let mut admitted = hammer(&replica, Instant::now() + Duration::from_millis(500));
+    let mut admitted = hammer(&replica, Instant::now() + Duration::from_millis(500), FLAT_OUT);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && (exists(&mut c) == 0 || replica.hosts().mode() != Mode::Leased) {
-        admitted += hammer(&replica, Instant::now() + Duration::from_millis(50));
+        admitted += hammer(&replica, Instant::now() + Duration::from_millis(50), FLAT_OUT);
     }
     assert_eq!(replica.hosts().mode(), Mode::Leased);
     assert_eq!(exists(&mut c), 1, "the scope's hash is back");
@@ -187,7 +249,7 @@ fn an_outage_is_ridden_out_on_leases_then_the_split_share_and_counted_after() {
         .collect();
     let both = |until: Instant| -> u64 {
         std::thread::scope(|s| {
-            let runs: Vec<_> = replicas.iter().map(|r| s.spawn(move || hammer(r, until))).collect();
+            let runs: Vec<_> = replicas.iter().map(|r| s.spawn(move || hammer(r, until, FLAT_OUT))).collect();
             runs.into_iter().map(|r| r.join().unwrap()).sum()
         })
     };
@@ -299,7 +361,7 @@ fn ten_thousand_admissions_a_second_need_few_redis_calls() {
     p.limits.0[0] = MetricLimits::fixed(6_000_000.0);
     let replica = Replica::connect(&server.url(), p, Capacity::scopes(64), Options::default()).unwrap();
     // Warm the lease (its first sizing) before counting.
-    hammer(&replica, Instant::now() + Duration::from_millis(200));
+    hammer(&replica, Instant::now() + Duration::from_millis(200), FLAT_OUT);
     let calls_before = replica.hosts().redis_calls();
     let began = Instant::now();
     let mut admitted = 0u64;
