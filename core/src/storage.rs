@@ -101,7 +101,7 @@ impl Identity {
     pub(crate) fn local(seed: u64) -> Self {
         static ENGINES: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
         let n = ENGINES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-        let incarnation = Self::from_seed(seed ^ (u64::from(n) << 32 | u64::from(n))).incarnation;
+        let incarnation = Self::from_seed(seed ^ u64::from(n)).incarnation;
         Identity { seed, incarnation }
     }
 }

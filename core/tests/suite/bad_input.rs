@@ -159,16 +159,21 @@ fn a_capacity_the_machine_cannot_hold_is_an_error_not_an_abort() {
     assert_eq!(Engine::new(Policy::fixed(), huge).err(), Some(Error::BadCapacity(Table::Scopes)));
 }
 
+/// Whatever the seed: all bits set or none, the engine count mixed into the incarnation must
+/// still tell the engines apart.
 #[test]
 fn engines_sharing_a_seed_still_refuse_each_others_permits() {
-    let make = || {
-        Engine::with_storage(Policy::fixed(), sluicegate_core::Heap::new(Capacity::scopes(64)).unwrap(), 42)
-            .unwrap()
-    };
-    let (a, b) = (make(), make());
-    let p = *a.admit(KEY, &Request::new(1), 0).unwrap().permit().unwrap();
-    b.admit(KEY, &Request::new(1), 0).unwrap();
-    assert_eq!(b.settle(&p, &Usage::new(1, 0), Completion::Success, 0), Err(SettleError::StalePermit));
+    for seed in [42, 0, u64::MAX] {
+        let make = || {
+            let heap = sluicegate_core::Heap::new(Capacity::scopes(64)).unwrap();
+            Engine::with_storage(Policy::fixed(), heap, seed).unwrap()
+        };
+        let (a, b) = (make(), make());
+        let p = *a.admit(KEY, &Request::new(1), 0).unwrap().permit().unwrap();
+        b.admit(KEY, &Request::new(1), 0).unwrap();
+        let settled = b.settle(&p, &Usage::new(1, 0), Completion::Success, 0);
+        assert_eq!(settled, Err(SettleError::StalePermit), "seed {seed:#x}");
+    }
 }
 
 #[test]
