@@ -1,4 +1,4 @@
-#!lua name=sluicegate_v1
+#!lua name=sluicegate_v2
 -- sluicegate's Redis functions (SPEC §11, many hosts). One hash per scope holds its four buckets;
 -- replicas lease shares of them and give back what they did not use. Only bucket and lease
 -- arithmetic lives here: adaptation keeps its one implementation, the Rust one.
@@ -50,10 +50,37 @@ end
 --   need      the least grant worth having: unless every limited metric can grant its need,
 --             nothing is granted (a lease is all-or-nothing across metrics);
 --   want      what the replica would like, sized from its recent rate.
+-- ARGV[28]: 1 if the caller has had an answer before. A hash that no longer knows such a caller
+--          (untouched for `ttl`, or the caller swept for being silent that long) would apply
+--          its whole sums again: the call changes nothing and answers { now, 2 } ("forgotten"),
+--          and the caller starts again under a new name.
 -- The hash also counts, per metric, the net units used ('u0'..'u3'): granted and received, less
 -- given back, plus charged.
 -- Returns { now, over, then per metric: grant, debt (µs, after), interval (ns per unit) }; `over`
 -- is 1 when some bucket is past its window, so what was granted runs over its limit.
+--
+-- Each caller's last call is kept ('s:' .. caller). Callers silent for `ttl` are forgotten, as
+-- the whole hash would be if the scope were idle that long: a crashed replica's sums do not stay
+-- forever in a scope that never is. Looked for at most once a second of the hash's clock, a
+-- page of the hash at a time.
+local function sweep(key, now, ttl_us)
+  if now - num(redis.call('HGET', key, 'swept'), 0) < 1000000 then
+    return
+  end
+  local page = redis.call('HSCAN', key, redis.call('HGET', key, 'cursor') or '0', 'MATCH', 's:*', 'COUNT', 100)
+  for i = 1, #page[2], 2 do
+    -- A damaged time reads as long ago: the caller is forgotten, and told so if it calls again.
+    if now - num(page[2][i + 1], 0) > ttl_us then
+      local caller = string.sub(page[2][i], 3)
+      redis.call('HDEL', key, 's:' .. caller, 'q:' .. caller)
+      for m = 0, 3 do
+        redis.call('HDEL', key, 'c' .. m .. ':' .. caller, 'g' .. m .. ':' .. caller)
+      end
+    end
+  end
+  redis.call('HSET', key, 'swept', now, 'cursor', page[1])
+end
+
 local function lease(keys, args)
   local key = keys[1]
   local now = clock(args[1])
@@ -68,7 +95,11 @@ local function lease(keys, args)
   if elapsed < 0 then
     elapsed = 0
   end
-  local fresh = seq > num(redis.call('HGET', key, 'q:' .. caller), 0)
+  local last_seq = redis.call('HGET', key, 'q:' .. caller)
+  if last_seq == false and args[28] == '1' then
+    return { now, 2 }
+  end
+  local fresh = seq > num(last_seq, 0)
   local debt, interval, sent, received, need, want = {}, {}, {}, {}, {}, {}
   local fits = fresh
   for m = 0, 3 do
@@ -136,13 +167,15 @@ local function lease(keys, args)
   if fresh then
     redis.call('HSET', key, 'q:' .. caller, seq)
   end
+  redis.call('HSET', key, 's:' .. caller, now)
   if done then
-    redis.call('HDEL', key, 'q:' .. caller)
+    redis.call('HDEL', key, 'q:' .. caller, 's:' .. caller)
     for m = 0, 3 do
       redis.call('HDEL', key, 'c' .. m .. ':' .. caller, 'g' .. m .. ':' .. caller)
     end
   end
   redis.call('HSET', key, 't', now)
+  sweep(key, now, ttl * 1000)
   redis.call('PEXPIRE', key, ttl)
   redis.call('SADD', keys[2], key)
   return answer
@@ -204,7 +237,7 @@ local function tick(keys, args)
   return 1
 end
 
-redis.register_function('sg_lease_v1', lease)
-redis.register_function('sg_lead_v1', lead)
-redis.register_function('sg_tick_v1', tick)
-redis.register_function('sg_heartbeat_v1', heartbeat)
+redis.register_function('sg_lease_v2', lease)
+redis.register_function('sg_lead_v2', lead)
+redis.register_function('sg_tick_v2', tick)
+redis.register_function('sg_heartbeat_v2', heartbeat)

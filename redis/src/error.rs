@@ -11,6 +11,9 @@ pub enum Error {
     /// Redis answered something of the wrong shape (another program's function of our name, a
     /// proxy in between, a damaged reply).
     Answer(&'static str),
+    /// Redis no longer knows a lease's running sums (the lease was silent for longer than a
+    /// scope's hash lives): its call changed nothing, and the lease goes on under a new name.
+    Forgotten,
     /// The local engine refused its configuration.
     Engine(sluicegate_core::Error),
     /// The background thread could not be started.
@@ -33,6 +36,7 @@ impl std::fmt::Display for Error {
             Error::Unreachable(e) => write!(f, "redis unreachable: {e}"),
             Error::Redis(e) => write!(f, "redis error: {e}"),
             Error::Answer(what) => write!(f, "unexpected redis answer: {what}"),
+            Error::Forgotten => write!(f, "redis no longer knows this lease's sums"),
             Error::Engine(e) => write!(f, "{e}"),
             Error::Thread(e) => write!(f, "cannot start the lease thread: {e}"),
         }

@@ -10,13 +10,13 @@ use crate::error::Error;
 /// The library's source; its version is in its functions' names.
 pub const LIBRARY: &str = include_str!("../lua/sluicegate.lua");
 /// The lease function of this version of the library.
-pub const LEASE: &str = "sg_lease_v1";
+pub const LEASE: &str = "sg_lease_v2";
 /// The heartbeat function of this version of the library.
-pub const HEARTBEAT: &str = "sg_heartbeat_v1";
+pub const HEARTBEAT: &str = "sg_heartbeat_v2";
 /// The leader election function of this version of the library.
-pub const LEAD: &str = "sg_lead_v1";
+pub const LEAD: &str = "sg_lead_v2";
 /// The adaptation tick function of this version of the library.
-pub const TICK: &str = "sg_tick_v1";
+pub const TICK: &str = "sg_tick_v2";
 
 /// What one metric's bucket is asked for in a lease call.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -55,6 +55,9 @@ pub struct LeaseCall {
     pub done: bool,
     /// Per metric.
     pub metrics: [MetricAsk; 4],
+    /// The caller has had an answer before: if the hash no longer knows it, the call is
+    /// [`Error::Forgotten`] rather than its sums applied a second time.
+    pub answered: bool,
 }
 
 /// One metric's part of a lease answer.
@@ -147,6 +150,7 @@ impl Functions {
         for m in &call.metrics {
             cmd.arg(m.interval_us).arg(m.sent).arg(m.received).arg(m.need).arg(m.want);
         }
+        cmd.arg(u8::from(call.answered));
         let value = self.call(&cmd)?;
         parse_lease(&value)
     }
@@ -269,11 +273,14 @@ fn is_missing_function(e: &redis::RedisError) -> bool {
 }
 
 /// Reads a lease answer: `{now, over, then grant, debt, interval per metric}`, every one a
-/// non-negative integer.
+/// non-negative integer; `{now, 2}` is [`Error::Forgotten`].
 pub fn parse_lease(value: &Value) -> Result<LeaseAnswer, Error> {
     let Value::Array(items) = value else {
         return Err(Error::Answer("a lease answer that is not an array"));
     };
+    if let [Value::Int(_), Value::Int(2)] = items.as_slice() {
+        return Err(Error::Forgotten);
+    }
     if items.len() != 14 {
         return Err(Error::Answer("a lease answer of the wrong length"));
     }

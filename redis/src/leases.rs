@@ -94,6 +94,20 @@ pub(crate) struct Caller {
     pub(crate) sent: [i64; 4],
     /// Units received in answers, summed.
     pub(crate) received: [u64; 4],
+    /// Redis has answered a call of this caller.
+    pub(crate) answered: bool,
+    /// Times Redis forgot this lease's sums (its name changes with each).
+    pub(crate) renamed: u64,
+}
+
+impl Caller {
+    /// Starts again under a new name after Redis forgot the sums: only `delta`, the corrections
+    /// of the call Redis refused, is owed. Corrections of calls that timed out since the last
+    /// answer may have been applied before the sums were forgotten; they are not sent again,
+    /// so a give-back is never applied twice.
+    pub(crate) fn rename(&mut self, delta: [i64; 4]) {
+        *self = Caller { epoch: self.epoch, sent: delta, renamed: self.renamed + 1, ..Caller::default() };
+    }
 }
 
 /// A slot's key, as the lease thread reads it.

@@ -16,7 +16,7 @@ use sluicegate_core::{
 
 use crate::error::Error;
 use crate::functions::{Functions, LeaseCall, MetricAsk, MetricTick};
-use crate::leases::{self, Leases, OwnedKey, Slot};
+use crate::leases::{self, Caller, Leases, OwnedKey, Slot};
 
 /// What a replica admits once Redis has been unreachable for longer than its leases last.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -104,6 +104,9 @@ impl std::fmt::Debug for Options {
 const WINDOW_US: u64 = 60_000_000;
 /// A lease unused for this long is given back.
 const IDLE_NS: u64 = 1_000_000_000;
+/// How long a scope's hash, and a lease's sums in it, outlive their last call: longer than the
+/// longest adaptation memory.
+const HASH_TTL_MS: u64 = 3 * 60 * 60 * 1_000;
 const LEASED: u8 = 0;
 const RIDING: u8 = 1;
 const OUTAGE: u8 = 2;
@@ -371,30 +374,41 @@ impl Shared {
     ) -> Result<(), Error> {
         let (need, want) = ask;
         let mut caller = slot.caller();
-        caller.seq += 1;
         for (sent, d) in caller.sent.iter_mut().zip(delta) {
             *sent = sent.saturating_add(d);
         }
-        let metrics = std::array::from_fn(|m| MetricAsk {
-            interval_us: self.floors_us[m],
-            sent: caller.sent[m],
-            received: caller.received[m],
-            need: need[m],
-            want: want[m],
-        });
-        let call = LeaseCall {
-            now_us: self.options.function_clock.then_some(now_ns / 1_000),
-            window_us: WINDOW_US,
-            hard_us: self.hard_us,
-            // An idle scope's hash outlives its longest adaptation memory.
-            ttl_ms: 3 * 60 * 60 * 1_000,
-            caller: format!("{}:{}", self.name, caller.epoch),
-            seq: caller.seq,
-            done,
-            metrics,
+        let (hash, registry) = (self.hash(&slot.key()), self.key("scopes"));
+        let mut call = |caller: &mut Caller| {
+            caller.seq += 1;
+            let metrics = std::array::from_fn(|m| MetricAsk {
+                interval_us: self.floors_us[m],
+                sent: caller.sent[m],
+                received: caller.received[m],
+                need: need[m],
+                want: want[m],
+            });
+            let call = LeaseCall {
+                now_us: self.options.function_clock.then_some(now_ns / 1_000),
+                window_us: WINDOW_US,
+                hard_us: self.hard_us,
+                ttl_ms: HASH_TTL_MS,
+                caller: format!("{}:{}.{}", self.name, caller.epoch, caller.renamed),
+                seq: caller.seq,
+                done,
+                metrics,
+                answered: caller.answered,
+            };
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            functions.lease(&hash, registry.as_bytes(), &call)
         };
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        let answer = functions.lease(&self.hash(&slot.key()), self.key("scopes").as_bytes(), &call)?;
+        let answer = match call(&mut caller) {
+            Err(Error::Forgotten) => {
+                caller.rename(delta);
+                call(&mut caller)?
+            }
+            answer => answer?,
+        };
+        caller.answered = true;
         for (received, g) in caller.received.iter_mut().zip(answer.metrics) {
             *received = received.saturating_add(g.grant);
         }

@@ -25,11 +25,12 @@ struct Lessee {
     seq: u64,
     sent: i64,
     received: u64,
+    answered: bool,
 }
 
 impl Lessee {
     fn new(name: &'static str) -> Self {
-        Lessee { name, seq: 0, sent: 0, received: 0 }
+        Lessee { name, seq: 0, sent: 0, received: 0, answered: false }
     }
 
     /// The next call, limiting requests only (tokens unlimited), at `now_us`.
@@ -47,6 +48,7 @@ impl Lessee {
             seq: self.seq,
             done: false,
             metrics: [requests, MetricAsk::default(), MetricAsk::default(), MetricAsk::default()],
+            answered: self.answered,
         }
     }
 
@@ -54,6 +56,7 @@ impl Lessee {
     fn send(&mut self, f: &mut Functions, call: &LeaseCall) -> LeaseAnswer {
         let a = f.lease(b"s", b"scopes", call).unwrap();
         self.received += a.metrics[0].grant;
+        self.answered = true;
         a
     }
 
@@ -185,8 +188,8 @@ fn garbage_fields_read_as_an_empty_bucket() {
 fn answers_of_the_wrong_shape_are_typed_errors() {
     let server = RedisServer::start();
     let mut f = connect(&server);
-    let impostor = "#!lua name=sluicegate_v1\nredis.register_function('sg_lease_v1', function() return 'hello' end)\n\
-                    redis.register_function('sg_heartbeat_v1', function() return {1} end)";
+    let impostor = "#!lua name=sluicegate_v2\nredis.register_function('sg_lease_v2', function() return 'hello' end)\n\
+                    redis.register_function('sg_heartbeat_v2', function() return {1} end)";
     redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
@@ -206,6 +209,8 @@ fn answers_of_the_wrong_shape_are_typed_errors() {
     let mut band = good;
     band[1] = 2;
     assert!(matches!(parse_lease(&ints(&band)), Err(Error::Answer(_))));
+    assert!(matches!(parse_lease(&ints(&[T0 as i64, 2])), Err(Error::Forgotten)));
+    assert!(matches!(parse_lease(&ints(&[T0 as i64, 1])), Err(Error::Answer(_))));
     assert!(matches!(parse_lease(&Value::Nil), Err(Error::Answer(_))));
     let mut nested: Vec<Value> = good.iter().map(|i| Value::Int(*i)).collect();
     nested[5] = Value::BulkString(b"5".to_vec());
@@ -260,4 +265,61 @@ fn a_late_call_counts_once_and_a_lost_grant_goes_back() {
     let fields = redis::cmd("HKEYS").arg("s").query::<Vec<String>>(&mut server.connection()).unwrap();
     assert!(fields.iter().all(|k| !k.ends_with(":a")), "{fields:?}");
     assert_eq!(Lessee::new("a").grant(&mut f, T0, 0, 1, 1), 1);
+}
+
+fn fields(server: &RedisServer) -> Vec<String> {
+    redis::cmd("HKEYS").arg("s").query::<Vec<String>>(&mut server.connection()).unwrap()
+}
+
+/// Leases of crashed replicas never call again. In a scope that is never idle for as long as
+/// its hash lives (60 s here), their sums are swept once they have been silent that long, so
+/// the hash does not grow with every crash; what they leased stays counted as used.
+#[test]
+fn callers_silent_as_long_as_the_hash_lives_are_swept_from_a_busy_scope() {
+    let server = RedisServer::start();
+    let mut f = connect(&server);
+    const DEAD: [&str; 40] = [
+        "d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d8", "d9", "d10", "d11", "d12", "d13", "d14", "d15",
+        "d16", "d17", "d18", "d19", "d20", "d21", "d22", "d23", "d24", "d25", "d26", "d27", "d28", "d29",
+        "d30", "d31", "d32", "d33", "d34", "d35", "d36", "d37", "d38", "d39",
+    ];
+    for name in DEAD {
+        assert_eq!(Lessee::new(name).grant(&mut f, T0, 0, 1, 1), 1);
+    }
+    assert!(fields(&server).len() > DEAD.len() * 10, "each lease's sums and last call are kept");
+    let mut live = Lessee::new("live");
+    // Every 2 s for 3 minutes: the dead fall silent for the hash's 60 s after the first minute.
+    for k in 0..90 {
+        live.lease(&mut f, T0 + k * 2_000_000, 0, 0, 0);
+    }
+    let left = fields(&server);
+    assert!(left.iter().all(|k| !DEAD.iter().any(|d| k.ends_with(&format!(":{d}")))), "{left:?}");
+    assert!(left.iter().any(|k| k == "q:live"), "the live caller is kept: {left:?}");
+    assert_eq!(used(&server), 40, "what the dead leased stays used");
+}
+
+/// A caller that was forgotten (silent for as long as the hash lives) and calls again, having
+/// had answers before, is told so: its sums are not applied a second time, nothing changes,
+/// and under a new name it leases as any new caller.
+#[test]
+fn a_forgotten_caller_is_told_so_and_changes_nothing() {
+    let server = RedisServer::start();
+    let mut f = connect(&server);
+    let mut sleeper = Lessee::new("sleeper");
+    assert_eq!(sleeper.grant(&mut f, T0, 0, 300, 300), 300);
+    let mut busy = Lessee::new("busy");
+    for k in 0..40 {
+        busy.lease(&mut f, T0 + k * 2_000_000, 0, 0, 0);
+    }
+    assert!(!fields(&server).iter().any(|k| k.ends_with(":sleeper")), "swept");
+    let before = busy.lease(&mut f, T0 + 80_000_000, 0, 0, 0).metrics[0].debt_us;
+    // It gives back the 300 it holds: to a hash that no longer knows its sums, the call would
+    // apply them whole (they could as well have been applied already), so it is refused.
+    let back = sleeper.call(T0 + 80_000_000, -300, 0, 0);
+    assert!(matches!(f.lease(b"s", b"scopes", &back), Err(Error::Forgotten)));
+    assert_eq!(busy.lease(&mut f, T0 + 80_000_000, 0, 0, 0).metrics[0].debt_us, before, "nothing changed");
+    assert_eq!(used(&server), 300);
+    // A caller that never had an answer is new, not forgotten.
+    assert_eq!(Lessee::new("sleeper-2").grant(&mut f, T0 + 80_000_000, -300, 1, 1), 1);
+    assert_eq!(used(&server), 1, "the give-back, once, under the new name, and one unit");
 }

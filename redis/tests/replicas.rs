@@ -204,6 +204,31 @@ fn a_replica_killed_holding_a_lease_neither_breaks_nor_starves_the_limit() {
     assert!(used * 100 >= achievable * 95, "{used} used, {achievable} could be: the survivor was starved");
 }
 
+/// Redis forgets a lease's sums (as it does once a lease is silent as long as its scope's hash
+/// lives; here the test deletes them) after the lease gave units back. Its next call is refused
+/// rather than its give-backs applied a second time, and the lease goes on under a new name:
+/// Redis still counts exactly what was admitted.
+#[test]
+fn a_lease_whose_sums_redis_forgot_goes_on_under_a_new_name() {
+    let server = RedisServer::start();
+    let replica =
+        Replica::connect(&server.url(), policy_600_rpm(), Capacity::scopes(64), Options::default()).unwrap();
+    let paced = Drive { pace: Duration::from_millis(50), report: false };
+    let mut admitted = hammer(&replica, Instant::now() + Duration::from_secs(1), paced);
+    // Idle for more than a second: the lease gives back what it holds.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let mut connection = server.connection();
+    let sums: Vec<String> = redis::cmd("HKEYS").arg(HASH).query::<Vec<String>>(&mut connection).unwrap();
+    let sums: Vec<&String> = sums.iter().filter(|k| k.contains(':')).collect();
+    assert!(!sums.is_empty());
+    redis::cmd("HDEL").arg(HASH).arg(&sums).query::<i64>(&mut connection).unwrap();
+    admitted += hammer(&replica, Instant::now() + Duration::from_secs(1), paced);
+    drop(replica);
+    assert_eq!(used_globally(&server), admitted as i64, "every give-back applied once");
+    let fields: Vec<String> = redis::cmd("HKEYS").arg(HASH).query::<Vec<String>>(&mut connection).unwrap();
+    assert!(!fields.iter().any(|k| k.contains(':')), "a lease's sums are deleted when it ends: {fields:?}");
+}
+
 /// Proof 4: Redis restarts with its data lost. The replica reloads the function library by
 /// itself and carries on; the scope's hash is written again in the new server.
 #[test]
@@ -228,7 +253,7 @@ fn a_restarted_redis_is_used_again_without_help() {
     assert_eq!(replica.hosts().mode(), Mode::Leased);
     assert_eq!(exists(&mut c), 1, "the scope's hash is back");
     let libraries = redis::cmd("FUNCTION").arg("LIST").query::<redis::Value>(&mut c).unwrap();
-    assert!(format!("{libraries:?}").contains("sluicegate_v1"));
+    assert!(format!("{libraries:?}").contains("sluicegate_v2"));
     assert!(admitted > 0);
 }
 
