@@ -273,6 +273,28 @@ fn a_key_restored_twice_is_refused() {
     corrupt_for_small(account);
 }
 
+/// A scope names its account and model by their slots; one naming a slot with no record (in
+/// tables so small that any slot is within its key's window) is refused: its account or model
+/// would be an empty slot, holding no key and no settings.
+#[test]
+fn a_scope_naming_an_account_or_model_without_a_record_is_refused() {
+    let (_, good) = small(Policy::fireworks_2024());
+    let s = scopes_at(&good);
+    let id = u64::from_le_bytes(good[s + 8..s + 16].try_into().unwrap());
+    let index = |at: usize| u32::from_le_bytes(good[at..at + 4].try_into().unwrap()) as u64;
+    let accounts = [index(ACCOUNTS_AT), index(ACCOUNTS_AT + ACCOUNT_RECORD)];
+    let model = (id >> 3) & 0xfff;
+    // Account bits from 15, model bits from 3 of the id (tag above the two state bits).
+    let unused_account = (0..16).find(|a| !accounts.contains(a)).unwrap();
+    let mut account = good.clone();
+    put(&mut account, s + 8, &((id & !(0xff_ffff << 15)) | unused_account << 15).to_le_bytes());
+    corrupt_for_small(account);
+    let unused_model = (0..4).find(|m| *m != model).unwrap();
+    let mut other_model = good.clone();
+    put(&mut other_model, s + 8, &((id & !(0xfff << 3)) | unused_model << 3).to_le_bytes());
+    corrupt_for_small(other_model);
+}
+
 /// Suspension reasons other than the three documented ones refused every request with nothing
 /// able to lift them; unknown setting bits kept an account from ever being reclaimed.
 #[test]
