@@ -21,13 +21,14 @@ refs() {
 
 printf '%-44s %s\n' "measure" "instructions per call"
 harnesses=("$@")
-((${#harnesses[@]})) || harnesses=(sluicegate sluicegate-scope sluicegate-c sluicegate-admit governor)
+((${#harnesses[@]})) || harnesses=(sluicegate sluicegate-scope sluicegate-backing sluicegate-c sluicegate-admit governor)
 for which in "${harnesses[@]}"; do
     small=$(refs "$which" "$calls")
     large=$(refs "$which" $((2 * calls)))
     case $which in
         sluicegate) label="sluicegate keyed 4-metric admit + settle" ;;
         sluicegate-scope) label="sluicegate resolved scope admit + settle" ;;
+        sluicegate-backing) label="sluicegate keyed, the C engine's storage" ;;
         sluicegate-c) label="sluicegate keyed admit + settle through C" ;;
         sluicegate-admit) label="sluicegate keyed 4-metric admit" ;;
         governor) label="governor keyed check_key (1000 keys)" ;;

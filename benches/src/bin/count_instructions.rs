@@ -1,13 +1,13 @@
 //! A fixed number of admit + settle calls (or of governor `check_key` calls), for
 //! `valgrind --tool=callgrind`: instruction counts are repeatable where wall time is not.
 //!
-//! Usage: `count_instructions sluicegate|sluicegate-scope|sluicegate-c|sluicegate-admit|governor CALLS`
+//! Usage: `count_instructions sluicegate|sluicegate-scope|sluicegate-backing|sluicegate-c|sluicegate-admit|governor CALLS`
 
 use std::hint::black_box;
 
 use sluicegate_benches::{
-    CEngine, KEYS, MODEL, accounts, admit_settle, admit_settle_scope, engine, engine_with_permits,
-    governor_keyed, governor_keys, request, scopes,
+    CEngine, KEYS, MODEL, accounts, admit_settle, admit_settle_scope, backed_engine, engine,
+    engine_with_permits, governor_keyed, governor_keys, request, scopes,
 };
 use sluicegate_core::ScopeKey;
 
@@ -34,6 +34,16 @@ fn main() {
             }
             for i in 0..calls {
                 admit_settle_scope(&e, black_box(&handles[i % KEYS]), (KEYS + i) as u64 * 1_000);
+            }
+        }
+        "sluicegate-backing" => {
+            // The C engine's storage, from Rust: what the C row is compared with.
+            let e = backed_engine(KEYS);
+            for (i, name) in names.iter().enumerate() {
+                admit_settle(&e, name, i as u64 * 1_000);
+            }
+            for i in 0..calls {
+                admit_settle(&e, black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
             }
         }
         "sluicegate-c" => {
@@ -68,7 +78,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: count_instructions sluicegate|sluicegate-scope|sluicegate-c|sluicegate-admit|governor CALLS"
+                "usage: count_instructions sluicegate|sluicegate-scope|sluicegate-backing|sluicegate-c|sluicegate-admit|governor CALLS"
             );
             std::process::exit(2);
         }
