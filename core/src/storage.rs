@@ -225,3 +225,26 @@ impl Storage for Heap {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::Capacity;
+    use crate::scope::{MAX_ACCOUNTS, MAX_MODELS, MAX_PERMITS};
+
+    /// What `Capacity::scopes` documents, on each side of every bound.
+    #[test]
+    fn capacity_for_scopes_keeps_each_table_within_its_bounds() {
+        let shape = |scopes| {
+            let c = Capacity::scopes(scopes);
+            assert_eq!(c.scopes, scopes);
+            (c.accounts, c.permits, c.models)
+        };
+        assert_eq!(shape(16), (16, 1024, 256), "small: the floors");
+        assert_eq!(shape(100), (100, 1024, 256));
+        assert_eq!(shape(2_000), (2_000, 2_000, 500), "between: as many, a quarter as many models");
+        assert_eq!(shape(5_000), (5_000, 5_000, 1_250));
+        assert_eq!(shape(4 * MAX_MODELS + 4), (4 * MAX_MODELS + 4, 4 * MAX_MODELS + 4, MAX_MODELS));
+        assert_eq!(shape(MAX_PERMITS + 1), (MAX_PERMITS + 1, MAX_PERMITS, MAX_MODELS));
+        assert_eq!(shape(MAX_ACCOUNTS + 1), (MAX_ACCOUNTS, MAX_PERMITS, MAX_MODELS));
+    }
+}
