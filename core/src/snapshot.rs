@@ -493,8 +493,9 @@ impl<S: Storage> Engine<S> {
             }
         }
         adaptation.store(&states);
-        s.init(intervals, now_ns / QUANTUM_NS, self.tick_index(now_ns));
-        s.bucket.store(bucket::seal(now_ns / QUANTUM_NS, debts, 0).pack(), Ordering::Release);
+        let now_q = now_ns / QUANTUM_NS;
+        s.init(intervals, now_q, self.tick_index(now_ns));
+        s.bucket.store(bucket::seal(now_q, debts, 0).pack(), Ordering::Release);
         s.set_usage(usage);
         s.id.store(id, Ordering::Release);
         // The scope holds its account and model, as a created one does (validated to exist).

@@ -295,6 +295,33 @@ fn a_scope_naming_an_account_or_model_without_a_record_is_refused() {
     corrupt_for_small(other_model);
 }
 
+/// A scope's adaptive state is a set of non-negative numbers: a negative one (as a NaN) is
+/// refused, not restored into limits that would shrink below zero.
+#[test]
+fn a_negative_adaptive_state_is_refused() {
+    let (_, good) = small(Policy::fireworks_2024());
+    let states = scopes_at(&good) + 48;
+    for at in [states, states + 8 * 7] {
+        let mut bad = good.clone();
+        put(&mut bad, at, &(-1.0f64).to_bits().to_le_bytes());
+        corrupt_for_small(bad);
+    }
+}
+
+/// Two scope records of one account, model and variant are one key restored twice even when
+/// their ids differ in the generation bits above the identity.
+#[test]
+fn a_scope_restored_twice_under_two_generations_is_refused() {
+    let (_, good) = small(Policy::fireworks_2024());
+    let s = scopes_at(&good);
+    let id = u64::from_le_bytes(good[s + 8..s + 16].try_into().unwrap());
+    // The identity is the low 37 bits of the tag (above the two state bits); the generation
+    // is above it.
+    let mut twice = good.clone();
+    put(&mut twice, s + SCOPE_RECORD + 8, &(id ^ 1 << (2 + 37)).to_le_bytes());
+    corrupt_for_small(twice);
+}
+
 /// Suspension reasons other than the three documented ones refused every request with nothing
 /// able to lift them; unknown setting bits kept an account from ever being reclaimed.
 #[test]
