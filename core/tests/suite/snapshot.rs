@@ -190,6 +190,42 @@ fn foreign_and_damaged_headers_are_typed_errors() {
     assert_eq!(refused_and_unchanged(&with_checksum(counted)), SnapshotError::Corrupt);
 }
 
+/// A buffer of just a header has no room for its checksum: the four bytes before its end are
+/// the header's own, and even when they hold the checksum of what precedes them it is refused
+/// as a bad checksum, not read on.
+#[test]
+fn a_header_with_no_room_for_its_checksum_is_a_bad_checksum() {
+    let (target, good) = populated();
+    let mut bare = good[..56].to_vec();
+    bare[8..16].copy_from_slice(&56u64.to_le_bytes());
+    bare[40..52].fill(0);
+    let crc = crc32fast::hash(&bare[..52]);
+    bare[52..56].copy_from_slice(&crc.to_le_bytes());
+    drop(target);
+    assert_eq!(refused_and_unchanged(&bare), SnapshotError::BadChecksum);
+}
+
+/// Every restore gives the engine a new incarnation, so a permit issued before it is stale,
+/// whatever the snapshot's seed: all bits clear or all set, which a weaker mix would make
+/// give one incarnation for every restore.
+#[test]
+fn a_permit_from_before_each_restore_is_stale_whatever_the_seed() {
+    for seed in [0, u64::MAX] {
+        let make =
+            || Engine::with_storage(Policy::fixed(), Heap::new(Capacity::scopes(64)).unwrap(), seed).unwrap();
+        let bytes = snapshot(&make(), 0);
+        let mut e = make();
+        for round in 0..3 {
+            e.restore(&bytes, 0).unwrap();
+            let p = *e.admit(key("a"), &Request::new(1), 0).unwrap().permit().unwrap();
+            e.restore(&bytes, 0).unwrap();
+            e.admit(key("a"), &Request::new(1), 0).unwrap();
+            let settled = e.settle(&p, &Usage::new(1, 0), Completion::Success, 0);
+            assert_eq!(settled, Err(SettleError::StalePermit), "seed {seed:#x}, round {round}");
+        }
+    }
+}
+
 #[test]
 fn inconsistent_records_are_refused_even_with_a_valid_checksum() {
     let (_, good) = populated();
