@@ -358,6 +358,23 @@ fn a_scope_restored_twice_under_two_generations_is_refused() {
     corrupt_for_small(twice);
 }
 
+/// A quota word holds units in use (high half) and the limit (low half); more in use than the
+/// limit is no state the engine writes, and is refused. At the limit it is accepted.
+#[test]
+fn a_quota_using_more_than_its_limit_is_refused() {
+    let (_, good) = small(Policy::fireworks_2024());
+    let quotas = ACCOUNTS_AT + 184;
+    for at in [quotas, quotas + 16] {
+        let mut over = good.clone();
+        put(&mut over, at, &((5u64 << 32) | 3).to_le_bytes());
+        corrupt_for_small(over);
+        let mut full = good.clone();
+        put(&mut full, at, &((3u64 << 32) | 3).to_le_bytes());
+        let mut target = Engine::new(Policy::fireworks_2024(), SMALL).unwrap();
+        target.restore(&with_checksum(full), 0).unwrap();
+    }
+}
+
 /// Suspension reasons other than the three documented ones refused every request with nothing
 /// able to lift them; unknown setting bits kept an account from ever being reclaimed.
 #[test]
