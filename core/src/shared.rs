@@ -189,3 +189,43 @@ impl Engine<SharedFile> {
         Engine::with_storage(policy, file, 0)
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::{Capacity, Engine, Policy, Request, ScopeKey, Storage};
+
+    /// An opener that is not alone never repairs: the counts it would recount may be half-way
+    /// through a live process's call. Here an account's permits in flight read 99 (as if 98
+    /// admissions were between their steps elsewhere): a second handle leaves them so.
+    #[test]
+    fn an_opener_that_is_not_alone_never_repairs() {
+        let path =
+            std::env::temp_dir().join(std::format!("sluicegate-unit-{}-not-alone", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let capacity = Capacity::scopes(64);
+        let first = Engine::open_shared(&path, Policy::fixed(), capacity).unwrap_or_else(|e| panic!("{e}"));
+        let key = ScopeKey::new(b"a", b"m");
+        assert!(first.admit(key, &Request::new(1), 0).is_ok_and(|d| d.admitted()));
+        let in_flight = |e: &Engine<super::SharedFile>| {
+            e.storage()
+                .tables()
+                .accounts
+                .iter()
+                .map(|a| a.in_flight.load(crate::sync::Ordering::Acquire))
+                .max()
+        };
+        let busy = first
+            .storage()
+            .tables()
+            .accounts
+            .iter()
+            .find(|a| a.in_flight.load(crate::sync::Ordering::Acquire) == 1);
+        busy.unwrap_or_else(|| panic!("the account holds its permit"))
+            .in_flight
+            .store(99, crate::sync::Ordering::Release);
+        let second = Engine::open_shared(&path, Policy::fixed(), capacity).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(in_flight(&second), Some(99), "the second opener repaired a region in use");
+        drop((first, second));
+        let _ = std::fs::remove_file(&path);
+    }
+}
