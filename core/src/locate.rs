@@ -394,6 +394,22 @@ mod tests {
         assert_eq!(again.map(|at| (at.slot, at.id)), Some((at.slot, at.id)), "in its slot, as it was");
     }
 
+    /// A reclaim never takes a scope whose tick lock is held: the holder may be applying its
+    /// ticks (or have died doing so in a shared region, for repair to put right). Once the lock
+    /// is let go, the idle scope is taken.
+    #[test]
+    fn a_reclaim_never_takes_a_scope_whose_tick_lock_is_held() {
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let at = idle_scope(&e);
+        assert!(e.limits(ScopeKey::new(b"a", b"m"), MINUTE).is_ok());
+        let slot = e.tables().scopes.get(at.slot).unwrap_or_else(|| panic!("its slot"));
+        let empty = crate::table::emptied(at.id);
+        assert!(slot.begin_exclusive());
+        assert!(!e.take_idle_scope(at.slot, at.id, empty, MINUTE), "taken while its lock was held");
+        slot.end_tick(None);
+        assert!(e.take_idle_scope(at.slot, at.id, empty, MINUTE), "idle and unlocked: taken");
+    }
+
     /// Letting a key go frees only that key's idle scopes, not an idle scope of another key.
     #[test]
     fn letting_a_key_go_frees_only_its_own_idle_scopes() {

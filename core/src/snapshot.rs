@@ -30,7 +30,7 @@ const ACCOUNT_WORDS: usize = ACCOUNT_KEY_MAX / 8;
 const MODEL_WORDS: usize = MODEL_KEY_MAX / 8;
 /// The suspension reasons an account record may carry: operator, payment failed, no payment
 /// method.
-const ACCOUNT_SUSPENSION_BITS: u64 = 1 | 2 | 4;
+const ACCOUNT_SUSPENSION_BITS: u64 = 0b111;
 /// Bytes per account record.
 pub const ACCOUNT_RECORD: usize = 8 + ACCOUNT_KEY_MAX + 8 * 17;
 /// Bytes per model record.
