@@ -326,3 +326,27 @@ impl ScopeAdaptation {
 pub(crate) fn intervals_of(states: &PerMetric<MetricState>) -> [u64; 4] {
     states.map(|_, s| bucket::interval(s.limit)).0
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::{IDENTITY_BITS, IDENTITY_MASK, identity, next_generation};
+    use crate::table::{emptied, ready, tag_of};
+
+    /// Each scope a slot holds gets the next generation, with the identity it is for, so an id
+    /// seen before the slot was emptied never matches the next scope there, even of the same
+    /// key; the generation wraps within the tag's bits.
+    #[test]
+    fn each_scope_in_a_slot_gets_the_next_generation() {
+        let key = identity(3, 5, 1);
+        let first = next_generation(0, key);
+        assert_eq!((first & IDENTITY_MASK, first >> IDENTITY_BITS), (key, 1));
+        let second = next_generation(emptied(ready(first)), key);
+        assert_eq!((second & IDENTITY_MASK, second >> IDENTITY_BITS), (key, 2));
+        let other = identity(4, 5, 0);
+        let third = next_generation(ready(second), other);
+        assert_eq!((third & IDENTITY_MASK, third >> IDENTITY_BITS), (other, 3));
+        let last = (u64::MAX >> 2) & !IDENTITY_MASK;
+        assert_eq!(next_generation(ready(last | key), key), key, "wraps to generation 0");
+        assert_eq!(tag_of(ready(first)), first);
+    }
+}
