@@ -9,7 +9,17 @@ use sluicegate_benches::{
     CEngine, KEYS, MODEL, accounts, admit_settle, admit_settle_scope, backed_engine, engine,
     engine_with_permits, governor_keyed, governor_keys, request, scopes,
 };
-use sluicegate_core::ScopeKey;
+use sluicegate_core::{Engine, ScopeKey, Storage};
+
+/// Keyed admit + settle: each key once to create its scope, then `calls` more.
+fn keyed<S: Storage>(e: &Engine<S>, names: &[String], calls: usize) {
+    for (i, name) in names.iter().enumerate() {
+        admit_settle(e, name, i as u64 * 1_000);
+    }
+    for i in 0..calls {
+        admit_settle(e, black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
+    }
+}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -17,15 +27,7 @@ fn main() {
     let calls: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
     let names = accounts(KEYS);
     match which.as_str() {
-        "sluicegate" => {
-            let e = engine(KEYS);
-            for (i, name) in names.iter().enumerate() {
-                admit_settle(&e, name, i as u64 * 1_000);
-            }
-            for i in 0..calls {
-                admit_settle(&e, black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
-            }
-        }
+        "sluicegate" => keyed(&engine(KEYS), &names, calls),
         "sluicegate-scope" => {
             let e = engine(KEYS);
             let handles = scopes(&e, &names);
@@ -36,16 +38,8 @@ fn main() {
                 admit_settle_scope(&e, black_box(&handles[i % KEYS]), (KEYS + i) as u64 * 1_000);
             }
         }
-        "sluicegate-backing" => {
-            // The C engine's storage, from Rust: what the C row is compared with.
-            let e = backed_engine(KEYS);
-            for (i, name) in names.iter().enumerate() {
-                admit_settle(&e, name, i as u64 * 1_000);
-            }
-            for i in 0..calls {
-                admit_settle(&e, black_box(&names[i % KEYS]), (KEYS + i) as u64 * 1_000);
-            }
-        }
+        // The C engine's storage, from Rust: what the C row is compared with.
+        "sluicegate-backing" => keyed(&backed_engine(KEYS), &names, calls),
         "sluicegate-c" => {
             let e = CEngine::new(KEYS);
             for (i, name) in names.iter().enumerate() {
