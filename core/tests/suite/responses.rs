@@ -446,3 +446,17 @@ fn ietf_fields_are_omitted_rather_than_empty() {
     let h = headers(&admitted, &Render::new(Dialect::Ietf));
     assert_eq!(h.iter().filter(|(n, v)| n.starts_with("RateLimit") && !v.is_empty()).count(), 2, "{h:?}");
 }
+
+/// The dialects' names are what the CLI, the C API and Python accept, and each reads back as
+/// its dialect; any other name is none.
+#[test]
+fn each_dialect_is_named_and_found_by_its_name() {
+    let names = Dialect::ALL.map(Dialect::name);
+    assert_eq!(names, ["fireworks", "together", "openai", "anthropic", "ietf"]);
+    for d in Dialect::ALL {
+        assert_eq!(Dialect::from_name(d.name()), Some(d));
+    }
+    for unknown in ["", "OpenAI", "xyzzy", "openai "] {
+        assert_eq!(Dialect::from_name(unknown), None, "{unknown:?}");
+    }
+}
