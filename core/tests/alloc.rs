@@ -2,56 +2,16 @@
 //! 100,000 admit + settle calls after construction (first-time keys, rejections and stream
 //! charges included), nor in rendering the metrics into a buffer.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+mod counting;
 
 use sluicegate_core::{Capacity, Completion, Engine, Policy, Request, ScopeKey, Usage};
-
-struct Counting;
-
-thread_local! {
-    /// Allocations made by this thread while counting is on.
-    static COUNT: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-fn note() {
-    COUNT.with(|c| {
-        if let Some(n) = c.get() {
-            c.set(Some(n + 1));
-        }
-    });
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; counting touches only a
-// thread-local Cell that needs no allocation.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 #[test]
 fn admit_and_settle_never_allocate() {
     let engine = Engine::new(Policy::fireworks_2024(), Capacity::scopes(16_384)).unwrap();
     let accounts: Vec<Vec<u8>> = (0..2_000).map(|i| format!("acct-{i}").into_bytes()).collect();
     let models = [b"llama-v3p1-70b".as_slice(), b"mixtral-8x22b", b"qwen-72b"];
-    COUNT.with(|c| c.set(Some(0)));
+    counting::start();
     let mut admitted = 0u32;
     for i in 0..100_000u64 {
         let key = ScopeKey::new(&accounts[i as usize % accounts.len()], models[i as usize % 3]);
@@ -68,7 +28,7 @@ fn admit_and_settle_never_allocate() {
     // So does rendering the metrics into a caller's buffer, as a C gateway's /metrics does.
     let mut buf = [0u8; 1 << 16];
     let rendered = engine.render_prometheus(&mut buf).unwrap();
-    let allocations = COUNT.with(|c| c.replace(None)).unwrap_or(0);
+    let allocations = counting::stop();
     assert!(admitted > 50_000, "the test must exercise admissions: {admitted}");
     assert!(rendered > 1_000, "the metrics must have been rendered: {rendered} bytes");
     assert_eq!(allocations, 0);
@@ -81,7 +41,7 @@ fn resolving_and_admitting_through_handles_never_allocate() {
     let capacity = Capacity { scopes: 64, accounts: 64, models: 4, permits: 1_024 };
     let engine = Engine::new(Policy::fireworks_2024(), capacity).unwrap();
     let accounts: Vec<Vec<u8>> = (0..256).map(|i| format!("acct-{i}").into_bytes()).collect();
-    COUNT.with(|c| c.set(Some(0)));
+    counting::start();
     let mut admitted = 0u32;
     for round in 0..100u64 {
         // A minute apart: the last round's scopes are idle and give way to this round's.
@@ -99,7 +59,7 @@ fn resolving_and_admitting_through_handles_never_allocate() {
             }
         }
     }
-    let allocations = COUNT.with(|c| c.replace(None)).unwrap_or(0);
+    let allocations = counting::stop();
     assert!(admitted > 50_000, "the test must exercise admissions: {admitted}");
     assert_eq!(allocations, 0);
 }
