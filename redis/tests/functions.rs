@@ -323,3 +323,20 @@ fn a_forgotten_caller_is_told_so_and_changes_nothing() {
     assert_eq!(Lessee::new("sleeper-2").grant(&mut f, T0 + 80_000_000, -300, 1, 1), 1);
     assert_eq!(used(&server), 1, "the give-back, once, under the new name, and one unit");
 }
+
+/// A damaged last-call time (another program's write, a bad restore) reads as long ago: the
+/// caller is swept and, when it calls again, told it was forgotten; nothing is applied twice.
+#[test]
+fn a_damaged_last_call_time_forgets_the_caller_safely() {
+    let server = RedisServer::start();
+    let mut f = connect(&server);
+    let mut a = Lessee::new("a");
+    assert_eq!(a.grant(&mut f, T0, 0, 50, 50), 50);
+    redis::cmd("HSET").arg("s").arg("s:a").arg("not a time").query::<i64>(&mut server.connection()).unwrap();
+    // Another caller's call a second later sweeps.
+    Lessee::new("b").lease(&mut f, T0 + 2_000_000, 0, 0, 0);
+    assert!(!fields(&server).iter().any(|k| k.ends_with(":a")), "swept: {:?}", fields(&server));
+    let back = a.call(T0 + 2_000_000, -50, 0, 0);
+    assert!(matches!(f.lease(b"s", b"scopes", &back), Err(Error::Forgotten)));
+    assert_eq!(used(&server), 50, "the give-back was not applied to a forgotten caller's sums");
+}
