@@ -134,6 +134,8 @@ mod tests {
         assert!(!table::is_ready(t.scopes[retired].id.load(Ordering::Acquire)), "the retired scope is gone");
 
         assert_eq!(account.refs.count(), 1, "its one scope holds it");
+        let models = t.models.iter().filter(|m| table::is_ready(m.id().load(Ordering::Acquire)));
+        assert_eq!(models.map(|m| m.refs.count()).collect::<std::vec::Vec<_>>(), [1], "and its model");
         assert!(account.refs.pin(), "no longer being reclaimed");
         account.refs.unpin();
         assert!(scope.begin_exclusive(), "the tick lock is free");

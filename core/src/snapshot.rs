@@ -709,6 +709,33 @@ mod tests {
         assert!(restored.restore(&buf[..n], 0).is_ok());
     }
 
+    /// A restore over a used engine forgets the holds of the scopes it replaces: each account
+    /// and model is held once per restored scope, or a key whose scopes all went could never
+    /// be reclaimed.
+    #[test]
+    fn a_restore_over_a_used_engine_holds_each_key_once_per_restored_scope() {
+        let mut e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
+        let admit = |e: &Engine<_>, keys: &[(&str, &str)]| {
+            for (account, model) in keys {
+                let key = ScopeKey::new(account.as_bytes(), model.as_bytes());
+                assert!(e.admit(key, &Request::new(1), 0).is_ok_and(|d| d.admitted()));
+            }
+        };
+        admit(&e, &[("a", "m1"), ("b", "m1"), ("b", "m2")]);
+        let mut buf = std::vec![0; e.snapshot_size()];
+        let n = e.snapshot(&mut buf, 0).unwrap_or_else(|e| panic!("{e}"));
+        admit(&e, &[("a", "m2"), ("c", "m1"), ("d", "m3")]);
+        assert!(e.restore(&buf[..n], 0).is_ok());
+        let t = e.tables();
+        let refs = t.accounts.iter().map(|a| &a.refs).chain(t.models.iter().map(|m| &m.refs));
+        let counts: std::vec::Vec<u64> = refs.map(crate::refs::Refs::count).filter(|&c| c > 0).collect();
+        assert_eq!(
+            counts.iter().sum::<u64>(),
+            6,
+            "three scopes, each holding its account and model: {counts:?}"
+        );
+    }
+
     #[test]
     fn a_retry_asks_for_more_than_the_contents_and_the_buffer_tried() {
         assert_eq!(retry_size(1_000, 600), 1_000 + 16 * SCOPE_RECORD);

@@ -2,7 +2,7 @@
 //! on. Each is pinned whole, so a change of wording is a deliberate one.
 
 use sluicegate_core::{
-    Error, Metric, PolicyError, QuotaError, RegionError, SettleError, SnapshotError, Table,
+    Error, InvalidRequest, Metric, PolicyError, QuotaError, RegionError, SettleError, SnapshotError, Table,
 };
 
 fn says(error: impl std::fmt::Display, text: &str) {
@@ -65,6 +65,14 @@ fn snapshot_errors() {
     says(SnapshotError::CapacityMismatch, "snapshot was taken with other table capacities");
     says(SnapshotError::Corrupt, "snapshot record is inconsistent");
     says(SnapshotError::InUse, "other processes have this shared engine open");
+}
+
+/// A malformed request's reason: the message of its 400 body (error_body.rs, Python's `reason`).
+#[test]
+fn invalid_requests() {
+    assert_eq!(InvalidRequest::ZeroN.message(), "n must be at least 1");
+    assert_eq!(InvalidRequest::CachedExceedsPrompt.message(), "cached tokens exceed prompt tokens");
+    assert_eq!(InvalidRequest::Overflow.message(), "token counts overflow");
 }
 
 #[test]
