@@ -421,6 +421,8 @@ fn quotas_have_the_published_defaults_and_are_acquired_and_released() {
     assert_eq!(e.acquire_quota(b"a", Quota::H100Gpus, 59), Ok((64, 64)));
     let q = e.account(b"a").unwrap().quotas;
     assert_eq!(q, [(0, 100), (0, 8), (64, 64)]);
+    // The names the C and Python surfaces and the CLI print, in the order of `quotas`.
+    assert_eq!(Quota::ALL.map(Quota::name), ["deployed_models", "a100_gpus", "h100_gpus"]);
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! Bad input gets a typed error or a `RejectInvalid` decision, never a panic or changed state.
 
 use sluicegate_core::{
-    Capacity, Completion, Engine, Error, Heap, InvalidRequest, Metric, MetricLimits, Outcome, Overrides,
-    Policy, PolicyError, Request, ScopeKey, SettleError, Table, Usage,
+    Adaptation, Capacity, Completion, Engine, Error, EwmaRule, Heap, InvalidRequest, Metric, MetricLimits,
+    Outcome, Overrides, Policy, PolicyError, Request, ScopeKey, SettleError, Table, Usage,
 };
 
 fn engine() -> Engine<Heap> {
@@ -64,6 +64,23 @@ fn unusable_policies_are_refused() {
     assert_eq!(with(|p| p.tick_ns = 10), Some(Error::Policy(PolicyError::BadTick)));
     assert_eq!(with(|p| p.tick_ns = 19 * 3_600_000_000_000), Some(Error::Policy(PolicyError::BadTick)));
     assert_eq!(with(|p| p.shed.in_limit_priority = 100), Some(Error::Policy(PolicyError::BadShedThresholds)));
+}
+
+/// An EWMA rule needs a positive time constant and a positive, finite usage factor; each
+/// parameter is refused alone (the others valid), and the smallest valid values are accepted.
+#[test]
+fn unusable_ewma_rules_are_refused() {
+    let with = |rule: EwmaRule| {
+        let p = Policy { adaptation: Adaptation::Ewma(rule), ..Policy::together() };
+        Engine::new(p, Capacity::scopes(8)).err()
+    };
+    let bad = Some(Error::Policy(PolicyError::BadAdaptation));
+    let ok = EwmaRule::TOGETHER;
+    assert_eq!(with(EwmaRule { time_constant_ns: 0, ..ok }), bad);
+    for usage_factor in [0.0, -1.0, f64::INFINITY, f64::NAN] {
+        assert_eq!(with(EwmaRule { usage_factor, ..ok }), bad, "usage factor {usage_factor}");
+    }
+    assert_eq!(with(EwmaRule { time_constant_ns: 1, usage_factor: f64::MIN_POSITIVE }), None);
 }
 
 #[test]
