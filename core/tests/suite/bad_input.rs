@@ -1,8 +1,9 @@
 //! Bad input gets a typed error or a `RejectInvalid` decision, never a panic or changed state.
 
+use sluicegate_core::bucket::{MAX_HORIZON_Q, QUANTUM_NS, WINDOW_Q};
 use sluicegate_core::{
     Adaptation, Capacity, Completion, Engine, Error, EwmaRule, Heap, InvalidRequest, Metric, MetricLimits,
-    Outcome, Overrides, Policy, PolicyError, Request, ScopeKey, SettleError, Table, Usage,
+    Outcome, Overrides, Policy, PolicyError, Request, ScopeKey, SettleError, Table, ThresholdRule, Usage,
 };
 
 fn engine() -> Engine<Heap> {
@@ -64,6 +65,60 @@ fn unusable_policies_are_refused() {
     assert_eq!(with(|p| p.tick_ns = 10), Some(Error::Policy(PolicyError::BadTick)));
     assert_eq!(with(|p| p.tick_ns = 19 * 3_600_000_000_000), Some(Error::Policy(PolicyError::BadTick)));
     assert_eq!(with(|p| p.shed.in_limit_priority = 100), Some(Error::Policy(PolicyError::BadShedThresholds)));
+}
+
+/// The horizon (hard factor's window plus the longest wait) and the permit lifetime are
+/// accepted up to their very bounds and refused one step past them.
+#[test]
+fn horizon_and_permit_ttl_bounds_are_exact() {
+    let with = |f: &dyn Fn(&mut Policy)| {
+        let mut p = Policy::fireworks_2024();
+        f(&mut p);
+        Engine::new(p, Capacity::scopes(8)).err()
+    };
+    // fireworks_2024's hard factor is 2: two windows, the rest of the horizon may be waited.
+    let longest_wait_ns = (MAX_HORIZON_Q - 2 * WINDOW_Q) * QUANTUM_NS;
+    assert_eq!(with(&|p| p.max_wait_ns = longest_wait_ns), None);
+    assert_eq!(
+        with(&|p| p.max_wait_ns = longest_wait_ns + QUANTUM_NS),
+        Some(Error::Policy(PolicyError::HorizonTooLong))
+    );
+    assert_eq!(with(&|p| p.permit_ttl_ns = 1_000_000_000), None);
+    assert_eq!(with(&|p| p.permit_ttl_ns = 999_999_999), Some(Error::Policy(PolicyError::BadPermitTtl)));
+}
+
+/// Each parameter of the threshold rule is refused alone (the others Fireworks'), and accepted
+/// at its bound.
+#[test]
+fn unusable_threshold_rules_are_refused() {
+    let with = |rule: ThresholdRule| {
+        let p = Policy { adaptation: Adaptation::Threshold(rule), ..Policy::fireworks_2024() };
+        Engine::new(p, Capacity::scopes(8)).err()
+    };
+    let ok = ThresholdRule::FIREWORKS;
+    let refused = [
+        ThresholdRule { decay_below: ok.grow_at + 0.01, ..ok },
+        ThresholdRule { decay_below: -0.01, ..ok },
+        ThresholdRule { decay_below: f64::NAN, ..ok },
+        ThresholdRule { linear_step: -0.01, ..ok },
+        ThresholdRule { linear_step: f64::INFINITY, ..ok },
+        ThresholdRule { peak_factor: -0.01, ..ok },
+        ThresholdRule { peak_factor: f64::INFINITY, ..ok },
+        ThresholdRule { slow_start_doubling_ns: 0, ..ok },
+        ThresholdRule { decay_half_life_ns: 0, ..ok },
+        ThresholdRule { peak_half_life_ns: 0, ..ok },
+    ];
+    for rule in refused {
+        assert_eq!(with(rule), Some(Error::Policy(PolicyError::BadAdaptation)), "{rule:?}");
+    }
+    let at_bounds = [
+        ThresholdRule { decay_below: ok.grow_at, ..ok },
+        ThresholdRule { decay_below: 0.0, linear_step: 0.0, peak_factor: 0.0, ..ok },
+        ThresholdRule { slow_start_doubling_ns: 1, decay_half_life_ns: 1, peak_half_life_ns: 1, ..ok },
+    ];
+    for rule in at_bounds {
+        assert_eq!(with(rule), None, "{rule:?}");
+    }
 }
 
 /// An EWMA rule needs a positive time constant and a positive, finite usage factor; each
