@@ -471,3 +471,47 @@ impl PermitSlot {
         None
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::{Entry, PermitSlot, Refusal, TICKET_SHIFT};
+    use crate::sync::{AtomicU128, Ordering};
+    use crate::{Capacity, Engine, Permit, Policy, Request, ScopeKey};
+
+    fn a_permit() -> Permit {
+        let e = Engine::new(Policy::fixed(), Capacity::scopes(8)).unwrap_or_else(|e| panic!("{e}"));
+        let d = e.admit(ScopeKey::new(b"a", b"m"), &Request::new(1), 0).unwrap_or_else(|e| panic!("{e}"));
+        *d.permit().unwrap_or_else(|| panic!("{d:?}"))
+    }
+
+    /// A refused admission hands back only the entry it took: not another ticket's, and not one
+    /// already published for a permit.
+    #[test]
+    fn an_entry_is_given_back_only_by_its_own_unpublished_take() {
+        let slot = PermitSlot::new();
+        let taken = slot.take().unwrap_or_else(|| panic!("a free entry"));
+        slot.give_back_unused(taken.wrapping_add(1));
+        assert_eq!(slot.take(), None, "another ticket's give-back leaves the entry taken");
+        slot.give_back_unused(taken);
+        let ticket = slot.take().unwrap_or_else(|| panic!("given back"));
+        assert_eq!(ticket, taken.wrapping_add(1));
+        let permit = Permit { ticket, deadline_s: 100, ..a_permit() };
+        slot.publish(&permit, 7, 0);
+        slot.give_back_unused(ticket);
+        assert_eq!(slot.take(), None, "a published entry is not given back");
+        assert_eq!(slot.settle(ticket, 7, 0), Ok((0, 0)));
+    }
+
+    /// An entry whose ticket wrapped to 0 and never expired a permit says a second settle is a
+    /// second settle, not an expiry: "none expired" is not the mark of ticket 0.
+    #[test]
+    fn a_wrapped_ticket_settled_twice_is_settled_not_expired() {
+        let slot =
+            PermitSlot { state: AtomicU128::new(u128::from(u32::MAX) << TICKET_SHIFT), ..PermitSlot::new() };
+        assert!(!Entry(slot.state.load(Ordering::Relaxed)).live());
+        let ticket = slot.take().unwrap_or_else(|| panic!("a free entry"));
+        assert_eq!(ticket, 0);
+        slot.give_back_unused(ticket);
+        assert_eq!(slot.settle(ticket, 0, 0), Err(Refusal::Settled));
+    }
+}

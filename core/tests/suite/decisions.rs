@@ -90,6 +90,22 @@ fn a_permit_expires_just_after_its_expiry_time() {
     );
 }
 
+/// A ledger entry remembers the permit it expired, not just that it expired one: after it is
+/// reused, a second settle of its new permit is `AlreadySettled`, and the old permit still
+/// learns it expired.
+#[test]
+fn a_reused_entry_tells_its_settled_permit_from_the_expired_one_before_it() {
+    use sluicegate_core::{Capacity, Completion, Engine, SettleError, Usage};
+    let e = Engine::new(Policy::fixed(), Capacity { permits: 1, ..Capacity::scopes(8) }).unwrap();
+    let old = *e.admit(KEY, &Request::new(0), 0).unwrap().permit().unwrap();
+    let later = e.policy().permit_ttl_ns + 2 * e.policy().tick_ns;
+    let new = *e.admit(KEY, &Request::new(0), later).unwrap().permit().unwrap();
+    let settle = |p| e.settle(p, &Usage::new(0, 0), Completion::Success, later);
+    assert_eq!(settle(&new), Ok(()));
+    assert_eq!(settle(&new), Err(SettleError::AlreadySettled));
+    assert_eq!(settle(&old), Err(SettleError::Expired));
+}
+
 /// When a request is too large on two metrics alike, the first of them in `Metric::ALL` is the
 /// one named.
 #[test]

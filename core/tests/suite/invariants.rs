@@ -190,14 +190,18 @@ proptest! {
 }
 
 /// A limit at or past `UNLIMITED_F64`, infinite or not a number is no bucket (interval 0); one
-/// just below it is a bucket.
+/// just below it is a bucket. `MetricLimits::is_limited`, which decides whether a limit adapts,
+/// agrees with the bucket at each.
 #[test]
 fn limits_past_the_unlimited_mark_have_no_bucket() {
+    use sluicegate_core::MetricLimits;
     use sluicegate_core::bucket::{UNLIMITED_F64, interval};
     for unlimited in [UNLIMITED_F64, 2.0 * UNLIMITED_F64, f64::MAX, f64::INFINITY, f64::NAN] {
         assert_eq!(interval(unlimited), 0, "{unlimited}");
+        assert!(!MetricLimits::fixed(unlimited).is_limited(), "{unlimited}");
     }
     assert!(interval(UNLIMITED_F64 - 1.0) > 0);
+    assert!(MetricLimits::fixed(UNLIMITED_F64 - 1.0).is_limited());
     assert_eq!(interval(60.0), 1_000_000 << 32, "60 a minute: one every 10^6 quanta");
 }
 
