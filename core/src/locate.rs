@@ -137,6 +137,8 @@ impl<S: Storage> Engine<S> {
                 self.key_entry(t.accounts, key.account, ACCOUNT_KEY_MAX, 0, init_account, now_ns)?;
             let model = self.key_entry(t.models, key.model, MODEL_KEY_MAX, MODEL_SALT, init_model, now_ns)?;
             let (Some(account), Some(model)) = (account, model) else { return Ok(None) };
+            #[cfg(test)]
+            lookups::keys_found();
             let identity = scope::identity(account.0, model.0, key.variant.index());
             let always = |_: usize| true;
             let hash = scope_hash(self.seed, identity);
@@ -349,8 +351,25 @@ impl<S: Storage> Claim for ScopeClaim<'_, S> {
 /// Unit tests only: how many keyed lookups this thread has made, to pin which calls make none.
 #[cfg(test)]
 pub(crate) mod lookups {
+    use std::boxed::Box;
+
+    type Meanwhile = core::cell::RefCell<Option<Box<dyn FnOnce()>>>;
+
     std::thread_local! {
         static LOOKUPS: core::cell::Cell<usize> = const { core::cell::Cell::new(0) };
+        /// What another thread does between a lookup finding its keys and finding their scope.
+        static MEANWHILE: Meanwhile = const { core::cell::RefCell::new(None) };
+    }
+
+    /// Runs `f` once, in the next lookup on this thread, once it has found its keys.
+    pub(crate) fn meanwhile(f: impl FnOnce() + 'static) {
+        MEANWHILE.with(|m| *m.borrow_mut() = Some(Box::new(f)));
+    }
+
+    pub(crate) fn keys_found() {
+        if let Some(f) = MEANWHILE.with(|m| m.borrow_mut().take()) {
+            f();
+        }
     }
 
     pub(crate) fn count() {
@@ -472,6 +491,27 @@ mod tests {
         let ran_on = e.with_key(slots, &find, Table::Accounts, Error::UnknownAccount, |i, _| i);
         assert_eq!(ran_on, Ok(a.0), "worked on the slot found again, not the reused one");
         assert_eq!(lookups.get(), 2);
+    }
+
+    /// An account reclaimed and its slot reused by another account, with a scope on the same
+    /// model, while a lookup was between finding the account and finding its scope: the scope
+    /// there is the other tenant's, and the lookup must not return it.
+    #[test]
+    fn a_lookup_never_returns_the_scope_of_an_account_that_took_its_slot_meanwhile() {
+        let capacity = Capacity { accounts: 1, ..Capacity::scopes(8) };
+        let e: &'static Engine<crate::Heap> = std::boxed::Box::leak(std::boxed::Box::new(
+            Engine::new(Policy::fixed(), capacity).unwrap_or_else(|e| panic!("{e}")),
+        ));
+        let a = idle_scope(e);
+        let b = ScopeKey::new(b"b", b"m");
+        lookups::meanwhile(move || {
+            // The one account slot is "a"'s, idle: "b" takes it and makes its scope on "m".
+            assert!(e.admit(b, &Request::new(0), MINUTE).is_ok_and(|d| d.admitted()));
+        });
+        let found = e.locate(ScopeKey::new(b"a", b"m"), MINUTE, false).ok().flatten();
+        let of_b = e.locate(b, MINUTE, false).ok().flatten().unwrap_or_else(|| panic!("b has a scope"));
+        assert_eq!(of_b.account, a.account, "b took a's account slot");
+        assert_eq!(found.map(|at| at.id), None, "a has no scope any more; b's is not a's");
     }
 
     /// Keys whose hashes collide (every `collide-…` key, see `key::collide`) share a tag: only
