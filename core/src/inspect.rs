@@ -50,12 +50,18 @@ impl ScopeView {
     }
 }
 
-/// A 128-bit word read as two 64-bit halves, until two reads agree (at most a few tries).
+/// A 128-bit word read as two 64-bit halves, until two reads agree.
 fn read_u128(word: &AtomicU128) -> u128 {
     let halves = word.as_ptr().cast::<[u64; 2]>();
     // SAFETY: `halves` points to the word's 16 aligned, readable bytes; other processes may
     // write them meanwhile, which is why two reads must agree.
-    let read = || unsafe { core::ptr::read_volatile(halves) };
+    let [low, high] = agreed(|| unsafe { core::ptr::read_volatile(halves) }).map(u64::from_le);
+    u128::from(low) | (u128::from(high) << 64)
+}
+
+/// The first read that the next one agrees with (a read a writer tore differs from the next),
+/// or the last of a few tries while a writer keeps changing the word.
+fn agreed(mut read: impl FnMut() -> [u64; 2]) -> [u64; 2] {
     let mut last = read();
     for _ in 0..16 {
         let again = read();
@@ -64,8 +70,7 @@ fn read_u128(word: &AtomicU128) -> u128 {
         }
         last = again;
     }
-    let [low, high] = last.map(u64::from_le);
-    u128::from(low) | (u128::from(high) << 64)
+    last
 }
 
 fn copy_key<const N: usize>(len: usize, words: &[u64]) -> ([u8; N], usize) {
@@ -159,3 +164,36 @@ fn levels(slot: &ScopeSlot, now_ns: u64) -> Levels {
 }
 
 const _: () = assert!(size_of::<[u64; 11]>() <= 128);
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::agreed;
+
+    /// What `agreed` returns over a scripted sequence of reads (then the last word for ever),
+    /// and how many reads it made.
+    fn agreed_over(words: &[[u64; 2]]) -> ([u64; 2], usize) {
+        let reads = core::cell::Cell::new(0);
+        let read = || {
+            let i = reads.get();
+            reads.set(i + 1);
+            words.get(i).or(words.last()).copied().unwrap_or_default()
+        };
+        (agreed(read), reads.get())
+    }
+
+    /// A read torn by a writer (its halves from two writes) differs from the next read: the
+    /// word is read again until two reads agree, and that value is the one returned.
+    #[test]
+    fn a_torn_read_is_read_again_until_two_reads_agree() {
+        let (torn, whole) = ([1, 2], [3, 2]);
+        assert_eq!(agreed_over(&[torn, whole, whole]), (whole, 3));
+        assert_eq!(agreed_over(&[whole, whole]), (whole, 2), "two agreeing reads are enough");
+    }
+
+    /// A word a writer changes on every read is given up on after a few tries: the last read.
+    #[test]
+    fn a_word_that_never_settles_is_read_a_bounded_number_of_times() {
+        let changing: std::vec::Vec<[u64; 2]> = (0..100).map(|i| [i, i]).collect();
+        assert_eq!(agreed_over(&changing), ([16, 16], 17));
+    }
+}
