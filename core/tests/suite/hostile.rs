@@ -316,6 +316,27 @@ fn abandoned_permits_expire_and_release_everything_they_held() {
     assert_eq!(e.load(b"model", Variant::Regular).unwrap(), 0);
 }
 
+/// A permit admitted before its model's capacity was set never counted toward the model's
+/// load, so when it is abandoned and expires it takes nothing off the load of the permits
+/// admitted since.
+#[test]
+fn an_abandoned_untracked_permit_leaves_the_tracked_load_alone() {
+    let e = engine(Policy::fixed());
+    let ttl = e.policy().permit_ttl_ns;
+    let untracked = e.admit(KEY, &Request::new(1), 0).unwrap();
+    assert!(untracked.admitted());
+    e.set_model_capacity(b"model", Variant::Regular, 4).unwrap();
+    let tracked = *e.admit(KEY, &Request::new(1), ttl / 2).unwrap().permit().unwrap();
+    assert_eq!(e.load(b"model", Variant::Regular), Ok(250), "one of four in flight");
+    // Past the untracked permit's expiry (and the tick that sweeps it), within the other's.
+    let later = ttl + 2 * MINUTE;
+    assert!(later < tracked.expires_at_ns());
+    assert!(e.admit(ScopeKey::new(b"other", b"unrelated"), &Request::new(1), later).is_ok());
+    assert_eq!(e.load(b"model", Variant::Regular), Ok(250), "still the tracked one");
+    e.settle(&tracked, &Usage::new(1, 0), Completion::Success, later).unwrap();
+    assert_eq!(e.load(b"model", Variant::Regular), Ok(0));
+}
+
 /// Issue 12 §7: a permit damaged on its way through C or Python (here: its reservation) is
 /// refused as stale, and the real one still settles.
 #[test]
