@@ -199,6 +199,10 @@ mod tests {
     /// admissions were between their steps elsewhere): a second handle leaves them so.
     #[test]
     fn an_opener_that_is_not_alone_never_repairs() {
+        fn in_flight(e: &Engine<super::SharedFile>, account: usize) -> &crate::sync::AtomicU64 {
+            let accounts = e.storage().tables().accounts;
+            accounts.get(account).map(|a| &a.in_flight).unwrap_or_else(|| panic!("account {account}"))
+        }
         let path =
             std::env::temp_dir().join(std::format!("sluicegate-unit-{}-not-alone", std::process::id()));
         let _ = std::fs::remove_file(&path);
@@ -206,25 +210,16 @@ mod tests {
         let first = Engine::open_shared(&path, Policy::fixed(), capacity).unwrap_or_else(|e| panic!("{e}"));
         let key = ScopeKey::new(b"a", b"m");
         assert!(first.admit(key, &Request::new(1), 0).is_ok_and(|d| d.admitted()));
-        let in_flight = |e: &Engine<super::SharedFile>| {
-            e.storage()
-                .tables()
-                .accounts
-                .iter()
-                .map(|a| a.in_flight.load(crate::sync::Ordering::Acquire))
-                .max()
-        };
-        let busy = first
-            .storage()
-            .tables()
-            .accounts
-            .iter()
-            .find(|a| a.in_flight.load(crate::sync::Ordering::Acquire) == 1);
-        busy.unwrap_or_else(|| panic!("the account holds its permit"))
-            .in_flight
-            .store(99, crate::sync::Ordering::Release);
+        let at = first.locate(key, 0, false).ok().flatten().unwrap_or_else(|| panic!("a has a scope"));
+        assert_eq!(
+            in_flight(&first, at.account).load(crate::sync::Ordering::Acquire),
+            1,
+            "it holds its permit"
+        );
+        in_flight(&first, at.account).store(99, crate::sync::Ordering::Release);
         let second = Engine::open_shared(&path, Policy::fixed(), capacity).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(in_flight(&second), Some(99), "the second opener repaired a region in use");
+        let read = in_flight(&second, at.account).load(crate::sync::Ordering::Acquire);
+        assert_eq!(read, 99, "the second opener repaired a region in use");
         drop((first, second));
         let _ = std::fs::remove_file(&path);
     }

@@ -664,7 +664,22 @@ fn has_record(at: &In<'_>, count: usize, size: usize, index: usize) -> Result<bo
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::{SCOPE_RECORD, retry_size};
-    use crate::{Capacity, Engine, Policy, Request, ScopeKey};
+    use crate::{Capacity, Engine, Heap, Policy, Request, ScopeKey};
+
+    /// Admits one request on each (account, model) pair, making its scope.
+    fn admit_all(e: &Engine<Heap>, keys: &[(&str, &str)]) {
+        for (account, model) in keys {
+            let key = ScopeKey::new(account.as_bytes(), model.as_bytes());
+            assert!(e.admit(key, &Request::new(1), 0).is_ok_and(|d| d.admitted()));
+        }
+    }
+
+    /// How many holds each account, then each model, has.
+    fn holds(e: &Engine<Heap>) -> std::vec::Vec<u64> {
+        let t = e.tables();
+        let accounts = t.accounts.iter().map(|a| a.refs.count());
+        accounts.chain(t.models.iter().map(|m| m.refs.count())).collect()
+    }
 
     /// A snapshot holds the accounts and models it writes until it is done, then lets every one
     /// go: after it, each is held exactly as before (by its scopes), so none is kept from reclaim
@@ -672,20 +687,12 @@ mod tests {
     #[test]
     fn a_snapshot_lets_go_of_every_account_and_model_it_held() {
         let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
-        for (account, model) in [("a", "m1"), ("b", "m1"), ("b", "m2"), ("c", "m3")] {
-            let key = ScopeKey::new(account.as_bytes(), model.as_bytes());
-            assert!(e.admit(key, &Request::new(1), 0).is_ok_and(|d| d.admitted()));
-        }
-        let t = e.tables();
-        let holds = || {
-            let accounts = t.accounts.iter().map(|a| a.refs.count());
-            accounts.chain(t.models.iter().map(|m| m.refs.count())).collect::<std::vec::Vec<_>>()
-        };
-        let before = holds();
+        admit_all(&e, &[("a", "m1"), ("b", "m1"), ("b", "m2"), ("c", "m3")]);
+        let before = holds(&e);
         assert_eq!(before.iter().sum::<u64>(), 8, "each of the four scopes holds its account and model");
         let mut buf = std::vec![0; e.snapshot_size()];
         assert!(e.snapshot(&mut buf, 0).is_ok());
-        assert_eq!(holds(), before);
+        assert_eq!(holds(&e), before);
     }
 
     /// A scope whose word a reclaimer has retired but not yet handed on (a reclaimer stopped
@@ -694,11 +701,12 @@ mod tests {
     #[test]
     fn a_scope_retired_mid_reclaim_is_left_out() {
         let e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
-        let (a, b) = (ScopeKey::new(b"a", b"m"), ScopeKey::new(b"b", b"m"));
-        for key in [a, b] {
-            assert!(e.admit(key, &Request::new(1), 0).is_ok_and(|d| d.admitted()));
-        }
-        let at = e.locate(a, 0, false).ok().flatten().unwrap_or_else(|| panic!("a has a scope"));
+        admit_all(&e, &[("a", "m"), ("b", "m")]);
+        let at = e
+            .locate(ScopeKey::new(b"a", b"m"), 0, false)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("a has a scope"));
         let slot = &e.tables().scopes[at.slot];
         assert!(slot.retire(slot.bucket.load(crate::sync::Ordering::Acquire)));
         let mut buf = std::vec![0; e.snapshot_size()];
@@ -715,25 +723,13 @@ mod tests {
     #[test]
     fn a_restore_over_a_used_engine_holds_each_key_once_per_restored_scope() {
         let mut e = Engine::new(Policy::fixed(), Capacity::scopes(64)).unwrap_or_else(|e| panic!("{e}"));
-        let admit = |e: &Engine<_>, keys: &[(&str, &str)]| {
-            for (account, model) in keys {
-                let key = ScopeKey::new(account.as_bytes(), model.as_bytes());
-                assert!(e.admit(key, &Request::new(1), 0).is_ok_and(|d| d.admitted()));
-            }
-        };
-        admit(&e, &[("a", "m1"), ("b", "m1"), ("b", "m2")]);
+        admit_all(&e, &[("a", "m1"), ("b", "m1"), ("b", "m2")]);
         let mut buf = std::vec![0; e.snapshot_size()];
         let n = e.snapshot(&mut buf, 0).unwrap_or_else(|e| panic!("{e}"));
-        admit(&e, &[("a", "m2"), ("c", "m1"), ("d", "m3")]);
+        admit_all(&e, &[("a", "m2"), ("c", "m1"), ("d", "m3")]);
         assert!(e.restore(&buf[..n], 0).is_ok());
-        let t = e.tables();
-        let refs = t.accounts.iter().map(|a| &a.refs).chain(t.models.iter().map(|m| &m.refs));
-        let counts: std::vec::Vec<u64> = refs.map(crate::refs::Refs::count).filter(|&c| c > 0).collect();
-        assert_eq!(
-            counts.iter().sum::<u64>(),
-            6,
-            "three scopes, each holding its account and model: {counts:?}"
-        );
+        let held = holds(&e);
+        assert_eq!(held.iter().sum::<u64>(), 6, "three scopes, each holding its account and model: {held:?}");
     }
 
     #[test]

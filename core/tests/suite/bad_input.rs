@@ -40,13 +40,15 @@ fn zero_and_huge_capacities_are_refused() {
     }
 }
 
+/// Why an engine refuses Fireworks' 2024 policy changed by `f`; `None` if it accepts it.
+fn with(f: impl FnOnce(&mut Policy)) -> Option<Error> {
+    let mut p = Policy::fireworks_2024();
+    f(&mut p);
+    Engine::new(p, Capacity::scopes(8)).err()
+}
+
 #[test]
 fn unusable_policies_are_refused() {
-    let with = |f: fn(&mut Policy)| {
-        let mut p = Policy::fireworks_2024();
-        f(&mut p);
-        Engine::new(p, Capacity::scopes(8)).err()
-    };
     assert_eq!(
         with(|p| p.limits.0[1] = MetricLimits { floor: 10.0, ceiling: 5.0 }),
         Some(Error::Policy(PolicyError::FloorAboveCeiling(Metric::PromptTokens)))
@@ -71,30 +73,22 @@ fn unusable_policies_are_refused() {
 /// accepted up to their very bounds and refused one step past them.
 #[test]
 fn horizon_and_permit_ttl_bounds_are_exact() {
-    let with = |f: &dyn Fn(&mut Policy)| {
-        let mut p = Policy::fireworks_2024();
-        f(&mut p);
-        Engine::new(p, Capacity::scopes(8)).err()
-    };
     // fireworks_2024's hard factor is 2: two windows, the rest of the horizon may be waited.
     let longest_wait_ns = (MAX_HORIZON_Q - 2 * WINDOW_Q) * QUANTUM_NS;
-    assert_eq!(with(&|p| p.max_wait_ns = longest_wait_ns), None);
+    assert_eq!(with(|p| p.max_wait_ns = longest_wait_ns), None);
     assert_eq!(
-        with(&|p| p.max_wait_ns = longest_wait_ns + QUANTUM_NS),
+        with(|p| p.max_wait_ns = longest_wait_ns + QUANTUM_NS),
         Some(Error::Policy(PolicyError::HorizonTooLong))
     );
-    assert_eq!(with(&|p| p.permit_ttl_ns = 1_000_000_000), None);
-    assert_eq!(with(&|p| p.permit_ttl_ns = 999_999_999), Some(Error::Policy(PolicyError::BadPermitTtl)));
+    assert_eq!(with(|p| p.permit_ttl_ns = 1_000_000_000), None);
+    assert_eq!(with(|p| p.permit_ttl_ns = 999_999_999), Some(Error::Policy(PolicyError::BadPermitTtl)));
 }
 
 /// Each parameter of the threshold rule is refused alone (the others Fireworks'), and accepted
 /// at its bound.
 #[test]
 fn unusable_threshold_rules_are_refused() {
-    let with = |rule: ThresholdRule| {
-        let p = Policy { adaptation: Adaptation::Threshold(rule), ..Policy::fireworks_2024() };
-        Engine::new(p, Capacity::scopes(8)).err()
-    };
+    let with = |rule| with(|p| p.adaptation = Adaptation::Threshold(rule));
     let ok = ThresholdRule::FIREWORKS;
     let refused = [
         ThresholdRule { decay_below: ok.grow_at + 0.01, ..ok },
@@ -125,10 +119,7 @@ fn unusable_threshold_rules_are_refused() {
 /// parameter is refused alone (the others valid), and the smallest valid values are accepted.
 #[test]
 fn unusable_ewma_rules_are_refused() {
-    let with = |rule: EwmaRule| {
-        let p = Policy { adaptation: Adaptation::Ewma(rule), ..Policy::together() };
-        Engine::new(p, Capacity::scopes(8)).err()
-    };
+    let with = |rule| with(|p| p.adaptation = Adaptation::Ewma(rule));
     let bad = Some(Error::Policy(PolicyError::BadAdaptation));
     let ok = EwmaRule::TOGETHER;
     assert_eq!(with(EwmaRule { time_constant_ns: 0, ..ok }), bad);
